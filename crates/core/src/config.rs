@@ -1,0 +1,440 @@
+//! Configuration types (`sluice.toml`). They derive `serde` and `schemars::JsonSchema`;
+//! `cargo xtask codegen` writes the JSON Schema to `schema/sluice.schema.json` so editors can
+//! validate a config file.
+//!
+//! Secrets are never inline: a password names where to read it ([`SecretSource`]).
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::{CollectionId, ConsumerId, Error, Provider, RecordFilter, SyncId};
+
+/// A whole sluice configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded records stream and sluice's state live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL databases sluice writes into.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+    /// Configured sources.
+    #[serde(default, rename = "sync")]
+    pub syncs: Vec<SyncConfig>,
+    /// What flows from the stream into which target.
+    #[serde(default, rename = "consumer")]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("sluice-data")
+}
+
+/// Where a secret is read from. Never the secret itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretSource {
+    /// An environment variable's value.
+    Env(String),
+    /// A file's contents, without a trailing newline.
+    File(PathBuf),
+}
+
+impl SecretSource {
+    /// Reads the secret. The error names the variable or file, never the value.
+    pub fn resolve(&self) -> Result<SecretString, Error> {
+        match self {
+            SecretSource::Env(var) => std::env::var(var).map(SecretString::from).map_err(|_| {
+                Error::configuration(
+                    format!("environment variable {var} is not set (or not valid UTF-8)"),
+                    format!("export {var}=… before starting sluice"),
+                )
+            }),
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .map(|s| SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| {
+                    Error::configuration(
+                        format!("cannot read secret file {}: {e}", path.display()),
+                        format!("create {} readable by sluice (mode 0600)", path.display()),
+                    )
+                }),
+        }
+    }
+}
+
+/// TLS modes, with libpq's names. What each one checks:
+/// `disable` never uses TLS; `prefer` uses it when the server offers it, without checking the
+/// certificate; `require` insists on TLS but does **not** verify the certificate (even when a
+/// root certificate is given); `verify-ca` also checks the chain against the root
+/// certificate; `verify-full` also checks that the host name matches the certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS if the server offers it; no certificate check.
+    #[default]
+    Prefer,
+    /// Insist on TLS; no certificate check.
+    Require,
+    /// Insist on TLS and check the certificate chain.
+    VerifyCa,
+    /// Insist on TLS, check the chain and the host name.
+    VerifyFull,
+}
+
+/// TLS settings of a connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SslConfig {
+    /// The TLS mode (default `prefer`).
+    #[serde(default)]
+    pub mode: SslMode,
+    /// Root certificate (PEM file) for `verify-ca` and `verify-full`.
+    pub root_cert: Option<PathBuf>,
+    /// Client certificate (PEM file), when the server requires one.
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM file).
+    pub client_key: Option<PathBuf>,
+}
+
+/// How to reach a PostgreSQL server (a target, or a Postgres source).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port (default 5432).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Database name.
+    pub database: String,
+    /// The role sluice logs in as (the sync user on a target).
+    pub user: String,
+    /// Where to read the password; none for certificate or trust authentication.
+    pub password: Option<SecretSource>,
+    /// TLS settings.
+    #[serde(default)]
+    pub ssl: SslConfig,
+    /// Seconds to wait for a connection before reporting a timeout (default 10).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// `application_name` shown in `pg_stat_activity` (default `sluice`).
+    #[serde(default = "default_application_name")]
+    pub application_name: String,
+    /// Reach the server through a tunnel.
+    pub tunnel: Option<TunnelConfig>,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_application_name() -> String {
+    "sluice".to_owned()
+}
+
+/// A tunnel to a server sluice cannot reach directly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TunnelConfig {
+    /// Through an SSH bastion, with `direct-tcpip` forwarding.
+    Bastion {
+        /// Bastion host.
+        host: String,
+        /// Bastion SSH port (default 22).
+        #[serde(default = "default_ssh_port")]
+        port: u16,
+        /// SSH user on the bastion.
+        user: String,
+        /// Private key file (created by `sluice tunnel keygen`).
+        key_file: PathBuf,
+        /// The bastion's host key fingerprint (`SHA256:…`), pinned; required before use.
+        host_key_fingerprint: Option<String>,
+    },
+    /// Through a `sluice-agent` that dialled out from the database's network.
+    Agent {
+        /// The agent's registered name.
+        name: String,
+    },
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+
+/// A registered target database.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// The target's name, used by consumers and in messages.
+    pub name: String,
+    /// How to connect, as the sync user.
+    #[serde(flatten)]
+    pub connection: ConnectionConfig,
+    /// The read role granted to users who read synced data (default `sluice_read`).
+    #[serde(default = "default_read_role")]
+    pub read_role: String,
+}
+
+fn default_read_role() -> String {
+    "sluice_read".to_owned()
+}
+
+/// One configured source instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// The sync's name, used in messages.
+    pub name: String,
+    /// The sync's id; records carry it, so it must never change for the same source.
+    pub id: SyncId,
+    /// The source itself.
+    pub source: SourceConfig,
+}
+
+/// The source of a sync, by provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A PostgreSQL database read through logical replication.
+    Postgres {
+        /// How to connect (a role with REPLICATION and SELECT on the published tables).
+        connection: ConnectionConfig,
+        /// The publication to read (default `sluice_publication`).
+        #[serde(default = "default_publication")]
+        publication: String,
+        /// The replication slot (default `sluice_slot`).
+        #[serde(default = "default_slot")]
+        slot: String,
+        /// Create the publication and slot if missing (publication first).
+        #[serde(default)]
+        create_missing: bool,
+    },
+    /// Records pushed to sluice's HTTP API.
+    Http {},
+}
+
+fn default_publication() -> String {
+    "sluice_publication".to_owned()
+}
+fn default_slot() -> String {
+    "sluice_slot".to_owned()
+}
+
+impl SourceConfig {
+    /// The provider of this source.
+    pub fn provider(&self) -> Provider {
+        match self {
+            SourceConfig::Postgres { .. } => Provider::Postgres,
+            SourceConfig::Http {} => Provider::Http,
+        }
+    }
+}
+
+/// A consumer: records passing a filter, written into one target layout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// The consumer's name (keys its checkpoint; renaming restarts its backfill).
+    pub name: ConsumerId,
+    /// The target's name.
+    pub target: String,
+    /// Which records to forward.
+    pub filter: FilterConfig,
+    /// How records are laid out in the target.
+    pub layout: LayoutConfig,
+    /// Batching.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// When the consumer counts as falling behind.
+    #[serde(default)]
+    pub lag: LagThresholds,
+}
+
+/// A consumer's filter, as written in config: a provider, or a sync by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FilterConfig {
+    /// Every sync of this provider, including ones added later.
+    Provider(Provider),
+    /// One sync by name, optionally only some collections.
+    Sync {
+        /// The sync's name.
+        name: String,
+        /// Only these collections (all when absent).
+        collections: Option<Vec<CollectionId>>,
+    },
+}
+
+impl FilterConfig {
+    /// The stream filter, given the syncs the config declares.
+    pub fn resolve(&self, syncs: &[SyncConfig]) -> Result<RecordFilter, Error> {
+        match self {
+            FilterConfig::Provider(p) => Ok(RecordFilter::Provider(*p)),
+            FilterConfig::Sync { name, collections } => {
+                let sync = syncs.iter().find(|s| &s.name == name).ok_or_else(|| {
+                    let known: Vec<&str> = syncs.iter().map(|s| s.name.as_str()).collect();
+                    Error::configuration(
+                        format!("the filter names sync {name:?}, which is not configured"),
+                        format!("use one of the configured syncs: {known:?}"),
+                    )
+                })?;
+                Ok(RecordFilter::Sync {
+                    sync_id: sync.id,
+                    collections: collections.as_ref().map(|c| c.iter().cloned().collect()),
+                })
+            }
+        }
+    }
+}
+
+/// How a consumer lays records out in its target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayoutConfig {
+    /// One generic table for every record (`sequin_id`, `sync_id`, `collection_id`, …).
+    ConsumerTable {
+        /// The table's schema.
+        schema: String,
+        /// The table's name.
+        table: String,
+    },
+    /// One schema per sync, one typed table per collection.
+    SchemaMirror {
+        /// The schema to create and own.
+        schema: String,
+    },
+}
+
+/// When a consumer closes a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// At most this many records per batch (default 1000).
+    pub max_records: usize,
+    /// At most this long after the first record of a batch arrives (default 50 ms).
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_records: 1000, max_wait_ms: 50 }
+    }
+}
+
+/// Lag beyond which a consumer is `warning`, then `error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LagThresholds {
+    /// Records behind the stream head for `warning` (default 10,000).
+    pub warn_records: u64,
+    /// Seconds behind for `warning` (default 60).
+    pub warn_seconds: u64,
+    /// Records behind for `error` (default 1,000,000).
+    pub error_records: u64,
+    /// Seconds behind for `error` (default 900).
+    pub error_seconds: u64,
+}
+
+impl Default for LagThresholds {
+    fn default() -> Self {
+        Self { warn_records: 10_000, warn_seconds: 60, error_records: 1_000_000, error_seconds: 900 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        data_dir = "/var/lib/sluice"
+
+        [[target]]
+        name = "warehouse"
+        host = "db.internal"
+        database = "app"
+        user = "sluice"
+        password = { env = "SLUICE_TARGET_PASSWORD" }
+        ssl = { mode = "verify-full", root_cert = "/etc/sluice/ca.pem" }
+        tunnel = { kind = "bastion", host = "bastion.example.com", user = "tunnel", key_file = "/etc/sluice/id_ed25519" }
+
+        [[sync]]
+        name = "app"
+        id = "6f1c2a7e-0000-4000-8000-000000000001"
+        source = { provider = "postgres", create_missing = true, connection = { host = "127.0.0.1", database = "app", user = "replicator", password = { file = "/run/secrets/pg" } } }
+
+        [[consumer]]
+        name = "orders"
+        target = "warehouse"
+        filter = { sync = { name = "app", collections = ["public.orders"] } }
+        layout = { kind = "consumer_table", schema = "sluice", table = "records" }
+    "#;
+
+    #[test]
+    fn example_config_parses_with_defaults() {
+        let config: Config = toml::from_str(EXAMPLE).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.connection.port, 5432);
+        assert_eq!(target.connection.ssl.mode, SslMode::VerifyFull);
+        assert_eq!(target.read_role, "sluice_read");
+        assert_eq!(config.consumers[0].batch, BatchConfig::default());
+        let SourceConfig::Postgres { publication, slot, create_missing, .. } = &config.syncs[0].source
+        else {
+            panic!("expected a postgres source");
+        };
+        assert_eq!((publication.as_str(), slot.as_str(), *create_missing), ("sluice_publication", "sluice_slot", true));
+
+        let filter = config.consumers[0].filter.resolve(&config.syncs).unwrap();
+        assert!(matches!(filter, RecordFilter::Sync { sync_id, .. } if sync_id == config.syncs[0].id));
+    }
+
+    #[test]
+    fn inline_passwords_and_unknown_fields_are_rejected() {
+        let inline = EXAMPLE.replace(r#"{ env = "SLUICE_TARGET_PASSWORD" }"#, r#""hunter2""#);
+        assert!(toml::from_str::<Config>(&inline).is_err(), "a password must name its source");
+
+        let typo = EXAMPLE.replace("database = \"app\"\n        user", "databse = \"app\"\n        user");
+        let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();
+        assert!(err.contains("databse"), "{err}");
+    }
+
+    #[test]
+    fn secret_sources_name_the_variable_not_the_value() {
+        let missing = SecretSource::Env("SLUICE_TEST_SURELY_UNSET_VARIABLE".into());
+        let err = missing.resolve().unwrap_err();
+        assert!(err.to_string().contains("SLUICE_TEST_SURELY_UNSET_VARIABLE"));
+        assert_eq!(err.class(), crate::ErrorClass::FixConfiguration);
+
+        let dir = std::env::temp_dir().join(format!("sluice-secret-{}", std::process::id()));
+        std::fs::write(&dir, "s3cret-value\n").unwrap();
+        let secret = SecretSource::File(dir.clone()).resolve().unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        use secrecy::ExposeSecret;
+        assert_eq!(secret.expose_secret(), "s3cret-value");
+        assert!(!format!("{secret:?}").contains("s3cret"), "Debug must not show the secret");
+    }
+
+    #[test]
+    fn unknown_sync_in_a_filter_names_the_known_ones() {
+        let config: Config = toml::from_str(EXAMPLE).unwrap();
+        let filter = FilterConfig::Sync { name: "nope".into(), collections: None };
+        let err = filter.resolve(&config.syncs).unwrap_err();
+        assert!(err.to_string().contains("\"nope\"") && err.to_string().contains("[\"app\"]"), "{err}");
+    }
+}
+
+/// The JSON Schema of [`Config`], pretty-printed, as committed in `schema/sluice.schema.json`.
+pub fn config_schema_json() -> String {
+    let schema = schemars::schema_for!(Config);
+    // A schema is a JSON object with string keys: serialising it cannot fail.
+    let mut json = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    json.push('\n');
+    json
+}

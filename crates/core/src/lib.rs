@@ -1,0 +1,53 @@
+//! The vocabulary and contracts every sluice crate shares.
+//!
+//! `sluice-core` owns the domain model of `DESIGN.md`: a [`Record`] and its identity
+//! ([`RecordKey`]), the [`Version`] that orders its changes, stream positions ([`Seq`]), the
+//! [`RecordStream`] that holds records between sources and consumers, the [`Target`] a
+//! consumer writes into, the [`Consumer`] itself, [`Health`] reports, the configuration
+//! types (which derive `serde` and `schemars::JsonSchema`), and the [`Error`] type whose
+//! [`ErrorClass`] tells a caller whether to retry, ask the user to fix configuration, or
+//! give up.
+//!
+//! It must never depend on a database driver, a network client or an async runtime: it
+//! is the shared language, and the crates that talk to the outside world implement its
+//! traits.
+//!
+//! ```
+//! use sluice_core::{Change, Provider, Record, RecordKey, SyncId, Version};
+//! use time::OffsetDateTime;
+//!
+//! let key = RecordKey::new(SyncId::new_random(), "public.orders", "42");
+//! let record = Record {
+//!     key: key.clone(),
+//!     provider: Provider::Postgres,
+//!     version: Version::new(0x16_B374_D848, 0),
+//!     upstream_updated_at: OffsetDateTime::UNIX_EPOCH,
+//!     change: Change::upsert(serde_json::json!({"id": 42, "total": "9.90"})).unwrap(),
+//! };
+//! // The row id in a consumer table is a pure function of the identity.
+//! assert_eq!(record.key.row_id(), key.row_id());
+//! assert!(!record.is_tombstone());
+//! ```
+
+mod config;
+mod consumer;
+mod error;
+mod health;
+mod record;
+mod retry;
+pub mod sql;
+mod stream;
+mod target;
+
+pub use config::{
+    BatchConfig, Config, ConnectionConfig, ConsumerConfig, FilterConfig, LagThresholds,
+    LayoutConfig, SecretSource, SourceConfig, SslConfig, SslMode, SyncConfig, TargetConfig,
+    TunnelConfig, config_schema_json,
+};
+pub use consumer::{Consumer, ConsumerId};
+pub use error::{Error, ErrorClass, Result};
+pub use health::{Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition};
+pub use record::{Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version};
+pub use retry::Backoff;
+pub use stream::{AppendOutcome, RecordFilter, RecordStream, Seq, StreamEntry};
+pub use target::{Batch, Target};

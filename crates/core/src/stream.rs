@@ -1,0 +1,143 @@
+//! The records stream contract.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncId};
+
+/// A position in the records stream. Positions strictly increase over the whole stream;
+/// [`Seq::START`] is before every entry, so reading after it is the backfill.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// Before the first entry: a consumer at `START` has seen nothing.
+    pub const START: Seq = Seq(0);
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A record at its position in the stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamEntry {
+    /// Where the entry sits; unique across the stream.
+    pub seq: Seq,
+    /// The newest version of the record (possibly a tombstone).
+    pub record: Record,
+}
+
+/// Which records a consumer forwards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordFilter {
+    /// Every sync of this provider, including syncs created later.
+    Provider(Provider),
+    /// One sync, optionally only some of its collections.
+    Sync {
+        /// The sync to forward.
+        sync_id: SyncId,
+        /// Only these collections; `None` forwards all, including ones added later.
+        collections: Option<BTreeSet<CollectionId>>,
+    },
+}
+
+impl RecordFilter {
+    /// True when a record from `provider` with `key` passes the filter.
+    pub fn matches(&self, provider: Provider, key: &RecordKey) -> bool {
+        match self {
+            RecordFilter::Provider(p) => *p == provider,
+            RecordFilter::Sync { sync_id, collections } => {
+                key.sync_id == *sync_id
+                    && collections.as_ref().is_none_or(|c| c.contains(&key.collection_id))
+            }
+        }
+    }
+}
+
+/// What an append did with each record it was given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Records stored (each got a new [`Seq`]).
+    pub appended: usize,
+    /// Records skipped because the stream already held the same or a newer version
+    /// (the version guard); this is normal when a source replays after a crash.
+    pub skipped_stale: usize,
+    /// The stream head after the append.
+    pub head: Seq,
+}
+
+/// The durable, compacted, ordered log of records between sources and consumers.
+///
+/// Contract every implementation keeps:
+/// - **Compaction**: each record key appears at most once, at its newest version. Storing
+///   a newer version removes the older entry and gives the record a new, greater [`Seq`].
+/// - **Version guard**: a record whose version is not greater than the stored one
+///   (tombstones included) is skipped, never stored. Appends are therefore idempotent.
+/// - **Atomicity and durability**: [`append`](RecordStream::append) stores all of a batch
+///   or none of it, and returns only once the batch survives a crash of the process.
+/// - **Ordering**: strictly per record; across records by `seq` only.
+/// - **Tombstones** are purged only below the lowest cursor acknowledged by every consumer
+///   that could need them, so a consumer may stay offline indefinitely and still catch up.
+///
+/// Errors carry their [`crate::ErrorClass`]: `Retry` means nothing was stored and the same
+/// call may be repeated.
+#[async_trait]
+pub trait RecordStream: Send + Sync {
+    /// Appends a batch atomically under the version guard; returns after it is durable.
+    async fn append(&self, records: Vec<Record>) -> Result<AppendOutcome>;
+
+    /// Up to `limit` entries with `seq > after` that pass `filter`, in `seq` order.
+    /// Reading from [`Seq::START`] is the backfill; continuing from the last `seq` read is
+    /// real time. The two are the same call.
+    async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<Vec<StreamEntry>>;
+
+    /// The current newest entry for a key, if the stream holds one (tombstones included).
+    async fn get(&self, key: &RecordKey) -> Result<Option<StreamEntry>>;
+
+    /// The highest `seq` assigned so far ([`Seq::START`] when empty).
+    async fn head(&self) -> Result<Seq>;
+
+    /// Returns once the head is past `seq`. Cancellation-safe: dropping the future loses
+    /// nothing. It wakes on appends; callers must still re-read, as a wake-up is a hint.
+    async fn wait_past(&self, seq: Seq);
+
+    /// Records that `consumer`, reading with `filter`, has durably applied everything up
+    /// to `through`. Tombstone purging never passes the lowest such cursor.
+    async fn acknowledge(&self, consumer: &ConsumerId, filter: &RecordFilter, through: Seq) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_by_provider_sync_and_collection() {
+        let sync = SyncId::new_random();
+        let orders = RecordKey::new(sync, "public.orders", "1");
+        let users = RecordKey::new(sync, "public.users", "1");
+        let other = RecordKey::new(SyncId::new_random(), "public.orders", "1");
+
+        assert!(RecordFilter::Provider(Provider::Postgres).matches(Provider::Postgres, &other));
+        assert!(!RecordFilter::Provider(Provider::Http).matches(Provider::Postgres, &other));
+
+        let whole_sync = RecordFilter::Sync { sync_id: sync, collections: None };
+        assert!(whole_sync.matches(Provider::Postgres, &orders));
+        assert!(!whole_sync.matches(Provider::Postgres, &other));
+
+        let only_orders = RecordFilter::Sync {
+            sync_id: sync,
+            collections: Some(BTreeSet::from([CollectionId::from("public.orders")])),
+        };
+        assert!(only_orders.matches(Provider::Postgres, &orders));
+        assert!(!only_orders.matches(Provider::Postgres, &users));
+    }
+}
