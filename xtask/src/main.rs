@@ -1,1 +1,149 @@
-fn main() {}
+//! Developer tooling for sluice, in plain Rust: `cargo xtask <command>`.
+//!
+//! - `db up|down|env`: local source and target clusters kept running for manual use.
+//! - `codegen [--check]`: the sqlx offline data (`.sqlx`) and the config JSON Schema.
+//! - `ci`: everything CI checks (formatting, clippy, generated files, all tests).
+
+mod codegen;
+mod db;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+/// sluice developer tasks.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Local PostgreSQL clusters for manual use (a logical-replication source, a TLS target).
+    Db {
+        #[command(subcommand)]
+        action: db::Action,
+    },
+    /// Regenerate the sqlx offline data and the config JSON Schema.
+    Codegen {
+        /// Do not write anything; fail if a generated file is stale.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run every check CI runs: fmt, clippy -D warnings, codegen --check, all tests.
+    Ci,
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Db { action } => db::run(action),
+        Task::Codegen { check } => codegen::run(check),
+        Task::Ci => ci(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run_step(name: &str, cmd: &mut Command) -> Result {
+    eprintln!("\n==> {name}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{name}: cannot start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{name} failed ({status})"))
+    }
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ci() -> Result {
+    let started = Instant::now();
+    let mut timings = Vec::new();
+    let mut timed = |name: &str, step: &mut dyn FnMut() -> Result| -> Result {
+        let t = Instant::now();
+        let result = step();
+        timings.push(format!("{:>7.1}s  {name}", t.elapsed().as_secs_f64()));
+        result
+    };
+    timed("cargo fmt --check", &mut || {
+        run_step(
+            "cargo fmt --check",
+            cargo().args(["fmt", "--all", "--", "--check"]),
+        )
+    })?;
+    timed("cargo clippy", &mut || {
+        run_step(
+            "cargo clippy --workspace --all-targets -- -D warnings",
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )
+    })?;
+    timed("cargo xtask codegen --check", &mut || {
+        eprintln!("\n==> cargo xtask codegen --check");
+        codegen::run(true)
+    })?;
+    timed("tests", &mut || {
+        if has_nextest() {
+            run_step(
+                "cargo nextest run --workspace",
+                cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]),
+            )?;
+        } else {
+            run_step(
+                "cargo test --workspace",
+                cargo().args(["test", "--workspace", "--no-fail-fast"]),
+            )?;
+        }
+        Ok(())
+    })?;
+    // nextest does not run doc tests; the crate-level examples must keep compiling and passing.
+    timed("doc tests", &mut || {
+        run_step(
+            "cargo test --workspace --doc",
+            cargo().args(["test", "--workspace", "--doc"]),
+        )
+    })?;
+    eprintln!("\nci passed in {:.0}s:", started.elapsed().as_secs_f64());
+    for line in &timings {
+        eprintln!("{line}");
+    }
+    Ok(())
+}

@@ -175,8 +175,8 @@ fn default_ssh_port() -> u16 {
 pub struct TargetConfig {
     /// The target's name, used by consumers and in messages.
     pub name: String,
-    /// How to connect, as the sync user.
-    #[serde(flatten)]
+    /// How to connect, as the sync user. (A nested table rather than flattened fields, so
+    /// a misspelt key is reported as unknown instead of as some other field missing.)
     pub connection: ConnectionConfig,
     /// The read role granted to users who read synced data (default `sluice_read`).
     #[serde(default = "default_read_role")]
@@ -325,7 +325,10 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_records: 1000, max_wait_ms: 50 }
+        Self {
+            max_records: 1000,
+            max_wait_ms: 50,
+        }
     }
 }
 
@@ -345,8 +348,22 @@ pub struct LagThresholds {
 
 impl Default for LagThresholds {
     fn default() -> Self {
-        Self { warn_records: 10_000, warn_seconds: 60, error_records: 1_000_000, error_seconds: 900 }
+        Self {
+            warn_records: 10_000,
+            warn_seconds: 60,
+            error_records: 1_000_000,
+            error_seconds: 900,
+        }
     }
+}
+
+/// The JSON Schema of [`Config`], pretty-printed, as committed in `schema/sluice.schema.json`.
+pub fn config_schema_json() -> String {
+    let schema = schemars::schema_for!(Config);
+    // A schema is a JSON object with string keys: serialising it cannot fail.
+    let mut json = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    json.push('\n');
+    json
 }
 
 #[cfg(test)]
@@ -358,6 +375,8 @@ mod tests {
 
         [[target]]
         name = "warehouse"
+
+        [target.connection]
         host = "db.internal"
         database = "app"
         user = "sluice"
@@ -385,22 +404,38 @@ mod tests {
         assert_eq!(target.connection.ssl.mode, SslMode::VerifyFull);
         assert_eq!(target.read_role, "sluice_read");
         assert_eq!(config.consumers[0].batch, BatchConfig::default());
-        let SourceConfig::Postgres { publication, slot, create_missing, .. } = &config.syncs[0].source
+        let SourceConfig::Postgres {
+            publication,
+            slot,
+            create_missing,
+            ..
+        } = &config.syncs[0].source
         else {
             panic!("expected a postgres source");
         };
-        assert_eq!((publication.as_str(), slot.as_str(), *create_missing), ("sluice_publication", "sluice_slot", true));
+        assert_eq!(
+            (publication.as_str(), slot.as_str(), *create_missing),
+            ("sluice_publication", "sluice_slot", true)
+        );
 
         let filter = config.consumers[0].filter.resolve(&config.syncs).unwrap();
-        assert!(matches!(filter, RecordFilter::Sync { sync_id, .. } if sync_id == config.syncs[0].id));
+        assert!(
+            matches!(filter, RecordFilter::Sync { sync_id, .. } if sync_id == config.syncs[0].id)
+        );
     }
 
     #[test]
     fn inline_passwords_and_unknown_fields_are_rejected() {
         let inline = EXAMPLE.replace(r#"{ env = "SLUICE_TARGET_PASSWORD" }"#, r#""hunter2""#);
-        assert!(toml::from_str::<Config>(&inline).is_err(), "a password must name its source");
+        assert!(
+            toml::from_str::<Config>(&inline).is_err(),
+            "a password must name its source"
+        );
 
-        let typo = EXAMPLE.replace("database = \"app\"\n        user", "databse = \"app\"\n        user");
+        let typo = EXAMPLE.replace(
+            "database = \"app\"\n        user",
+            "databse = \"app\"\n        user",
+        );
         let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();
         assert!(err.contains("databse"), "{err}");
     }
@@ -409,7 +444,10 @@ mod tests {
     fn secret_sources_name_the_variable_not_the_value() {
         let missing = SecretSource::Env("SLUICE_TEST_SURELY_UNSET_VARIABLE".into());
         let err = missing.resolve().unwrap_err();
-        assert!(err.to_string().contains("SLUICE_TEST_SURELY_UNSET_VARIABLE"));
+        assert!(
+            err.to_string()
+                .contains("SLUICE_TEST_SURELY_UNSET_VARIABLE")
+        );
         assert_eq!(err.class(), crate::ErrorClass::FixConfiguration);
 
         let dir = std::env::temp_dir().join(format!("sluice-secret-{}", std::process::id()));
@@ -418,23 +456,23 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         use secrecy::ExposeSecret;
         assert_eq!(secret.expose_secret(), "s3cret-value");
-        assert!(!format!("{secret:?}").contains("s3cret"), "Debug must not show the secret");
+        assert!(
+            !format!("{secret:?}").contains("s3cret"),
+            "Debug must not show the secret"
+        );
     }
 
     #[test]
     fn unknown_sync_in_a_filter_names_the_known_ones() {
         let config: Config = toml::from_str(EXAMPLE).unwrap();
-        let filter = FilterConfig::Sync { name: "nope".into(), collections: None };
+        let filter = FilterConfig::Sync {
+            name: "nope".into(),
+            collections: None,
+        };
         let err = filter.resolve(&config.syncs).unwrap_err();
-        assert!(err.to_string().contains("\"nope\"") && err.to_string().contains("[\"app\"]"), "{err}");
+        assert!(
+            err.to_string().contains("\"nope\"") && err.to_string().contains("[\"app\"]"),
+            "{err}"
+        );
     }
-}
-
-/// The JSON Schema of [`Config`], pretty-printed, as committed in `schema/sluice.schema.json`.
-pub fn config_schema_json() -> String {
-    let schema = schemars::schema_for!(Config);
-    // A schema is a JSON object with string keys: serialising it cannot fail.
-    let mut json = serde_json::to_string_pretty(&schema).unwrap_or_default();
-    json.push('\n');
-    json
 }

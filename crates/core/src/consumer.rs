@@ -10,7 +10,9 @@ use crate::{Health, RecordFilter, Result};
 
 /// A consumer's stable name, as configured; it keys checkpoints in targets and cursors in
 /// the stream, so renaming a consumer starts it over from a backfill.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct ConsumerId(pub String);
 

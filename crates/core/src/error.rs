@@ -59,7 +59,10 @@ pub enum Error {
 }
 
 fn source_suffix(source: &Option<Source>) -> String {
-    source.as_ref().map(|s| format!(": {s}")).unwrap_or_default()
+    source
+        .as_ref()
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default()
 }
 
 impl Error {
@@ -68,12 +71,18 @@ impl Error {
         what: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Error::Unavailable { what: what.into(), source: Some(source.into()) }
+        Error::Unavailable {
+            what: what.into(),
+            source: Some(source.into()),
+        }
     }
 
     /// An error the user fixes by changing configuration.
     pub fn configuration(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::Configuration { problem: problem.into(), fix: fix.into() }
+        Error::Configuration {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     /// An error in the input or state that retrying will not fix.
@@ -111,16 +120,25 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let retry = Error::unavailable("target \"warehouse\" is unreachable", io);
         assert_eq!(retry.class(), ErrorClass::Retry);
-        assert_eq!(retry.to_string(), "target \"warehouse\" is unreachable: refused");
+        assert_eq!(
+            retry.to_string(),
+            "target \"warehouse\" is unreachable: refused"
+        );
 
         let fix = Error::configuration(
             "sluice cannot create schemas in database \"app\"",
             "grant connect, create on database \"app\" to sluice;",
         );
         assert_eq!(fix.class(), ErrorClass::FixConfiguration);
-        assert_eq!(fix.fix(), Some("grant connect, create on database \"app\" to sluice;"));
+        assert_eq!(
+            fix.fix(),
+            Some("grant connect, create on database \"app\" to sluice;")
+        );
         assert!(fix.to_string().contains("\n  fix: grant connect"));
 
-        assert_eq!(Error::invalid("payload is not an object").class(), ErrorClass::GiveUp);
+        assert_eq!(
+            Error::invalid("payload is not an object").class(),
+            ErrorClass::GiveUp
+        );
     }
 }

@@ -12,7 +12,9 @@ use time::OffsetDateTime;
 ///
 /// The variants are ordered by how much attention they need, so the overall status of an
 /// entity is the greatest of its checks' statuses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Working as configured.
@@ -41,7 +43,9 @@ impl fmt::Display for Status {
 }
 
 /// The kind of thing a health report is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EntityKind {
     /// A configured source (a sync).
@@ -53,7 +57,9 @@ pub enum EntityKind {
 }
 
 /// Which entity a report or transition is about.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub struct EntityRef {
     /// Its kind.
     pub kind: EntityKind,
@@ -108,9 +114,12 @@ pub struct HealthReport {
 impl HealthReport {
     /// The checks that are not healthy, worst first: the reasons to show a person.
     pub fn problems(&self) -> Vec<&Check> {
-        let mut problems: Vec<&Check> =
-            self.checks.iter().filter(|c| c.status != Status::Healthy).collect();
-        problems.sort_by(|a, b| b.status.cmp(&a.status));
+        let mut problems: Vec<&Check> = self
+            .checks
+            .iter()
+            .filter(|c| c.status != Status::Healthy)
+            .collect();
+        problems.sort_by_key(|c| std::cmp::Reverse(c.status));
         problems
     }
 }
@@ -151,7 +160,10 @@ pub struct HealthState {
 impl HealthState {
     /// A state with no checks yet (overall [`Status::Initializing`]).
     pub fn new(entity: EntityRef) -> Self {
-        Self { entity, checks: BTreeMap::new() }
+        Self {
+            entity,
+            checks: BTreeMap::new(),
+        }
     }
 
     /// Records one check's latest result and returns the overall transition, if any.
@@ -193,14 +205,23 @@ impl HealthState {
             entity: self.entity.clone(),
             from: before,
             to: after,
-            reason: self.report().problems().first().map(|c| c.message.clone()).unwrap_or_default(),
+            reason: self
+                .report()
+                .problems()
+                .first()
+                .map(|c| c.message.clone())
+                .unwrap_or_default(),
             at: now,
         })
     }
 
     /// The overall status: the worst check, or [`Status::Initializing`] with none.
     pub fn status(&self) -> Status {
-        self.checks.values().map(|c| c.status).max().unwrap_or(Status::Initializing)
+        self.checks
+            .values()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Initializing)
     }
 
     /// A report of the current checks.
@@ -219,7 +240,10 @@ mod tests {
     use time::Duration;
 
     fn consumer() -> EntityRef {
-        EntityRef { kind: EntityKind::Consumer, name: "orders".into() }
+        EntityRef {
+            kind: EntityKind::Consumer,
+            name: "orders".into(),
+        }
     }
 
     #[test]
@@ -228,26 +252,44 @@ mod tests {
         let mut state = HealthState::new(consumer());
         assert_eq!(state.status(), Status::Initializing);
 
-        let up = state.observe("target", Status::Healthy, "reachable", None, t0).unwrap();
+        let up = state
+            .observe("target", Status::Healthy, "reachable", None, t0)
+            .unwrap();
         assert_eq!((up.from, up.to), (Status::Initializing, Status::Healthy));
-        assert!(state.observe("lag", Status::Healthy, "3 records behind", None, t0).is_none());
+        assert!(
+            state
+                .observe("lag", Status::Healthy, "3 records behind", None, t0)
+                .is_none()
+        );
 
         let t1 = t0 + Duration::seconds(5);
         let paused = state
-            .observe("target", Status::Paused, "target \"warehouse\" is unreachable", None, t1)
+            .observe(
+                "target",
+                Status::Paused,
+                "target \"warehouse\" is unreachable",
+                None,
+                t1,
+            )
             .unwrap();
         assert_eq!((paused.from, paused.to), (Status::Healthy, Status::Paused));
         assert_eq!(paused.reason, "target \"warehouse\" is unreachable");
         // Same status again: no new transition, and `since` keeps the first time.
         let t2 = t1 + Duration::seconds(5);
-        assert!(state.observe("target", Status::Paused, "still unreachable", None, t2).is_none());
+        assert!(
+            state
+                .observe("target", Status::Paused, "still unreachable", None, t2)
+                .is_none()
+        );
         let report = state.report();
         let target = report.checks.iter().find(|c| c.name == "target").unwrap();
         assert_eq!(target.since, t1);
         assert_eq!(target.last_ok_at, Some(t0));
         assert_eq!(report.problems()[0].message, "still unreachable");
 
-        let back = state.observe("target", Status::Healthy, "reachable", None, t2).unwrap();
+        let back = state
+            .observe("target", Status::Healthy, "reachable", None, t2)
+            .unwrap();
         assert_eq!((back.from, back.to), (Status::Paused, Status::Healthy));
     }
 

@@ -46,8 +46,12 @@ pub use config::{
 };
 pub use consumer::{Consumer, ConsumerId};
 pub use error::{Error, ErrorClass, Result};
-pub use health::{Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition};
-pub use record::{Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version};
+pub use health::{
+    Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition,
+};
+pub use record::{
+    Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
+};
 pub use retry::Backoff;
 pub use stream::{AppendOutcome, RecordFilter, RecordStream, Seq, StreamEntry};
 pub use target::{Batch, Target};

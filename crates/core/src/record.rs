@@ -11,7 +11,9 @@ use uuid::Uuid;
 use crate::Error;
 
 /// The id of one configured source instance (a *sync*).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct SyncId(pub Uuid);
 
@@ -29,12 +31,16 @@ impl fmt::Display for SyncId {
 }
 
 /// A kind of record inside a sync: a table `public.orders`, or `stripe:customer`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct CollectionId(pub String);
 
 /// The record's id in the upstream system (for a Postgres source, its primary key).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct UpstreamId(pub String);
 
@@ -69,7 +75,9 @@ string_id!(UpstreamId);
 ///
 /// Two records with equal keys are versions of the same record; the records stream holds
 /// only the newest of them.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub struct RecordKey {
     /// The sync the record came from.
     pub sync_id: SyncId,
@@ -89,7 +97,11 @@ impl RecordKey {
         collection_id: impl Into<CollectionId>,
         upstream_id: impl Into<UpstreamId>,
     ) -> Self {
-        Self { sync_id, collection_id: collection_id.into(), upstream_id: upstream_id.into() }
+        Self {
+            sync_id,
+            collection_id: collection_id.into(),
+            upstream_id: upstream_id.into(),
+        }
     }
 
     /// The deterministic row id of this record in a target (the consumer table's
@@ -109,7 +121,9 @@ impl RecordKey {
 }
 
 /// The kind of a source.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Provider {
@@ -142,12 +156,15 @@ impl FromStr for Provider {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        Provider::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
-            Error::invalid(format!(
-                "unknown provider {s:?}; expected one of: {}",
-                Provider::ALL.map(Provider::as_str).join(", ")
-            ))
-        })
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown provider {s:?}; expected one of: {}",
+                    Provider::ALL.map(Provider::as_str).join(", ")
+                ))
+            })
     }
 }
 
@@ -157,7 +174,20 @@ impl FromStr for Provider {
 /// its transaction; a backfill row carries the LSN read *before* its snapshot with
 /// `minor = 0`, so any change that raced the snapshot wins. Other providers choose their own
 /// monotonic scheme. Versions compare lexicographically.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
 pub struct Version {
     /// The primary position (a commit LSN for Postgres sources).
     pub major: u64,
@@ -259,13 +289,18 @@ mod tests {
         let a = RecordKey::new(sync, "ab", "c");
         let b = RecordKey::new(sync, "a", "bc");
         assert_eq!(a.row_id(), RecordKey::new(sync, "ab", "c").row_id());
-        assert_ne!(a.row_id(), b.row_id(), "length prefixes keep concatenations apart");
+        assert_ne!(
+            a.row_id(),
+            b.row_id(),
+            "length prefixes keep concatenations apart"
+        );
         assert_eq!(a.row_id().get_version_num(), 5);
         // Pinned: row ids are stored in users' tables, so the scheme must never drift.
-        assert_eq!(a.row_id().to_string(), a.row_id().hyphenated().to_string());
         assert_eq!(
-            RecordKey::new(sync, "public.orders", "42").row_id(),
-            RecordKey::new(SyncId(Uuid::from_u128(1)), "public.orders", "42").row_id()
+            RecordKey::new(sync, "public.orders", "42")
+                .row_id()
+                .to_string(),
+            "0f0a2e3b-b21c-5db1-b9d7-d5cc3c17326c"
         );
     }
 
@@ -278,7 +313,11 @@ mod tests {
     #[test]
     fn upsert_rejects_non_objects_with_a_reason() {
         let err = Change::upsert(serde_json::json!([1, 2])).unwrap_err();
-        assert!(err.to_string().contains("must be a JSON object, got an array"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("must be a JSON object, got an array"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -287,6 +326,9 @@ mod tests {
             assert_eq!(p.as_str().parse::<Provider>().unwrap(), p);
         }
         let err = "stripe".parse::<Provider>().unwrap_err();
-        assert!(err.to_string().contains("expected one of: postgres, http"), "{err}");
+        assert!(
+            err.to_string().contains("expected one of: postgres, http"),
+            "{err}"
+        );
     }
 }

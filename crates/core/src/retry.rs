@@ -22,12 +22,20 @@ impl Backoff {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x9E37_79B9_7F4A_7C15);
-        Self { base, max, attempt: 0, seed: seed | 1 }
+        Self {
+            base,
+            max,
+            attempt: 0,
+            seed: seed | 1,
+        }
     }
 
     /// The delay before the next attempt; each call counts one failed attempt.
     pub fn next_delay(&mut self) -> Duration {
-        let step = self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
+        let step = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         // xorshift64: enough randomness for jitter, no dependency.
         self.seed ^= self.seed << 13;
@@ -35,7 +43,11 @@ impl Backoff {
         self.seed ^= self.seed << 17;
         let half = step / 2;
         let spread = (step - half).as_nanos() as u64;
-        let jitter = if spread == 0 { 0 } else { self.seed % (spread + 1) };
+        let jitter = if spread == 0 {
+            0
+        } else {
+            self.seed % (spread + 1)
+        };
         half + Duration::from_nanos(jitter)
     }
 
@@ -62,7 +74,10 @@ mod tests {
         for attempt in 0..30u32 {
             let step = base.saturating_mul(1u32 << attempt.min(20)).min(max);
             let delay = backoff.next_delay();
-            assert!(delay >= step / 2 && delay <= step, "attempt {attempt}: {delay:?} vs {step:?}");
+            assert!(
+                delay >= step / 2 && delay <= step,
+                "attempt {attempt}: {delay:?} vs {step:?}"
+            );
         }
         assert_eq!(backoff.attempts(), 30);
         backoff.reset();

@@ -11,7 +11,20 @@ use crate::{CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncI
 
 /// A position in the records stream. Positions strictly increase over the whole stream;
 /// [`Seq::START`] is before every entry, so reading after it is the backfill.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -55,9 +68,14 @@ impl RecordFilter {
     pub fn matches(&self, provider: Provider, key: &RecordKey) -> bool {
         match self {
             RecordFilter::Provider(p) => *p == provider,
-            RecordFilter::Sync { sync_id, collections } => {
+            RecordFilter::Sync {
+                sync_id,
+                collections,
+            } => {
                 key.sync_id == *sync_id
-                    && collections.as_ref().is_none_or(|c| c.contains(&key.collection_id))
+                    && collections
+                        .as_ref()
+                        .is_none_or(|c| c.contains(&key.collection_id))
             }
         }
     }
@@ -98,7 +116,12 @@ pub trait RecordStream: Send + Sync {
     /// Up to `limit` entries with `seq > after` that pass `filter`, in `seq` order.
     /// Reading from [`Seq::START`] is the backfill; continuing from the last `seq` read is
     /// real time. The two are the same call.
-    async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<Vec<StreamEntry>>;
+    async fn read(
+        &self,
+        filter: &RecordFilter,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<StreamEntry>>;
 
     /// The current newest entry for a key, if the stream holds one (tombstones included).
     async fn get(&self, key: &RecordKey) -> Result<Option<StreamEntry>>;
@@ -112,7 +135,12 @@ pub trait RecordStream: Send + Sync {
 
     /// Records that `consumer`, reading with `filter`, has durably applied everything up
     /// to `through`. Tombstone purging never passes the lowest such cursor.
-    async fn acknowledge(&self, consumer: &ConsumerId, filter: &RecordFilter, through: Seq) -> Result<()>;
+    async fn acknowledge(
+        &self,
+        consumer: &ConsumerId,
+        filter: &RecordFilter,
+        through: Seq,
+    ) -> Result<()>;
 }
 
 #[cfg(test)]
@@ -129,7 +157,10 @@ mod tests {
         assert!(RecordFilter::Provider(Provider::Postgres).matches(Provider::Postgres, &other));
         assert!(!RecordFilter::Provider(Provider::Http).matches(Provider::Postgres, &other));
 
-        let whole_sync = RecordFilter::Sync { sync_id: sync, collections: None };
+        let whole_sync = RecordFilter::Sync {
+            sync_id: sync,
+            collections: None,
+        };
         assert!(whole_sync.matches(Provider::Postgres, &orders));
         assert!(!whole_sync.matches(Provider::Postgres, &other));
 

@@ -42,10 +42,10 @@ impl Binaries {
             _ => searched.push("pg_config --bindir (not available)".to_owned()),
         }
 
-        if let Some(path) = std::env::var_os("PATH") {
-            if let Some(dir) = std::env::split_paths(&path).find(|d| has_initdb(d)) {
-                return Self::at(dir);
-            }
+        if let Some(path) = std::env::var_os("PATH")
+            && let Some(dir) = std::env::split_paths(&path).find(|d| has_initdb(d))
+        {
+            return Self::at(dir);
         }
         searched.push("PATH".to_owned());
 
@@ -64,7 +64,9 @@ impl Binaries {
             return Self::at(dir);
         }
         searched.push("/usr/lib/postgresql/*/bin".to_owned());
-        Err(Error::NoBinaries { searched: searched.join(", ") })
+        Err(Error::NoBinaries {
+            searched: searched.join(", "),
+        })
     }
 
     /// Binaries in `dir` (which must hold `initdb`, `pg_ctl` and `postgres`).
@@ -95,7 +97,11 @@ impl Binaries {
     /// `psql`, next to the server binaries or on `PATH`.
     pub fn psql(&self) -> PathBuf {
         let here = self.dir.join("psql");
-        if here.exists() { here } else { PathBuf::from("psql") }
+        if here.exists() {
+            here
+        } else {
+            PathBuf::from("psql")
+        }
     }
 }
 
@@ -125,9 +131,15 @@ impl OsUser {
     pub fn for_server() -> Result<Self, Error> {
         let me = std::fs::metadata("/proc/self").map_err(|e| Error::io("reading /proc/self", e))?;
         if me.uid() != 0 {
-            return Ok(Self { name: "(current user)".into(), uid: me.uid(), gid: me.gid(), switch: false });
+            return Ok(Self {
+                name: "(current user)".into(),
+                uid: me.uid(),
+                gid: me.gid(),
+                switch: false,
+            });
         }
-        let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| Error::io("reading /etc/passwd", e))?;
+        let passwd = std::fs::read_to_string("/etc/passwd")
+            .map_err(|e| Error::io("reading /etc/passwd", e))?;
         let wanted = std::env::var("SLUICE_PG_OS_USER").ok();
         let candidates: Vec<&str> = match &wanted {
             Some(name) => vec![name.as_str()],
@@ -141,10 +153,17 @@ impl OsUser {
                     .flatten()
             });
             if let Some((uid, gid)) = found {
-                return Ok(Self { name: name.to_owned(), uid, gid, switch: true });
+                return Ok(Self {
+                    name: name.to_owned(),
+                    uid,
+                    gid,
+                    switch: true,
+                });
             }
         }
-        Err(Error::NoOsUser { tried: wanted.unwrap_or_else(|| "postgres, nobody".into()) })
+        Err(Error::NoOsUser {
+            tried: wanted.unwrap_or_else(|| "postgres, nobody".into()),
+        })
     }
 
     /// A command that runs as this user.

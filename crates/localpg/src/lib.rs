@@ -41,7 +41,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
 pub use binaries::{Binaries, OsUser};
-pub use tls::ClientCert;
+pub use tls::{ClientCert, write_private};
 
 /// The superuser every cluster is created with.
 pub const SUPERUSER: &str = "postgres";
@@ -98,7 +98,10 @@ pub enum Error {
 
 impl Error {
     fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { what: what.into(), source }
+        Error::Io {
+            what: what.into(),
+            source,
+        }
     }
 }
 
@@ -231,7 +234,8 @@ impl Cluster {
                 if dir.join("data").exists() {
                     return Err(Error::AlreadyExists(dir.clone()));
                 }
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
                 dir.clone()
             }
             None => tempfile::Builder::new()
@@ -284,7 +288,11 @@ impl Cluster {
         }
         cluster.psql_stdin(
             "postgres",
-            &format!("alter role {} password {};", quote_ident(SUPERUSER), quote_literal(&cluster.password)),
+            &format!(
+                "alter role {} password {};",
+                quote_ident(SUPERUSER),
+                quote_literal(&cluster.password)
+            ),
         )?;
         Ok(cluster)
     }
@@ -295,7 +303,12 @@ impl Cluster {
         let template = self.template_dir()?;
         let data = self.data_dir();
         run(
-            self.user.command("cp").arg("-a").arg(&template).arg(&data).current_dir(&self.root),
+            self.user
+                .command("cp")
+                .arg("-a")
+                .arg(&template)
+                .arg(&data)
+                .current_dir(&self.root),
             "copying the initdb template",
         )?;
         Ok(())
@@ -304,9 +317,17 @@ impl Cluster {
     fn template_dir(&self) -> Result<PathBuf, Error> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (TEMPLATE_REVISION, self.binaries.dir(), self.binaries.version()).hash(&mut hasher);
-        let template =
-            std::env::temp_dir().join(format!("sluice-localpg-template-{}-{:016x}", self.user.uid, hasher.finish()));
+        (
+            TEMPLATE_REVISION,
+            self.binaries.dir(),
+            self.binaries.version(),
+        )
+            .hash(&mut hasher);
+        let template = std::env::temp_dir().join(format!(
+            "sluice-localpg-template-{}-{:016x}",
+            self.user.uid,
+            hasher.finish()
+        ));
         if template.join("PG_VERSION").exists() {
             return Ok(template);
         }
@@ -317,7 +338,8 @@ impl Cluster {
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         ));
-        std::fs::create_dir(&partial).map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
+        std::fs::create_dir(&partial)
+            .map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
         set_mode(&partial, 0o700)?;
         self.user.own(&partial)?;
         let initdb = run(
@@ -325,7 +347,15 @@ impl Cluster {
                 .command(self.binaries.tool("initdb"))
                 .arg("-D")
                 .arg(&partial)
-                .args(["-U", SUPERUSER, "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+                .args([
+                    "-U",
+                    SUPERUSER,
+                    "--auth=trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ])
                 .current_dir(std::env::temp_dir()),
             "initdb",
         );
@@ -360,10 +390,14 @@ impl Cluster {
             Tls::ClientCertRequired => ("hostssl", " clientcert=verify-full"),
         };
         if matches!(opts.tls, Tls::Required | Tls::ClientCertRequired) {
-            hba.push_str("hostnossl all all 0.0.0.0/0 reject\nhostnossl replication all 0.0.0.0/0 reject\n");
+            hba.push_str(
+                "hostnossl all all 0.0.0.0/0 reject\nhostnossl replication all 0.0.0.0/0 reject\n",
+            );
         }
         for database in ["all", "replication"] {
-            hba.push_str(&format!("{kind} {database} all 127.0.0.1/32 {method}{suffix}\n"));
+            hba.push_str(&format!(
+                "{kind} {database} all 127.0.0.1/32 {method}{suffix}\n"
+            ));
         }
         self.write_server_file("pg_hba.conf", &hba)
     }
@@ -378,7 +412,8 @@ impl Cluster {
         std::fs::write(self.root.join("ca.crt"), authority.cert_pem())
             .map_err(|e| Error::io("writing ca.crt", e))?;
         if self.tls == Tls::ClientCertRequired {
-            self.superuser_cert = Some(authority.client(SUPERUSER, &self.root, "client-superuser")?);
+            self.superuser_cert =
+                Some(authority.client(SUPERUSER, &self.root, "client-superuser")?);
         }
         self.authority = Some(authority);
         Ok(())
@@ -386,7 +421,7 @@ impl Cluster {
 
     fn write_server_file(&self, name: &str, contents: &str) -> Result<(), Error> {
         let path = self.data_dir().join(name);
-        tls::write_private(&path, contents)?;
+        write_private(&path, contents)?;
         self.user.own(&path)
     }
 
@@ -404,7 +439,9 @@ impl Cluster {
             socket = quote_literal(&self.socket_dir().display().to_string()),
         );
         if opts.logical {
-            conf.push_str("wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n");
+            conf.push_str(
+                "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n",
+            );
         }
         if opts.tls != Tls::Off {
             conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n");
@@ -417,7 +454,8 @@ impl Cluster {
 
     /// Starts the server (after [`stop`](Cluster::stop)); returns once it accepts connections.
     pub fn start(&self) -> Result<(), Error> {
-        std::fs::create_dir_all(self.socket_dir()).map_err(|e| Error::io("creating the socket directory", e))?;
+        std::fs::create_dir_all(self.socket_dir())
+            .map_err(|e| Error::io("creating the socket directory", e))?;
         self.user.own(&self.socket_dir())?;
         let result = run(
             self.user
@@ -512,7 +550,8 @@ impl Cluster {
         let authority = self.authority.as_ref().ok_or_else(|| Error::Command {
             what: "issuing a client certificate".into(),
             status: "no TLS".into(),
-            output: "the cluster was started with Tls::Off, so it has no certificate authority".into(),
+            output: "the cluster was started with Tls::Off, so it has no certificate authority"
+                .into(),
         })?;
         let stem = format!("client-{}", uuid::Uuid::new_v4().simple());
         authority.client(role, &self.root, &stem)
@@ -522,17 +561,30 @@ impl Cluster {
     /// (`sslmode=verify-full` and the CA when TLS is on; the superuser's client certificate
     /// when one is required).
     pub fn url(&self, database: &str) -> String {
-        self.url_as(SUPERUSER, Some(&self.password), database, self.superuser_cert.as_ref())
+        self.url_as(
+            SUPERUSER,
+            Some(&self.password),
+            database,
+            self.superuser_cert.as_ref(),
+        )
     }
 
     /// A URL for any role. TLS parameters follow the cluster's mode; pass a client
     /// certificate when the cluster requires one.
-    pub fn url_as(&self, user: &str, password: Option<&str>, database: &str, cert: Option<&ClientCert>) -> String {
+    pub fn url_as(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        database: &str,
+        cert: Option<&ClientCert>,
+    ) -> String {
         let mut url = url::Url::parse("postgres://127.0.0.1").expect("a constant URL parses");
         let _ = url.set_port(Some(self.port));
         let _ = url.set_username(user);
         let _ = url.set_password(password);
-        url.path_segments_mut().expect("postgres URLs have paths").push(database);
+        url.path_segments_mut()
+            .expect("postgres URLs have paths")
+            .push(database);
         {
             let mut query = url.query_pairs_mut();
             match self.ca_cert() {
@@ -570,14 +622,20 @@ impl Cluster {
     /// Runs SQL (one or more statements) as the superuser in `database`.
     pub async fn execute(&self, database: &str, sql: &str) -> Result<(), Error> {
         let mut conn = self.admin(database).await?;
-        sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(&mut conn).await?;
+        sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+            .execute(&mut conn)
+            .await?;
         conn.close().await?;
         Ok(())
     }
 
     /// Creates a database owned by the superuser.
     pub async fn create_database(&self, name: &str) -> Result<(), Error> {
-        self.execute("postgres", &format!("create database {}", quote_ident(name))).await
+        self.execute(
+            "postgres",
+            &format!("create database {}", quote_ident(name)),
+        )
+        .await
     }
 
     /// Creates a database with a name unique in this cluster (`<prefix>_<n>`) and returns
@@ -591,8 +649,14 @@ impl Cluster {
 
     /// Creates a login role, with a password unless `None`.
     pub async fn create_role(&self, name: &str, password: Option<&str>) -> Result<(), Error> {
-        let password = password.map(|p| format!(" password {}", quote_literal(p))).unwrap_or_default();
-        self.execute("postgres", &format!("create role {} login{password}", quote_ident(name))).await
+        let password = password
+            .map(|p| format!(" password {}", quote_literal(p)))
+            .unwrap_or_default();
+        self.execute(
+            "postgres",
+            &format!("create role {} login{password}", quote_ident(name)),
+        )
+        .await
     }
 
     /// The last `lines` lines of the server log.
@@ -608,10 +672,18 @@ impl Cluster {
 
     fn with_log(&self, error: Error) -> Error {
         match error {
-            Error::Command { what, status, output } => Error::Command {
+            Error::Command {
                 what,
                 status,
-                output: format!("{output}\n--- server log ({}) ---\n{}", self.log_path().display(), self.log_tail(30)),
+                output,
+            } => Error::Command {
+                what,
+                status,
+                output: format!(
+                    "{output}\n--- server log ({}) ---\n{}",
+                    self.log_path().display(),
+                    self.log_tail(30)
+                ),
             },
             other => other,
         }
@@ -623,7 +695,14 @@ impl Cluster {
         let mut child = Command::new(self.binaries.psql())
             .arg("-h")
             .arg(self.socket_dir())
-            .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", database])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+            ])
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -631,16 +710,24 @@ impl Cluster {
             .spawn()
             .map_err(|e| Error::io("starting psql", e))?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(sql.as_bytes()).map_err(|e| Error::io("writing to psql", e))?;
+            stdin
+                .write_all(sql.as_bytes())
+                .map_err(|e| Error::io("writing to psql", e))?;
         }
-        let out = child.wait_with_output().map_err(|e| Error::io("waiting for psql", e))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::io("waiting for psql", e))?;
         check_output("psql", out).map(drop)
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let supervisor = self.supervisor.get_mut().map(Option::take).unwrap_or_else(|p| p.into_inner().take());
+        let supervisor = self
+            .supervisor
+            .get_mut()
+            .map(Option::take)
+            .unwrap_or_else(|p| p.into_inner().take());
         if let Some((mut child, stdin)) = supervisor {
             // Closing its standard input tells the supervisor to stop the server and remove
             // the directory; wait so the next test starts from a clean machine.
@@ -660,16 +747,24 @@ pub fn stop_kept(dir: &Path) -> Result<bool, Error> {
     let binaries = Binaries::find()?;
     let user = OsUser::for_server()?;
     let mut stop = user.command(binaries.tool("pg_ctl"));
-    stop.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]).current_dir(dir);
+    stop.arg("-D")
+        .arg(&data)
+        .args(["-m", "fast", "-w", "stop"])
+        .current_dir(dir);
     // "Not running" is fine: the goal is that nothing runs afterwards.
     let _ = stop.output();
-    std::fs::remove_dir_all(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+    std::fs::remove_dir_all(dir)
+        .map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
     Ok(true)
 }
 
 /// A process that outlives nothing: it waits for its standard input to close (the owner
 /// dropped the cluster, or died), then stops the server at once and deletes the files.
-fn spawn_supervisor(binaries: &Binaries, user: &OsUser, root: &Path) -> Result<(Child, ChildStdin), Error> {
+fn spawn_supervisor(
+    binaries: &Binaries,
+    user: &OsUser,
+    root: &Path,
+) -> Result<(Child, ChildStdin), Error> {
     const SCRIPT: &str = r#"trap '' INT TERM HUP
 while read -r _; do :; done
 "$0" -D "$1/data" -m immediate -w stop >/dev/null 2>&1
@@ -686,13 +781,20 @@ rm -rf "$1""#;
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| Error::io("starting the cluster supervisor", e))?;
-    let stdin = child.stdin.take().ok_or_else(|| Error::io("supervisor stdin", std::io::ErrorKind::BrokenPipe.into()))?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::io("supervisor stdin", std::io::ErrorKind::BrokenPipe.into()))?;
     Ok((child, stdin))
 }
 
 fn free_port() -> Result<u16, Error> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| Error::io("finding a free port", e))
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::io("finding a free port", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::io("finding a free port", e))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), Error> {
@@ -713,10 +815,18 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, Error> {
 }
 
 fn check_output(what: &str, out: std::process::Output) -> Result<String, Error> {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if out.status.success() {
         Ok(text)
     } else {
-        Err(Error::Command { what: what.to_owned(), status: out.status.to_string(), output: text })
+        Err(Error::Command {
+            what: what.to_owned(),
+            status: out.status.to_string(),
+            output: text,
+        })
     }
 }

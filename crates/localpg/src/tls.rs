@@ -30,12 +30,20 @@ impl Authority {
     pub(crate) fn new() -> Result<Self, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "sluice localpg test CA");
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "sluice localpg test CA");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let key = KeyPair::generate()?;
         let cert_pem = params.self_signed(&key)?.pem();
-        Ok(Self { issuer: Issuer::new(params, key), cert_pem })
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+        })
     }
 
     pub(crate) fn cert_pem(&self) -> &str {
@@ -44,14 +52,22 @@ impl Authority {
 
     /// A server certificate for `localhost` and `127.0.0.1`: (certificate PEM, key PEM).
     pub(crate) fn server(&self) -> Result<(String, String), Error> {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, "localhost");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)
     }
 
     /// A client certificate for `role`, written to `dir` as `<file_stem>.crt` / `.key`.
-    pub(crate) fn client(&self, role: &str, dir: &Path, file_stem: &str) -> Result<ClientCert, Error> {
+    pub(crate) fn client(
+        &self,
+        role: &str,
+        dir: &Path,
+        file_stem: &str,
+    ) -> Result<ClientCert, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, role);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -70,8 +86,8 @@ impl Authority {
     }
 }
 
-/// Writes a file readable only by its owner.
-pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), Error> {
+/// Writes a file readable only by its owner (mode 0600): keys, credentials.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -81,5 +97,6 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), Error> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    file.write_all(contents.as_bytes()).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    file.write_all(contents.as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }

@@ -13,14 +13,20 @@ async fn connect_error(url: &str) -> (String, String) {
     match PgConnection::connect(url).await {
         Ok(_) => panic!("connection to {url} should have failed"),
         Err(e) => {
-            let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()).unwrap_or_default();
+            let code = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .map(|c| c.into_owned())
+                .unwrap_or_default();
             (code, e.to_string())
         }
     }
 }
 
 async fn scalar_bool(url: &str, sql: &'static str) -> bool {
-    let mut conn = PgConnection::connect(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let mut conn = PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
 }
 
@@ -28,13 +34,24 @@ async fn scalar_bool(url: &str, sql: &'static str) -> bool {
 async fn scram_cluster_accepts_the_right_password_and_rejects_a_wrong_one() {
     let pg = Cluster::start_default().unwrap();
     let db = pg.fresh_database("auth").await.unwrap();
-    pg.create_role("alice", Some("correct horse")).await.unwrap();
+    pg.create_role("alice", Some("correct horse"))
+        .await
+        .unwrap();
 
-    assert!(scalar_bool(&pg.url_as("alice", Some("correct horse"), &db, None), "select true").await);
+    assert!(
+        scalar_bool(
+            &pg.url_as("alice", Some("correct horse"), &db, None),
+            "select true"
+        )
+        .await
+    );
     let (code, message) = connect_error(&pg.url_as("alice", Some("wrong"), &db, None)).await;
     assert_eq!(code, "28P01", "invalid_password expected: {message}");
     let (code, message) = connect_error(&pg.url_as("alice", None, &db, None)).await;
-    assert!(code == "28P01" || message.contains("password"), "{code}: {message}");
+    assert!(
+        code == "28P01" || message.contains("password"),
+        "{code}: {message}"
+    );
 }
 
 #[tokio::test]
@@ -48,26 +65,46 @@ async fn trust_cluster_needs_no_password() {
 async fn tls_required_cluster_rejects_plain_connections_and_verifies_with_its_ca() {
     let pg = Cluster::options().tls(Tls::Required).start().unwrap();
     let url = pg.url("postgres");
-    assert!(url.contains("sslmode=verify-full") && url.contains("sslrootcert="), "{url}");
-    assert!(scalar_bool(&url, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").await);
+    assert!(
+        url.contains("sslmode=verify-full") && url.contains("sslrootcert="),
+        "{url}"
+    );
+    assert!(
+        scalar_bool(
+            &url,
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+        )
+        .await
+    );
 
     let plain = url.replace("sslmode=verify-full", "sslmode=disable");
     let (code, message) = connect_error(&plain).await;
-    assert_eq!(code, "28000", "invalid_authorization_specification expected: {message}");
+    assert_eq!(
+        code, "28000",
+        "invalid_authorization_specification expected: {message}"
+    );
     assert!(message.contains("no encryption"), "{message}");
 }
 
 #[tokio::test]
 async fn tls_off_cluster_refuses_clients_that_insist_on_tls() {
     let pg = Cluster::start_default().unwrap();
-    let url = pg.url("postgres").replace("sslmode=disable", "sslmode=require");
+    let url = pg
+        .url("postgres")
+        .replace("sslmode=disable", "sslmode=require");
     let err = PgConnection::connect(&url).await.unwrap_err().to_string();
-    assert!(err.to_lowercase().contains("ssl") || err.to_lowercase().contains("tls"), "{err}");
+    assert!(
+        err.to_lowercase().contains("ssl") || err.to_lowercase().contains("tls"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn client_cert_cluster_requires_a_certificate_for_the_role() {
-    let pg = Cluster::options().tls(Tls::ClientCertRequired).start().unwrap();
+    let pg = Cluster::options()
+        .tls(Tls::ClientCertRequired)
+        .start()
+        .unwrap();
     // The superuser URL carries the superuser's certificate.
     assert!(pg.url("postgres").contains("sslcert="));
     assert!(scalar_bool(&pg.url("postgres"), "select true").await);
@@ -79,13 +116,28 @@ async fn client_cert_cluster_requires_a_certificate_for_the_role() {
     assert!(message.contains("certificate"), "{message}");
 
     let someone_elses = pg.client_cert("dave").unwrap();
-    let (code, message) = connect_error(&pg.url_as("carol", Some("pw"), "postgres", Some(&someone_elses))).await;
-    assert!(code.starts_with("28"), "a certificate for another role must not work: {code} {message}");
-    assert!(pg.log_tail(20).contains("CN mismatch"), "the server refused it for the name: {}", pg.log_tail(20));
+    let (code, message) =
+        connect_error(&pg.url_as("carol", Some("pw"), "postgres", Some(&someone_elses))).await;
+    assert!(
+        code.starts_with("28"),
+        "a certificate for another role must not work: {code} {message}"
+    );
+    assert!(
+        pg.log_tail(20).contains("CN mismatch"),
+        "the server refused it for the name: {}",
+        pg.log_tail(20)
+    );
 
     let cert = pg.client_cert("carol").unwrap();
-    assert!(scalar_bool(&pg.url_as("carol", Some("pw"), "postgres", Some(&cert)), "select true").await);
-    let (code, message) = connect_error(&pg.url_as("carol", Some("nope"), "postgres", Some(&cert))).await;
+    assert!(
+        scalar_bool(
+            &pg.url_as("carol", Some("pw"), "postgres", Some(&cert)),
+            "select true"
+        )
+        .await
+    );
+    let (code, message) =
+        connect_error(&pg.url_as("carol", Some("nope"), "postgres", Some(&cert))).await;
     assert_eq!(code, "28P01", "the password is still checked: {message}");
 }
 
@@ -93,23 +145,43 @@ async fn client_cert_cluster_requires_a_certificate_for_the_role() {
 async fn logical_cluster_reports_wal_level_logical() {
     let pg = Cluster::options().logical_replication().start().unwrap();
     let mut conn = pg.admin("postgres").await.unwrap();
-    let level: String = sqlx::query_scalar("select current_setting('wal_level')").fetch_one(&mut conn).await.unwrap();
+    let level: String = sqlx::query_scalar("select current_setting('wal_level')")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(level, "logical");
     let default = Cluster::start_default().unwrap();
     let mut conn = default.admin("postgres").await.unwrap();
-    let level: String = sqlx::query_scalar("select current_setting('wal_level')").fetch_one(&mut conn).await.unwrap();
+    let level: String = sqlx::query_scalar("select current_setting('wal_level')")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(level, "replica");
 }
 
 #[tokio::test]
 async fn psql_connects_with_the_printed_urls() {
-    let pg = Cluster::options().tls(Tls::ClientCertRequired).logical_replication().start().unwrap();
+    let pg = Cluster::options()
+        .tls(Tls::ClientCertRequired)
+        .logical_replication()
+        .start()
+        .unwrap();
     let out = Command::new(pg.binaries().psql())
-        .args(["-X", "-A", "-t", "-c", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"])
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        ])
         .arg(pg.url("postgres"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
 }
 
@@ -122,14 +194,25 @@ async fn fresh_databases_are_distinct_and_roles_and_odd_names_work() {
     let odd = "We're \"odd\" Ünïcode";
     pg.create_database(odd).await.unwrap();
     pg.create_role(odd, Some("p'w")).await.unwrap();
-    assert!(scalar_bool(&pg.url_as(odd, Some("p'w"), odd, None), "select current_database() = 'We''re \"odd\" Ünïcode'").await);
+    assert!(
+        scalar_bool(
+            &pg.url_as(odd, Some("p'w"), odd, None),
+            "select current_database() = 'We''re \"odd\" Ünïcode'"
+        )
+        .await
+    );
 }
 
 #[tokio::test]
 async fn stop_and_start_keep_data_and_port() {
     let pg = Cluster::start_default().unwrap();
     let db = pg.fresh_database("restart").await.unwrap();
-    pg.execute(&db, "create table kept (v int); insert into kept values (7)").await.unwrap();
+    pg.execute(
+        &db,
+        "create table kept (v int); insert into kept values (7)",
+    )
+    .await
+    .unwrap();
     let port = pg.port();
     pg.stop().unwrap();
     assert!(!pg.is_running());
@@ -137,7 +220,10 @@ async fn stop_and_start_keep_data_and_port() {
     pg.start().unwrap();
     assert_eq!(pg.port(), port);
     let mut conn = pg.admin(&db).await.unwrap();
-    let v: i32 = sqlx::query_scalar("select v from kept").fetch_one(&mut conn).await.unwrap();
+    let v: i32 = sqlx::query_scalar("select v from kept")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(v, 7);
 }
 
@@ -178,7 +264,12 @@ fn child_starts_a_cluster_and_waits_to_be_killed() {
 fn a_killed_owner_process_leaves_nothing_behind() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_starts_a_cluster_and_waits_to_be_killed", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_starts_a_cluster_and_waits_to_be_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("SLUICE_LOCALPG_CHILD", "1")
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -207,14 +298,19 @@ fn a_wrong_sluice_pg_bin_is_reported_not_ignored() {
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "a_wrong_sluice_pg_bin_is_reported_not_ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "a_wrong_sluice_pg_bin_is_reported_not_ignored",
+            "--nocapture",
+        ])
         .env("SLUICE_LOCALPG_CHILD", "1")
         .env("SLUICE_PG_BIN", "/nonexistent/pg/bin")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("SLUICE_PG_BIN=/nonexistent/pg/bin (no initdb there)") && stdout.contains("apt-get install -y postgresql"),
+        stdout.contains("SLUICE_PG_BIN=/nonexistent/pg/bin (no initdb there)")
+            && stdout.contains("apt-get install -y postgresql"),
         "{stdout}"
     );
 }

@@ -7,3 +7,5 @@
 //!
 //! It must not create roles or grant privileges (that is `sluice-provisioning`), and it
 //! must never drop or alter an object the sync user does not own.
+
+pub mod catalog;

@@ -1,0 +1,93 @@
+//! Checks of the repository itself, run with the normal test suite: documentation present
+//! and complete, generated files fresh, CI wired to the README's test command.
+
+use std::path::Path;
+
+use sluice_tests::repo_root;
+
+fn read(path: &str) -> String {
+    let full = repo_root().join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{} must exist: {e}", full.display()))
+}
+
+fn workspace_members() -> Vec<String> {
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    manifest["workspace"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn committed_config_schema_matches_the_config_types() {
+    assert!(
+        read("schema/sluice.schema.json") == sluice_core::config_schema_json(),
+        "schema/sluice.schema.json is stale: run `cargo xtask codegen` and commit it"
+    );
+}
+
+#[test]
+fn architecture_has_a_code_map_entry_for_every_crate() {
+    let architecture = read("ARCHITECTURE.md");
+    for member in workspace_members() {
+        assert!(
+            architecture.contains(&format!("`{member}`")),
+            "ARCHITECTURE.md's code map must describe `{member}`"
+        );
+    }
+}
+
+#[test]
+fn every_crate_root_says_what_the_crate_is_for() {
+    for member in workspace_members() {
+        let dir = repo_root().join(&member);
+        let root = ["src/lib.rs", "src/main.rs"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{member} has no lib.rs or main.rs"));
+        let text = std::fs::read_to_string(&root).unwrap();
+        let doc_lines = text.lines().take_while(|l| l.starts_with("//!")).count();
+        assert!(
+            doc_lines >= 3,
+            "{} must open with a paragraph of crate docs",
+            root.display()
+        );
+    }
+}
+
+#[test]
+fn readme_gives_the_two_setup_commands_and_ci_runs_the_test_one() {
+    let readme = read("README.md");
+    assert!(
+        readme.contains("cargo xtask ci"),
+        "README must give the test command"
+    );
+    assert!(
+        readme.contains("cargo xtask db up"),
+        "README must give the command that runs sluice locally"
+    );
+    let ci = read(".ci/run");
+    assert!(
+        ci.contains("cargo xtask ci"),
+        ".ci/run must run the README's test command"
+    );
+}
+
+#[test]
+fn sqlx_offline_data_is_committed() {
+    let dir = repo_root().join(".sqlx");
+    let queries = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        queries > 0,
+        "{} must hold the offline query data (cargo xtask codegen)",
+        dir.display()
+    );
+    assert!(Path::new(&repo_root().join(".cargo/config.toml")).exists());
+    assert!(
+        read(".cargo/config.toml").contains("SQLX_OFFLINE = \"true\""),
+        "builds must not need a database"
+    );
+}
