@@ -120,6 +120,14 @@ fn ci() -> Result {
         eprintln!("\n==> cargo xtask codegen --check");
         codegen::run(true)
     })?;
+    // nextest does not run doc tests; the crate-level examples must keep compiling and passing.
+    // They run first so that the suite's own summary is the last thing CI prints.
+    timed("doc tests", &mut || {
+        run_step(
+            "cargo test --workspace --doc",
+            cargo().args(["test", "--workspace", "--doc"]),
+        )
+    })?;
     timed("tests", &mut || {
         if has_nextest() {
             run_step(
@@ -133,13 +141,6 @@ fn ci() -> Result {
             )?;
         }
         Ok(())
-    })?;
-    // nextest does not run doc tests; the crate-level examples must keep compiling and passing.
-    timed("doc tests", &mut || {
-        run_step(
-            "cargo test --workspace --doc",
-            cargo().args(["test", "--workspace", "--doc"]),
-        )
     })?;
     eprintln!("\nci passed in {:.0}s:", started.elapsed().as_secs_f64());
     for line in &timings {
