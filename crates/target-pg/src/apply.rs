@@ -1,0 +1,417 @@
+//! Batch writes into a consumer table: staging `COPY`, one merge, one delete, and the
+//! checkpoint, in one transaction per partition.
+
+use std::collections::HashMap;
+
+use sluice_core::sql::qualified;
+use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use uuid::Uuid;
+
+use crate::consumer_table::ConsumerTable;
+
+/// The checkpoint table, created by the sync user in the consumer table's schema.
+pub const CHECKPOINT_TABLE: &str = "_sluice_checkpoint";
+
+/// The SQL for one consumer table, built once with every identifier quoted.
+#[derive(Clone, Debug)]
+pub(crate) struct Statements {
+    create_checkpoint: String,
+    read_checkpoints: String,
+    clear_checkpoints: String,
+    reset_checkpoints: String,
+    lock_checkpoint: String,
+    write_checkpoint: String,
+    create_stage: &'static str,
+    copy: &'static str,
+    merge: String,
+    delete: String,
+}
+
+impl Statements {
+    pub(crate) fn new(table: &ConsumerTable) -> Self {
+        let target = table.qualified();
+        let checkpoint = qualified(&table.schema, CHECKPOINT_TABLE);
+        Self {
+            create_checkpoint: format!(
+                "create table if not exists {checkpoint} (\
+                   consumer text not null, tbl text not null, partition int not null, seq bigint not null, \
+                   updated_at timestamptz not null default now(), primary key (consumer, tbl, partition))"
+            ),
+            read_checkpoints: format!(
+                "select partition, seq from {checkpoint} where consumer = $1 and tbl = $2 for update"
+            ),
+            clear_checkpoints: format!("delete from {checkpoint} where consumer = $1 and tbl = $2"),
+            reset_checkpoints: format!(
+                "insert into {checkpoint} (consumer, tbl, partition, seq) \
+                 select $1, $2, p, $3 from generate_series(0, $4 - 1) p"
+            ),
+            lock_checkpoint: format!(
+                "select seq from {checkpoint} where consumer = $1 and tbl = $2 and partition = $3 for update"
+            ),
+            write_checkpoint: format!(
+                "insert into {checkpoint} (consumer, tbl, partition, seq) values ($1, $2, $3, $4) \
+                 on conflict (consumer, tbl, partition) do update set seq = excluded.seq, updated_at = now()"
+            ),
+            create_stage: "create temp table if not exists _sluice_stage (\
+                 sequin_id uuid, sync_id uuid, collection_id text, upstream_id text, payload jsonb, \
+                 upstream_updated_at timestamptz) on commit delete rows",
+            copy: "copy pg_temp._sluice_stage from stdin",
+            merge: format!(
+                "insert into {target} as t (sequin_id, sync_id, collection_id, upstream_id, payload, \
+                   upstream_updated_at, inserted_at, updated_at) \
+                 select sequin_id, sync_id, collection_id, upstream_id, payload, upstream_updated_at, now(), now() \
+                 from pg_temp._sluice_stage \
+                 on conflict (sequin_id) do update set sync_id = excluded.sync_id, \
+                   collection_id = excluded.collection_id, upstream_id = excluded.upstream_id, \
+                   payload = excluded.payload, upstream_updated_at = excluded.upstream_updated_at, \
+                   updated_at = excluded.updated_at \
+                 where (t.sync_id, t.collection_id, t.upstream_id, t.upstream_updated_at, t.payload) \
+                   is distinct from (excluded.sync_id, excluded.collection_id, excluded.upstream_id, \
+                   excluded.upstream_updated_at, excluded.payload)"
+            ),
+            delete: format!("delete from {target} where sequin_id = any($1)"),
+        }
+    }
+}
+
+/// The key a consumer table's checkpoints are stored under (its quoted name), so one
+/// consumer may be pointed at another table and start over there.
+pub(crate) fn table_key(table: &ConsumerTable) -> String {
+    table.qualified()
+}
+
+/// Prepares a new connection: the checkpoint table (created by the sync user if missing) and
+/// the session's staging table.
+pub(crate) async fn prepare_connection(
+    conn: &mut PgConnection,
+    sql: &Statements,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql.create_checkpoint.clone()))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(sql.create_stage).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Returns the consumer's checkpoint: the lowest
+/// across its partitions. When the number of partitions changed since the last run, every
+/// partition restarts from that lowest point (re-applying is idempotent; skipping is not).
+pub(crate) async fn prepare_checkpoint(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    consumer: &str,
+    table: &str,
+    partitions: usize,
+) -> Result<Seq, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(sql.read_checkpoints.clone()))
+        .bind(consumer)
+        .bind(table)
+        .fetch_all(&mut *tx)
+        .await?;
+    let lowest = rows.iter().map(|(_, seq)| *seq).min().unwrap_or(0);
+    let mut stored: Vec<i32> = rows.iter().map(|(p, _)| *p).collect();
+    stored.sort_unstable();
+    let expected: Vec<i32> = (0..partitions as i32).collect();
+    if stored != expected {
+        // Two statements: within one, an insert does not see a data-modifying CTE's delete.
+        sqlx::query(AssertSqlSafe(sql.clear_checkpoints.clone()))
+            .bind(consumer)
+            .bind(table)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(sql.reset_checkpoints.clone()))
+            .bind(consumer)
+            .bind(table)
+            .bind(lowest)
+            .bind(partitions as i32)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Seq(lowest as u64))
+}
+
+/// What one partition's transaction did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PartitionOutcome {
+    /// False when the partition's checkpoint was already at or past the batch (a replay).
+    pub applied: bool,
+    /// Rows merged (inserted or changed).
+    pub upserted: u64,
+    /// Rows deleted.
+    pub deleted: u64,
+    /// Records whose text had NUL characters replaced (see [`encode_rows`]).
+    pub sanitized: Vec<RecordKey>,
+}
+
+/// Applies one partition's entries and moves its checkpoint to `through`, in one transaction.
+pub(crate) async fn apply_partition(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    consumer: &str,
+    table: &str,
+    partition: usize,
+    entries: &[&StreamEntry],
+    through: Seq,
+) -> Result<PartitionOutcome, sqlx::Error> {
+    let mut outcome = PartitionOutcome::default();
+    let mut tx = conn.begin().await?;
+    let stored: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.lock_checkpoint.clone()))
+        .bind(consumer)
+        .bind(table)
+        .bind(partition as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if stored.is_some_and(|s| s as u64 >= through.0) {
+        tx.rollback().await?;
+        return Ok(outcome);
+    }
+
+    let (upserts, deletes) = newest_per_key(entries);
+    if !upserts.is_empty() {
+        let (rows, sanitized) = encode_rows(&upserts);
+        outcome.sanitized = sanitized;
+        let mut copy = tx.copy_in_raw(sql.copy).await?;
+        copy.send(rows).await?;
+        copy.finish().await?;
+        outcome.upserted = sqlx::query(AssertSqlSafe(sql.merge.clone()))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    if !deletes.is_empty() {
+        outcome.deleted = sqlx::query(AssertSqlSafe(sql.delete.clone()))
+            .bind(deletes)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    sqlx::query(AssertSqlSafe(sql.write_checkpoint.clone()))
+        .bind(consumer)
+        .bind(table)
+        .bind(partition as i32)
+        .bind(through.0 as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    outcome.applied = true;
+    Ok(outcome)
+}
+
+/// Keeps the newest version of each key (ties broken by stream position) and splits the
+/// batch into upserts and the row ids to delete.
+fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Vec<&'a StreamEntry>, Vec<Uuid>) {
+    let mut newest: HashMap<Uuid, &'a StreamEntry> = HashMap::with_capacity(entries.len());
+    for entry in entries {
+        let id = entry.record.key.row_id();
+        match newest.get(&id) {
+            Some(kept) if (kept.record.version, kept.seq) >= (entry.record.version, entry.seq) => {}
+            _ => {
+                newest.insert(id, entry);
+            }
+        }
+    }
+    let mut upserts = Vec::with_capacity(newest.len());
+    let mut deletes = Vec::new();
+    for (id, entry) in newest {
+        match entry.record.change {
+            Change::Upsert { .. } => upserts.push(entry),
+            Change::Delete => deletes.push(id),
+        }
+    }
+    // Stream order keeps the merge's row locks in a stable order across partitions.
+    upserts.sort_by_key(|e| e.seq);
+    (upserts, deletes)
+}
+
+/// Encodes upserts as `COPY … FROM STDIN` text rows for the staging table.
+///
+/// **NUL policy.** PostgreSQL cannot store U+0000 in `text` or `jsonb` (`\u0000` in a JSON
+/// string is rejected). Rather than fail the batch or drop the record, sluice replaces each
+/// U+0000 in payload keys, payload string values, `collection_id` and `upstream_id` with
+/// U+FFFD (the replacement character) and writes the record; the keys of records changed this
+/// way are returned so the target reports them in its health (`payload` check). The row id is
+/// computed from the original identity, so two ids differing only by NUL stay distinct rows.
+pub(crate) fn encode_rows(upserts: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>) {
+    let mut out = Vec::with_capacity(upserts.len() * 1200);
+    let mut json = Vec::with_capacity(2048);
+    let mut sanitized = Vec::new();
+    for entry in upserts {
+        let record = &entry.record;
+        let Change::Upsert { payload } = &record.change else {
+            continue;
+        };
+        json.clear();
+        // Serialising a map of JSON values into memory cannot fail.
+        let _ = serde_json::to_writer(&mut json, payload);
+        let mut changed = false;
+        if contains(&json, b"\\u0000") {
+            let clean = strip_nul_payload(payload);
+            if &clean != payload {
+                json.clear();
+                let _ = serde_json::to_writer(&mut json, &clean);
+                changed = true;
+            }
+        }
+        let mut uuid = [0u8; 36];
+        push_raw(
+            &mut out,
+            record
+                .key
+                .row_id()
+                .hyphenated()
+                .encode_lower(&mut uuid)
+                .as_bytes(),
+        );
+        out.push(b'\t');
+        push_raw(
+            &mut out,
+            record
+                .key
+                .sync_id
+                .0
+                .hyphenated()
+                .encode_lower(&mut uuid)
+                .as_bytes(),
+        );
+        out.push(b'\t');
+        changed |= push_text(&mut out, &record.key.collection_id.0);
+        out.push(b'\t');
+        changed |= push_text(&mut out, &record.key.upstream_id.0);
+        out.push(b'\t');
+        push_escaped(&mut out, &json);
+        out.push(b'\t');
+        let ts = record
+            .upstream_updated_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "epoch".to_owned());
+        push_raw(&mut out, ts.as_bytes());
+        out.push(b'\n');
+        if changed {
+            sanitized.push(record.key.clone());
+        }
+    }
+    (out, sanitized)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn push_raw(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(bytes);
+}
+
+/// Pushes text for COPY, replacing NUL; returns whether anything was replaced.
+fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
+    if text.contains('\0') {
+        push_escaped(out, text.replace('\0', "\u{FFFD}").as_bytes());
+        true
+    } else {
+        push_escaped(out, text.as_bytes());
+        false
+    }
+}
+
+/// COPY text format: backslash, newline, carriage return and tab are escaped.
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+fn strip_nul_payload(payload: &Payload) -> Payload {
+    payload
+        .iter()
+        .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), strip_nul(v)))
+        .collect()
+}
+
+fn strip_nul(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),
+        Value::Array(items) => Value::Array(items.iter().map(strip_nul).collect()),
+        Value::Object(map) => Value::Object(strip_nul_payload(map)),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::{Provider, Record, SyncId, Version};
+
+    fn entry(seq: u64, id: &str, version: u64, change: Change) -> StreamEntry {
+        StreamEntry {
+            seq: Seq(seq),
+            record: Record {
+                key: RecordKey::new(SyncId(Uuid::from_u128(7)), "c", id),
+                provider: Provider::Http,
+                version: Version::new(version, 0),
+                upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
+                change,
+            },
+        }
+    }
+
+    #[test]
+    fn copy_text_escapes_the_four_special_bytes() {
+        let mut out = Vec::new();
+        push_escaped(&mut out, b"a\\b\nc\rd\te");
+        assert_eq!(out, b"a\\\\b\\nc\\rd\\te");
+    }
+
+    #[test]
+    fn duplicate_keys_in_a_batch_keep_the_newest_version() {
+        let up = |v: i64| Change::upsert(serde_json::json!({ "v": v })).unwrap();
+        let a1 = entry(1, "a", 5, up(5));
+        let a0 = entry(2, "a", 3, up(3)); // older version arriving later
+        let b1 = entry(3, "b", 1, up(1));
+        let b2 = entry(4, "b", 2, Change::Delete);
+        let (upserts, deletes) = newest_per_key(&[&a1, &a0, &b1, &b2]);
+        assert_eq!(upserts.len(), 1);
+        assert_eq!(upserts[0].record.version, Version::new(5, 0));
+        assert_eq!(deletes, vec![b2.record.key.row_id()]);
+    }
+
+    #[test]
+    fn nul_characters_are_replaced_and_reported() {
+        let clean = entry(
+            1,
+            "ok",
+            1,
+            Change::upsert(serde_json::json!({ "s": "fine \\u0000 literal" })).unwrap(),
+        );
+        let dirty = entry(
+            2,
+            "bad\0id",
+            1,
+            Change::upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })).unwrap(),
+        );
+        let (rows, sanitized) = encode_rows(&[&clean, &dirty]);
+        let text = String::from_utf8(rows).unwrap();
+        assert!(!text.contains('\0'));
+        assert!(text.contains("bad\u{FFFD}id"));
+        assert!(
+            text.contains("k\u{FFFD}") && text.contains("x\u{FFFD}y"),
+            "{text}"
+        );
+        // A literal backslash-u0000 (escaped in JSON) is ordinary text, not a NUL.
+        assert!(text.contains(r"fine \\\\u0000 literal"), "{text}");
+        assert_eq!(sanitized, vec![dirty.record.key.clone()]);
+    }
+}
