@@ -91,3 +91,21 @@ fn sqlx_offline_data_is_committed() {
         "builds must not need a database"
     );
 }
+
+#[test]
+fn readme_links_point_at_files_that_exist() {
+    let readme = read("README.md");
+    for link in readme
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+    {
+        if link.starts_with("http") || link.starts_with('#') {
+            continue;
+        }
+        assert!(
+            repo_root().join(link).exists(),
+            "README links to {link}, which does not exist"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 //! - `db up|down|env`: local source and target clusters kept running for manual use.
 //! - `codegen [--check]`: the sqlx offline data (`.sqlx`) and the config JSON Schema.
 //! - `ci`: everything CI checks (formatting, clippy, generated files, all tests).
+//! - `bench target`: benchmarks, each beside a baseline measured in the same run.
 
 mod codegen;
 mod db;
@@ -36,6 +37,19 @@ enum Task {
     },
     /// Run every check CI runs: fmt, clippy -D warnings, codegen --check, all tests.
     Ci,
+    /// Run a benchmark (release build); each prints its figures beside a baseline measured in
+    /// the same run.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        which: BenchKind,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BenchKind {
+    /// Consumer-table apply vs raw COPY (crates/target-pg/benches/apply.rs).
+    Target,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -45,6 +59,7 @@ fn main() -> ExitCode {
         Task::Db { action } => db::run(action),
         Task::Codegen { check } => codegen::run(check),
         Task::Ci => ci(),
+        Task::Bench { which } => bench(which),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,6 +94,16 @@ fn run_step(name: &str, cmd: &mut Command) -> Result {
     } else {
         Err(format!("{name} failed ({status})"))
     }
+}
+
+fn bench(which: BenchKind) -> Result {
+    let (package, bench) = match which {
+        BenchKind::Target => ("sluice-target-pg", "apply"),
+    };
+    run_step(
+        &format!("cargo bench -p {package} --bench {bench}"),
+        cargo().args(["bench", "-p", package, "--bench", bench]),
+    )
 }
 
 fn has_nextest() -> bool {

@@ -1,7 +1,14 @@
-//! Batch writes into a consumer table: staging `COPY`, one merge, one delete, and the
-//! checkpoint, in one transaction per partition.
+//! Batch writes into a consumer table, in one transaction per partition with its checkpoint.
+//!
+//! Rows are encoded for `COPY` before the transaction starts (in parallel threads when there
+//! are several partitions). Inside it, one lookup finds which rows already exist: new rows are
+//! copied straight into the table, existing ones go through a staging table and one merge,
+//! deletes are one statement. If another writer inserts one of the "new" keys first, the
+//! unique violation aborts the transaction and the partition is retried with every row going
+//! through the merge, so the fast path never costs correctness.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use sluice_core::sql::qualified;
 use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
@@ -23,7 +30,9 @@ pub(crate) struct Statements {
     lock_checkpoint: String,
     write_checkpoint: String,
     create_stage: &'static str,
-    copy: &'static str,
+    copy_stage: &'static str,
+    copy_direct: String,
+    existing: String,
     merge: String,
     delete: String,
 }
@@ -55,12 +64,19 @@ impl Statements {
             ),
             create_stage: "create temp table if not exists _sluice_stage (\
                  sequin_id uuid, sync_id uuid, collection_id text, upstream_id text, payload jsonb, \
-                 upstream_updated_at timestamptz) on commit delete rows",
-            copy: "copy pg_temp._sluice_stage from stdin",
+                 upstream_updated_at timestamptz, inserted_at timestamptz, updated_at timestamptz) \
+                 on commit delete rows",
+            copy_stage: "copy pg_temp._sluice_stage from stdin",
+            copy_direct: format!(
+                "copy {target} (sequin_id, sync_id, collection_id, upstream_id, payload, \
+                 upstream_updated_at, inserted_at, updated_at) from stdin"
+            ),
+            existing: format!("select sequin_id from {target} where sequin_id = any($1)"),
             merge: format!(
                 "insert into {target} as t (sequin_id, sync_id, collection_id, upstream_id, payload, \
                    upstream_updated_at, inserted_at, updated_at) \
-                 select sequin_id, sync_id, collection_id, upstream_id, payload, upstream_updated_at, now(), now() \
+                 select sequin_id, sync_id, collection_id, upstream_id, payload, upstream_updated_at, \
+                   inserted_at, updated_at \
                  from pg_temp._sluice_stage \
                  on conflict (sequin_id) do update set sync_id = excluded.sync_id, \
                    collection_id = excluded.collection_id, upstream_id = excluded.upstream_id, \
@@ -133,28 +149,69 @@ pub(crate) async fn prepare_checkpoint(
     Ok(Seq(lowest as u64))
 }
 
+/// One partition's rows, encoded for `COPY` before its transaction starts.
+#[derive(Debug, Default)]
+pub(crate) struct Encoded {
+    /// Every upsert as one `COPY` text line (eight columns).
+    rows: Vec<u8>,
+    /// Each upsert's row id and its line's byte range in `rows`.
+    lines: Vec<(Uuid, Range<usize>)>,
+    /// Row ids to delete.
+    deletes: Vec<Uuid>,
+    /// Records whose text had NUL characters replaced (see [`encode_partition`]).
+    pub sanitized: Vec<RecordKey>,
+}
+
 /// What one partition's transaction did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PartitionOutcome {
     /// False when the partition's checkpoint was already at or past the batch (a replay).
     pub applied: bool,
-    /// Rows merged (inserted or changed).
+    /// Rows inserted or changed.
     pub upserted: u64,
     /// Rows deleted.
     pub deleted: u64,
-    /// Records whose text had NUL characters replaced (see [`encode_rows`]).
-    pub sanitized: Vec<RecordKey>,
 }
 
-/// Applies one partition's entries and moves its checkpoint to `through`, in one transaction.
+/// Applies one partition's rows and moves its checkpoint to `through`, in one transaction.
 pub(crate) async fn apply_partition(
     conn: &mut PgConnection,
     sql: &Statements,
     consumer: &str,
     table: &str,
     partition: usize,
-    entries: &[&StreamEntry],
+    encoded: &Encoded,
     through: Seq,
+) -> Result<PartitionOutcome, sqlx::Error> {
+    match try_apply(
+        conn, sql, consumer, table, partition, encoded, through, true,
+    )
+    .await
+    {
+        // Someone else inserted a key between our lookup and our COPY: take the safe path.
+        Err(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("23505")
+                && !db.message().contains(CHECKPOINT_TABLE) =>
+        {
+            try_apply(
+                conn, sql, consumer, table, partition, encoded, through, false,
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn try_apply(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    consumer: &str,
+    table: &str,
+    partition: usize,
+    encoded: &Encoded,
+    through: Seq,
+    direct_inserts: bool,
 ) -> Result<PartitionOutcome, sqlx::Error> {
     let mut outcome = PartitionOutcome::default();
     let mut tx = conn.begin().await?;
@@ -169,21 +226,43 @@ pub(crate) async fn apply_partition(
         return Ok(outcome);
     }
 
-    let (upserts, deletes) = newest_per_key(entries);
-    if !upserts.is_empty() {
-        let (rows, sanitized) = encode_rows(&upserts);
-        outcome.sanitized = sanitized;
-        let mut copy = tx.copy_in_raw(sql.copy).await?;
-        copy.send(rows).await?;
-        copy.finish().await?;
-        outcome.upserted = sqlx::query(AssertSqlSafe(sql.merge.clone()))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+    if !encoded.lines.is_empty() {
+        let existing: HashSet<Uuid> = if direct_inserts {
+            let ids: Vec<Uuid> = encoded.lines.iter().map(|(id, _)| *id).collect();
+            sqlx::query_scalar(AssertSqlSafe(sql.existing.clone()))
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            encoded.lines.iter().map(|(id, _)| *id).collect()
+        };
+        if existing.is_empty() {
+            outcome.upserted += copy(&mut tx, &sql.copy_direct, &encoded.rows).await?;
+        } else {
+            let (mut new_rows, mut changed_rows) = (Vec::new(), Vec::new());
+            for (id, range) in &encoded.lines {
+                let into = if existing.contains(id) {
+                    &mut changed_rows
+                } else {
+                    &mut new_rows
+                };
+                into.extend_from_slice(&encoded.rows[range.clone()]);
+            }
+            if !new_rows.is_empty() {
+                outcome.upserted += copy(&mut tx, &sql.copy_direct, &new_rows).await?;
+            }
+            copy(&mut tx, sql.copy_stage, &changed_rows).await?;
+            outcome.upserted += sqlx::query(AssertSqlSafe(sql.merge.clone()))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
     }
-    if !deletes.is_empty() {
+    if !encoded.deletes.is_empty() {
         outcome.deleted = sqlx::query(AssertSqlSafe(sql.delete.clone()))
-            .bind(deletes)
+            .bind(&encoded.deletes)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -198,6 +277,12 @@ pub(crate) async fn apply_partition(
     tx.commit().await?;
     outcome.applied = true;
     Ok(outcome)
+}
+
+async fn copy(conn: &mut PgConnection, statement: &str, rows: &[u8]) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(rows).await?;
+    copy.finish().await
 }
 
 /// Keeps the newest version of each key (ties broken by stream position) and splits the
@@ -226,7 +311,9 @@ fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Vec<&'a StreamEntry>, Vec
     (upserts, deletes)
 }
 
-/// Encodes upserts as `COPY … FROM STDIN` text rows for the staging table.
+/// Encodes one partition's entries (newest version per key) as `COPY` text lines with all
+/// eight columns; `inserted_at` and `updated_at` are `written_at`, the time sluice wrote the
+/// batch by its own clock (a merge keeps an existing row's `inserted_at`).
 ///
 /// **NUL policy.** PostgreSQL cannot store U+0000 in `text` or `jsonb` (`\u0000` in a JSON
 /// string is rejected). Rather than fail the batch or drop the record, sluice replaces each
@@ -234,15 +321,21 @@ fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Vec<&'a StreamEntry>, Vec
 /// U+FFFD (the replacement character) and writes the record; the keys of records changed this
 /// way are returned so the target reports them in its health (`payload` check). The row id is
 /// computed from the original identity, so two ids differing only by NUL stay distinct rows.
-pub(crate) fn encode_rows(upserts: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>) {
-    let mut out = Vec::with_capacity(upserts.len() * 1200);
+pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> Encoded {
+    let (upserts, deletes) = newest_per_key(entries);
+    let mut encoded = Encoded {
+        rows: Vec::with_capacity(upserts.len() * 1300),
+        deletes,
+        ..Encoded::default()
+    };
     let mut json = Vec::with_capacity(2048);
-    let mut sanitized = Vec::new();
+    let out = &mut encoded.rows;
     for entry in upserts {
         let record = &entry.record;
         let Change::Upsert { payload } = &record.change else {
             continue;
         };
+        let start = out.len();
         json.clear();
         // Serialising a map of JSON values into memory cannot fail.
         let _ = serde_json::to_writer(&mut json, payload);
@@ -255,19 +348,12 @@ pub(crate) fn encode_rows(upserts: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>)
                 changed = true;
             }
         }
+        let row_id = record.key.row_id();
         let mut uuid = [0u8; 36];
-        push_raw(
-            &mut out,
-            record
-                .key
-                .row_id()
-                .hyphenated()
-                .encode_lower(&mut uuid)
-                .as_bytes(),
-        );
+        push_raw(out, row_id.hyphenated().encode_lower(&mut uuid).as_bytes());
         out.push(b'\t');
         push_raw(
-            &mut out,
+            out,
             record
                 .key
                 .sync_id
@@ -277,23 +363,28 @@ pub(crate) fn encode_rows(upserts: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>)
                 .as_bytes(),
         );
         out.push(b'\t');
-        changed |= push_text(&mut out, &record.key.collection_id.0);
+        changed |= push_text(out, &record.key.collection_id.0);
         out.push(b'\t');
-        changed |= push_text(&mut out, &record.key.upstream_id.0);
+        changed |= push_text(out, &record.key.upstream_id.0);
         out.push(b'\t');
-        push_escaped(&mut out, &json);
+        push_escaped(out, &json);
         out.push(b'\t');
         let ts = record
             .upstream_updated_at
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| "epoch".to_owned());
-        push_raw(&mut out, ts.as_bytes());
+        push_raw(out, ts.as_bytes());
+        for _ in 0..2 {
+            out.push(b'\t');
+            push_raw(out, written_at.as_bytes());
+        }
         out.push(b'\n');
+        encoded.lines.push((row_id, start..out.len()));
         if changed {
-            sanitized.push(record.key.clone());
+            encoded.sanitized.push(record.key.clone());
         }
     }
-    (out, sanitized)
+    encoded
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -402,8 +493,8 @@ mod tests {
             1,
             Change::upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })).unwrap(),
         );
-        let (rows, sanitized) = encode_rows(&[&clean, &dirty]);
-        let text = String::from_utf8(rows).unwrap();
+        let encoded = encode_partition(&[&clean, &dirty], "2026-01-01T00:00:00Z");
+        let text = String::from_utf8(encoded.rows.clone()).unwrap();
         assert!(!text.contains('\0'));
         assert!(text.contains("bad\u{FFFD}id"));
         assert!(
@@ -412,6 +503,12 @@ mod tests {
         );
         // A literal backslash-u0000 (escaped in JSON) is ordinary text, not a NUL.
         assert!(text.contains(r"fine \\\\u0000 literal"), "{text}");
-        assert_eq!(sanitized, vec![dirty.record.key.clone()]);
+        assert_eq!(encoded.sanitized, vec![dirty.record.key.clone()]);
+        // Each line is addressable on its own, eight tab-separated columns.
+        for (_, range) in &encoded.lines {
+            let line = &text[range.clone()];
+            assert!(line.ends_with('\n'));
+            assert_eq!(line.matches('\t').count(), 7, "{line}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! [`ConsumerTableTarget`]: the [`Target`] and [`Health`] implementation for the
 //! consumer-table layout.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -14,8 +15,8 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use crate::apply::{
-    CHECKPOINT_TABLE, PartitionOutcome, Statements, apply_partition, prepare_checkpoint,
-    prepare_connection, table_key,
+    CHECKPOINT_TABLE, Encoded, PartitionOutcome, Statements, apply_partition, encode_partition,
+    prepare_checkpoint, prepare_connection, table_key,
 };
 use crate::catalog;
 use crate::consumer_table::{ConsumerTable, Severity, Verification};
@@ -37,6 +38,8 @@ pub struct ConsumerTableTarget {
     connections: Vec<tokio::sync::Mutex<Option<PgConnection>>>,
     health: Mutex<HealthState>,
     sanitized: Mutex<(u64, Option<RecordKey>)>,
+    /// Consumers whose partition checkpoints were aligned by this process.
+    aligned: Mutex<HashSet<ConsumerId>>,
 }
 
 impl std::fmt::Debug for ConsumerTableTarget {
@@ -72,6 +75,7 @@ impl ConsumerTableTarget {
                 .collect(),
             health: Mutex::new(HealthState::new(entity)),
             sanitized: Mutex::new((0, None)),
+            aligned: Mutex::new(HashSet::new()),
             name,
             settings,
             table,
@@ -318,24 +322,31 @@ impl Target for ConsumerTableTarget {
 
     async fn checkpoint(&self, consumer: &ConsumerId) -> Result<Seq, Error> {
         let partitions = self.connections.len();
-        self.with_connection(0, async |conn| {
-            prepare_checkpoint(conn, &self.sql, &consumer.0, &self.table_key, partitions).await
-        })
-        .await
+        let seq = self
+            .with_connection(0, async |conn| {
+                prepare_checkpoint(conn, &self.sql, &consumer.0, &self.table_key, partitions).await
+            })
+            .await?;
+        self.aligned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(consumer.clone());
+        Ok(seq)
     }
 
     async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {
-        let n = self.connections.len();
-        let mut partitions: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
-        for entry in &batch.entries {
-            let p = if n == 1 {
-                0
-            } else {
-                (entry.record.key.row_id().as_u128() % n as u128) as usize
-            };
-            partitions[p].push(entry);
+        // Partition checkpoints written with another width must be aligned before any
+        // partition skips a batch on the strength of its own row.
+        let aligned = self
+            .aligned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(consumer);
+        if !aligned {
+            self.checkpoint(consumer).await?;
         }
-        let work = partitions.iter().enumerate().map(|(p, entries)| {
+        let encoded = self.encode(batch);
+        let work = encoded.iter().enumerate().map(|(p, encoded)| {
             self.with_connection(p, async move |conn| {
                 apply_partition(
                     conn,
@@ -343,7 +354,7 @@ impl Target for ConsumerTableTarget {
                     &consumer.0,
                     &self.table_key,
                     p,
-                    entries,
+                    encoded,
                     batch.through,
                 )
                 .await
@@ -352,12 +363,12 @@ impl Target for ConsumerTableTarget {
         let results: Vec<Result<PartitionOutcome, Error>> =
             futures_util::future::join_all(work).await;
         let mut first_error = None;
-        for result in results {
+        for (result, encoded) in results.into_iter().zip(&encoded) {
             match result {
-                Ok(outcome) if !outcome.sanitized.is_empty() => {
+                Ok(outcome) if outcome.applied && !encoded.sanitized.is_empty() => {
                     let mut s = self.sanitized.lock().unwrap_or_else(|p| p.into_inner());
-                    s.0 += outcome.sanitized.len() as u64;
-                    s.1 = outcome.sanitized.last().cloned();
+                    s.0 += encoded.sanitized.len() as u64;
+                    s.1 = encoded.sanitized.last().cloned();
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -368,6 +379,49 @@ impl Target for ConsumerTableTarget {
         match first_error {
             None => Ok(()),
             Some(e) => Err(e),
+        }
+    }
+}
+
+impl ConsumerTableTarget {
+    /// Splits a batch by identity hash and encodes each partition's `COPY` rows: on one thread
+    /// for one partition, on a thread per partition otherwise (encoding JSON is the client's
+    /// main cost, and the partitions' transactions then overlap on the server).
+    fn encode(&self, batch: &Batch) -> Vec<Encoded> {
+        let n = self.connections.len();
+        let mut partitions: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
+        for entry in &batch.entries {
+            let p = if n == 1 {
+                0
+            } else {
+                (entry.record.key.row_id().as_u128() % n as u128) as usize
+            };
+            partitions[p].push(entry);
+        }
+        let written_at = OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "now".to_owned());
+        if n == 1 {
+            return vec![encode_partition(&partitions[0], &written_at)];
+        }
+        let encode_all = || {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = partitions
+                    .iter()
+                    .map(|entries| scope.spawn(|| encode_partition(entries, &written_at)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_default())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Tell a multi-threaded runtime this worker is busy, so other tasks move elsewhere.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(encode_all)
+            }
+            _ => encode_all(),
         }
     }
 }
