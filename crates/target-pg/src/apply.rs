@@ -173,46 +173,47 @@ pub(crate) struct PartitionOutcome {
     pub deleted: u64,
 }
 
+/// One partition's share of a batch, for one consumer.
+pub(crate) struct PartitionWrite<'a> {
+    pub consumer: &'a str,
+    /// The table's checkpoint key.
+    pub table: &'a str,
+    pub partition: usize,
+    pub encoded: &'a Encoded,
+    pub through: Seq,
+}
+
 /// Applies one partition's rows and moves its checkpoint to `through`, in one transaction.
 pub(crate) async fn apply_partition(
     conn: &mut PgConnection,
     sql: &Statements,
-    consumer: &str,
-    table: &str,
-    partition: usize,
-    encoded: &Encoded,
-    through: Seq,
+    write: &PartitionWrite<'_>,
 ) -> Result<PartitionOutcome, sqlx::Error> {
-    match try_apply(
-        conn, sql, consumer, table, partition, encoded, through, true,
-    )
-    .await
-    {
+    match try_apply(conn, sql, write, true).await {
         // Someone else inserted a key between our lookup and our COPY: take the safe path.
         Err(sqlx::Error::Database(db))
             if db.code().as_deref() == Some("23505")
                 && !db.message().contains(CHECKPOINT_TABLE) =>
         {
-            try_apply(
-                conn, sql, consumer, table, partition, encoded, through, false,
-            )
-            .await
+            try_apply(conn, sql, write, false).await
         }
         other => other,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn try_apply(
     conn: &mut PgConnection,
     sql: &Statements,
-    consumer: &str,
-    table: &str,
-    partition: usize,
-    encoded: &Encoded,
-    through: Seq,
+    write: &PartitionWrite<'_>,
     direct_inserts: bool,
 ) -> Result<PartitionOutcome, sqlx::Error> {
+    let PartitionWrite {
+        consumer,
+        table,
+        partition,
+        encoded,
+        through,
+    } = *write;
     let mut outcome = PartitionOutcome::default();
     let mut tx = conn.begin().await?;
     let stored: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.lock_checkpoint.clone()))

@@ -15,8 +15,8 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use crate::apply::{
-    CHECKPOINT_TABLE, Encoded, PartitionOutcome, Statements, apply_partition, encode_partition,
-    prepare_checkpoint, prepare_connection, table_key,
+    CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, Statements, apply_partition,
+    encode_partition, prepare_checkpoint, prepare_connection, table_key,
 };
 use crate::catalog;
 use crate::consumer_table::{ConsumerTable, Severity, Verification};
@@ -347,17 +347,15 @@ impl Target for ConsumerTableTarget {
         }
         let encoded = self.encode(batch);
         let work = encoded.iter().enumerate().map(|(p, encoded)| {
+            let write = PartitionWrite {
+                consumer: &consumer.0,
+                table: &self.table_key,
+                partition: p,
+                encoded,
+                through: batch.through,
+            };
             self.with_connection(p, async move |conn| {
-                apply_partition(
-                    conn,
-                    &self.sql,
-                    &consumer.0,
-                    &self.table_key,
-                    p,
-                    encoded,
-                    batch.through,
-                )
-                .await
+                apply_partition(conn, &self.sql, &write).await
             })
         });
         let results: Vec<Result<PartitionOutcome, Error>> =

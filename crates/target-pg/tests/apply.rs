@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::LazyLock;
 
-use common::{delete, provision, rows, updated_at, upsert};
+use common::{batch_to, delete, provision, rows, updated_at, upsert};
 use serde_json::json;
 use sluice_core::{Batch, ConsumerId, ErrorClass, Health, Seq, Status, Target};
 use sluice_localpg::Cluster;
@@ -25,20 +25,20 @@ async fn a_batch_writes_upserts_deletes_and_the_checkpoint_together() {
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq::START);
 
-    let first = Batch {
-        entries: vec![
+    let first = batch_to(
+        3,
+        vec![
             upsert(1, "a", 1, json!({"n": 1})),
             upsert(2, "b", 1, json!({"n": 2})),
             upsert(3, "c", 1, json!({"n": 3})),
         ],
-        through: Seq(3),
-    };
+    );
     target.apply(&consumer(), &first).await.unwrap();
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(3));
-    let second = Batch {
-        entries: vec![delete(4, "b", 2), upsert(5, "c", 2, json!({"n": 33}))],
-        through: Seq(7),
-    };
+    let second = batch_to(
+        7,
+        vec![delete(4, "b", 2), upsert(5, "c", 2, json!({"n": 33}))],
+    );
     target.apply(&consumer(), &second).await.unwrap();
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(7));
     assert_eq!(
@@ -54,21 +54,18 @@ async fn a_batch_writes_upserts_deletes_and_the_checkpoint_together() {
 async fn a_repeated_or_older_batch_changes_nothing() {
     let p = provision(&PG, "replay", "sluice", "records").await;
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
-    let batch = Batch {
-        entries: vec![upsert(10, "a", 5, json!({"v": 5}))],
-        through: Seq(10),
-    };
+    let batch = batch_to(10, vec![upsert(10, "a", 5, json!({"v": 5}))]);
     target.apply(&consumer(), &batch).await.unwrap();
     let stamp = updated_at(&PG, &p, "a").await;
 
     target.apply(&consumer(), &batch).await.unwrap();
-    let older = Batch {
-        entries: vec![
+    let older = batch_to(
+        5,
+        vec![
             upsert(4, "a", 2, json!({"v": 2})),
             upsert(5, "z", 1, json!({})),
         ],
-        through: Seq(5),
-    };
+    );
     target.apply(&consumer(), &older).await.unwrap();
     assert_eq!(rows(&PG, &p).await, vec![("a".into(), json!({"v": 5}))]);
     assert_eq!(
@@ -87,8 +84,9 @@ async fn a_repeated_or_older_batch_changes_nothing() {
 async fn duplicate_keys_in_one_batch_keep_the_newest_version() {
     let p = provision(&PG, "dups", "sluice", "records").await;
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
-    let batch = Batch {
-        entries: vec![
+    let batch = batch_to(
+        6,
+        vec![
             upsert(1, "a", 3, json!({"v": 3})),
             upsert(2, "a", 1, json!({"v": 1})),
             upsert(3, "b", 1, json!({"v": 1})),
@@ -96,8 +94,7 @@ async fn duplicate_keys_in_one_batch_keep_the_newest_version() {
             delete(5, "c", 1),
             upsert(6, "c", 2, json!({"v": 2})),
         ],
-        through: Seq(6),
-    };
+    );
     target.apply(&consumer(), &batch).await.unwrap();
     assert_eq!(
         rows(&PG, &p).await,
@@ -109,8 +106,9 @@ async fn duplicate_keys_in_one_batch_keep_the_newest_version() {
 async fn nul_characters_are_replaced_written_and_reported_in_health() {
     let p = provision(&PG, "nul", "sluice", "records").await;
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
-    let batch = Batch {
-        entries: vec![
+    let batch = batch_to(
+        2,
+        vec![
             upsert(
                 1,
                 "clean",
@@ -124,8 +122,7 @@ async fn nul_characters_are_replaced_written_and_reported_in_health() {
                 json!({"name": "nul\u{0}inside", "k\u{0}": [1, "x\u{0}"]}),
             ),
         ],
-        through: Seq(2),
-    };
+    );
     target.apply(&consumer(), &batch).await.unwrap();
     assert_eq!(
         rows(&PG, &p).await,
@@ -161,13 +158,13 @@ async fn payloads_of_several_megabytes_are_written() {
     let nested: Vec<String> = (0..2000)
         .map(|i| format!("item {i} {}", "y".repeat(500)))
         .collect();
-    let batch = Batch {
-        entries: vec![
+    let batch = batch_to(
+        2,
+        vec![
             upsert(1, "big", 1, json!({"blob": big})),
             upsert(2, "nested", 1, json!({"items": nested})),
         ],
-        through: Seq(2),
-    };
+    );
     target.apply(&consumer(), &batch).await.unwrap();
     let stored = rows(&PG, &p).await;
     assert_eq!(stored[0].1["blob"].as_str().unwrap().len(), 6 * 1024 * 1024);
@@ -181,10 +178,7 @@ async fn a_connection_lost_mid_batch_commits_nothing_and_the_retry_succeeds() {
     target
         .apply(
             &consumer(),
-            &Batch {
-                entries: vec![upsert(1, "before", 1, json!({}))],
-                through: Seq(1),
-            },
+            &batch_to(1, vec![upsert(1, "before", 1, json!({}))]),
         )
         .await
         .unwrap();
@@ -240,15 +234,15 @@ async fn a_constraint_the_user_added_is_a_configuration_error_naming_the_cause()
     .await
     .unwrap();
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
-    let batch = Batch {
-        entries: vec![upsert(
+    let batch = batch_to(
+        1,
+        vec![upsert(
             1,
             "a",
             1,
             json!({"long": "xxxxxxxxxxxxxxxxxxxxxxxx"}),
         )],
-        through: Seq(1),
-    };
+    );
     let err = target.apply(&consumer(), &batch).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::FixConfiguration, "{err}");
     assert!(
@@ -290,10 +284,7 @@ async fn parallel_apply_matches_serial_apply_and_survives_a_change_of_width() {
     // aligned to the lowest checkpoint (rows for exactly partitions 0 and 1), so none skips a
     // batch on the strength of a row written under the old width.
     let two = ConsumerTableTarget::new("t", parallel.settings.clone(), parallel.table.clone(), 2);
-    let batch = Batch {
-        entries: vec![upsert(seq + 1, "new", seq + 1, json!({}))],
-        through: Seq(seq + 1),
-    };
+    let batch = batch_to(seq + 1, vec![upsert(seq + 1, "new", seq + 1, json!({}))]);
     two.apply(&consumer(), &batch).await.unwrap();
     let mut admin = common::connect_admin(&PG, &parallel.db).await;
     let partitions: Vec<(i32, i64)> = sqlx::query_as(
@@ -312,22 +303,16 @@ async fn odd_names_work_end_to_end() {
     let p = provision(&PG, "oddnames", "my schema", "We're \"odd\" Ünïcode").await;
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 2);
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq::START);
-    let batch = Batch {
-        entries: vec![
+    let batch = batch_to(
+        2,
+        vec![
             upsert(1, "ü", 1, json!({"ok": true})),
             upsert(2, "x", 1, json!({})),
         ],
-        through: Seq(2),
-    };
+    );
     target.apply(&consumer(), &batch).await.unwrap();
     target
-        .apply(
-            &consumer(),
-            &Batch {
-                entries: vec![delete(3, "x", 2)],
-                through: Seq(3),
-            },
-        )
+        .apply(&consumer(), &batch_to(3, vec![delete(3, "x", 2)]))
         .await
         .unwrap();
     assert_eq!(rows(&PG, &p).await, vec![("ü".into(), json!({"ok": true}))]);
@@ -406,10 +391,7 @@ async fn an_unreachable_target_reports_reachable_as_an_error_and_retries() {
     target
         .apply(
             &consumer(),
-            &Batch {
-                entries: vec![upsert(1, "a", 1, json!({}))],
-                through: Seq(1),
-            },
+            &batch_to(1, vec![upsert(1, "a", 1, json!({}))]),
         )
         .await
         .unwrap();
@@ -417,10 +399,7 @@ async fn an_unreachable_target_reports_reachable_as_an_error_and_retries() {
     let err = target
         .apply(
             &consumer(),
-            &Batch {
-                entries: vec![upsert(2, "b", 1, json!({}))],
-                through: Seq(2),
-            },
+            &batch_to(2, vec![upsert(2, "b", 1, json!({}))]),
         )
         .await
         .unwrap_err();
@@ -442,10 +421,7 @@ async fn an_unreachable_target_reports_reachable_as_an_error_and_retries() {
     target
         .apply(
             &consumer(),
-            &Batch {
-                entries: vec![upsert(2, "b", 1, json!({}))],
-                through: Seq(2),
-            },
+            &batch_to(2, vec![upsert(2, "b", 1, json!({}))]),
         )
         .await
         .unwrap();

@@ -3,7 +3,7 @@
 
 use secrecy::SecretString;
 use sluice_core::sql::{qualified, quote_ident};
-use sluice_core::{Change, Provider, Record, RecordKey, Seq, StreamEntry, SyncId, Version};
+use sluice_core::{Batch, Change, Provider, Record, RecordKey, Seq, StreamEntry, SyncId, Version};
 use sluice_localpg::Cluster;
 use sluice_target_pg::{ConnectionSettings, ConsumerTable};
 use sqlx::{Connection, PgConnection};
@@ -122,4 +122,12 @@ pub async fn connect_admin(pg: &Cluster, db: &str) -> PgConnection {
     PgConnection::connect_with(&pg.admin_options(db))
         .await
         .unwrap()
+}
+
+/// A batch moving the checkpoint to `through`.
+pub fn batch_to(through: u64, entries: Vec<StreamEntry>) -> Batch {
+    Batch {
+        entries,
+        through: Seq(through),
+    }
 }
