@@ -50,6 +50,8 @@ enum Task {
 enum BenchKind {
     /// Consumer-table apply vs raw COPY (crates/target-pg/benches/apply.rs).
     Target,
+    /// Records-stream append and read rates vs plain SQLite inserts (crates/stream/benches/stream.rs).
+    Stream,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -99,6 +101,7 @@ fn run_step(name: &str, cmd: &mut Command) -> Result {
 fn bench(which: BenchKind) -> Result {
     let (package, bench) = match which {
         BenchKind::Target => ("sluice-target-pg", "apply"),
+        BenchKind::Stream => ("sluice-stream", "stream"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

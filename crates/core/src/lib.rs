@@ -53,5 +53,5 @@ pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };
 pub use retry::Backoff;
-pub use stream::{AppendOutcome, RecordFilter, RecordStream, Seq, StreamEntry};
+pub use stream::{AppendOutcome, Lag, RecordFilter, RecordStream, Seq, StreamEntry, StreamRead};
 pub use target::{Batch, Target};

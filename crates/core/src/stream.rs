@@ -81,6 +81,26 @@ impl RecordFilter {
     }
 }
 
+/// The result of one read: the entries, and how far the read looked.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StreamRead {
+    /// Entries passing the filter, in `seq` order.
+    pub entries: Vec<StreamEntry>,
+    /// Every entry with `seq <= through` has been considered: the last entry's `seq` when the
+    /// limit was reached, else the stream head at the time of the read. A consumer may move
+    /// its checkpoint here even when the filter passed nothing.
+    pub through: Seq,
+}
+
+/// How far a reader is behind the stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Entries passing the filter after the cursor (counting stops at the cap asked for).
+    pub records: u64,
+    /// When the oldest such entry was appended, if there is one.
+    pub oldest_appended_at: Option<time::OffsetDateTime>,
+}
+
 /// What an append did with each record it was given.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppendOutcome {
@@ -113,15 +133,13 @@ pub trait RecordStream: Send + Sync {
     /// Appends a batch atomically under the version guard; returns after it is durable.
     async fn append(&self, records: Vec<Record>) -> Result<AppendOutcome>;
 
-    /// Up to `limit` entries with `seq > after` that pass `filter`, in `seq` order.
-    /// Reading from [`Seq::START`] is the backfill; continuing from the last `seq` read is
-    /// real time. The two are the same call.
-    async fn read(
-        &self,
-        filter: &RecordFilter,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<StreamEntry>>;
+    /// Up to `limit` entries with `seq > after` that pass `filter`, in `seq` order, and how far
+    /// the read looked. Reading from [`Seq::START`] is the backfill; continuing from the
+    /// returned `through` is real time. The two are the same call.
+    async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead>;
+
+    /// How far a reader at `after` is behind; record counting stops at `cap`.
+    async fn lag(&self, filter: &RecordFilter, after: Seq, cap: u64) -> Result<Lag>;
 
     /// The current newest entry for a key, if the stream holds one (tombstones included).
     async fn get(&self, key: &RecordKey) -> Result<Option<StreamEntry>>;
@@ -134,13 +152,18 @@ pub trait RecordStream: Send + Sync {
     async fn wait_past(&self, seq: Seq);
 
     /// Records that `consumer`, reading with `filter`, has durably applied everything up
-    /// to `through`. Tombstone purging never passes the lowest such cursor.
+    /// to `through`. Tombstone purging never passes the lowest such cursor. A consumer
+    /// registers this way (with its checkpoint) before it reads, so that tombstones it may
+    /// still need are kept from then on.
     async fn acknowledge(
         &self,
         consumer: &ConsumerId,
         filter: &RecordFilter,
         through: Seq,
     ) -> Result<()>;
+
+    /// Drops a removed consumer's cursor, so it no longer holds tombstones back.
+    async fn forget(&self, consumer: &ConsumerId) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -1,0 +1,160 @@
+//! `cargo xtask bench stream`: append and read rates of the embedded records stream for ~1 KB
+//! records, beside a baseline measured in the same run: plain multi-row `INSERT`s of the same
+//! rows into a SQLite table with no key, no upsert and no indexes, in a file with the same
+//! settings (WAL, synchronous = FULL).
+
+use std::time::Instant;
+
+use serde_json::json;
+use sluice_core::{
+    Change, Provider, Record, RecordFilter, RecordKey, RecordStream, Seq, SyncId, Version,
+};
+use sluice_stream::EmbeddedStream;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+fn record(i: usize, version: u64) -> Record {
+    Record {
+        key: RecordKey::new(
+            SyncId(Uuid::from_u128(1)),
+            "stripe:customer",
+            format!("cus_{i:08}"),
+        ),
+        provider: Provider::Http,
+        version: Version::new(version, 0),
+        upstream_updated_at: OffsetDateTime::from_unix_timestamp(1_700_000_000 + i as i64).unwrap(),
+        change: Change::upsert(json!({
+            "id": i, "email": format!("customer{i}@example.com"), "name": format!("Customer {i}"),
+            "metadata": {"user_id": format!("u_{i}"), "plan": "pro"}, "tags": ["a", "b", "c"],
+            "description": format!("{:0>820}", i),
+        }))
+        .unwrap(),
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let n: usize = std::env::var("SLUICE_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let batch = 1000;
+    let records: Vec<Record> = (0..n).map(|i| record(i, 1)).collect();
+    let updates: Vec<Record> = (0..n).map(|i| record(i, 2)).collect();
+    let size = serde_json::to_string(records[0].change.payload().unwrap())
+        .unwrap()
+        .len();
+    println!(
+        "records stream benchmark: {n} records, ~{size} B payloads, batches of {batch}, WAL + synchronous=FULL\n"
+    );
+
+    // Baseline: plain inserts of the same rows, same settings.
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteConnectOptions::new()
+        .filename(dir.path().join("baseline.sqlite3"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full);
+    let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::raw_sql(
+        "create table plain (seq integer, provider text, sync_id blob, collection_id text, upstream_id text, \
+         major integer, minor integer, updated integer, deleted integer, payload text, appended integer)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut seq = 0i64;
+    for chunk in records.chunks(batch) {
+        let mut tx = conn.begin().await.unwrap();
+        for rows in chunk.chunks(500) {
+            let mut sql = String::from("insert into plain values ");
+            for i in 0..rows.len() {
+                sql.push_str(if i == 0 {
+                    "(?,?,?,?,?,?,?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?,?,?,?,?,?,?)"
+                });
+            }
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in rows {
+                seq += 1;
+                q = q
+                    .bind(seq)
+                    .bind(r.provider.as_str())
+                    .bind(r.key.sync_id.0.as_bytes().to_vec())
+                    .bind(r.key.collection_id.0.clone())
+                    .bind(r.key.upstream_id.0.clone())
+                    .bind(r.version.major as i64)
+                    .bind(r.version.minor as i64)
+                    .bind(r.upstream_updated_at.unix_timestamp())
+                    .bind(false)
+                    .bind(serde_json::to_string(r.change.payload().unwrap()).unwrap())
+                    .bind(0i64);
+            }
+            q.execute(&mut *tx).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let baseline = n as f64 / started.elapsed().as_secs_f64();
+
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let started = Instant::now();
+    for chunk in records.chunks(batch) {
+        stream.append(chunk.to_vec()).await.unwrap();
+    }
+    let append_new = n as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for chunk in updates.chunks(batch) {
+        stream.append(chunk.to_vec()).await.unwrap();
+    }
+    let append_update = n as f64 / started.elapsed().as_secs_f64();
+
+    let filter = RecordFilter::Provider(Provider::Http);
+    let started = Instant::now();
+    let mut cursor = Seq::START;
+    let mut read = 0;
+    loop {
+        let r = stream.read(&filter, cursor, batch).await.unwrap();
+        if r.entries.is_empty() {
+            break;
+        }
+        read += r.entries.len();
+        cursor = r.through;
+    }
+    assert_eq!(read, n);
+    let read_rate = n as f64 / started.elapsed().as_secs_f64();
+
+    println!(
+        "{:<40} {:>12} {:>16} {:>7}",
+        "operation", "records/s", "baseline rec/s", "goal"
+    );
+    println!(
+        "{:<40} {:>12.0} {:>16.0} {:>7}",
+        "append, all new (batches of 1000)", append_new, baseline, "≥100k"
+    );
+    println!(
+        "{:<40} {:>12.0} {:>16.0} {:>7}",
+        "append, all updates (compaction)", append_update, baseline, "≥100k"
+    );
+    println!(
+        "{:<40} {:>12.0} {:>16} {:>7}",
+        "read (backfill from 0, 1000 per read)", read_rate, "-", "-"
+    );
+    let verdict = if append_new >= 100_000.0 && append_update >= 100_000.0 {
+        "met"
+    } else {
+        "MISSED"
+    };
+    println!("\nappend goal (≥ 100,000 records/s batched): {verdict}");
+}

@@ -1,0 +1,521 @@
+//! The embedded store: one SQLite file.
+//!
+//! Queries here use `sqlx::query` with static SQL rather than the compile-checked macros: the
+//! workspace's offline data is generated against PostgreSQL, and these statements are
+//! exercised by this crate's tests instead.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_core::{
+    AppendOutcome, Change, CollectionId, ConsumerId, Error, Lag, Provider, Record, RecordFilter,
+    RecordKey, RecordStream, Result, Seq, StreamEntry, StreamRead, SyncId, UpstreamId, Version,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, watch};
+use uuid::Uuid;
+
+/// The stream's file name inside the data directory.
+pub const FILE_NAME: &str = "stream.sqlite3";
+
+const SCHEMA: &str = "
+create table if not exists records (
+    seq integer primary key,
+    provider text not null,
+    sync_id blob not null,
+    collection_id text not null,
+    upstream_id text not null,
+    version_major integer not null,
+    version_minor integer not null,
+    upstream_updated_at_ns integer not null,
+    deleted integer not null,
+    payload text,
+    appended_at_ns integer not null,
+    unique (sync_id, collection_id, upstream_id)
+);
+create index if not exists records_by_provider on records (provider, seq);
+create index if not exists records_by_sync on records (sync_id, seq);
+create index if not exists tombstones on records (seq) where deleted = 1;
+create table if not exists cursors (
+    consumer text primary key,
+    provider text,
+    sync_id blob,
+    collections text,
+    seq integer not null
+);
+create table if not exists meta (key text primary key, value integer not null);
+insert or ignore into meta (key, value) values ('head', 0);
+";
+
+const COLUMNS: &str = "seq, provider, sync_id, collection_id, upstream_id, version_major, version_minor, \
+                       upstream_updated_at_ns, deleted, payload";
+
+/// Rows per multi-row insert (11 parameters each; SQLite allows 32,766 per statement).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The embedded records stream: one SQLite file in WAL mode.
+///
+/// Appends are serialised inside the process (one writer) and wake readers waiting in
+/// [`RecordStream::wait_past`] at once. Appends made by *another* process on the same file are
+/// noticed by a `PRAGMA data_version` check every [`CROSS_PROCESS_CHECK`]; in-process appends
+/// never wait for it.
+pub struct EmbeddedStream {
+    pool: SqlitePool,
+    path: PathBuf,
+    writer: Mutex<()>,
+    head: watch::Sender<Seq>,
+}
+
+/// How often a waiting reader checks for appends made by another process.
+pub const CROSS_PROCESS_CHECK: Duration = Duration::from_millis(500);
+
+impl std::fmt::Debug for EmbeddedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStream")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn storage(what: &str, error: sqlx::Error) -> Error {
+    Error::unavailable(format!("records stream: {what}"), error)
+}
+
+impl EmbeddedStream {
+    /// Opens (creating if needed) the stream in `data_dir`.
+    pub async fn open(data_dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = data_dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::configuration(
+                format!("cannot create the data directory {}: {e}", dir.display()),
+                format!("create {} and make it writable by sluice", dir.display()),
+            )
+        })?;
+        let path = dir.join(FILE_NAME);
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| storage("options", e))?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .pragma("cache_size", "-65536");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(|e| storage("creating tables", e))?;
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        let (head, _) = watch::channel(Seq(head as u64));
+        Ok(Self {
+            pool,
+            path,
+            writer: Mutex::new(()),
+            head,
+        })
+    }
+
+    /// The SQLite file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every live (non-tombstone) record, ordered by key: for comparing with a target.
+    pub async fn live_records(&self) -> Result<Vec<StreamEntry>> {
+        let sql = format!(
+            "select {COLUMNS} from records where deleted = 0 order by sync_id, collection_id, upstream_id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| storage("reading", e))?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// How many tombstones the stream holds (for tests and status).
+    pub async fn tombstones(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("select count(*) from records where deleted = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| storage("counting tombstones", e))?;
+        Ok(n as u64)
+    }
+
+    async fn data_version(&self) -> Option<i64> {
+        sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&self.pool)
+            .await
+            .ok()
+    }
+}
+
+/// The multi-row upsert for `rows` records. The version guard: a conflicting key is replaced
+/// only by a strictly newer version, and the replacement moves to the end of the stream with a
+/// new seq.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::with_capacity(600 + rows * 26);
+    sql.push_str(
+        "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
+         version_minor, upstream_updated_at_ns, deleted, payload, appended_at_ns) values ",
+    );
+    for i in 0..rows {
+        sql.push_str(if i == 0 {
+            "(?,?,?,?,?,?,?,?,?,?,?)"
+        } else {
+            ",(?,?,?,?,?,?,?,?,?,?,?)"
+        });
+    }
+    sql.push_str(
+        " on conflict (sync_id, collection_id, upstream_id) do update set \
+           seq = excluded.seq, provider = excluded.provider, version_major = excluded.version_major, \
+           version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
+           deleted = excluded.deleted, payload = excluded.payload, appended_at_ns = excluded.appended_at_ns \
+         where excluded.version_major > records.version_major \
+            or (excluded.version_major = records.version_major and excluded.version_minor > records.version_minor)",
+    );
+    sql
+}
+
+fn check_version(record: &Record) -> Result<()> {
+    let max = i64::MAX as u64;
+    if record.version.major > max || record.version.minor > max {
+        return Err(Error::invalid(format!(
+            "record {}/{}: version {} is out of range (each part must be below 2^63)",
+            record.key.collection_id, record.key.upstream_id, record.version
+        )));
+    }
+    Ok(())
+}
+
+fn nanos(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp_nanos()
+        .clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+fn decode(row: &SqliteRow) -> Result<StreamEntry> {
+    let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
+    let sync: Vec<u8> = row.get("sync_id");
+    let sync_id = SyncId(Uuid::from_slice(&sync).map_err(|_| bad("sync_id"))?);
+    let provider: String = row.get("provider");
+    let deleted: bool = row.get("deleted");
+    let change = if deleted {
+        Change::Delete
+    } else {
+        let text: String = row.get("payload");
+        let payload = serde_json::from_str(&text).map_err(|_| bad("payload"))?;
+        Change::Upsert { payload }
+    };
+    let updated_ns: i64 = row.get("upstream_updated_at_ns");
+    Ok(StreamEntry {
+        seq: Seq(row.get::<i64, _>("seq") as u64),
+        record: Record {
+            key: RecordKey {
+                sync_id,
+                collection_id: CollectionId(row.get("collection_id")),
+                upstream_id: UpstreamId(row.get("upstream_id")),
+            },
+            provider: Provider::from_str(&provider)?,
+            version: Version::new(
+                row.get::<i64, _>("version_major") as u64,
+                row.get::<i64, _>("version_minor") as u64,
+            ),
+            upstream_updated_at: OffsetDateTime::from_unix_timestamp_nanos(updated_ns as i128)
+                .map_err(|_| bad("upstream_updated_at"))?,
+            change,
+        },
+    })
+}
+
+/// The `and …` clause for a filter, with its parameters appended by [`bind_filter`].
+fn filter_sql(filter: &RecordFilter) -> &'static str {
+    match filter {
+        RecordFilter::Provider(_) => " and provider = ?",
+        RecordFilter::Sync {
+            collections: None, ..
+        } => " and sync_id = ?",
+        RecordFilter::Sync {
+            collections: Some(_),
+            ..
+        } => " and sync_id = ? and collection_id in (select value from json_each(?))",
+    }
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+fn bind_filter<'q>(query: Query<'q>, filter: &RecordFilter) -> Query<'q> {
+    match filter {
+        RecordFilter::Provider(p) => query.bind(p.as_str()),
+        RecordFilter::Sync {
+            sync_id,
+            collections,
+        } => {
+            let query = query.bind(sync_id.0.as_bytes().to_vec());
+            match collections {
+                None => query,
+                Some(c) => query.bind(serde_json::to_string(c).unwrap_or_else(|_| "[]".into())),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl RecordStream for EmbeddedStream {
+    async fn append(&self, records: Vec<Record>) -> Result<AppendOutcome> {
+        for record in &records {
+            check_version(record)?;
+        }
+        let _writer = self.writer.lock().await;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| storage("beginning an append", e))?;
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        let appended_at = nanos(OffsetDateTime::now_utc());
+        // Everything bound below is borrowed from `records` and `payloads`: no per-record copies.
+        let payloads: Vec<Option<String>> = records
+            .iter()
+            .map(|r| {
+                r.change
+                    .payload()
+                    .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()))
+            })
+            .collect();
+        let mut next = head;
+        let mut appended = 0u64;
+        for (chunk, chunk_payloads) in records
+            .chunks(ROWS_PER_STATEMENT)
+            .zip(payloads.chunks(ROWS_PER_STATEMENT))
+        {
+            let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
+            for (record, payload) in chunk.iter().zip(chunk_payloads) {
+                next += 1;
+                query = query
+                    .bind(next)
+                    .bind(record.provider.as_str())
+                    .bind(record.key.sync_id.0.as_bytes().as_slice())
+                    .bind(record.key.collection_id.0.as_str())
+                    .bind(record.key.upstream_id.0.as_str())
+                    .bind(record.version.major as i64)
+                    .bind(record.version.minor as i64)
+                    .bind(nanos(record.upstream_updated_at))
+                    .bind(record.is_tombstone())
+                    .bind(payload.as_deref())
+                    .bind(appended_at);
+            }
+            appended += query
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| storage("appending", e))?
+                .rows_affected();
+        }
+        sqlx::query("update meta set value = ? where key = 'head'")
+            .bind(next)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| storage("moving the head", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| storage("committing an append", e))?;
+        let head = Seq(next as u64);
+        self.head.send_replace(head);
+        Ok(AppendOutcome {
+            appended: appended as usize,
+            skipped_stale: records.len() - appended as usize,
+            head,
+        })
+    }
+
+    async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| storage("beginning a read", e))?;
+        // Head first, in the same snapshot: nothing appended after it can be missed.
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        let sql = format!(
+            "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
+            filter_sql(filter)
+        );
+        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter)
+            .bind(limit as i64);
+        let rows = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| storage("reading", e))?;
+        tx.commit().await.map_err(|e| storage("ending a read", e))?;
+        let entries = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
+        let through = match entries.last() {
+            Some(last) if entries.len() >= limit => last.seq,
+            _ => Seq((head as u64).max(after.0)),
+        };
+        Ok(StreamRead { entries, through })
+    }
+
+    async fn lag(&self, filter: &RecordFilter, after: Seq, cap: u64) -> Result<Lag> {
+        let sql = format!(
+            "select count(*) from (select 1 from records where seq > ?{} limit ?)",
+            filter_sql(filter)
+        );
+        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter)
+            .bind(cap as i64);
+        let records: i64 = query
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| storage("measuring lag", e))?
+            .get(0);
+        let sql = format!(
+            "select appended_at_ns from records where seq > ?{} order by seq limit 1",
+            filter_sql(filter)
+        );
+        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter);
+        let oldest = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| storage("measuring lag", e))?;
+        let oldest_appended_at = oldest
+            .map(|row| row.get::<i64, _>(0))
+            .and_then(|ns| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok());
+        Ok(Lag {
+            records: records as u64,
+            oldest_appended_at,
+        })
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<StreamEntry>> {
+        let sql = format!(
+            "select {COLUMNS} from records where sync_id = ? and collection_id = ? and upstream_id = ?"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(key.sync_id.0.as_bytes().to_vec())
+            .bind(&key.collection_id.0)
+            .bind(&key.upstream_id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| storage("reading a record", e))?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn head(&self) -> Result<Seq> {
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        Ok(Seq(head as u64))
+    }
+
+    async fn wait_past(&self, seq: Seq) {
+        let mut local = self.head.subscribe();
+        loop {
+            if *local.borrow_and_update() > seq {
+                return;
+            }
+            tokio::select! {
+                changed = local.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(CROSS_PROCESS_CHECK) => {
+                    // Another process may have appended to the same file.
+                    if let Some(head) = self.data_version().await
+                        && head as u64 > seq.0
+                    {
+                        self.head.send_if_modified(|h| {
+                            let newer = Seq(head as u64) > *h;
+                            if newer {
+                                *h = Seq(head as u64);
+                            }
+                            newer
+                        });
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn acknowledge(
+        &self,
+        consumer: &ConsumerId,
+        filter: &RecordFilter,
+        through: Seq,
+    ) -> Result<()> {
+        let (provider, sync_id, collections) = match filter {
+            RecordFilter::Provider(p) => (Some(p.as_str()), None, None),
+            RecordFilter::Sync {
+                sync_id,
+                collections,
+            } => (
+                None,
+                Some(sync_id.0.as_bytes().to_vec()),
+                collections
+                    .as_ref()
+                    .map(|c| serde_json::to_string(c).unwrap_or_else(|_| "[]".into())),
+            ),
+        };
+        let _writer = self.writer.lock().await;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| storage("beginning an acknowledgement", e))?;
+        sqlx::query(
+            "insert into cursors (consumer, provider, sync_id, collections, seq) values (?, ?, ?, ?, ?) \
+             on conflict (consumer) do update set provider = excluded.provider, sync_id = excluded.sync_id, \
+               collections = excluded.collections, seq = excluded.seq",
+        )
+        .bind(&consumer.0)
+        .bind(provider)
+        .bind(sync_id)
+        .bind(collections)
+        .bind(through.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| storage("storing a cursor", e))?;
+        // Purge tombstones that no registered consumer whose filter matches them still needs.
+        sqlx::query(
+            "delete from records where deleted = 1 and seq <= ? and not exists (
+                 select 1 from cursors c where records.seq > c.seq
+                   and (c.provider is null or c.provider = records.provider)
+                   and (c.sync_id is null or c.sync_id = records.sync_id)
+                   and (c.collections is null or records.collection_id in (select value from json_each(c.collections))))",
+        )
+        .bind(through.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| storage("purging tombstones", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| storage("committing an acknowledgement", e))
+    }
+
+    async fn forget(&self, consumer: &ConsumerId) -> Result<()> {
+        sqlx::query("delete from cursors where consumer = ?")
+            .bind(&consumer.0)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| storage("forgetting a consumer", e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! The embedded records stream's contract: compaction, the version guard, filters, tombstone
+//! purging, waking, and durability across a killed writer.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_core::{
+    Change, CollectionId, ConsumerId, Provider, Record, RecordFilter, RecordKey, RecordStream, Seq,
+    SyncId, Version,
+};
+use sluice_stream::EmbeddedStream;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+const SYNC_A: SyncId = SyncId(Uuid::from_u128(0xA));
+const SYNC_B: SyncId = SyncId(Uuid::from_u128(0xB));
+
+fn record(sync: SyncId, collection: &str, id: &str, version: u64, change: Change) -> Record {
+    Record {
+        key: RecordKey::new(sync, collection, id),
+        provider: if sync == SYNC_B {
+            Provider::Http
+        } else {
+            Provider::Postgres
+        },
+        version: Version::new(version, 0),
+        upstream_updated_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        change,
+    }
+}
+
+fn up(sync: SyncId, id: &str, version: u64) -> Record {
+    record(
+        sync,
+        "public.orders",
+        id,
+        version,
+        Change::upsert(json!({"id": id, "v": version})).unwrap(),
+    )
+}
+
+fn del(sync: SyncId, id: &str, version: u64) -> Record {
+    record(sync, "public.orders", id, version, Change::Delete)
+}
+
+async fn open() -> (tempfile::TempDir, EmbeddedStream) {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    (dir, stream)
+}
+
+fn all() -> RecordFilter {
+    RecordFilter::Provider(Provider::Postgres)
+}
+
+#[tokio::test]
+async fn an_update_replaces_the_entry_and_moves_it_to_the_end() {
+    let (_dir, stream) = open().await;
+    stream
+        .append(vec![up(SYNC_A, "1", 1), up(SYNC_A, "2", 1)])
+        .await
+        .unwrap();
+    let outcome = stream.append(vec![up(SYNC_A, "1", 2)]).await.unwrap();
+    assert_eq!(
+        (outcome.appended, outcome.skipped_stale, outcome.head),
+        (1, 0, Seq(3))
+    );
+    let read = stream.read(&all(), Seq::START, 100).await.unwrap();
+    let ids: Vec<(u64, &str, u64)> = read
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.seq.0,
+                e.record.key.upstream_id.0.as_str(),
+                e.record.version.major,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec![(2, "2", 1), (3, "1", 2)],
+        "one entry per record, at its newest version"
+    );
+    assert_eq!(read.through, Seq(3));
+}
+
+#[tokio::test]
+async fn an_older_version_never_replaces_a_newer_one_tombstones_included() {
+    let (_dir, stream) = open().await;
+    stream.append(vec![up(SYNC_A, "1", 5)]).await.unwrap();
+    let stale = stream
+        .append(vec![up(SYNC_A, "1", 4), up(SYNC_A, "1", 5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        (stale.appended, stale.skipped_stale),
+        (0, 2),
+        "older and equal versions are skipped"
+    );
+    stream.append(vec![del(SYNC_A, "1", 7)]).await.unwrap();
+    let late = stream.append(vec![up(SYNC_A, "1", 6)]).await.unwrap();
+    assert_eq!(
+        late.skipped_stale, 1,
+        "an upsert older than the tombstone does not resurrect it"
+    );
+    let entry = stream
+        .get(&RecordKey::new(SYNC_A, "public.orders", "1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(entry.record.is_tombstone());
+    assert_eq!(entry.record.version, Version::new(7, 0));
+    // Within one batch, the newest version wins whatever the order.
+    stream
+        .append(vec![
+            up(SYNC_A, "2", 3),
+            up(SYNC_A, "2", 9),
+            up(SYNC_A, "2", 4),
+        ])
+        .await
+        .unwrap();
+    let entry = stream
+        .get(&RecordKey::new(SYNC_A, "public.orders", "2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.record.version, Version::new(9, 0));
+}
+
+#[tokio::test]
+async fn reads_filter_by_provider_sync_and_collection_and_report_how_far_they_looked() {
+    let (_dir, stream) = open().await;
+    stream
+        .append(vec![
+            up(SYNC_A, "1", 1),
+            record(
+                SYNC_A,
+                "public.users",
+                "u",
+                1,
+                Change::upsert(json!({})).unwrap(),
+            ),
+            up(SYNC_B, "1", 1),
+        ])
+        .await
+        .unwrap();
+    let count = |read: sluice_core::StreamRead| read.entries.len();
+    assert_eq!(count(stream.read(&all(), Seq::START, 10).await.unwrap()), 2);
+    assert_eq!(
+        count(
+            stream
+                .read(&RecordFilter::Provider(Provider::Http), Seq::START, 10)
+                .await
+                .unwrap()
+        ),
+        1
+    );
+    let only_users = RecordFilter::Sync {
+        sync_id: SYNC_A,
+        collections: Some(BTreeSet::from([CollectionId::from("public.users")])),
+    };
+    let read = stream.read(&only_users, Seq::START, 10).await.unwrap();
+    assert_eq!(read.entries[0].record.key.collection_id.0, "public.users");
+    // Nothing passes, but the reader may move to the head.
+    let none = stream.read(&only_users, Seq(2), 10).await.unwrap();
+    assert!(none.entries.is_empty());
+    assert_eq!(none.through, Seq(3));
+    // With a limit, `through` is the last entry returned.
+    let limited = stream.read(&all(), Seq::START, 1).await.unwrap();
+    assert_eq!(limited.through, limited.entries[0].seq);
+}
+
+#[tokio::test]
+async fn tombstones_stay_until_every_consumer_that_could_need_them_has_passed() {
+    let (_dir, stream) = open().await;
+    stream
+        .append(vec![up(SYNC_A, "1", 1), up(SYNC_B, "9", 1)])
+        .await
+        .unwrap();
+    let sync_a = RecordFilter::Sync {
+        sync_id: SYNC_A,
+        collections: None,
+    };
+    let http = RecordFilter::Provider(Provider::Http);
+    // Three consumers register at the start.
+    for (name, filter) in [
+        ("by_sync", &sync_a),
+        ("by_provider", &all()),
+        ("other_provider", &http),
+    ] {
+        stream
+            .acknowledge(&ConsumerId::from(name), filter, Seq::START)
+            .await
+            .unwrap();
+    }
+    stream.append(vec![del(SYNC_A, "1", 2)]).await.unwrap(); // seq 3
+    stream
+        .acknowledge(&ConsumerId::from("by_sync"), &sync_a, Seq(3))
+        .await
+        .unwrap();
+    stream
+        .acknowledge(&ConsumerId::from("other_provider"), &http, Seq(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.tombstones().await.unwrap(),
+        1,
+        "by_provider has not passed it yet"
+    );
+    stream
+        .acknowledge(&ConsumerId::from("by_provider"), &all(), Seq(3))
+        .await
+        .unwrap();
+    assert_eq!(stream.tombstones().await.unwrap(), 0);
+
+    // A consumer on another provider never holds a tombstone back; a forgotten one neither.
+    stream.append(vec![del(SYNC_B, "9", 2)]).await.unwrap(); // seq 4, provider http
+    stream
+        .acknowledge(&ConsumerId::from("by_sync"), &sync_a, Seq(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.tombstones().await.unwrap(),
+        1,
+        "other_provider still needs it"
+    );
+    stream
+        .forget(&ConsumerId::from("other_provider"))
+        .await
+        .unwrap();
+    stream
+        .acknowledge(&ConsumerId::from("by_provider"), &all(), Seq(4))
+        .await
+        .unwrap();
+    assert_eq!(stream.tombstones().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_waiting_reader_wakes_on_append_and_not_before() {
+    let (_dir, stream) = open().await;
+    let stream = std::sync::Arc::new(stream);
+    let waiter = tokio::spawn({
+        let stream = stream.clone();
+        async move { stream.wait_past(Seq::START).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "nothing was appended yet");
+    stream.append(vec![up(SYNC_A, "1", 1)]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the append")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn lag_counts_pending_records_and_dates_the_oldest() {
+    let (_dir, stream) = open().await;
+    let before = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    stream
+        .append((0..10).map(|i| up(SYNC_A, &i.to_string(), 1)).collect())
+        .await
+        .unwrap();
+    let lag = stream.lag(&all(), Seq(4), 100).await.unwrap();
+    assert_eq!(lag.records, 6);
+    assert!(lag.oldest_appended_at.unwrap() >= before);
+    assert_eq!(
+        stream.lag(&all(), Seq(4), 3).await.unwrap().records,
+        3,
+        "counting stops at the cap"
+    );
+    assert_eq!(
+        stream.lag(&all(), Seq(10), 100).await.unwrap(),
+        sluice_core::Lag::default()
+    );
+}
+
+#[tokio::test]
+async fn positions_survive_reopening_and_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+        stream
+            .append(vec![up(SYNC_A, "1", 1), up(SYNC_A, "2", 1)])
+            .await
+            .unwrap();
+        stream.append(vec![up(SYNC_A, "2", 2)]).await.unwrap(); // seq 3; seq 2 is gone
+    }
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert_eq!(stream.head().await.unwrap(), Seq(3));
+    let outcome = stream.append(vec![up(SYNC_A, "3", 1)]).await.unwrap();
+    assert_eq!(outcome.head, Seq(4));
+}
+
+#[tokio::test]
+async fn out_of_range_versions_are_rejected_before_anything_is_written() {
+    let (_dir, stream) = open().await;
+    let mut bad = up(SYNC_A, "1", 1);
+    bad.version = Version::new(u64::MAX, 0);
+    let err = stream
+        .append(vec![up(SYNC_A, "0", 1), bad])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), sluice_core::ErrorClass::GiveUp);
+    assert_eq!(stream.head().await.unwrap(), Seq::START);
+}
+
+/// Run by `a_writer_killed_mid_batch_leaves_whole_batches_only` in a child process: appends
+/// batches of 2,000 until killed, printing each batch number once its append returned.
+#[tokio::test]
+async fn child_appends_until_killed() {
+    let Some(dir) = std::env::var_os("SLUICE_STREAM_CHILD_DIR") else {
+        return; // only meaningful as the child of the test below
+    };
+    let stream = EmbeddedStream::open(&dir).await.unwrap();
+    for batch in 0u64.. {
+        let records = (0..2000)
+            .map(|i| up(SYNC_A, &format!("b{batch}-{i}"), batch + 1))
+            .collect();
+        stream.append(records).await.unwrap();
+        println!("ACKED {batch}");
+    }
+}
+
+#[tokio::test]
+async fn a_writer_killed_mid_batch_leaves_whole_batches_only() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_appends_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SLUICE_STREAM_CHILD_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut acked = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some((_, n)) = line.split_once("ACKED ") {
+            let n: u64 = n.trim().parse().unwrap();
+            acked = Some(n);
+            if n >= 5 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL, most likely in the middle of the next append
+    child.wait().unwrap();
+    let acked = acked.expect("the child acknowledged batches");
+
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let records = stream.live_records().await.unwrap();
+    let mut per_batch = std::collections::BTreeMap::<u64, usize>::new();
+    for e in &records {
+        let batch: u64 = e.record.key.upstream_id.0[1..]
+            .split('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        *per_batch.entry(batch).or_default() += 1;
+    }
+    for batch in 0..=acked {
+        assert_eq!(
+            per_batch.get(&batch),
+            Some(&2000),
+            "acknowledged batch {batch} must be whole"
+        );
+    }
+    for (batch, count) in &per_batch {
+        assert_eq!(*count, 2000, "batch {batch} is partially present");
+    }
+    assert!(per_batch.len() as u64 <= acked + 2);
+}
