@@ -1,15 +1,43 @@
 //! The consumer runtime.
 //!
-//! `sluice-consumer` owns the loop that forwards records from the [`sluice_core::RecordStream`]
-//! into a [`sluice_core::Target`]: read `seq > checkpoint` through the consumer's filter, batch
-//! by size and time, apply with the checkpoint in the same transaction, acknowledge, wait for
-//! new appends; pause when the target is unreachable and catch up when it returns; report
-//! lag and health.
+//! `sluice-consumer` owns the loop that forwards records from a `RecordStream` into a
+//! `Target`: read `seq > checkpoint` through the consumer's filter, batch by size and by time,
+//! apply with the checkpoint in the same transaction, acknowledge to the stream, and wait for
+//! new appends (woken by the stream, not by a polling sleep). Backfill (reading from the
+//! start) and real time are the same loop. When the target is unreachable the
+//! consumer pauses itself, retries with capped exponential backoff and jitter, and catches up
+//! when the target is back; a user can pause and resume it too. It reports lag, the last
+//! successful write and the last error as health, and sends status transitions to alert sinks
+//! (the log always; a webhook if configured).
 //!
 //! It must not issue SQL or know a layout: everything target-specific goes through the
-//! `Target` trait, and retries follow the error's class in this one place.
+//! `Target` trait, and retries follow the error's class here, in one place.
 //!
-//! The runtime arrives with the consumer issue; this crate currently exports only the
-//! contract it will implement.
+//! ```no_run
+//! # async fn example(stream: std::sync::Arc<dyn sluice_core::RecordStream>, target: std::sync::Arc<dyn sluice_core::Target>) {
+//! use sluice_consumer::ConsumerRuntime;
+//! use sluice_core::{BatchConfig, ConsumerId, LagThresholds, Provider, RecordFilter};
+//!
+//! let runtime = ConsumerRuntime::new(
+//!     ConsumerId::from("orders"),
+//!     RecordFilter::Provider(Provider::Postgres),
+//!     stream,
+//!     target,
+//!     BatchConfig::default(),
+//!     LagThresholds::default(),
+//! );
+//! let handle = runtime.handle(); // pause, resume, restart the backfill, health
+//! let (stop, stopped) = tokio::sync::watch::channel(false);
+//! let task = tokio::spawn(runtime.run(stopped));
+//! // … later:
+//! stop.send_replace(true);
+//! task.await.unwrap();
+//! # let _ = handle; }
+//! ```
 
+mod alerts;
+mod runtime;
+
+pub use alerts::{AlertSink, LogSink, WebhookSink};
+pub use runtime::{ConsumerHandle, ConsumerRuntime};
 pub use sluice_core::Consumer;

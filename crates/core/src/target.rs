@@ -37,6 +37,11 @@ pub trait Target: Health {
     /// The consumer's stored checkpoint ([`Seq::START`] for a new consumer).
     async fn checkpoint(&self, consumer: &ConsumerId) -> Result<Seq>;
 
+    /// Moves the consumer's checkpoint back to [`Seq::START`], so that the next batches are
+    /// applied again from the beginning (a restarted backfill). Rows already written stay and
+    /// are overwritten as the backfill reaches them.
+    async fn reset_checkpoint(&self, consumer: &ConsumerId) -> Result<()>;
+
     /// Writes the batch and moves the checkpoint to `batch.through`, atomically.
     async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<()>;
 }

@@ -26,6 +26,7 @@ pub(crate) struct Statements {
     create_checkpoint: String,
     read_checkpoints: String,
     clear_checkpoints: String,
+    rewind_checkpoints: String,
     reset_checkpoints: String,
     lock_checkpoint: String,
     write_checkpoint: String,
@@ -51,6 +52,9 @@ impl Statements {
                 "select partition, seq from {checkpoint} where consumer = $1 and tbl = $2 for update"
             ),
             clear_checkpoints: format!("delete from {checkpoint} where consumer = $1 and tbl = $2"),
+            rewind_checkpoints: format!(
+                "update {checkpoint} set seq = 0, updated_at = now() where consumer = $1 and tbl = $2"
+            ),
             reset_checkpoints: format!(
                 "insert into {checkpoint} (consumer, tbl, partition, seq) \
                  select $1, $2, p, $3 from generate_series(0, $4 - 1) p"
@@ -147,6 +151,21 @@ pub(crate) async fn prepare_checkpoint(
     }
     tx.commit().await?;
     Ok(Seq(lowest as u64))
+}
+
+/// Moves every partition of the consumer back to the start of the stream.
+pub(crate) async fn rewind_checkpoint(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    consumer: &str,
+    table: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql.rewind_checkpoints.clone()))
+        .bind(consumer)
+        .bind(table)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// One partition's rows, encoded for `COPY` before its transaction starts.

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::apply::{
     CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, Statements, apply_partition,
-    encode_partition, prepare_checkpoint, prepare_connection, table_key,
+    encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
 };
 use crate::catalog;
 use crate::consumer_table::{ConsumerTable, Severity, Verification};
@@ -332,6 +332,13 @@ impl Target for ConsumerTableTarget {
             .unwrap_or_else(|p| p.into_inner())
             .insert(consumer.clone());
         Ok(seq)
+    }
+
+    async fn reset_checkpoint(&self, consumer: &ConsumerId) -> Result<(), Error> {
+        self.with_connection(0, async |conn| {
+            rewind_checkpoint(conn, &self.sql, &consumer.0, &self.table_key).await
+        })
+        .await
     }
 
     async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {

@@ -1,0 +1,441 @@
+//! The consumer loop and its handle.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_core::{
+    Backoff, Batch, BatchConfig, Consumer, ConsumerId, EntityKind, EntityRef, Error, ErrorClass,
+    Health, HealthReport, HealthState, LagThresholds, RecordFilter, RecordStream, Seq, Status,
+    Target, Transition,
+};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::alerts::{AlertSink, LogSink};
+
+/// What the user asked the consumer to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Control {
+    Run,
+    Pause(String),
+}
+
+/// State shared between the running loop and its handles.
+struct Shared {
+    id: ConsumerId,
+    filter: RecordFilter,
+    stream: Arc<dyn RecordStream>,
+    target_name: String,
+    lag: LagThresholds,
+    control: watch::Sender<Control>,
+    restart: AtomicBool,
+    cursor: AtomicU64,
+    caught_up: AtomicBool,
+    last_write: Mutex<Option<OffsetDateTime>>,
+    last_error: Mutex<Option<String>>,
+    health: Mutex<HealthState>,
+    sinks: Mutex<Vec<Arc<dyn AlertSink>>>,
+}
+
+impl Shared {
+    /// Records a check result and sends the transition, if any, to every sink.
+    fn observe(
+        &self,
+        check: &str,
+        status: Status,
+        message: impl Into<String>,
+        fix: Option<String>,
+    ) {
+        let transition = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(check, status, message, fix, OffsetDateTime::now_utc());
+        if let Some(t) = transition {
+            self.alert(t);
+        }
+    }
+
+    fn alert(&self, t: Transition) {
+        let sinks: Vec<Arc<dyn AlertSink>> =
+            self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for sink in sinks {
+            let t = t.clone();
+            // Delivery never blocks the loop.
+            tokio::spawn(async move {
+                if let Err(e) = sink.send(&t).await {
+                    tracing::warn!(entity = %t.entity, error = %e, "could not deliver an alert");
+                }
+            });
+        }
+    }
+
+    fn failed(&self, error: &Error) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        match error.class() {
+            // An unreachable target pauses the consumer until it is back.
+            ErrorClass::Retry => self.observe(
+                "target",
+                Status::Paused,
+                format!(
+                    "paused: target {:?} is unavailable ({error}); retrying",
+                    self.target_name
+                ),
+                None,
+            ),
+            _ => self.observe(
+                "target",
+                Status::Error,
+                error.to_string(),
+                error.fix().map(str::to_owned),
+            ),
+        }
+    }
+
+    async fn lag_check(&self) {
+        let cursor = Seq(self.cursor.load(Ordering::Acquire));
+        let cap = self.lag.error_records.max(self.lag.warn_records) + 1;
+        let lag = match self.stream.lag(&self.filter, cursor, cap).await {
+            Ok(lag) => lag,
+            Err(e) => {
+                self.observe(
+                    "lag",
+                    Status::Warning,
+                    format!("cannot measure lag: {e}"),
+                    None,
+                );
+                return;
+            }
+        };
+        let seconds = lag
+            .oldest_appended_at
+            .map(|t| (OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64)
+            .unwrap_or(0);
+        let message = format!("{} record(s), {seconds} s behind the stream", lag.records);
+        let status = if !self.caught_up.load(Ordering::Acquire) {
+            Status::Initializing
+        } else if lag.records >= self.lag.error_records || seconds >= self.lag.error_seconds {
+            Status::Error
+        } else if lag.records >= self.lag.warn_records || seconds >= self.lag.warn_seconds {
+            Status::Warning
+        } else {
+            Status::Healthy
+        };
+        let message = if status == Status::Initializing {
+            format!("backfilling: {message}")
+        } else {
+            message
+        };
+        let fix = (status >= Status::Warning).then(|| {
+            format!("check target {:?}'s health and write speed; a consumer that falls behind catches up once the target keeps pace", self.target_name)
+        });
+        self.observe("lag", status, message, fix);
+    }
+}
+
+/// Runs one consumer: create it, keep a [`ConsumerHandle`], then `run` it on a task.
+pub struct ConsumerRuntime {
+    shared: Arc<Shared>,
+    target: Arc<dyn Target>,
+    batch: BatchConfig,
+    backoff: Backoff,
+}
+
+/// Controls and observes a running consumer (implements [`Consumer`] and [`Health`]).
+#[derive(Clone)]
+pub struct ConsumerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ConsumerRuntime {
+    /// A consumer forwarding `filter`'s records from `stream` into `target`.
+    pub fn new(
+        id: ConsumerId,
+        filter: RecordFilter,
+        stream: Arc<dyn RecordStream>,
+        target: Arc<dyn Target>,
+        batch: BatchConfig,
+        lag: LagThresholds,
+    ) -> Self {
+        let entity = EntityRef {
+            kind: EntityKind::Consumer,
+            name: id.0.clone(),
+        };
+        let shared = Arc::new(Shared {
+            target_name: target.name().to_owned(),
+            id,
+            filter,
+            stream,
+            lag,
+            control: watch::channel(Control::Run).0,
+            restart: AtomicBool::new(false),
+            cursor: AtomicU64::new(0),
+            caught_up: AtomicBool::new(false),
+            last_write: Mutex::new(None),
+            last_error: Mutex::new(None),
+            health: Mutex::new(HealthState::new(entity)),
+            sinks: Mutex::new(vec![Arc::new(LogSink)]),
+        });
+        Self {
+            shared,
+            target,
+            batch,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+        }
+    }
+
+    /// Retries start at `base` and never wait longer than `max` (default 200 ms and 30 s).
+    pub fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff = Backoff::new(base, max);
+        self
+    }
+
+    /// Also sends status transitions to `sink` (the log always receives them).
+    pub fn with_alert_sink(self, sink: Arc<dyn AlertSink>) -> Self {
+        self.shared
+            .sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sink);
+        self
+    }
+
+    /// A handle to pause, resume and observe the consumer.
+    pub fn handle(&self) -> ConsumerHandle {
+        ConsumerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` turns true. An in-flight batch is finished (or fails and is
+    /// retried on the next start); the checkpoint always matches what the target holds.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let shared = self.shared.clone();
+        let mut control = shared.control.subscribe();
+        shared.observe(
+            "target",
+            Status::Initializing,
+            format!("connecting to target {:?}", shared.target_name),
+            None,
+        );
+        let mut cursor = loop {
+            match self.start().await {
+                Ok(cursor) => break cursor,
+                Err(e) => {
+                    shared.failed(&e);
+                    if self.pause_for_retry(&mut shutdown).await {
+                        return;
+                    }
+                }
+            }
+        };
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let wanted = control.borrow_and_update().clone();
+            if let Control::Pause(reason) = wanted {
+                shared.observe(
+                    "state",
+                    Status::Paused,
+                    format!("paused by user: {reason}"),
+                    Some("resume it".into()),
+                );
+                tokio::select! {
+                    _ = control.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            shared.observe("state", Status::Healthy, "running", None);
+            if shared.restart.swap(false, Ordering::AcqRel) {
+                match self.target.reset_checkpoint(&shared.id).await {
+                    Ok(()) => {
+                        cursor = Seq::START;
+                        shared.cursor.store(0, Ordering::Release);
+                        shared.caught_up.store(false, Ordering::Release);
+                    }
+                    Err(e) => {
+                        shared.restart.store(true, Ordering::Release);
+                        shared.failed(&e);
+                        if self.pause_for_retry(&mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            match self.step(cursor, &mut shutdown, &mut control).await {
+                Ok(next) => {
+                    cursor = next;
+                    self.backoff.reset();
+                }
+                Err(e) => {
+                    shared.failed(&e);
+                    if self.pause_for_retry(&mut shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the checkpoint from the target and registers with the stream.
+    async fn start(&self) -> Result<Seq, Error> {
+        let cursor = self.target.checkpoint(&self.shared.id).await?;
+        self.shared
+            .stream
+            .acknowledge(&self.shared.id, &self.shared.filter, cursor)
+            .await?;
+        self.shared.cursor.store(cursor.0, Ordering::Release);
+        Ok(cursor)
+    }
+
+    /// One turn of the loop: apply the next batch, or wait for new records. Returns the new
+    /// cursor.
+    async fn step(
+        &self,
+        cursor: Seq,
+        shutdown: &mut watch::Receiver<bool>,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<Seq, Error> {
+        let shared = &self.shared;
+        let max = self.batch.max_records.max(1);
+        let read = shared.stream.read(&shared.filter, cursor, max).await?;
+        let (mut entries, mut through) = (read.entries, read.through);
+        if entries.is_empty() {
+            if through > cursor {
+                // Nothing for this consumer in between: skip ahead.
+                shared
+                    .stream
+                    .acknowledge(&shared.id, &shared.filter, through)
+                    .await?;
+                shared.cursor.store(through.0, Ordering::Release);
+            }
+            shared.caught_up.store(true, Ordering::Release);
+            shared.lag_check().await;
+            tokio::select! {
+                _ = shared.stream.wait_past(through) => {}
+                _ = control.changed() => {}
+                _ = shutdown.changed() => {}
+            }
+            return Ok(through);
+        }
+        // Not a full batch: wait up to max_wait for more, so real time writes in batches too.
+        if entries.len() < max {
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(self.batch.max_wait_ms);
+            while entries.len() < max {
+                tokio::select! {
+                    _ = shared.stream.wait_past(through) => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = shutdown.changed() => break,
+                }
+                let more = shared
+                    .stream
+                    .read(&shared.filter, through, max - entries.len())
+                    .await?;
+                entries.extend(more.entries);
+                through = more.through;
+            }
+        }
+        let count = entries.len();
+        self.target
+            .apply(&shared.id, &Batch { entries, through })
+            .await?;
+        shared
+            .stream
+            .acknowledge(&shared.id, &shared.filter, through)
+            .await?;
+        shared.cursor.store(through.0, Ordering::Release);
+        *shared.last_write.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(OffsetDateTime::now_utc());
+        shared.observe(
+            "target",
+            Status::Healthy,
+            format!("wrote {count} record(s) to target {:?}", shared.target_name),
+            None,
+        );
+        if count < max {
+            shared.caught_up.store(true, Ordering::Release);
+        }
+        shared.lag_check().await;
+        Ok(through)
+    }
+
+    /// Waits out the next backoff delay; true when shutting down.
+    async fn pause_for_retry(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let delay = self.backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => *shutdown.borrow(),
+            _ = shutdown.changed() => true,
+        }
+    }
+}
+
+impl ConsumerHandle {
+    /// The last checkpoint applied (and acknowledged) by the running loop.
+    pub fn cursor(&self) -> Seq {
+        Seq(self.shared.cursor.load(Ordering::Acquire))
+    }
+
+    /// When the consumer last wrote a batch.
+    pub fn last_write(&self) -> Option<OffsetDateTime> {
+        *self
+            .shared
+            .last_write
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last error, if any batch failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[async_trait]
+impl Health for ConsumerHandle {
+    async fn health(&self) -> HealthReport {
+        self.shared.lag_check().await;
+        self.shared
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report()
+    }
+}
+
+#[async_trait]
+impl Consumer for ConsumerHandle {
+    fn id(&self) -> &ConsumerId {
+        &self.shared.id
+    }
+
+    fn filter(&self) -> &RecordFilter {
+        &self.shared.filter
+    }
+
+    async fn pause(&self, reason: String) -> Result<(), Error> {
+        self.shared.control.send_replace(Control::Pause(reason));
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<(), Error> {
+        self.shared.control.send_replace(Control::Run);
+        Ok(())
+    }
+
+    async fn restart_backfill(&self) -> Result<(), Error> {
+        self.shared.restart.store(true, Ordering::Release);
+        // Wake the loop if it is waiting for records.
+        self.shared.control.send_modify(|_| {});
+        Ok(())
+    }
+}

@@ -1,0 +1,588 @@
+//! The consumer runtime against a real records stream and a real PostgreSQL target.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde_json::json;
+use sluice_consumer::{ConsumerHandle, ConsumerRuntime, WebhookSink};
+use sluice_core::sql::quote_ident;
+use sluice_core::{
+    BatchConfig, Change, Consumer, ConsumerId, Health, LagThresholds, Provider, Record,
+    RecordFilter, RecordKey, RecordStream, Status, SyncId, Version,
+};
+use sluice_localpg::Cluster;
+use sluice_stream::EmbeddedStream;
+use sluice_target_pg::{ConnectionSettings, ConsumerTable, ConsumerTableTarget};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+static PG: LazyLock<Cluster> =
+    LazyLock::new(|| Cluster::start_default().expect("start PostgreSQL"));
+
+const SYNC: SyncId = SyncId(Uuid::from_u128(0xC0));
+
+fn rec(sync: SyncId, provider: Provider, id: usize, version: u64, delete: bool) -> Record {
+    Record {
+        key: RecordKey::new(sync, "public.orders", format!("{id:06}")),
+        provider,
+        version: Version::new(version, 0),
+        upstream_updated_at: OffsetDateTime::from_unix_timestamp(1_700_000_000 + version as i64)
+            .unwrap(),
+        change: if delete {
+            Change::Delete
+        } else {
+            Change::upsert(json!({"id": id, "version": version, "note": "x".repeat(200)})).unwrap()
+        },
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    stream: Arc<EmbeddedStream>,
+    db: String,
+    table: ConsumerTable,
+    settings: ConnectionSettings,
+}
+
+async fn setup(pg: &Cluster, prefix: &str) -> Setup {
+    let db = pg.fresh_database(prefix).await.unwrap();
+    let table = ConsumerTable::new("sluice", "records");
+    let user = format!("{db}_sync");
+    pg.create_role(&user, Some("pw")).await.unwrap();
+    pg.execute(
+        &db,
+        &format!(
+            "create schema sluice; grant usage, create on schema sluice to {u}; {ddl}
+             grant all privileges on all tables in schema sluice to {u};",
+            u = quote_ident(&user),
+            ddl = table.ddl()
+        ),
+    )
+    .await
+    .unwrap();
+    let mut settings =
+        ConnectionSettings::from_url(&pg.url_as(&user, Some("pw"), &db, None)).unwrap();
+    settings.password = Some(SecretString::from("pw".to_owned()));
+    settings.connect_timeout = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    Setup {
+        _dir: dir,
+        stream,
+        db,
+        table,
+        settings,
+    }
+}
+
+fn start(
+    s: &Setup,
+    filter: RecordFilter,
+    name: &str,
+) -> (
+    ConsumerHandle,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let target = Arc::new(ConsumerTableTarget::new(
+        "warehouse",
+        s.settings.clone(),
+        s.table.clone(),
+        1,
+    ));
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from(name),
+        filter,
+        s.stream.clone(),
+        target,
+        BatchConfig {
+            max_records: 1000,
+            max_wait_ms: 20,
+        },
+        LagThresholds::default(),
+    )
+    .with_backoff(Duration::from_millis(50), Duration::from_millis(500));
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    (handle, stop, task)
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, secs: u64, mut done: F) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The target's rows, `(upstream_id, payload)` sorted, checking `sequin_id` against the identity.
+async fn target_rows(pg: &Cluster, s: &Setup) -> Vec<(String, serde_json::Value)> {
+    let mut conn = pg.admin(&s.db).await.unwrap();
+    let rows: Vec<(Uuid, Uuid, String, String, serde_json::Value)> = sqlx::query_as(
+        "select sequin_id, sync_id, collection_id, upstream_id, payload from sluice.records order by sync_id, upstream_id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, sync, collection, upstream, payload)| {
+            assert_eq!(
+                id,
+                RecordKey::new(SyncId(sync), collection.as_str(), upstream.as_str()).row_id()
+            );
+            (upstream, payload)
+        })
+        .collect()
+}
+
+/// The stream's live records in the same shape.
+async fn stream_rows(s: &Setup) -> Vec<(String, serde_json::Value)> {
+    s.stream
+        .live_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            (
+                e.record.key.upstream_id.0.clone(),
+                serde_json::Value::Object(e.record.change.payload().unwrap().clone()),
+            )
+        })
+        .collect()
+}
+
+async fn caught_up(handle: &ConsumerHandle, s: &Setup) -> bool {
+    handle.cursor() >= s.stream.head().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_50k_backfill_then_live_changes_ends_equal_to_the_stream() {
+    let s = setup(&PG, "backfill").await;
+    for chunk in (0..50_000).collect::<Vec<_>>().chunks(5000) {
+        s.stream
+            .append(
+                chunk
+                    .iter()
+                    .map(|&i| rec(SYNC, Provider::Postgres, i, 1, false))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+    }
+    let (handle, stop, task) = start(
+        &s,
+        RecordFilter::Sync {
+            sync_id: SYNC,
+            collections: None,
+        },
+        "backfill",
+    );
+    wait_until("the backfill is applied", 120, async || {
+        caught_up(&handle, &s).await
+    })
+    .await;
+    assert_eq!(target_rows(&PG, &s).await.len(), 50_000);
+
+    // Live: updates, deletes, new records, and an older version arriving late.
+    let mut live = Vec::new();
+    for i in (0..50_000).step_by(7) {
+        live.push(rec(SYNC, Provider::Postgres, i, 2, false));
+    }
+    for i in (3..50_000).step_by(11) {
+        live.push(rec(SYNC, Provider::Postgres, i, 3, true));
+    }
+    for i in 50_000..51_000 {
+        live.push(rec(SYNC, Provider::Postgres, i, 1, false));
+    }
+    for chunk in live.chunks(700) {
+        s.stream.append(chunk.to_vec()).await.unwrap();
+    }
+    let stale = s
+        .stream
+        .append(vec![rec(SYNC, Provider::Postgres, 0, 1, false)])
+        .await
+        .unwrap();
+    assert_eq!(stale.skipped_stale, 1, "an older version never wins");
+    wait_until("the live changes are applied", 60, async || {
+        caught_up(&handle, &s).await
+    })
+    .await;
+    let (target, stream) = (target_rows(&PG, &s).await, stream_rows(&s).await);
+    assert_eq!(target.len(), stream.len());
+    assert!(
+        target == stream,
+        "the target equals the stream's live records, row by row"
+    );
+    assert_eq!(
+        target[0].1["version"], 2,
+        "record 0 kept its newest version"
+    );
+    let report = handle.health().await;
+    assert_eq!(report.status, Status::Healthy, "{report:#?}");
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_target_pauses_the_consumer_and_it_catches_up_by_itself() {
+    let pg = Cluster::start_default().unwrap();
+    let s = setup(&pg, "outage").await;
+    s.stream
+        .append(
+            (0..1000)
+                .map(|i| rec(SYNC, Provider::Postgres, i, 1, false))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let (handle, stop, task) = start(&s, RecordFilter::Provider(Provider::Postgres), "outage");
+    wait_until("the first records are applied", 60, async || {
+        caught_up(&handle, &s).await
+    })
+    .await;
+
+    pg.stop().unwrap();
+    for chunk in (1000..11_000).collect::<Vec<_>>().chunks(1000) {
+        s.stream
+            .append(
+                chunk
+                    .iter()
+                    .map(|&i| rec(SYNC, Provider::Postgres, i, 1, false))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_until("the consumer reports paused", 30, async || {
+        handle.health().await.status == Status::Paused
+    })
+    .await;
+    let report = handle.health().await;
+    let target = report.checks.iter().find(|c| c.name == "target").unwrap();
+    assert!(
+        target
+            .message
+            .contains("target \"warehouse\" is unavailable"),
+        "{}",
+        target.message
+    );
+
+    pg.start().unwrap();
+    wait_until("the consumer catches up", 60, async || {
+        caught_up(&handle, &s).await
+    })
+    .await;
+    wait_until("health returns to healthy", 30, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    assert!(target_rows(&pg, &s).await == stream_rows(&s).await);
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_provider_filter_picks_up_a_sync_created_after_it_started() {
+    let s = setup(&PG, "newsync").await;
+    let first = SyncId(Uuid::from_u128(0x1));
+    s.stream
+        .append(vec![
+            rec(first, Provider::Http, 1, 1, false),
+            rec(SYNC, Provider::Postgres, 2, 1, false),
+        ])
+        .await
+        .unwrap();
+    let (handle, stop, task) = start(&s, RecordFilter::Provider(Provider::Http), "http");
+    wait_until("the first sync is applied", 30, async || {
+        caught_up(&handle, &s).await
+    })
+    .await;
+    let later = SyncId(Uuid::from_u128(0x2));
+    s.stream
+        .append(vec![rec(later, Provider::Http, 3, 1, false)])
+        .await
+        .unwrap();
+    wait_until("the new sync is applied", 30, async || {
+        target_rows(&PG, &s).await.len() == 2
+    })
+    .await;
+    let ids: Vec<String> = target_rows(&PG, &s)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["000001", "000003"],
+        "the postgres record is filtered out"
+    );
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_user_can_pause_resume_and_restart_the_backfill() {
+    let s = setup(&PG, "control").await;
+    s.stream
+        .append(vec![rec(SYNC, Provider::Postgres, 1, 1, false)])
+        .await
+        .unwrap();
+    let (handle, stop, task) = start(&s, RecordFilter::Provider(Provider::Postgres), "control");
+    wait_until("applied", 30, async || caught_up(&handle, &s).await).await;
+
+    handle.pause("maintenance".into()).await.unwrap();
+    wait_until("paused", 10, async || {
+        handle.health().await.status == Status::Paused
+    })
+    .await;
+    s.stream
+        .append(vec![rec(SYNC, Provider::Postgres, 2, 1, false)])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        target_rows(&PG, &s).await.len(),
+        1,
+        "nothing is written while paused"
+    );
+    let report = handle.health().await;
+    assert!(
+        report.problems()[0]
+            .message
+            .contains("paused by user: maintenance")
+    );
+
+    handle.resume().await.unwrap();
+    wait_until("resumed and caught up", 30, async || {
+        target_rows(&PG, &s).await.len() == 2
+    })
+    .await;
+
+    // A restarted backfill rewrites every row, including one removed behind sluice's back.
+    PG.execute(
+        &s.db,
+        "delete from sluice.records where upstream_id = '000001'",
+    )
+    .await
+    .unwrap();
+    handle.restart_backfill().await.unwrap();
+    wait_until("the backfill restored the row", 30, async || {
+        target_rows(&PG, &s).await.len() == 2
+    })
+    .await;
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn status_transitions_reach_a_webhook() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send(body.to_owned());
+                            let _ = socket
+                                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                                .await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+
+    let s = setup(&PG, "webhook").await;
+    let target = Arc::new(ConsumerTableTarget::new(
+        "warehouse",
+        s.settings.clone(),
+        s.table.clone(),
+        1,
+    ));
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from("alerts"),
+        RecordFilter::Provider(Provider::Postgres),
+        s.stream.clone(),
+        target,
+        BatchConfig::default(),
+        LagThresholds::default(),
+    )
+    .with_alert_sink(Arc::new(WebhookSink::new(url).unwrap()));
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    handle.pause("testing alerts".into()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let paused = loop {
+        let body = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let t: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if t["to"] == "paused" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no transition to paused arrived");
+    };
+    assert_eq!(paused["entity"]["name"], "alerts");
+    assert!(
+        paused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("testing alerts")
+    );
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+/// Run in a child process by `a_consumer_killed_mid_batch_resumes_without_loss_or_regression`:
+/// runs a consumer over the stream in `SLUICE_CONSUMER_CHILD_DIR` into the target at
+/// `SLUICE_CONSUMER_CHILD_URL`; with `SLUICE_CONSUMER_CHILD_FINISH` it exits once caught up.
+#[tokio::test]
+async fn child_runs_a_consumer() {
+    let (Some(dir), Some(url)) = (
+        std::env::var_os("SLUICE_CONSUMER_CHILD_DIR"),
+        std::env::var("SLUICE_CONSUMER_CHILD_URL").ok(),
+    ) else {
+        return; // only meaningful as the child of the test below
+    };
+    let stream = Arc::new(EmbeddedStream::open(dir).await.unwrap());
+    let settings = ConnectionSettings::from_url(&url).unwrap();
+    let target = Arc::new(ConsumerTableTarget::new(
+        "warehouse",
+        settings,
+        ConsumerTable::new("sluice", "records"),
+        1,
+    ));
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from("killed"),
+        RecordFilter::Provider(Provider::Postgres),
+        stream.clone(),
+        target,
+        BatchConfig {
+            max_records: 3000,
+            max_wait_ms: 20,
+        },
+        LagThresholds::default(),
+    );
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    if std::env::var_os("SLUICE_CONSUMER_CHILD_FINISH").is_some() {
+        let head = stream.head().await.unwrap();
+        while handle.cursor() < head {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send_replace(true);
+    }
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_killed_mid_batch_resumes_without_loss_or_regression() {
+    let s = setup(&PG, "killed").await;
+    for chunk in (0..40_000).collect::<Vec<_>>().chunks(5000) {
+        s.stream
+            .append(
+                chunk
+                    .iter()
+                    .map(|&i| rec(SYNC, Provider::Postgres, i, 1, false))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+    }
+    let url = PG.url_as(&format!("{}_sync", s.db), Some("pw"), &s.db, None);
+    let child = |finish: bool| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "child_runs_a_consumer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SLUICE_CONSUMER_CHILD_DIR", s._dir.path())
+        .env("SLUICE_CONSUMER_CHILD_URL", &url)
+        .stdout(std::process::Stdio::null());
+        if finish {
+            cmd.env("SLUICE_CONSUMER_CHILD_FINISH", "1");
+        }
+        cmd.spawn().unwrap()
+    };
+    let checkpoint = async || -> i64 {
+        let mut conn = PG.admin(&s.db).await.unwrap();
+        sqlx::query_scalar::<_, i64>("select coalesce(max(seq), 0) from sluice._sluice_checkpoint")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or(0)
+    };
+    let mut first = child(false);
+    wait_until("the child has applied a few batches", 60, async || {
+        checkpoint().await >= 9000
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: no destructor, no clean shutdown, likely mid-transaction
+    first.wait().unwrap();
+    let at_kill = checkpoint().await;
+    assert!(
+        at_kill < 40_000,
+        "killed before the end (checkpoint {at_kill})"
+    );
+
+    // Changes made while no consumer runs: updates (including of rows already written) and deletes.
+    let mut live: Vec<Record> = (0..40_000)
+        .step_by(5)
+        .map(|i| rec(SYNC, Provider::Postgres, i, 2, false))
+        .collect();
+    live.extend(
+        (1..40_000)
+            .step_by(13)
+            .map(|i| rec(SYNC, Provider::Postgres, i, 3, true)),
+    );
+    s.stream.append(live).await.unwrap();
+
+    let mut second = child(true);
+    let status = tokio::task::spawn_blocking(move || second.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "the restarted consumer finished");
+    let (target, stream) = (target_rows(&PG, &s).await, stream_rows(&s).await);
+    assert_eq!(
+        target.len(),
+        stream.len(),
+        "no duplicate and no missing row"
+    );
+    assert!(
+        target == stream,
+        "every row holds its newest version: nothing lost, nothing regressed"
+    );
+}
