@@ -52,6 +52,8 @@ enum BenchKind {
     Target,
     /// Records-stream append and read rates vs plain SQLite inserts (crates/stream/benches/stream.rs).
     Stream,
+    /// Stream → consumer table end to end vs the target's apply and raw COPY (crates/consumer/benches/consumer.rs).
+    Consumer,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -102,6 +104,7 @@ fn bench(which: BenchKind) -> Result {
     let (package, bench) = match which {
         BenchKind::Target => ("sluice-target-pg", "apply"),
         BenchKind::Stream => ("sluice-stream", "stream"),
+        BenchKind::Consumer => ("sluice-consumer", "consumer"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

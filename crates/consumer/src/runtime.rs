@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sluice_core::{
     Backoff, Batch, BatchConfig, Consumer, ConsumerId, EntityKind, EntityRef, Error, ErrorClass,
     Health, HealthReport, HealthState, LagThresholds, RecordFilter, RecordStream, Seq, Status,
-    Target, Transition,
+    StreamRead, Target, Transition,
 };
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -141,7 +141,19 @@ pub struct ConsumerRuntime {
     target: Arc<dyn Target>,
     batch: BatchConfig,
     backoff: Backoff,
+    /// The next read, started while the previous batch was being applied.
+    prefetch: Option<Prefetch>,
+    last_lag_check: Option<tokio::time::Instant>,
 }
+
+/// A read of `seq > after` running on its own task.
+struct Prefetch {
+    after: Seq,
+    read: tokio::task::JoinHandle<Result<StreamRead, Error>>,
+}
+
+/// The loop measures lag at most this often (health requests always measure).
+const LAG_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Controls and observes a running consumer (implements [`Consumer`] and [`Health`]).
 #[derive(Clone)]
@@ -183,6 +195,8 @@ impl ConsumerRuntime {
             target,
             batch,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+            prefetch: None,
+            last_lag_check: None,
         }
     }
 
@@ -296,14 +310,20 @@ impl ConsumerRuntime {
     /// One turn of the loop: apply the next batch, or wait for new records. Returns the new
     /// cursor.
     async fn step(
-        &self,
+        &mut self,
         cursor: Seq,
         shutdown: &mut watch::Receiver<bool>,
         control: &mut watch::Receiver<Control>,
     ) -> Result<Seq, Error> {
-        let shared = &self.shared;
+        let shared = self.shared.clone();
         let max = self.batch.max_records.max(1);
-        let read = shared.stream.read(&shared.filter, cursor, max).await?;
+        let read = match self.prefetch.take() {
+            Some(prefetch) if prefetch.after == cursor => prefetch
+                .read
+                .await
+                .map_err(|e| Error::invalid(format!("the read-ahead task failed: {e}")))??,
+            _ => shared.stream.read(&shared.filter, cursor, max).await?,
+        };
         let (mut entries, mut through) = (read.entries, read.through);
         if entries.is_empty() {
             if through > cursor {
@@ -315,7 +335,7 @@ impl ConsumerRuntime {
                 shared.cursor.store(through.0, Ordering::Release);
             }
             shared.caught_up.store(true, Ordering::Release);
-            shared.lag_check().await;
+            self.maybe_check_lag(true).await;
             tokio::select! {
                 _ = shared.stream.wait_past(through) => {}
                 _ = control.changed() => {}
@@ -342,9 +362,26 @@ impl ConsumerRuntime {
             }
         }
         let count = entries.len();
-        self.target
+        // A full batch means more is likely waiting: read it while this one is applied. (Safe
+        // under compaction: a record updated meanwhile reappears later in the stream, newer.)
+        if count == max {
+            let stream = shared.stream.clone();
+            let filter = shared.filter.clone();
+            self.prefetch = Some(Prefetch {
+                after: through,
+                read: tokio::spawn(async move { stream.read(&filter, through, max).await }),
+            });
+        }
+        if let Err(e) = self
+            .target
             .apply(&shared.id, &Batch { entries, through })
-            .await?;
+            .await
+        {
+            if let Some(prefetch) = self.prefetch.take() {
+                prefetch.read.abort();
+            }
+            return Err(e);
+        }
         shared
             .stream
             .acknowledge(&shared.id, &shared.filter, through)
@@ -361,8 +398,22 @@ impl ConsumerRuntime {
         if count < max {
             shared.caught_up.store(true, Ordering::Release);
         }
-        shared.lag_check().await;
+        self.maybe_check_lag(false).await;
         Ok(through)
+    }
+
+    /// Measures lag now if `force`d or if the last measurement is older than
+    /// [`LAG_CHECK_EVERY`] (counting pending records is not free during a backfill).
+    async fn maybe_check_lag(&mut self, force: bool) {
+        let now = tokio::time::Instant::now();
+        if force
+            || self
+                .last_lag_check
+                .is_none_or(|last| now - last >= LAG_CHECK_EVERY)
+        {
+            self.last_lag_check = Some(now);
+            self.shared.lag_check().await;
+        }
     }
 
     /// Waits out the next backoff delay; true when shutting down.
