@@ -1,0 +1,106 @@
+//! What a target should look like once set up.
+
+use secrecy::SecretString;
+use serde::Serialize;
+
+/// How sluice uses a schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaUse {
+    /// A sync schema (schema-mirror layout): created and owned by the sync user.
+    Owned,
+    /// A schema the user created (consumer-table layout, or an existing schema the user opted
+    /// into): the sync user gets `usage, create` and privileges on its tables.
+    Granted,
+}
+
+/// A schema sluice writes into.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SchemaSpec {
+    /// The schema's name.
+    pub name: String,
+    /// How sluice uses it.
+    pub usage: SchemaUse,
+}
+
+/// Hosted-database presets from the seeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Supabase: `anon`, `authenticated` and `service_role` get usage, table grants and
+    /// default privileges on sluice's schemas; the read role goes to them and `postgres`;
+    /// TLS is required.
+    Supabase,
+}
+
+impl Preset {
+    /// The roles the preset grants to.
+    pub fn api_roles(self) -> &'static [&'static str] {
+        match self {
+            Preset::Supabase => &["anon", "authenticated", "service_role"],
+        }
+    }
+}
+
+/// The desired state of a target.
+#[derive(Clone, Debug)]
+pub struct SetupSpec {
+    /// The database sluice writes into.
+    pub database: String,
+    /// The role sluice logs in as (default `sluice`).
+    pub sync_user: String,
+    /// The sync user's password when it is created; generated when `None`.
+    pub sync_password: Option<SecretString>,
+    /// The read role (default `sluice_read`).
+    pub read_role: String,
+    /// Schemas sluice writes into.
+    pub schemas: Vec<SchemaSpec>,
+    /// A hosted-database preset.
+    pub preset: Option<Preset>,
+    /// Existing roles to grant the read role to.
+    pub readers: Vec<String>,
+}
+
+impl SetupSpec {
+    /// The seed's defaults: sync user `sluice`, read role `sluice_read`, no schemas yet.
+    pub fn new(database: impl Into<String>) -> Self {
+        Self {
+            database: database.into(),
+            sync_user: "sluice".into(),
+            sync_password: None,
+            read_role: "sluice_read".into(),
+            schemas: Vec::new(),
+            preset: None,
+            readers: Vec::new(),
+        }
+    }
+
+    /// The legacy naming: `sluice_<suffix>` and `sluice_read_<suffix>` with one random suffix.
+    pub fn legacy_names(mut self) -> Self {
+        let suffix: String = uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .chars()
+            .take(8)
+            .collect();
+        self.sync_user = format!("sluice_{suffix}");
+        self.read_role = format!("sluice_read_{suffix}");
+        self
+    }
+
+    /// Adds a schema.
+    pub fn schema(mut self, name: impl Into<String>, usage: SchemaUse) -> Self {
+        self.schemas.push(SchemaSpec {
+            name: name.into(),
+            usage,
+        });
+        self
+    }
+}
+
+/// A new strong password: 256 random bits as 64 hex characters.
+pub fn generate_password() -> SecretString {
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().simple().to_string();
+    SecretString::from(format!("{a}{b}"))
+}

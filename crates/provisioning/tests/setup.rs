@@ -1,0 +1,395 @@
+//! Provisioning end to end on real clusters: automated and manual paths reach the same end
+//! state, least privilege holds, the read role reads everything sluice creates and nothing else.
+
+use std::process::Command;
+use std::sync::LazyLock;
+
+use secrecy::{ExposeSecret, SecretString};
+use sluice_core::ErrorClass;
+use sluice_localpg::Cluster;
+use sluice_provisioning::{
+    Preset, SchemaUse, SetupSpec, State, apply, check, grant_read, inspect, plan, revoke_read,
+};
+use sluice_target_pg::ConnectionSettings;
+use sqlx::{Connection, PgConnection};
+
+static PG: LazyLock<Cluster> =
+    LazyLock::new(|| Cluster::start_default().expect("start PostgreSQL"));
+
+fn admin(pg: &Cluster, db: &str) -> ConnectionSettings {
+    let mut s = ConnectionSettings::from_url(&pg.url(db)).unwrap();
+    s.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+    s
+}
+
+fn as_user(pg: &Cluster, db: &str, user: &str, password: &str) -> ConnectionSettings {
+    let mut s = ConnectionSettings::from_url(&pg.url_as(user, Some(password), db, None)).unwrap();
+    s.password = Some(SecretString::from(password.to_owned()));
+    s
+}
+
+async fn connect(pg: &Cluster, db: &str, user: &str, password: &str) -> PgConnection {
+    PgConnection::connect(&pg.url_as(user, Some(password), db, None))
+        .await
+        .unwrap()
+}
+
+async fn exec(conn: &mut PgConnection, sql: &str) -> Result<(), String> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(conn)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// A spec with unique role names per test (roles are cluster-wide).
+fn spec(db: &str) -> SetupSpec {
+    let mut spec = SetupSpec::new(db)
+        .schema("stripe", SchemaUse::Owned)
+        .schema("sluice_ct", SchemaUse::Granted);
+    spec.sync_user = format!("{db}_sync");
+    spec.read_role = format!("{db}_read");
+    spec.sync_password = Some(SecretString::from("sync-pw".to_owned()));
+    spec
+}
+
+#[tokio::test]
+async fn automated_setup_reaches_the_desired_state_and_a_second_run_changes_nothing() {
+    let db = PG.fresh_database("auto").await.unwrap();
+    PG.create_role(&format!("{db}_analyst"), Some("a"))
+        .await
+        .unwrap();
+    let mut spec = spec(&db);
+    spec.readers = vec![format!("{db}_analyst")];
+    let first = apply(&admin(&PG, &db), &spec).await.unwrap();
+    let script = first.plan.script(false);
+    assert!(
+        script.contains(&format!(
+            "grant connect, create on database \"{db}\" to \"{db}_sync\";"
+        )),
+        "{script}"
+    );
+    assert!(
+        script.contains(&format!(
+            "create role \"{db}_read\" with admin \"{db}_sync\";"
+        )),
+        "{script}"
+    );
+    assert!(
+        script.contains("create schema \"stripe\" authorization"),
+        "{script}"
+    );
+    assert!(
+        script.contains("-- the sync user sluice logs in as\n"),
+        "each statement carries its reason: {script}"
+    );
+    assert!(
+        !script.contains("sync-pw"),
+        "the printed plan hides the password: {script}"
+    );
+
+    let second = apply(&admin(&PG, &db), &spec).await.unwrap();
+    assert!(
+        second.plan.is_empty(),
+        "a second run plans nothing: {}",
+        second.plan.script(false)
+    );
+
+    let report = check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    assert!(report.is_ok(), "{}", report.render());
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(
+        json["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["ok"] == true)
+    );
+}
+
+#[tokio::test]
+async fn a_generated_password_is_strong_and_returned_once() {
+    let db = PG.fresh_database("genpw").await.unwrap();
+    let mut spec = spec(&db);
+    spec.sync_password = None;
+    let applied = apply(&admin(&PG, &db), &spec).await.unwrap();
+    let password = applied
+        .generated_password
+        .expect("a new user gets a generated password");
+    assert_eq!(password.expose_secret().len(), 64);
+    assert!(
+        !applied
+            .plan
+            .script(false)
+            .contains(password.expose_secret())
+    );
+    connect(&PG, &db, &spec.sync_user, password.expose_secret()).await;
+    let again = apply(&admin(&PG, &db), &spec).await.unwrap();
+    assert!(
+        again.generated_password.is_none(),
+        "an existing user keeps its password"
+    );
+}
+
+#[tokio::test]
+async fn the_manual_script_run_twice_through_psql_reaches_the_same_end_state() {
+    let db = PG.fresh_database("manual").await.unwrap();
+    let spec = spec(&db);
+    let script = plan(&spec, None, &SecretString::from("sync-pw".to_owned()))
+        .unwrap()
+        .script(true);
+    for run in 0..2 {
+        let out = Command::new(PG.binaries().psql())
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &script])
+            .arg(PG.url(&db))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let report = check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    assert!(report.is_ok(), "{}", report.render());
+    // The automated path finds nothing left to do: the same end state.
+    let mut conn = PgConnection::connect(&PG.url(&db)).await.unwrap();
+    let state = inspect(&mut conn, &spec).await.unwrap();
+    let minimal = plan(&spec, Some(&state), &SecretString::from("x".to_owned())).unwrap();
+    assert!(minimal.is_empty(), "{}", minimal.script(false));
+}
+
+#[tokio::test]
+async fn the_sync_user_can_only_write_the_schemas_it_manages() {
+    let db = PG.fresh_database("least").await.unwrap();
+    PG.execute(
+        &db,
+        "create table public.secrets (v text); insert into public.secrets values ('s')",
+    )
+    .await
+    .unwrap();
+    let spec = spec(&db);
+    apply(&admin(&PG, &db), &spec).await.unwrap();
+    let mut sync = connect(&PG, &db, &spec.sync_user, "sync-pw").await;
+    let denied = exec(&mut sync, "select * from public.secrets")
+        .await
+        .unwrap_err();
+    assert!(denied.contains("permission denied"), "{denied}");
+    assert!(
+        exec(&mut sync, "insert into public.secrets values ('x')")
+            .await
+            .unwrap_err()
+            .contains("permission denied")
+    );
+    assert!(
+        exec(&mut sync, "create table public.mine (v int)")
+            .await
+            .unwrap_err()
+            .contains("permission denied")
+    );
+    exec(&mut sync, "create table stripe.customer (id text primary key); insert into stripe.customer values ('c1')").await.unwrap();
+    exec(
+        &mut sync,
+        "create table sluice_ct.records (id int); insert into sluice_ct.records values (1)",
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_read_role_reads_what_sluice_creates_now_and_later_and_nothing_else() {
+    let db = PG.fresh_database("readers").await.unwrap();
+    PG.execute(&db, "create table public.secrets (v text)")
+        .await
+        .unwrap();
+    let spec = spec(&db);
+    apply(&admin(&PG, &db), &spec).await.unwrap();
+    let mut sync = connect(&PG, &db, &spec.sync_user, "sync-pw").await;
+    exec(
+        &mut sync,
+        "create table stripe.customer (id text); insert into stripe.customer values ('c1')",
+    )
+    .await
+    .unwrap();
+
+    let reader = format!("{db}_bob");
+    PG.create_role(&reader, Some("b")).await.unwrap();
+    let sync_settings = as_user(&PG, &db, &spec.sync_user, "sync-pw");
+    grant_read(
+        &sync_settings,
+        &spec.read_role,
+        std::slice::from_ref(&reader),
+    )
+    .await
+    .unwrap();
+    let mut bob = connect(&PG, &db, &reader, "b").await;
+    exec(&mut bob, "select * from stripe.customer")
+        .await
+        .unwrap();
+    // A table sluice creates later is readable too (default privileges).
+    exec(&mut sync, "create table stripe.invoice (id text)")
+        .await
+        .unwrap();
+    exec(&mut bob, "select * from stripe.invoice")
+        .await
+        .unwrap();
+    assert!(
+        exec(&mut bob, "select * from public.secrets")
+            .await
+            .unwrap_err()
+            .contains("permission denied")
+    );
+    assert!(
+        exec(&mut bob, "insert into stripe.customer values ('x')")
+            .await
+            .unwrap_err()
+            .contains("permission denied")
+    );
+
+    revoke_read(
+        &sync_settings,
+        &spec.read_role,
+        std::slice::from_ref(&reader),
+    )
+    .await
+    .unwrap();
+    let mut bob = connect(&PG, &db, &reader, "b").await;
+    assert!(
+        exec(&mut bob, "select * from stripe.customer")
+            .await
+            .unwrap_err()
+            .contains("permission denied")
+    );
+}
+
+#[tokio::test]
+async fn an_existing_read_role_is_adopted_and_the_admin_fix_is_given() {
+    let db = PG.fresh_database("adopt").await.unwrap();
+    let spec = spec(&db);
+    PG.execute(
+        &db,
+        &format!(
+            "create role \"{db}_sync\" login password 'sync-pw'; create role \"{}\"",
+            spec.read_role
+        ),
+    )
+    .await
+    .unwrap();
+    let report = check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    let read = report
+        .findings
+        .iter()
+        .find(|f| f.check == "read_role")
+        .unwrap();
+    assert!(!read.ok);
+    assert_eq!(
+        read.fix.as_deref(),
+        Some(format!("grant \"{db}_read\" to \"{db}_sync\" with admin option;").as_str())
+    );
+
+    let applied = apply(&admin(&PG, &db), &spec).await.unwrap();
+    assert!(
+        applied
+            .plan
+            .notes
+            .iter()
+            .any(|n| n.contains("adopted the existing role")),
+        "{:?}",
+        applied.plan.notes
+    );
+    assert!(applied.plan.script(false).contains("with admin option"));
+    assert!(
+        check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec)
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn an_existing_schema_with_foreign_objects_is_refused_unless_opted_in() {
+    let db = PG.fresh_database("refuse").await.unwrap();
+    PG.execute(
+        &db,
+        "create schema stripe; create table stripe.mine (v int)",
+    )
+    .await
+    .unwrap();
+    let mut spec = spec(&db);
+    let err = apply(&admin(&PG, &db), &spec).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::FixConfiguration);
+    let text = err.to_string();
+    assert!(
+        text.contains("schema \"stripe\" already exists") && text.contains("table \"mine\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("--adopt-existing-schema stripe")
+            && text.contains("grant usage, create on schema \"stripe\""),
+        "{text}"
+    );
+
+    // Opting in: the schema is used as granted, and the user's table is left alone.
+    spec.schemas[0].usage = SchemaUse::Granted;
+    apply(&admin(&PG, &db), &spec).await.unwrap();
+    let mut conn = PgConnection::connect(&PG.url(&db)).await.unwrap();
+    let owner: String = sqlx::query_scalar(
+        "select tableowner::text from pg_tables where schemaname = 'stripe' and tablename = 'mine'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(owner, "postgres");
+}
+
+#[tokio::test]
+async fn the_supabase_preset_grants_the_api_roles_and_requires_tls() {
+    let db = PG.fresh_database("supa").await.unwrap();
+    for role in ["anon", "authenticated", "service_role"] {
+        PG.execute("postgres", &format!("do $$ begin if not exists (select from pg_roles where rolname = '{role}') then create role {role} login password 'r'; end if; end $$")).await.unwrap();
+    }
+    let mut spec = spec(&db);
+    spec.preset = Some(Preset::Supabase);
+    let applied = apply(&admin(&PG, &db), &spec).await.unwrap();
+    let script = applied.plan.script(false);
+    assert!(
+        script.contains(
+            "grant usage on schema \"stripe\" to \"anon\", \"authenticated\", \"service_role\""
+        ),
+        "{script}"
+    );
+    assert!(script.contains("in schema \"stripe\" grant all on tables to \"anon\", \"authenticated\", \"service_role\""), "{script}");
+    let mut sync = connect(&PG, &db, &spec.sync_user, "sync-pw").await;
+    exec(&mut sync, "create table stripe.customer (id text)")
+        .await
+        .unwrap();
+    let mut anon = connect(&PG, &db, "anon", "r").await;
+    exec(&mut anon, "select * from stripe.customer")
+        .await
+        .unwrap();
+    assert!(
+        apply(&admin(&PG, &db), &spec)
+            .await
+            .unwrap()
+            .plan
+            .is_empty()
+    );
+
+    let report = check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    let tls = report.findings.iter().find(|f| f.check == "tls").unwrap();
+    assert!(!tls.ok, "the preset requires TLS and this cluster has none");
+}
+
+#[tokio::test]
+async fn servers_older_than_10_are_refused_and_the_local_one_passes() {
+    let old = State {
+        version_num: 90_624,
+        ..State::default()
+    };
+    let refusal = plan(&spec("x"), Some(&old), &SecretString::from("p".to_owned())).unwrap_err();
+    assert!(refusal.problem.contains("older than 10"), "{refusal:?}");
+    let db = PG.fresh_database("version").await.unwrap();
+    let spec = spec(&db);
+    apply(&admin(&PG, &db), &spec).await.unwrap();
+    let report = check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    assert!(report.findings.iter().any(|f| f.check == "version" && f.ok));
+}
