@@ -7,7 +7,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use secrecy::SecretString;
 use sluice_core::Error;
 use sluice_provisioning::{
-    Preset, SchemaUse, SetupSpec, apply, check, generate_password, grant_read, plan, revoke_read,
+    Preset, SchemaUse, SetupSpec, apply, check, drop_schema, generate_password, grant_read, plan,
+    rename_schema, revoke_read,
 };
 use sluice_target_pg::ConnectionSettings;
 
@@ -37,6 +38,31 @@ pub enum Action {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Move a sync to a new schema: creates it (owned by the sync user) and leaves the old one,
+    /// printing the `drop schema … cascade` you may run later.
+    RenameSchema {
+        /// The sync user's connection URL.
+        #[arg(long, env = "SLUICE_TARGET_URL", hide_env_values = true)]
+        url: String,
+        /// The read role.
+        #[arg(long, default_value = "sluice_read")]
+        read_role: String,
+        /// The schema the sync writes to now.
+        #[arg(long)]
+        from: String,
+        /// The new schema.
+        #[arg(long)]
+        to: String,
+    },
+    /// Drop a sync schema; refused while it holds (or others depend on) objects the sync user
+    /// does not own.
+    DropSchema {
+        /// The sync user's connection URL.
+        #[arg(long, env = "SLUICE_TARGET_URL", hide_env_values = true)]
+        url: String,
+        /// The schema.
+        schema: String,
     },
 }
 
@@ -189,6 +215,22 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Action::RenameSchema {
+            url,
+            read_role,
+            from,
+            to,
+        } => {
+            let renamed = rename_schema(&settings(&url)?, &read_role, &from, &to).await?;
+            print!("{}", renamed.plan.script(false));
+            println!("{}", renamed.message);
+            Ok(ExitCode::SUCCESS)
+        }
+        Action::DropSchema { url, schema } => {
+            drop_schema(&settings(&url)?, &schema).await?;
+            println!("dropped schema {schema:?}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

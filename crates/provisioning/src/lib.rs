@@ -25,6 +25,7 @@
 mod apply;
 mod check;
 mod inspect;
+mod lifecycle;
 mod plan;
 mod read_access;
 mod spec;
@@ -32,6 +33,7 @@ mod spec;
 pub use apply::{Applied, apply, is_transient};
 pub use check::{CheckReport, Finding, check};
 pub use inspect::{ForeignObject, SchemaState, State, foreign_objects, inspect};
+pub use lifecycle::{Renamed, drop_schema, rebuild_schema, rename_schema};
 pub use plan::{Plan, Refusal, Step, plan};
 pub use read_access::{grant_read, revoke_read};
 pub use spec::{Preset, SchemaSpec, SchemaUse, SetupSpec, generate_password};

@@ -29,7 +29,7 @@ impl std::fmt::Debug for Step {
 }
 
 impl Step {
-    fn new(reason: impl Into<String>, sql: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: impl Into<String>, sql: impl Into<String>) -> Self {
         let sql = sql.into();
         Self {
             reason: reason.into(),
