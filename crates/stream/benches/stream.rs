@@ -47,7 +47,10 @@ async fn run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let batch = 1000;
+    let batch: usize = std::env::var("SLUICE_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let records: Vec<Record> = (0..n).map(|i| record(i, 1)).collect();
     let updates: Vec<Record> = (0..n).map(|i| record(i, 2)).collect();
     let size = serde_json::to_string(records[0].change.payload().unwrap())
@@ -141,7 +144,10 @@ async fn run() {
     );
     println!(
         "{:<40} {:>12.0} {:>16.0} {:>7}",
-        "append, all new (batches of 1000)", append_new, baseline, "≥100k"
+        &format!("append, all new (batches of {batch})"),
+        append_new,
+        baseline,
+        "≥100k"
     );
     println!(
         "{:<40} {:>12.0} {:>16.0} {:>7}",
