@@ -104,3 +104,29 @@ pub fn generate_password() -> SecretString {
     let b = uuid::Uuid::new_v4().simple().to_string();
     SecretString::from(format!("{a}{b}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn legacy_names_share_one_random_suffix() {
+        let spec = SetupSpec::new("app").legacy_names();
+        let suffix = spec.sync_user.strip_prefix("sluice_").unwrap();
+        assert_eq!(suffix.len(), 8);
+        assert_eq!(spec.read_role, format!("sluice_read_{suffix}"));
+        assert_ne!(
+            SetupSpec::new("app").legacy_names().sync_user,
+            spec.sync_user
+        );
+    }
+
+    #[test]
+    fn generated_passwords_are_long_and_distinct() {
+        let (a, b) = (generate_password(), generate_password());
+        assert_eq!(a.expose_secret().len(), 64);
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert!(!format!("{a:?}").contains(a.expose_secret()));
+    }
+}
