@@ -12,11 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_consumer::ConsumerRuntime;
-use sluice_core::sql::quote_ident;
 use sluice_core::{
     BatchConfig, ConsumerId, LagThresholds, Provider, RecordFilter, RecordStream, StreamEntry,
 };
-use sluice_localpg::Cluster;
 use sluice_stream::EmbeddedStream;
 use sluice_target_pg::{ConsumerTable, ConsumerTableTarget};
 use support::{Bench, env_usize, record, report};
@@ -78,22 +76,7 @@ async fn consume(
 async fn run() {
     let n = env_usize("SLUICE_BENCH_RECORDS", 200_000);
     let batch = env_usize("SLUICE_BENCH_BATCH", 5_000);
-    let pg = Cluster::options()
-        .setting("shared_buffers", "'512MB'")
-        .setting("max_wal_size", "'4GB'")
-        .start()
-        .expect("start PostgreSQL");
-    let db = pg.fresh_database("bench").await.unwrap();
-    pg.execute(
-        &db,
-        &format!(
-            "create schema bench; alter database {} set synchronous_commit = on",
-            quote_ident(&db)
-        ),
-    )
-    .await
-    .unwrap();
-    let bench = Bench { pg, db, batch };
+    let bench = Bench::start(batch).await;
     let entries: Vec<StreamEntry> = (0..n).map(|i| record(i as u64 + 1, i, 0, false)).collect();
     let dir = tempfile::tempdir().unwrap();
     let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());

@@ -154,6 +154,16 @@ async fn stream_rows(s: &Setup) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
+/// Appends version 1 of records `ids` of [`SYNC`], 5,000 per batch.
+async fn fill(s: &Setup, ids: std::ops::Range<usize>) {
+    let records: Vec<Record> = ids
+        .map(|i| rec(SYNC, Provider::Postgres, i, 1, false))
+        .collect();
+    for chunk in records.chunks(5000) {
+        s.stream.append(chunk.to_vec()).await.unwrap();
+    }
+}
+
 async fn caught_up(handle: &ConsumerHandle, s: &Setup) -> bool {
     handle.cursor() >= s.stream.head().await.unwrap()
 }
@@ -161,17 +171,7 @@ async fn caught_up(handle: &ConsumerHandle, s: &Setup) -> bool {
 #[tokio::test]
 async fn a_50k_backfill_then_live_changes_ends_equal_to_the_stream() {
     let s = setup(&PG, "backfill").await;
-    for chunk in (0..50_000).collect::<Vec<_>>().chunks(5000) {
-        s.stream
-            .append(
-                chunk
-                    .iter()
-                    .map(|&i| rec(SYNC, Provider::Postgres, i, 1, false))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-    }
+    fill(&s, 0..50_000).await;
     let (handle, stop, task) = start(
         &s,
         RecordFilter::Sync {
@@ -510,17 +510,7 @@ async fn child_runs_a_consumer() {
 #[tokio::test]
 async fn a_consumer_killed_mid_batch_resumes_without_loss_or_regression() {
     let s = setup(&PG, "killed").await;
-    for chunk in (0..40_000).collect::<Vec<_>>().chunks(5000) {
-        s.stream
-            .append(
-                chunk
-                    .iter()
-                    .map(|&i| rec(SYNC, Provider::Postgres, i, 1, false))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-    }
+    fill(&s, 0..40_000).await;
     let url = PG.url_as(&format!("{}_sync", s.db), Some("pw"), &s.db, None);
     let child = |finish: bool| {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());

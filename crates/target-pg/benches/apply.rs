@@ -9,8 +9,6 @@
 mod support;
 
 use sluice_core::StreamEntry;
-use sluice_core::sql::quote_ident;
-use sluice_localpg::{Auth, Cluster};
 use support::{Bench, env_usize, record, report};
 
 fn main() {
@@ -24,23 +22,7 @@ fn main() {
 async fn run() {
     let n = env_usize("SLUICE_BENCH_RECORDS", 200_000);
     let batch = env_usize("SLUICE_BENCH_BATCH", 5_000);
-    let pg = Cluster::options()
-        .auth(Auth::ScramSha256)
-        .setting("shared_buffers", "'512MB'")
-        .setting("max_wal_size", "'4GB'")
-        .start()
-        .expect("start PostgreSQL");
-    let db = pg.fresh_database("bench").await.unwrap();
-    pg.execute(
-        &db,
-        &format!(
-            "create schema bench; alter database {} set synchronous_commit = on",
-            quote_ident(&db)
-        ),
-    )
-    .await
-    .unwrap();
-    let bench = Bench { pg, db, batch };
+    let bench = Bench::start(batch).await;
 
     let all_new: Vec<StreamEntry> = (0..n).map(|i| record(i as u64 + 1, i, 0, false)).collect();
     let avg = all_new

@@ -69,6 +69,18 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// A throwaway cluster tuned for bulk loads, with a `bench` schema in a fresh database.
+    pub async fn start(batch: usize) -> Self {
+        let pg = Cluster::options()
+            .setting("shared_buffers", "'512MB'")
+            .setting("max_wal_size", "'4GB'")
+            .start()
+            .expect("start PostgreSQL");
+        let db = pg.fresh_database("bench").await.unwrap();
+        pg.execute(&db, "create schema bench").await.unwrap();
+        Self { pg, db, batch }
+    }
+
     pub async fn fresh_table(&self, name: &str) -> ConsumerTable {
         let table = ConsumerTable::new("bench", name);
         self.pg
