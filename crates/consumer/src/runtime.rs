@@ -96,6 +96,20 @@ impl Shared {
 
     async fn lag_check(&self) {
         let cursor = Seq(self.cursor.load(Ordering::Acquire));
+        if !self.caught_up.load(Ordering::Acquire) {
+            // The first backfill is `initializing` whatever the count: estimate it from the
+            // head instead of counting every pending record.
+            if let Ok(head) = self.stream.head().await {
+                let left = head.0.saturating_sub(cursor.0);
+                self.observe(
+                    "lag",
+                    Status::Initializing,
+                    format!("backfilling: at most {left} record(s) to go"),
+                    None,
+                );
+            }
+            return;
+        }
         let cap = self.lag.error_records.max(self.lag.warn_records) + 1;
         let lag = match self.stream.lag(&self.filter, cursor, cap).await {
             Ok(lag) => lag,
@@ -114,19 +128,12 @@ impl Shared {
             .map(|t| (OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64)
             .unwrap_or(0);
         let message = format!("{} record(s), {seconds} s behind the stream", lag.records);
-        let status = if !self.caught_up.load(Ordering::Acquire) {
-            Status::Initializing
-        } else if lag.records >= self.lag.error_records || seconds >= self.lag.error_seconds {
+        let status = if lag.records >= self.lag.error_records || seconds >= self.lag.error_seconds {
             Status::Error
         } else if lag.records >= self.lag.warn_records || seconds >= self.lag.warn_seconds {
             Status::Warning
         } else {
             Status::Healthy
-        };
-        let message = if status == Status::Initializing {
-            format!("backfilling: {message}")
-        } else {
-            message
         };
         let fix = (status >= Status::Warning).then(|| {
             format!("check target {:?}'s health and write speed; a consumer that falls behind catches up once the target keeps pace", self.target_name)
@@ -144,6 +151,7 @@ pub struct ConsumerRuntime {
     /// The next read, started while the previous batch was being applied.
     prefetch: Option<Prefetch>,
     last_lag_check: Option<tokio::time::Instant>,
+    last_ack: Option<tokio::time::Instant>,
 }
 
 /// A read of `seq > after` running on its own task.
@@ -151,6 +159,9 @@ struct Prefetch {
     after: Seq,
     read: tokio::task::JoinHandle<Result<StreamRead, Error>>,
 }
+
+/// During a backfill, the stream cursor is acknowledged at most this often.
+const ACK_EVERY: Duration = Duration::from_secs(1);
 
 /// The loop measures lag at most this often (health requests always measure).
 const LAG_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -197,6 +208,7 @@ impl ConsumerRuntime {
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
             prefetch: None,
             last_lag_check: None,
+            last_ack: None,
         }
     }
 
@@ -382,10 +394,16 @@ impl ConsumerRuntime {
             }
             return Err(e);
         }
-        shared
-            .stream
-            .acknowledge(&shared.id, &shared.filter, through)
-            .await?;
+        // The stream's cursor only holds tombstones back, so it may lag the target's checkpoint:
+        // acknowledging (a durable write) once a second, and whenever caught up, is enough.
+        let now = tokio::time::Instant::now();
+        if count < max || self.last_ack.is_none_or(|last| now - last >= ACK_EVERY) {
+            shared
+                .stream
+                .acknowledge(&shared.id, &shared.filter, through)
+                .await?;
+            self.last_ack = Some(now);
+        }
         shared.cursor.store(through.0, Ordering::Release);
         *shared.last_write.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(OffsetDateTime::now_utc());
