@@ -576,3 +576,72 @@ async fn a_consumer_killed_mid_batch_resumes_without_loss_or_regression() {
         "every row holds its newest version: nothing lost, nothing regressed"
     );
 }
+
+#[tokio::test]
+async fn a_consumer_that_falls_behind_turns_warning_then_error_and_recovers() {
+    let s = setup(&PG, "lagging").await;
+    fill(&s, 0..10).await;
+    let target = Arc::new(ConsumerTableTarget::new(
+        "warehouse",
+        s.settings.clone(),
+        s.table.clone(),
+        1,
+    ));
+    let thresholds = LagThresholds {
+        warn_records: 5,
+        warn_seconds: 3600,
+        error_records: 20,
+        error_seconds: 7200,
+    };
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from("lagging"),
+        RecordFilter::Provider(Provider::Postgres),
+        s.stream.clone(),
+        target,
+        BatchConfig {
+            max_records: 1000,
+            max_wait_ms: 20,
+        },
+        thresholds,
+    );
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    wait_until("caught up", 30, async || caught_up(&handle, &s).await).await;
+    let lag = async || {
+        handle
+            .health()
+            .await
+            .checks
+            .into_iter()
+            .find(|c| c.name == "lag")
+            .unwrap()
+    };
+    assert_eq!(lag().await.status, Status::Healthy);
+
+    // Held back (paused), the consumer falls behind as records arrive.
+    handle.pause("holding back".into()).await.unwrap();
+    wait_until("paused", 10, async || {
+        handle.health().await.status == Status::Paused
+    })
+    .await;
+    fill(&s, 100..110).await;
+    let check = lag().await;
+    assert_eq!(check.status, Status::Warning, "{check:?}");
+    assert!(
+        check.message.starts_with("10 record(s)"),
+        "{}",
+        check.message
+    );
+    fill(&s, 200..215).await;
+    assert_eq!(lag().await.status, Status::Error);
+
+    handle.resume().await.unwrap();
+    wait_until("caught up again", 30, async || caught_up(&handle, &s).await).await;
+    wait_until("healthy again", 10, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    stop.send_replace(true);
+    task.await.unwrap();
+}
