@@ -246,3 +246,51 @@ async fn the_manual_script_through_psql_then_check_reports_nothing_to_fix() {
     let usage = sluice(home.path(), &["grant-read", "--url", &sync_url], &[]);
     assert_eq!(usage.status.code(), Some(2), "no users is a usage error");
 }
+
+#[test]
+fn tunnel_keygen_writes_the_key_and_prints_the_restricted_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let out = sluice(
+        home.path(),
+        &[
+            "tunnel",
+            "keygen",
+            "--out",
+            "bastion_key",
+            "--db-host",
+            "db.internal",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(printed.contains("restrict,port-forwarding,permitopen=\"db.internal:5432\",command=\"/bin/false\" ssh-ed25519 "), "{printed}");
+    assert!(
+        printed.contains("chmod 600 ~/.ssh/authorized_keys"),
+        "the seed's install steps: {printed}"
+    );
+    let mode = std::fs::metadata(home.path().join("bastion_key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = sluice(
+        home.path(),
+        &[
+            "tunnel",
+            "keygen",
+            "--out",
+            "bastion_key",
+            "--db-host",
+            "db.internal",
+        ],
+        &[],
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "an existing key is never overwritten"
+    );
+}

@@ -1,10 +1,128 @@
 //! Tunnels to databases sluice cannot reach directly.
 //!
-//! `sluice-tunnel` owns SSH bastion tunnels (`direct-tcpip` channels bridged through a
-//! loopback listener, host keys pinned by fingerprint, keepalive and reconnect) and the
-//! reverse tunnel that `sluice-agent` dials out to from a private network.
+//! `sluice-tunnel` owns SSH bastion tunnels: [`keys`] generates the ed25519 key and the
+//! `authorized_keys` line restricted to one forward; [`BastionTunnel`] serves a loopback
+//! listener whose connections travel over `direct-tcpip` channels (sqlx has no custom-stream
+//! hook), with the bastion's host key pinned by fingerprint, keepalive to detect a dead path,
+//! a timeout on every channel open, and reconnection with backoff. The reverse tunnel for
+//! `sluice-agent` joins it later.
 //!
 //! It must not know about PostgreSQL beyond a host and port to forward to: callers get a
 //! local address and connect through it as if it were the database.
-//!
-//! The tunnels arrive with the connectivity issue.
+
+mod bastion;
+pub mod keys;
+
+pub use bastion::{BastionConfig, BastionTunnel};
+
+/// Why a tunnel could not be set up, explained.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TunnelError {
+    /// The key file could not be made or read.
+    #[error("tunnel key: {0}")]
+    Key(String),
+    /// The bastion did not answer.
+    #[error(
+        "cannot reach the bastion {bastion}: {detail}. Check its host and port, and that sluice's address may connect to it"
+    )]
+    BastionUnreachable {
+        /// `host:port`.
+        bastion: String,
+        /// What happened.
+        detail: String,
+    },
+    /// No fingerprint is pinned yet.
+    #[error(
+        "the bastion {bastion} presented the host key {fingerprint}. Confirm it is the bastion's (on the \
+         bastion: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then pin it: host_key_fingerprint = \"{fingerprint}\""
+    )]
+    HostKeyNotPinned {
+        /// `host:port`.
+        bastion: String,
+        /// What it presented.
+        fingerprint: String,
+    },
+    /// The bastion's key is not the pinned one.
+    #[error(
+        "the bastion {bastion}'s host key has CHANGED: expected {expected}, got {got}. Someone may be \
+         intercepting the connection, or the bastion was rebuilt. Verify the new key on the bastion before \
+         pinning it; sluice will not connect until then"
+    )]
+    HostKeyChanged {
+        /// `host:port`.
+        bastion: String,
+        /// The pinned fingerprint.
+        expected: String,
+        /// What it presented.
+        got: String,
+    },
+    /// The bastion refused the key.
+    #[error(
+        "the bastion {bastion} rejected the key {key_fingerprint} for user {user}: install its public key in \
+         ~{user}/.ssh/authorized_keys there (sluice tunnel keygen prints the line)"
+    )]
+    AuthRejected {
+        /// `host:port`.
+        bastion: String,
+        /// SSH user.
+        user: String,
+        /// The key's fingerprint.
+        key_fingerprint: String,
+    },
+    /// `permitopen` (or the server's policy) forbids this forward.
+    #[error(
+        "the bastion refused to forward to {target}: the key's permitopen (or AllowTcpForwarding) does not \
+         allow it. Make the authorized_keys line say permitopen=\"{target}\""
+    )]
+    ForwardRefused {
+        /// `host:port` asked for.
+        target: String,
+    },
+    /// The bastion could not reach the database.
+    #[error(
+        "the bastion {bastion} cannot reach the database at {target}: check the database host and port as the bastion sees them"
+    )]
+    DatabaseUnreachable {
+        /// `host:port` asked for.
+        target: String,
+        /// The bastion host.
+        bastion: String,
+    },
+    /// Opening a channel took too long.
+    #[error("the bastion did not open a channel within {secs}s")]
+    ChannelTimeout {
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The local listener failed.
+    #[error("local tunnel listener: {0}")]
+    Local(String),
+    /// Any other SSH failure.
+    #[error("ssh: {0}")]
+    Ssh(String),
+}
+
+impl TunnelError {
+    /// Worth retrying (the path, not the configuration, failed).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::BastionUnreachable { .. }
+                | TunnelError::ChannelTimeout { .. }
+                | TunnelError::Ssh(_)
+        )
+    }
+}
+
+impl From<TunnelError> for sluice_core::Error {
+    fn from(e: TunnelError) -> Self {
+        if e.is_transient() {
+            sluice_core::Error::Unavailable {
+                what: e.to_string(),
+                source: None,
+            }
+        } else {
+            sluice_core::Error::configuration(e.to_string(), "see the message above")
+        }
+    }
+}
