@@ -247,22 +247,20 @@ async fn the_manual_script_through_psql_then_check_reports_nothing_to_fix() {
     assert_eq!(usage.status.code(), Some(2), "no users is a usage error");
 }
 
+const KEYGEN: [&str; 6] = [
+    "tunnel",
+    "keygen",
+    "--out",
+    "bastion_key",
+    "--db-host",
+    "db.internal",
+];
+
 #[test]
 fn tunnel_keygen_writes_the_key_and_prints_the_restricted_line() {
     use std::os::unix::fs::PermissionsExt;
     let home = tempfile::tempdir().unwrap();
-    let out = sluice(
-        home.path(),
-        &[
-            "tunnel",
-            "keygen",
-            "--out",
-            "bastion_key",
-            "--db-host",
-            "db.internal",
-        ],
-        &[],
-    );
+    let out = sluice(home.path(), &KEYGEN, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let printed = text(&out);
     assert!(printed.contains("restrict,port-forwarding,permitopen=\"db.internal:5432\",command=\"/bin/false\" ssh-ed25519 "), "{printed}");
@@ -276,18 +274,7 @@ fn tunnel_keygen_writes_the_key_and_prints_the_restricted_line() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600);
-    let again = sluice(
-        home.path(),
-        &[
-            "tunnel",
-            "keygen",
-            "--out",
-            "bastion_key",
-            "--db-host",
-            "db.internal",
-        ],
-        &[],
-    );
+    let again = sluice(home.path(), &KEYGEN, &[]);
     assert_eq!(
         again.status.code(),
         Some(1),

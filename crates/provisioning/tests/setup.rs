@@ -42,6 +42,12 @@ async fn exec(conn: &mut PgConnection, sql: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Asserts that running `sql` is refused for lack of privilege.
+async fn assert_denied(conn: &mut PgConnection, sql: &str) {
+    let err = exec(conn, sql).await.expect_err(sql);
+    assert!(err.contains("permission denied"), "{sql}: {err}");
+}
+
 /// A spec with unique role names per test (roles are cluster-wide).
 fn spec(db: &str) -> SetupSpec {
     let mut spec = SetupSpec::new(db)
@@ -175,18 +181,8 @@ async fn the_sync_user_can_only_write_the_schemas_it_manages() {
         .await
         .unwrap_err();
     assert!(denied.contains("permission denied"), "{denied}");
-    assert!(
-        exec(&mut sync, "insert into public.secrets values ('x')")
-            .await
-            .unwrap_err()
-            .contains("permission denied")
-    );
-    assert!(
-        exec(&mut sync, "create table public.mine (v int)")
-            .await
-            .unwrap_err()
-            .contains("permission denied")
-    );
+    assert_denied(&mut sync, "insert into public.secrets values ('x')").await;
+    assert_denied(&mut sync, "create table public.mine (v int)").await;
     exec(&mut sync, "create table stripe.customer (id text primary key); insert into stripe.customer values ('c1')").await.unwrap();
     exec(
         &mut sync,
@@ -233,18 +229,8 @@ async fn the_read_role_reads_what_sluice_creates_now_and_later_and_nothing_else(
     exec(&mut bob, "select * from stripe.invoice")
         .await
         .unwrap();
-    assert!(
-        exec(&mut bob, "select * from public.secrets")
-            .await
-            .unwrap_err()
-            .contains("permission denied")
-    );
-    assert!(
-        exec(&mut bob, "insert into stripe.customer values ('x')")
-            .await
-            .unwrap_err()
-            .contains("permission denied")
-    );
+    assert_denied(&mut bob, "select * from public.secrets").await;
+    assert_denied(&mut bob, "insert into stripe.customer values ('x')").await;
 
     revoke_read(
         &sync_settings,
@@ -254,12 +240,7 @@ async fn the_read_role_reads_what_sluice_creates_now_and_later_and_nothing_else(
     .await
     .unwrap();
     let mut bob = connect(&PG, &db, &reader, "b").await;
-    assert!(
-        exec(&mut bob, "select * from stripe.customer")
-            .await
-            .unwrap_err()
-            .contains("permission denied")
-    );
+    assert_denied(&mut bob, "select * from stripe.customer").await;
 }
 
 #[tokio::test]
