@@ -4,16 +4,19 @@
 //! `authorized_keys` line restricted to one forward; [`BastionTunnel`] serves a loopback
 //! listener whose connections travel over `direct-tcpip` channels (sqlx has no custom-stream
 //! hook), with the bastion's host key pinned by fingerprint, keepalive to detect a dead path,
-//! a timeout on every channel open, and reconnection with backoff. The reverse tunnel for
-//! `sluice-agent` joins it later.
+//! a timeout on every channel open, and reconnection with backoff. [`ReverseServer`] and
+//! [`run_agent`] are the reverse tunnel: `sluice-agent` dials out from the database's network,
+//! and sluice reaches the database through it.
 //!
 //! It must not know about PostgreSQL beyond a host and port to forward to: callers get a
 //! local address and connect through it as if it were the database.
 
 mod bastion;
 pub mod keys;
+mod reverse;
 
 pub use bastion::{BastionConfig, BastionTunnel};
+pub use reverse::{AgentConfig, ReverseServer, run_agent};
 
 /// Why a tunnel could not be set up, explained.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
