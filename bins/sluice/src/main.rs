@@ -52,6 +52,25 @@ enum TunnelAction {
         #[arg(long, default_value_t = 5432)]
         db_port: u16,
     },
+    /// Check each hop of a bastion tunnel: bastion reachable, host key, key accepted, forward
+    /// allowed, database reachable.
+    Check {
+        /// Bastion `host:port`.
+        #[arg(long)]
+        bastion: String,
+        /// SSH user on the bastion.
+        #[arg(long)]
+        user: String,
+        /// The tunnel's private key.
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// The bastion's pinned host key fingerprint (`SHA256:…`); leave out to be shown it.
+        #[arg(long)]
+        host_key_fingerprint: Option<String>,
+        /// The database `host:port`, as the bastion reaches it.
+        #[arg(long)]
+        db: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +118,48 @@ fn main() -> ExitCode {
                 );
                 println!("{}", sluice_tunnel::keys::install_steps(&line));
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Tunnel {
+                action:
+                    TunnelAction::Check {
+                        bastion,
+                        user,
+                        key,
+                        host_key_fingerprint,
+                        db,
+                    },
+            } => {
+                let parse =
+                    |addr: &str, default: u16| -> Result<(String, u16), sluice_core::Error> {
+                        match addr.rsplit_once(':') {
+                            None => Ok((addr.to_owned(), default)),
+                            Some((h, p)) => p.parse().map(|p| (h.to_owned(), p)).map_err(|_| {
+                                sluice_core::Error::invalid(format!("{p:?} is not a port"))
+                            }),
+                        }
+                    };
+                let (host, port) = parse(&bastion, 22)?;
+                let (db_host, db_port) = parse(&db, 5432)?;
+                let mut config = sluice_tunnel::BastionConfig::new(host, port, user, key);
+                config.host_key_fingerprint = host_key_fingerprint;
+                config.forward_host = db_host;
+                config.forward_port = db_port;
+                let mut ok = true;
+                for (hop, status) in sluice_tunnel::BastionTunnel::hops(&config).await {
+                    match status {
+                        Some(Ok(())) => println!("ok   {hop}"),
+                        Some(Err(message)) => {
+                            ok = false;
+                            println!("FAIL {hop}: {message}");
+                        }
+                        None => println!("--   {hop} (not reached)"),
+                    }
+                }
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Command::ConfigSchema => {
                 print!("{}", sluice_core::config_schema_json());

@@ -128,6 +128,46 @@ impl BastionTunnel {
         Ok(())
     }
 
+    /// [`probe`](Self::probe), reported hop by hop: each hop is `Ok` up to the one that
+    /// failed, which carries the explanation; the hops after it were not reached (`None`).
+    pub async fn hops(config: &BastionConfig) -> Vec<(&'static str, Option<Result<(), String>>)> {
+        const HOPS: [&str; 5] = [
+            "bastion reachable",
+            "host key pinned",
+            "key accepted",
+            "forward allowed",
+            "database reachable",
+        ];
+        let failed_at = match Self::probe(config).await {
+            Ok(()) => None,
+            Err(e) => {
+                let hop = match &e {
+                    TunnelError::Key(_)
+                    | TunnelError::Local(_)
+                    | TunnelError::BastionUnreachable { .. }
+                    | TunnelError::Ssh(_) => 0,
+                    TunnelError::HostKeyNotPinned { .. } | TunnelError::HostKeyChanged { .. } => 1,
+                    TunnelError::AuthRejected { .. } => 2,
+                    TunnelError::ForwardRefused { .. } | TunnelError::ChannelTimeout { .. } => 3,
+                    TunnelError::DatabaseUnreachable { .. } => 4,
+                };
+                Some((hop, e.to_string()))
+            }
+        };
+        HOPS.iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let status = match &failed_at {
+                    None => Some(Ok(())),
+                    Some((hop, _)) if i < *hop => Some(Ok(())),
+                    Some((hop, message)) if i == *hop => Some(Err(message.clone())),
+                    Some(_) => None,
+                };
+                (*name, status)
+            })
+            .collect()
+    }
+
     /// Where to connect: `127.0.0.1:<port>`.
     pub fn local_addr(&self) -> SocketAddr {
         self.local

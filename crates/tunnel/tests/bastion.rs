@@ -227,6 +227,28 @@ async fn each_failing_hop_is_named() {
         BastionTunnel::probe(&nowhere).await.unwrap_err(),
         TunnelError::BastionUnreachable { .. }
     ));
+    // Hop by hop: everything up to the forward is fine, the forward fails, the database is not reached.
+    let hops = BastionTunnel::hops(&other_port).await;
+    let statuses: Vec<(&str, Option<bool>)> = hops
+        .iter()
+        .map(|(name, r)| (*name, r.as_ref().map(|r| r.is_ok())))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("bastion reachable", Some(true)),
+            ("host key pinned", Some(true)),
+            ("key accepted", Some(true)),
+            ("forward allowed", Some(false)),
+            ("database reachable", None),
+        ]
+    );
+    assert!(
+        BastionTunnel::hops(&s.config)
+            .await
+            .iter()
+            .all(|(_, r)| matches!(r, Some(Ok(()))))
+    );
     // The database is down: the bastion cannot reach it.
     s.pg.stop().unwrap();
     let err = BastionTunnel::probe(&s.config).await.unwrap_err();
