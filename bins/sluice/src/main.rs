@@ -33,8 +33,23 @@ enum Command {
         #[command(subcommand)]
         action: TunnelAction,
     },
+    /// Check `sluice.toml` without connecting to anything.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Print the JSON Schema of `sluice.toml`, for editors that validate config files.
     ConfigSchema,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// Parse the file (with environment variables substituted) and check its references.
+    Check {
+        /// The config file.
+        #[arg(long, default_value = "sluice.toml")]
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +175,28 @@ fn main() -> ExitCode {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Command::Config {
+                action: ConfigAction::Check { file },
+            } => {
+                let config = sluice_core::Config::load(&file)
+                    .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
+                let problems = config.problems();
+                if problems.is_empty() {
+                    println!(
+                        "{}: ok ({} target(s), {} sync(s), {} consumer(s))",
+                        file.display(),
+                        config.targets.len(),
+                        config.syncs.len(),
+                        config.consumers.len()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    for p in &problems {
+                        eprintln!("{}: {p}", file.display());
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
             }
             Command::ConfigSchema => {
                 print!("{}", sluice_core::config_schema_json());

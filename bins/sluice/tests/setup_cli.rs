@@ -281,3 +281,36 @@ fn tunnel_keygen_writes_the_key_and_prints_the_restricted_line() {
         "an existing key is never overwritten"
     );
 }
+
+#[test]
+fn config_check_accepts_the_example_and_locates_mistakes() {
+    let home = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sluice.toml");
+    let ok = sluice(
+        home.path(),
+        &["config", "check", "--file", example.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("ok (1 target(s), 1 sync(s), 1 consumer(s))"),
+        "{}",
+        text(&ok)
+    );
+
+    let broken = home.path().join("sluice.toml");
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&example)
+            .unwrap()
+            .replace("database = \"warehouse\"", "databse = \"warehouse\""),
+    )
+    .unwrap();
+    let err = sluice(home.path(), &["config", "check"], &[]);
+    assert_eq!(err.status.code(), Some(1));
+    assert!(
+        text(&err).contains("sluice.toml:13:1: unknown field `databse`"),
+        "{}",
+        text(&err)
+    );
+}

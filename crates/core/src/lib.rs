@@ -33,6 +33,7 @@ mod config;
 mod consumer;
 mod error;
 mod health;
+mod load;
 mod record;
 mod retry;
 pub mod sql;
@@ -49,6 +50,7 @@ pub use error::{Error, ErrorClass, Result};
 pub use health::{
     Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition,
 };
+pub use load::ConfigError;
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };
