@@ -28,6 +28,11 @@ enum Command {
     GrantRead(setup::ReadAccess),
     /// Take that back (revokes the read role, as the sync user).
     RevokeRead(setup::ReadAccess),
+    /// A PostgreSQL source: check its logical-replication prerequisites.
+    Source {
+        #[command(subcommand)]
+        action: SourceAction,
+    },
     /// SSH tunnels through a bastion.
     Tunnel {
         #[command(subcommand)]
@@ -49,6 +54,26 @@ enum ConfigAction {
         /// The config file.
         #[arg(long, default_value = "sluice.toml")]
         file: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SourceAction {
+    /// Check version, wal_level, the REPLICATION attribute, grants, the publication, its
+    /// tables and the slot, as the replication user; every gap comes with its fix.
+    Check {
+        /// The replication user's connection URL.
+        #[arg(long, env = "SLUICE_SOURCE_URL", hide_env_values = true)]
+        url: String,
+        /// The publication.
+        #[arg(long, default_value = "sluice_publication")]
+        publication: String,
+        /// The replication slot.
+        #[arg(long, default_value = "sluice_slot")]
+        slot: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -171,6 +196,35 @@ fn main() -> ExitCode {
                     }
                 }
                 Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Source {
+                action:
+                    SourceAction::Check {
+                        url,
+                        publication,
+                        slot,
+                        json,
+                    },
+            } => {
+                let settings =
+                    sluice_target_pg::ConnectionSettings::from_url(&url).map_err(|e| {
+                        sluice_core::Error::configuration(e.to_string(), "check the URL's syntax")
+                    })?;
+                let spec = sluice_source_pg::SourceSpec { publication, slot };
+                let report = sluice_source_pg::check(&settings, &spec).await;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", report.render());
+                }
+                Ok(if report.is_ok() {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

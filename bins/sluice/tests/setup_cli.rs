@@ -314,3 +314,26 @@ fn config_check_accepts_the_example_and_locates_mistakes() {
         text(&err)
     );
 }
+
+#[tokio::test]
+async fn source_check_reports_what_logical_replication_needs() {
+    let pg = Cluster::start_default().unwrap();
+    pg.create_role("plain", Some("p")).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let url = pg.url_as("plain", Some("p"), "postgres", None);
+    let out = sluice(
+        home.path(),
+        &["source", "check", "--url", &url, "--json"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let wal = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "wal_level")
+        .unwrap();
+    assert_eq!(wal["ok"], false);
+    assert!(wal["fix"].as_str().unwrap().contains("wal_level = logical"));
+}

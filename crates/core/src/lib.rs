@@ -35,6 +35,7 @@ mod error;
 mod health;
 mod load;
 mod record;
+mod report;
 mod retry;
 pub mod sql;
 mod stream;
@@ -54,6 +55,7 @@ pub use load::ConfigError;
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };
+pub use report::{CheckReport, Finding};
 pub use retry::Backoff;
 pub use stream::{AppendOutcome, Lag, RecordFilter, RecordStream, Seq, StreamEntry, StreamRead};
 pub use target::{Batch, Target};

@@ -31,9 +31,10 @@ mod read_access;
 mod spec;
 
 pub use apply::{Applied, apply, is_transient};
-pub use check::{CheckReport, Finding, check};
+pub use check::check;
 pub use inspect::{ForeignObject, SchemaState, State, foreign_objects, inspect};
 pub use lifecycle::{Renamed, drop_schema, rebuild_schema, rename_schema};
 pub use plan::{Plan, Refusal, Step, plan};
 pub use read_access::{grant_read, revoke_read};
+pub use sluice_core::{CheckReport, Finding};
 pub use spec::{Preset, SchemaSpec, SchemaUse, SetupSpec, generate_password};

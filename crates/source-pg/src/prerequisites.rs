@@ -1,0 +1,316 @@
+//! `sluice source check`: everything logical replication needs, each gap with its fix
+//! (seed `connect-postgres-source.txt`).
+
+use sluice_core::sql::{qualified, quote_ident as q, quote_literal};
+use sluice_core::{CheckReport, Error};
+use sluice_target_pg::{ConnectionSettings, catalog};
+use sqlx::PgConnection;
+
+/// What the source should offer.
+#[derive(Clone, Debug)]
+pub struct SourceSpec {
+    /// The publication to read.
+    pub publication: String,
+    /// The replication slot.
+    pub slot: String,
+}
+
+const WAL_LEVEL_HINTS: &str = "Standard PostgreSQL: set wal_level = logical in postgresql.conf (or: alter system set wal_level = logical;) and restart.\n\
+AWS RDS / Aurora: in the parameter group, set rds.logical_replication = 1, then reboot.\n\
+Google Cloud SQL: set the cloudsql.logical_decoding flag to on.\n\
+Azure: set wal_level = logical in the server parameters.\n\
+Neon: enable logical replication in the project settings.\n\
+Supabase: enabled by default.\n\
+Enabling logical replication usually needs a restart.";
+
+/// Checks the source as the replication user: version, `wal_level`, the REPLICATION attribute,
+/// CONNECT, the publication and its tables (SELECT, partitioning, replica identity), the slot.
+pub async fn check(settings: &ConnectionSettings, spec: &SourceSpec) -> CheckReport {
+    let mut report = CheckReport::default();
+    let mut conn = match settings.connect().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            report.push(
+                "connect",
+                false,
+                e.to_string(),
+                e.fix_sql().map(str::to_owned),
+            );
+            return report;
+        }
+    };
+    if let Err(e) = check_on(&mut conn, spec, &mut report).await {
+        report.push(
+            "catalog",
+            false,
+            format!("could not read the catalog: {e}"),
+            None,
+        );
+    }
+    report
+}
+
+async fn check_on(
+    conn: &mut PgConnection,
+    spec: &SourceSpec,
+    report: &mut CheckReport,
+) -> Result<(), sqlx::Error> {
+    let facts = catalog::server_facts(conn).await?;
+    let user = q(&facts.current_user);
+    report.push(
+        "connect",
+        true,
+        format!("connected as {} to {}", facts.current_user, facts.database),
+        None,
+    );
+    report.push(
+        "version",
+        facts.major_version() >= 12,
+        format!("PostgreSQL {} (12 or newer is needed)", facts.version),
+        Some("upgrade the source to PostgreSQL 12 or newer".into()),
+    );
+    report.push(
+        "wal_level",
+        facts.wal_level == "logical",
+        format!("wal_level = {}", facts.wal_level),
+        Some(WAL_LEVEL_HINTS.into()),
+    );
+    let role = catalog::role(conn, &facts.current_user).await?;
+    let rds = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_auth_members m join pg_roles g on g.oid = m.roleid
+                          where g.rolname = 'rds_replication' and m.member = (select oid from pg_roles where rolname = current_user)) as "e!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let replication = role.as_ref().is_some_and(|r| r.replication || r.superuser) || rds;
+    report.push(
+        "replication",
+        replication,
+        if replication {
+            format!("{user} may replicate")
+        } else {
+            format!("{user} lacks the REPLICATION attribute")
+        },
+        Some(format!(
+            "alter user {user} with replication;  -- on AWS RDS: grant rds_replication to {user};"
+        )),
+    );
+    let privileges = catalog::database_privileges(conn, &facts.database).await?;
+    report.push(
+        "database",
+        privileges.is_some_and(|p| p.connect),
+        format!("CONNECT on {}", q(&facts.database)),
+        Some(format!(
+            "grant connect on database {} to {user};",
+            q(&facts.database)
+        )),
+    );
+
+    let publication = sqlx::query!(
+        r#"select puballtables as "all_tables!", pubviaroot as "via_root!", pubupdate as "updates!", pubdelete as "deletes!"
+           from pg_publication where pubname = $1"#,
+        spec.publication
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let p = q(&spec.publication);
+    let Some(publication) = publication else {
+        report.push(
+            "publication",
+            false,
+            format!("the publication {p} does not exist"),
+            Some(format!(
+                "create publication {p} for all tables;  -- or: for table t1, t2; or: for tables in schema public;  (create it before the slot)"
+            )),
+        );
+        return check_slot(conn, spec, report).await;
+    };
+    let tables = sqlx::query!(
+        r#"select pt.schemaname::text as "schema!", pt.tablename::text as "table!",
+                  has_table_privilege(c.oid, 'SELECT') as "select!",
+                  c.relkind::text as "kind!", c.relispartition as "is_partition!",
+                  c.relreplident::text as "identity!",
+                  exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary) as "has_pk!"
+           from pg_publication_tables pt
+           join pg_namespace n on n.nspname = pt.schemaname
+           join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
+           where pt.pubname = $1
+           order by 1, 2"#,
+        spec.publication
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    report.push(
+        "publication",
+        !tables.is_empty(),
+        if tables.is_empty() {
+            format!("the publication {p} publishes no tables")
+        } else {
+            format!(
+                "{p} publishes {} table(s){}",
+                tables.len(),
+                if publication.all_tables { " (all tables)" } else { "" }
+            )
+        },
+        Some(format!("alter publication {p} add table …;  -- or recreate it: create publication {p} for all tables;")),
+    );
+    report.push(
+        "publication changes",
+        publication.updates && publication.deletes,
+        format!(
+            "publishes updates: {}, deletes: {}",
+            publication.updates, publication.deletes
+        ),
+        Some(format!(
+            "alter publication {p} set (publish = 'insert, update, delete, truncate');"
+        )),
+    );
+    let partitioned = sqlx::query_scalar!(
+        r#"select count(*) as "n!" from pg_class c join pg_namespace n on n.oid = c.relnamespace
+           where c.relkind = 'p' and (exists (select 1 from pg_publication_tables pt where pt.pubname = $1 and pt.schemaname = n.nspname and pt.tablename = c.relname)
+                 or exists (select 1 from pg_inherits i join pg_class ch on ch.oid = i.inhrelid join pg_namespace cn on cn.oid = ch.relnamespace
+                            join pg_publication_tables pt on pt.pubname = $1 and pt.schemaname = cn.nspname and pt.tablename = ch.relname
+                            where i.inhparent = c.oid))"#,
+        spec.publication
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if partitioned > 0 {
+        report.push(
+            "partitioned tables",
+            publication.via_root,
+            format!("{partitioned} partitioned table(s) are published; publish_via_partition_root is {}", publication.via_root),
+            Some(format!(
+                "alter publication {p} set (publish_via_partition_root = true);  -- so changes arrive as the partitioned table, including partitions created later"
+            )),
+        );
+    }
+    for t in &tables {
+        let name = qualified(&t.schema, &t.table);
+        if !t.select {
+            report.push(
+                format!("table {name}"),
+                false,
+                format!("{user} cannot SELECT {name} (needed for the backfill)"),
+                Some(format!("grant select on table {name} to {user};")),
+            );
+        }
+        let (ok, consequence) = match (t.identity.as_str(), t.has_pk) {
+            ("f", _) | ("i", _) => (true, String::new()),
+            ("d", true) => (true, String::new()),
+            ("n", _) => (false, "replica identity NOTHING: updates and deletes on it fail at the source, and nothing identifies its rows".to_owned()),
+            _ => (false, "no primary key: updates and deletes on it fail at the source while it is published, and its rows have no stable identity".to_owned()),
+        };
+        if !ok {
+            report.push(
+                format!("table {name}"),
+                false,
+                format!("{name} has {consequence}"),
+                Some(format!("alter table {name} add primary key (…);  -- or: alter table {name} replica identity full;")),
+            );
+        }
+    }
+    check_slot(conn, spec, report).await
+}
+
+async fn check_slot(
+    conn: &mut PgConnection,
+    spec: &SourceSpec,
+    report: &mut CheckReport,
+) -> Result<(), sqlx::Error> {
+    let slot = sqlx::query!(
+        r#"select plugin::text as "plugin", active as "active!", database::text as "database"
+           from pg_replication_slots where slot_name = $1"#,
+        spec.slot
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let s = quote_literal(&spec.slot);
+    match slot {
+        None => report.push(
+            "slot",
+            false,
+            format!("the replication slot {s} does not exist"),
+            Some(format!("select pg_create_logical_replication_slot({s}, 'pgoutput');  -- after the publication exists")),
+        ),
+        Some(slot) => {
+            let pgoutput = slot.plugin.as_deref() == Some("pgoutput");
+            report.push(
+                "slot",
+                pgoutput,
+                format!("slot {s} uses {}{}", slot.plugin.as_deref().unwrap_or("?"), if slot.active { " and is in use" } else { "" }),
+                Some(format!(
+                    "the slot must use pgoutput: create another one and configure it, e.g. select pg_create_logical_replication_slot({}, 'pgoutput');",
+                    quote_literal(&format!("{}_pgoutput", spec.slot))
+                )),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates the publication (if missing) and then the slot (if missing) — in that order, as the
+/// seed warns — and adopts existing ones. Never drops anything. Returns what it did.
+pub async fn ensure_publication_and_slot(
+    settings: &ConnectionSettings,
+    spec: &SourceSpec,
+) -> Result<Vec<String>, Error> {
+    let mut conn = settings.connect().await?;
+    let mut done = Vec::new();
+    let sql_error = |e: sqlx::Error| match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => Error::configuration(
+            format!("not allowed: {}", db.message()),
+            "create the publication as a superuser or the tables' owner (create publication … for all tables needs a superuser), or grant the REPLICATION attribute for the slot",
+        ),
+        _ => Error::unavailable("setting up the source", e),
+    };
+    let has_publication = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_publication where pubname = $1) as "e!""#,
+        spec.publication
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(sql_error)?;
+    if has_publication {
+        done.push(format!(
+            "adopted the existing publication {}",
+            q(&spec.publication)
+        ));
+    } else {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create publication {} for all tables",
+            q(&spec.publication)
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(sql_error)?;
+        done.push(format!(
+            "created the publication {} for all tables",
+            q(&spec.publication)
+        ));
+    }
+    let has_slot = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_replication_slots where slot_name = $1) as "e!""#,
+        spec.slot
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(sql_error)?;
+    if has_slot {
+        done.push(format!(
+            "adopted the existing slot {}",
+            quote_literal(&spec.slot)
+        ));
+    } else {
+        sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(&spec.slot)
+            .execute(&mut conn)
+            .await
+            .map_err(sql_error)?;
+        done.push(format!(
+            "created the slot {} (pgoutput)",
+            quote_literal(&spec.slot)
+        ));
+    }
+    Ok(done)
+}
