@@ -3,17 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client::{self, Handle};
-use russh::keys::PrivateKeyWithHashAlg;
 use russh::keys::PublicKeyOrCertificate;
 use sluice_core::Backoff;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::TunnelError;
-use crate::keys::{fingerprint, load};
+use crate::session::{self, HostKeyPin, Login};
 
 /// How to reach the database through a bastion.
 #[derive(Clone, Debug)]
@@ -64,11 +63,8 @@ impl BastionConfig {
     }
 }
 
-/// Checks the bastion's host key against the pinned fingerprint.
-struct PinnedHostKey {
-    expected: Option<String>,
-    seen: Arc<Mutex<Option<String>>>,
-}
+/// Accepts only the bastion's pinned host key.
+struct PinnedHostKey(HostKeyPin);
 
 impl client::Handler for PinnedHostKey {
     type Error = russh::Error;
@@ -77,13 +73,7 @@ impl client::Handler for PinnedHostKey {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            return Ok(false);
-        };
-        let got = fingerprint(key);
-        let ok = self.expected.as_deref() == Some(got.as_str());
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(got);
-        Ok(ok)
+        Ok(self.0.accepts(key))
     }
 }
 
@@ -252,73 +242,15 @@ async fn open_channel(
 
 /// Connects and authenticates, checking the host key.
 async fn connect(config: &BastionConfig) -> Result<Handle<PinnedHostKey>, TunnelError> {
-    let key = load(&config.key_file)?;
-    let ssh = Arc::new(client::Config {
-        keepalive_interval: Some(config.keepalive),
+    let login = Login {
+        host: &config.host,
+        port: config.port,
+        user: &config.user,
+        key_file: &config.key_file,
+        keepalive: config.keepalive,
         keepalive_max: config.keepalive_max,
-        nodelay: true,
-        ..Default::default()
-    });
-    let seen = Arc::new(Mutex::new(None));
-    let handler = PinnedHostKey {
-        expected: config.host_key_fingerprint.clone(),
-        seen: seen.clone(),
+        timeout: config.timeout,
     };
-    let bastion = format!("{}:{}", config.host, config.port);
-    let connect = client::connect(ssh, (config.host.as_str(), config.port), handler);
-    let mut session = match tokio::time::timeout(config.timeout, connect).await {
-        Err(_) => {
-            return Err(TunnelError::BastionUnreachable {
-                bastion,
-                detail: format!("no answer within {}s", config.timeout.as_secs()),
-            });
-        }
-        Ok(Err(russh::Error::UnknownKey)) => {
-            let got = seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_default();
-            return Err(match &config.host_key_fingerprint {
-                None => TunnelError::HostKeyNotPinned {
-                    bastion,
-                    fingerprint: got,
-                },
-                Some(expected) => TunnelError::HostKeyChanged {
-                    bastion,
-                    expected: expected.clone(),
-                    got,
-                },
-            });
-        }
-        Ok(Err(russh::Error::IO(e))) => {
-            return Err(TunnelError::BastionUnreachable {
-                bastion,
-                detail: e.to_string(),
-            });
-        }
-        Ok(Err(e)) => return Err(TunnelError::Ssh(e.to_string())),
-        Ok(Ok(session)) => session,
-    };
-    let hash = session
-        .best_supported_rsa_hash()
-        .await
-        .map_err(|e| TunnelError::Ssh(e.to_string()))?
-        .flatten();
-    let key_fingerprint = fingerprint(key.public_key());
-    let auth = session
-        .authenticate_publickey(
-            config.user.clone(),
-            PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-        )
-        .await
-        .map_err(|e| TunnelError::Ssh(e.to_string()))?;
-    if !auth.success() {
-        return Err(TunnelError::AuthRejected {
-            bastion,
-            user: config.user.clone(),
-            key_fingerprint,
-        });
-    }
-    Ok(session)
+    let pin = HostKeyPin::new(config.host_key_fingerprint.clone());
+    session::open(&login, &pin, PinnedHostKey(pin.clone())).await
 }

@@ -14,6 +14,7 @@
 mod bastion;
 pub mod keys;
 mod reverse;
+mod session;
 
 pub use bastion::{BastionConfig, BastionTunnel};
 pub use reverse::{AgentConfig, ReverseServer, run_agent};

@@ -14,14 +14,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::keys::{PrivateKey, PublicKey, PublicKeyOrCertificate};
 use russh::server::{self, Auth, Session};
 use russh::{Channel, client};
 use sluice_core::Backoff;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::TunnelError;
-use crate::keys::{fingerprint, load};
+use crate::keys::fingerprint;
+use crate::session::{self, HostKeyPin, Login};
 
 /// The server side of reverse tunnels (runs inside `sluice serve`).
 pub struct ReverseServer {
@@ -262,8 +263,7 @@ pub struct AgentConfig {
 
 /// The agent's side of one session.
 struct AgentClient {
-    expected: Option<String>,
-    seen: Arc<Mutex<Option<String>>>,
+    pin: HostKeyPin,
     db: (String, u16),
 }
 
@@ -274,13 +274,7 @@ impl client::Handler for AgentClient {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            return Ok(false);
-        };
-        let got = fingerprint(key);
-        let ok = self.expected.as_deref() == Some(got.as_str());
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(got);
-        Ok(ok)
+        Ok(self.pin.accepts(key))
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -348,68 +342,21 @@ async fn wait_closed(session: &client::Handle<AgentClient>) {
 }
 
 async fn connect_agent(config: &AgentConfig) -> Result<client::Handle<AgentClient>, TunnelError> {
-    let key = load(&config.key_file)?;
-    let ssh = Arc::new(client::Config {
-        keepalive_interval: Some(Duration::from_secs(5)),
+    let login = Login {
+        host: &config.server_host,
+        port: config.server_port,
+        user: &config.name,
+        key_file: &config.key_file,
+        keepalive: Duration::from_secs(5),
         keepalive_max: 3,
-        ..Default::default()
-    });
-    let seen = Arc::new(Mutex::new(None));
+        timeout: Duration::from_secs(10),
+    };
+    let pin = HostKeyPin::new(config.server_fingerprint.clone());
     let handler = AgentClient {
-        expected: config.server_fingerprint.clone(),
-        seen: seen.clone(),
+        pin: pin.clone(),
         db: (config.db_host.clone(), config.db_port),
     };
-    let server = format!("{}:{}", config.server_host, config.server_port);
-    let mut session = match client::connect(
-        ssh,
-        (config.server_host.as_str(), config.server_port),
-        handler,
-    )
-    .await
-    {
-        Ok(session) => session,
-        Err(russh::Error::UnknownKey) => {
-            let got = seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_default();
-            return Err(match &config.server_fingerprint {
-                None => TunnelError::HostKeyNotPinned {
-                    bastion: server,
-                    fingerprint: got,
-                },
-                Some(expected) => TunnelError::HostKeyChanged {
-                    bastion: server,
-                    expected: expected.clone(),
-                    got,
-                },
-            });
-        }
-        Err(russh::Error::IO(e)) => {
-            return Err(TunnelError::BastionUnreachable {
-                bastion: server,
-                detail: e.to_string(),
-            });
-        }
-        Err(e) => return Err(TunnelError::Ssh(e.to_string())),
-    };
-    let key_fingerprint = fingerprint(key.public_key());
-    let auth = session
-        .authenticate_publickey(
-            config.name.clone(),
-            PrivateKeyWithHashAlg::new(Arc::new(key), None),
-        )
-        .await
-        .map_err(|e| TunnelError::Ssh(e.to_string()))?;
-    if !auth.success() {
-        return Err(TunnelError::AuthRejected {
-            bastion: server,
-            user: config.name.clone(),
-            key_fingerprint,
-        });
-    }
+    let session = session::open(&login, &pin, handler).await?;
     session
         .tcpip_forward("sluice-agent", 0)
         .await
