@@ -210,25 +210,9 @@ fn main() -> ExitCode {
                         json,
                     },
             } => {
-                let settings =
-                    sluice_target_pg::ConnectionSettings::from_url(&url).map_err(|e| {
-                        sluice_core::Error::configuration(e.to_string(), "check the URL's syntax")
-                    })?;
                 let spec = sluice_source_pg::SourceSpec { publication, slot };
-                let report = sluice_source_pg::check(&settings, &spec).await;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).unwrap_or_default()
-                    );
-                } else {
-                    print!("{}", report.render());
-                }
-                Ok(if report.is_ok() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                })
+                let report = sluice_source_pg::check(&setup::settings(&url)?, &spec).await;
+                Ok(setup::print_report(&report, json))
             }
             Command::Config {
                 action: ConfigAction::Check { file },

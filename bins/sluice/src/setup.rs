@@ -140,9 +140,26 @@ impl SpecArgs {
     }
 }
 
-fn settings(url: &str) -> Result<ConnectionSettings, Error> {
+pub(crate) fn settings(url: &str) -> Result<ConnectionSettings, Error> {
     ConnectionSettings::from_url(url)
         .map_err(|e| Error::configuration(e.to_string(), "check the URL's syntax"))
+}
+
+/// Prints a check report for a person or as JSON; the exit code says whether anything needs fixing.
+pub(crate) fn print_report(report: &sluice_core::CheckReport, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 pub async fn run(action: Action) -> Result<ExitCode, Error> {
@@ -201,20 +218,7 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
             let sync = settings(&url)?;
             let mut spec = spec.spec(Some(&sync.database))?;
             spec.sync_user = sync.user.clone();
-            let report = check(&sync, &spec).await;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", report.render());
-            }
-            Ok(if report.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(print_report(&check(&sync, &spec).await, json))
         }
         Action::RenameSchema {
             url,

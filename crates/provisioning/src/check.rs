@@ -9,33 +9,12 @@ use crate::spec::{Preset, SchemaUse, SetupSpec};
 
 /// Verifies the target as the sync user would use it.
 pub async fn check(sync: &ConnectionSettings, spec: &SetupSpec) -> CheckReport {
-    let mut report = CheckReport::default();
-    let mut conn = match sync.connect().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            report.push(
-                "connect",
-                false,
-                e.to_string(),
-                e.fix_sql().map(str::to_owned),
-            );
-            return report;
-        }
-    };
-    if let Err(e) = check_on(&mut conn, sync, spec, &mut report).await {
-        report.push(
-            "catalog",
-            false,
-            format!("could not read the catalog: {e}"),
-            None,
-        );
-    }
-    report
+    sync.check_with(async |conn, report| check_on(conn, spec, report).await)
+        .await
 }
 
 async fn check_on(
     conn: &mut sqlx::PgConnection,
-    sync: &ConnectionSettings,
     spec: &SetupSpec,
     report: &mut CheckReport,
 ) -> Result<(), sqlx::Error> {
@@ -178,7 +157,6 @@ async fn check_on(
             }
         }
     }
-    let _ = sync;
     Ok(())
 }
 

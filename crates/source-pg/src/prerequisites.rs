@@ -26,28 +26,9 @@ Enabling logical replication usually needs a restart.";
 /// Checks the source as the replication user: version, `wal_level`, the REPLICATION attribute,
 /// CONNECT, the publication and its tables (SELECT, partitioning, replica identity), the slot.
 pub async fn check(settings: &ConnectionSettings, spec: &SourceSpec) -> CheckReport {
-    let mut report = CheckReport::default();
-    let mut conn = match settings.connect().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            report.push(
-                "connect",
-                false,
-                e.to_string(),
-                e.fix_sql().map(str::to_owned),
-            );
-            return report;
-        }
-    };
-    if let Err(e) = check_on(&mut conn, spec, &mut report).await {
-        report.push(
-            "catalog",
-            false,
-            format!("could not read the catalog: {e}"),
-            None,
-        );
-    }
-    report
+    settings
+        .check_with(async |conn, report| check_on(conn, spec, report).await)
+        .await
 }
 
 async fn check_on(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use sluice_core::{ConnectionConfig, SslMode};
+use sluice_core::{CheckReport, ConnectionConfig, SslMode};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, PgConnection};
 
@@ -233,6 +233,34 @@ impl ConnectionSettings {
             }
         }
         Err(error)
+    }
+
+    /// Connects and runs `checks`, turning a failed connection or a catalog error into
+    /// findings: the frame of every `… check` command.
+    pub async fn check_with(
+        &self,
+        checks: impl AsyncFnOnce(&mut PgConnection, &mut CheckReport) -> Result<(), sqlx::Error>,
+    ) -> CheckReport {
+        let mut report = CheckReport::default();
+        match self.connect().await {
+            Err(e) => report.push(
+                "connect",
+                false,
+                e.to_string(),
+                e.fix_sql().map(str::to_owned),
+            ),
+            Ok(mut conn) => {
+                if let Err(e) = checks(&mut conn, &mut report).await {
+                    report.push(
+                        "catalog",
+                        false,
+                        format!("could not read the catalog: {e}"),
+                        None,
+                    );
+                }
+            }
+        }
+        report
     }
 
     async fn attempt(&self, options: PgConnectOptions) -> Result<PgConnection, ConnectError> {
