@@ -57,5 +57,7 @@ pub use record::{
 };
 pub use report::{CheckReport, Finding};
 pub use retry::Backoff;
-pub use stream::{AppendOutcome, Lag, RecordFilter, RecordStream, Seq, StreamEntry, StreamRead};
+pub use stream::{
+    AppendOutcome, Lag, RecordFilter, RecordStream, Seq, SourceState, StreamEntry, StreamRead,
+};
 pub use target::{Batch, Target};

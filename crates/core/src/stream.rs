@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncId};
+use time::OffsetDateTime;
+
+use crate::{CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncId, Version};
 
 /// A position in the records stream. Positions strictly increase over the whole stream;
 /// [`Seq::START`] is before every entry, so reading after it is the backfill.
@@ -98,7 +100,7 @@ pub struct Lag {
     /// Entries passing the filter after the cursor (counting stops at the cap asked for).
     pub records: u64,
     /// When the oldest such entry was appended, if there is one.
-    pub oldest_appended_at: Option<time::OffsetDateTime>,
+    pub oldest_appended_at: Option<OffsetDateTime>,
 }
 
 /// What an append did with each record it was given.
@@ -111,6 +113,15 @@ pub struct AppendOutcome {
     pub skipped_stale: usize,
     /// The stream head after the append.
     pub head: Seq,
+}
+
+/// A source's resume state, stored atomically with an append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceState {
+    /// Whose state this is (for example `"<sync id>/backfill"`).
+    pub owner: String,
+    /// The state itself.
+    pub value: serde_json::Value,
 }
 
 /// The durable, compacted, ordered log of records between sources and consumers.
@@ -131,7 +142,31 @@ pub struct AppendOutcome {
 #[async_trait]
 pub trait RecordStream: Send + Sync {
     /// Appends a batch atomically under the version guard; returns after it is durable.
-    async fn append(&self, records: Vec<Record>) -> Result<AppendOutcome>;
+    async fn append(&self, records: Vec<Record>) -> Result<AppendOutcome> {
+        self.append_with_state(records, None).await
+    }
+
+    /// Like [`append`](RecordStream::append), and in the same transaction stores a source's
+    /// resume state (for example how far a backfill has read), so the state never claims more
+    /// than the stream holds.
+    async fn append_with_state(
+        &self,
+        records: Vec<Record>,
+        state: Option<SourceState>,
+    ) -> Result<AppendOutcome>;
+
+    /// The resume state last stored for `owner` by [`append_with_state`](RecordStream::append_with_state).
+    async fn source_state(&self, owner: &str) -> Result<Option<serde_json::Value>>;
+
+    /// Writes a tombstone at `version` for every live record of one collection of one sync
+    /// (a `TRUNCATE` upstream), under the version guard; returns how many were written.
+    async fn tombstone_collection(
+        &self,
+        sync_id: SyncId,
+        collection: &CollectionId,
+        version: Version,
+        at: OffsetDateTime,
+    ) -> Result<u64>;
 
     /// Up to `limit` entries with `seq > after` that pass `filter`, in `seq` order, and how far
     /// the read looked. Reading from [`Seq::START`] is the backfill; continuing from the

@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sluice_core::{
     AppendOutcome, Change, CollectionId, ConsumerId, Error, Lag, Provider, Record, RecordFilter,
-    RecordKey, RecordStream, Result, Seq, StreamEntry, StreamRead, SyncId, UpstreamId, Version,
+    RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry, StreamRead, SyncId, UpstreamId,
+    Version,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -50,6 +51,7 @@ create table if not exists cursors (
     seq integer not null
 );
 create table if not exists meta (key text primary key, value integer not null);
+create table if not exists source_state (owner text primary key, value text not null);
 insert or ignore into meta (key, value) values ('head', 0);
 ";
 
@@ -274,7 +276,11 @@ fn bind_filter<'q>(query: Query<'q>, filter: &RecordFilter) -> Query<'q> {
 
 #[async_trait]
 impl RecordStream for EmbeddedStream {
-    async fn append(&self, records: Vec<Record>) -> Result<AppendOutcome> {
+    async fn append_with_state(
+        &self,
+        records: Vec<Record>,
+        state: Option<SourceState>,
+    ) -> Result<AppendOutcome> {
         for record in &records {
             check_version(record)?;
         }
@@ -331,6 +337,17 @@ impl RecordStream for EmbeddedStream {
             .execute(&mut *tx)
             .await
             .map_err(|e| storage("moving the head", e))?;
+        if let Some(state) = &state {
+            sqlx::query(
+                "insert into source_state (owner, value) values (?, ?) \
+                 on conflict (owner) do update set value = excluded.value",
+            )
+            .bind(&state.owner)
+            .bind(state.value.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| storage("storing source state", e))?;
+        }
         tx.commit()
             .await
             .map_err(|e| storage("committing an append", e))?;
@@ -415,6 +432,82 @@ impl RecordStream for EmbeddedStream {
             .await
             .map_err(|e| storage("reading a record", e))?;
         row.as_ref().map(decode).transpose()
+    }
+
+    async fn source_state(&self, owner: &str) -> Result<Option<serde_json::Value>> {
+        let text: Option<String> =
+            sqlx::query_scalar("select value from source_state where owner = ?")
+                .bind(owner)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| storage("reading source state", e))?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|_| Error::invalid("records stream: corrupt source state"))
+        })
+        .transpose()
+    }
+
+    async fn tombstone_collection(
+        &self,
+        sync_id: SyncId,
+        collection: &CollectionId,
+        version: Version,
+        at: OffsetDateTime,
+    ) -> Result<u64> {
+        check_version(&Record {
+            key: RecordKey::new(sync_id, collection.0.as_str(), ""),
+            provider: Provider::Postgres,
+            version,
+            upstream_updated_at: at,
+            change: Change::Delete,
+        })?;
+        let _writer = self.writer.lock().await;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| storage("beginning a truncate", e))?;
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        // One statement: every live record of the collection gets a tombstone with the next
+        // seq, where its stored version is older (the same guard as `append`).
+        let done = sqlx::query(
+            "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
+               version_minor, upstream_updated_at_ns, deleted, payload, appended_at_ns) \
+             select ?1 + row_number() over (order by seq), provider, sync_id, collection_id, upstream_id, \
+               ?4, ?5, ?6, 1, null, ?7 \
+             from records where sync_id = ?2 and collection_id = ?3 and deleted = 0 \
+               and (version_major < ?4 or (version_major = ?4 and version_minor < ?5)) \
+             on conflict (sync_id, collection_id, upstream_id) do update set \
+               seq = excluded.seq, version_major = excluded.version_major, \
+               version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
+               deleted = 1, payload = null, appended_at_ns = excluded.appended_at_ns",
+        )
+        .bind(head)
+        .bind(sync_id.0.as_bytes().as_slice())
+        .bind(collection.0.as_str())
+        .bind(version.major as i64)
+        .bind(version.minor as i64)
+        .bind(nanos(at))
+        .bind(nanos(OffsetDateTime::now_utc()))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| storage("tombstoning a collection", e))?
+        .rows_affected();
+        let next = head + done as i64;
+        sqlx::query("update meta set value = ? where key = 'head'")
+            .bind(next)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| storage("moving the head", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| storage("committing a truncate", e))?;
+        self.head.send_replace(Seq(next as u64));
+        Ok(done)
     }
 
     async fn head(&self) -> Result<Seq> {

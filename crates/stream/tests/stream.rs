@@ -377,3 +377,106 @@ async fn a_writer_killed_mid_batch_leaves_whole_batches_only() {
     }
     assert!(per_batch.len() as u64 <= acked + 2);
 }
+
+#[tokio::test]
+async fn truncating_a_collection_tombstones_its_live_records_under_the_version_guard() {
+    let (_dir, stream) = open().await;
+    let other = record(
+        SYNC_A,
+        "public.items",
+        "1",
+        1,
+        Change::upsert(json!({"id": 1})).unwrap(),
+    );
+    stream
+        .append(vec![
+            up(SYNC_A, "1", 10),
+            up(SYNC_A, "2", 10),
+            up(SYNC_A, "3", 30), // newer than the truncate: must survive it
+            del(SYNC_A, "4", 10),
+            up(SYNC_B, "1", 10),
+            other,
+        ])
+        .await
+        .unwrap();
+    let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    let collection = CollectionId("public.orders".into());
+    let n = stream
+        .tombstone_collection(SYNC_A, &collection, Version::new(20, 0), at)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "two live records older than the truncate");
+    let live: Vec<(String, String, String)> = stream
+        .live_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            (
+                e.record.key.sync_id.0.to_string(),
+                e.record.key.collection_id.0,
+                e.record.key.upstream_id.0,
+            )
+        })
+        .collect();
+    assert_eq!(
+        live,
+        vec![
+            (SYNC_A.0.to_string(), "public.items".into(), "1".into()),
+            (SYNC_A.0.to_string(), "public.orders".into(), "3".into()),
+            (SYNC_B.0.to_string(), "public.orders".into(), "1".into()),
+        ]
+    );
+    let one = stream
+        .get(&RecordKey::new(SYNC_A, "public.orders", "1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(one.record.is_tombstone());
+    assert_eq!(one.record.version, Version::new(20, 0));
+    assert_eq!(one.record.upstream_updated_at, at);
+    // The tombstones are new entries at the end, so consumers see them.
+    assert_eq!(stream.head().await.unwrap(), Seq(8));
+    // Repeating it (a replay after a crash) writes nothing.
+    let again = stream
+        .tombstone_collection(SYNC_A, &collection, Version::new(20, 0), at)
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+}
+
+#[tokio::test]
+async fn source_state_commits_with_its_append_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = "sync/backfill";
+    {
+        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+        assert_eq!(stream.source_state(owner).await.unwrap(), None);
+        stream
+            .append_with_state(
+                vec![up(SYNC_A, "1", 1)],
+                Some(sluice_core::SourceState {
+                    owner: owner.into(),
+                    value: json!({"after": "1"}),
+                }),
+            )
+            .await
+            .unwrap();
+        // A failed append stores no state either.
+        let bad = stream
+            .append_with_state(
+                vec![up(SYNC_A, "2", u64::MAX)],
+                Some(sluice_core::SourceState {
+                    owner: owner.into(),
+                    value: json!({"after": "2"}),
+                }),
+            )
+            .await;
+        assert!(bad.is_err());
+    }
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert_eq!(
+        stream.source_state(owner).await.unwrap(),
+        Some(json!({"after": "1"}))
+    );
+}

@@ -1,0 +1,291 @@
+//! Decoding pgoutput protocol version 1 messages (PostgreSQL docs, "Logical Replication
+//! Message Formats"). Values arrive in text form: the types' output functions, the same text a
+//! backfill reads, so both paths share one conversion ([`crate::values`]).
+
+use sluice_core::Error;
+use time::OffsetDateTime;
+
+use crate::wire::{Lsn, PG_EPOCH_OFFSET_MICROS, Reader};
+
+/// One column of a relation as pgoutput describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Column {
+    pub name: String,
+    pub type_oid: u32,
+}
+
+/// A table as the publication sends it (the partition root with `publish_via_partition_root`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Relation {
+    pub id: u32,
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<Column>,
+}
+
+/// One column value of a tuple.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Value {
+    Null,
+    /// A TOASTed value that did not change; pgoutput does not resend it.
+    Unchanged,
+    Text(String),
+}
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Message {
+    Begin {
+        final_lsn: Lsn,
+        commit_time: OffsetDateTime,
+    },
+    Commit {
+        end_lsn: Lsn,
+    },
+    Relation(Relation),
+    Insert {
+        relation: u32,
+        new: Vec<Value>,
+    },
+    Update {
+        relation: u32,
+        old: Option<Vec<Value>>,
+        new: Vec<Value>,
+    },
+    Delete {
+        relation: u32,
+        old: Vec<Value>,
+    },
+    Truncate {
+        relations: Vec<u32>,
+    },
+    /// Origin, Type and logical decoding messages: nothing to do.
+    Ignored,
+}
+
+pub(crate) fn pg_time(micros: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(
+        (micros as i128 + PG_EPOCH_OFFSET_MICROS as i128) * 1000,
+    )
+    .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+pub(crate) fn decode(payload: &[u8]) -> Result<Message, Error> {
+    let mut r = Reader::new(payload);
+    Ok(match r.u8()? {
+        b'B' => {
+            let final_lsn = Lsn(r.i64()? as u64);
+            let commit_time = pg_time(r.i64()?);
+            let _xid = r.i32()?;
+            Message::Begin {
+                final_lsn,
+                commit_time,
+            }
+        }
+        b'C' => {
+            let _flags = r.u8()?;
+            let _commit_lsn = r.i64()?;
+            let end_lsn = Lsn(r.i64()? as u64);
+            Message::Commit { end_lsn }
+        }
+        b'R' => {
+            let id = r.i32()? as u32;
+            let schema = r.cstr()?;
+            let name = r.cstr()?;
+            let _identity = r.u8()?;
+            let n = r.i16()?;
+            let mut columns = Vec::with_capacity(n.max(0) as usize);
+            for _ in 0..n {
+                let _flags = r.u8()?;
+                let name = r.cstr()?;
+                let type_oid = r.i32()? as u32;
+                let _typmod = r.i32()?;
+                columns.push(Column { name, type_oid });
+            }
+            Message::Relation(Relation {
+                id,
+                schema,
+                name,
+                columns,
+            })
+        }
+        b'I' => {
+            let relation = r.i32()? as u32;
+            expect(r.u8()?, b'N')?;
+            Message::Insert {
+                relation,
+                new: tuple(&mut r)?,
+            }
+        }
+        b'U' => {
+            let relation = r.i32()? as u32;
+            let mut old = None;
+            let mut tag = r.u8()?;
+            if tag == b'K' || tag == b'O' {
+                old = Some(tuple(&mut r)?);
+                tag = r.u8()?;
+            }
+            expect(tag, b'N')?;
+            Message::Update {
+                relation,
+                old,
+                new: tuple(&mut r)?,
+            }
+        }
+        b'D' => {
+            let relation = r.i32()? as u32;
+            let tag = r.u8()?;
+            if tag != b'K' && tag != b'O' {
+                return Err(Error::invalid(format!(
+                    "pgoutput: delete without an old key (tag {:?})",
+                    tag as char
+                )));
+            }
+            Message::Delete {
+                relation,
+                old: tuple(&mut r)?,
+            }
+        }
+        b'T' => {
+            let n = r.i32()?;
+            let _options = r.u8()?;
+            let mut relations = Vec::with_capacity(n.max(0) as usize);
+            for _ in 0..n {
+                relations.push(r.i32()? as u32);
+            }
+            Message::Truncate { relations }
+        }
+        b'O' | b'Y' | b'M' => Message::Ignored,
+        other => {
+            return Err(Error::invalid(format!(
+                "pgoutput: unknown message {:?}",
+                other as char
+            )));
+        }
+    })
+}
+
+fn expect(tag: u8, want: u8) -> Result<(), Error> {
+    if tag == want {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "pgoutput: expected tuple tag {:?}, got {:?}",
+            want as char, tag as char
+        )))
+    }
+}
+
+fn tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, Error> {
+    let n = r.i16()?;
+    let mut values = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        values.push(match r.u8()? {
+            b'n' => Value::Null,
+            b'u' => Value::Unchanged,
+            b't' => {
+                let len = r.i32()?;
+                let bytes = r.bytes(len.max(0) as usize)?;
+                Value::Text(
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| Error::invalid("pgoutput: a text value is not UTF-8"))?,
+                )
+            }
+            other => {
+                return Err(Error::invalid(format!(
+                    "pgoutput: unsupported value kind {:?}",
+                    other as char
+                )));
+            }
+        });
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(buf: &mut Vec<u8>, s: &str) {
+        buf.push(b't');
+        buf.extend_from_slice(&(s.len() as i32).to_be_bytes());
+        buf.extend_from_slice(s.as_bytes());
+    }
+
+    #[test]
+    fn decodes_begin_relation_update_with_unchanged_toast_and_truncate() {
+        let mut b = vec![b'B'];
+        b.extend_from_slice(&0x0000_0001_0000_0010i64.to_be_bytes());
+        b.extend_from_slice(&0i64.to_be_bytes());
+        b.extend_from_slice(&7i32.to_be_bytes());
+        assert_eq!(
+            decode(&b).unwrap(),
+            Message::Begin {
+                final_lsn: Lsn(0x1_0000_0010),
+                commit_time: time::macros::datetime!(2000-01-01 0:00 UTC),
+            }
+        );
+
+        let mut r = vec![b'R'];
+        r.extend_from_slice(&16384i32.to_be_bytes());
+        r.extend_from_slice(b"my schema\0we\"ird\0d");
+        r.extend_from_slice(&2i16.to_be_bytes());
+        for (name, oid) in [("id", 23i32), ("body", 25)] {
+            r.push(1);
+            r.extend_from_slice(name.as_bytes());
+            r.push(0);
+            r.extend_from_slice(&oid.to_be_bytes());
+            r.extend_from_slice(&(-1i32).to_be_bytes());
+        }
+        let Message::Relation(rel) = decode(&r).unwrap() else {
+            panic!("a relation")
+        };
+        assert_eq!(
+            (rel.schema.as_str(), rel.name.as_str()),
+            ("my schema", "we\"ird")
+        );
+        assert_eq!(rel.columns[1].type_oid, 25);
+
+        let mut u = vec![b'U'];
+        u.extend_from_slice(&16384i32.to_be_bytes());
+        u.push(b'N');
+        u.extend_from_slice(&3i16.to_be_bytes());
+        text(&mut u, "42");
+        u.push(b'u');
+        u.push(b'n');
+        assert_eq!(
+            decode(&u).unwrap(),
+            Message::Update {
+                relation: 16384,
+                old: None,
+                new: vec![Value::Text("42".into()), Value::Unchanged, Value::Null],
+            }
+        );
+
+        let mut t = vec![b'T'];
+        t.extend_from_slice(&2i32.to_be_bytes());
+        t.push(0);
+        t.extend_from_slice(&1i32.to_be_bytes());
+        t.extend_from_slice(&2i32.to_be_bytes());
+        assert_eq!(
+            decode(&t).unwrap(),
+            Message::Truncate {
+                relations: vec![1, 2]
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_or_unknown_messages_are_errors_not_panics() {
+        assert!(decode(b"").is_err());
+        assert!(decode(b"I\0\0").is_err());
+        assert!(decode(b"Z").is_err());
+        let mut u = vec![b'I'];
+        u.extend_from_slice(&1i32.to_be_bytes());
+        u.push(b'N');
+        u.extend_from_slice(&1i16.to_be_bytes());
+        u.push(b't');
+        u.extend_from_slice(&100i32.to_be_bytes());
+        u.extend_from_slice(b"short");
+        assert!(decode(&u).is_err());
+    }
+}

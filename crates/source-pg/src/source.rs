@@ -1,0 +1,862 @@
+//! The running source: backfill and change stream side by side, appending to the records
+//! stream and confirming the slot only after the stream has committed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sluice_core::{
+    Backoff, Change, CollectionId, EntityKind, EntityRef, Error, ErrorClass, Health, HealthReport,
+    HealthState, Payload, Provider, Record, RecordKey, RecordStream, Status, SyncId, Version,
+};
+use sluice_target_pg::ConnectionSettings;
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::pgoutput::{self, Message, Relation, Value};
+use crate::tables::{self, Backfill, BackfillProgress, Table};
+use crate::values::TypeMap;
+use crate::wire::{Lsn, Replication, ReplicationConnection, SILENCE_LIMIT, StatusWriter};
+use crate::{SourceSpec, ensure_publication_and_slot};
+
+/// Tuning for a Postgres source; the defaults suit most databases.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Most records per stream append.
+    pub batch_max: usize,
+    /// Longest a change waits for more before it is appended.
+    pub batch_wait: Duration,
+    /// Rows per backfill page.
+    pub backfill_page: usize,
+    /// How often to emit a heartbeat into the source's WAL (and report position).
+    pub heartbeat: Duration,
+    /// Slot lag (bytes of WAL the slot holds) above which health is `warning`.
+    pub slot_lag_warning_bytes: u64,
+    /// Create the publication and slot when missing.
+    pub create_missing: bool,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            batch_max: 10_000,
+            batch_wait: Duration::from_millis(20),
+            backfill_page: 5_000,
+            heartbeat: Duration::from_secs(10),
+            slot_lag_warning_bytes: 1 << 30,
+            create_missing: false,
+        }
+    }
+}
+
+/// A PostgreSQL source feeding the records stream.
+#[derive(Clone)]
+pub struct PostgresSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sync_id: SyncId,
+    name: String,
+    settings: ConnectionSettings,
+    spec: SourceSpec,
+    stream: Arc<dyn RecordStream>,
+    options: SourceOptions,
+    status: Mutex<SourceStatus>,
+    progress: Mutex<BackfillProgress>,
+    health: Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct SourceStatus {
+    streaming: bool,
+    last_error: Option<Error>,
+    last_activity: Option<OffsetDateTime>,
+    confirmed: Lsn,
+    notices: Vec<String>,
+}
+
+impl std::fmt::Debug for PostgresSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSource")
+            .field("name", &self.inner.name)
+            .field("endpoint", &self.inner.settings.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresSource {
+    /// A source for sync `name` (`sync_id`) reading `spec` from the database `settings` names.
+    pub fn new(
+        name: impl Into<String>,
+        sync_id: SyncId,
+        settings: ConnectionSettings,
+        spec: SourceSpec,
+        stream: Arc<dyn RecordStream>,
+        options: SourceOptions,
+    ) -> Self {
+        let name = name.into();
+        let health = HealthState::new(EntityRef {
+            kind: EntityKind::Sync,
+            name: name.clone(),
+        });
+        Self {
+            inner: Arc::new(Inner {
+                sync_id,
+                name,
+                settings,
+                spec,
+                stream,
+                options,
+                status: Mutex::new(SourceStatus::default()),
+                progress: Mutex::new(BackfillProgress::default()),
+                health: Mutex::new(health),
+            }),
+        }
+    }
+
+    /// The backfill's progress.
+    pub fn progress(&self) -> BackfillProgress {
+        self.inner
+            .progress
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+    }
+
+    /// The slot position confirmed to the source so far.
+    pub fn confirmed(&self) -> String {
+        self.status(|s| s.confirmed.to_string())
+    }
+
+    fn status<T>(&self, f: impl FnOnce(&mut SourceStatus) -> T) -> T {
+        let mut guard = self.inner.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// Runs until `shutdown` turns true: backfills what has not been read, streams changes,
+    /// and reconnects with backoff after any failure (a restarted source loses nothing: the
+    /// slot replays from the last confirmed position and the stream skips what it holds).
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        while !*shutdown.borrow() {
+            let started = Instant::now();
+            let result = self.session(&mut shutdown).await;
+            self.status(|s| s.streaming = false);
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(sync = %self.inner.name, error = %e, "source session ended; reconnecting");
+                    self.status(|s| s.last_error = Some(e));
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let inner = &self.inner;
+        let mut conn = connect(&inner.settings).await?;
+        if inner.options.create_missing {
+            for step in ensure_publication_and_slot(&inner.settings, &inner.spec).await? {
+                tracing::info!(sync = %inner.name, "{step}");
+            }
+        } else {
+            ensure_slot_exists(&mut conn, &inner.spec).await?;
+        }
+        let mut types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
+        let mut tables = Vec::new();
+        for (schema, name) in tables::published(&mut conn, &inner.spec.publication).await? {
+            if let Some(t) = tables::describe(&mut conn, None, &schema, &name).await? {
+                if t.key.is_empty() {
+                    self.notice(format!(
+                        "{} has no primary key or replica identity index: its rows cannot be identified and are skipped (add a primary key)",
+                        t.collection()
+                    ));
+                }
+                tables.push(t);
+            }
+        }
+
+        let backfill = {
+            let this = self.clone();
+            let types = types.clone();
+            let tables = tables.clone();
+            tokio::spawn(async move {
+                let mut conn = connect(&this.inner.settings).await?;
+                Backfill {
+                    sync_id: this.inner.sync_id,
+                    stream: &this.inner.stream,
+                    types: &types,
+                    page: this.inner.options.backfill_page,
+                    owner: format!("{}/backfill", this.inner.sync_id.0),
+                    progress: &this.inner.progress,
+                }
+                .run(&mut conn, &tables)
+                .await
+            })
+        };
+        let _abort_backfill = AbortOnDrop(backfill.abort_handle());
+        let mut backfill = Some(backfill);
+
+        let mut repl = ReplicationConnection::connect(&inner.settings).await?;
+        repl.start_replication(&inner.spec.slot, &inner.spec.publication, Lsn(0))
+            .await?;
+        let (mut reader, mut writer) = repl.split();
+        let (tx, mut rx) = mpsc::channel::<Result<Incoming, Error>>(4096);
+        let reader_task = tokio::spawn(async move {
+            loop {
+                let item = match tokio::time::timeout(SILENCE_LIMIT, reader.next()).await {
+                    Err(_) => Err(Error::unavailable(
+                        format!("source: no message for {}s", SILENCE_LIMIT.as_secs()),
+                        "replication silent",
+                    )),
+                    Ok(Ok(None)) => Err(Error::unavailable(
+                        "source: the server ended replication",
+                        "replication ended",
+                    )),
+                    Ok(Ok(Some(Replication::Keepalive { end, reply }))) => {
+                        Ok(Incoming::Keepalive { end, reply })
+                    }
+                    Ok(Ok(Some(Replication::Data { payload }))) => {
+                        pgoutput::decode(&payload).map(Incoming::Message)
+                    }
+                    Ok(Err(e)) => Err(e),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let _abort_reader = AbortOnDrop(reader_task.abort_handle());
+        self.status(|s| {
+            s.streaming = true;
+            s.last_error = None;
+        });
+        tracing::info!(sync = %inner.name, slot = %inner.spec.slot, "source: streaming");
+
+        let mut state = Streaming {
+            source: self,
+            relations: HashMap::new(),
+            tables: tables.into_iter().map(|t| (t.oid, t)).collect(),
+            pending: Vec::new(),
+            pending_since: None,
+            txn: None,
+            committed: None,
+            confirmed: Lsn(0),
+            heartbeat_at: None,
+        };
+        let mut ticker = tokio::time::interval(inner.options.heartbeat);
+        loop {
+            let deadline = state
+                .pending_since
+                .map(|t| tokio::time::Instant::from_std(t + inner.options.batch_wait));
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    state.flush(&mut writer).await?;
+                    return Ok(());
+                }
+                finished = async { backfill.as_mut().expect("guarded").await }, if backfill.is_some() => {
+                    backfill = None;
+                    match finished {
+                        Ok(Ok(())) => tracing::info!(sync = %inner.name, "backfill complete"),
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => return Err(Error::unavailable("source: the backfill task failed", e)),
+                    }
+                }
+                _ = ticker.tick() => {
+                    state.flush(&mut writer).await?;
+                    writer.send_status(state.confirmed).await?;
+                    if state.heartbeat_at.is_none() {
+                        state.heartbeat_at = emit_heartbeat(&mut conn).await;
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    state.flush(&mut writer).await?;
+                }
+                item = rx.recv() => {
+                    let Some(item) = item else {
+                        return Err(Error::unavailable("source: replication reader stopped", "reader"));
+                    };
+                    match item? {
+                        Incoming::Keepalive { end, reply } => {
+                            if state.txn.is_none() && state.pending.is_empty() {
+                                state.committed = Some(state.committed.map_or(end, |c| c.max(end)));
+                            }
+                            if state.heartbeat_at.is_some_and(|h| h <= end) {
+                                state.heartbeat_at = None;
+                                self.status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
+                            }
+                            if reply {
+                                state.flush(&mut writer).await?;
+                                writer.send_status(state.confirmed).await?;
+                            }
+                        }
+                        Incoming::Message(Message::Relation(rel)) => {
+                            if rel.columns.iter().any(|c| types.get(c.type_oid).is_none()) {
+                                types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
+                            }
+                            let table = tables::describe(&mut conn, Some(rel.id), &rel.schema, &rel.name).await?;
+                            state.relation(rel, table);
+                        }
+                        Incoming::Message(message) => {
+                            state.handle(message, &types, &mut conn, &mut writer).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn notice(&self, text: String) {
+        self.status(|s| {
+            if !s.notices.contains(&text) {
+                tracing::warn!(sync = %self.inner.name, "{text}");
+                s.notices.push(text);
+            }
+        });
+    }
+}
+
+enum Incoming {
+    Keepalive { end: Lsn, reply: bool },
+    Message(Message),
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Txn {
+    final_lsn: Lsn,
+    commit_time: OffsetDateTime,
+    index: u64,
+}
+
+/// The state of one streaming session.
+struct Streaming<'a> {
+    source: &'a PostgresSource,
+    relations: HashMap<u32, (Relation, Option<Table>)>,
+    tables: HashMap<u32, Table>,
+    pending: Vec<Record>,
+    pending_since: Option<Instant>,
+    txn: Option<Txn>,
+    /// The end of the last transaction whose changes are all pending or appended.
+    committed: Option<Lsn>,
+    /// The slot position confirmed to the server.
+    confirmed: Lsn,
+    /// The WAL position of a heartbeat not yet seen come back.
+    heartbeat_at: Option<Lsn>,
+}
+
+impl Streaming<'_> {
+    fn relation(&mut self, rel: Relation, table: Option<Table>) {
+        let table = table.or_else(|| self.tables.get(&rel.id).cloned());
+        if let Some(t) = &table {
+            self.tables.insert(rel.id, t.clone());
+        }
+        self.relations.insert(rel.id, (rel, table));
+    }
+
+    /// Appends what is pending, then confirms the last complete transaction to the server.
+    async fn flush(&mut self, writer: &mut StatusWriter) -> Result<(), Error> {
+        if !self.pending.is_empty() {
+            let records = std::mem::take(&mut self.pending);
+            self.source.inner.stream.append(records).await?;
+        }
+        self.pending_since = None;
+        if let Some(c) = self.committed
+            && c > self.confirmed
+        {
+            writer.send_status(c).await?;
+            self.confirmed = c;
+            self.source.status(|s| s.confirmed = c);
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, record: Record) {
+        if self.pending.is_empty() {
+            self.pending_since = Some(Instant::now());
+        }
+        self.pending.push(record);
+    }
+
+    async fn handle(
+        &mut self,
+        message: Message,
+        types: &TypeMap,
+        conn: &mut PgConnection,
+        writer: &mut StatusWriter,
+    ) -> Result<(), Error> {
+        let batch_max = self.source.inner.options.batch_max;
+        match message {
+            Message::Begin {
+                final_lsn,
+                commit_time,
+            } => {
+                self.txn = Some(Txn {
+                    final_lsn,
+                    commit_time,
+                    index: 0,
+                });
+            }
+            Message::Commit { end_lsn } => {
+                self.txn = None;
+                self.committed = Some(end_lsn);
+                self.source
+                    .status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
+                if self.pending.len() >= batch_max {
+                    self.flush(writer).await?;
+                }
+            }
+            Message::Insert { relation, new } => {
+                self.change(relation, None, Some(new), types, conn).await?;
+            }
+            Message::Update { relation, old, new } => {
+                self.change(relation, old, Some(new), types, conn).await?;
+            }
+            Message::Delete { relation, old } => {
+                self.change(relation, Some(old), None, types, conn).await?;
+            }
+            Message::Truncate { relations } => {
+                // Everything before the truncate goes first, so the tombstones follow it.
+                self.flush_records().await?;
+                for id in relations {
+                    let Some((rel, _)) = self.relations.get(&id) else {
+                        continue;
+                    };
+                    let collection = CollectionId(format!("{}.{}", rel.schema, rel.name));
+                    let (version, at) = self.next_version()?;
+                    let n = self
+                        .source
+                        .inner
+                        .stream
+                        .tombstone_collection(self.source.inner.sync_id, &collection, version, at)
+                        .await?;
+                    tracing::info!(collection = %collection, tombstones = n, "source: truncate");
+                }
+            }
+            Message::Relation(_) | Message::Ignored => {}
+        }
+        if self.pending.len() >= batch_max {
+            // A large transaction: append its changes so far; the slot is confirmed only at
+            // its commit, so a crash replays it whole and the stream skips what it holds.
+            self.flush_records().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_records(&mut self) -> Result<(), Error> {
+        if !self.pending.is_empty() {
+            let records = std::mem::take(&mut self.pending);
+            self.source.inner.stream.append(records).await?;
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    fn next_version(&mut self) -> Result<(Version, OffsetDateTime), Error> {
+        let txn = self
+            .txn
+            .as_mut()
+            .ok_or_else(|| Error::invalid("pgoutput: a change outside a transaction"))?;
+        txn.index += 1;
+        Ok((Version::new(txn.final_lsn.0, txn.index), txn.commit_time))
+    }
+
+    async fn change(
+        &mut self,
+        relation: u32,
+        old: Option<Vec<Value>>,
+        new: Option<Vec<Value>>,
+        types: &TypeMap,
+        conn: &mut PgConnection,
+    ) -> Result<(), Error> {
+        let Some((rel, table)) = self.relations.get(&relation) else {
+            return Err(Error::invalid(format!(
+                "pgoutput: a change for relation {relation} before its description"
+            )));
+        };
+        let collection = format!("{}.{}", rel.schema, rel.name);
+        let Some(table) = table.clone().filter(|t| !t.key.is_empty()) else {
+            self.source.notice(format!(
+                "{collection} has no primary key or replica identity index: its changes are skipped (add a primary key)"
+            ));
+            return Ok(());
+        };
+        let rel = rel.clone();
+        let key_of = |values: &[Value]| -> Option<Vec<String>> {
+            table
+                .key
+                .iter()
+                .map(|k| {
+                    let i = rel.columns.iter().position(|c| &c.name == k)?;
+                    match values.get(i)? {
+                        Value::Text(t) => Some(t.clone()),
+                        _ => None,
+                    }
+                })
+                .collect()
+        };
+        let sync_id = self.source.inner.sync_id;
+        let record_key = |key: &[String]| {
+            let keys: Vec<&str> = key.iter().map(String::as_str).collect();
+            RecordKey::new(sync_id, collection.as_str(), tables::upstream_id(&keys))
+        };
+        let old_key = old.as_deref().and_then(key_of);
+        match new {
+            None => {
+                let key = old_key.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "pgoutput: a delete on {collection} without its key"
+                    ))
+                })?;
+                let (version, at) = self.next_version()?;
+                self.push(Record {
+                    key: record_key(&key),
+                    provider: Provider::Postgres,
+                    version,
+                    upstream_updated_at: at,
+                    change: Change::Delete,
+                });
+            }
+            Some(new) => {
+                let Some(key) = key_of(&new) else {
+                    self.source.notice(format!(
+                        "{collection}: a change whose key was not sent was skipped"
+                    ));
+                    return Ok(());
+                };
+                let (version, at) = self.next_version()?;
+                if let Some(old_key) = old_key
+                    && old_key != key
+                {
+                    // The key changed: the old record is gone.
+                    self.push(Record {
+                        key: record_key(&old_key),
+                        provider: Provider::Postgres,
+                        version,
+                        upstream_updated_at: at,
+                        change: Change::Delete,
+                    });
+                }
+                let mut payload = tables::payload(
+                    types,
+                    rel.columns.iter().zip(&new).filter_map(|(c, v)| match v {
+                        Value::Null => Some((c.name.as_str(), c.type_oid, None)),
+                        Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t.as_str()))),
+                        Value::Unchanged => None,
+                    }),
+                );
+                let unchanged: Vec<&str> = rel
+                    .columns
+                    .iter()
+                    .zip(&new)
+                    .filter(|(_, v)| **v == Value::Unchanged)
+                    .map(|(c, _)| c.name.as_str())
+                    .collect();
+                let key = record_key(&key);
+                if !unchanged.is_empty() {
+                    self.fill_unchanged(&key, &table, &unchanged, &mut payload, types, conn)
+                        .await?;
+                }
+                // Keep the relation's column order.
+                let ordered: Payload = rel
+                    .columns
+                    .iter()
+                    .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
+                    .collect();
+                self.push(Record {
+                    key,
+                    provider: Provider::Postgres,
+                    version,
+                    upstream_updated_at: at,
+                    change: Change::Upsert { payload: ordered },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// An unchanged TOAST value is not resent: take it from the record's previous version
+    /// (pending, else in the stream), else read the row from the source. Never a placeholder.
+    async fn fill_unchanged(
+        &self,
+        key: &RecordKey,
+        table: &Table,
+        unchanged: &[&str],
+        payload: &mut Payload,
+        types: &TypeMap,
+        conn: &mut PgConnection,
+    ) -> Result<(), Error> {
+        let previous = match self.pending.iter().rev().find(|r| &r.key == key) {
+            Some(r) => r.change.payload().cloned(),
+            None => self
+                .source
+                .inner
+                .stream
+                .get(key)
+                .await?
+                .and_then(|e| e.record.change.payload().cloned()),
+        };
+        let mut missing = Vec::new();
+        for name in unchanged {
+            match previous.as_ref().and_then(|p| p.get(*name)) {
+                Some(v) => {
+                    payload.insert((*name).to_owned(), v.clone());
+                }
+                None => missing.push(*name),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let key_text: Vec<String> = match serde_json::from_str::<Vec<String>>(&key.upstream_id.0) {
+            Ok(parts) if table.key.len() > 1 => parts,
+            _ => vec![key.upstream_id.0.clone()],
+        };
+        if let Some(row) = tables::read_row(conn, table, &key_text).await? {
+            let current = tables::payload(
+                types,
+                table
+                    .columns
+                    .iter()
+                    .zip(&row)
+                    .map(|(c, v)| (c.name.as_str(), c.type_oid, v.as_deref())),
+            );
+            for name in missing {
+                if let Some(v) = current.get(name) {
+                    payload.insert(name.to_owned(), v.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn connect(settings: &ConnectionSettings) -> Result<PgConnection, Error> {
+    let mut conn = settings.connect().await?;
+    // The same text forms pgoutput uses, whatever the role's defaults are.
+    sqlx::raw_sql(
+        "set timezone = 'UTC'; set datestyle = 'ISO'; set intervalstyle = 'postgres'; \
+         set extra_float_digits = 3; set bytea_output = 'hex'",
+    )
+    .execute(&mut conn)
+    .await
+    .map_err(db)?;
+    Ok(conn)
+}
+
+fn db(e: sqlx::Error) -> Error {
+    Error::unavailable("source: query failed", e)
+}
+
+async fn ensure_slot_exists(conn: &mut PgConnection, spec: &SourceSpec) -> Result<(), Error> {
+    let exists = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_replication_slots where slot_name = $1 and database = current_database()) as "e!""#,
+        spec.slot
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    if exists {
+        Ok(())
+    } else {
+        Err(Error::configuration(
+            format!(
+                "replication slot {} does not exist in this database",
+                spec.slot
+            ),
+            format!(
+                "select pg_create_logical_replication_slot({}, 'pgoutput');  -- after creating the publication; or set create_missing = true",
+                sluice_core::sql::quote_literal(&spec.slot)
+            ),
+        ))
+    }
+}
+
+/// Writes a small non-transactional message into the source's WAL and returns its position.
+/// When the change stream passes it, the whole path (WAL, decoding, network) is known to work
+/// even if no table changes. `None` if the role may not emit messages.
+async fn emit_heartbeat(conn: &mut PgConnection) -> Option<Lsn> {
+    let lsn = sqlx::query_scalar!(
+        r#"select pg_logical_emit_message(false, 'sluice_heartbeat', '')::text as "l!""#
+    )
+    .fetch_one(conn)
+    .await
+    .ok()?;
+    lsn.parse().ok()
+}
+
+#[async_trait]
+impl Health for PostgresSource {
+    async fn health(&self) -> HealthReport {
+        let now = OffsetDateTime::now_utc();
+        let inner = &self.inner;
+        let (streaming, last_error, last_activity, notices) = self.status(|s| {
+            (
+                s.streaming,
+                s.last_error
+                    .as_ref()
+                    .map(|e| (e.to_string(), e.fix().map(str::to_owned), e.class())),
+                s.last_activity,
+                s.notices.clone(),
+            )
+        });
+        let progress = self.progress();
+        let slot = slot_facts(&inner.settings, &inner.spec.slot).await;
+        let mut health = inner.health.lock().unwrap_or_else(|e| e.into_inner());
+        match (&last_error, streaming) {
+            (_, true) => {
+                health.observe(
+                    "replication",
+                    Status::Healthy,
+                    "streaming changes",
+                    None,
+                    now,
+                );
+            }
+            (Some((message, fix, class)), false) => {
+                let status = if *class == ErrorClass::FixConfiguration {
+                    Status::Error
+                } else {
+                    Status::Warning
+                };
+                health.observe("replication", status, message.clone(), fix.clone(), now);
+            }
+            (None, false) => {
+                health.observe("replication", Status::Initializing, "connecting", None, now);
+            }
+        }
+        if progress.done {
+            health.observe(
+                "backfill",
+                Status::Healthy,
+                format!("complete ({} rows)", progress.total_rows),
+                None,
+                now,
+            );
+        } else if let Some(collection) = &progress.collection {
+            health.observe(
+                "backfill",
+                Status::Initializing,
+                format!(
+                    "reading {collection}: {} of ~{} rows ({} more tables)",
+                    progress.rows, progress.estimate, progress.remaining
+                ),
+                None,
+                now,
+            );
+        }
+        match slot {
+            Ok(Some((lag, active))) => {
+                let warn = lag > inner.options.slot_lag_warning_bytes;
+                health.observe(
+                    "slot",
+                    if warn || !active { Status::Warning } else { Status::Healthy },
+                    format!(
+                        "slot {} {} and holds {lag} bytes of WAL",
+                        inner.spec.slot,
+                        if active { "is active" } else { "is not active" }
+                    ),
+                    warn.then(|| "the source is producing WAL faster than sluice appends it, or sluice is stopped; check sluice's logs and the records stream's disk".to_owned()),
+                    now,
+                );
+            }
+            Ok(None) => {
+                health.observe(
+                    "slot",
+                    Status::Error,
+                    format!("slot {} does not exist", inner.spec.slot),
+                    Some(
+                        "set create_missing = true, or create it: see `sluice source check`".into(),
+                    ),
+                    now,
+                );
+            }
+            Err(e) => {
+                health.observe(
+                    "slot",
+                    Status::Warning,
+                    format!("cannot read slot state: {e}"),
+                    None,
+                    now,
+                );
+            }
+        }
+        let quiet = last_activity.map(|t| now - t);
+        let limit = inner.options.heartbeat * 3;
+        match quiet {
+            Some(q) if q <= limit => {
+                health.observe(
+                    "heartbeat",
+                    Status::Healthy,
+                    format!("last change or heartbeat {:.0}s ago", q.as_seconds_f64()),
+                    None,
+                    now,
+                );
+            }
+            Some(q) => {
+                health.observe(
+                    "heartbeat",
+                    Status::Warning,
+                    format!("no change or heartbeat for {:.0}s", q.as_seconds_f64()),
+                    Some("the replication path may be stalled; check that sluice is connected and the role may call pg_logical_emit_message".into()),
+                    now,
+                );
+            }
+            None => {}
+        }
+        health.observe(
+            "tables",
+            if notices.is_empty() {
+                Status::Healthy
+            } else {
+                Status::Warning
+            },
+            if notices.is_empty() {
+                "every published table can be read".to_owned()
+            } else {
+                notices.join("; ")
+            },
+            None,
+            now,
+        );
+        health.report()
+    }
+}
+
+/// `(bytes of WAL the slot holds, active)`, or `None` when the slot is missing.
+async fn slot_facts(
+    settings: &ConnectionSettings,
+    slot: &str,
+) -> Result<Option<(u64, bool)>, Error> {
+    let mut conn = settings
+        .connect()
+        .await
+        .map_err(|e| Error::unavailable(format!("source: {e}"), "connect"))?;
+    let row = sqlx::query!(
+        r#"select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 as "lag!",
+                  active as "active!"
+           from pg_replication_slots where slot_name = $1"#,
+        slot
+    )
+    .fetch_optional(&mut conn)
+    .await
+    .map_err(db)?;
+    Ok(row.map(|r| (r.lag.max(0) as u64, r.active)))
+}

@@ -1,0 +1,407 @@
+//! Published tables: what the catalog says about them, how a row becomes a record (shared by
+//! the backfill and the change stream, so both produce identical payloads and keys), and the
+//! keyset-paged backfill.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sluice_core::sql::{qualified, quote_ident, quote_literal};
+use sluice_core::{
+    Change, Error, Payload, Provider, Record, RecordKey, RecordStream, SourceState, SyncId, Version,
+};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use time::OffsetDateTime;
+
+use crate::values::{Kind, TypeMap, to_json};
+use crate::wire::Lsn;
+
+/// A published table as sluice reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Table {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// Columns in table order: name, type OID, the type as SQL (for casts).
+    pub columns: Vec<TableColumn>,
+    /// The key columns (primary key, else the replica identity index), in key order.
+    pub key: Vec<String>,
+    /// Estimated rows (`pg_class.reltuples`), for progress.
+    pub estimate: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct TableColumn {
+    pub name: String,
+    pub type_oid: u32,
+    pub sql_type: String,
+}
+
+impl Table {
+    /// The collection id: `schema.table`.
+    pub fn collection(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+fn db(what: &str, e: sqlx::Error) -> Error {
+    Error::unavailable(format!("source: {what}"), e)
+}
+
+/// The tables of `publication` (partition roots when it publishes via the root).
+pub(crate) async fn published(
+    conn: &mut PgConnection,
+    publication: &str,
+) -> Result<Vec<(String, String)>, Error> {
+    let rows = sqlx::query!(
+        r#"select schemaname as "schema!", tablename as "name!" from pg_publication_tables
+           where pubname = $1 order by 1, 2"#,
+        publication
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(|e| db("listing the publication's tables", e))?;
+    Ok(rows.into_iter().map(|r| (r.schema, r.name)).collect())
+}
+
+/// Describes one table by OID, or by schema and name when `oid` is `None`.
+pub(crate) async fn describe(
+    conn: &mut PgConnection,
+    oid: Option<u32>,
+    schema: &str,
+    name: &str,
+) -> Result<Option<Table>, Error> {
+    let relation = qualified(schema, name);
+    let head = sqlx::query!(
+        r#"select c.oid::int8 as "oid!", n.nspname::text as "schema!", c.relname::text as "name!",
+                  greatest(c.reltuples, 0)::int8 as "estimate!"
+           from pg_class c join pg_namespace n on n.oid = c.relnamespace
+           where c.oid = coalesce($1::oid, to_regclass($2)::oid)"#,
+        oid.map(|o| sqlx::postgres::types::Oid(o)) as Option<sqlx::postgres::types::Oid>,
+        relation
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| db("describing a table", e))?;
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    let oid = head.oid as u32;
+    let columns = sqlx::query!(
+        r#"select attname::text as "name!", atttypid::int8 as "type_oid!",
+                  format_type(atttypid, atttypmod) as "sql_type!"
+           from pg_attribute
+           where attrelid = $1::int8::oid and attnum > 0 and not attisdropped and attgenerated = ''
+           order by attnum"#,
+        oid as i64
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("reading a table's columns", e))?;
+    let key = sqlx::query_scalar!(
+        r#"select a.attname::text as "name!"
+           from (select indkey, indisprimary from pg_index
+                 where indrelid = $1::int8::oid and (indisprimary or indisreplident)
+                 order by indisprimary desc limit 1) i,
+                unnest(i.indkey) with ordinality as k(attnum, ord)
+                join pg_attribute a on a.attrelid = $1::int8::oid and a.attnum = k.attnum
+           order by k.ord"#,
+        oid as i64
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("reading a table's key", e))?;
+    Ok(Some(Table {
+        oid,
+        schema: head.schema,
+        name: head.name,
+        columns: columns
+            .into_iter()
+            .map(|c| TableColumn {
+                name: c.name,
+                type_oid: c.type_oid as u32,
+                sql_type: c.sql_type,
+            })
+            .collect(),
+        key,
+        estimate: head.estimate as u64,
+    }))
+}
+
+/// The `upstream_id` for a row's key values (in key order): the value itself for a one-column
+/// key, a JSON array of the values' text for a composite key. Deterministic: the same key
+/// always gives the same id, from the backfill and from the change stream alike.
+pub(crate) fn upstream_id(key: &[&str]) -> String {
+    match key {
+        [one] => (*one).to_owned(),
+        many => serde_json::to_string(many).unwrap_or_default(),
+    }
+}
+
+/// A row (column name, type, text) as a record payload.
+pub(crate) fn payload<'a>(
+    types: &TypeMap,
+    values: impl Iterator<Item = (&'a str, u32, Option<&'a str>)>,
+) -> Payload {
+    values
+        .map(|(name, oid, text)| {
+            let value = match text {
+                None => serde_json::Value::Null,
+                Some(t) => to_json(types.get(oid).unwrap_or(&Kind::Text), t),
+            };
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
+/// How far a backfill has come; stored with each page it appends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct BackfillState {
+    /// Collections read completely.
+    pub done: BTreeSet<String>,
+    /// The collection being read and the text of the last key appended.
+    pub current: Option<(String, Vec<String>)>,
+    /// Rows appended so far, all tables.
+    pub rows: u64,
+}
+
+/// Progress a caller can show.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BackfillProgress {
+    /// The collection being read, if the backfill is running.
+    pub collection: Option<String>,
+    /// Rows read from it so far.
+    pub rows: u64,
+    /// The planner's estimate of its rows.
+    pub estimate: u64,
+    /// Collections still to read after it.
+    pub remaining: usize,
+    /// True once every published table has been read.
+    pub done: bool,
+    /// Rows read over all tables.
+    pub total_rows: u64,
+}
+
+/// Everything a backfill needs.
+pub(crate) struct Backfill<'a> {
+    pub sync_id: SyncId,
+    pub stream: &'a Arc<dyn RecordStream>,
+    pub types: &'a TypeMap,
+    pub page: usize,
+    pub owner: String,
+    pub progress: &'a std::sync::Mutex<BackfillProgress>,
+}
+
+impl Backfill<'_> {
+    /// Reads every table in `tables` that the stored state has not finished, in keyset pages.
+    /// Each page is stamped with the LSN read before its snapshot, so any change that races
+    /// with it carries a greater version and wins in the stream.
+    pub async fn run(&self, conn: &mut PgConnection, tables: &[Table]) -> Result<(), Error> {
+        let mut state: BackfillState = match self.stream.source_state(&self.owner).await? {
+            Some(v) => serde_json::from_value(v).unwrap_or_default(),
+            None => BackfillState::default(),
+        };
+        let todo: Vec<&Table> = tables
+            .iter()
+            .filter(|t| !state.done.contains(&t.collection()) && !t.key.is_empty())
+            .collect();
+        for (i, table) in todo.iter().enumerate() {
+            let collection = table.collection();
+            let mut after = match &state.current {
+                Some((c, key)) if *c == collection => Some(key.clone()),
+                _ => None,
+            };
+            let mut rows_here = 0u64;
+            self.set_progress(|p| {
+                *p = BackfillProgress {
+                    collection: Some(collection.clone()),
+                    rows: 0,
+                    estimate: table.estimate,
+                    remaining: todo.len() - i - 1,
+                    done: false,
+                    total_rows: state.rows,
+                }
+            });
+            tracing::info!(collection, estimate = table.estimate, "backfill: reading");
+            loop {
+                let lsn: String =
+                    sqlx::query_scalar!(r#"select pg_current_wal_lsn()::text as "l!""#)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(|e| db("reading the WAL position", e))?;
+                let lsn: Lsn = lsn.parse()?;
+                let rows = read_page(conn, table, after.as_deref(), self.page).await?;
+                let last = rows.last().map(|(key, _)| key.clone());
+                let records: Vec<Record> =
+                    rows.into_iter()
+                        .map(|(key, row)| {
+                            let keys: Vec<&str> = key.iter().map(String::as_str).collect();
+                            Record {
+                                key: RecordKey::new(
+                                    self.sync_id,
+                                    collection.as_str(),
+                                    upstream_id(&keys),
+                                ),
+                                provider: Provider::Postgres,
+                                version: Version::new(lsn.0, 0),
+                                upstream_updated_at: OffsetDateTime::now_utc(),
+                                change: Change::Upsert {
+                                    payload: payload(
+                                        self.types,
+                                        table.columns.iter().zip(&row).map(|(c, v)| {
+                                            (c.name.as_str(), c.type_oid, v.as_deref())
+                                        }),
+                                    ),
+                                },
+                            }
+                        })
+                        .collect();
+                let n = records.len() as u64;
+                rows_here += n;
+                state.rows += n;
+                match last {
+                    Some(key) if n as usize >= self.page => {
+                        state.current = Some((collection.clone(), key.clone()));
+                        after = Some(key);
+                    }
+                    _ => {
+                        state.current = None;
+                        state.done.insert(collection.clone());
+                    }
+                }
+                self.stream
+                    .append_with_state(
+                        records,
+                        Some(SourceState {
+                            owner: self.owner.clone(),
+                            value: serde_json::to_value(&state).unwrap_or_default(),
+                        }),
+                    )
+                    .await?;
+                self.set_progress(|p| {
+                    p.rows = rows_here;
+                    p.total_rows = state.rows;
+                });
+                if state.current.is_none() {
+                    tracing::info!(collection, rows = rows_here, "backfill: table done");
+                    break;
+                }
+            }
+        }
+        self.set_progress(|p| {
+            p.collection = None;
+            p.remaining = 0;
+            p.done = true;
+        });
+        Ok(())
+    }
+
+    fn set_progress(&self, f: impl FnOnce(&mut BackfillProgress)) {
+        if let Ok(mut p) = self.progress.lock() {
+            f(&mut p);
+        }
+    }
+}
+
+/// One keyset page: `(key texts, every column's text)` per row, in key order.
+pub(crate) async fn read_page(
+    conn: &mut PgConnection,
+    table: &Table,
+    after: Option<&[String]>,
+    limit: usize,
+) -> Result<Vec<(Vec<String>, Vec<Option<String>>)>, Error> {
+    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let keys = keys.join(", ");
+    let condition = match after {
+        Some(after) => format!("where ({keys}) > ({})", key_literals(table, after)?),
+        None => String::new(),
+    };
+    let sql = format!(
+        "select {} from {} {condition} order by {keys} limit {limit}",
+        select_list(table),
+        qualified(&table.schema, &table.name),
+    );
+    fetch_rows(conn, table, &sql).await
+}
+
+/// The current row for one key, if it still exists.
+pub(crate) async fn read_row(
+    conn: &mut PgConnection,
+    table: &Table,
+    key: &[String],
+) -> Result<Option<Vec<Option<String>>>, Error> {
+    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let sql = format!(
+        "select {} from {} where ({}) = ({})",
+        select_list(table),
+        qualified(&table.schema, &table.name),
+        keys.join(", "),
+        key_literals(table, key)?
+    );
+    Ok(fetch_rows(conn, table, &sql)
+        .await?
+        .pop()
+        .map(|(_, row)| row))
+}
+
+fn select_list(table: &Table) -> String {
+    table
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn key_literals(table: &Table, key: &[String]) -> Result<String, Error> {
+    table
+        .key
+        .iter()
+        .zip(key)
+        .map(|(name, value)| {
+            let column = table
+                .columns
+                .iter()
+                .find(|c| &c.name == name)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "key column {name} is not a column of {}",
+                        table.collection()
+                    ))
+                })?;
+            Ok(format!("{}::{}", quote_literal(value), column.sql_type))
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map(|l| l.join(", "))
+}
+
+/// Runs `sql` as a simple query, so every value arrives as its type's output text: exactly
+/// what pgoutput sends for the same value.
+async fn fetch_rows(
+    conn: &mut PgConnection,
+    table: &Table,
+    sql: &str,
+) -> Result<Vec<(Vec<String>, Vec<Option<String>>)>, Error> {
+    let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| db(&format!("reading {}", table.collection()), e))?;
+    let positions: Vec<usize> = table
+        .key
+        .iter()
+        .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let values = (0..table.columns.len())
+                .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| db(&format!("decoding {}", table.collection()), e))?;
+            let key = positions
+                .iter()
+                .map(|p| values[*p].clone().unwrap_or_default())
+                .collect();
+            Ok((key, values))
+        })
+        .collect()
+}

@@ -1,0 +1,272 @@
+//! From a column's text (its type's output function, as both pgoutput and the backfill read
+//! it) to the record payload's JSON. The mapping is documented in
+//! `docs/postgres-source.md`:
+//!
+//! | PostgreSQL | JSON |
+//! |---|---|
+//! | `boolean` | `true` / `false` |
+//! | `smallint`, `integer`, `bigint`, `oid` | number |
+//! | `real`, `double precision` | number; `NaN` and `±Infinity` as strings |
+//! | `numeric` | string with every digit (JSON numbers would round) |
+//! | `json`, `jsonb` | the JSON itself, nested |
+//! | `timestamp` | ISO 8601 without offset, `2024-05-01T12:00:00.5` |
+//! | `timestamptz` | ISO 8601 in UTC, `2024-05-01T12:00:00.5+00:00` |
+//! | `bytea` | string, PostgreSQL's hex form `\x0102` |
+//! | arrays | JSON arrays (nested for multi-dimensional), elements mapped by these rules |
+//! | enums, domains over text, `uuid`, `date`, `time`, `interval`, everything else | string |
+//! | NULL | null |
+
+use std::collections::HashMap;
+
+use serde_json::Value as Json;
+use sqlx::PgConnection;
+
+/// How a type's text becomes JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Kind {
+    Bool,
+    Int,
+    Float,
+    Numeric,
+    Json,
+    Timestamp,
+    TimestampTz,
+    Array(Box<Kind>),
+    Text,
+}
+
+/// Every type of the source database, by OID; reloaded when an unknown OID appears (a new enum).
+#[derive(Default)]
+pub(crate) struct TypeMap {
+    kinds: HashMap<u32, Kind>,
+}
+
+struct PgType {
+    elem: u32,
+    base: u32,
+    category: String,
+    delim: String,
+}
+
+impl TypeMap {
+    /// Loads every type of the database (a few hundred rows).
+    pub async fn load(conn: &mut PgConnection) -> Result<Self, sqlx::Error> {
+        let rows = sqlx::query!(
+            r#"select oid::int8 as "oid!", typelem::int8 as "elem!", typbasetype::int8 as "base!",
+                      typcategory::text as "category!", typdelim::text as "delim!"
+               from pg_type"#
+        )
+        .fetch_all(conn)
+        .await?;
+        let types: HashMap<u32, PgType> = rows
+            .into_iter()
+            .map(|t| {
+                (
+                    t.oid as u32,
+                    PgType {
+                        elem: t.elem as u32,
+                        base: t.base as u32,
+                        category: t.category,
+                        delim: t.delim,
+                    },
+                )
+            })
+            .collect();
+        let kinds = types
+            .keys()
+            .map(|oid| (*oid, kind_of(*oid, &types, 0)))
+            .collect();
+        Ok(Self { kinds })
+    }
+
+    /// The kind of `oid`, if the map knows it.
+    pub fn get(&self, oid: u32) -> Option<&Kind> {
+        self.kinds.get(&oid)
+    }
+}
+
+fn kind_of(oid: u32, types: &HashMap<u32, PgType>, depth: u8) -> Kind {
+    if depth > 8 {
+        return Kind::Text;
+    }
+    match oid {
+        16 => return Kind::Bool,
+        20 | 21 | 23 | 26 => return Kind::Int,
+        700 | 701 => return Kind::Float,
+        1700 => return Kind::Numeric,
+        114 | 3802 => return Kind::Json,
+        1114 => return Kind::Timestamp,
+        1184 => return Kind::TimestampTz,
+        _ => {}
+    }
+    let Some(t) = types.get(&oid) else {
+        return Kind::Text;
+    };
+    if t.base != 0 {
+        // A domain: its base type decides.
+        return kind_of(t.base, types, depth + 1);
+    }
+    if t.category == "A" && t.elem != 0 && t.delim == "," {
+        return Kind::Array(Box::new(kind_of(t.elem, types, depth + 1)));
+    }
+    Kind::Text
+}
+
+/// One column's text as JSON.
+pub(crate) fn to_json(kind: &Kind, text: &str) -> Json {
+    match kind {
+        Kind::Bool => match text {
+            "t" | "true" => Json::Bool(true),
+            "f" | "false" => Json::Bool(false),
+            other => Json::String(other.to_owned()),
+        },
+        Kind::Int => text
+            .parse::<i64>()
+            .map(Json::from)
+            .unwrap_or_else(|_| Json::String(text.to_owned())),
+        Kind::Float => text
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Json::Number)
+            .unwrap_or_else(|| Json::String(text.to_owned())),
+        Kind::Numeric | Kind::Text => Json::String(text.to_owned()),
+        Kind::Json => serde_json::from_str(text).unwrap_or_else(|_| Json::String(text.to_owned())),
+        Kind::Timestamp => Json::String(iso_timestamp(text, false)),
+        Kind::TimestampTz => Json::String(iso_timestamp(text, true)),
+        Kind::Array(elem) => {
+            parse_array(text, elem).unwrap_or_else(|| Json::String(text.to_owned()))
+        }
+    }
+}
+
+/// `2024-05-01 12:00:00.5+00` → `2024-05-01T12:00:00.5+00:00` (ISO DateStyle in, ISO 8601 out).
+fn iso_timestamp(text: &str, zoned: bool) -> String {
+    let Some((date, rest)) = text.split_once(' ') else {
+        return text.to_owned(); // infinity, -infinity
+    };
+    if rest.ends_with("BC") {
+        return text.to_owned();
+    }
+    let mut out = format!("{date}T{rest}");
+    if zoned {
+        // The offset is `+HH`, `+HH:MM` or `+HH:MM:SS`; ISO 8601 wants at least `+HH:MM`.
+        if let Some(pos) = out.rfind(['+', '-']).filter(|p| *p > date.len())
+            && out.len() - pos == 3
+        {
+            out.push_str(":00");
+        }
+    }
+    out
+}
+
+/// Parses an array literal (`{1,2,NULL}`, `{{1,2},{3,4}}`, `{"a b","c\"d"}`, `[0:1]={1,2}`).
+fn parse_array(text: &str, elem: &Kind) -> Option<Json> {
+    let body = match text.find('=') {
+        Some(eq) if text.starts_with('[') => &text[eq + 1..],
+        _ => text,
+    };
+    let mut chars = body.chars().peekable();
+    let value = parse_level(&mut chars, elem)?;
+    chars.next().is_none().then_some(value)
+}
+
+fn parse_level(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, elem: &Kind) -> Option<Json> {
+    if chars.next()? != '{' {
+        return None;
+    }
+    let mut items = Vec::new();
+    if chars.peek() == Some(&'}') {
+        chars.next();
+        return Some(Json::Array(items));
+    }
+    loop {
+        match chars.peek()? {
+            '{' => items.push(parse_level(chars, elem)?),
+            '"' => {
+                chars.next();
+                let mut s = String::new();
+                loop {
+                    match chars.next()? {
+                        '\\' => s.push(chars.next()?),
+                        '"' => break,
+                        c => s.push(c),
+                    }
+                }
+                items.push(to_json(elem, &s));
+            }
+            _ => {
+                let mut s = String::new();
+                while let Some(c) = chars.peek() {
+                    if *c == ',' || *c == '}' {
+                        break;
+                    }
+                    s.push(*c);
+                    chars.next();
+                }
+                let s = s.trim();
+                items.push(if s.eq_ignore_ascii_case("NULL") {
+                    Json::Null
+                } else {
+                    to_json(elem, s)
+                });
+            }
+        }
+        match chars.next()? {
+            ',' => continue,
+            '}' => return Some(Json::Array(items)),
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn scalars_map_as_documented() {
+        assert_eq!(to_json(&Kind::Bool, "t"), json!(true));
+        assert_eq!(to_json(&Kind::Int, "-9223372036854775808"), json!(i64::MIN));
+        assert_eq!(to_json(&Kind::Float, "1.5"), json!(1.5));
+        assert_eq!(to_json(&Kind::Float, "NaN"), json!("NaN"));
+        assert_eq!(
+            to_json(&Kind::Numeric, "12345678901234567890.000000000001"),
+            json!("12345678901234567890.000000000001")
+        );
+        assert_eq!(
+            to_json(&Kind::Json, r#"{"a": [1, {"b": null}]}"#),
+            json!({"a": [1, {"b": null}]})
+        );
+        assert_eq!(
+            to_json(&Kind::TimestampTz, "2024-05-01 12:00:00.5+00"),
+            json!("2024-05-01T12:00:00.5+00:00")
+        );
+        assert_eq!(
+            to_json(&Kind::TimestampTz, "2024-05-01 12:00:00+05:30"),
+            json!("2024-05-01T12:00:00+05:30")
+        );
+        assert_eq!(
+            to_json(&Kind::Timestamp, "2024-05-01 12:00:00"),
+            json!("2024-05-01T12:00:00")
+        );
+        assert_eq!(to_json(&Kind::Timestamp, "infinity"), json!("infinity"));
+    }
+
+    #[test]
+    fn arrays_parse_nested_quoted_and_null_elements() {
+        let ints = Kind::Array(Box::new(Kind::Int));
+        assert_eq!(to_json(&ints, "{1,2,NULL}"), json!([1, 2, null]));
+        assert_eq!(to_json(&ints, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
+        assert_eq!(to_json(&ints, "[0:1]={7,8}"), json!([7, 8]));
+        assert_eq!(to_json(&ints, "{}"), json!([]));
+        let texts = Kind::Array(Box::new(Kind::Text));
+        assert_eq!(
+            to_json(&texts, r#"{"a b","c\"d","NULL",NULL,plain}"#),
+            json!(["a b", "c\"d", "NULL", null, "plain"])
+        );
+        // Malformed input stays text rather than being lost.
+        assert_eq!(to_json(&ints, "{1,2"), json!("{1,2"));
+    }
+}

@@ -1,0 +1,710 @@
+//! The Postgres source against real servers: backfill, streaming, type mapping, TOAST,
+//! TRUNCATE, new columns, restarts of the source and kills of sluice, health.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use sluice_core::{Health, Payload, RecordKey, RecordStream, Status, StreamEntry, SyncId};
+use sluice_localpg::Cluster;
+use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
+use sluice_stream::EmbeddedStream;
+use sluice_target_pg::ConnectionSettings;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+static PG: LazyLock<Cluster> = LazyLock::new(|| {
+    Cluster::options()
+        .logical_replication()
+        .start()
+        .expect("start PostgreSQL")
+});
+
+const SYNC: SyncId = SyncId(Uuid::from_u128(0x5eed));
+
+struct Setup {
+    db: String,
+    dir: tempfile::TempDir,
+    stream: Arc<EmbeddedStream>,
+    settings: ConnectionSettings,
+    spec: SourceSpec,
+}
+
+/// A fresh database with a replication role, `schema_sql` run as the superuser, and a
+/// publication for all tables.
+async fn setup(prefix: &str, schema_sql: &str) -> Setup {
+    let db = PG.fresh_database(prefix).await.unwrap();
+    let user = format!("{db}_repl");
+    PG.execute(
+        &db,
+        &format!(
+            "create role {user} login replication password 'pw';
+             {schema_sql}
+             grant select on all tables in schema public to {user};
+             create publication {db}_pub for all tables;"
+        ),
+    )
+    .await
+    .unwrap();
+    let mut settings =
+        ConnectionSettings::from_url(&PG.url_as(&user, Some("pw"), &db, None)).unwrap();
+    settings.password = Some(SecretString::from("pw".to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    Setup {
+        spec: SourceSpec {
+            publication: format!("{db}_pub"),
+            slot: format!("{db}_slot"),
+        },
+        db,
+        dir,
+        stream,
+        settings,
+    }
+}
+
+fn options() -> SourceOptions {
+    SourceOptions {
+        create_missing: true,
+        backfill_page: 1000,
+        heartbeat: Duration::from_millis(500),
+        ..SourceOptions::default()
+    }
+}
+
+struct Running {
+    source: PostgresSource,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the source stops")
+            .unwrap();
+    }
+}
+
+fn start(s: &Setup, options: SourceOptions) -> Running {
+    let source = PostgresSource::new(
+        "app",
+        SYNC,
+        s.settings.clone(),
+        s.spec.clone(),
+        s.stream.clone(),
+        options,
+    );
+    let (stop, stopped) = watch::channel(false);
+    let task = {
+        let source = source.clone();
+        tokio::spawn(async move { source.run(stopped).await })
+    };
+    Running { source, stop, task }
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, secs: u64, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn live(stream: &EmbeddedStream, collection: &str) -> BTreeMap<String, Payload> {
+    stream
+        .live_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.record.key.collection_id.0 == collection)
+        .map(|e| {
+            (
+                e.record.key.upstream_id.0.clone(),
+                e.record.change.payload().cloned().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn get(stream: &EmbeddedStream, collection: &str, id: &str) -> Option<StreamEntry> {
+    stream
+        .get(&RecordKey::new(SYNC, collection, id))
+        .await
+        .unwrap()
+}
+
+/// `select id::text, n, body` from `table`, as the stream should hold it.
+async fn source_rows(db: &str, table: &str) -> BTreeMap<String, (i64, String)> {
+    let mut conn = PG.admin(db).await.unwrap();
+    sqlx::query_as::<_, (String, i32, String)>(sqlx::AssertSqlSafe(format!(
+        "select id::text, n, body from {table}"
+    )))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, n, body)| (id, (n as i64, body)))
+    .collect()
+}
+
+fn stream_rows(rows: &BTreeMap<String, Payload>) -> BTreeMap<String, (i64, String)> {
+    rows.iter()
+        .map(|(id, p)| {
+            (
+                id.clone(),
+                (
+                    p["n"].as_i64().unwrap(),
+                    p["body"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+const TYPED: &str = "
+create type mood as enum ('sad', 'ok', 'happy');
+create table public.%T (
+    id int primary key,
+    flag boolean, small smallint, big bigint, real_ real, dbl double precision,
+    amount numeric(30,10), label text, vc varchar(10), ch char(3), at timestamptz, local timestamp,
+    day date, dur interval, doc jsonb, raw json, bin bytea, ints int[], words text[],
+    grid int[][], feeling mood, feelings mood[], uid uuid, addr inet
+);";
+
+const TYPED_ROW: &str = "(1, true, -3, 9007199254740993, 1.5, 'NaN', 12345678901234567890.0123456789,
+  'quote '' and \"dq\" and ünïcode', 'abc', 'ab', '2024-05-01 12:00:00.5+02', '2024-05-01 12:00:00',
+  '2024-05-01', '1 day 02:03:04', '{\"a\": [1, {\"b\": null}], \"t\": \"xy\"}', '{\"k\": 1, \"z\": \"a\\u0000b\"}', '\\x00ff10',
+  '{1,NULL,3}', '{\"a b\",\"c,d\",NULL}', '{{1,2},{3,4}}', 'happy', '{sad,ok}',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '10.0.0.1')";
+
+#[tokio::test]
+async fn backfill_and_stream_map_every_type_identically_and_as_documented() {
+    let schema = format!(
+        "{}\n{}",
+        TYPED.replace("%T", "before"),
+        TYPED
+            .replace("%T", "after")
+            .replace("create type mood as enum ('sad', 'ok', 'happy');", "")
+    );
+    let s = setup("types", &schema).await;
+    let row = TYPED_ROW;
+    PG.execute(&s.db, &format!("insert into public.before values {row}"))
+        .await
+        .unwrap();
+    let running = start(&s, options());
+    wait_until("the backfill holds the row", 30, async || {
+        get(&s.stream, "public.before", "1").await.is_some()
+    })
+    .await;
+    PG.execute(&s.db, &format!("insert into public.after values {row}"))
+        .await
+        .unwrap();
+    wait_until("the streamed row arrives", 30, async || {
+        get(&s.stream, "public.after", "1").await.is_some()
+    })
+    .await;
+    let backfilled = get(&s.stream, "public.before", "1").await.unwrap();
+    let streamed = get(&s.stream, "public.after", "1").await.unwrap();
+    let b = backfilled.record.change.payload().unwrap();
+    let st = streamed.record.change.payload().unwrap();
+    assert_eq!(
+        b, st,
+        "the backfill and the stream must agree on every value"
+    );
+    let expected = json!({
+        "id": 1, "flag": true, "small": -3, "big": 9007199254740993i64, "real_": 1.5, "dbl": "NaN",
+        "amount": "12345678901234567890.0123456789",
+        "label": "quote ' and \"dq\" and ünïcode", "vc": "abc", "ch": "ab ",
+        "at": "2024-05-01T10:00:00.5+00:00", "local": "2024-05-01T12:00:00",
+        "day": "2024-05-01", "dur": "1 day 02:03:04",
+        "doc": {"a": [1, {"b": null}], "t": "xy"}, "raw": {"k": 1, "z": "a\u{0}b"}, "bin": "\\x00ff10",
+        "ints": [1, null, 3], "words": ["a b", "c,d", null], "grid": [[1, 2], [3, 4]],
+        "feeling": "happy", "feelings": ["sad", "ok"],
+        "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "addr": "10.0.0.1"
+    });
+    assert_eq!(Value::Object(st.clone()), expected);
+    // Streamed versions are (commit LSN, index); backfilled ones (LSN before the snapshot, 0).
+    assert!(streamed.record.version.minor >= 1);
+    assert_eq!(backfilled.record.version.minor, 0);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_backfill_racing_with_updates_ends_equal_to_the_source() {
+    let s = setup(
+        "race",
+        "create table public.items (id bigint primary key, n int not null, body text not null);
+         insert into public.items select i, 0, 'row ' || i from generate_series(1, 100000) i;",
+    )
+    .await;
+    let running = start(
+        &s,
+        SourceOptions {
+            backfill_page: 2000,
+            ..options()
+        },
+    );
+    // Updates, deletes and inserts while the backfill reads, each in its own transaction.
+    let mut conn = PG.admin(&s.db).await.unwrap();
+    for round in 1..=40 {
+        let lo = (round * 2477) % 100_000;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "update public.items set n = n + 1, body = 'round {round}' where id between {lo} and {lo} + 300;
+             delete from public.items where id % 997 = {round};
+             insert into public.items values ({}, {round}, 'new') on conflict (id) do update set n = excluded.n;",
+            100_000 + round
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let want = source_rows(&s.db, "public.items").await;
+    wait_until("the stream equals the source", 120, async || {
+        stream_rows(&live(&s.stream, "public.items").await) == want
+    })
+    .await;
+    let progress = running.source.progress();
+    assert!(progress.done, "{progress:?}");
+    // Rows deleted before the backfill reached them are never read.
+    assert!(progress.total_rows >= 90_000, "{progress:?}");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn composite_enum_and_text_keys_page_and_delete_by_the_same_id() {
+    let s = setup(
+        "keys",
+        "create type tier as enum ('gold', 'silver', 'bronze');
+         create table public.scores (t tier, name text, n int, v text, primary key (t, name, n));
+         insert into public.scores select (array['bronze','gold','silver'])[1 + i % 3]::tier,
+                'nàme ' || (i % 7) || ' \"q\"', i, 'v' from generate_series(1, 500) i;",
+    )
+    .await;
+    let running = start(
+        &s,
+        SourceOptions {
+            backfill_page: 7,
+            ..options()
+        },
+    );
+    wait_until("the backfill is complete", 60, async || {
+        running.source.progress().done
+    })
+    .await;
+    assert_eq!(live(&s.stream, "public.scores").await.len(), 500);
+    // i = 3: tier index 1 + 3 % 3 = 1 → bronze.
+    let key = serde_json::to_string(&["bronze", "nàme 3 \"q\"", "3"]).unwrap();
+    assert!(
+        get(&s.stream, "public.scores", &key).await.is_some(),
+        "{key}"
+    );
+    PG.execute(&s.db, "delete from public.scores where n = 3")
+        .await
+        .unwrap();
+    wait_until("the delete arrives as a tombstone", 30, async || {
+        get(&s.stream, "public.scores", &key)
+            .await
+            .is_some_and(|e| e.record.is_tombstone())
+    })
+    .await;
+    assert_eq!(live(&s.stream, "public.scores").await.len(), 499);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn unchanged_toast_values_are_filled_truncate_tombstones_and_new_columns_appear() {
+    let s = setup(
+        "toast",
+        "create table public.docs (id int primary key, title text, body text);
+         alter table public.docs alter column body set storage external;
+         create table public.other (id int primary key);",
+    )
+    .await;
+    let running = start(&s, options());
+    // 100 KB that does not compress, stored out of line.
+    PG.execute(
+        &s.db,
+        "insert into public.docs select 1, 'first', string_agg(md5(i::text), '') from generate_series(1, 3200) i;
+         insert into public.other values (1), (2);",
+    )
+    .await
+    .unwrap();
+    wait_until("the insert arrives", 30, async || {
+        get(&s.stream, "public.docs", "1").await.is_some()
+    })
+    .await;
+    let body = get(&s.stream, "public.docs", "1")
+        .await
+        .unwrap()
+        .record
+        .change
+        .payload()
+        .unwrap()["body"]
+        .clone();
+    assert_eq!(body.as_str().unwrap().len(), 3200 * 32);
+    PG.execute(
+        &s.db,
+        "update public.docs set title = 'second' where id = 1",
+    )
+    .await
+    .unwrap();
+    wait_until("the update arrives", 30, async || {
+        get(&s.stream, "public.docs", "1")
+            .await
+            .is_some_and(|e| e.record.change.payload().unwrap()["title"] == "second")
+    })
+    .await;
+    let after = get(&s.stream, "public.docs", "1").await.unwrap();
+    assert_eq!(
+        after.record.change.payload().unwrap()["body"],
+        body,
+        "the unchanged TOAST value comes from the previous version, never a placeholder"
+    );
+
+    // A new column shows up in payloads without a restart.
+    PG.execute(
+        &s.db,
+        "alter table public.docs add column tags text[];
+         insert into public.docs values (2, 'tagged', 'short', '{a,b}');",
+    )
+    .await
+    .unwrap();
+    wait_until("the row with the new column arrives", 30, async || {
+        get(&s.stream, "public.docs", "2").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        get(&s.stream, "public.docs", "2")
+            .await
+            .unwrap()
+            .record
+            .change
+            .payload()
+            .unwrap()["tags"],
+        json!(["a", "b"])
+    );
+
+    // TRUNCATE tombstones the collection's records; a row inserted after it in the same
+    // transaction survives; other collections are untouched; the stream keeps flowing.
+    PG.execute(
+        &s.db,
+        "begin; truncate public.docs; insert into public.docs values (3, 'after', 'x', null); commit;
+         insert into public.other values (3);",
+    )
+    .await
+    .unwrap();
+    wait_until("the truncate and the next change arrive", 30, async || {
+        get(&s.stream, "public.other", "3").await.is_some()
+    })
+    .await;
+    let docs = live(&s.stream, "public.docs").await;
+    assert_eq!(docs.keys().collect::<Vec<_>>(), vec!["3"]);
+    assert!(
+        get(&s.stream, "public.docs", "1")
+            .await
+            .unwrap()
+            .record
+            .is_tombstone()
+    );
+    assert_eq!(live(&s.stream, "public.other").await.len(), 3);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn the_slot_is_confirmed_after_the_stream_commits_and_health_reports_it() {
+    let s = setup(
+        "confirm",
+        "create table public.items (id bigint primary key, n int not null, body text not null);",
+    )
+    .await;
+    let running = start(&s, options());
+    wait_until("streaming", 30, async || {
+        running
+            .source
+            .health()
+            .await
+            .checks
+            .iter()
+            .any(|c| c.name == "replication" && c.status == Status::Healthy)
+    })
+    .await;
+    PG.execute(
+        &s.db,
+        "insert into public.items select i, 1, 'x' from generate_series(1, 1000) i",
+    )
+    .await
+    .unwrap();
+    let written: String = {
+        let mut conn = PG.admin(&s.db).await.unwrap();
+        sqlx::query_scalar("select pg_current_wal_lsn()::text")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    };
+    let written: sluice_source_pg::Lsn = written.parse().unwrap();
+    let confirmed = async || -> sluice_source_pg::Lsn {
+        let mut conn = PG.admin(&s.db).await.unwrap();
+        let text: Option<String> = sqlx::query_scalar(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&s.spec.slot)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        text.unwrap().parse().unwrap()
+    };
+    wait_until("the slot is confirmed past the insert", 30, async || {
+        confirmed().await >= written
+    })
+    .await;
+    // Everything the slot no longer holds is in the stream.
+    assert_eq!(live(&s.stream, "public.items").await.len(), 1000);
+
+    // Health: streaming, the backfill done, the slot active with little lag, a recent heartbeat.
+    wait_until("a heartbeat has come back", 30, async || {
+        running
+            .source
+            .health()
+            .await
+            .checks
+            .iter()
+            .any(|c| c.name == "heartbeat" && c.status == Status::Healthy)
+    })
+    .await;
+    let report = running.source.health().await;
+    assert_eq!(report.status, Status::Healthy, "{report:?}");
+    let slot = report.checks.iter().find(|c| c.name == "slot").unwrap();
+    assert!(slot.message.contains("is active"), "{}", slot.message);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_restarted_mid_stream_loses_nothing() {
+    let pg = Cluster::options().logical_replication().start().unwrap();
+    let db = pg.fresh_database("restart").await.unwrap();
+    pg.execute(
+        &db,
+        "create table public.items (id bigint primary key, n int not null, body text not null);
+         create publication p for all tables;",
+    )
+    .await
+    .unwrap();
+    let mut settings = ConnectionSettings::from_url(&pg.url_as(
+        "postgres",
+        Some(pg.superuser_password()),
+        &db,
+        None,
+    ))
+    .unwrap();
+    settings.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    let s = Setup {
+        db: db.clone(),
+        dir,
+        stream,
+        settings,
+        spec: SourceSpec {
+            publication: "p".into(),
+            slot: "s".into(),
+        },
+    };
+    let running = start(&s, options());
+    let write = async |from: i64, to: i64| {
+        let mut conn = pg.admin(&db).await.unwrap();
+        for i in (from..to).step_by(100) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "insert into public.items select g, 1, 'b' from generate_series({i}, {}) g;
+                 update public.items set n = n + 1 where id % 10 = 0 and id < {i};",
+                i + 99
+            )))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+    };
+    write(0, 3000).await;
+    pg.stop().unwrap();
+    // While the source is down, health says so.
+    wait_until("health shows the source is unreachable", 30, async || {
+        running.source.health().await.status != Status::Healthy
+    })
+    .await;
+    pg.start().unwrap();
+    write(3000, 6000).await;
+    let want = {
+        let mut conn = pg.admin(&db).await.unwrap();
+        sqlx::query_as::<_, (String, i32, String)>("select id::text, n, body from public.items")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, n, body)| (id, (n as i64, body)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    wait_until(
+        "the stream equals the source after the restart",
+        120,
+        async || stream_rows(&live(&s.stream, "public.items").await) == want,
+    )
+    .await;
+    wait_until("health is back to healthy", 30, async || {
+        running
+            .source
+            .health()
+            .await
+            .checks
+            .iter()
+            .any(|c| c.name == "replication" && c.status == Status::Healthy)
+    })
+    .await;
+    running.stop().await;
+}
+
+/// Run in a child process by `sluice_killed_between_stream_commit_and_slot_confirm_replays_exactly`.
+#[tokio::test]
+async fn child_runs_a_source() {
+    let (Some(dir), Ok(url), Ok(db)) = (
+        std::env::var_os("SLUICE_SOURCE_CHILD_DIR"),
+        std::env::var("SLUICE_SOURCE_CHILD_URL"),
+        std::env::var("SLUICE_SOURCE_CHILD_DB"),
+    ) else {
+        return; // only meaningful as the child of the test below
+    };
+    let mut settings = ConnectionSettings::from_url(&url).unwrap();
+    settings.password = Some(SecretString::from("pw".to_owned()));
+    let stream = Arc::new(EmbeddedStream::open(dir).await.unwrap());
+    let source = PostgresSource::new(
+        "app",
+        SYNC,
+        settings,
+        SourceSpec {
+            publication: format!("{db}_pub"),
+            slot: format!("{db}_slot"),
+        },
+        stream,
+        SourceOptions {
+            batch_max: 500,
+            ..options()
+        },
+    );
+    let (_stop, stopped) = watch::channel(false);
+    source.run(stopped).await;
+}
+
+#[tokio::test]
+async fn sluice_killed_between_stream_commit_and_slot_confirm_replays_exactly() {
+    let s = setup(
+        "killed",
+        "create table public.items (id bigint primary key, n int not null, body text not null);",
+    )
+    .await;
+    let url = PG.url_as(&format!("{}_repl", s.db), Some("pw"), &s.db, None);
+    let child = || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_runs_a_source",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SLUICE_SOURCE_CHILD_DIR", s.dir.path())
+            .env("SLUICE_SOURCE_CHILD_URL", &url)
+            .env("SLUICE_SOURCE_CHILD_DB", &s.db)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = child();
+    // A steady flow of small transactions; kill the child while it is appending.
+    let writer = {
+        let db = s.db.clone();
+        tokio::spawn(async move {
+            let mut conn = PG.admin(&db).await.unwrap();
+            for i in 0..300i64 {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "insert into public.items select g, 1, 'b' from generate_series({}, {}) g;
+                     update public.items set n = n + 1 where id % 7 = {};",
+                    i * 50,
+                    i * 50 + 49,
+                    i % 7
+                )))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    wait_until("the child has appended some changes", 60, async || {
+        s.stream.head().await.unwrap().0 > 3000
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: between an append and its confirm, or in the middle of one
+    first.wait().unwrap();
+    let at_kill = s.stream.head().await.unwrap();
+    writer.await.unwrap();
+    let mut second = child();
+    let want = source_rows(&s.db, "public.items").await;
+    wait_until(
+        "the stream equals the source after the restart",
+        120,
+        async || stream_rows(&live(&s.stream, "public.items").await) == want,
+    )
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    // Each record appears once, at the source's newest version: versions never went backwards.
+    let entries = s.stream.live_records().await.unwrap();
+    assert_eq!(entries.len(), want.len());
+    assert!(at_kill.0 > 0);
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_configuration_error_naming_the_user_and_never_the_password() {
+    let s = setup(
+        "badpw",
+        "create table public.items (id bigint primary key);",
+    )
+    .await;
+    let mut settings = s.settings.clone();
+    settings.password = Some(SecretString::from("not-the-password-canary".to_owned()));
+    let source = PostgresSource::new(
+        "app",
+        SYNC,
+        settings,
+        s.spec.clone(),
+        s.stream.clone(),
+        options(),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let task = {
+        let source = source.clone();
+        tokio::spawn(async move { source.run(stopped).await })
+    };
+    wait_until("health reports the failure", 30, async || {
+        source.health().await.status == Status::Error
+    })
+    .await;
+    let report = source.health().await;
+    let check = report
+        .checks
+        .iter()
+        .find(|c| c.name == "replication")
+        .unwrap();
+    assert!(
+        check.message.contains(&format!("{}_repl", s.db)),
+        "{}",
+        check.message
+    );
+    let rendered = format!("{report:?}");
+    assert!(!rendered.contains("canary"), "{rendered}");
+    stop.send_replace(true);
+    task.await.unwrap();
+}
