@@ -54,6 +54,8 @@ enum BenchKind {
     Stream,
     /// Stream → consumer table end to end vs the target's apply and raw COPY (crates/consumer/benches/consumer.rs).
     Consumer,
+    /// Postgres source → stream → consumer table vs native logical replication (crates/source-pg/benches/replication.rs).
+    Replication,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -105,6 +107,7 @@ fn bench(which: BenchKind) -> Result {
         BenchKind::Target => ("sluice-target-pg", "apply"),
         BenchKind::Stream => ("sluice-stream", "stream"),
         BenchKind::Consumer => ("sluice-consumer", "consumer"),
+        BenchKind::Replication => ("sluice-source-pg", "replication"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

@@ -708,3 +708,94 @@ async fn a_wrong_password_is_a_configuration_error_naming_the_user_and_never_the
     stop.send_replace(true);
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn the_replication_connection_follows_sslmode_like_every_other_connection() {
+    let pg = Cluster::options()
+        .logical_replication()
+        .tls(sluice_localpg::Tls::Required)
+        .setting("listen_addresses", "'127.0.0.1,127.0.0.2'")
+        .hba_line("hostssl all all 127.0.0.2/32 scram-sha-256")
+        .start()
+        .unwrap();
+    pg.execute(
+        "postgres",
+        "create table public.items (id int primary key); create publication p for all tables;
+         insert into public.items values (1);",
+    )
+    .await
+    .unwrap();
+    let settings = |host: &str, mode: sluice_core::SslMode| {
+        let mut s = ConnectionSettings::new(host, pg.port(), "postgres", "postgres");
+        s.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+        s.ssl_mode = mode;
+        s.root_cert = pg.ca_cert();
+        s.connect_timeout = Duration::from_secs(5);
+        s
+    };
+    let run = async |settings: ConnectionSettings, slot: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+        let source = PostgresSource::new(
+            "tls",
+            SYNC,
+            settings,
+            SourceSpec {
+                publication: "p".into(),
+                slot: slot.into(),
+            },
+            stream.clone(),
+            options(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let task = {
+            let source = source.clone();
+            tokio::spawn(async move { source.run(stopped).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            let report = source.health().await;
+            let replication = report
+                .checks
+                .iter()
+                .find(|c| c.name == "replication")
+                .cloned();
+            match replication {
+                Some(c) if c.status == Status::Healthy => break Ok(()),
+                Some(c) if c.status >= Status::Warning => break Err(c.message),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "no outcome: {report:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        stop.send_replace(true);
+        task.await.unwrap();
+        outcome
+    };
+    use sluice_core::SslMode::*;
+    run(settings("127.0.0.1", VerifyFull), "full")
+        .await
+        .unwrap();
+    // The walsender's connection really is encrypted.
+    let encrypted: bool = {
+        let mut conn = pg.admin("postgres").await.unwrap();
+        sqlx::query_scalar(
+            "select bool_and(s.ssl) from pg_stat_ssl s join pg_stat_activity a using (pid) where a.backend_type = 'walsender'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(true)
+    };
+    assert!(encrypted);
+    // 127.0.0.2 is not a name in the certificate: verify-ca accepts it, verify-full refuses.
+    run(settings("127.0.0.2", VerifyCa), "ca").await.unwrap();
+    let err = run(settings("127.0.0.2", VerifyFull), "full2")
+        .await
+        .unwrap_err();
+    assert!(err.contains("not valid for name"), "{err}");
+    // The server requires TLS: a plain connection is refused, and the message says why.
+    let err = run(settings("127.0.0.1", Disable), "plain")
+        .await
+        .unwrap_err();
+    assert!(err.contains("requires TLS"), "{err}");
+}

@@ -1,0 +1,365 @@
+//! `cargo xtask bench replication`: a PostgreSQL source → records stream → consumer table,
+//! end to end, beside PostgreSQL's own logical replication (`CREATE SUBSCRIPTION` between the
+//! same two local clusters) carrying the same workload in the same run.
+//!
+//! (a) `SLUICE_BENCH_ROWS` rows (default 200,000) inserted in one transaction: rows/s from the
+//!     commit until the last row is in the target.
+//! (b) the same number of single-row transactions at `SLUICE_BENCH_RATE` per second
+//!     (default 5,000): rows/s, and the p50 / p99 latency from each row's insert
+//!     (`clock_timestamp()` on the source) to its arrival (`clock_timestamp()` default on the
+//!     target).
+//! Peak memory is the benchmark process's peak resident set while sluice runs (reset with
+//! `/proc/self/clear_refs` before each sluice case); it includes the workload's connections.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use sluice_consumer::ConsumerRuntime;
+use sluice_core::{BatchConfig, ConsumerId, LagThresholds, Provider, RecordFilter, SyncId};
+use sluice_localpg::Cluster;
+use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
+use sluice_stream::EmbeddedStream;
+use sluice_target_pg::{ConnectionSettings, ConsumerTable, ConsumerTableTarget};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+const ITEMS: &str = "(id bigint primary key, created_at timestamptz not null, body text not null)";
+
+struct Setup {
+    source: Cluster,
+    target: Cluster,
+}
+
+impl Setup {
+    async fn source_conn(&self) -> PgConnection {
+        self.source.admin("src").await.unwrap()
+    }
+    async fn target_conn(&self) -> PgConnection {
+        self.target.admin("dst").await.unwrap()
+    }
+}
+
+fn settings(pg: &Cluster, db: &str) -> ConnectionSettings {
+    let mut s = ConnectionSettings::new("127.0.0.1", pg.port(), db, "postgres");
+    s.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+    s.ssl_mode = sluice_core::SslMode::Disable;
+    s
+}
+
+async fn count(conn: &mut PgConnection, table: &str) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!("select count(*) from {table}")))
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+async fn wait_for(conn: &mut PgConnection, table: &str, n: i64) -> Instant {
+    loop {
+        if count(conn, table).await >= n {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// p50 and p99 of arrival minus insert time, in ms.
+async fn latency(conn: &mut PgConnection, table: &str, created: &str) -> (f64, f64) {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms)
+         from (select extract(epoch from arrived_at - ({created})) * 1000 as ms from {table}) l"
+    )))
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// One transaction of `n` rows into `table`; returns when it has committed.
+async fn one_transaction(setup: &Setup, table: &str, from: usize, n: usize) -> Instant {
+    let mut conn = setup.source_conn().await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "insert into {table} select g, clock_timestamp(), repeat('x', 200) from generate_series({from}, {}) g",
+        from + n - 1
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    Instant::now()
+}
+
+/// `n` single-row transactions at `rate` per second from four connections.
+async fn steady(setup: &Setup, table: &str, from: usize, n: usize, rate: usize) {
+    let writers = 4;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut conn = setup.source_conn().await;
+        sqlx::raw_sql("set synchronous_commit = off")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let table = table.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let per_tick = (rate as f64 / writers as f64 / 100.0).max(1.0);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mine: Vec<usize> = (from + w..from + n).step_by(writers).collect();
+            let mut owed = 0.0;
+            let mut next = 0;
+            while next < mine.len() {
+                tick.tick().await;
+                owed += per_tick;
+                while owed >= 1.0 && next < mine.len() {
+                    sqlx::query(AssertSqlSafe(format!(
+                        "insert into {table} values ($1, clock_timestamp(), repeat('x', 200))"
+                    )))
+                    .bind(mine[next] as i64)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                    owed -= 1.0;
+                    next += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn reset_peak_memory() {
+    std::fs::write("/proc/self/clear_refs", "5").ok();
+}
+
+fn peak_memory_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+struct Sluice {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
+    let stream = Arc::new(EmbeddedStream::open(dir).await.unwrap());
+    let source = PostgresSource::new(
+        "bench",
+        SyncId(Uuid::from_u128(7)),
+        settings(&setup.source, "src"),
+        SourceSpec {
+            publication: "sluice_pub".into(),
+            slot: "sluice_slot".into(),
+        },
+        stream.clone(),
+        SourceOptions {
+            create_missing: true,
+            ..SourceOptions::default()
+        },
+    );
+    let target = Arc::new(ConsumerTableTarget::new(
+        "bench",
+        settings(&setup.target, "dst"),
+        ConsumerTable::new("public", "sluice_items"),
+        1,
+    ));
+    let consumer = ConsumerRuntime::new(
+        ConsumerId::from("bench"),
+        RecordFilter::Provider(Provider::Postgres),
+        stream,
+        target,
+        BatchConfig {
+            max_records: 10_000,
+            max_wait_ms: 10,
+        },
+        LagThresholds::default(),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let tasks = vec![
+        tokio::spawn({
+            let stopped = stopped.clone();
+            async move { source.run(stopped).await }
+        }),
+        tokio::spawn(consumer.run(stopped)),
+    ];
+    Sluice { stop, tasks }
+}
+
+async fn run() {
+    let n = env_usize("SLUICE_BENCH_ROWS", 200_000);
+    let rate = env_usize("SLUICE_BENCH_RATE", 5_000);
+    let tuned = |o: sluice_localpg::ClusterOptions| {
+        o.setting("shared_buffers", "'512MB'")
+            .setting("max_wal_size", "'4GB'")
+    };
+    let setup = Setup {
+        source: tuned(Cluster::options().logical_replication())
+            .start()
+            .unwrap(),
+        target: tuned(Cluster::options().logical_replication())
+            .start()
+            .unwrap(),
+    };
+    setup.source.create_database("src").await.unwrap();
+    setup.target.create_database("dst").await.unwrap();
+    setup
+        .source
+        .execute(
+            "src",
+            &format!(
+                "create table native_items {ITEMS}; create table sluice_items {ITEMS};
+                 create publication native_pub for table native_items;
+                 create publication sluice_pub for table sluice_items;"
+            ),
+        )
+        .await
+        .unwrap();
+    let sluice_table = ConsumerTable::new("public", "sluice_items");
+    setup
+        .target
+        .execute(
+            "dst",
+            &format!(
+                "create table native_items (id bigint primary key, created_at timestamptz not null, body text not null,
+                                            arrived_at timestamptz default clock_timestamp());
+                 {ddl};
+                 alter table public.sluice_items add column arrived_at timestamptz default clock_timestamp();",
+                ddl = sluice_table.ddl(),
+            ),
+        )
+        .await
+        .unwrap();
+    // On its own: CREATE SUBSCRIPTION cannot run inside a (multi-statement) transaction.
+    setup
+        .target
+        .execute(
+            "dst",
+            &format!(
+                "create subscription native_sub connection 'host=127.0.0.1 port={port} dbname=src user=postgres password={pw}'
+                   publication native_pub with (copy_data = false)",
+                port = setup.source.port(),
+                pw = setup.source.superuser_password(),
+            ),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = start_sluice(&setup, dir.path()).await;
+    // Both paths warmed up: one row each, end to end.
+    one_transaction(&setup, "native_items", 0, 1).await;
+    one_transaction(&setup, "sluice_items", 0, 1).await;
+    let mut target = setup.target_conn().await;
+    wait_for(&mut target, "native_items", 1).await;
+    wait_for(&mut target, "public.sluice_items", 1).await;
+
+    println!(
+        "replication benchmark: PostgreSQL {} → PostgreSQL, rows of ~250 bytes, two local clusters",
+        setup.source.binaries().version()
+    );
+    println!(
+        "baseline, same run and clusters: native logical replication (CREATE SUBSCRIPTION, copy_data = false)\n"
+    );
+
+    // (a) one big transaction.
+    let committed = one_transaction(&setup, "native_items", 1, n).await;
+    let native_a = n as f64
+        / (wait_for(&mut target, "native_items", n as i64 + 1).await - committed).as_secs_f64();
+    reset_peak_memory();
+    let committed = one_transaction(&setup, "sluice_items", 1, n).await;
+    let sluice_a = n as f64
+        / (wait_for(&mut target, "public.sluice_items", n as i64 + 1).await - committed)
+            .as_secs_f64();
+    let memory_a = peak_memory_mb();
+
+    // (b) single-row transactions at a steady rate.
+    let from = n + 1;
+    let started = Instant::now();
+    steady(&setup, "native_items", from, n, rate).await;
+    let native_b = n as f64
+        / (wait_for(&mut target, "native_items", 2 * n as i64 + 1).await - started).as_secs_f64();
+    let (native_p50, native_p99) = latency(
+        &mut target,
+        &format!("native_items where id >= {from}"),
+        "created_at",
+    )
+    .await;
+    reset_peak_memory();
+    let started = Instant::now();
+    steady(&setup, "sluice_items", from, n, rate).await;
+    let sluice_b = n as f64
+        / (wait_for(&mut target, "public.sluice_items", 2 * n as i64 + 1).await - started)
+            .as_secs_f64();
+    let memory_b = peak_memory_mb();
+    let (sluice_p50, sluice_p99) = latency(
+        &mut target,
+        &format!("public.sluice_items where (payload->>'id')::bigint >= {from}"),
+        "(payload->>'created_at')::timestamptz",
+    )
+    .await;
+
+    println!(
+        "{:<46} {:>10} {:>10} {:>7} {:>6}  {:>8} {:>8}  {:>9}",
+        "case", "sluice/s", "native/s", "ratio", "goal", "p50 ms", "p99 ms", "peak MB"
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!(
+        "{:<46} {:>10.0} {:>10.0} {:>6.2}x {:>6}  {:>8} {:>8}  {:>9.0}   throughput {}, memory {}",
+        format!("(a) {n} rows in one transaction"),
+        sluice_a,
+        native_a,
+        sluice_a / native_a,
+        "≥1.00",
+        "-",
+        "-",
+        memory_a,
+        verdict(sluice_a >= native_a),
+        verdict(memory_a < 256.0),
+    );
+    println!(
+        "{:<46} {:>10.0} {:>10.0} {:>6.2}x {:>6}  {:>8.1} {:>8.1}  {:>9.0}   throughput {}, p99 {}, memory {}",
+        format!("(b) {n} single-row transactions at {rate}/s"),
+        sluice_b,
+        native_b,
+        sluice_b / native_b,
+        "≥1.00",
+        sluice_p50,
+        sluice_p99,
+        memory_b,
+        verdict(sluice_b >= native_b * 0.99),
+        verdict(sluice_p99 < 250.0),
+        verdict(memory_b < 256.0),
+    );
+    println!(
+        "{:<46} {:>10} {:>10} {:>7} {:>6}  {:>8.1} {:>8.1}",
+        "    native logical replication, same workload", "", "", "", "", native_p50, native_p99
+    );
+    sluice.stop.send_replace(true);
+    for t in sluice.tasks {
+        t.await.ok();
+    }
+    let _ = Connection::close(target).await;
+}
