@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use sluice_consumer::ConsumerRuntime;
-use sluice_core::{BatchConfig, ConsumerId, LagThresholds, Provider, RecordFilter, SyncId};
+use sluice_core::{
+    BatchConfig, ConsumerId, LagThresholds, Provider, RecordFilter, RecordKey, RecordStream, SyncId,
+};
 use sluice_localpg::Cluster;
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
 use sluice_stream::EmbeddedStream;
@@ -39,6 +41,8 @@ fn main() {
         .unwrap()
         .block_on(run());
 }
+
+const SYNC: SyncId = SyncId(Uuid::from_u128(7));
 
 const ITEMS: &str = "(id bigint primary key, created_at timestamptz not null, body text not null)";
 
@@ -70,12 +74,32 @@ async fn count(conn: &mut PgConnection, table: &str) -> i64 {
         .unwrap()
 }
 
-async fn wait_for(conn: &mut PgConnection, table: &str, n: i64) -> Instant {
+/// Waits until row `id` (the last one written) is in the target, by index lookup so polling
+/// costs the servers almost nothing, then checks that every row is there.
+async fn wait_for(conn: &mut PgConnection, table: &str, id: usize, rows: i64) -> Instant {
+    let probe = if table == "native_items" {
+        format!("select exists (select 1 from native_items where id = {id})")
+    } else {
+        let key = RecordKey::new(SYNC, "public.sluice_items", id.to_string());
+        format!(
+            "select exists (select 1 from {table} where sequin_id = '{}')",
+            key.row_id()
+        )
+    };
     loop {
-        if count(conn, table).await >= n {
-            return Instant::now();
+        let there: bool = sqlx::query_scalar(AssertSqlSafe(probe.clone()))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        if there {
+            let done = Instant::now();
+            // Rows of other transactions may still be on their way; count once they are.
+            while count(conn, table).await < rows {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return done;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -103,16 +127,12 @@ async fn one_transaction(setup: &Setup, table: &str, from: usize, n: usize) -> I
     Instant::now()
 }
 
-/// `n` single-row transactions at `rate` per second from four connections.
+/// `n` single-row transactions at `rate` per second from eight connections.
 async fn steady(setup: &Setup, table: &str, from: usize, n: usize, rate: usize) {
-    let writers = 4;
+    let writers = 8;
     let mut tasks = Vec::new();
     for w in 0..writers {
         let mut conn = setup.source_conn().await;
-        sqlx::raw_sql("set synchronous_commit = off")
-            .execute(&mut conn)
-            .await
-            .unwrap();
         let table = table.to_owned();
         tasks.push(tokio::spawn(async move {
             let per_tick = (rate as f64 / writers as f64 / 100.0).max(1.0);
@@ -161,6 +181,7 @@ fn peak_memory_mb() -> f64 {
 }
 
 struct Sluice {
+    stream: Arc<EmbeddedStream>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -169,7 +190,7 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
     let stream = Arc::new(EmbeddedStream::open(dir).await.unwrap());
     let source = PostgresSource::new(
         "bench",
-        SyncId(Uuid::from_u128(7)),
+        SYNC,
         settings(&setup.source, "src"),
         SourceSpec {
             publication: "sluice_pub".into(),
@@ -190,7 +211,7 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
     let consumer = ConsumerRuntime::new(
         ConsumerId::from("bench"),
         RecordFilter::Provider(Provider::Postgres),
-        stream,
+        stream.clone(),
         target,
         BatchConfig {
             max_records: 10_000,
@@ -206,7 +227,11 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
         }),
         tokio::spawn(consumer.run(stopped)),
     ];
-    Sluice { stop, tasks }
+    Sluice {
+        stream,
+        stop,
+        tasks,
+    }
 }
 
 async fn run() {
@@ -273,8 +298,8 @@ async fn run() {
     one_transaction(&setup, "native_items", 0, 1).await;
     one_transaction(&setup, "sluice_items", 0, 1).await;
     let mut target = setup.target_conn().await;
-    wait_for(&mut target, "native_items", 1).await;
-    wait_for(&mut target, "public.sluice_items", 1).await;
+    wait_for(&mut target, "native_items", 0, 1).await;
+    wait_for(&mut target, "public.sluice_items", 0, 1).await;
 
     println!(
         "replication benchmark: PostgreSQL {} → PostgreSQL, rows of ~250 bytes, two local clusters",
@@ -287,12 +312,23 @@ async fn run() {
     // (a) one big transaction.
     let committed = one_transaction(&setup, "native_items", 1, n).await;
     let native_a = n as f64
-        / (wait_for(&mut target, "native_items", n as i64 + 1).await - committed).as_secs_f64();
+        / (wait_for(&mut target, "native_items", n, n as i64 + 1).await - committed).as_secs_f64();
     reset_peak_memory();
+    let head = sluice.stream.head().await.unwrap().0;
     let committed = one_transaction(&setup, "sluice_items", 1, n).await;
+    let in_stream = {
+        let stream = sluice.stream.clone();
+        tokio::spawn(async move {
+            while stream.head().await.unwrap().0 < head + n as u64 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Instant::now()
+        })
+    };
     let sluice_a = n as f64
-        / (wait_for(&mut target, "public.sluice_items", n as i64 + 1).await - committed)
+        / (wait_for(&mut target, "public.sluice_items", n, n as i64 + 1).await - committed)
             .as_secs_f64();
+    let stream_a = n as f64 / (in_stream.await.unwrap() - committed).as_secs_f64();
     let memory_a = peak_memory_mb();
 
     // (b) single-row transactions at a steady rate.
@@ -300,7 +336,8 @@ async fn run() {
     let started = Instant::now();
     steady(&setup, "native_items", from, n, rate).await;
     let native_b = n as f64
-        / (wait_for(&mut target, "native_items", 2 * n as i64 + 1).await - started).as_secs_f64();
+        / (wait_for(&mut target, "native_items", 2 * n, 2 * n as i64 + 1).await - started)
+            .as_secs_f64();
     let (native_p50, native_p99) = latency(
         &mut target,
         &format!("native_items where id >= {from}"),
@@ -311,7 +348,7 @@ async fn run() {
     let started = Instant::now();
     steady(&setup, "sluice_items", from, n, rate).await;
     let sluice_b = n as f64
-        / (wait_for(&mut target, "public.sluice_items", 2 * n as i64 + 1).await - started)
+        / (wait_for(&mut target, "public.sluice_items", 2 * n, 2 * n as i64 + 1).await - started)
             .as_secs_f64();
     let memory_b = peak_memory_mb();
     let (sluice_p50, sluice_p99) = latency(
@@ -356,6 +393,9 @@ async fn run() {
     println!(
         "{:<46} {:>10} {:>10} {:>7} {:>6}  {:>8.1} {:>8.1}",
         "    native logical replication, same workload", "", "", "", "", native_p50, native_p99
+    );
+    println!(
+        "\nstages in (a): source → stream {stream_a:.0} rows/s; source → stream → target {sluice_a:.0} rows/s"
     );
     sluice.stop.send_replace(true);
     for t in sluice.tasks {
