@@ -91,14 +91,21 @@ impl Running {
 }
 
 fn start(s: &Setup, options: SourceOptions) -> Running {
-    let source = PostgresSource::new(
-        "app",
-        SYNC,
+    start_with(
         s.settings.clone(),
         s.spec.clone(),
         s.stream.clone(),
         options,
-    );
+    )
+}
+
+fn start_with(
+    settings: ConnectionSettings,
+    spec: SourceSpec,
+    stream: Arc<EmbeddedStream>,
+    options: SourceOptions,
+) -> Running {
+    let source = PostgresSource::new("app", SYNC, settings, spec, stream, options);
     let (stop, stopped) = watch::channel(false);
     let task = {
         let source = source.clone();
@@ -113,6 +120,19 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, secs: u64, mut f: F) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the source's check `name` is healthy.
+async fn check_becomes_healthy(source: &PostgresSource, name: &str) {
+    wait_until(&format!("{name} is healthy"), 30, async || {
+        source
+            .health()
+            .await
+            .checks
+            .iter()
+            .any(|c| c.name == name && c.status == Status::Healthy)
+    })
+    .await;
 }
 
 async fn live(stream: &EmbeddedStream, collection: &str) -> BTreeMap<String, Payload> {
@@ -424,16 +444,7 @@ async fn the_slot_is_confirmed_after_the_stream_commits_and_health_reports_it() 
     )
     .await;
     let running = start(&s, options());
-    wait_until("streaming", 30, async || {
-        running
-            .source
-            .health()
-            .await
-            .checks
-            .iter()
-            .any(|c| c.name == "replication" && c.status == Status::Healthy)
-    })
-    .await;
+    check_becomes_healthy(&running.source, "replication").await;
     PG.execute(
         &s.db,
         "insert into public.items select i, 1, 'x' from generate_series(1, 1000) i",
@@ -467,16 +478,7 @@ async fn the_slot_is_confirmed_after_the_stream_commits_and_health_reports_it() 
     assert_eq!(live(&s.stream, "public.items").await.len(), 1000);
 
     // Health: streaming, the backfill done, the slot active with little lag, a recent heartbeat.
-    wait_until("a heartbeat has come back", 30, async || {
-        running
-            .source
-            .health()
-            .await
-            .checks
-            .iter()
-            .any(|c| c.name == "heartbeat" && c.status == Status::Healthy)
-    })
-    .await;
+    check_becomes_healthy(&running.source, "heartbeat").await;
     let report = running.source.health().await;
     assert_eq!(report.status, Status::Healthy, "{report:?}");
     let slot = report.checks.iter().find(|c| c.name == "slot").unwrap();
@@ -554,16 +556,7 @@ async fn a_source_restarted_mid_stream_loses_nothing() {
         async || stream_rows(&live(&s.stream, "public.items").await) == want,
     )
     .await;
-    wait_until("health is back to healthy", 30, async || {
-        running
-            .source
-            .health()
-            .await
-            .checks
-            .iter()
-            .any(|c| c.name == "replication" && c.status == Status::Healthy)
-    })
-    .await;
+    check_becomes_healthy(&running.source, "replication").await;
     running.stop().await;
 }
 
@@ -675,19 +668,8 @@ async fn a_wrong_password_is_a_configuration_error_naming_the_user_and_never_the
     .await;
     let mut settings = s.settings.clone();
     settings.password = Some(SecretString::from("not-the-password-canary".to_owned()));
-    let source = PostgresSource::new(
-        "app",
-        SYNC,
-        settings,
-        s.spec.clone(),
-        s.stream.clone(),
-        options(),
-    );
-    let (stop, stopped) = watch::channel(false);
-    let task = {
-        let source = source.clone();
-        tokio::spawn(async move { source.run(stopped).await })
-    };
+    let running = start_with(settings, s.spec.clone(), s.stream.clone(), options());
+    let source = &running.source;
     wait_until("health reports the failure", 30, async || {
         source.health().await.status == Status::Error
     })
@@ -705,8 +687,7 @@ async fn a_wrong_password_is_a_configuration_error_naming_the_user_and_never_the
     );
     let rendered = format!("{report:?}");
     assert!(!rendered.contains("canary"), "{rendered}");
-    stop.send_replace(true);
-    task.await.unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -736,22 +717,16 @@ async fn the_replication_connection_follows_sslmode_like_every_other_connection(
     let run = async |settings: ConnectionSettings, slot: &str| {
         let dir = tempfile::tempdir().unwrap();
         let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
-        let source = PostgresSource::new(
-            "tls",
-            SYNC,
+        let running = start_with(
             settings,
             SourceSpec {
                 publication: "p".into(),
                 slot: slot.into(),
             },
-            stream.clone(),
+            stream,
             options(),
         );
-        let (stop, stopped) = watch::channel(false);
-        let task = {
-            let source = source.clone();
-            tokio::spawn(async move { source.run(stopped).await })
-        };
+        let source = &running.source;
         let deadline = Instant::now() + Duration::from_secs(30);
         let outcome = loop {
             let report = source.health().await;
@@ -768,8 +743,7 @@ async fn the_replication_connection_follows_sslmode_like_every_other_connection(
             assert!(Instant::now() < deadline, "no outcome: {report:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        stop.send_replace(true);
-        task.await.unwrap();
+        running.stop().await;
         outcome
     };
     use sluice_core::SslMode::*;

@@ -157,6 +157,48 @@ impl EmbeddedStream {
         Ok(n as u64)
     }
 
+    /// Starts a write: the writer lock, a transaction, and the head inside it.
+    async fn begin_write(
+        &self,
+        what: &str,
+    ) -> Result<(
+        tokio::sync::MutexGuard<'_, ()>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+        i64,
+    )> {
+        let writer = self.writer.lock().await;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| storage(&format!("beginning {what}"), e))?;
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        Ok((writer, tx, head))
+    }
+
+    /// Ends a write: moves the head to `next`, commits, and wakes readers.
+    async fn finish_write(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        next: i64,
+        what: &str,
+    ) -> Result<Seq> {
+        sqlx::query("update meta set value = ? where key = 'head'")
+            .bind(next)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| storage("moving the head", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| storage(&format!("committing {what}"), e))?;
+        let head = Seq(next as u64);
+        self.head.send_replace(head);
+        Ok(head)
+    }
+
     async fn data_version(&self) -> Option<i64> {
         sqlx::query_scalar("select value from meta where key = 'head'")
             .fetch_one(&self.pool)
@@ -284,16 +326,7 @@ impl RecordStream for EmbeddedStream {
         for record in &records {
             check_version(record)?;
         }
-        let _writer = self.writer.lock().await;
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| storage("beginning an append", e))?;
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
+        let (_writer, mut tx, head) = self.begin_write("an append").await?;
         let appended_at = nanos(OffsetDateTime::now_utc());
         // Everything bound below is borrowed from `records` and `payloads`: no per-record copies.
         let payloads: Vec<Option<String>> = records
@@ -332,11 +365,6 @@ impl RecordStream for EmbeddedStream {
                 .map_err(|e| storage("appending", e))?
                 .rows_affected();
         }
-        sqlx::query("update meta set value = ? where key = 'head'")
-            .bind(next)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| storage("moving the head", e))?;
         if let Some(state) = &state {
             sqlx::query(
                 "insert into source_state (owner, value) values (?, ?) \
@@ -348,11 +376,7 @@ impl RecordStream for EmbeddedStream {
             .await
             .map_err(|e| storage("storing source state", e))?;
         }
-        tx.commit()
-            .await
-            .map_err(|e| storage("committing an append", e))?;
-        let head = Seq(next as u64);
-        self.head.send_replace(head);
+        let head = self.finish_write(tx, next, "an append").await?;
         Ok(AppendOutcome {
             appended: appended as usize,
             skipped_stale: records.len() - appended as usize,
@@ -462,16 +486,7 @@ impl RecordStream for EmbeddedStream {
             upstream_updated_at: at,
             change: Change::Delete,
         })?;
-        let _writer = self.writer.lock().await;
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| storage("beginning a truncate", e))?;
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
+        let (_writer, mut tx, head) = self.begin_write("a truncate").await?;
         // One statement: every live record of the collection gets a tombstone with the next
         // seq, where its stored version is older (the same guard as `append`).
         let done = sqlx::query(
@@ -497,16 +512,8 @@ impl RecordStream for EmbeddedStream {
         .await
         .map_err(|e| storage("tombstoning a collection", e))?
         .rows_affected();
-        let next = head + done as i64;
-        sqlx::query("update meta set value = ? where key = 'head'")
-            .bind(next)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| storage("moving the head", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| storage("committing a truncate", e))?;
-        self.head.send_replace(Seq(next as u64));
+        self.finish_write(tx, head + done as i64, "a truncate")
+            .await?;
         Ok(done)
     }
 
