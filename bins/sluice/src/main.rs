@@ -3,22 +3,52 @@
 //! The binary is a thin layer over the crates: argument parsing, output, exit codes
 //! (0 ok, 1 failure, 2 usage). Logic lives in the crates.
 
+mod api;
+mod push;
+mod server;
 mod setup;
+mod status;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Keep records from upstream systems in your own PostgreSQL, in real time.
+///
+/// Exit codes: 0 success, 1 failure (including an unhealthy `status`), 2 usage error.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run every sync and consumer in the config, with the HTTP API (management, push,
+    /// metrics). Reloads on SIGHUP or when the file changes; SIGTERM stops cleanly.
+    Serve {
+        /// The config file.
+        #[arg(long, default_value = "sluice.toml")]
+        config: std::path::PathBuf,
+        /// Listen here instead of [api] listen.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Print every entity's health from a running `sluice serve`, with the reason for anything
+    /// not healthy. Exits 1 when anything is not healthy.
+    Status(status::Args),
     /// Set up a target: the sync user, the read role, schemas and grants.
     Setup {
         #[command(subcommand)]
@@ -115,7 +145,8 @@ enum TunnelAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    init_logs(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -127,6 +158,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Serve { config, listen } => server::serve(config, listen)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(sluice_core::Error::invalid),
+            Command::Status(args) => status::run(args).await,
             Command::Setup { action } => setup::run(action).await,
             Command::GrantRead(args) => setup::read_access(args, true).await,
             Command::RevokeRead(args) => setup::read_access(args, false).await,
@@ -248,5 +284,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }

@@ -39,5 +39,5 @@ mod alerts;
 mod runtime;
 
 pub use alerts::{AlertSink, LogSink, WebhookSink};
-pub use runtime::{ConsumerHandle, ConsumerRuntime};
+pub use runtime::{ConsumerHandle, ConsumerRuntime, ConsumerStats};
 pub use sluice_core::Consumer;

@@ -32,6 +32,9 @@ struct Shared {
     control: watch::Sender<Control>,
     restart: AtomicBool,
     cursor: AtomicU64,
+    applied: AtomicU64,
+    batches: AtomicU64,
+    batch_micros: AtomicU64,
     caught_up: AtomicBool,
     last_write: Mutex<Option<OffsetDateTime>>,
     last_error: Mutex<Option<String>>,
@@ -166,6 +169,17 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 /// The loop measures lag at most this often (health requests always measure).
 const LAG_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// What a consumer has done since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ConsumerStats {
+    /// Records written to the target.
+    pub applied: u64,
+    /// Batches written.
+    pub batches: u64,
+    /// Time spent applying batches, in total.
+    pub batch_seconds: f64,
+}
+
 /// Controls and observes a running consumer (implements [`Consumer`] and [`Health`]).
 #[derive(Clone)]
 pub struct ConsumerHandle {
@@ -195,6 +209,9 @@ impl ConsumerRuntime {
             control: watch::channel(Control::Run).0,
             restart: AtomicBool::new(false),
             cursor: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            batch_micros: AtomicU64::new(0),
             caught_up: AtomicBool::new(false),
             last_write: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -384,6 +401,7 @@ impl ConsumerRuntime {
                 read: tokio::spawn(async move { stream.read(&filter, through, max).await }),
             });
         }
+        let started = std::time::Instant::now();
         if let Err(e) = self
             .target
             .apply(&shared.id, &Batch { entries, through })
@@ -405,6 +423,11 @@ impl ConsumerRuntime {
             self.last_ack = Some(now);
         }
         shared.cursor.store(through.0, Ordering::Release);
+        shared.applied.fetch_add(count as u64, Ordering::Relaxed);
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        shared
+            .batch_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         *shared.last_write.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(OffsetDateTime::now_utc());
         shared.observe(
@@ -448,6 +471,20 @@ impl ConsumerHandle {
     /// The last checkpoint applied (and acknowledged) by the running loop.
     pub fn cursor(&self) -> Seq {
         Seq(self.shared.cursor.load(Ordering::Acquire))
+    }
+
+    /// Counters since the runtime started, for metrics.
+    pub fn stats(&self) -> ConsumerStats {
+        ConsumerStats {
+            applied: self.shared.applied.load(Ordering::Relaxed),
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            batch_seconds: self.shared.batch_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+
+    /// The consumer's id.
+    pub fn id(&self) -> &ConsumerId {
+        &self.shared.id
     }
 
     /// When the consumer last wrote a batch.

@@ -28,6 +28,45 @@ pub struct Config {
     /// What flows from the stream into which target.
     #[serde(default, rename = "consumer")]
     pub consumers: Vec<ConsumerConfig>,
+    /// The HTTP API `sluice serve` offers (management, push, metrics).
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// The HTTP API of `sluice serve`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on (default `127.0.0.1:7780`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Where to read the bearer token every request must carry (default: the environment
+    /// variable `SLUICE_API_TOKEN`).
+    #[serde(default = "default_token")]
+    pub token: SecretSource,
+    /// Largest request body accepted, in bytes (default 16 MiB); larger pushes get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token: default_token(),
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7780".to_owned()
+}
+fn default_token() -> SecretSource {
+    SecretSource::Env("SLUICE_API_TOKEN".to_owned())
+}
+fn default_max_body() -> usize {
+    16 << 20
 }
 
 fn default_data_dir() -> PathBuf {

@@ -42,7 +42,7 @@ mod stream;
 mod target;
 
 pub use config::{
-    BatchConfig, Config, ConnectionConfig, ConsumerConfig, FilterConfig, LagThresholds,
+    ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig, FilterConfig, LagThresholds,
     LayoutConfig, SecretSource, SourceConfig, SslConfig, SslMode, SyncConfig, TargetConfig,
     TunnelConfig, config_schema_json,
 };

@@ -67,6 +67,8 @@ struct Inner {
     status: Mutex<SourceStatus>,
     progress: Mutex<BackfillProgress>,
     health: Mutex<HealthState>,
+    /// Changes appended by the change stream (the backfill counts in `progress`).
+    streamed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -113,6 +115,7 @@ impl PostgresSource {
                 status: Mutex::new(SourceStatus::default()),
                 progress: Mutex::new(BackfillProgress::default()),
                 health: Mutex::new(health),
+                streamed: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -124,6 +127,15 @@ impl PostgresSource {
             .lock()
             .map(|p| p.clone())
             .unwrap_or_default()
+    }
+
+    /// Records appended to the stream since start: backfilled rows and streamed changes.
+    pub fn appended(&self) -> u64 {
+        self.progress().total_rows
+            + self
+                .inner
+                .streamed
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The slot position confirmed to the source so far.
@@ -373,11 +385,7 @@ impl Streaming<'_> {
 
     /// Appends what is pending, then confirms the last complete transaction to the server.
     async fn flush(&mut self, writer: &mut StatusWriter) -> Result<(), Error> {
-        if !self.pending.is_empty() {
-            let records = std::mem::take(&mut self.pending);
-            self.source.inner.stream.append(records).await?;
-        }
-        self.pending_since = None;
+        self.flush_records().await?;
         if let Some(c) = self.committed
             && c > self.confirmed
         {
@@ -463,7 +471,12 @@ impl Streaming<'_> {
     async fn flush_records(&mut self) -> Result<(), Error> {
         if !self.pending.is_empty() {
             let records = std::mem::take(&mut self.pending);
+            let n = records.len() as u64;
             self.source.inner.stream.append(records).await?;
+            self.source
+                .inner
+                .streamed
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
         self.pending_since = None;
         Ok(())

@@ -1,0 +1,515 @@
+//! The HTTP API of `sluice serve`: management (JSON), the push source, `/metrics`, and the
+//! OpenAPI document. Every route needs `Authorization: Bearer <token>`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use sluice_core::{Consumer, Health, RecordStream, Status};
+
+use crate::server::{self, Server, SyncKind};
+
+#[derive(Clone)]
+struct App {
+    server: Arc<Server>,
+    token: Arc<SecretString>,
+}
+
+/// The OpenAPI document's path.
+pub const OPENAPI_PATH: &str = "/v1/openapi.json";
+
+pub fn router(server: Arc<Server>, token: SecretString, max_body: usize) -> Router {
+    let app = App {
+        server,
+        token: Arc::new(token),
+    };
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/targets", get(targets))
+        .route("/v1/targets/{name}", get(target))
+        .route("/v1/syncs", get(syncs))
+        .route("/v1/syncs/{name}", get(sync))
+        .route("/v1/syncs/{name}/records", post(push))
+        .route("/v1/consumers", get(consumers))
+        .route("/v1/consumers/{name}", get(consumer))
+        .route("/v1/consumers/{name}/pause", post(pause))
+        .route("/v1/consumers/{name}/resume", post(resume))
+        .route(
+            "/v1/consumers/{name}/restart-backfill",
+            post(restart_backfill),
+        )
+        .route("/metrics", get(metrics))
+        .route(OPENAPI_PATH, get(openapi))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route; see /v1/openapi.json") })
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(app)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Bearer-token check, in constant time.
+async fn authenticate(State(app): State<App>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let reason = match presented {
+        None => "missing bearer token: send Authorization: Bearer <token>",
+        Some(t) if equal(t.as_bytes(), app.token.expose_secret().as_bytes()) => {
+            return next.run(request).await;
+        }
+        Some(_) => "invalid bearer token",
+    };
+    let mut response = error(StatusCode::UNAUTHORIZED, reason);
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn status(State(app): State<App>) -> Response {
+    axum::Json(json!({
+        "started_at": rfc3339(app.server.started_at),
+        "entities": app.server.health().await,
+    }))
+    .into_response()
+}
+
+async fn targets(State(app): State<App>) -> Response {
+    let entities = app.server.entities.read().await;
+    let mut out = Vec::new();
+    for (name, entry) in &entities.targets {
+        out.push(target_json(&entities, name, entry).await);
+    }
+    axum::Json(json!({ "targets": out })).into_response()
+}
+
+async fn target(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let entities = app.server.entities.read().await;
+    match entities.targets.get(&name) {
+        Some(entry) => axum::Json(target_json(&entities, &name, entry).await).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no target named {name:?}")),
+    }
+}
+
+async fn target_json(
+    entities: &server::Entities,
+    name: &str,
+    entry: &server::TargetEntry,
+) -> Value {
+    let c = &entry.config.connection;
+    json!({
+        "name": name,
+        "host": c.host, "port": c.port, "database": c.database, "user": c.user,
+        "ssl_mode": c.ssl.mode,
+        "read_role": entry.config.read_role,
+        "health": server::target_health(entities, name).await,
+    })
+}
+
+async fn syncs(State(app): State<App>) -> Response {
+    let entities = app.server.entities.read().await;
+    let mut out = Vec::new();
+    for (name, entry) in &entities.syncs {
+        out.push(sync_json(name, entry).await);
+    }
+    axum::Json(json!({ "syncs": out })).into_response()
+}
+
+async fn sync(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let entities = app.server.entities.read().await;
+    match entities.syncs.get(&name) {
+        Some(entry) => axum::Json(sync_json(&name, entry).await).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no sync named {name:?}")),
+    }
+}
+
+async fn sync_json(name: &str, entry: &server::SyncEntry) -> Value {
+    let mut value = json!({
+        "name": name,
+        "id": entry.config.id,
+        "provider": entry.config.source.provider().as_str(),
+        "health": server::sync_health(name, entry).await,
+    });
+    match &entry.kind {
+        SyncKind::Postgres(source) => {
+            value["backfill"] = json!(source.progress());
+            value["confirmed_lsn"] = json!(source.confirmed());
+        }
+        SyncKind::Http => {
+            value["accepted"] = json!(entry.pushed.load(Ordering::Relaxed));
+        }
+    }
+    value
+}
+
+async fn push(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> Response {
+    let entities = app.server.entities.read().await;
+    let Some(entry) = entities.syncs.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no sync named {name:?}"));
+    };
+    if !matches!(entry.kind, SyncKind::Http) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "sync {name:?} is a {} source; only http syncs accept pushed records",
+                entry.config.source.provider().as_str()
+            ),
+        );
+    }
+    let parsed =
+        match crate::push::parse(&body, entry.config.id, |n| app.server.next_push_version(n)) {
+            Ok(p) => p,
+            Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+        };
+    let submitted = parsed.records.len();
+    let outcome = if parsed.records.is_empty() {
+        None
+    } else {
+        match app.server.stream.append(parsed.records).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("nothing was written: {e}"),
+                );
+            }
+        }
+    };
+    entry.pushed.fetch_add(submitted as u64, Ordering::Relaxed);
+    axum::Json(json!({
+        "accepted": submitted,
+        "stale": outcome.as_ref().map_or(0, |o| o.skipped_stale),
+        "rejected": parsed.rejected,
+    }))
+    .into_response()
+}
+
+async fn consumers(State(app): State<App>) -> Response {
+    let entities = app.server.entities.read().await;
+    let mut out = Vec::new();
+    for entry in entities.consumers.values() {
+        out.push(consumer_json(&app, entry).await);
+    }
+    axum::Json(json!({ "consumers": out })).into_response()
+}
+
+async fn consumer(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let entities = app.server.entities.read().await;
+    match entities.consumers.get(&name) {
+        Some(entry) => axum::Json(consumer_json(&app, entry).await).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no consumer named {name:?}")),
+    }
+}
+
+async fn consumer_json(app: &App, entry: &server::ConsumerEntry) -> Value {
+    let (lag_records, lag_seconds) = server::consumer_lag(&app.server.stream, entry).await;
+    let stats = entry.handle.stats();
+    json!({
+        "name": entry.config.name,
+        "target": entry.config.target,
+        "filter": entry.config.filter,
+        "layout": entry.config.layout,
+        "cursor": entry.handle.cursor(),
+        "applied": stats.applied,
+        "lag": { "records": lag_records, "seconds": lag_seconds },
+        "last_write": entry.handle.last_write().map(rfc3339),
+        "last_error": entry.handle.last_error(),
+        "health": entry.handle.health().await,
+    })
+}
+
+async fn control(
+    app: App,
+    name: String,
+    action: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let entities = app.server.entities.read().await;
+    let Some(entry) = entities.consumers.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no consumer named {name:?}"));
+    };
+    let result = match action {
+        "pause" => {
+            let reason = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| {
+                    let by = headers
+                        .get(header::USER_AGENT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("the API");
+                    format!("paused by a user ({by})")
+                });
+            entry.handle.pause(reason).await
+        }
+        "resume" => entry.handle.resume().await,
+        _ => entry.handle.restart_backfill().await,
+    };
+    match result {
+        Ok(()) => axum::Json(consumer_json(&app, entry).await).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+async fn pause(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    control(app, name, "pause", headers, body).await
+}
+
+async fn resume(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    control(app, name, "resume", headers, body).await
+}
+
+async fn restart_backfill(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    control(app, name, "restart", headers, body).await
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(app): State<App>) -> Response {
+    let server = &app.server;
+    let entities = server.entities.read().await;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let head = server.stream.head().await.map(|h| h.0).unwrap_or(0);
+    family(
+        "sluice_stream_head",
+        "gauge",
+        "The records stream's highest position.",
+        vec![(String::new(), head.to_string())],
+    );
+    let mut appended = Vec::new();
+    for (name, entry) in &entities.syncs {
+        let n = match &entry.kind {
+            SyncKind::Postgres(source) => source.appended(),
+            SyncKind::Http => entry.pushed.load(Ordering::Relaxed),
+        };
+        appended.push((labels(&[("sync", name)]), n.to_string()));
+    }
+    family(
+        "sluice_records_appended_total",
+        "counter",
+        "Records a sync has appended to the stream since start.",
+        appended,
+    );
+    let (mut applied, mut lag_r, mut lag_s, mut sum, mut count) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (name, entry) in &entities.consumers {
+        let l = labels(&[("consumer", name)]);
+        let stats = entry.handle.stats();
+        let (records, seconds) = server::consumer_lag(&server.stream, entry).await;
+        applied.push((l.clone(), stats.applied.to_string()));
+        lag_r.push((l.clone(), records.to_string()));
+        lag_s.push((l.clone(), format!("{seconds:.3}")));
+        sum.push((l.clone(), format!("{:.6}", stats.batch_seconds)));
+        count.push((l, stats.batches.to_string()));
+    }
+    family(
+        "sluice_records_applied_total",
+        "counter",
+        "Records a consumer has written to its target since start.",
+        applied,
+    );
+    family(
+        "sluice_consumer_lag_records",
+        "gauge",
+        "Records in the stream the consumer has not written yet.",
+        lag_r,
+    );
+    family(
+        "sluice_consumer_lag_seconds",
+        "gauge",
+        "Age of the oldest record the consumer has not written yet.",
+        lag_s,
+    );
+    family(
+        "sluice_batch_duration_seconds_sum",
+        "counter",
+        "Time spent writing batches.",
+        sum,
+    );
+    family(
+        "sluice_batch_duration_seconds_count",
+        "counter",
+        "Batches written.",
+        count,
+    );
+    drop(entities);
+    let mut health = Vec::new();
+    for report in server.health().await {
+        let kind = format!("{:?}", report.entity.kind).to_lowercase();
+        for status in [
+            Status::Healthy,
+            Status::Initializing,
+            Status::Warning,
+            Status::Paused,
+            Status::Error,
+        ] {
+            let value = if report.status == status { "1" } else { "0" };
+            health.push((
+                labels(&[
+                    ("kind", &kind),
+                    ("name", &report.entity.name),
+                    ("status", &status.to_string()),
+                ]),
+                value.to_owned(),
+            ));
+        }
+    }
+    family(
+        "sluice_health_status",
+        "gauge",
+        "1 for each entity's current status.",
+        health,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+async fn openapi() -> Response {
+    axum::Json(openapi_document()).into_response()
+}
+
+/// The OpenAPI 3.1 document for this API.
+pub fn openapi_document() -> Value {
+    let entity = |summary: &str| json!({"get": {"summary": summary, "responses": {"200": {"description": "JSON"}, "401": {"$ref": "#/components/responses/Unauthorized"}, "404": {"description": "no such entity"}}}});
+    let action = |summary: &str| json!({"post": {"summary": summary, "responses": {"200": {"description": "the consumer after the action"}, "401": {"$ref": "#/components/responses/Unauthorized"}, "404": {"description": "no such consumer"}}}});
+    let name =
+        json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut paths = serde_json::Map::new();
+    paths.insert("/v1/status".into(), entity("Every entity's health"));
+    paths.insert("/v1/targets".into(), entity("List targets with health"));
+    paths.insert("/v1/targets/{name}".into(), entity("One target"));
+    paths.insert(
+        "/v1/syncs".into(),
+        entity("List syncs with health and backfill progress"),
+    );
+    paths.insert("/v1/syncs/{name}".into(), entity("One sync"));
+    paths.insert(
+        "/v1/consumers".into(),
+        entity("List consumers with lag and health"),
+    );
+    paths.insert("/v1/consumers/{name}".into(), entity("One consumer"));
+    paths.insert(
+        "/v1/consumers/{name}/pause".into(),
+        action("Pause a consumer (optional body {\"reason\": \"…\"})"),
+    );
+    paths.insert(
+        "/v1/consumers/{name}/resume".into(),
+        action("Resume a paused consumer"),
+    );
+    paths.insert(
+        "/v1/consumers/{name}/restart-backfill".into(),
+        action("Re-send every record from the start of the stream"),
+    );
+    paths.insert("/v1/syncs/{name}/records".into(), json!({"post": {
+        "summary": "Push a batch of upserts and deletes into an http sync",
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushBody"}}}},
+        "responses": {
+            "200": {"description": "accepted count, stale count, and each rejected record's index and reason", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushResult"}}}},
+            "400": {"description": "the body is not valid JSON of the expected shape; nothing was written"},
+            "401": {"$ref": "#/components/responses/Unauthorized"},
+            "413": {"description": "the body is larger than [api] max_body_bytes; nothing was written"},
+            "503": {"description": "the records stream could not be written; nothing was written"}
+        }
+    }}));
+    paths.insert("/metrics".into(), json!({"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition format"}, "401": {"$ref": "#/components/responses/Unauthorized"}}}}));
+    for (path, item) in paths.iter_mut() {
+        if path.contains("{name}")
+            && let Some(ops) = item.as_object_mut()
+        {
+            for op in ops.values_mut() {
+                op["parameters"] = name.clone();
+            }
+        }
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "sluice", "version": env!("CARGO_PKG_VERSION")},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Unauthorized": {"description": "no bearer token, or a wrong one"}},
+            "schemas": {
+                "PushBody": {"type": "object", "required": ["records"], "additionalProperties": false, "properties": {"records": {"type": "array", "items": {
+                    "type": "object", "required": ["collection", "id"], "additionalProperties": false,
+                    "properties": {
+                        "collection": {"type": "string", "maxLength": 1024},
+                        "id": {"type": "string", "maxLength": 1024},
+                        "payload": {"type": "object", "description": "required unless deleted"},
+                        "deleted": {"type": "boolean"},
+                        "version": {"type": "integer", "minimum": 0, "description": "orders changes of one record; default: the time of receipt"},
+                        "updated_at": {"type": "string", "format": "date-time"}
+                    }}}}},
+                "PushResult": {"type": "object", "properties": {
+                    "accepted": {"type": "integer"},
+                    "stale": {"type": "integer", "description": "accepted but older than what the stream holds"},
+                    "rejected": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "reason": {"type": "string"}}}}
+                }}
+            }
+        }
+    })
+}

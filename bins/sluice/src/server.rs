@@ -1,0 +1,572 @@
+//! `sluice serve`: runs every sync and consumer of the config, reconciles when the config
+//! changes (SIGHUP or the file's modification time), and stops cleanly on SIGTERM / SIGINT.
+//! Only assembly lives here: the work is done by the crates.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_consumer::{ConsumerHandle, ConsumerRuntime};
+use sluice_core::sql::{qualified, quote_ident};
+use sluice_core::{
+    Config, ConnectionConfig, ConsumerConfig, EntityKind, EntityRef, Error, Health, HealthReport,
+    LayoutConfig, RecordFilter, RecordStream, SourceConfig, Status, SyncConfig, TargetConfig,
+    TunnelConfig,
+};
+use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
+use sluice_stream::EmbeddedStream;
+use sluice_target_pg::{ConnectionSettings, ConsumerTable, ConsumerTableTarget};
+use time::OffsetDateTime;
+use tokio::sync::{RwLock, watch};
+
+/// A running task and the switch that stops it.
+struct Task {
+    stop: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
+    /// Tunnels the task's connections go through; closed when the task ends.
+    _tunnels: Vec<sluice_tunnel::BastionTunnel>,
+}
+
+impl Task {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = self.join.await;
+    }
+}
+
+pub enum SyncKind {
+    Postgres(PostgresSource),
+    Http,
+}
+
+pub struct SyncEntry {
+    pub config: SyncConfig,
+    pub kind: SyncKind,
+    /// Records accepted by the push API (http syncs).
+    pub pushed: AtomicU64,
+    task: Option<Task>,
+}
+
+pub struct ConsumerEntry {
+    pub config: ConsumerConfig,
+    pub filter: RecordFilter,
+    pub handle: ConsumerHandle,
+    pub target: Arc<ConsumerTableTarget>,
+    /// The consumer's definition including its target's, to notice changes.
+    fingerprint: String,
+    task: Option<Task>,
+}
+
+pub struct TargetEntry {
+    pub config: TargetConfig,
+}
+
+/// Everything `serve` runs.
+#[derive(Default)]
+pub struct Entities {
+    pub syncs: BTreeMap<String, SyncEntry>,
+    pub consumers: BTreeMap<String, ConsumerEntry>,
+    pub targets: BTreeMap<String, TargetEntry>,
+}
+
+pub struct Server {
+    pub stream: Arc<EmbeddedStream>,
+    pub entities: RwLock<Entities>,
+    pub started_at: OffsetDateTime,
+    /// Last version handed to a pushed record without one (nanoseconds; strictly increasing).
+    push_clock: Mutex<u64>,
+}
+
+impl Server {
+    pub async fn open(config: &Config) -> Result<Arc<Self>, Error> {
+        let stream = Arc::new(EmbeddedStream::open(&config.data_dir).await?);
+        Ok(Arc::new(Self {
+            stream,
+            entities: RwLock::new(Entities::default()),
+            started_at: OffsetDateTime::now_utc(),
+            push_clock: Mutex::new(0),
+        }))
+    }
+
+    /// A strictly increasing version for pushed records that carry none.
+    pub fn next_push_version(&self, n: usize) -> u64 {
+        let now = OffsetDateTime::now_utc().unix_timestamp_nanos().max(0) as u64;
+        let mut clock = self.push_clock.lock().unwrap_or_else(|e| e.into_inner());
+        let first = now.max(*clock + 1);
+        *clock = first + n as u64;
+        first
+    }
+
+    /// Brings the running syncs and consumers in line with `config`: stops what was removed
+    /// or changed, starts what is new or changed, leaves the rest running. Problems with one
+    /// entity are logged and reported in its health; they do not stop the others.
+    pub async fn reconcile(&self, config: &Config) {
+        let mut entities = self.entities.write().await;
+        entities.targets = config
+            .targets
+            .iter()
+            .map(|t| (t.name.clone(), TargetEntry { config: t.clone() }))
+            .collect();
+
+        // Syncs.
+        let wanted: BTreeMap<&str, &SyncConfig> =
+            config.syncs.iter().map(|s| (s.name.as_str(), s)).collect();
+        let stale: Vec<String> = entities
+            .syncs
+            .iter()
+            .filter(|(name, e)| wanted.get(name.as_str()).is_none_or(|c| **c != e.config))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(entry) = entities.syncs.remove(&name) {
+                tracing::info!(sync = %name, "stopping sync");
+                if let Some(task) = entry.task {
+                    task.stop().await;
+                }
+            }
+        }
+        for (name, sync) in wanted {
+            if entities.syncs.contains_key(name) {
+                continue;
+            }
+            tracing::info!(sync = %name, provider = %sync.source.provider().as_str(), "starting sync");
+            let entry = self.start_sync(sync).await;
+            entities.syncs.insert(name.to_owned(), entry);
+        }
+
+        // Consumers (a consumer restarts when its own config or its target's changes).
+        let mut wanted = BTreeMap::new();
+        for consumer in &config.consumers {
+            let target = config.targets.iter().find(|t| t.name == consumer.target);
+            let fingerprint = format!("{consumer:?}{target:?}");
+            wanted.insert(consumer.name.0.clone(), (consumer, target, fingerprint));
+        }
+        let stale: Vec<String> = entities
+            .consumers
+            .iter()
+            .filter(|(name, e)| wanted.get(*name).is_none_or(|w| w.2 != e.fingerprint))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(entry) = entities.consumers.remove(&name) {
+                tracing::info!(consumer = %name, "stopping consumer");
+                if let Some(task) = entry.task {
+                    task.stop().await;
+                }
+            }
+        }
+        for (name, (consumer, target, fingerprint)) in wanted {
+            if entities.consumers.contains_key(&name) {
+                continue;
+            }
+            let Some(target) = target else {
+                tracing::error!(consumer = %name, target = %consumer.target, "the consumer's target is not configured");
+                continue;
+            };
+            match self
+                .start_consumer(config, consumer, target, fingerprint)
+                .await
+            {
+                Ok(entry) => {
+                    tracing::info!(consumer = %name, target = %target.name, "started consumer");
+                    entities.consumers.insert(name, entry);
+                }
+                Err(e) => tracing::error!(consumer = %name, error = %e, "cannot start consumer"),
+            }
+        }
+    }
+
+    async fn start_sync(&self, sync: &SyncConfig) -> SyncEntry {
+        let (kind, task) = match &sync.source {
+            SourceConfig::Http {} => (SyncKind::Http, None),
+            SourceConfig::Postgres {
+                connection,
+                publication,
+                slot,
+                create_missing,
+            } => {
+                let (settings, tunnels) = match settings_for(connection).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(sync = %sync.name, error = %e, "cannot reach the source");
+                        // Keep an entry (health shows the problem) with settings that fail.
+                        (failing_settings(connection), Vec::new())
+                    }
+                };
+                let source = PostgresSource::new(
+                    sync.name.clone(),
+                    sync.id,
+                    settings,
+                    SourceSpec {
+                        publication: publication.clone(),
+                        slot: slot.clone(),
+                    },
+                    self.stream.clone(),
+                    SourceOptions {
+                        create_missing: *create_missing,
+                        ..SourceOptions::default()
+                    },
+                );
+                let (stop, stopped) = watch::channel(false);
+                let join = tokio::spawn({
+                    let source = source.clone();
+                    async move { source.run(stopped).await }
+                });
+                (
+                    SyncKind::Postgres(source),
+                    Some(Task {
+                        stop,
+                        join,
+                        _tunnels: tunnels,
+                    }),
+                )
+            }
+        };
+        SyncEntry {
+            config: sync.clone(),
+            kind,
+            pushed: AtomicU64::new(0),
+            task,
+        }
+    }
+
+    async fn start_consumer(
+        &self,
+        config: &Config,
+        consumer: &ConsumerConfig,
+        target: &TargetConfig,
+        fingerprint: String,
+    ) -> Result<ConsumerEntry, Error> {
+        let filter = consumer.filter.resolve(&config.syncs)?;
+        let LayoutConfig::ConsumerTable { schema, table } = &consumer.layout else {
+            return Err(Error::configuration(
+                format!(
+                    "consumer {}: the schema_mirror layout is not available in this version",
+                    consumer.name
+                ),
+                "use layout = { kind = \"consumer_table\", schema = \"sluice\", table = \"records\" }",
+            ));
+        };
+        let (settings, tunnels) = settings_for(&target.connection).await?;
+        let table = ConsumerTable::new(schema, table);
+        if let Err(e) = ensure_table(&settings, &table, &target.read_role).await {
+            // Not fatal: the consumer's health names the problem and it retries.
+            tracing::warn!(consumer = %consumer.name, error = %e, "cannot prepare the consumer table yet");
+        }
+        let target_impl = Arc::new(ConsumerTableTarget::new(
+            target.name.clone(),
+            settings,
+            table,
+            1,
+        ));
+        let runtime = ConsumerRuntime::new(
+            consumer.name.clone(),
+            filter.clone(),
+            self.stream.clone(),
+            target_impl.clone(),
+            consumer.batch,
+            consumer.lag,
+        );
+        let handle = runtime.handle();
+        let (stop, stopped) = watch::channel(false);
+        let join = tokio::spawn(runtime.run(stopped));
+        Ok(ConsumerEntry {
+            config: consumer.clone(),
+            filter,
+            handle,
+            target: target_impl,
+            fingerprint,
+            task: Some(Task {
+                stop,
+                join,
+                _tunnels: tunnels,
+            }),
+        })
+    }
+
+    /// Stops everything: each consumer finishes or abandons its in-flight batch safely (its
+    /// checkpoint always matches the target), each source appends what it holds and confirms.
+    pub async fn shutdown(&self) {
+        let mut entities = self.entities.write().await;
+        let consumers = std::mem::take(&mut entities.consumers);
+        let syncs = std::mem::take(&mut entities.syncs);
+        for (_, entry) in syncs {
+            if let Some(task) = entry.task {
+                task.stop().await;
+            }
+        }
+        for (_, entry) in consumers {
+            if let Some(task) = entry.task {
+                task.stop().await;
+            }
+        }
+    }
+
+    /// Every entity's health, targets first.
+    pub async fn health(&self) -> Vec<HealthReport> {
+        let entities = self.entities.read().await;
+        let mut reports = Vec::new();
+        for name in entities.targets.keys() {
+            reports.push(target_health(&entities, name).await);
+        }
+        for (name, sync) in &entities.syncs {
+            reports.push(sync_health(name, sync).await);
+        }
+        for consumer in entities.consumers.values() {
+            reports.push(consumer.handle.health().await);
+        }
+        reports
+    }
+}
+
+pub async fn sync_health(name: &str, sync: &SyncEntry) -> HealthReport {
+    match &sync.kind {
+        SyncKind::Postgres(source) => source.health().await,
+        SyncKind::Http => {
+            let now = OffsetDateTime::now_utc();
+            let mut state = sluice_core::HealthState::new(EntityRef {
+                kind: EntityKind::Sync,
+                name: name.to_owned(),
+            });
+            state.observe(
+                "push",
+                Status::Healthy,
+                format!(
+                    "accepting records at POST /v1/syncs/{name}/records ({} accepted since start)",
+                    sync.pushed.load(Ordering::Relaxed)
+                ),
+                None,
+                now,
+            );
+            state.report()
+        }
+    }
+}
+
+/// A target's health: its consumers' view of it (reachable, TLS, privileges, table).
+pub async fn target_health(entities: &Entities, name: &str) -> HealthReport {
+    let using = entities
+        .consumers
+        .values()
+        .find(|c| c.config.target == name);
+    match using {
+        Some(c) => {
+            let mut report = c.target.health().await;
+            report.entity = EntityRef {
+                kind: EntityKind::Target,
+                name: name.to_owned(),
+            };
+            report
+        }
+        None => {
+            let mut state = sluice_core::HealthState::new(EntityRef {
+                kind: EntityKind::Target,
+                name: name.to_owned(),
+            });
+            state.observe(
+                "consumers",
+                Status::Healthy,
+                "no consumer writes to this target",
+                None,
+                OffsetDateTime::now_utc(),
+            );
+            state.report()
+        }
+    }
+}
+
+/// Connection settings, through a bastion tunnel when the config names one.
+async fn settings_for(
+    connection: &ConnectionConfig,
+) -> Result<(ConnectionSettings, Vec<sluice_tunnel::BastionTunnel>), Error> {
+    let mut settings = ConnectionSettings::from_config(connection)?;
+    match &connection.tunnel {
+        None => Ok((settings, Vec::new())),
+        Some(TunnelConfig::Bastion {
+            host,
+            port,
+            user,
+            key_file,
+            host_key_fingerprint,
+        }) => {
+            let mut bastion = sluice_tunnel::BastionConfig::new(host, *port, user, key_file);
+            bastion.host_key_fingerprint = host_key_fingerprint.clone();
+            bastion.forward_host = connection.host.clone();
+            bastion.forward_port = connection.port;
+            let tunnel = sluice_tunnel::BastionTunnel::open(bastion)
+                .await
+                .map_err(|e| {
+                    Error::configuration(
+                        format!("tunnel to {}: {e}", connection.host),
+                        "run `sluice tunnel check` for each hop's status",
+                    )
+                })?;
+            let local = tunnel.local_addr();
+            settings.host = local.ip().to_string();
+            settings.port = local.port();
+            Ok((settings, vec![tunnel]))
+        }
+        Some(TunnelConfig::Agent { name }) => Err(Error::configuration(
+            format!(
+                "the connection to {} goes through agent {name:?}, which has not connected",
+                connection.host
+            ),
+            "start `sluice-agent run` next to the database, pointed at this server",
+        )),
+    }
+}
+
+/// Settings that will fail with the same endpoint (so health shows where it was meant to go).
+fn failing_settings(connection: &ConnectionConfig) -> ConnectionSettings {
+    let mut s = ConnectionSettings::new(
+        &connection.host,
+        connection.port,
+        &connection.database,
+        &connection.user,
+    );
+    s.connect_timeout = Duration::from_secs(1);
+    s
+}
+
+/// Creates the consumer table (and its schema) as the sync user if it does not exist yet, and
+/// lets the read role read it. An existing table is left as it is (the target verifies it).
+async fn ensure_table(
+    settings: &ConnectionSettings,
+    table: &ConsumerTable,
+    read_role: &str,
+) -> Result<(), Error> {
+    let mut conn = settings.connect().await?;
+    let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(table.qualified())
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| Error::unavailable("checking the consumer table", e))?;
+    if exists {
+        return Ok(());
+    }
+    let schema = quote_ident(&table.schema);
+    let sql = format!(
+        "create schema if not exists {schema}; {ddl}",
+        ddl = table.ddl()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| {
+            Error::configuration(
+                format!("cannot create {}: {e}", qualified(&table.schema, &table.table)),
+                "run `sluice setup apply` (or the SQL from `sluice setup sql`) for this target first",
+            )
+        })?;
+    let grant = format!(
+        "grant usage on schema {schema} to {role}; grant select on {t} to {role}",
+        role = quote_ident(read_role),
+        t = table.qualified()
+    );
+    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(grant))
+        .execute(&mut conn)
+        .await
+    {
+        tracing::warn!(error = %e, "could not grant the read role access to the new table");
+    }
+    Ok(())
+}
+
+/// The config file's modification time, to notice edits.
+pub fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Loads the config, with the error printed as `file:line:column: …`.
+pub fn load(path: &Path) -> Result<Config, String> {
+    Config::load(path).map_err(|e| e.to_string())
+}
+
+/// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the file changes.
+pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
+    let config = load(&path)?;
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    let server = Server::open(&config).await.map_err(|e| e.to_string())?;
+    let token = config.api.token.resolve().map_err(|e| {
+        format!("{e}\n  the API needs a bearer token: set it, or point [api] token at a file")
+    })?;
+    let listen = listen.unwrap_or_else(|| config.api.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(
+        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()),
+        data_dir = %config.data_dir.display(),
+        "sluice serve: API listening"
+    );
+    server.reconcile(&config).await;
+    let app = crate::api::router(server.clone(), token, config.api.max_body_bytes);
+    let (stop_api, mut api_stopped) = watch::channel(false);
+    let api = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut seen = modified(&path);
+    let mut poll = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let reload = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => true,
+            _ = poll.tick() => {
+                let now = modified(&path);
+                let changed = now != seen;
+                seen = now;
+                changed
+            }
+        };
+        if reload {
+            match load(&path) {
+                Ok(config) if config.problems().is_empty() => {
+                    tracing::info!(file = %path.display(), "config changed: reconciling");
+                    server.reconcile(&config).await;
+                }
+                Ok(config) => {
+                    tracing::error!(problems = %config.problems().join("; "), "config not applied");
+                }
+                Err(e) => tracing::error!(error = %e, "config not applied"),
+            }
+        }
+    }
+    tracing::info!("shutting down: finishing in-flight batches and checkpointing");
+    server.shutdown().await;
+    stop_api.send_replace(true);
+    let _ = api.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// How far behind a consumer is, for metrics.
+pub async fn consumer_lag(stream: &EmbeddedStream, entry: &ConsumerEntry) -> (u64, f64) {
+    match stream
+        .lag(&entry.filter, entry.handle.cursor(), 1_000_000_000)
+        .await
+    {
+        Ok(lag) => {
+            let seconds = lag
+                .oldest_appended_at
+                .map(|t| (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0))
+                .unwrap_or(0.0);
+            (lag.records, seconds)
+        }
+        Err(_) => (0, 0.0),
+    }
+}

@@ -1,0 +1,478 @@
+//! `sluice serve` as a process against real clusters, driven through its API and the CLI.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_localpg::Cluster;
+
+const TOKEN: &str = "test-token-5b1d";
+
+struct Env {
+    source: Cluster,
+    target: Cluster,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn env() -> Env {
+    let source = Cluster::options().logical_replication().start().unwrap();
+    let target = Cluster::start_default().unwrap();
+    source
+        .execute(
+            "postgres",
+            "create table public.orders (id int primary key, item text, qty int);
+             insert into public.orders select i, 'item ' || i, i from generate_series(1, 500) i;",
+        )
+        .await
+        .unwrap();
+    // The sync user: CONNECT and CREATE on its database, nothing else; and the read role.
+    target
+        .execute(
+            "postgres",
+            "create role sluice_sync login password 'sync-pw';
+             grant connect, create on database postgres to sluice_sync;
+             create role sluice_read;",
+        )
+        .await
+        .unwrap();
+    Env {
+        source,
+        target,
+        dir: tempfile::tempdir().unwrap(),
+        port: free_port(),
+    }
+}
+
+fn config(env: &Env, extra: &str) -> String {
+    format!(
+        r#"
+data_dir = "{data}"
+
+[api]
+listen = "127.0.0.1:{port}"
+token = {{ env = "TEST_API_TOKEN" }}
+max_body_bytes = 65536
+
+[[target]]
+name = "warehouse"
+[target.connection]
+host = "127.0.0.1"
+port = {tport}
+database = "postgres"
+user = "sluice_sync"
+password = {{ env = "TEST_TARGET_PASSWORD" }}
+ssl = {{ mode = "disable" }}
+
+[[sync]]
+name = "app"
+id = "6f1c2a7e-4b7d-4c51-9a3e-0c1d2e3f4a5b"
+[sync.source]
+provider = "postgres"
+create_missing = true
+connection = {{ host = "127.0.0.1", port = {sport}, database = "postgres", user = "postgres", password = {{ env = "TEST_SOURCE_PASSWORD" }}, ssl = {{ mode = "disable" }} }}
+
+[[sync]]
+name = "events"
+id = "0b7e8d6c-1111-4c51-9a3e-0c1d2e3f4a5b"
+source = {{ provider = "http" }}
+
+[[consumer]]
+name = "app-records"
+target = "warehouse"
+filter = {{ sync = {{ name = "app" }} }}
+layout = {{ kind = "consumer_table", schema = "sluice", table = "records" }}
+batch = {{ max_records = 1000, max_wait_ms = 20 }}
+
+[[consumer]]
+name = "pushed"
+target = "warehouse"
+filter = {{ provider = "http" }}
+layout = {{ kind = "consumer_table", schema = "sluice", table = "pushed" }}
+batch = {{ max_records = 1000, max_wait_ms = 20 }}
+{extra}
+"#,
+        data = env.dir.path().join("data").display(),
+        port = env.port,
+        tport = env.target.port(),
+        sport = env.source.port(),
+    )
+}
+
+fn write_config(env: &Env, extra: &str) -> PathBuf {
+    let path = env.dir.path().join("sluice.toml");
+    std::fs::write(&path, config(env, extra)).unwrap();
+    path
+}
+
+fn serve(env: &Env, path: &Path) -> Child {
+    let log = std::fs::File::create(env.dir.path().join("serve.log")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(path)
+        .env("TEST_API_TOKEN", TOKEN)
+        .env("TEST_TARGET_PASSWORD", "sync-pw")
+        .env("TEST_SOURCE_PASSWORD", env.source.superuser_password())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn log(env: &Env) -> String {
+    std::fs::read_to_string(env.dir.path().join("serve.log")).unwrap_or_default()
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(env: &Env) -> Self {
+        Self {
+            base: format!("http://127.0.0.1:{}", env.port),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            request = request.header("content-type", "application/json").body(b);
+        }
+        match request.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap_or_default())
+            }
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.call("GET", path, None, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let (status, text) = self
+            .call("POST", path, Some(body.to_string()), Some(TOKEN))
+            .await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, env: &Env, secs: u64, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}\n--- serve log ---\n{}",
+            log(env)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn target_count(env: &Env, table: &str, condition: &str) -> i64 {
+    let mut conn = env.target.admin("postgres").await.unwrap();
+    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {table} where {condition}"
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap_or(-1)
+}
+
+fn sluice_status(env: &Env) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["status", "--api", &format!("http://127.0.0.1:{}", env.port)])
+        .env("SLUICE_API_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() {
+    let env = env().await;
+    let path = write_config(&env, "");
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+
+    // Without a token, or with a wrong one, every route is 401.
+    for (method, path) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/consumers"),
+        ("POST", "/v1/consumers/app-records/pause"),
+        ("POST", "/v1/syncs/events/records"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/openapi.json"),
+    ] {
+        for token in [None, Some("wrong"), Some("")] {
+            let (status, body) = api.call(method, path, Some("{}".into()), token).await;
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
+            assert!(body.contains("bearer token"), "{body}");
+        }
+    }
+
+    // The backfill arrives, then live changes.
+    wait_until("the backfill is in the target", &env, 60, async || {
+        target_count(&env, "sluice.records", "true").await == 500
+    })
+    .await;
+    env.source
+        .execute("postgres", "update public.orders set qty = 1000 where id = 7; delete from public.orders where id = 8; insert into public.orders values (501, 'new', 1);")
+        .await
+        .unwrap();
+    wait_until("live changes are in the target", &env, 30, async || {
+        target_count(
+            &env,
+            "sluice.records",
+            "upstream_id = '7' and payload->>'qty' = '1000'",
+        )
+        .await
+            == 1
+            && target_count(&env, "sluice.records", "upstream_id = '8'").await == 0
+            && target_count(&env, "sluice.records", "upstream_id = '501'").await == 1
+    })
+    .await;
+
+    // Push: good records in, bad ones named; a malformed body is 400; a huge one 413.
+    let (status, body) = api
+        .post(
+            "/v1/syncs/events/records",
+            json!({"records": [
+                {"collection": "signups", "id": "u1", "payload": {"email": "a@example.com", "note": "nul \u{0} here"}},
+                {"collection": "signups", "id": "u2", "payload": {"email": "b@example.com"}},
+                {"collection": "signups", "id": "", "payload": {}},
+                {"collection": "signups", "id": "u3", "payload": "not an object"}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 2, "{body}");
+    assert_eq!(body["rejected"][0]["index"], 2, "{body}");
+    assert_eq!(body["rejected"][1]["index"], 3, "{body}");
+    let (status, text) = api
+        .call(
+            "POST",
+            "/v1/syncs/events/records",
+            Some("{\"records\": [".into()),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("line 1"), "{text}");
+    let huge = json!({"records": [{"collection": "c", "id": "x", "payload": {"blob": "x".repeat(100_000)}}]});
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/syncs/events/records",
+            Some(huge.to_string()),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 413);
+    let (status, body) = api
+        .post("/v1/syncs/app/records", json!({"records": []}))
+        .await;
+    assert_eq!(
+        status, 409,
+        "pushing into a postgres sync is refused: {body}"
+    );
+    wait_until("pushed records are in the target", &env, 30, async || {
+        target_count(&env, "sluice.pushed", "collection_id = 'signups'").await == 2
+    })
+    .await;
+    assert_eq!(
+        target_count(&env, "sluice.pushed", "upstream_id = 'x'").await,
+        0,
+        "nothing of a refused body is written"
+    );
+
+    // Pause through the API: status shows it (CLI exits 1), resume, healthy again.
+    let (status, body) = api
+        .post(
+            "/v1/consumers/app-records/pause",
+            json!({"reason": "maintenance window"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (code, out) = sluice_status(&env);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("app-records") && out.contains("paused") && out.contains("maintenance window"),
+        "{out}"
+    );
+    env.source
+        .execute(
+            "postgres",
+            "insert into public.orders values (502, 'while paused', 1)",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        target_count(&env, "sluice.records", "upstream_id = '502'").await,
+        0,
+        "paused"
+    );
+    let (status, _) = api
+        .post("/v1/consumers/app-records/resume", json!({}))
+        .await;
+    assert_eq!(status, 200);
+    wait_until(
+        "the paused change arrives after resume",
+        &env,
+        30,
+        async || target_count(&env, "sluice.records", "upstream_id = '502'").await == 1,
+    )
+    .await;
+    wait_until("sluice status is all healthy", &env, 30, async || {
+        sluice_status(&env).0 == 0
+    })
+    .await;
+    let (_, out) = sluice_status(&env);
+    for name in ["warehouse", "app", "events", "app-records", "pushed"] {
+        assert!(out.contains(name), "{out}");
+    }
+
+    // Listing, inspecting, metrics, the OpenAPI document.
+    let consumers = api.get("/v1/consumers").await;
+    assert_eq!(consumers["consumers"].as_array().unwrap().len(), 2);
+    let sync = api.get("/v1/syncs/app").await;
+    assert_eq!(sync["backfill"]["done"], true, "{sync}");
+    let (status, _) = api
+        .call("GET", "/v1/consumers/nope", None, Some(TOKEN))
+        .await;
+    assert_eq!(status, 404);
+    let (_, metrics) = api.call("GET", "/metrics", None, Some(TOKEN)).await;
+    for needle in [
+        "sluice_records_applied_total{consumer=\"app-records\"}",
+        "sluice_records_appended_total{sync=\"events\"} 2",
+        "sluice_consumer_lag_records{consumer=\"pushed\"} 0",
+        "sluice_batch_duration_seconds_count{consumer=\"app-records\"}",
+        "sluice_health_status{kind=\"consumer\",name=\"app-records\",status=\"healthy\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+    let openapi = api.get("/v1/openapi.json").await;
+    assert_eq!(openapi["openapi"], "3.1.0");
+    assert!(openapi["paths"]["/v1/syncs/{name}/records"]["post"].is_object());
+
+    // A config change is picked up without a restart: a new consumer starts and backfills.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(
+            b"\n[[consumer]]\nname = \"late\"\ntarget = \"warehouse\"\nfilter = { sync = { name = \"app\" } }\nlayout = { kind = \"consumer_table\", schema = \"sluice\", table = \"late\" }\n",
+        )
+        .unwrap();
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_until("the new consumer has backfilled", &env, 60, async || {
+        target_count(&env, "sluice.late", "true").await == 501
+    })
+    .await;
+
+    // SIGTERM: a clean stop.
+    let status = terminate(&mut child);
+    assert!(status.success(), "{status:?}\n{}", log(&env));
+    assert!(log(&env).contains("stopped"), "{}", log(&env));
+}
+
+#[tokio::test]
+async fn serve_refuses_an_invalid_config_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        "data_dir = \"x\"\n[[target]]\nname = \"t\"\nconnection = { host = 5 }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sluice.toml:4:"), "{err}");
+    assert!(err.contains("expected"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_without_an_api_token_says_how_to_set_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!("data_dir = \"{}\"\n", dir.path().join("d").display()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("SLUICE_API_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SLUICE_API_TOKEN"), "{err}");
+}
