@@ -4,6 +4,8 @@
 //! (0 ok, 1 failure, 2 usage). Logic lives in the crates.
 
 mod api;
+mod demo;
+mod progress;
 mod push;
 mod server;
 mod setup;
@@ -46,6 +48,9 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// See sluice work, with nothing to set up: two throwaway local PostgreSQL clusters, the
+    /// target provisioned, a sample table backfilled and kept in sync while you watch.
+    Demo(demo::Args),
     /// Print every entity's health from a running `sluice serve`, with the reason for anything
     /// not healthy. Exits 1 when anything is not healthy.
     Status(status::Args),
@@ -81,6 +86,13 @@ enum Command {
 enum ConfigAction {
     /// Parse the file (with environment variables substituted) and check its references.
     Check {
+        /// The config file.
+        #[arg(long, default_value = "sluice.toml")]
+        file: std::path::PathBuf,
+    },
+    /// Connect (as the configured users) and show what `serve` would create or change.
+    /// Changes nothing.
+    Plan {
         /// The config file.
         #[arg(long, default_value = "sluice.toml")]
         file: std::path::PathBuf,
@@ -145,7 +157,9 @@ enum TunnelAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // The demo narrates on stdout; only warnings go to the log unless SLUICE_LOG says otherwise.
+    let quiet = matches!(cli.command, Command::Demo(_));
+    init_logs(cli.log_format, if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -163,6 +177,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(sluice_core::Error::invalid),
             Command::Status(args) => status::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
             Command::Setup { action } => setup::run(action).await,
             Command::GrantRead(args) => setup::read_access(args, true).await,
             Command::RevokeRead(args) => setup::read_access(args, false).await,
@@ -272,6 +287,21 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
+            Command::Config {
+                action: ConfigAction::Plan { file },
+            } => {
+                let config = sluice_core::Config::load(&file)
+                    .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
+                let (lines, ok) = server::plan(&config).await;
+                for line in lines {
+                    println!("{line}");
+                }
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
             Command::ConfigSchema => {
                 print!("{}", sluice_core::config_schema_json());
                 Ok(ExitCode::SUCCESS)
@@ -287,10 +317,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat, default: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

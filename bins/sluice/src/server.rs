@@ -448,7 +448,7 @@ async fn ensure_table(
     }
     let schema = quote_ident(&table.schema);
     let sql = format!(
-        "create schema if not exists {schema}; {ddl}",
+        "set local client_min_messages = warning; create schema if not exists {schema}; {ddl}",
         ddl = table.ddl()
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
@@ -569,4 +569,133 @@ pub async fn consumer_lag(stream: &EmbeddedStream, entry: &ConsumerEntry) -> (u6
         }
         Err(_) => (0, 0.0),
     }
+}
+
+/// `sluice config plan`: what `serve` would create or change, found by connecting (as the
+/// configured users) and looking. Nothing is changed. Returns the lines and whether every
+/// entity can start.
+pub async fn plan(config: &Config) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for problem in config.problems() {
+        lines.push(format!("config: {problem}"));
+        ok = false;
+    }
+    for consumer in &config.consumers {
+        let name = &consumer.name;
+        let Some(target) = config.targets.iter().find(|t| t.name == consumer.target) else {
+            continue; // reported by problems()
+        };
+        let LayoutConfig::ConsumerTable { schema, table } = &consumer.layout else {
+            lines.push(format!(
+                "consumer {name}: the schema_mirror layout is not available in this version"
+            ));
+            ok = false;
+            continue;
+        };
+        let table = ConsumerTable::new(schema, table);
+        let outcome = async {
+            let (settings, _tunnels) = settings_for(&target.connection).await?;
+            let mut conn = settings.connect().await?;
+            let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+                .bind(table.qualified())
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| Error::unavailable("reading the catalog", e))?;
+            if !exists {
+                return Ok::<_, Error>(vec![format!(
+                    "would create {} (and schema {} if missing) as {}, readable by {}",
+                    table.qualified(),
+                    quote_ident(schema),
+                    settings.user,
+                    target.read_role
+                )]);
+            }
+            let v = table
+                .verify(&mut conn)
+                .await
+                .map_err(|e| Error::unavailable("verifying the table", e))?;
+            if v.findings.is_empty() {
+                Ok(vec![format!(
+                    "{} exists and is ready: no change",
+                    table.qualified()
+                )])
+            } else {
+                Ok(v.findings
+                    .iter()
+                    .map(|f| format!("{:?}: {} (fix: {})", f.severity, f.message, f.fix))
+                    .collect())
+            }
+        }
+        .await;
+        match outcome {
+            Ok(found) => {
+                for line in found {
+                    lines.push(format!("consumer {name} → target {}: {line}", target.name));
+                }
+            }
+            Err(e) => {
+                ok = false;
+                lines.push(format!("consumer {name} → target {}: {e}", target.name));
+            }
+        }
+    }
+    for sync in &config.syncs {
+        let name = &sync.name;
+        match &sync.source {
+            SourceConfig::Http {} => lines.push(format!(
+                "sync {name}: accepts pushed records at POST /v1/syncs/{name}/records"
+            )),
+            SourceConfig::Postgres {
+                connection,
+                publication,
+                slot,
+                create_missing,
+            } => {
+                let outcome = async {
+                    let (settings, _tunnels) = settings_for(connection).await?;
+                    let mut conn = settings.connect().await?;
+                    let (has_pub, has_slot): (bool, bool) = sqlx::query_as(
+                        "select exists (select 1 from pg_publication where pubname = $1),
+                                exists (select 1 from pg_replication_slots where slot_name = $2)",
+                    )
+                    .bind(publication)
+                    .bind(slot)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(|e| Error::unavailable("reading the catalog", e))?;
+                    Ok::<_, Error>((has_pub, has_slot))
+                }
+                .await;
+                match outcome {
+                    Ok((has_pub, has_slot)) => {
+                        for (what, object, exists) in [
+                            ("publication", publication, has_pub),
+                            ("slot", slot, has_slot),
+                        ] {
+                            let line = match (exists, create_missing) {
+                                (true, _) => format!("adopt the existing {what} {object}"),
+                                (false, true) => format!("would create the {what} {object}"),
+                                (false, false) => {
+                                    ok = false;
+                                    format!(
+                                        "the {what} {object} is missing and create_missing is false: run `sluice source check` for the SQL"
+                                    )
+                                }
+                            };
+                            lines.push(format!("sync {name}: {line}"));
+                        }
+                        lines.push(format!(
+                            "sync {name}: backfill every published table not yet read, then stream"
+                        ));
+                    }
+                    Err(e) => {
+                        ok = false;
+                        lines.push(format!("sync {name}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    (lines, ok)
 }

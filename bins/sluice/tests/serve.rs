@@ -129,6 +129,25 @@ fn serve(env: &Env, path: &Path) -> Child {
         .unwrap()
 }
 
+fn plan(env: &Env, path: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["config", "plan", "--file"])
+        .arg(path)
+        .env("TEST_API_TOKEN", TOKEN)
+        .env("TEST_TARGET_PASSWORD", "sync-pw")
+        .env("TEST_SOURCE_PASSWORD", env.source.superuser_password())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 fn log(env: &Env) -> String {
     std::fs::read_to_string(env.dir.path().join("serve.log")).unwrap_or_default()
 }
@@ -245,6 +264,26 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() {
     let env = env().await;
     let path = write_config(&env, "");
+    // `config plan` shows what serve would create, and changes nothing.
+    let (code, before) = plan(&env, &path);
+    assert_eq!(code, 0, "{before}");
+    assert!(
+        before.contains("would create \"sluice\".\"records\""),
+        "{before}"
+    );
+    assert!(
+        before.contains("sync app: would create the publication sluice_publication"),
+        "{before}"
+    );
+    assert!(
+        before.contains("sync events: accepts pushed records"),
+        "{before}"
+    );
+    assert_eq!(
+        plan(&env, &path).1,
+        before,
+        "planning twice: nothing was changed"
+    );
     let mut child = serve(&env, &path);
     let api = Api::new(&env);
     wait_until("the API answers", &env, 60, async || {
@@ -435,6 +474,16 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
     let status = terminate(&mut child);
     assert!(status.success(), "{status:?}\n{}", log(&env));
     assert!(log(&env).contains("stopped"), "{}", log(&env));
+    let (code, after) = plan(&env, &path);
+    assert_eq!(code, 0, "{after}");
+    assert!(
+        after.contains("\"sluice\".\"records\" exists and is ready: no change"),
+        "{after}"
+    );
+    assert!(
+        after.contains("adopt the existing slot sluice_slot"),
+        "{after}"
+    );
 }
 
 #[tokio::test]
@@ -475,4 +524,33 @@ async fn serve_without_an_api_token_says_how_to_set_one() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("SLUICE_API_TOKEN"), "{err}");
+}
+
+#[tokio::test]
+async fn the_demo_runs_to_completion_with_a_short_duration() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--duration", "1", "--rows", "3000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for needle in [
+        "backfill into sluice.records: 3000/3000 rows",
+        "arrived in the target after",
+        "\"status\": \"paid\"",
+        "2: deleted",
+        "psql 'postgres://",
+        "consumer  demo         healthy",
+    ] {
+        assert!(
+            stdout.contains(needle) || stderr.contains(needle),
+            "{needle:?} missing:\n{stdout}\n{stderr}"
+        );
+    }
+    // The generated sync password is never shown.
+    assert!(
+        stdout.contains("with login password '<the sync user password>'"),
+        "{stdout}"
+    );
 }
