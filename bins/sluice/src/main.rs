@@ -51,6 +51,16 @@ enum Command {
     /// See sluice work, with nothing to set up: two throwaway local PostgreSQL clusters, the
     /// target provisioned, a sample table backfilled and kept in sync while you watch.
     Demo(demo::Args),
+    /// Check every target and sync of the config: each tunnel hop, the connection, and a
+    /// Postgres source's replication prerequisites. Exits 1 if anything fails.
+    Check {
+        /// The config file.
+        #[arg(long, default_value = "sluice.toml")]
+        config: std::path::PathBuf,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every entity's health from a running `sluice serve`, with the reason for anything
     /// not healthy. Exits 1 when anything is not healthy.
     Status(status::Args),
@@ -177,6 +187,24 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(sluice_core::Error::invalid),
             Command::Status(args) => status::run(args).await,
+            Command::Check { config, json } => {
+                let config = sluice_core::Config::load(&config)
+                    .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
+                let reports = server::check(&config).await;
+                let ok = reports.iter().all(|(_, r)| r.is_ok());
+                if json {
+                    let value: Vec<serde_json::Value> = reports
+                        .iter()
+                        .map(|(entity, report)| serde_json::json!({"entity": entity, "report": report}))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                } else {
+                    for (entity, report) in &reports {
+                        println!("{entity}\n{}", report.render());
+                    }
+                }
+                Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            }
             Command::Demo(args) => demo::run(args).await,
             Command::Setup { action } => setup::run(action).await,
             Command::GrantRead(args) => setup::read_access(args, true).await,

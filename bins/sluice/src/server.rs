@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_consumer::{ConsumerHandle, ConsumerRuntime};
-use sluice_core::sql::{qualified, quote_ident};
+use sluice_core::sql::quote_ident;
 use sluice_core::{
     Config, ConnectionConfig, ConsumerConfig, EntityKind, EntityRef, Error, Health, HealthReport,
     LayoutConfig, RecordFilter, RecordStream, SourceConfig, Status, SyncConfig, TargetConfig,
@@ -77,16 +77,23 @@ pub struct Server {
     pub started_at: OffsetDateTime,
     /// Last version handed to a pushed record without one (nanoseconds; strictly increasing).
     push_clock: Mutex<u64>,
+    /// The reverse-tunnel endpoint, when `[agents]` is configured.
+    pub reverse: Option<sluice_tunnel::ReverseServer>,
 }
 
 impl Server {
     pub async fn open(config: &Config) -> Result<Arc<Self>, Error> {
         let stream = Arc::new(EmbeddedStream::open(&config.data_dir).await?);
+        let reverse = match &config.agents {
+            None => None,
+            Some(agents) => Some(start_agents(agents).await?),
+        };
         Ok(Arc::new(Self {
             stream,
             entities: RwLock::new(Entities::default()),
             started_at: OffsetDateTime::now_utc(),
             push_clock: Mutex::new(0),
+            reverse,
         }))
     }
 
@@ -187,7 +194,9 @@ impl Server {
                 slot,
                 create_missing,
             } => {
-                let (settings, tunnels) = match settings_for(connection).await {
+                let (settings, tunnels) = match settings_for(connection, self.reverse.as_ref())
+                    .await
+                {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(sync = %sync.name, error = %e, "cannot reach the source");
@@ -249,18 +258,16 @@ impl Server {
                 "use layout = { kind = \"consumer_table\", schema = \"sluice\", table = \"records\" }",
             ));
         };
-        let (settings, tunnels) = settings_for(&target.connection).await?;
-        let table = ConsumerTable::new(schema, table);
-        if let Err(e) = ensure_table(&settings, &table, &target.read_role).await {
-            // Not fatal: the consumer's health names the problem and it retries.
-            tracing::warn!(consumer = %consumer.name, error = %e, "cannot prepare the consumer table yet");
-        }
-        let target_impl = Arc::new(ConsumerTableTarget::new(
-            target.name.clone(),
-            settings,
-            table,
-            1,
-        ));
+        let (settings, tunnels) = settings_for(&target.connection, self.reverse.as_ref()).await?;
+        let target_impl = Arc::new(
+            ConsumerTableTarget::new(
+                target.name.clone(),
+                settings,
+                ConsumerTable::new(schema, table),
+                1,
+            )
+            .create_if_missing(&target.read_role),
+        );
         let runtime = ConsumerRuntime::new(
             consumer.name.clone(),
             filter.clone(),
@@ -377,9 +384,43 @@ pub async fn target_health(entities: &Entities, name: &str) -> HealthReport {
     }
 }
 
-/// Connection settings, through a bastion tunnel when the config names one.
+/// Starts the reverse-tunnel endpoint with the registered agents.
+async fn start_agents(
+    config: &sluice_core::AgentsConfig,
+) -> Result<sluice_tunnel::ReverseServer, Error> {
+    let problem = |e: sluice_tunnel::TunnelError| {
+        Error::configuration(
+            format!("[agents]: {e}"),
+            "check [agents] listen, host_key_file and each agent's public_key",
+        )
+    };
+    let bind: std::net::SocketAddr = config.listen.parse().map_err(|_| {
+        Error::configuration(
+            format!("[agents] listen = {:?} is not an address", config.listen),
+            "use ip:port, e.g. 0.0.0.0:7722",
+        )
+    })?;
+    let host_key = sluice_tunnel::keys::load_or_generate(&config.host_key_file).map_err(problem)?;
+    let mut agents = Vec::new();
+    for agent in &config.agents {
+        let key = sluice_tunnel::keys::parse_public(&agent.public_key).map_err(problem)?;
+        agents.push((agent.name.clone(), key));
+    }
+    let server = sluice_tunnel::ReverseServer::start(bind, host_key, agents)
+        .await
+        .map_err(problem)?;
+    tracing::info!(
+        address = %server.addr(),
+        host_key_fingerprint = %server.host_key_fingerprint(),
+        "agent endpoint listening (agents pin this fingerprint)"
+    );
+    Ok(server)
+}
+
+/// Connection settings, through a bastion tunnel or an agent when the config names one.
 async fn settings_for(
     connection: &ConnectionConfig,
+    reverse: Option<&sluice_tunnel::ReverseServer>,
 ) -> Result<(ConnectionSettings, Vec<sluice_tunnel::BastionTunnel>), Error> {
     let mut settings = ConnectionSettings::from_config(connection)?;
     match &connection.tunnel {
@@ -408,13 +449,18 @@ async fn settings_for(
             settings.port = local.port();
             Ok((settings, vec![tunnel]))
         }
-        Some(TunnelConfig::Agent { name }) => Err(Error::configuration(
-            format!(
-                "the connection to {} goes through agent {name:?}, which has not connected",
-                connection.host
-            ),
-            "start `sluice-agent run` next to the database, pointed at this server",
-        )),
+        Some(TunnelConfig::Agent { name }) => {
+            let local = reverse.and_then(|r| r.local_addr_for(name)).ok_or_else(|| {
+                Error::configuration(
+                    format!("the connection to {} goes through agent {name:?}, which is not registered", connection.host),
+                    "add it under [[agents.agent]] with the public key `sluice-agent keygen` printed",
+                )
+            })?;
+            // Connections wait at the loopback address until the agent has dialled in.
+            settings.host = local.ip().to_string();
+            settings.port = local.port();
+            Ok((settings, Vec::new()))
+        }
     }
 }
 
@@ -428,50 +474,6 @@ fn failing_settings(connection: &ConnectionConfig) -> ConnectionSettings {
     );
     s.connect_timeout = Duration::from_secs(1);
     s
-}
-
-/// Creates the consumer table (and its schema) as the sync user if it does not exist yet, and
-/// lets the read role read it. An existing table is left as it is (the target verifies it).
-async fn ensure_table(
-    settings: &ConnectionSettings,
-    table: &ConsumerTable,
-    read_role: &str,
-) -> Result<(), Error> {
-    let mut conn = settings.connect().await?;
-    let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
-        .bind(table.qualified())
-        .fetch_one(&mut conn)
-        .await
-        .map_err(|e| Error::unavailable("checking the consumer table", e))?;
-    if exists {
-        return Ok(());
-    }
-    let schema = quote_ident(&table.schema);
-    let sql = format!(
-        "set local client_min_messages = warning; create schema if not exists {schema}; {ddl}",
-        ddl = table.ddl()
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| {
-            Error::configuration(
-                format!("cannot create {}: {e}", qualified(&table.schema, &table.table)),
-                "run `sluice setup apply` (or the SQL from `sluice setup sql`) for this target first",
-            )
-        })?;
-    let grant = format!(
-        "grant usage on schema {schema} to {role}; grant select on {t} to {role}",
-        role = quote_ident(read_role),
-        t = table.qualified()
-    );
-    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(grant))
-        .execute(&mut conn)
-        .await
-    {
-        tracing::warn!(error = %e, "could not grant the read role access to the new table");
-    }
-    Ok(())
 }
 
 /// The config file's modification time, to notice edits.
@@ -594,8 +596,16 @@ pub async fn plan(config: &Config) -> (Vec<String>, bool) {
             continue;
         };
         let table = ConsumerTable::new(schema, table);
+        if let Some(TunnelConfig::Agent { name: agent }) = &target.connection.tunnel {
+            lines.push(format!(
+                "consumer {name} → target {}: through agent {agent:?}; {} is created if missing once the agent connects",
+                target.name,
+                table.qualified()
+            ));
+            continue;
+        }
         let outcome = async {
-            let (settings, _tunnels) = settings_for(&target.connection).await?;
+            let (settings, _tunnels) = settings_for(&target.connection, None).await?;
             let mut conn = settings.connect().await?;
             let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
                 .bind(table.qualified())
@@ -652,8 +662,14 @@ pub async fn plan(config: &Config) -> (Vec<String>, bool) {
                 slot,
                 create_missing,
             } => {
+                if let Some(TunnelConfig::Agent { name: agent }) = &connection.tunnel {
+                    lines.push(format!(
+                        "sync {name}: through agent {agent:?}; inspected once the agent connects"
+                    ));
+                    continue;
+                }
                 let outcome = async {
-                    let (settings, _tunnels) = settings_for(connection).await?;
+                    let (settings, _tunnels) = settings_for(connection, None).await?;
                     let mut conn = settings.connect().await?;
                     let (has_pub, has_slot): (bool, bool) = sqlx::query_as(
                         "select exists (select 1 from pg_publication where pubname = $1),
@@ -698,4 +714,117 @@ pub async fn plan(config: &Config) -> (Vec<String>, bool) {
         }
     }
     (lines, ok)
+}
+
+/// `sluice check`: every target and sync of the config, hop by hop for tunnelled connections
+/// (bastion reachable, host key, key accepted, forward allowed, database reachable), then the
+/// connection itself (and, for a Postgres source, its replication prerequisites).
+pub async fn check(config: &Config) -> Vec<(EntityRef, sluice_core::CheckReport)> {
+    let mut out = Vec::new();
+    let entities = config
+        .targets
+        .iter()
+        .map(|t| {
+            (
+                EntityRef {
+                    kind: EntityKind::Target,
+                    name: t.name.clone(),
+                },
+                &t.connection,
+                None,
+            )
+        })
+        .chain(config.syncs.iter().filter_map(|s| match &s.source {
+            SourceConfig::Postgres {
+                connection,
+                publication,
+                slot,
+                ..
+            } => Some((
+                EntityRef {
+                    kind: EntityKind::Sync,
+                    name: s.name.clone(),
+                },
+                connection,
+                Some(SourceSpec {
+                    publication: publication.clone(),
+                    slot: slot.clone(),
+                }),
+            )),
+            SourceConfig::Http {} => None,
+        }));
+    for (entity, connection, source) in entities {
+        let mut report = sluice_core::CheckReport::default();
+        match &connection.tunnel {
+            Some(TunnelConfig::Bastion {
+                host,
+                port,
+                user,
+                key_file,
+                host_key_fingerprint,
+            }) => {
+                let mut bastion = sluice_tunnel::BastionConfig::new(host, *port, user, key_file);
+                bastion.host_key_fingerprint = host_key_fingerprint.clone();
+                bastion.forward_host = connection.host.clone();
+                bastion.forward_port = connection.port;
+                for (hop, status) in sluice_tunnel::BastionTunnel::hops(&bastion).await {
+                    let name = format!("tunnel: {hop}");
+                    match status {
+                        Some(Ok(())) => report.push(&name, true, "ok", None),
+                        Some(Err(message)) => report.push(&name, false, message, None),
+                        None => report.push(&name, false, "not reached", None),
+                    }
+                }
+            }
+            Some(TunnelConfig::Agent { name }) => {
+                report.push(
+                    "tunnel: agent",
+                    true,
+                    format!("through agent {name:?}: reachable while the agent is connected to `sluice serve` (see `sluice status`)"),
+                    None,
+                );
+                out.push((entity, report));
+                continue;
+            }
+            None => {}
+        }
+        if !report.is_ok() {
+            out.push((entity, report));
+            continue;
+        }
+        let (settings, _tunnels) = match settings_for(connection, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                report.push("connect", false, e.to_string(), e.fix().map(str::to_owned));
+                out.push((entity, report));
+                continue;
+            }
+        };
+        let connection_report = match &source {
+            Some(spec) => sluice_source_pg::check(&settings, spec).await,
+            None => {
+                settings
+                    .check_with(async |conn, report| {
+                        let facts = sluice_target_pg::catalog::server_facts(conn).await?;
+                        report.push(
+                            "connect",
+                            true,
+                            format!(
+                                "connected as {} to {} (PostgreSQL {}, TLS {})",
+                                facts.current_user,
+                                facts.database,
+                                facts.version,
+                                if facts.ssl { "on" } else { "off" }
+                            ),
+                            None,
+                        );
+                        Ok(())
+                    })
+                    .await
+            }
+        };
+        report.findings.extend(connection_report.findings);
+        out.push((entity, report));
+    }
+    out
 }

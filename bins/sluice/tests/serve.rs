@@ -554,3 +554,58 @@ async fn the_demo_runs_to_completion_with_a_short_duration() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn a_target_reached_only_through_an_agent_receives_the_consumers_writes() {
+    let env = env().await;
+    let keys = env.dir.path();
+    let host_key = sluice_tunnel::keys::generate(&keys.join("host_key")).unwrap();
+    let agent_key = sluice_tunnel::keys::generate(&keys.join("agent_key")).unwrap();
+    let agent_port = free_port();
+    // The target's address is not one the server can reach; only the agent knows the way.
+    let config = config(&env, "").replace(
+        "host = \"127.0.0.1\"\nport = ",
+        "host = \"db.invalid\"\ntunnel = { kind = \"agent\", name = \"laptop\" }\nport = ",
+    ) + &format!(
+        "\n[agents]\nlisten = \"127.0.0.1:{agent_port}\"\nhost_key_file = \"{}\"\n[[agents.agent]]\nname = \"laptop\"\npublic_key = \"{}\"\n",
+        keys.join("host_key").display(),
+        agent_key.public
+    );
+    assert!(config.contains("db.invalid"), "{config}");
+    let path = env.dir.path().join("sluice.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+    assert!(
+        log(&env).contains(&host_key.fingerprint),
+        "the endpoint logs its fingerprint:\n{}",
+        log(&env)
+    );
+    let (stop_agent, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(sluice_tunnel::run_agent(
+        sluice_tunnel::AgentConfig {
+            server_host: "127.0.0.1".into(),
+            server_port: agent_port,
+            name: "laptop".into(),
+            key_file: keys.join("agent_key"),
+            server_fingerprint: Some(host_key.fingerprint.clone()),
+            db_host: "127.0.0.1".into(),
+            db_port: env.target.port(),
+        },
+        stopped,
+    ));
+    wait_until(
+        "the backfill arrives through the agent",
+        &env,
+        90,
+        async || target_count(&env, "sluice.records", "true").await == 500,
+    )
+    .await;
+    stop_agent.send_replace(true);
+    agent.await.unwrap().unwrap();
+    assert!(terminate(&mut child).success(), "{}", log(&env));
+}

@@ -31,6 +31,32 @@ pub struct Config {
     /// The HTTP API `sluice serve` offers (management, push, metrics).
     #[serde(default)]
     pub api: ApiConfig,
+    /// The endpoint `sluice-agent`s dial out to (reverse tunnels); off when absent.
+    pub agents: Option<AgentsConfig>,
+}
+
+/// The reverse-tunnel endpoint of `sluice serve`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Address agents connect to (SSH), e.g. `0.0.0.0:7722`.
+    pub listen: String,
+    /// The server's SSH host key (created, mode 0600, if missing). Agents pin its fingerprint,
+    /// which `serve` logs at start.
+    pub host_key_file: PathBuf,
+    /// The registered agents; no other key is accepted.
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentEntry>,
+}
+
+/// One registered agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    /// The agent's name (`sluice-agent run --name`), used by `tunnel = { kind = "agent", name }`.
+    pub name: String,
+    /// The agent's public key, as `sluice-agent keygen` prints it (`ssh-ed25519 AAAA…`).
+    pub public_key: String,
 }
 
 /// The HTTP API of `sluice serve`.

@@ -42,9 +42,9 @@ mod stream;
 mod target;
 
 pub use config::{
-    ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig, FilterConfig, LagThresholds,
-    LayoutConfig, SecretSource, SourceConfig, SslConfig, SslMode, SyncConfig, TargetConfig,
-    TunnelConfig, config_schema_json,
+    AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,
+    FilterConfig, LagThresholds, LayoutConfig, SecretSource, SourceConfig, SslConfig, SslMode,
+    SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
 };
 pub use consumer::{Consumer, ConsumerId};
 pub use error::{Error, ErrorClass, Result};

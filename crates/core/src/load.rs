@@ -198,6 +198,30 @@ impl Config {
                 problems.push(format!("consumer {:?}: {e}", c.name.0));
             }
         }
+        // A connection through an agent needs that agent registered under [agents].
+        let connections = self
+            .targets
+            .iter()
+            .map(|t| (format!("target {:?}", t.name), &t.connection))
+            .chain(self.syncs.iter().filter_map(|s| match &s.source {
+                crate::SourceConfig::Postgres { connection, .. } => {
+                    Some((format!("sync {:?}", s.name), connection))
+                }
+                crate::SourceConfig::Http {} => None,
+            }));
+        for (who, connection) in connections {
+            if let Some(crate::TunnelConfig::Agent { name }) = &connection.tunnel {
+                let registered = self
+                    .agents
+                    .as_ref()
+                    .is_some_and(|a| a.agents.iter().any(|a| &a.name == name));
+                if !registered {
+                    problems.push(format!(
+                        "{who} goes through agent {name:?}, which is not registered: add it under [[agents.agent]] with its public key"
+                    ));
+                }
+            }
+        }
         problems
     }
 }

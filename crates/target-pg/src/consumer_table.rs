@@ -1,7 +1,7 @@
 //! The consumer-table layout: one generic table per consumer (seed `postgres-consumer.txt`).
 
 use sluice_core::sql::{qualified, quote_ident, quote_literal};
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection};
 
 /// The table every consumer-table consumer writes: these eight columns, exactly as the
 /// reference product named them, so existing tables and views keep working.
@@ -107,6 +107,42 @@ impl ConsumerTable {
         }
         ddl.push_str(");");
         ddl
+    }
+
+    /// Creates the table, and its schema if needed, when it does not exist; then grants
+    /// `read_role` usage of the schema and SELECT on the table (a missing read role only
+    /// skips the grant). Returns whether it created the table. An existing table is untouched.
+    pub async fn create_if_missing(
+        &self,
+        conn: &mut PgConnection,
+        read_role: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+            .bind(self.qualified())
+            .fetch_one(&mut *conn)
+            .await?;
+        if exists {
+            return Ok(false);
+        }
+        let schema = quote_ident(&self.schema);
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "set local client_min_messages = warning; create schema if not exists {schema}; {}",
+            self.ddl()
+        )))
+        .execute(&mut *conn)
+        .await?;
+        let grant = format!(
+            "grant usage on schema {schema} to {role}; grant select on {t} to {role}",
+            role = quote_ident(read_role),
+            t = self.qualified()
+        );
+        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(grant))
+            .execute(&mut *conn)
+            .await
+        {
+            tracing::warn!(error = %e, table = %self.qualified(), "could not grant the read role access");
+        }
+        Ok(true)
     }
 
     /// Checks an existing table column by column, plus the primary key, the connected role's

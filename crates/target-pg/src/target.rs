@@ -40,6 +40,8 @@ pub struct ConsumerTableTarget {
     sanitized: Mutex<(u64, Option<RecordKey>)>,
     /// Consumers whose partition checkpoints were aligned by this process.
     aligned: Mutex<HashSet<ConsumerId>>,
+    /// Create the table (as the sync user) when missing, readable by this role.
+    create_for: Option<String>,
 }
 
 impl std::fmt::Debug for ConsumerTableTarget {
@@ -76,10 +78,18 @@ impl ConsumerTableTarget {
             health: Mutex::new(HealthState::new(entity)),
             sanitized: Mutex::new((0, None)),
             aligned: Mutex::new(HashSet::new()),
+            create_for: None,
             name,
             settings,
             table,
         }
+    }
+
+    /// Creates the table (and its schema) on first connection when it does not exist, as the
+    /// sync user, and lets `read_role` read it. An existing table is never altered.
+    pub fn create_if_missing(mut self, read_role: impl Into<String>) -> Self {
+        self.create_for = Some(read_role.into());
+        self
     }
 
     /// The table written.
@@ -114,6 +124,12 @@ impl ConsumerTableTarget {
         let mut guard = self.connections[slot].lock().await;
         if guard.is_none() {
             let mut conn = self.settings.connect().await?;
+            if let Some(read_role) = &self.create_for {
+                self.table
+                    .create_if_missing(&mut conn, read_role)
+                    .await
+                    .map_err(|e| write_error(&self.name, &self.table, &self.settings.user, e))?;
+            }
             prepare_connection(&mut conn, &self.sql)
                 .await
                 .map_err(|e| write_error(&self.name, &self.table, &self.settings.user, e))?;

@@ -49,6 +49,20 @@ pub fn generate(path: &Path) -> Result<GeneratedKey, TunnelError> {
     })
 }
 
+/// Loads the key at `path`, generating it first if the file does not exist (a server's host key).
+pub fn load_or_generate(path: &Path) -> Result<PrivateKey, TunnelError> {
+    if !path.exists() {
+        generate(path)?;
+    }
+    load(path)
+}
+
+/// Parses a public key line (`ssh-ed25519 AAAA… comment`).
+pub fn parse_public(line: &str) -> Result<PublicKey, TunnelError> {
+    PublicKey::from_openssh(line.trim())
+        .map_err(|e| TunnelError::Key(format!("not an OpenSSH public key ({e}): {line:?}")))
+}
+
 /// Loads a private key written by [`generate`] (or any unencrypted OpenSSH key).
 pub fn load(path: &Path) -> Result<PrivateKey, TunnelError> {
     russh::keys::load_secret_key(path, None)

@@ -1,110 +1,17 @@
 //! Bastion tunnels against a real OpenSSH server on loopback.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+#[path = "support/sshd.rs"]
+mod sshd;
 
 use sluice_localpg::{Auth, Cluster};
 use sluice_tunnel::keys::{authorized_keys_line, generate};
 use sluice_tunnel::{BastionConfig, BastionTunnel, TunnelError};
 use sqlx::{Connection, PgConnection};
-
-fn sshd_binary() -> Option<PathBuf> {
-    ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// An OpenSSH server on a free loopback port, with its own host key and authorized_keys file.
-struct Sshd {
-    child: Child,
-    port: u16,
-    host_key: PathBuf,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Sshd {
-    fn start(dir: &Path, authorized_keys: &str) -> Sshd {
-        let sshd = sshd_binary().expect("openssh-server is installed (.ci/run installs it)");
-        let _ = std::fs::create_dir_all("/run/sshd");
-        let host_key = dir.join(format!("host_key_{}", free_port()));
-        let status = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let keys = dir.join("authorized_keys");
-        std::fs::write(&keys, format!("{authorized_keys}\n")).unwrap();
-        let port = free_port();
-        let child = Command::new(sshd)
-            .args(["-D", "-e", "-f", "/dev/null"])
-            .args(["-o", &format!("ListenAddress=127.0.0.1:{port}")])
-            .args(["-o", &format!("HostKey={}", host_key.display())])
-            .args(["-o", &format!("AuthorizedKeysFile={}", keys.display())])
-            .args([
-                "-o",
-                "StrictModes=no",
-                "-o",
-                "UsePAM=no",
-                "-o",
-                "PasswordAuthentication=no",
-                "-o",
-                "PidFile=none",
-            ])
-            .args([
-                "-o",
-                "PermitRootLogin=prohibit-password",
-                "-o",
-                "AllowTcpForwarding=yes",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Sshd {
-            child,
-            port,
-            host_key,
-        }
-    }
-
-    fn fingerprint(&self) -> String {
-        let public = russh::keys::load_public_key(self.host_key.with_extension("pub")).unwrap();
-        sluice_tunnel::keys::fingerprint(&public)
-    }
-}
-
-fn whoami() -> String {
-    String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_owned()
-}
+use sshd::{Sshd, free_port, whoami};
 
 struct Setup {
     _dir: tempfile::TempDir,
