@@ -12,12 +12,14 @@ use sluice_consumer::{ConsumerHandle, ConsumerRuntime};
 use sluice_core::sql::quote_ident;
 use sluice_core::{
     Config, ConnectionConfig, ConsumerConfig, EntityKind, EntityRef, Error, Health, HealthReport,
-    LayoutConfig, RecordFilter, RecordStream, SourceConfig, Status, SyncConfig, TargetConfig,
-    TunnelConfig,
+    LayoutConfig, RecordFilter, RecordStream, SourceConfig, Status, SyncConfig, Target,
+    TargetConfig, TunnelConfig,
 };
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
 use sluice_stream::EmbeddedStream;
-use sluice_target_pg::{ConnectionSettings, ConsumerTable, ConsumerTableTarget};
+use sluice_target_pg::{
+    ConnectionSettings, ConsumerTable, ConsumerTableTarget, JsonCollection, SchemaMirrorTarget,
+};
 use time::OffsetDateTime;
 use tokio::sync::{RwLock, watch};
 
@@ -53,7 +55,7 @@ pub struct ConsumerEntry {
     pub config: ConsumerConfig,
     pub filter: RecordFilter,
     pub handle: ConsumerHandle,
-    pub target: Arc<ConsumerTableTarget>,
+    pub target: Arc<dyn Target>,
     /// The consumer's definition including its target's, to notice changes.
     fingerprint: String,
     task: Option<Task>,
@@ -159,6 +161,21 @@ impl Server {
         for name in stale {
             if let Some(entry) = entities.consumers.remove(&name) {
                 tracing::info!(consumer = %name, "stopping consumer");
+                let new_layout = wanted.get(&name).map(|w| &w.0.layout);
+                if let (
+                    LayoutConfig::SchemaMirror { schema: old, .. },
+                    Some(LayoutConfig::SchemaMirror { schema: new, .. }),
+                ) = (&entry.config.layout, new_layout)
+                    && old != new
+                {
+                    tracing::warn!(
+                        consumer = %name,
+                        "the consumer now writes schema {} (backfilled from the records stream); schema {} is left as it was and no longer updated. When nothing uses it any more: drop schema {} cascade;",
+                        quote_ident(new),
+                        quote_ident(old),
+                        quote_ident(old)
+                    );
+                }
                 if let Some(task) = entry.task {
                     task.stop().await;
                 }
@@ -249,25 +266,40 @@ impl Server {
         fingerprint: String,
     ) -> Result<ConsumerEntry, Error> {
         let filter = consumer.filter.resolve(&config.syncs)?;
-        let LayoutConfig::ConsumerTable { schema, table } = &consumer.layout else {
-            return Err(Error::configuration(
-                format!(
-                    "consumer {}: the schema_mirror layout is not available in this version",
-                    consumer.name
-                ),
-                "use layout = { kind = \"consumer_table\", schema = \"sluice\", table = \"records\" }",
-            ));
-        };
         let (settings, tunnels) = settings_for(&target.connection, self.reverse.as_ref()).await?;
-        let target_impl = Arc::new(
-            ConsumerTableTarget::new(
+        let target_impl: Arc<dyn Target> = match &consumer.layout {
+            LayoutConfig::ConsumerTable { schema, table } => Arc::new(
+                ConsumerTableTarget::new(
+                    target.name.clone(),
+                    settings,
+                    ConsumerTable::new(schema, table),
+                    1,
+                )
+                .create_if_missing(&target.read_role),
+            ),
+            LayoutConfig::SchemaMirror {
+                schema,
+                collections,
+            } => Arc::new(SchemaMirrorTarget::new(
                 target.name.clone(),
                 settings,
-                ConsumerTable::new(schema, table),
-                1,
-            )
-            .create_if_missing(&target.read_role),
-        );
+                schema.clone(),
+                target.read_role.clone(),
+                self.stream.clone(),
+                collections
+                    .iter()
+                    .map(|(id, c)| {
+                        (
+                            id.clone(),
+                            JsonCollection {
+                                table: c.table.clone(),
+                                schema: c.json_schema.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+            )),
+        };
         let runtime = ConsumerRuntime::new(
             consumer.name.clone(),
             filter.clone(),
@@ -588,12 +620,46 @@ pub async fn plan(config: &Config) -> (Vec<String>, bool) {
         let Some(target) = config.targets.iter().find(|t| t.name == consumer.target) else {
             continue; // reported by problems()
         };
-        let LayoutConfig::ConsumerTable { schema, table } = &consumer.layout else {
-            lines.push(format!(
-                "consumer {name}: the schema_mirror layout is not available in this version"
-            ));
-            ok = false;
-            continue;
+        let (schema, table) = match &consumer.layout {
+            LayoutConfig::ConsumerTable { schema, table } => (schema, table),
+            LayoutConfig::SchemaMirror { schema, .. } => {
+                let owner = async {
+                    let (settings, _tunnels) = settings_for(&target.connection, None).await?;
+                    let mut conn = settings.connect().await?;
+                    let owner: Option<String> = sqlx::query_scalar(
+                        "select pg_get_userbyid(nspowner)::text from pg_namespace where nspname = $1",
+                    )
+                    .bind(schema)
+                    .fetch_optional(&mut conn)
+                    .await
+                    .map_err(|e| Error::unavailable("reading the catalog", e))?;
+                    Ok::<_, Error>((owner, settings.user))
+                }
+                .await;
+                let line = match owner {
+                    Ok((None, user)) => format!(
+                        "would create schema {} owned by {user}, with a typed table per collection",
+                        quote_ident(schema)
+                    ),
+                    Ok((Some(owner), user)) if owner == user => format!(
+                        "schema {} exists (owned by {user}): tables are created or extended per collection",
+                        quote_ident(schema)
+                    ),
+                    Ok((Some(owner), _)) => {
+                        ok = false;
+                        format!(
+                            "schema {} belongs to {owner}; sluice only writes into schemas its sync user owns",
+                            quote_ident(schema)
+                        )
+                    }
+                    Err(e) => {
+                        ok = false;
+                        e.to_string()
+                    }
+                };
+                lines.push(format!("consumer {name} → target {}: {line}", target.name));
+                continue;
+            }
         };
         let table = ConsumerTable::new(schema, table);
         if let Some(TunnelConfig::Agent { name: agent }) = &target.connection.tunnel {

@@ -470,6 +470,41 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
     })
     .await;
 
+    // A schema-mirror consumer, then its schema renamed: the new schema is backfilled from the
+    // stream, the old one is left with the command to drop it.
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\n[[consumer]]\nname = \"mirror\"\ntarget = \"warehouse\"\nfilter = { sync = { name = \"app\" } }\nlayout = { kind = \"schema_mirror\", schema = \"app_mirror\" }\n";
+    std::fs::write(&path, &text).unwrap();
+    wait_until(
+        "the mirror is filled (file change noticed)",
+        &env,
+        60,
+        async || {
+            target_count(&env, "app_mirror.orders", "qty = 1000").await == 1
+                && target_count(&env, "app_mirror.orders", "true").await == 501
+        },
+    )
+    .await;
+    std::fs::write(&path, text.replace("\"app_mirror\"", "\"app_mirror_v2\"")).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_until("the renamed mirror is backfilled", &env, 60, async || {
+        target_count(&env, "app_mirror_v2.orders", "true").await == 501
+    })
+    .await;
+    assert_eq!(
+        target_count(&env, "app_mirror.orders", "true").await,
+        501,
+        "the old schema stays"
+    );
+    assert!(
+        log(&env).contains("drop schema \"app_mirror\" cascade"),
+        "{}",
+        log(&env)
+    );
+
     // SIGTERM: a clean stop.
     let status = terminate(&mut child);
     assert!(status.success(), "{status:?}\n{}", log(&env));

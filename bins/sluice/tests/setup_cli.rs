@@ -293,7 +293,7 @@ fn config_check_accepts_the_example_and_locates_mistakes() {
     );
     assert!(ok.status.success(), "{}", text(&ok));
     assert!(
-        text(&ok).contains("ok (1 target(s), 1 sync(s), 1 consumer(s))"),
+        text(&ok).contains("ok (1 target(s), 2 sync(s), 2 consumer(s))"),
         "{}",
         text(&ok)
     );
@@ -309,7 +309,7 @@ fn config_check_accepts_the_example_and_locates_mistakes() {
     let err = sluice(home.path(), &["config", "check"], &[]);
     assert_eq!(err.status.code(), Some(1));
     assert!(
-        text(&err).contains("sluice.toml:13:1: unknown field `databse`"),
+        text(&err).contains("sluice.toml:19:1: unknown field `databse`"),
         "{}",
         text(&err)
     );

@@ -375,7 +375,22 @@ pub enum LayoutConfig {
     SchemaMirror {
         /// The schema to create and own.
         schema: String,
+        /// Collections typed from a JSON Schema (for sources that do not describe their
+        /// tables, such as pushed records), by collection id.
+        #[serde(default)]
+        collections: std::collections::BTreeMap<String, JsonCollectionConfig>,
     },
+}
+
+/// A collection typed from its JSON Schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonCollectionConfig {
+    /// The table (default: the collection id after its last `:` or `.`).
+    pub table: Option<String>,
+    /// The records' JSON Schema: top-level `properties` become columns, the rest of each
+    /// record stays in a `payload jsonb` column.
+    pub json_schema: serde_json::Value,
 }
 
 /// When a consumer closes a batch.

@@ -43,8 +43,8 @@ mod target;
 
 pub use config::{
     AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,
-    FilterConfig, LagThresholds, LayoutConfig, SecretSource, SourceConfig, SslConfig, SslMode,
-    SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
+    FilterConfig, JsonCollectionConfig, LagThresholds, LayoutConfig, SecretSource, SourceConfig,
+    SslConfig, SslMode, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
 };
 pub use consumer::{Consumer, ConsumerId};
 pub use error::{Error, ErrorClass, Result};
@@ -58,6 +58,7 @@ pub use record::{
 pub use report::{CheckReport, Finding};
 pub use retry::Backoff;
 pub use stream::{
-    AppendOutcome, Lag, RecordFilter, RecordStream, Seq, SourceState, StreamEntry, StreamRead,
+    AppendOutcome, CollectionSchema, ColumnSchema, Lag, RecordFilter, RecordStream, Seq,
+    SourceState, StreamEntry, StreamRead,
 };
 pub use target::{Batch, Target};

@@ -115,6 +115,34 @@ pub struct AppendOutcome {
     pub head: Seq,
 }
 
+/// How a source describes one collection's shape (a table's columns and key), so layouts that
+/// mirror it (the schema mirror) can create typed tables. Stored in the stream beside the
+/// records; a source updates it when the shape changes (a column added upstream).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CollectionSchema {
+    /// Columns in upstream order.
+    pub columns: Vec<ColumnSchema>,
+    /// The key columns, in key order.
+    pub key: Vec<String>,
+}
+
+/// One column of a [`CollectionSchema`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ColumnSchema {
+    /// The column's name.
+    pub name: String,
+    /// The type as SQL for a built-in type (`numeric(30,10)`, `timestamp with time zone`,
+    /// `integer[]`); for an enum, the enum's name (with `[]` for an array of it).
+    pub sql_type: String,
+    /// The labels, in order, when the type is an enum (or an array of one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enum_labels: Option<Vec<String>>,
+    /// Set when the upstream type cannot be reproduced; `sql_type` is then the stand-in
+    /// (`text` or `jsonb`) and this names the original.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsupported: Option<String>,
+}
+
 /// A source's resume state, stored atomically with an append.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceState {
@@ -157,6 +185,21 @@ pub trait RecordStream: Send + Sync {
 
     /// The resume state last stored for `owner` by [`append_with_state`](RecordStream::append_with_state).
     async fn source_state(&self, owner: &str) -> Result<Option<serde_json::Value>>;
+
+    /// Stores (replacing) the shape of one collection of one sync.
+    async fn set_collection_schema(
+        &self,
+        sync_id: SyncId,
+        collection: &CollectionId,
+        schema: &CollectionSchema,
+    ) -> Result<()>;
+
+    /// The stored shape of one collection, if its source described it.
+    async fn collection_schema(
+        &self,
+        sync_id: SyncId,
+        collection: &CollectionId,
+    ) -> Result<Option<CollectionSchema>>;
 
     /// Writes a tombstone at `version` for every live record of one collection of one sync
     /// (a `TRUNCATE` upstream), under the version guard; returns how many were written.

@@ -199,6 +199,10 @@ impl PostgresSource {
             }
         }
 
+        for t in tables.iter().filter(|t| !t.key.is_empty()) {
+            self.describe_collection(&mut conn, t).await?;
+        }
+
         let backfill = {
             let this = self.clone();
             let types = types.clone();
@@ -319,6 +323,11 @@ impl PostgresSource {
                                 types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
                             }
                             let table = tables::describe(&mut conn, Some(rel.id), &rel.schema, &rel.name).await?;
+                            if let Some(t) = table.as_ref().filter(|t| !t.key.is_empty()) {
+                                // Before any change that uses the new shape is appended.
+                                state.flush_records().await?;
+                                self.describe_collection(&mut conn, t).await?;
+                            }
                             state.relation(rel, table);
                         }
                         Incoming::Message(message) => {
@@ -328,6 +337,28 @@ impl PostgresSource {
                 }
             }
         }
+    }
+
+    /// Stores the table's shape in the stream for layouts that mirror it (only when it changed).
+    async fn describe_collection(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+    ) -> Result<(), Error> {
+        let schema = tables::collection_schema(conn, table).await?;
+        let collection = CollectionId(table.collection());
+        let stream = &self.inner.stream;
+        if stream
+            .collection_schema(self.inner.sync_id, &collection)
+            .await?
+            .as_ref()
+            != Some(&schema)
+        {
+            stream
+                .set_collection_schema(self.inner.sync_id, &collection, &schema)
+                .await?;
+        }
+        Ok(())
     }
 
     fn notice(&self, text: String) {

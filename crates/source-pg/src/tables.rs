@@ -405,3 +405,66 @@ async fn fetch_rows(
         })
         .collect()
 }
+
+/// The table's shape for layouts that mirror it: each column's type as SQL (built-in types as
+/// `format_type` prints them, enums with their labels, domains as their base type), and the
+/// key. A type that cannot be reproduced elsewhere (a composite, a type from an extension) is
+/// described as `text`, with the original named.
+pub(crate) async fn collection_schema(
+    conn: &mut PgConnection,
+    table: &Table,
+) -> Result<sluice_core::CollectionSchema, Error> {
+    let rows = sqlx::query!(
+        r#"select a.attname::text as "name!",
+                  format_type(a.atttypid, a.atttypmod) as "formatted!",
+                  t.typtype::text as "typtype!",
+                  tn.nspname::text as "schema!",
+                  et.typtype::text as elem_typtype,
+                  etn.nspname::text as elem_schema,
+                  (select array_agg(e.enumlabel::text order by e.enumsortorder) from pg_enum e
+                    where e.enumtypid = case when t.typtype = 'e' then t.oid else et.oid end) as labels,
+                  case when t.typtype = 'd' then format_type(t.typbasetype, t.typtypmod) end as domain_base,
+                  coalesce(et.typname::text, t.typname::text) as "type_name!"
+           from pg_attribute a
+           join pg_type t on t.oid = a.atttypid
+           join pg_namespace tn on tn.oid = t.typnamespace
+           left join pg_type et on et.oid = t.typelem and t.typcategory = 'A'
+           left join pg_namespace etn on etn.oid = et.typnamespace
+           where a.attrelid = $1::int8::oid and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+           order by a.attnum"#,
+        table.oid as i64
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("describing a table's columns", e))?;
+    let builtin = |s: &str| s == "pg_catalog";
+    let columns = rows
+        .into_iter()
+        .map(|r| {
+            let (sql_type, enum_labels, unsupported) = if r.typtype == "e" {
+                (r.type_name, r.labels, None)
+            } else if r.elem_typtype.as_deref() == Some("e") {
+                (format!("{}[]", r.type_name), r.labels, None)
+            } else if r.typtype == "d" {
+                match r.domain_base {
+                    Some(base) if !base.contains('.') => (base, None, None),
+                    _ => ("text".to_owned(), None, Some(r.formatted)),
+                }
+            } else if builtin(&r.schema) && r.elem_schema.as_deref().is_none_or(builtin) {
+                (r.formatted, None, None)
+            } else {
+                ("text".to_owned(), None, Some(r.formatted))
+            };
+            sluice_core::ColumnSchema {
+                name: r.name,
+                sql_type,
+                enum_labels,
+                unsupported,
+            }
+        })
+        .collect();
+    Ok(sluice_core::CollectionSchema {
+        columns,
+        key: table.key.clone(),
+    })
+}

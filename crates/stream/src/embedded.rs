@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::{
-    AppendOutcome, Change, CollectionId, ConsumerId, Error, Lag, Provider, Record, RecordFilter,
-    RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry, StreamRead, SyncId, UpstreamId,
-    Version,
+    AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, Provider,
+    Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
+    StreamRead, SyncId, UpstreamId, Version,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -52,6 +52,12 @@ create table if not exists cursors (
 );
 create table if not exists meta (key text primary key, value integer not null);
 create table if not exists source_state (owner text primary key, value text not null);
+create table if not exists collection_schemas (
+    sync_id blob not null,
+    collection_id text not null,
+    schema text not null,
+    primary key (sync_id, collection_id)
+);
 insert or ignore into meta (key, value) values ('head', 0);
 ";
 
@@ -468,6 +474,47 @@ impl RecordStream for EmbeddedStream {
         text.map(|t| {
             serde_json::from_str(&t)
                 .map_err(|_| Error::invalid("records stream: corrupt source state"))
+        })
+        .transpose()
+    }
+
+    async fn set_collection_schema(
+        &self,
+        sync_id: SyncId,
+        collection: &CollectionId,
+        schema: &CollectionSchema,
+    ) -> Result<()> {
+        let text = serde_json::to_string(schema)
+            .map_err(|e| Error::invalid(format!("collection schema: {e}")))?;
+        sqlx::query(
+            "insert into collection_schemas (sync_id, collection_id, schema) values (?, ?, ?) \
+             on conflict (sync_id, collection_id) do update set schema = excluded.schema",
+        )
+        .bind(sync_id.0.as_bytes().as_slice())
+        .bind(collection.0.as_str())
+        .bind(text)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| storage("storing a collection schema", e))?;
+        Ok(())
+    }
+
+    async fn collection_schema(
+        &self,
+        sync_id: SyncId,
+        collection: &CollectionId,
+    ) -> Result<Option<CollectionSchema>> {
+        let text: Option<String> = sqlx::query_scalar(
+            "select schema from collection_schemas where sync_id = ? and collection_id = ?",
+        )
+        .bind(sync_id.0.as_bytes().as_slice())
+        .bind(collection.0.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| storage("reading a collection schema", e))?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|_| Error::invalid("records stream: corrupt collection schema"))
         })
         .transpose()
     }

@@ -299,7 +299,11 @@ async fn try_apply(
     Ok(outcome)
 }
 
-async fn copy(conn: &mut PgConnection, statement: &str, rows: &[u8]) -> Result<u64, sqlx::Error> {
+pub(crate) async fn copy(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: &[u8],
+) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
     copy.send(rows).await?;
     copy.finish().await
@@ -416,7 +420,7 @@ fn push_raw(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Pushes text for COPY, replacing NUL; returns whether anything was replaced.
-fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
+pub(crate) fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
     if text.contains('\0') {
         push_escaped(out, text.replace('\0', "\u{FFFD}").as_bytes());
         true

@@ -31,11 +31,13 @@ mod apply;
 pub mod catalog;
 mod consumer_table;
 mod diagnose;
+mod mirror;
 mod settings;
 mod target;
 
 pub use apply::CHECKPOINT_TABLE;
 pub use consumer_table::{COLUMNS, ConsumerTable, Finding, Severity, Verification};
 pub use diagnose::ConnectError;
+pub use mirror::{JsonCollection, SchemaMirrorTarget, default_table_name};
 pub use settings::{ConnectionSettings, SettingsError, ssl_mode_name};
 pub use target::ConsumerTableTarget;
