@@ -491,3 +491,142 @@ async fn json_schema_collections_get_typed_columns_the_seed_query_works() {
         )
     );
 }
+
+#[tokio::test]
+async fn dropped_and_retyped_columns_never_break_what_the_user_owns() {
+    let w = world().await;
+    let target = mirror(&w, "changes", BTreeMap::new());
+    let handle = consume(
+        &w,
+        "changes",
+        RecordFilter::Sync {
+            sync_id: SYNC,
+            collections: Some([sluice_core::CollectionId("public.t_text".into())].into()),
+        },
+        target.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows(&w.target, "changes", "t_text", "id").await.len() != 3 {
+        assert!(Instant::now() < deadline, "the backfill did not arrive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Views of the user's own on the mirror table.
+    w.target
+        .execute(
+            "postgres",
+            "create view public.by_c as select id, c from changes.t_text;
+             create view public.by_v as select id, v from changes.t_text;",
+        )
+        .await
+        .unwrap();
+    // A dropped column stays in the mirror (the view on it keeps working) and is no longer filled.
+    w.source
+        .execute(
+            "postgres",
+            "alter table t_text drop column c; insert into t_text values ('new', 'v', 'tee');",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while target_sql(
+        &w,
+        "postgres",
+        w.target.superuser_password(),
+        "select coalesce(c, 'null') from public.by_c where id = 'new'",
+    )
+    .await
+        != Ok(vec!["null".to_owned()])
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the row after the drop did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A retyped column that the user's view depends on: sluice stops with the view named.
+    w.source
+        .execute("postgres", "alter table t_text alter column v type int using length(v); insert into t_text values ('n2', 7, 'x');")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = handle.health().await;
+        let text = format!("{report:?}");
+        if text.contains("by_v") {
+            assert!(text.contains("changed type"), "{text}");
+            assert!(
+                !text.contains("by_c"),
+                "only the view on the column is named: {text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message naming the view: {text}\n{:?}",
+            target.health().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing the user owns was dropped.
+    let views = target_sql(
+        &w,
+        "postgres",
+        w.target.superuser_password(),
+        "select viewname::text from pg_views where schemaname = 'public' order by 1",
+    )
+    .await;
+    assert_eq!(views, Ok(vec!["by_c".to_owned(), "by_v".to_owned()]));
+    // The user drops the view. The rows already mirrored do not convert by a plain cast
+    // (the source used `using length(v)`), so sluice asks for the conversion, exactly.
+    w.target
+        .execute("postgres", "drop view public.by_v")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = handle.health().await;
+        if let Some(check) = report
+            .checks
+            .iter()
+            .find(|c| c.message.contains("do not convert by a cast"))
+        {
+            let fix = check.fix.clone().unwrap_or_default();
+            assert!(
+                fix.contains(
+                    r#"alter table "changes"."t_text" alter column "v" type integer using"#
+                ),
+                "{fix}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no conversion message: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.target
+        .execute(
+            "postgres",
+            "alter table changes.t_text alter column v type integer using length(v)",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while target_sql(
+        &w,
+        "postgres",
+        w.target.superuser_password(),
+        "select v::text from changes.t_text where id = 'n2'",
+    )
+    .await
+        != Ok(vec!["7".to_owned()])
+    {
+        assert!(
+            Instant::now() < deadline,
+            "did not resume after the view was dropped: {:?}",
+            handle.health().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

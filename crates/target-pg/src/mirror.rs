@@ -532,35 +532,58 @@ impl SchemaMirrorTarget {
                         t = column.sql_type
                     );
                     if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-                        let views: Vec<String> = sqlx::query_scalar(
-                            "select distinct v.oid::regclass::text from pg_depend d
-                             join pg_rewrite r on r.oid = d.objid join pg_class v on v.oid = r.ev_class
-                             where d.refobjid = $1::regclass and v.oid <> $1::regclass",
-                        )
-                        .bind(&table)
-                        .fetch_all(&mut *conn)
-                        .await
-                        .unwrap_or_default();
-                        let message = format!(
-                            "target {:?}: column {}.{} changed type upstream from {have} to {} and cannot be converted in place{}: {e}",
+                        let code = match &e {
+                            sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+                            _ => None,
+                        };
+                        let what = format!(
+                            "target {:?}: column {table}.{} changed type upstream from {have} to {}",
                             self.name,
-                            table,
-                            column.name,
-                            column.sql_type,
-                            if views.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" because {} depend(s) on it", views.join(", "))
-                            }
+                            q(&column.name),
+                            column.sql_type
                         );
-                        self.observe("schema changes", Status::Error, message.clone(), None);
-                        return Err(Error::configuration(
-                            message,
-                            format!(
-                                "either drop the dependent view(s) {} and let sluice convert the column (then recreate them), or rebuild the mirror into a new schema by renaming the consumer's schema; sluice never drops what it does not own",
-                                views.join(", ")
-                            ),
-                        ));
+                        let (message, fix) = if code.as_deref() == Some("0A000") {
+                            // Views (or rules) depend on the column: name them.
+                            let views: Vec<String> = sqlx::query_scalar(
+                                "select distinct v.oid::regclass::text from pg_depend d
+                                 join pg_rewrite r on r.oid = d.objid join pg_class v on v.oid = r.ev_class
+                                 where d.refobjid = $1::regclass and v.oid <> $1::regclass
+                                   and d.refobjsubid = (select attnum from pg_attribute
+                                                        where attrelid = $1::regclass and attname = $2)",
+                            )
+                            .bind(&table)
+                            .bind(&column.name)
+                            .fetch_all(&mut *conn)
+                            .await
+                            .unwrap_or_default();
+                            (
+                                format!("{what}, and view(s) {} depend on it", views.join(", ")),
+                                format!(
+                                    "sluice never drops what it does not own. Either drop the view(s) {} (sluice then converts the column and carries on; recreate them afterwards), or point the consumer at a new schema (it is backfilled from the records stream) and keep this one as it is",
+                                    views.join(", ")
+                                ),
+                            )
+                        } else {
+                            // Existing values do not convert by a plain cast (the source used
+                            // its own USING expression, which logical replication does not send).
+                            (
+                                format!(
+                                    "{what}, and the rows already mirrored do not convert by a cast: {e}"
+                                ),
+                                format!(
+                                    "convert them the way the source did, as the sync user or a superuser (sluice then carries on): alter table {table} alter column {} type {} using <the source's expression>;",
+                                    q(&column.name),
+                                    column.sql_type
+                                ),
+                            )
+                        };
+                        self.observe(
+                            "schema changes",
+                            Status::Error,
+                            message.clone(),
+                            Some(fix.clone()),
+                        );
+                        return Err(Error::configuration(message, fix));
                     }
                 }
                 Some(_) => {}
