@@ -54,6 +54,8 @@ enum BenchKind {
     Stream,
     /// Stream → consumer table end to end vs the target's apply and raw COPY (crates/consumer/benches/consumer.rs).
     Consumer,
+    /// Schema-mirror apply vs raw COPY into the same typed table (crates/target-pg/benches/mirror.rs).
+    Mirror,
     /// Postgres source → stream → consumer table vs native logical replication (crates/source-pg/benches/replication.rs).
     Replication,
 }
@@ -108,6 +110,7 @@ fn bench(which: BenchKind) -> Result {
         BenchKind::Stream => ("sluice-stream", "stream"),
         BenchKind::Consumer => ("sluice-consumer", "consumer"),
         BenchKind::Replication => ("sluice-source-pg", "replication"),
+        BenchKind::Mirror => ("sluice-target-pg", "mirror"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

@@ -55,6 +55,15 @@ pub enum Action {
         #[arg(long)]
         to: String,
     },
+    /// Empty the tables sluice owns in a schema so they are refilled from the records stream
+    /// (then restart the consumer's backfill). Your own views and tables are untouched.
+    RebuildSchema {
+        /// The sync user's connection URL.
+        #[arg(long, env = "SLUICE_TARGET_URL", hide_env_values = true)]
+        url: String,
+        /// The schema.
+        schema: String,
+    },
     /// Drop a sync schema; refused while it holds (or others depend on) objects the sync user
     /// does not own.
     DropSchema {
@@ -229,6 +238,18 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
             let renamed = rename_schema(&settings(&url)?, &read_role, &from, &to).await?;
             print!("{}", renamed.plan.script(false));
             println!("{}", renamed.message);
+            Ok(ExitCode::SUCCESS)
+        }
+        Action::RebuildSchema { url, schema } => {
+            let emptied = sluice_provisioning::rebuild_schema(&settings(&url)?, &schema).await?;
+            println!(
+                "emptied {} table(s) in {schema:?}: {}",
+                emptied.len(),
+                emptied.join(", ")
+            );
+            println!(
+                "now restart the consumer's backfill: POST /v1/consumers/<name>/restart-backfill"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Action::DropSchema { url, schema } => {

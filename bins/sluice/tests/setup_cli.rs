@@ -337,3 +337,45 @@ async fn source_check_reports_what_logical_replication_needs() {
     assert_eq!(wal["ok"], false);
     assert!(wal["fix"].as_str().unwrap().contains("wal_level = logical"));
 }
+
+#[tokio::test]
+async fn rebuild_schema_empties_only_what_sluice_owns() {
+    let pg = Cluster::start_default().unwrap();
+    pg.execute(
+        "postgres",
+        "create role sync_r login password 'pw';
+         grant connect, create on database postgres to sync_r;
+         set role sync_r;
+         create schema mirror; create table mirror.t (id int primary key); insert into mirror.t values (1), (2);
+         reset role;
+         create view mirror.mine as select id from mirror.t;
+         create table mirror.notes (n text); insert into mirror.notes values ('kept');",
+    )
+    .await
+    .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let url = pg.url_as("sync_r", Some("pw"), "postgres", None);
+    let out = sluice(
+        home.path(),
+        &["setup", "rebuild-schema", "mirror"],
+        &[("SLUICE_TARGET_URL", url.as_str())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("emptied 1 table(s) in \"mirror\": t"),
+        "{}",
+        text(&out)
+    );
+    let mut conn = pg.admin("postgres").await.unwrap();
+    let counts: (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from mirror.t), (select count(*) from mirror.mine), (select count(*) from mirror.notes)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        counts,
+        (0, 0, 1),
+        "sluice's table emptied; the user's view works and table is kept"
+    );
+}

@@ -670,6 +670,51 @@ impl SchemaMirrorTarget {
         let columns: Vec<String> = def.columns.iter().map(|c| q(&c.name)).collect();
         let key: Vec<String> = def.key.iter().map(|k| q(k)).collect();
         let fail = |what: &str, e: sqlx::Error| db(&self.name, &format!("{what} {table}"), e);
+        // With a one-column key, rows whose key is not in the table yet are copied straight in;
+        // only the others go through the staging table and the merge.
+        let mut upserts = upserts;
+        let mut fresh: Vec<&StreamEntry> = Vec::new();
+        if let [k] = def.key.as_slice()
+            && let Some(key_type) = def
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .map(|c| &c.sql_type)
+            && !upserts.is_empty()
+        {
+            let ids: Vec<&str> = upserts
+                .iter()
+                .map(|e| e.record.key.upstream_id.0.as_str())
+                .collect();
+            let existing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "select {k}::text from {table} where {k} = any($1::text[]::{key_type}[])",
+                k = q(k)
+            )))
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| fail("looking up keys in", e))?;
+            let existing: std::collections::HashSet<String> = existing.into_iter().collect();
+            (upserts, fresh) = upserts
+                .into_iter()
+                .partition(|e| existing.contains(&e.record.key.upstream_id.0));
+        }
+        if !fresh.is_empty() {
+            let mut data = Vec::with_capacity(fresh.len() * 512);
+            for e in &fresh {
+                encode_row(&mut data, def, e);
+            }
+            copy(
+                conn,
+                &format!("copy {table} ({}) from stdin", columns.join(", ")),
+                &data,
+            )
+            .await
+            .map_err(|e| fail("copying into", e))?;
+        }
+        if upserts.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
         sqlx::raw_sql(AssertSqlSafe(format!(
             "create temp table if not exists _sluice_mirror_stage (like {table}) on commit drop;
              truncate _sluice_mirror_stage;"
@@ -677,9 +722,9 @@ impl SchemaMirrorTarget {
         .execute(&mut *conn)
         .await
         .map_err(|e| fail("staging", e))?;
-        // A staging table per target table in one transaction: drop it before the next table.
+        // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            let mut data = Vec::with_capacity(upserts.len() * 128);
+            let mut data = Vec::with_capacity(upserts.len() * 512);
             for e in &upserts {
                 encode_row(&mut data, def, e);
             }
@@ -777,24 +822,34 @@ fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) {
     let Some(payload) = entry.record.change.payload() else {
         return;
     };
-    let mut rest = payload.clone();
     for (i, column) in def.columns.iter().enumerate() {
         if i > 0 {
             out.push(b'\t');
         }
-        let value = if def.json && column.name == "id" {
-            Some(Value::String(entry.record.key.upstream_id.0.clone()))
-        } else if def.json && column.name == "payload" {
-            Some(Value::Object(std::mem::take(&mut rest)))
-        } else if def.json {
-            rest.remove(&column.name)
-        } else {
-            payload.get(&column.name).cloned()
-        };
-        match value {
+        if def.json && column.name == "id" {
+            push_text(out, &entry.record.key.upstream_id.0);
+            continue;
+        }
+        if def.json && column.name == "payload" {
+            // Everything no column took.
+            let rest: serde_json::Map<String, Value> = payload
+                .iter()
+                .filter(|(k, _)| {
+                    matches!(k.as_str(), "id" | "payload")
+                        || !def.columns.iter().any(|c| &c.name == *k)
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            push_text(out, &pg_text(&Value::Object(rest), Kind::Json));
+            continue;
+        }
+        match payload.get(&column.name) {
             None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
+            Some(Value::String(s)) if column.kind != Kind::Json => {
+                push_text(out, s);
+            }
             Some(v) => {
-                push_text(out, &pg_text(&v, column.kind));
+                push_text(out, &pg_text(v, column.kind));
             }
         }
     }
@@ -804,7 +859,14 @@ fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) {
 /// A JSON value as PostgreSQL input text for a column of `kind`.
 fn pg_text(value: &Value, kind: Kind) -> String {
     match (kind, value) {
-        (Kind::Json, v) => v.to_string().replace("\\u0000", "\u{FFFD}"),
+        (Kind::Json, v) => {
+            let text = v.to_string();
+            if text.contains("\\u0000") {
+                text.replace("\\u0000", "\u{FFFD}")
+            } else {
+                text
+            }
+        }
         (Kind::Array, Value::Array(items)) => array_literal(items),
         (Kind::Bool, Value::Bool(b)) => if *b { "t" } else { "f" }.to_owned(),
         (_, Value::String(s)) => s.clone(),
