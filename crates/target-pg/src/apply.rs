@@ -419,6 +419,27 @@ fn push_raw(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// `f` over every item, one thread each (CPU-bound encoding). On a multi-threaded runtime the
+/// calling worker is marked busy, so other tasks move elsewhere meanwhile.
+pub(crate) fn map_in_parallel<I: Sync, T: Send + Default>(
+    items: &[I],
+    f: impl Fn(&I) -> T + Sync,
+) -> Vec<T> {
+    let run = || {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items.iter().map(|item| scope.spawn(|| f(item))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect::<Vec<_>>()
+        })
+    };
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+        _ => run(),
+    }
+}
+
 /// Pushes text for COPY, replacing NUL; returns whether anything was replaced.
 pub(crate) fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
     if text.contains('\0') {

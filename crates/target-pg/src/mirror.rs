@@ -26,7 +26,7 @@ use sluice_core::{
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use time::OffsetDateTime;
 
-use crate::apply::{copy, push_text};
+use crate::apply::{copy, map_in_parallel, push_text};
 use crate::settings::ConnectionSettings;
 
 /// A collection typed from a JSON Schema (for sources that do not describe their shape).
@@ -195,6 +195,8 @@ pub struct SchemaMirrorTarget {
     connection: tokio::sync::Mutex<Option<PgConnection>>,
     /// Tables as last made to match, by (sync, collection).
     applied: Mutex<HashMap<(SyncId, String), TableDef>>,
+    /// Tables whose last batch had only new keys (see `write_table`).
+    optimistic: Mutex<HashMap<String, bool>>,
     health: Mutex<HealthState>,
 }
 
@@ -254,6 +256,7 @@ impl SchemaMirrorTarget {
             json,
             connection: tokio::sync::Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
+            optimistic: Mutex::new(HashMap::new()),
         }
     }
 
@@ -670,9 +673,53 @@ impl SchemaMirrorTarget {
         let columns: Vec<String> = def.columns.iter().map(|c| q(&c.name)).collect();
         let key: Vec<String> = def.key.iter().map(|k| q(k)).collect();
         let fail = |what: &str, e: sqlx::Error| db(&self.name, &format!("{what} {table}"), e);
+        let columns_list = columns.join(", ");
+        let mut upserts = upserts;
+        // Optimistic first (the common case during a backfill): copy every upsert straight in,
+        // inside a savepoint. A key that already exists aborts that COPY; the table is then
+        // marked, and batches for it take the lookup path until one finds no existing key.
+        let optimistic = !upserts.is_empty()
+            && *self
+                .optimistic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&def.name)
+                .unwrap_or(&true);
+        if optimistic {
+            let data = encode_rows(def, &upserts);
+            sqlx::raw_sql("savepoint sluice_fresh")
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| fail("writing", e))?;
+            match copy(
+                conn,
+                &format!("copy {table} ({columns_list}) from stdin"),
+                &data,
+            )
+            .await
+            {
+                Ok(_) => {
+                    sqlx::raw_sql("release savepoint sluice_fresh")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| fail("writing", e))?;
+                    upserts.clear();
+                }
+                Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
+                    sqlx::raw_sql("rollback to savepoint sluice_fresh")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| fail("writing", e))?;
+                    self.optimistic
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(def.name.clone(), false);
+                }
+                Err(e) => return Err(fail("copying into", e)),
+            }
+        }
         // With a one-column key, rows whose key is not in the table yet are copied straight in;
         // only the others go through the staging table and the merge.
-        let mut upserts = upserts;
         let mut fresh: Vec<&StreamEntry> = Vec::new();
         if let [k] = def.key.as_slice()
             && let Some(key_type) = def
@@ -694,19 +741,22 @@ impl SchemaMirrorTarget {
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| fail("looking up keys in", e))?;
+            if existing.is_empty() {
+                self.optimistic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(def.name.clone(), true);
+            }
             let existing: std::collections::HashSet<String> = existing.into_iter().collect();
             (upserts, fresh) = upserts
                 .into_iter()
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
         }
         if !fresh.is_empty() {
-            let mut data = Vec::with_capacity(fresh.len() * 512);
-            for e in &fresh {
-                encode_row(&mut data, def, e);
-            }
+            let data = encode_rows(def, &fresh);
             copy(
                 conn,
-                &format!("copy {table} ({}) from stdin", columns.join(", ")),
+                &format!("copy {table} ({columns_list}) from stdin"),
                 &data,
             )
             .await
@@ -724,10 +774,7 @@ impl SchemaMirrorTarget {
         .map_err(|e| fail("staging", e))?;
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            let mut data = Vec::with_capacity(upserts.len() * 512);
-            for e in &upserts {
-                encode_row(&mut data, def, e);
-            }
+            let data = encode_rows(def, &upserts);
             copy(
                 conn,
                 &format!(
@@ -815,6 +862,22 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
     } else {
         vec![upstream_id.to_owned()]
     }
+}
+
+/// COPY text for `entries`; large batches are encoded on two threads.
+fn encode_rows(def: &TableDef, entries: &[&StreamEntry]) -> Vec<u8> {
+    let encode = |part: &[&StreamEntry]| {
+        let mut data = Vec::with_capacity(part.len() * 512);
+        for e in part {
+            encode_row(&mut data, def, e);
+        }
+        data
+    };
+    if entries.len() < 1000 {
+        return encode(entries);
+    }
+    let halves: Vec<&[&StreamEntry]> = entries.chunks(entries.len().div_ceil(2)).collect();
+    map_in_parallel(&halves, |part| encode(part)).concat()
 }
 
 /// One COPY text line for an upsert, in the table's column order.

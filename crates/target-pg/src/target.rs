@@ -425,25 +425,9 @@ impl ConsumerTableTarget {
         if n == 1 {
             return vec![encode_partition(&partitions[0], &written_at)];
         }
-        let encode_all = || {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = partitions
-                    .iter()
-                    .map(|entries| scope.spawn(|| encode_partition(entries, &written_at)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_default())
-                    .collect::<Vec<_>>()
-            })
-        };
-        // Tell a multi-threaded runtime this worker is busy, so other tasks move elsewhere.
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(encode_all)
-            }
-            _ => encode_all(),
-        }
+        crate::apply::map_in_parallel(&partitions, |entries| {
+            encode_partition(entries, &written_at)
+        })
     }
 }
 
