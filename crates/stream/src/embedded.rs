@@ -75,6 +75,8 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// never wait for it.
 pub struct EmbeddedStream {
     pool: SqlitePool,
+    /// The one connection that writes (appends, truncates, acknowledgements).
+    writes: SqlitePool,
     path: PathBuf,
     writer: Mutex<()>,
     head: watch::Sender<Seq>,
@@ -117,6 +119,13 @@ impl EmbeddedStream {
             .disable_statement_logging();
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
+        // Every write goes through one connection, so its page cache stays warm.
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
@@ -131,6 +140,7 @@ impl EmbeddedStream {
         let (head, _) = watch::channel(Seq(head as u64));
         Ok(Self {
             pool,
+            writes,
             path,
             writer: Mutex::new(()),
             head,
@@ -174,7 +184,7 @@ impl EmbeddedStream {
     )> {
         let writer = self.writer.lock().await;
         let mut tx = self
-            .pool
+            .writes
             .begin()
             .await
             .map_err(|e| storage(&format!("beginning {what}"), e))?;
@@ -238,6 +248,17 @@ fn insert_sql(rows: usize) -> String {
             or (excluded.version_major = records.version_major and excluded.version_minor > records.version_minor)",
     );
     sql
+}
+
+fn serialize_payloads(records: &[Record]) -> Vec<Option<String>> {
+    records
+        .iter()
+        .map(|r| {
+            r.change
+                .payload()
+                .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()))
+        })
+        .collect()
 }
 
 fn check_version(record: &Record) -> Result<()> {
@@ -334,23 +355,13 @@ impl RecordStream for EmbeddedStream {
         }
         let (_writer, mut tx, head) = self.begin_write("an append").await?;
         let appended_at = nanos(OffsetDateTime::now_utc());
-        // Everything bound below is borrowed from `records` and `payloads`: no per-record copies.
-        let payloads: Vec<Option<String>> = records
-            .iter()
-            .map(|r| {
-                r.change
-                    .payload()
-                    .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()))
-            })
-            .collect();
         let mut next = head;
         let mut appended = 0u64;
-        for (chunk, chunk_payloads) in records
-            .chunks(ROWS_PER_STATEMENT)
-            .zip(payloads.chunks(ROWS_PER_STATEMENT))
-        {
+        for chunk in records.chunks(ROWS_PER_STATEMENT) {
+            let payloads = serialize_payloads(chunk);
             let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
-            for (record, payload) in chunk.iter().zip(chunk_payloads) {
+            // Everything bound is borrowed from `records` and `payloads`: no per-record copies.
+            for (record, payload) in chunk.iter().zip(&payloads) {
                 next += 1;
                 query = query
                     .bind(next)
@@ -493,7 +504,7 @@ impl RecordStream for EmbeddedStream {
         .bind(sync_id.0.as_bytes().as_slice())
         .bind(collection.0.as_str())
         .bind(text)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await
         .map_err(|e| storage("storing a collection schema", e))?;
         Ok(())
@@ -624,7 +635,7 @@ impl RecordStream for EmbeddedStream {
         };
         let _writer = self.writer.lock().await;
         let mut tx = self
-            .pool
+            .writes
             .begin()
             .await
             .map_err(|e| storage("beginning an acknowledgement", e))?;
@@ -661,7 +672,7 @@ impl RecordStream for EmbeddedStream {
     async fn forget(&self, consumer: &ConsumerId) -> Result<()> {
         sqlx::query("delete from cursors where consumer = ?")
             .bind(&consumer.0)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await
             .map_err(|e| storage("forgetting a consumer", e))?;
         Ok(())
