@@ -161,10 +161,10 @@ async fn run() {
         "{:<40} {:>12.0} {:>16} {:>7}",
         "read (backfill from 0, 1000 per read)", read_rate, "-", "-"
     );
-    let verdict = if append_new >= 100_000.0 && append_update >= 100_000.0 {
-        "met"
-    } else {
-        "MISSED"
-    };
-    println!("\nappend goal (≥ 100,000 records/s batched): {verdict}");
+    let verdict = |rate: f64| if rate >= 100_000.0 { "met" } else { "MISSED" };
+    println!(
+        "\nappend goal (≥ 100,000 records/s batched): new records {}, updates {}",
+        verdict(append_new),
+        verdict(append_update)
+    );
 }
