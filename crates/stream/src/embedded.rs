@@ -125,11 +125,11 @@ impl EmbeddedStream {
             .connect_with(options.clone())
             .await
             .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
-        // Every write goes through one connection, so its (larger) page cache stays warm.
+        // Every write goes through one connection (32 MiB cache), so its page cache stays warm.
         let writes = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
-            .connect_with(options.pragma("cache_size", "-65536"))
+            .connect_with(options.pragma("cache_size", "-32768"))
             .await
             .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
         sqlx::raw_sql(SCHEMA)
