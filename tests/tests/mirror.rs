@@ -490,6 +490,25 @@ async fn json_schema_collections_get_typed_columns_the_seed_query_works() {
             "bigint".into()
         )
     );
+    // Another collection that would land in the same table is refused, by name.
+    stream
+        .append(vec![record(
+            "other:customer",
+            "x",
+            1,
+            json!({"email": "x"}),
+        )])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = format!("{:?}", handle.health().await);
+        if text.contains("already holds collection stripe:customer") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -418,6 +418,31 @@ impl SchemaMirrorTarget {
         if cached.as_ref() == Some(&def) {
             return Ok(def);
         }
+        // One table holds one collection of one sync.
+        let clash = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|((s, c), d)| d.name == def.name && (*s != sync_id || c != collection))
+            .map(|((s, c), _)| (*s, c.clone()));
+        if let Some((other_sync, other)) = clash {
+            let problem = format!(
+                "target {:?}: collection {collection} would be written into {}, which already holds collection {other}{}",
+                self.name,
+                qualified(&self.schema, &def.name),
+                if other_sync != sync_id {
+                    " of another sync"
+                } else {
+                    ""
+                }
+            );
+            self.observe("tables", Status::Error, problem.clone(), None);
+            return Err(Error::configuration(
+                problem,
+                "a schema mirror holds one sync: filter the consumer by one sync, and give colliding collections their own table (collections.\"<id>\".table) or their own consumer",
+            ));
+        }
         let _ = payload_keys;
         self.reconcile_table(conn, &def).await?;
         for notice in &def.notices {
