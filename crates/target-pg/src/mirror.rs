@@ -387,7 +387,6 @@ impl SchemaMirrorTarget {
         conn: &mut PgConnection,
         sync_id: SyncId,
         collection: &str,
-        payload_keys: &[&str],
     ) -> Result<TableDef, Error> {
         let cached = self
             .applied
@@ -443,7 +442,6 @@ impl SchemaMirrorTarget {
                 "a schema mirror holds one sync: filter the consumer by one sync, and give colliding collections their own table (collections.\"<id>\".table) or their own consumer",
             ));
         }
-        let _ = payload_keys;
         self.reconcile_table(conn, &def).await?;
         for notice in &def.notices {
             self.observe(
@@ -639,8 +637,7 @@ impl SchemaMirrorTarget {
         }
         let mut defs = Vec::new();
         for ((sync_id, collection), entries) in &groups {
-            let keys: Vec<&str> = Vec::new();
-            let def = self.table_for(conn, *sync_id, collection, &keys).await?;
+            let def = self.table_for(conn, *sync_id, collection).await?;
             let mut newest: HashMap<&str, &StreamEntry> = HashMap::new();
             for e in entries {
                 let id = e.record.key.upstream_id.0.as_str();
