@@ -392,7 +392,7 @@ struct Txn {
 /// The state of one streaming session.
 struct Streaming<'a> {
     source: &'a PostgresSource,
-    relations: HashMap<u32, (Relation, Option<Table>)>,
+    relations: HashMap<u32, (Arc<Relation>, Option<Arc<Table>>)>,
     tables: HashMap<u32, Table>,
     pending: Vec<Record>,
     pending_since: Option<Instant>,
@@ -411,7 +411,8 @@ impl Streaming<'_> {
         if let Some(t) = &table {
             self.tables.insert(rel.id, t.clone());
         }
-        self.relations.insert(rel.id, (rel, table));
+        self.relations
+            .insert(rel.id, (Arc::new(rel), table.map(Arc::new)));
     }
 
     /// Appends what is pending, then confirms the last complete transaction to the server.
@@ -617,19 +618,19 @@ impl Streaming<'_> {
                 if !unchanged.is_empty() {
                     self.fill_unchanged(&key, &table, &unchanged, &mut payload, types, conn)
                         .await?;
+                    // Filled values were added last: restore the relation's column order.
+                    payload = rel
+                        .columns
+                        .iter()
+                        .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
+                        .collect();
                 }
-                // Keep the relation's column order.
-                let ordered: Payload = rel
-                    .columns
-                    .iter()
-                    .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
-                    .collect();
                 self.push(Record {
                     key,
                     provider: Provider::Postgres,
                     version,
                     upstream_updated_at: at,
-                    change: Change::Upsert { payload: ordered },
+                    change: Change::Upsert { payload },
                 });
             }
         }

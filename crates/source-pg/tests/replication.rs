@@ -285,10 +285,36 @@ async fn a_backfill_racing_with_updates_ends_equal_to_the_source() {
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     let want = source_rows(&s.db, "public.items").await;
-    wait_until("the stream equals the source", 120, async || {
-        stream_rows(&live(&s.stream, "public.items").await) == want
-    })
-    .await;
+    // Generous: the whole suite runs in parallel on two cores.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let have = stream_rows(&live(&s.stream, "public.items").await);
+        if have == want {
+            break;
+        }
+        if Instant::now() > deadline {
+            let mut diff = Vec::new();
+            for (id, row) in &want {
+                if have.get(id) != Some(row) {
+                    let entry = get(&s.stream, "public.items", id).await;
+                    diff.push(format!(
+                        "{id}: source {row:?}, stream {:?} at {:?}",
+                        have.get(id),
+                        entry.map(|e| e.record.version)
+                    ));
+                }
+            }
+            let extra: Vec<&String> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+            panic!(
+                "the stream differs from the source: {} rows differ, {} extra; first: {:?}; extra: {:?}",
+                diff.len(),
+                extra.len(),
+                &diff[..diff.len().min(5)],
+                &extra[..extra.len().min(5)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let progress = running.source.progress();
     assert!(progress.done, "{progress:?}");
     // Rows deleted before the backfill reached them are never read.
