@@ -37,6 +37,12 @@ pub(crate) enum Message {
     Begin {
         final_lsn: Lsn,
         commit_time: OffsetDateTime,
+        xid: u32,
+    },
+    /// A logical decoding message (`pg_logical_emit_message`); sluice's backfill watermarks.
+    Logical {
+        lsn: Lsn,
+        prefix: String,
     },
     Commit {
         end_lsn: Lsn,
@@ -75,10 +81,11 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Message, Error> {
         b'B' => {
             let final_lsn = Lsn(r.i64()? as u64);
             let commit_time = pg_time(r.i64()?);
-            let _xid = r.i32()?;
+            let xid = r.i32()? as u32;
             Message::Begin {
                 final_lsn,
                 commit_time,
+                xid,
             }
         }
         b'C' => {
@@ -154,7 +161,13 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Message, Error> {
             }
             Message::Truncate { relations }
         }
-        b'O' | b'Y' | b'M' => Message::Ignored,
+        b'M' => {
+            let _transactional = r.u8()?;
+            let lsn = Lsn(r.i64()? as u64);
+            let prefix = r.cstr()?;
+            Message::Logical { lsn, prefix }
+        }
+        b'O' | b'Y' => Message::Ignored,
         other => {
             return Err(Error::invalid(format!(
                 "pgoutput: unknown message {:?}",
@@ -222,6 +235,7 @@ mod tests {
             Message::Begin {
                 final_lsn: Lsn(0x1_0000_0010),
                 commit_time: time::macros::datetime!(2000-01-01 0:00 UTC),
+                xid: 7,
             }
         );
 

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::pgoutput::{self, Message, Relation, Value};
-use crate::tables::{self, Backfill, BackfillProgress, Table};
+use crate::tables::{self, Backfill, BackfillProgress, Table, Watermarks};
 use crate::values::TypeMap;
 use crate::wire::{Lsn, Replication, ReplicationConnection, SILENCE_LIMIT, StatusWriter};
 use crate::{SourceSpec, ensure_publication_and_slot};
@@ -69,6 +69,8 @@ struct Inner {
     health: Mutex<HealthState>,
     /// Changes appended by the change stream (the backfill counts in `progress`).
     streamed: std::sync::atomic::AtomicU64,
+    /// Shared by the backfill and the change stream (see `tables::Watermarks`).
+    watermarks: Watermarks,
 }
 
 #[derive(Default)]
@@ -116,6 +118,7 @@ impl PostgresSource {
                 progress: Mutex::new(BackfillProgress::default()),
                 health: Mutex::new(health),
                 streamed: std::sync::atomic::AtomicU64::new(0),
+                watermarks: Watermarks::default(),
             }),
         }
     }
@@ -203,29 +206,43 @@ impl PostgresSource {
             self.describe_collection(&mut conn, t).await?;
         }
 
+        // Logical decoding messages reach pgoutput from PostgreSQL 14: the backfill's
+        // watermarks need them.
+        let messages = sluice_target_pg::catalog::server_facts(&mut conn)
+            .await
+            .map_err(db)?
+            .major_version()
+            >= 14;
+        // Log changes from before streaming starts: a change the first page cannot see may
+        // arrive before it is read.
+        inner.watermarks.set_active(messages);
         let backfill = {
             let this = self.clone();
             let types = types.clone();
             let tables = tables.clone();
             tokio::spawn(async move {
                 let mut conn = connect(&this.inner.settings).await?;
-                Backfill {
+                let watermarks = &this.inner.watermarks;
+                let result = Backfill {
                     sync_id: this.inner.sync_id,
                     stream: &this.inner.stream,
                     types: &types,
                     page: this.inner.options.backfill_page,
                     owner: format!("{}/backfill", this.inner.sync_id.0),
                     progress: &this.inner.progress,
+                    watermarks: messages.then_some(watermarks),
                 }
                 .run(&mut conn, &tables)
-                .await
+                .await;
+                watermarks.set_active(false);
+                result
             })
         };
         let _abort_backfill = AbortOnDrop(backfill.abort_handle());
         let mut backfill = Some(backfill);
 
         let mut repl = ReplicationConnection::connect(&inner.settings).await?;
-        repl.start_replication(&inner.spec.slot, &inner.spec.publication, Lsn(0))
+        repl.start_replication(&inner.spec.slot, &inner.spec.publication, Lsn(0), messages)
             .await?;
         let (mut reader, mut writer) = repl.split();
         let (tx, mut rx) = mpsc::channel::<Result<Incoming, Error>>(4096);
@@ -306,6 +323,7 @@ impl PostgresSource {
                     };
                     match item? {
                         Incoming::Keepalive { end, reply } => {
+                            inner.watermarks.passed(end);
                             if state.txn.is_none() && state.pending.is_empty() {
                                 state.committed = Some(state.committed.map_or(end, |c| c.max(end)));
                             }
@@ -386,6 +404,7 @@ impl Drop for AbortOnDrop {
 struct Txn {
     final_lsn: Lsn,
     commit_time: OffsetDateTime,
+    xid: u32,
     index: u64,
 }
 
@@ -429,6 +448,13 @@ impl Streaming<'_> {
     }
 
     fn push(&mut self, record: Record) {
+        if let Some(txn) = &self.txn {
+            self.source.inner.watermarks.record(
+                txn.xid,
+                &record.key.collection_id.0,
+                &record.key.upstream_id.0,
+            );
+        }
         if self.pending.is_empty() {
             self.pending_since = Some(Instant::now());
         }
@@ -447,15 +473,21 @@ impl Streaming<'_> {
             Message::Begin {
                 final_lsn,
                 commit_time,
+                xid,
             } => {
                 self.txn = Some(Txn {
                     final_lsn,
                     commit_time,
+                    xid,
                     index: 0,
                 });
             }
+            Message::Logical { lsn, .. } => {
+                self.source.inner.watermarks.passed(lsn);
+            }
             Message::Commit { end_lsn } => {
                 self.txn = None;
+                self.source.inner.watermarks.passed(end_lsn);
                 self.committed = Some(end_lsn);
                 self.source
                     .status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
@@ -481,6 +513,12 @@ impl Streaming<'_> {
                     };
                     let collection = CollectionId(format!("{}.{}", rel.schema, rel.name));
                     let (version, at) = self.next_version()?;
+                    if let Some(txn) = &self.txn {
+                        self.source
+                            .inner
+                            .watermarks
+                            .record(txn.xid, &collection.0, "*");
+                    }
                     let n = self
                         .source
                         .inner
@@ -695,10 +733,11 @@ impl Streaming<'_> {
 
 async fn connect(settings: &ConnectionSettings) -> Result<PgConnection, Error> {
     let mut conn = settings.connect().await?;
-    // The same text forms pgoutput uses, whatever the role's defaults are.
+    // The same text forms pgoutput uses, whatever the role's defaults are. This session only
+    // reads and writes markers (watermarks, heartbeats): they need not wait for standbys.
     sqlx::raw_sql(
         "set timezone = 'UTC'; set datestyle = 'ISO'; set intervalstyle = 'postgres'; \
-         set extra_float_digits = 3; set bytea_output = 'hex'",
+         set extra_float_digits = 3; set bytea_output = 'hex'; set synchronous_commit = local",
     )
     .execute(&mut conn)
     .await

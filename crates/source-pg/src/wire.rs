@@ -215,12 +215,14 @@ impl ReplicationConnection {
         slot: &str,
         publication: &str,
         from: Lsn,
+        messages: bool,
     ) -> Result<(), Error> {
         let publication = sluice_core::sql::quote_ident(publication);
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {}{})",
             sluice_core::sql::quote_ident(slot),
             sluice_core::sql::quote_literal(&publication),
+            if messages { ", messages 'true'" } else { "" },
         );
         let mut body = Vec::new();
         cstr(&mut body, &sql);

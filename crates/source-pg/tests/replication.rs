@@ -799,3 +799,103 @@ async fn the_replication_connection_follows_sslmode_like_every_other_connection(
         .unwrap_err();
     assert!(err.contains("requires TLS"), "{err}");
 }
+
+/// A transaction whose commit record is in the WAL (so the change stream sees it) but which is
+/// not yet visible to other sessions (it waits for a synchronous standby that never answers)
+/// while the backfill reads its row: the stream's newer state must win over the page.
+#[tokio::test]
+async fn a_change_committed_but_not_yet_visible_during_a_page_still_wins() {
+    let pg = Cluster::options().logical_replication().start().unwrap();
+    let limit = Duration::from_secs(20);
+    let sql = async |statement: &str| {
+        let mut conn = pg.admin("postgres").await.unwrap();
+        tokio::time::timeout(
+            limit,
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned())).execute(&mut conn),
+        )
+        .await
+        .expect("no hang")
+        .unwrap();
+    };
+    sql("create table public.items (id bigint primary key, n int not null, body text not null)")
+        .await;
+    sql("insert into public.items select i, 0, 'b' from generate_series(1, 50) i").await;
+    sql("create publication p for all tables").await;
+    sql("select pg_create_logical_replication_slot('s', 'pgoutput')").await;
+    // From now on a commit waits for a standby that does not exist (unless it is local).
+    sql("alter system set synchronous_standby_names = 'ghost'").await;
+    sql("select pg_reload_conf()").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admin = pg.admin("postgres").await.unwrap();
+    sqlx::raw_sql("set synchronous_commit = local")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // The hanging commit: written to the WAL, invisible until its wait is cancelled.
+    let mut writer = pg.admin("postgres").await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut writer)
+        .await
+        .unwrap();
+    let hanging = tokio::spawn(async move {
+        sqlx::raw_sql("update public.items set n = 999 where id = 5")
+            .execute(&mut writer)
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "select exists (select 1 from pg_stat_activity where pid = $1 and wait_event = 'SyncRep')",
+        )
+        .bind(pid)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the update never waited for the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut settings = ConnectionSettings::from_url(&pg.url("postgres")).unwrap();
+    settings.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    let running = start_with(
+        settings,
+        SourceSpec {
+            publication: "p".into(),
+            slot: "s".into(),
+        },
+        stream.clone(),
+        options(),
+    );
+    // The backfill reads row 5 as it was (n = 0): the update is not visible to it.
+    wait_until("the backfill is complete", 30, async || {
+        running.source.progress().done
+    })
+    .await;
+    let row = get(&stream, "public.items", "5").await.unwrap();
+    assert_eq!(
+        row.record.change.payload().unwrap()["n"],
+        999,
+        "the page must not overwrite the change the stream already holds: {row:?}"
+    );
+    // Let the transaction finish; source and stream agree.
+    sqlx::query("select pg_cancel_backend($1)")
+        .bind(pid)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = hanging.await;
+    let n: i32 = sqlx::query_scalar("select n from public.items where id = 5")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(n, 999);
+    assert_eq!(live(&stream, "public.items").await.len(), 50);
+    running.stop().await;
+}
