@@ -120,14 +120,8 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         .await
         .map_err(|e| Error::invalid(format!("cannot listen for the API: {e}")))?;
     let app = crate::api::router(server.clone(), token, config.api.max_body_bytes);
-    let (stop_api, mut api_stopped) = watch::channel(false);
-    let api = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stopped.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let (stop_api, api_stopped) = watch::channel(false);
+    let api = crate::server::spawn_api(listener, app, api_stopped);
 
     let mut conn = target.admin("postgres").await.map_err(local)?;
     let count = async |conn: &mut sqlx::PgConnection, cond: &str| -> i64 {

@@ -449,6 +449,37 @@ async fn start_agents(
     Ok(server)
 }
 
+/// The tunnel to `connection`'s database through the configured bastion.
+fn bastion_config(
+    connection: &ConnectionConfig,
+    host: &str,
+    port: u16,
+    user: &str,
+    key_file: &Path,
+    host_key_fingerprint: &Option<String>,
+) -> sluice_tunnel::BastionConfig {
+    let mut bastion = sluice_tunnel::BastionConfig::new(host, port, user, key_file);
+    bastion.host_key_fingerprint = host_key_fingerprint.clone();
+    bastion.forward_host = connection.host.clone();
+    bastion.forward_port = connection.port;
+    bastion
+}
+
+/// Serves the API until `stopped` turns true (graceful: requests in flight finish).
+pub fn spawn_api(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    })
+}
+
 /// Connection settings, through a bastion tunnel or an agent when the config names one.
 async fn settings_for(
     connection: &ConnectionConfig,
@@ -464,10 +495,14 @@ async fn settings_for(
             key_file,
             host_key_fingerprint,
         }) => {
-            let mut bastion = sluice_tunnel::BastionConfig::new(host, *port, user, key_file);
-            bastion.host_key_fingerprint = host_key_fingerprint.clone();
-            bastion.forward_host = connection.host.clone();
-            bastion.forward_port = connection.port;
+            let bastion = bastion_config(
+                connection,
+                host,
+                *port,
+                user,
+                key_file,
+                host_key_fingerprint,
+            );
             let tunnel = sluice_tunnel::BastionTunnel::open(bastion)
                 .await
                 .map_err(|e| {
@@ -540,14 +575,8 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
     );
     server.reconcile(&config).await;
     let app = crate::api::router(server.clone(), token, config.api.max_body_bytes);
-    let (stop_api, mut api_stopped) = watch::channel(false);
-    let api = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stopped.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let (stop_api, api_stopped) = watch::channel(false);
+    let api = spawn_api(listener, app, api_stopped);
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -829,10 +858,14 @@ pub async fn check(config: &Config) -> Vec<(EntityRef, sluice_core::CheckReport)
                 key_file,
                 host_key_fingerprint,
             }) => {
-                let mut bastion = sluice_tunnel::BastionConfig::new(host, *port, user, key_file);
-                bastion.host_key_fingerprint = host_key_fingerprint.clone();
-                bastion.forward_host = connection.host.clone();
-                bastion.forward_port = connection.port;
+                let bastion = bastion_config(
+                    connection,
+                    host,
+                    *port,
+                    user,
+                    key_file,
+                    host_key_fingerprint,
+                );
                 for (hop, status) in sluice_tunnel::BastionTunnel::hops(&bastion).await {
                     let name = format!("tunnel: {hop}");
                     match status {
