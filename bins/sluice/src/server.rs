@@ -450,19 +450,23 @@ async fn start_agents(
 }
 
 /// The tunnel to `connection`'s database through the configured bastion.
-fn bastion_config(
-    connection: &ConnectionConfig,
-    host: &str,
-    port: u16,
-    user: &str,
-    key_file: &Path,
-    host_key_fingerprint: &Option<String>,
-) -> sluice_tunnel::BastionConfig {
-    let mut bastion = sluice_tunnel::BastionConfig::new(host, port, user, key_file);
+/// `None` when the connection names no bastion.
+fn bastion_config(connection: &ConnectionConfig) -> Option<sluice_tunnel::BastionConfig> {
+    let Some(TunnelConfig::Bastion {
+        host,
+        port,
+        user,
+        key_file,
+        host_key_fingerprint,
+    }) = &connection.tunnel
+    else {
+        return None;
+    };
+    let mut bastion = sluice_tunnel::BastionConfig::new(host, *port, user, key_file);
     bastion.host_key_fingerprint = host_key_fingerprint.clone();
     bastion.forward_host = connection.host.clone();
     bastion.forward_port = connection.port;
-    bastion
+    Some(bastion)
 }
 
 /// Serves the API until `stopped` turns true (graceful: requests in flight finish).
@@ -488,21 +492,8 @@ async fn settings_for(
     let mut settings = ConnectionSettings::from_config(connection)?;
     match &connection.tunnel {
         None => Ok((settings, Vec::new())),
-        Some(TunnelConfig::Bastion {
-            host,
-            port,
-            user,
-            key_file,
-            host_key_fingerprint,
-        }) => {
-            let bastion = bastion_config(
-                connection,
-                host,
-                *port,
-                user,
-                key_file,
-                host_key_fingerprint,
-            );
+        Some(TunnelConfig::Bastion { .. }) => {
+            let bastion = bastion_config(connection).expect("a bastion tunnel");
             let tunnel = sluice_tunnel::BastionTunnel::open(bastion)
                 .await
                 .map_err(|e| {
@@ -851,21 +842,8 @@ pub async fn check(config: &Config) -> Vec<(EntityRef, sluice_core::CheckReport)
     for (entity, connection, source) in entities {
         let mut report = sluice_core::CheckReport::default();
         match &connection.tunnel {
-            Some(TunnelConfig::Bastion {
-                host,
-                port,
-                user,
-                key_file,
-                host_key_fingerprint,
-            }) => {
-                let bastion = bastion_config(
-                    connection,
-                    host,
-                    *port,
-                    user,
-                    key_file,
-                    host_key_fingerprint,
-                );
+            Some(TunnelConfig::Bastion { .. }) => {
+                let bastion = bastion_config(connection).expect("a bastion tunnel");
                 for (hop, status) in sluice_tunnel::BastionTunnel::hops(&bastion).await {
                     let name = format!("tunnel: {hop}");
                     match status {

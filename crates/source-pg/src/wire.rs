@@ -114,9 +114,10 @@ impl ReplicationConnection {
             cstr(&mut body, v);
         }
         body.push(0);
+        // The startup message is the one message without a type byte.
         let mut frame = ((body.len() + 4) as i32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
-        self.write_raw(&frame).await?;
+        write_frame(&mut self.io, &frame).await?;
         self.authenticate(settings).await?;
         loop {
             let m = self.read().await?;
@@ -246,24 +247,26 @@ impl ReplicationConnection {
     }
 
     async fn send(&mut self, kind: u8, body: &[u8]) -> Result<(), Error> {
-        let mut frame = Vec::with_capacity(body.len() + 5);
-        frame.push(kind);
-        frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        frame.extend_from_slice(body);
-        self.write_raw(&frame).await
-    }
-
-    async fn write_raw(&mut self, frame: &[u8]) -> Result<(), Error> {
-        self.io
-            .write_all(frame)
-            .await
-            .map_err(|e| lost("writing", e))?;
-        self.io.flush().await.map_err(|e| lost("writing", e))
+        write_frame(&mut self.io, &frame(kind, body)).await
     }
 
     async fn read(&mut self) -> Result<Message, Error> {
         read_message(&mut self.io).await
     }
+}
+
+/// A frontend message: its type byte, its length, its body.
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(body.len() + 5);
+    frame.push(kind);
+    frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
+async fn write_frame(io: &mut (impl AsyncWrite + Unpin), frame: &[u8]) -> Result<(), Error> {
+    io.write_all(frame).await.map_err(|e| lost("writing", e))?;
+    io.flush().await.map_err(|e| lost("writing", e))
 }
 
 async fn read_message(io: &mut (impl AsyncRead + Unpin)) -> Result<Message, Error> {
@@ -343,15 +346,7 @@ impl StatusWriter {
         }
         body.extend_from_slice(&((now as i64) - PG_EPOCH_OFFSET_MICROS).to_be_bytes());
         body.push(0);
-        let mut frame = Vec::with_capacity(body.len() + 5);
-        frame.push(b'd');
-        frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        frame.extend_from_slice(&body);
-        self.io
-            .write_all(&frame)
-            .await
-            .map_err(|e| lost("writing", e))?;
-        self.io.flush().await.map_err(|e| lost("writing", e))
+        write_frame(&mut self.io, &frame(b'd', &body)).await
     }
 }
 

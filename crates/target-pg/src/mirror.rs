@@ -695,7 +695,7 @@ impl SchemaMirrorTarget {
         let columns: Vec<String> = def.columns.iter().map(|c| q(&c.name)).collect();
         let key: Vec<String> = def.key.iter().map(|k| q(k)).collect();
         let fail = |what: &str, e: sqlx::Error| db(&self.name, &format!("{what} {table}"), e);
-        let columns_list = columns.join(", ");
+        let copy_in = format!("copy {table} ({}) from stdin", columns.join(", "));
         let mut upserts = upserts;
         // Optimistic first (the common case during a backfill): copy every upsert straight in,
         // inside a savepoint. A key that already exists aborts that COPY; the table is then
@@ -713,13 +713,7 @@ impl SchemaMirrorTarget {
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| fail("writing", e))?;
-            match copy(
-                conn,
-                &format!("copy {table} ({columns_list}) from stdin"),
-                &data,
-            )
-            .await
-            {
+            match copy(conn, &copy_in, &data).await {
                 Ok(_) => {
                     sqlx::raw_sql("release savepoint sluice_fresh")
                         .execute(&mut *conn)
@@ -776,13 +770,9 @@ impl SchemaMirrorTarget {
         }
         if !fresh.is_empty() {
             let data = encode_rows(def, &fresh);
-            copy(
-                conn,
-                &format!("copy {table} ({columns_list}) from stdin"),
-                &data,
-            )
-            .await
-            .map_err(|e| fail("copying into", e))?;
+            copy(conn, &copy_in, &data)
+                .await
+                .map_err(|e| fail("copying into", e))?;
         }
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
