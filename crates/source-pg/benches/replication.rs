@@ -163,6 +163,113 @@ async fn steady(setup: &Setup, table: &str, from: usize, n: usize, rate: usize) 
     }
 }
 
+/// CPU seconds used so far by this process, and by each cluster (the postmaster, its live
+/// children, and the children it has reaped), from `/proc`.
+#[derive(Clone, Copy)]
+struct Cpu {
+    sluice: f64,
+    source: f64,
+    target: f64,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            sluice: self.sluice - o.sluice,
+            source: self.source - o.source,
+            target: self.target - o.target,
+        }
+    }
+}
+
+/// `(ppid, utime + stime, cutime + cstime)` in clock ticks, from `/proc/<pid>/stat`.
+fn proc_times(pid: &str) -> Option<(u32, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields start after its closing parenthesis.
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some((n(1)? as u32, n(11)? + n(12)?, n(13)? + n(14)?))
+}
+
+const TICKS_PER_SECOND: f64 = 100.0;
+
+fn cluster_cpu(cluster: &Cluster) -> f64 {
+    let Some(postmaster) = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+    else {
+        return f64::NAN;
+    };
+    let mut ticks = proc_times(&postmaster.to_string()).map_or(0, |(_, own, reaped)| own + reaped);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some((_, own, _)) = proc_times(pid).filter(|(ppid, ..)| *ppid == postmaster) {
+            ticks += own;
+        }
+    }
+    ticks as f64 / TICKS_PER_SECOND
+}
+
+fn cpu(setup: &Setup) -> Cpu {
+    Cpu {
+        sluice: proc_times("self").map_or(f64::NAN, |(_, own, _)| own as f64 / TICKS_PER_SECOND),
+        source: cluster_cpu(&setup.source),
+        target: cluster_cpu(&setup.target),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The fastest any design could land `n` rows in the consumer table here: the source's
+/// decoding (`decoding` CPU seconds, measured on the native path) plus the target's CPU for a
+/// bare `COPY` of the rows sluice wrote (copied out of its table, into an empty copy of it),
+/// with both spread perfectly over every core. Returns (rows/s, the COPY's CPU seconds).
+async fn ceiling(setup: &Setup, n: usize, decoding: f64) -> (f64, f64) {
+    use futures_util::TryStreamExt;
+    let mut conn = setup.target_conn().await;
+    sqlx::raw_sql(
+        "drop table if exists copy_floor; create table copy_floor (like public.sluice_items including all)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let rows: Vec<u8> = conn
+        .copy_out_raw("copy public.sluice_items to stdout")
+        .await
+        .unwrap()
+        .try_fold(Vec::new(), |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        })
+        .await
+        .unwrap();
+    let before = cpu(setup);
+    let mut copy = conn
+        .copy_in_raw("copy copy_floor from stdin")
+        .await
+        .unwrap();
+    copy.send(rows).await.unwrap();
+    copy.finish().await.unwrap();
+    let copy_cpu = (cpu(setup) - before).target;
+    sqlx::raw_sql("drop table copy_floor")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    (
+        n as f64 / ((decoding + copy_cpu) / cores() as f64),
+        copy_cpu,
+    )
+}
+
 fn reset_peak_memory() {
     std::fs::write("/proc/self/clear_refs", "5").ok();
 }
@@ -237,6 +344,8 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
 async fn run() {
     let n = env_usize("SLUICE_BENCH_ROWS", 200_000);
     let rate = env_usize("SLUICE_BENCH_RATE", 5_000);
+    // `a` for the one-transaction case only (for profiling); both by default.
+    let cases = std::env::var("SLUICE_BENCH_CASES").unwrap_or_else(|_| "ab".into());
     let tuned = |o: sluice_localpg::ClusterOptions| {
         o.setting("shared_buffers", "'512MB'")
             .setting("max_wal_size", "'4GB'")
@@ -311,11 +420,15 @@ async fn run() {
 
     // (a) one big transaction.
     let committed = one_transaction(&setup, "native_items", 1, n).await;
+    let before = cpu(&setup);
     let native_a = n as f64
         / (wait_for(&mut target, "native_items", n, n as i64 + 1).await - committed).as_secs_f64();
+    let native_cpu = cpu(&setup) - before;
     reset_peak_memory();
     let head = sluice.stream.head().await.unwrap().0;
+    let memory_reads = sluice.stream.reads_from_memory();
     let committed = one_transaction(&setup, "sluice_items", 1, n).await;
+    let before = cpu(&setup);
     let in_stream = {
         let stream = sluice.stream.clone();
         tokio::spawn(async move {
@@ -328,8 +441,42 @@ async fn run() {
     let sluice_a = n as f64
         / (wait_for(&mut target, "public.sluice_items", n, n as i64 + 1).await - committed)
             .as_secs_f64();
+    let sluice_cpu = cpu(&setup) - before;
+    let memory_reads = sluice.stream.reads_from_memory() - memory_reads;
     let stream_a = n as f64 / (in_stream.await.unwrap() - committed).as_secs_f64();
     let memory_a = peak_memory_mb();
+    println!(
+        "CPU seconds in (a) after the commit:      sluice process  source server  target server  total"
+    );
+    for (who, c) in [("native", native_cpu), ("sluice", sluice_cpu)] {
+        println!(
+            "    {who:<38} {:>14.2} {:>14.2} {:>14.2} {:>6.2}",
+            c.sluice,
+            c.source,
+            c.target,
+            c.sluice + c.source + c.target
+        );
+    }
+    let (ceiling, copy_cpu) = ceiling(&setup, n, native_cpu.source).await;
+    println!(
+        "ceiling on this machine for any design that lands these rows in the consumer table: the source's\n\
+         decoding (as native pays it, {:.2}s) plus a bare COPY of the same rows into a copy of the table\n\
+         ({copy_cpu:.2}s), spread perfectly over {} cores: {ceiling:.0} rows/s = {:.2}x native",
+        native_cpu.source,
+        cores(),
+        ceiling / native_a
+    );
+    if !cases.contains('b') {
+        println!(
+            "\n(a) {n} rows in one transaction: sluice {sluice_a:.0}/s, native {native_a:.0}/s, {:.2}x; source → stream {stream_a:.0}/s; peak {memory_a:.0} MB; {memory_reads} stream reads from memory",
+            sluice_a / native_a
+        );
+        sluice.stop.send_replace(true);
+        for t in sluice.tasks {
+            t.await.ok();
+        }
+        return;
+    }
 
     // (b) single-row transactions at a steady rate.
     let from = n + 1;

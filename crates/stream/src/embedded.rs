@@ -4,8 +4,10 @@
 //! workspace's offline data is generated against PostgreSQL, and these statements are
 //! exercised by this crate's tests instead.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +23,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqlitePool};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
+
+use crate::tail::{Tail, TailLimits, Text};
 
 /// The stream's file name inside the data directory.
 pub const FILE_NAME: &str = "stream.sqlite3";
@@ -80,6 +84,11 @@ pub struct EmbeddedStream {
     path: PathBuf,
     writer: Mutex<()>,
     head: watch::Sender<Seq>,
+    /// The newest entries, for readers right behind the writers. Writers hold it across their
+    /// commit, and readers while they compare it with the file's head, so the two always agree.
+    tail: Mutex<Tail>,
+    /// Reads answered from the tail (see [`EmbeddedStream::reads_from_memory`]).
+    tail_reads: std::sync::atomic::AtomicU64,
 }
 
 /// How often a waiting reader checks for appends made by another process.
@@ -140,14 +149,22 @@ impl EmbeddedStream {
             .fetch_one(&pool)
             .await
             .map_err(|e| storage("reading the head", e))?;
-        let (head, _) = watch::channel(Seq(head as u64));
+        let head = Seq(head as u64);
         Ok(Self {
             pool,
             writes,
             path,
             writer: Mutex::new(()),
-            head,
+            head: watch::channel(head).0,
+            tail: Mutex::new(Tail::new(head, TailLimits::default())),
+            tail_reads: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many reads were answered from the newest entries kept in memory rather than from
+    /// the file (a consumer that keeps up with its sources reads only from memory).
+    pub fn reads_from_memory(&self) -> u64 {
+        self.tail_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The SQLite file.
@@ -198,31 +215,47 @@ impl EmbeddedStream {
         Ok((writer, tx, head))
     }
 
-    /// Ends a write: moves the head to `next`, commits, and wakes readers.
+    /// Ends a write that began at `from`: moves the head to `next`, commits, updates the
+    /// tail and wakes readers. `landed` holds the entries of seqs `from + 1 ..= next` (with their
+    /// payload's JSON text) when every one of them is in the file as given; `None` empties
+    /// the tail instead.
     async fn finish_write(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        from: i64,
         next: i64,
         what: &str,
+        landed: Option<Vec<(Record, Option<Text>)>>,
     ) -> Result<Seq> {
         sqlx::query("update meta set value = ? where key = 'head'")
             .bind(next)
             .execute(&mut *tx)
             .await
             .map_err(|e| storage("moving the head", e))?;
+        let mut tail = self.tail.lock().await;
         tx.commit()
             .await
             .map_err(|e| storage(&format!("committing {what}"), e))?;
         let head = Seq(next as u64);
+        match landed {
+            Some(entries) if tail.end() == Seq(from as u64) => tail.extend(entries),
+            _ => tail.reset(head),
+        }
+        drop(tail);
         self.head.send_replace(head);
         Ok(head)
     }
 
     async fn data_version(&self) -> Option<i64> {
+        self.head_in_file().await.ok()
+    }
+
+    /// The head as the file says now (another process may have moved it).
+    async fn head_in_file(&self) -> Result<i64> {
         sqlx::query_scalar("select value from meta where key = 'head'")
             .fetch_one(&self.pool)
             .await
-            .ok()
+            .map_err(|e| storage("reading the head", e))
     }
 }
 
@@ -253,15 +286,35 @@ fn insert_sql(rows: usize) -> String {
     sql
 }
 
-fn serialize_payloads(records: &[Record]) -> Vec<Option<String>> {
-    records
+/// Every payload of an append as JSON, in one buffer (one allocation, not one per record):
+/// record `i`'s text is `texts[ranges[i]]`, `None` for a tombstone.
+fn serialize_payloads(records: &[Record]) -> (Arc<String>, Vec<Option<Range<usize>>>) {
+    let mut buffer = Vec::with_capacity(records.len() * 256);
+    let ranges = records
         .iter()
         .map(|r| {
-            r.change
-                .payload()
-                .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()))
+            r.change.payload().map(|p| {
+                let start = buffer.len();
+                if serde_json::to_writer(&mut buffer, p).is_err() {
+                    buffer.truncate(start);
+                    buffer.extend_from_slice(b"{}");
+                }
+                start..buffer.len()
+            })
         })
-        .collect()
+        .collect();
+    // serde_json writes UTF-8 only.
+    let texts = String::from_utf8(buffer)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    (Arc::new(texts), ranges)
+}
+
+/// The record as a read from the file returns it: its time at nanosecond precision in UTC.
+fn as_stored(mut record: Record) -> Record {
+    record.upstream_updated_at =
+        OffsetDateTime::from_unix_timestamp_nanos(nanos(record.upstream_updated_at) as i128)
+            .unwrap_or(record.upstream_updated_at);
+    record
 }
 
 fn check_version(record: &Record) -> Result<()> {
@@ -360,11 +413,15 @@ impl RecordStream for EmbeddedStream {
         let appended_at = nanos(OffsetDateTime::now_utc());
         let mut next = head;
         let mut appended = 0u64;
-        for chunk in records.chunks(ROWS_PER_STATEMENT) {
-            let payloads = serialize_payloads(chunk);
+        let (texts, ranges) = serialize_payloads(&records);
+        for (chunk, ranges) in records
+            .chunks(ROWS_PER_STATEMENT)
+            .zip(ranges.chunks(ROWS_PER_STATEMENT))
+        {
             let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
-            // Everything bound is borrowed from `records` and `payloads`: no per-record copies.
-            for (record, payload) in chunk.iter().zip(&payloads) {
+            // Everything bound is borrowed from `records` and `texts`: no per-record copies.
+            for (record, range) in chunk.iter().zip(ranges) {
+                let payload = range.clone().map(|r| &texts[r]);
                 next += 1;
                 query = query
                     .bind(next)
@@ -376,7 +433,7 @@ impl RecordStream for EmbeddedStream {
                     .bind(record.version.minor as i64)
                     .bind(nanos(record.upstream_updated_at))
                     .bind(record.is_tombstone())
-                    .bind(payload.as_deref())
+                    .bind(payload)
                     .bind(appended_at);
             }
             appended += query
@@ -396,15 +453,40 @@ impl RecordStream for EmbeddedStream {
             .await
             .map_err(|e| storage("storing source state", e))?;
         }
-        let head = self.finish_write(tx, next, "an append").await?;
+        let total = records.len();
+        // A record skipped as stale is not in the file, and which one was skipped is not known
+        // here: the tail then starts over.
+        let landed = (appended as usize == total).then(|| {
+            records
+                .into_iter()
+                .map(as_stored)
+                .zip(ranges.into_iter().map(|r| r.map(|r| (texts.clone(), r))))
+                .collect::<Vec<_>>()
+        });
+        let head = self
+            .finish_write(tx, head, next, "an append", landed)
+            .await?;
         Ok(AppendOutcome {
             appended: appended as usize,
-            skipped_stale: records.len() - appended as usize,
+            skipped_stale: total - appended as usize,
             head,
         })
     }
 
     async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead> {
+        {
+            let tail = self.tail.lock().await;
+            let head = Seq(self.head_in_file().await? as u64);
+            if let Some(entries) = tail.read(filter, after, limit, head) {
+                let through = match entries.last() {
+                    Some(last) if entries.len() >= limit => last.seq,
+                    _ => head.max(after),
+                };
+                self.tail_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(StreamRead { entries, through });
+            }
+        }
         let mut tx = self
             .pool
             .begin()
@@ -573,17 +655,13 @@ impl RecordStream for EmbeddedStream {
         .await
         .map_err(|e| storage("tombstoning a collection", e))?
         .rows_affected();
-        self.finish_write(tx, head + done as i64, "a truncate")
+        self.finish_write(tx, head, head + done as i64, "a truncate", None)
             .await?;
         Ok(done)
     }
 
     async fn head(&self) -> Result<Seq> {
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
-        Ok(Seq(head as u64))
+        Ok(Seq(self.head_in_file().await? as u64))
     }
 
     async fn wait_past(&self, seq: Seq) {
@@ -656,20 +734,24 @@ impl RecordStream for EmbeddedStream {
         .await
         .map_err(|e| storage("storing a cursor", e))?;
         // Purge tombstones that no registered consumer whose filter matches them still needs.
-        sqlx::query(
+        let purged: Vec<i64> = sqlx::query_scalar(
             "delete from records where deleted = 1 and seq <= ? and not exists (
                  select 1 from cursors c where records.seq > c.seq
                    and (c.provider is null or c.provider = records.provider)
                    and (c.sync_id is null or c.sync_id = records.sync_id)
-                   and (c.collections is null or records.collection_id in (select value from json_each(c.collections))))",
+                   and (c.collections is null or records.collection_id in (select value from json_each(c.collections))))
+             returning seq",
         )
         .bind(through.0 as i64)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(|e| storage("purging tombstones", e))?;
+        let mut tail = self.tail.lock().await;
         tx.commit()
             .await
-            .map_err(|e| storage("committing an acknowledgement", e))
+            .map_err(|e| storage("committing an acknowledgement", e))?;
+        tail.remove(purged.into_iter().map(|s| s as u64));
+        Ok(())
     }
 
     async fn forget(&self, consumer: &ConsumerId) -> Result<()> {

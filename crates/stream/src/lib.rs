@@ -27,6 +27,7 @@
 //! ```
 
 mod embedded;
+mod tail;
 
 pub use embedded::{EmbeddedStream, FILE_NAME};
 pub use sluice_core::RecordStream;

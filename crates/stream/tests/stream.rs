@@ -480,3 +480,100 @@ async fn source_state_commits_with_its_append_and_survives_reopening() {
         Some(json!({"after": "1"}))
     );
 }
+
+/// Reads answered from the newest entries kept in memory must equal reads of the file, through
+/// updates, stale versions, duplicate keys in one batch, tombstones and their purging,
+/// truncates, and appends by a second writer on the same file that the first never sees.
+#[tokio::test]
+async fn reads_from_memory_equal_reads_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    // Another writer on the same file, and a reader that never writes: its reads always come
+    // from the file.
+    let other = EmbeddedStream::open(dir.path()).await.unwrap();
+    let file = EmbeddedStream::open(dir.path()).await.unwrap();
+    let consumer = ConsumerId::from("c");
+    let filters = [
+        all(),
+        RecordFilter::Provider(Provider::Http),
+        RecordFilter::Sync {
+            sync_id: SYNC_A,
+            collections: Some(BTreeSet::from([CollectionId("public.items".into())])),
+        },
+    ];
+    // A small deterministic generator: the same sequence on every run.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut version = 100u64;
+    let mut acked = Seq::START;
+    for round in 0..300 {
+        let batch: Vec<Record> = (0..1 + next(40))
+            .map(|_| {
+                version += 1;
+                let sync = if next(4) == 0 { SYNC_B } else { SYNC_A };
+                let collection = if next(2) == 0 {
+                    "public.orders"
+                } else {
+                    "public.items"
+                };
+                let id = next(60).to_string();
+                // Now and then an old version, skipped as stale when the key is newer.
+                let v = if next(10) == 0 { version - 50 } else { version };
+                let change = if next(5) == 0 {
+                    Change::Delete
+                } else {
+                    Change::upsert(json!({"id": id, "v": v, "text": "é\u{1F600}"})).unwrap()
+                };
+                record(sync, collection, &id, v, change)
+            })
+            .collect();
+        match next(20) {
+            0 => {
+                other.append(batch).await.unwrap();
+            }
+            1 => {
+                version += 1;
+                stream
+                    .tombstone_collection(
+                        SYNC_A,
+                        &CollectionId("public.orders".into()),
+                        Version::new(version, 0),
+                        OffsetDateTime::now_utc(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                stream.append(batch).await.unwrap();
+            }
+        }
+        let head = stream.head().await.unwrap();
+        if next(3) == 0 {
+            acked = Seq(acked.0 + next(head.0 - acked.0 + 1));
+            stream.acknowledge(&consumer, &all(), acked).await.unwrap();
+        }
+        for filter in &filters {
+            for after in [acked, Seq(head.0.saturating_sub(next(80))), head] {
+                let limit = 1 + next(50) as usize;
+                let from_stream = stream.read(filter, after, limit).await.unwrap();
+                let from_file = file.read(filter, after, limit).await.unwrap();
+                assert_eq!(
+                    from_stream.entries, from_file.entries,
+                    "round {round}: {filter:?} after {after} limit {limit}"
+                );
+                assert_eq!(from_stream.through, from_file.through, "round {round}");
+            }
+        }
+    }
+    assert_eq!(file.reads_from_memory(), 0);
+    assert!(
+        stream.reads_from_memory() > 500,
+        "most reads should come from memory: {}",
+        stream.reads_from_memory()
+    );
+}

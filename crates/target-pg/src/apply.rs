@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_core::sql::qualified;
 use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
@@ -200,6 +201,9 @@ pub(crate) struct PartitionWrite<'a> {
     pub partition: usize,
     pub encoded: &'a Encoded,
     pub through: Seq,
+    /// Whether this partition's last batch found none of its keys in the table: this one is
+    /// then copied straight in first (see [`copy_if_all_new`]). Updated by the apply.
+    pub all_new: &'a AtomicBool,
 }
 
 /// Applies one partition's rows and moves its checkpoint to `through`, in one transaction.
@@ -232,6 +236,7 @@ async fn try_apply(
         partition,
         encoded,
         through,
+        all_new,
     } = *write;
     let mut outcome = PartitionOutcome::default();
     let mut tx = conn.begin().await?;
@@ -246,7 +251,17 @@ async fn try_apply(
         return Ok(outcome);
     }
 
-    if !encoded.lines.is_empty() {
+    let mut copied = false;
+    if direct_inserts && !encoded.lines.is_empty() && all_new.load(Ordering::Relaxed) {
+        match copy_if_all_new(&mut tx, &sql.copy_direct, &encoded.rows).await? {
+            Some(n) => {
+                outcome.upserted += n;
+                copied = true;
+            }
+            None => all_new.store(false, Ordering::Relaxed),
+        }
+    }
+    if !encoded.lines.is_empty() && !copied {
         let existing: HashSet<Uuid> = if direct_inserts {
             let ids: Vec<Uuid> = encoded.lines.iter().map(|(id, _)| *id).collect();
             sqlx::query_scalar(AssertSqlSafe(sql.existing.clone()))
@@ -258,6 +273,9 @@ async fn try_apply(
         } else {
             encoded.lines.iter().map(|(id, _)| *id).collect()
         };
+        if direct_inserts {
+            all_new.store(existing.is_empty(), Ordering::Relaxed);
+        }
         if existing.is_empty() {
             outcome.upserted += copy(&mut tx, &sql.copy_direct, &encoded.rows).await?;
         } else {
@@ -307,6 +325,34 @@ pub(crate) async fn copy(
     let mut copy = conn.copy_in_raw(statement).await?;
     copy.send(rows).await?;
     copy.finish().await
+}
+
+/// Copies `rows` in on the assumption that none of their keys exists yet (the common case
+/// while a table fills): inside a savepoint, so a key that does exist undoes only this COPY.
+/// `Ok(None)` then, and nothing was written. Must run inside a transaction.
+pub(crate) async fn copy_if_all_new(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: &[u8],
+) -> Result<Option<u64>, sqlx::Error> {
+    sqlx::raw_sql("savepoint sluice_fresh")
+        .execute(&mut *conn)
+        .await?;
+    match copy(conn, statement, rows).await {
+        Ok(n) => {
+            sqlx::raw_sql("release savepoint sluice_fresh")
+                .execute(&mut *conn)
+                .await?;
+            Ok(Some(n))
+        }
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
+            sqlx::raw_sql("rollback to savepoint sluice_fresh")
+                .execute(&mut *conn)
+                .await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Keeps the newest version of each key (ties broken by stream position) and splits the

@@ -26,7 +26,7 @@ use sluice_core::{
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use time::OffsetDateTime;
 
-use crate::apply::{copy, map_in_parallel, push_text};
+use crate::apply::{copy, copy_if_all_new, map_in_parallel, push_text};
 use crate::settings::ConnectionSettings;
 
 /// A collection typed from a JSON Schema (for sources that do not describe their shape).
@@ -709,23 +709,9 @@ impl SchemaMirrorTarget {
                 .unwrap_or(&true);
         if optimistic {
             let data = encode_rows(def, &upserts);
-            sqlx::raw_sql("savepoint sluice_fresh")
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| fail("writing", e))?;
-            match copy(conn, &copy_in, &data).await {
-                Ok(_) => {
-                    sqlx::raw_sql("release savepoint sluice_fresh")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|e| fail("writing", e))?;
-                    upserts.clear();
-                }
-                Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
-                    sqlx::raw_sql("rollback to savepoint sluice_fresh")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|e| fail("writing", e))?;
+            match copy_if_all_new(conn, &copy_in, &data).await {
+                Ok(Some(_)) => upserts.clear(),
+                Ok(None) => {
                     self.optimistic
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -36,6 +37,8 @@ pub struct ConsumerTableTarget {
     table_key: String,
     sql: Statements,
     connections: Vec<tokio::sync::Mutex<Option<PgConnection>>>,
+    /// Per partition: its last batch found none of its keys in the table.
+    all_new: Vec<AtomicBool>,
     health: Mutex<HealthState>,
     sanitized: Mutex<(u64, Option<RecordKey>)>,
     /// Consumers whose partition checkpoints were aligned by this process.
@@ -74,6 +77,9 @@ impl ConsumerTableTarget {
             sql: Statements::new(&table),
             connections: (0..parallelism.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            all_new: (0..parallelism.max(1))
+                .map(|_| AtomicBool::new(true))
                 .collect(),
             health: Mutex::new(HealthState::new(entity)),
             sanitized: Mutex::new((0, None)),
@@ -376,6 +382,7 @@ impl Target for ConsumerTableTarget {
                 partition: p,
                 encoded,
                 through: batch.through,
+                all_new: &self.all_new[p],
             };
             self.with_connection(p, async move |conn| {
                 apply_partition(conn, &self.sql, &write).await

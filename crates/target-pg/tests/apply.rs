@@ -39,6 +39,8 @@ async fn a_batch_writes_upserts_deletes_and_the_checkpoint_together() {
         7,
         vec![delete(4, "b", 2), upsert(5, "c", 2, json!({"n": 33}))],
     );
+    // The first batch found no existing key, so this one is first copied straight in: "c"
+    // exists, that COPY is undone, and the key lookup path writes the batch.
     target.apply(&consumer(), &second).await.unwrap();
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(7));
     assert_eq!(
@@ -46,6 +48,23 @@ async fn a_batch_writes_upserts_deletes_and_the_checkpoint_together() {
         vec![
             ("a".into(), json!({"n": 1})),
             ("c".into(), json!({"n": 33}))
+        ]
+    );
+    // After a batch that met existing keys: looked up first, then copied.
+    let third = batch_to(
+        9,
+        vec![
+            upsert(8, "d", 1, json!({"n": 4})),
+            upsert(9, "a", 2, json!({"n": 11})),
+        ],
+    );
+    target.apply(&consumer(), &third).await.unwrap();
+    assert_eq!(
+        rows(&PG, &p).await,
+        vec![
+            ("a".into(), json!({"n": 11})),
+            ("c".into(), json!({"n": 33})),
+            ("d".into(), json!({"n": 4}))
         ]
     );
 }
