@@ -44,8 +44,10 @@ create table if not exists records (
     appended_at_ns integer not null,
     unique (sync_id, collection_id, upstream_id)
 );
-create index if not exists records_by_provider on records (provider, seq);
-create index if not exists records_by_sync on records (sync_id, seq);
+-- Reads by provider or sync scan by seq from the reader's position: an index per filter cost
+-- every append two more b-tree inserts (dropped from files made before).
+drop index if exists records_by_provider;
+drop index if exists records_by_sync;
 create index if not exists tombstones on records (seq) where deleted = 1;
 create table if not exists cursors (
     consumer text primary key,
@@ -367,17 +369,19 @@ fn decode(row: &SqliteRow) -> Result<StreamEntry> {
     })
 }
 
-/// The `and …` clause for a filter, with its parameters appended by [`bind_filter`].
+/// The `and …` clause for a filter, with its parameters appended by [`bind_filter`]. The unary
+/// `+` keeps SQLite from answering by the key index (every record of a sync, then sorted):
+/// reads walk the table by seq from the reader's position, which stops at the limit.
 fn filter_sql(filter: &RecordFilter) -> &'static str {
     match filter {
-        RecordFilter::Provider(_) => " and provider = ?",
+        RecordFilter::Provider(_) => " and +provider = ?",
         RecordFilter::Sync {
             collections: None, ..
-        } => " and sync_id = ?",
+        } => " and +sync_id = ?",
         RecordFilter::Sync {
             collections: Some(_),
             ..
-        } => " and sync_id = ? and collection_id in (select value from json_each(?))",
+        } => " and +sync_id = ? and +collection_id in (select value from json_each(?))",
     }
 }
 
@@ -761,5 +765,62 @@ impl RecordStream for EmbeddedStream {
             .await
             .map_err(|e| storage("forgetting a consumer", e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Every filtered read walks the table by seq: never every record of a sync by the key
+    /// index followed by a sort.
+    #[tokio::test]
+    async fn filtered_reads_walk_by_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+        let sync_id = SyncId(Uuid::from_u128(1));
+        let filters = [
+            RecordFilter::Provider(Provider::Postgres),
+            RecordFilter::Sync {
+                sync_id,
+                collections: None,
+            },
+            RecordFilter::Sync {
+                sync_id,
+                collections: Some(BTreeSet::from([CollectionId("public.t".into())])),
+            },
+        ];
+        for filter in &filters {
+            for sql in [
+                format!(
+                    "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
+                    filter_sql(filter)
+                ),
+                format!(
+                    "select count(*) from (select 1 from records where seq > ?{} limit ?)",
+                    filter_sql(filter)
+                ),
+            ] {
+                let query = bind_filter(
+                    sqlx::query(AssertSqlSafe(format!("explain query plan {sql}"))).bind(0i64),
+                    filter,
+                )
+                .bind(10i64);
+                let plan: Vec<String> = query
+                    .fetch_all(&stream.pool)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<String, _>(3))
+                    .collect();
+                assert!(
+                    plan.iter()
+                        .any(|p| p.contains("INTEGER PRIMARY KEY (rowid>?)"))
+                        && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+                    "{sql}: {plan:?}"
+                );
+            }
+        }
     }
 }
