@@ -190,21 +190,8 @@ impl PostgresSource {
         }
         let mut types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
         let mut tables = Vec::new();
-        for (schema, name) in tables::published(&mut conn, &inner.spec.publication).await? {
-            if let Some(t) = tables::describe(&mut conn, None, &schema, &name).await? {
-                if t.key.is_empty() {
-                    self.notice(format!(
-                        "{} has no primary key or replica identity index: its rows cannot be identified and are skipped (add a primary key)",
-                        t.collection()
-                    ));
-                }
-                tables.push(t);
-            }
-        }
-
-        for t in tables.iter().filter(|t| !t.key.is_empty()) {
-            self.describe_collection(&mut conn, t).await?;
-        }
+        self.add_published(&mut conn, &mut tables, &mut types)
+            .await?;
 
         // Logical decoding messages reach pgoutput from PostgreSQL 14: the backfill's
         // watermarks need them.
@@ -213,33 +200,7 @@ impl PostgresSource {
             .map_err(db)?
             .major_version()
             >= 14;
-        // Log changes from before streaming starts: a change the first page cannot see may
-        // arrive before it is read.
-        inner.watermarks.set_active(messages);
-        let backfill = {
-            let this = self.clone();
-            let types = types.clone();
-            let tables = tables.clone();
-            tokio::spawn(async move {
-                let mut conn = connect(&this.inner.settings).await?;
-                let watermarks = &this.inner.watermarks;
-                let result = Backfill {
-                    sync_id: this.inner.sync_id,
-                    stream: &this.inner.stream,
-                    types: &types,
-                    page: this.inner.options.backfill_page,
-                    owner: format!("{}/backfill", this.inner.sync_id.0),
-                    progress: &this.inner.progress,
-                    watermarks: messages.then_some(watermarks),
-                }
-                .run(&mut conn, &tables)
-                .await;
-                watermarks.set_active(false);
-                result
-            })
-        };
-        let _abort_backfill = AbortOnDrop(backfill.abort_handle());
-        let mut backfill = Some(backfill);
+        let mut backfill = Some(self.spawn_backfill(types.clone(), tables.clone(), messages));
 
         let mut repl = ReplicationConnection::connect(&inner.settings).await?;
         repl.start_replication(&inner.spec.slot, &inner.spec.publication, Lsn(0), messages)
@@ -281,7 +242,7 @@ impl PostgresSource {
         let mut state = Streaming {
             source: self,
             relations: HashMap::new(),
-            tables: tables.into_iter().map(|t| (t.oid, t)).collect(),
+            tables: tables.iter().map(|t| (t.oid, t.clone())).collect(),
             pending: Vec::new(),
             pending_since: None,
             txn: None,
@@ -299,7 +260,7 @@ impl PostgresSource {
                     state.flush(&mut writer).await?;
                     return Ok(());
                 }
-                finished = async { backfill.as_mut().expect("guarded").await }, if backfill.is_some() => {
+                finished = async { (&mut backfill.as_mut().expect("guarded").0).await }, if backfill.is_some() => {
                     backfill = None;
                     match finished {
                         Ok(Ok(())) => tracing::info!(sync = %inner.name, "backfill complete"),
@@ -312,6 +273,16 @@ impl PostgresSource {
                     writer.send_status(state.confirmed).await?;
                     if state.heartbeat_at.is_none() {
                         state.heartbeat_at = emit_heartbeat(&mut conn).await;
+                    }
+                    // A table added to the publication since: its rows are read now, beside
+                    // the changes already streaming for it (one backfill at a time).
+                    if backfill.is_none()
+                        && self.add_published(&mut conn, &mut tables, &mut types).await?
+                    {
+                        for t in &tables {
+                            state.tables.entry(t.oid).or_insert_with(|| t.clone());
+                        }
+                        backfill = Some(self.spawn_backfill(types.clone(), tables.clone(), messages));
                     }
                 }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
@@ -357,6 +328,69 @@ impl PostgresSource {
         }
     }
 
+    /// Adds the publication's tables missing from `tables`, described, with their shapes
+    /// stored for layouts that mirror them (reloading `types` when a column's type is new).
+    /// Returns whether any was added.
+    async fn add_published(
+        &self,
+        conn: &mut PgConnection,
+        tables: &mut Vec<Table>,
+        types: &mut Arc<TypeMap>,
+    ) -> Result<bool, Error> {
+        let mut added = false;
+        for (schema, name) in tables::published(conn, &self.inner.spec.publication).await? {
+            if tables.iter().any(|t| t.schema == schema && t.name == name) {
+                continue;
+            }
+            let Some(t) = tables::describe(conn, None, &schema, &name).await? else {
+                continue;
+            };
+            if t.key.is_empty() {
+                self.notice(format!(
+                    "{} has no primary key or replica identity index: its rows cannot be identified and are skipped (add a primary key)",
+                    t.collection()
+                ));
+            } else {
+                if t.columns.iter().any(|c| types.get(c.type_oid).is_none()) {
+                    *types = Arc::new(TypeMap::load(conn).await.map_err(db)?);
+                }
+                self.describe_collection(conn, &t).await?;
+            }
+            if !tables.is_empty() {
+                tracing::info!(sync = %self.inner.name, collection = %t.collection(), "source: a table was added to the publication; reading its rows");
+            }
+            tables.push(t);
+            added = true;
+        }
+        Ok(added)
+    }
+
+    /// Starts reading every table of `tables` the stored backfill state has not finished. The
+    /// change stream logs what it sees while this runs, for the watermarks (PostgreSQL 14+).
+    fn spawn_backfill(&self, types: Arc<TypeMap>, tables: Vec<Table>, messages: bool) -> Spawned {
+        // Logged from before the first page is read: a change that page cannot see may
+        // arrive before the page does.
+        self.inner.watermarks.set_active(messages);
+        let this = self.clone();
+        Spawned(tokio::spawn(async move {
+            let mut conn = connect(&this.inner.settings).await?;
+            let watermarks = &this.inner.watermarks;
+            let result = Backfill {
+                sync_id: this.inner.sync_id,
+                stream: &this.inner.stream,
+                types: &types,
+                page: this.inner.options.backfill_page,
+                owner: format!("{}/backfill", this.inner.sync_id.0),
+                progress: &this.inner.progress,
+                watermarks: messages.then_some(watermarks),
+            }
+            .run(&mut conn, &tables)
+            .await;
+            watermarks.set_active(false);
+            result
+        }))
+    }
+
     /// Stores the table's shape in the stream for layouts that mirror it (only when it changed).
     async fn describe_collection(
         &self,
@@ -392,6 +426,14 @@ impl PostgresSource {
 enum Incoming {
     Keepalive { end: Lsn, reply: bool },
     Message(Message),
+}
+
+/// A backfill task, stopped when its session ends.
+struct Spawned(tokio::task::JoinHandle<Result<(), Error>>);
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

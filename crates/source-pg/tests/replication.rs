@@ -322,6 +322,78 @@ async fn a_backfill_racing_with_updates_ends_equal_to_the_source() {
     running.stop().await;
 }
 
+/// A table added to the publication while the source runs is read without a restart: the
+/// rows it already had (backfilled), and its changes from then on, racing with that backfill.
+#[tokio::test]
+async fn a_table_added_to_the_publication_is_backfilled_without_a_restart() {
+    let s = setup(
+        "added",
+        "create table public.first (id bigint primary key, n int not null, body text not null);
+         insert into public.first values (1, 1, 'one');",
+    )
+    .await;
+    // A publication that names its tables, instead of the setup's `for all tables`.
+    PG.execute(
+        &s.db,
+        &format!(
+            "drop publication {pub_}; create publication {pub_} for table public.first;",
+            pub_ = s.spec.publication
+        ),
+    )
+    .await
+    .unwrap();
+    let running = start(&s, options());
+    wait_until("the first table is backfilled", 30, async || {
+        running.source.progress().done && get(&s.stream, "public.first", "1").await.is_some()
+    })
+    .await;
+
+    let user = format!("{}_repl", s.db);
+    PG.execute(
+        &s.db,
+        &format!(
+            "create table public.later (id bigint primary key, n int not null, body text not null);
+             insert into public.later select i, 0, 'before ' || i from generate_series(1, 5000) i;
+             grant select on public.later to {user};"
+        ),
+    )
+    .await
+    .unwrap();
+    // On its own: rows written in the same transaction as the ALTER would be streamed.
+    PG.execute(
+        &s.db,
+        &format!(
+            "alter publication {} add table public.later",
+            s.spec.publication
+        ),
+    )
+    .await
+    .unwrap();
+    // Changes while its rows are being read.
+    let mut conn = PG.admin(&s.db).await.unwrap();
+    for round in 1..=10 {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "update public.later set n = {round}, body = 'round {round}' where id % 100 = {round};
+             delete from public.later where id = {};
+             insert into public.later values ({}, {round}, 'after');",
+            round * 400,
+            5000 + round
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want = source_rows(&s.db, "public.later").await;
+    wait_until("the added table equals the source", 60, async || {
+        stream_rows(&live(&s.stream, "public.later").await) == want
+    })
+    .await;
+    let progress = running.source.progress();
+    assert!(progress.done, "{progress:?}");
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn composite_enum_and_text_keys_page_and_delete_by_the_same_id() {
     let s = setup(

@@ -26,11 +26,11 @@ pub(crate) struct TailLimits {
 
 impl Default for TailLimits {
     fn default() -> Self {
-        // Several source batches: a consumer that keeps up reads every batch from memory,
-        // while the memory stays bounded (about 16 MiB).
+        // Two source batches: a consumer that keeps up reads every batch from memory, while
+        // the memory stays small (about 8 MiB).
         Self {
-            entries: 50_000,
-            bytes: 16 << 20,
+            entries: 20_000,
+            bytes: 8 << 20,
         }
     }
 }
