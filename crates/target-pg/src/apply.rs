@@ -356,8 +356,10 @@ pub(crate) async fn copy_if_all_new(
 }
 
 /// Keeps the newest version of each key (ties broken by stream position) and splits the
-/// batch into upserts and the row ids to delete.
-fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Vec<&'a StreamEntry>, Vec<Uuid>) {
+/// batch into upserts (with their row ids, computed once: a SHA-1 each) and the row ids to
+/// delete.
+type Upserts<'a> = Vec<(Uuid, &'a StreamEntry)>;
+fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Upserts<'a>, Vec<Uuid>) {
     let mut newest: HashMap<Uuid, &'a StreamEntry> = HashMap::with_capacity(entries.len());
     for entry in entries {
         let id = entry.record.key.row_id();
@@ -372,12 +374,12 @@ fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Vec<&'a StreamEntry>, Vec
     let mut deletes = Vec::new();
     for (id, entry) in newest {
         match entry.record.change {
-            Change::Upsert { .. } => upserts.push(entry),
+            Change::Upsert { .. } => upserts.push((id, entry)),
             Change::Delete => deletes.push(id),
         }
     }
     // Stream order keeps the merge's row locks in a stable order across partitions.
-    upserts.sort_by_key(|e| e.seq);
+    upserts.sort_by_key(|(_, e)| e.seq);
     (upserts, deletes)
 }
 
@@ -400,7 +402,7 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
     };
     let mut json = Vec::with_capacity(2048);
     let out = &mut encoded.rows;
-    for entry in upserts {
+    for (row_id, entry) in upserts {
         let record = &entry.record;
         let Change::Upsert { payload } = &record.change else {
             continue;
@@ -418,7 +420,6 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
                 changed = true;
             }
         }
-        let row_id = record.key.row_id();
         let mut uuid = [0u8; 36];
         push_raw(out, row_id.hyphenated().encode_lower(&mut uuid).as_bytes());
         out.push(b'\t');
@@ -566,7 +567,8 @@ mod tests {
         let b2 = entry(4, "b", 2, Change::Delete);
         let (upserts, deletes) = newest_per_key(&[&a1, &a0, &b1, &b2]);
         assert_eq!(upserts.len(), 1);
-        assert_eq!(upserts[0].record.version, Version::new(5, 0));
+        assert_eq!(upserts[0].1.record.version, Version::new(5, 0));
+        assert_eq!(upserts[0].0, upserts[0].1.record.key.row_id());
         assert_eq!(deletes, vec![b2.record.key.row_id()]);
     }
 
