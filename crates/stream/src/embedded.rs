@@ -335,33 +335,28 @@ fn nanos(t: OffsetDateTime) -> i64 {
         .clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
+/// One row of a `select {COLUMNS}`, by position (no name lookups, no copies of the
+/// provider and sync id).
 fn decode(row: &SqliteRow) -> Result<StreamEntry> {
     let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
-    let sync: Vec<u8> = row.get("sync_id");
-    let sync_id = SyncId(Uuid::from_slice(&sync).map_err(|_| bad("sync_id"))?);
-    let provider: String = row.get("provider");
-    let deleted: bool = row.get("deleted");
-    let change = if deleted {
+    let sync_id = SyncId(Uuid::from_slice(row.get::<&[u8], _>(2)).map_err(|_| bad("sync_id"))?);
+    let change = if row.get::<bool, _>(8) {
         Change::Delete
     } else {
-        let text: String = row.get("payload");
-        let payload = serde_json::from_str(&text).map_err(|_| bad("payload"))?;
+        let payload = serde_json::from_str(row.get::<&str, _>(9)).map_err(|_| bad("payload"))?;
         Change::Upsert { payload }
     };
-    let updated_ns: i64 = row.get("upstream_updated_at_ns");
+    let updated_ns: i64 = row.get(7);
     Ok(StreamEntry {
-        seq: Seq(row.get::<i64, _>("seq") as u64),
+        seq: Seq(row.get::<i64, _>(0) as u64),
         record: Record {
             key: RecordKey {
                 sync_id,
-                collection_id: CollectionId(row.get("collection_id")),
-                upstream_id: UpstreamId(row.get("upstream_id")),
+                collection_id: CollectionId(row.get(3)),
+                upstream_id: UpstreamId(row.get(4)),
             },
-            provider: Provider::from_str(&provider)?,
-            version: Version::new(
-                row.get::<i64, _>("version_major") as u64,
-                row.get::<i64, _>("version_minor") as u64,
-            ),
+            provider: Provider::from_str(row.get::<&str, _>(1))?,
+            version: Version::new(row.get::<i64, _>(5) as u64, row.get::<i64, _>(6) as u64),
             upstream_updated_at: OffsetDateTime::from_unix_timestamp_nanos(updated_ns as i128)
                 .map_err(|_| bad("upstream_updated_at"))?,
             change,
