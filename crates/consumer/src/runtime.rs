@@ -27,6 +27,8 @@ struct Shared {
     id: ConsumerId,
     filter: RecordFilter,
     stream: Arc<dyn RecordStream>,
+    /// The target takes payloads as stored JSON text ([`Target::takes_payload_text`]).
+    payload_text: bool,
     target_name: String,
     lag: LagThresholds,
     control: watch::Sender<Control>,
@@ -43,6 +45,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// The entries after `after` passing the filter, in the form the target takes.
+    async fn read(&self, after: Seq, limit: usize) -> Result<StreamRead, Error> {
+        if self.payload_text {
+            self.stream.read_text(&self.filter, after, limit).await
+        } else {
+            self.stream.read(&self.filter, after, limit).await
+        }
+    }
+
     /// Records a check result and sends the transition, if any, to every sink.
     fn observe(
         &self,
@@ -202,6 +213,7 @@ impl ConsumerRuntime {
         };
         let shared = Arc::new(Shared {
             target_name: target.name().to_owned(),
+            payload_text: target.takes_payload_text(),
             id,
             filter,
             stream,
@@ -351,7 +363,7 @@ impl ConsumerRuntime {
                 .read
                 .await
                 .map_err(|e| Error::invalid(format!("the read-ahead task failed: {e}")))??,
-            _ => shared.stream.read(&shared.filter, cursor, max).await?,
+            _ => shared.read(cursor, max).await?,
         };
         let (mut entries, mut through) = (read.entries, read.through);
         if entries.is_empty() {
@@ -382,10 +394,7 @@ impl ConsumerRuntime {
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = shutdown.changed() => break,
                 }
-                let more = shared
-                    .stream
-                    .read(&shared.filter, through, max - entries.len())
-                    .await?;
+                let more = shared.read(through, max - entries.len()).await?;
                 entries.extend(more.entries);
                 through = more.through;
             }
@@ -394,11 +403,10 @@ impl ConsumerRuntime {
         // A full batch means more is likely waiting: read it while this one is applied. (Safe
         // under compaction: a record updated meanwhile reappears later in the stream, newer.)
         if count == max {
-            let stream = shared.stream.clone();
-            let filter = shared.filter.clone();
+            let shared = shared.clone();
             self.prefetch = Some(Prefetch {
                 after: through,
-                read: tokio::spawn(async move { stream.read(&filter, through, max).await }),
+                read: tokio::spawn(async move { shared.read(through, max).await }),
             });
         }
         let started = std::time::Instant::now();

@@ -58,7 +58,7 @@ pub use record::{
 pub use report::{CheckReport, Finding};
 pub use retry::Backoff;
 pub use stream::{
-    AppendOutcome, CollectionSchema, ColumnSchema, Lag, RecordFilter, RecordStream, Seq,
-    SourceState, StreamEntry, StreamRead,
+    AppendOutcome, CollectionSchema, ColumnSchema, Lag, PayloadText, RecordFilter, RecordStream,
+    Seq, SourceState, StreamEntry, StreamRead,
 };
 pub use target::{Batch, Target};

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
@@ -48,6 +50,64 @@ pub struct StreamEntry {
     pub seq: Seq,
     /// The newest version of the record (possibly a tombstone).
     pub record: Record,
+    /// Only from [`RecordStream::read_text`]: an upsert's payload as the JSON text the stream
+    /// stores, in which case `record`'s payload is left empty, not parsed. `None` otherwise.
+    #[serde(skip)]
+    pub payload_text: Option<PayloadText>,
+}
+
+impl StreamEntry {
+    /// An entry with its payload parsed (no [`StreamEntry::payload_text`]).
+    pub fn new(seq: Seq, record: Record) -> Self {
+        Self {
+            seq,
+            record,
+            payload_text: None,
+        }
+    }
+}
+
+/// A payload's JSON text: a range of a buffer shared with other payloads (those of one
+/// append, say), so handing it on copies nothing.
+#[derive(Clone)]
+pub struct PayloadText {
+    buffer: Arc<String>,
+    range: Range<usize>,
+}
+
+impl PayloadText {
+    /// `buffer[range]`; `None` when the range is not a `str` slice of the buffer.
+    pub fn new(buffer: Arc<String>, range: Range<usize>) -> Option<Self> {
+        buffer.get(range.clone())?;
+        Some(Self { buffer, range })
+    }
+
+    /// The whole of `text`.
+    pub fn whole(text: String) -> Self {
+        let range = 0..text.len();
+        Self {
+            buffer: Arc::new(text),
+            range,
+        }
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.buffer[self.range.clone()]
+    }
+}
+
+impl PartialEq for PayloadText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// Only its length: a payload may hold anything.
+impl fmt::Debug for PayloadText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PayloadText({} bytes)", self.range.len())
+    }
 }
 
 /// Which records a consumer forwards.
@@ -215,6 +275,18 @@ pub trait RecordStream: Send + Sync {
     /// the read looked. Reading from [`Seq::START`] is the backfill; continuing from the
     /// returned `through` is real time. The two are the same call.
     async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead>;
+
+    /// Like [`read`](RecordStream::read), but a store may hand each upsert's payload over as
+    /// its stored JSON text ([`StreamEntry::payload_text`]) without parsing it, for a target
+    /// that writes payloads as JSON. The default parses, as `read` does.
+    async fn read_text(
+        &self,
+        filter: &RecordFilter,
+        after: Seq,
+        limit: usize,
+    ) -> Result<StreamRead> {
+        self.read(filter, after, limit).await
+    }
 
     /// How far a reader at `after` is behind; record counting stops at `cap`.
     async fn lag(&self, filter: &RecordFilter, after: Seq, cap: u64) -> Result<Lag>;

@@ -44,4 +44,11 @@ pub trait Target: Health {
 
     /// Writes the batch and moves the checkpoint to `batch.through`, atomically.
     async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<()>;
+
+    /// True when the target writes each payload whole as JSON, and so takes batches read with
+    /// [`RecordStream::read_text`](crate::RecordStream::read_text): payloads it may get as
+    /// text, unparsed ([`StreamEntry::payload_text`](crate::StreamEntry::payload_text)).
+    fn takes_payload_text(&self) -> bool {
+        false
+    }
 }

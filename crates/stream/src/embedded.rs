@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::{
-    AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, Provider,
-    Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
+    AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, PayloadText,
+    Provider, Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
     StreamRead, SyncId, UpstreamId, Version,
 };
 use sqlx::sqlite::{
@@ -183,7 +183,7 @@ impl EmbeddedStream {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| storage("reading", e))?;
-        rows.iter().map(decode).collect()
+        rows.iter().map(|r| decode(r, Form::Parsed)).collect()
     }
 
     /// How many tombstones the stream holds (for tests and status).
@@ -250,6 +250,60 @@ impl EmbeddedStream {
 
     async fn data_version(&self) -> Option<i64> {
         self.head_in_file().await.ok()
+    }
+
+    /// A read, with payloads in `form`: from the tail when it covers the position, else from
+    /// the file.
+    async fn read_as(
+        &self,
+        filter: &RecordFilter,
+        after: Seq,
+        limit: usize,
+        form: Form,
+    ) -> Result<StreamRead> {
+        {
+            let tail = self.tail.lock().await;
+            let head = Seq(self.head_in_file().await? as u64);
+            if let Some(entries) = tail.read(filter, after, limit, head, form) {
+                let through = match entries.last() {
+                    Some(last) if entries.len() >= limit => last.seq,
+                    _ => head.max(after),
+                };
+                self.tail_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(StreamRead { entries, through });
+            }
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| storage("beginning a read", e))?;
+        // Head first, in the same snapshot: nothing appended after it can be missed.
+        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| storage("reading the head", e))?;
+        let sql = format!(
+            "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
+            filter_sql(filter)
+        );
+        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter)
+            .bind(limit as i64);
+        let rows = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| storage("reading", e))?;
+        tx.commit().await.map_err(|e| storage("ending a read", e))?;
+        let entries = rows
+            .iter()
+            .map(|row| decode(row, form))
+            .collect::<Result<Vec<_>>>()?;
+        let through = match entries.last() {
+            Some(last) if entries.len() >= limit => last.seq,
+            _ => Seq((head as u64).max(after.0)),
+        };
+        Ok(StreamRead { entries, through })
     }
 
     /// The head as the file says now (another process may have moved it).
@@ -335,13 +389,27 @@ fn nanos(t: OffsetDateTime) -> i64 {
         .clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
+/// How a read hands payloads over: parsed, or as the stored JSON text
+/// ([`RecordStream::read_text`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Form {
+    Parsed,
+    Text,
+}
+
 /// One row of a `select {COLUMNS}`, by position (no name lookups, no copies of the
 /// provider and sync id).
-fn decode(row: &SqliteRow) -> Result<StreamEntry> {
+fn decode(row: &SqliteRow, form: Form) -> Result<StreamEntry> {
     let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
     let sync_id = SyncId(Uuid::from_slice(row.get::<&[u8], _>(2)).map_err(|_| bad("sync_id"))?);
+    let mut payload_text = None;
     let change = if row.get::<bool, _>(8) {
         Change::Delete
+    } else if form == Form::Text {
+        payload_text = Some(PayloadText::whole(row.get(9)));
+        Change::Upsert {
+            payload: Default::default(),
+        }
     } else {
         let payload = serde_json::from_str(row.get::<&str, _>(9)).map_err(|_| bad("payload"))?;
         Change::Upsert { payload }
@@ -361,6 +429,7 @@ fn decode(row: &SqliteRow) -> Result<StreamEntry> {
                 .map_err(|_| bad("upstream_updated_at"))?,
             change,
         },
+        payload_text,
     })
 }
 
@@ -473,46 +542,16 @@ impl RecordStream for EmbeddedStream {
     }
 
     async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead> {
-        {
-            let tail = self.tail.lock().await;
-            let head = Seq(self.head_in_file().await? as u64);
-            if let Some(entries) = tail.read(filter, after, limit, head) {
-                let through = match entries.last() {
-                    Some(last) if entries.len() >= limit => last.seq,
-                    _ => head.max(after),
-                };
-                self.tail_reads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(StreamRead { entries, through });
-            }
-        }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| storage("beginning a read", e))?;
-        // Head first, in the same snapshot: nothing appended after it can be missed.
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
-        let sql = format!(
-            "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
-            filter_sql(filter)
-        );
-        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter)
-            .bind(limit as i64);
-        let rows = query
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| storage("reading", e))?;
-        tx.commit().await.map_err(|e| storage("ending a read", e))?;
-        let entries = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
-        let through = match entries.last() {
-            Some(last) if entries.len() >= limit => last.seq,
-            _ => Seq((head as u64).max(after.0)),
-        };
-        Ok(StreamRead { entries, through })
+        self.read_as(filter, after, limit, Form::Parsed).await
+    }
+
+    async fn read_text(
+        &self,
+        filter: &RecordFilter,
+        after: Seq,
+        limit: usize,
+    ) -> Result<StreamRead> {
+        self.read_as(filter, after, limit, Form::Text).await
     }
 
     async fn lag(&self, filter: &RecordFilter, after: Seq, cap: u64) -> Result<Lag> {
@@ -556,7 +595,7 @@ impl RecordStream for EmbeddedStream {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| storage("reading a record", e))?;
-        row.as_ref().map(decode).transpose()
+        row.as_ref().map(|r| decode(r, Form::Parsed)).transpose()
     }
 
     async fn source_state(&self, owner: &str) -> Result<Option<serde_json::Value>> {

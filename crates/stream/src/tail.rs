@@ -13,7 +13,9 @@ use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Arc;
 
-use sluice_core::{Change, Record, RecordFilter, Seq, StreamEntry};
+use sluice_core::{Change, PayloadText, Record, RecordFilter, Seq, StreamEntry};
+
+use crate::embedded::Form;
 
 /// How much the tail holds at most.
 #[derive(Clone, Copy, Debug)]
@@ -133,10 +135,7 @@ impl<S: BuildHasher> Tail<S> {
             let bytes = ENTRY_OVERHEAD + json.as_ref().map_or(0, |(_, r)| r.len());
             self.bytes += bytes;
             self.slots.push_back(Slot {
-                entry: Some(StreamEntry {
-                    seq: Seq(seq),
-                    record,
-                }),
+                entry: Some(StreamEntry::new(Seq(seq), record)),
                 json,
                 bytes,
             });
@@ -179,14 +178,16 @@ impl<S: BuildHasher> Tail<S> {
         }
     }
 
-    /// The entries after `after` passing `filter`, at most `limit`, when the tail covers every
-    /// seq after `after` up to `head`; `None` when the file must be read instead.
+    /// The entries after `after` passing `filter`, at most `limit`, with payloads in `form`,
+    /// when the tail covers every seq after `after` up to `head`; `None` when the file must be
+    /// read instead.
     pub fn read(
         &self,
         filter: &RecordFilter,
         after: Seq,
         limit: usize,
         head: Seq,
+        form: Form,
     ) -> Option<Vec<StreamEntry>> {
         if head != self.end() || after.0 + 1 < self.first {
             return None;
@@ -203,7 +204,15 @@ impl<S: BuildHasher> Tail<S> {
                 if let (Change::Upsert { payload }, Some((texts, range))) =
                     (&mut entry.record.change, &slot.json)
                 {
-                    *payload = serde_json::from_str(texts.get(range.clone())?).ok()?;
+                    match form {
+                        Form::Parsed => {
+                            *payload = serde_json::from_str(texts.get(range.clone())?).ok()?;
+                        }
+                        Form::Text => {
+                            entry.payload_text =
+                                Some(PayloadText::new(texts.clone(), range.clone())?);
+                        }
+                    }
                 }
                 Some(entry)
             })
@@ -248,21 +257,29 @@ mod tests {
         tail.extend([(record("a", 1), json(10)), (record("b", 1), json(10))]);
         tail.extend([(record("a", 2), json(10))]);
         assert_eq!(tail.end(), Seq(13));
-        let read = tail.read(&ALL, Seq(10), 100, Seq(13)).unwrap();
+        let read = tail
+            .read(&ALL, Seq(10), 100, Seq(13), Form::Parsed)
+            .unwrap();
         assert_eq!(ids(&read), vec![(12, "b".into()), (13, "a".into())]);
         // The replaced entry stays charged until it leaves the front: its text shares its
         // append's buffer.
         assert_eq!(tail.bytes, 3 * (ENTRY_OVERHEAD + 10));
         // Limited, and from a later position.
         assert_eq!(
-            ids(&tail.read(&ALL, Seq(10), 1, Seq(13)).unwrap()),
+            ids(&tail.read(&ALL, Seq(10), 1, Seq(13), Form::Parsed).unwrap()),
             vec![(12, "b".into())]
         );
         assert_eq!(
-            ids(&tail.read(&ALL, Seq(12), 100, Seq(13)).unwrap()),
+            ids(&tail
+                .read(&ALL, Seq(12), 100, Seq(13), Form::Parsed)
+                .unwrap()),
             vec![(13, "a".into())]
         );
-        assert!(tail.read(&ALL, Seq(13), 100, Seq(13)).unwrap().is_empty());
+        assert!(
+            tail.read(&ALL, Seq(13), 100, Seq(13), Form::Parsed)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -270,14 +287,31 @@ mod tests {
         let mut tail = Tail::new(Seq(10), TailLimits::default());
         tail.extend([(record("a", 1), None)]);
         // Behind the tail's start, or the file has moved on without it.
-        assert!(tail.read(&ALL, Seq(9), 100, Seq(11)).is_none());
-        assert!(tail.read(&ALL, Seq(10), 100, Seq(12)).is_none());
+        assert!(
+            tail.read(&ALL, Seq(9), 100, Seq(11), Form::Parsed)
+                .is_none()
+        );
+        assert!(
+            tail.read(&ALL, Seq(10), 100, Seq(12), Form::Parsed)
+                .is_none()
+        );
         let other = RecordFilter::Provider(Provider::Http);
-        assert!(tail.read(&other, Seq(10), 100, Seq(11)).unwrap().is_empty());
+        assert!(
+            tail.read(&other, Seq(10), 100, Seq(11), Form::Parsed)
+                .unwrap()
+                .is_empty()
+        );
         tail.reset(Seq(20));
         assert_eq!(tail.end(), Seq(20));
-        assert!(tail.read(&ALL, Seq(10), 100, Seq(20)).is_none());
-        assert!(tail.read(&ALL, Seq(20), 100, Seq(20)).unwrap().is_empty());
+        assert!(
+            tail.read(&ALL, Seq(10), 100, Seq(20), Form::Parsed)
+                .is_none()
+        );
+        assert!(
+            tail.read(&ALL, Seq(20), 100, Seq(20), Form::Parsed)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -288,11 +322,14 @@ mod tests {
         };
         let mut tail = Tail::new(Seq(0), limits);
         tail.extend((0..5).map(|i| (record(&i.to_string(), 1), json(5))));
-        assert_eq!(ids(&tail.read(&ALL, Seq(2), 10, Seq(5)).unwrap()).len(), 3);
-        assert!(tail.read(&ALL, Seq(1), 10, Seq(5)).is_none());
+        assert_eq!(
+            ids(&tail.read(&ALL, Seq(2), 10, Seq(5), Form::Parsed).unwrap()).len(),
+            3
+        );
+        assert!(tail.read(&ALL, Seq(1), 10, Seq(5), Form::Parsed).is_none());
         tail.extend([(record("big", 1), json(ENTRY_OVERHEAD + 15))]);
         assert_eq!(
-            ids(&tail.read(&ALL, Seq(4), 10, Seq(6)).unwrap()),
+            ids(&tail.read(&ALL, Seq(4), 10, Seq(6), Form::Parsed).unwrap()),
             vec![(5, "4".into()), (6, "big".into())]
         );
         assert!(tail.bytes <= limits.bytes);
@@ -325,15 +362,15 @@ mod tests {
         // The same key again is told apart from a different one by the slot's key.
         tail.extend([(record("a", 2), None)]);
         assert_eq!(
-            ids(&tail.read(&ALL, Seq(0), 10, Seq(2)).unwrap()),
+            ids(&tail.read(&ALL, Seq(0), 10, Seq(2), Form::Parsed).unwrap()),
             vec![(2, "a".into())]
         );
         tail.extend([(record("b", 1), None), (record("c", 1), None)]);
         // "b" collided with "a": the tail starts after it, and "c" collided with nothing left.
         assert_eq!(tail.end(), Seq(4));
-        assert!(tail.read(&ALL, Seq(2), 10, Seq(4)).is_none());
+        assert!(tail.read(&ALL, Seq(2), 10, Seq(4), Form::Parsed).is_none());
         assert_eq!(
-            ids(&tail.read(&ALL, Seq(3), 10, Seq(4)).unwrap()),
+            ids(&tail.read(&ALL, Seq(3), 10, Seq(4), Form::Parsed).unwrap()),
             vec![(4, "c".into())]
         );
     }
@@ -344,10 +381,15 @@ mod tests {
         tail.extend([(record("a", 1), None), (record("b", 1), None)]);
         tail.remove([1, 99]);
         assert_eq!(
-            ids(&tail.read(&ALL, Seq(0), 10, Seq(2)).unwrap()),
+            ids(&tail.read(&ALL, Seq(0), 10, Seq(2), Form::Parsed).unwrap()),
             vec![(2, "b".into())]
         );
         tail.extend([(record("a", 2), None)]);
-        assert_eq!(tail.read(&ALL, Seq(0), 10, Seq(3)).unwrap().len(), 2);
+        assert_eq!(
+            tail.read(&ALL, Seq(0), 10, Seq(3), Form::Parsed)
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

@@ -567,6 +567,19 @@ async fn reads_from_memory_equal_reads_from_the_file() {
                     "round {round}: {filter:?} after {after} limit {limit}"
                 );
                 assert_eq!(from_stream.through, from_file.through, "round {round}");
+                // The same with payloads as text: the same text from memory and from the
+                // file, and it parses to the payload a parsed read gives.
+                let text_stream = stream.read_text(filter, after, limit).await.unwrap();
+                let text_file = file.read_text(filter, after, limit).await.unwrap();
+                assert_eq!(text_stream.entries, text_file.entries, "round {round}");
+                assert_eq!(text_stream.through, from_file.through, "round {round}");
+                for (text, parsed) in text_stream.entries.iter().zip(&from_file.entries) {
+                    assert_eq!(text.seq, parsed.seq);
+                    let payload = text.payload_text.as_ref().map(|t| {
+                        serde_json::from_str::<serde_json::Map<_, _>>(t.as_str()).unwrap()
+                    });
+                    assert_eq!(payload.as_ref(), parsed.record.change.payload());
+                }
             }
         }
     }

@@ -409,10 +409,24 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
         };
         let start = out.len();
         json.clear();
-        // Serialising a map of JSON values into memory cannot fail.
-        let _ = serde_json::to_writer(&mut json, payload);
+        match &entry.payload_text {
+            // As the stream stores it (the payload itself was not parsed).
+            Some(text) => json.extend_from_slice(text.as_str().as_bytes()),
+            // Serialising a map of JSON values into memory cannot fail.
+            None => {
+                let _ = serde_json::to_writer(&mut json, payload);
+            }
+        }
         let mut changed = false;
         if contains(&json, b"\\u0000") {
+            let parsed: Payload;
+            let payload = match &entry.payload_text {
+                Some(text) => {
+                    parsed = serde_json::from_slice(text.as_str().as_bytes()).unwrap_or_default();
+                    &parsed
+                }
+                None => payload,
+            };
             let clean = strip_nul_payload(payload);
             if &clean != payload {
                 json.clear();
@@ -548,6 +562,7 @@ mod tests {
                 upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
                 change,
             },
+            payload_text: None,
         }
     }
 
@@ -570,6 +585,59 @@ mod tests {
         assert_eq!(upserts[0].1.record.version, Version::new(5, 0));
         assert_eq!(upserts[0].0, upserts[0].1.record.key.row_id());
         assert_eq!(deletes, vec![b2.record.key.row_id()]);
+    }
+
+    /// The entry as `read_text` hands it over: the stored JSON text, the payload unparsed.
+    fn as_text(entry: &StreamEntry) -> StreamEntry {
+        let mut entry = entry.clone();
+        if let Change::Upsert { payload } = &mut entry.record.change {
+            entry.payload_text = Some(sluice_core::PayloadText::whole(
+                serde_json::to_string(payload).unwrap(),
+            ));
+            *payload = Payload::new();
+        }
+        entry
+    }
+
+    #[test]
+    fn payloads_as_stored_text_encode_exactly_as_parsed_ones_nul_included() {
+        let upsert = |v: serde_json::Value| Change::upsert(v).unwrap();
+        let entries = [
+            entry(
+                1,
+                "a",
+                1,
+                upsert(
+                    serde_json::json!({ "n": 1, "s": "t\tab\n\\", "f": 1.5e300, "o": {"x": [null, true]} }),
+                ),
+            ),
+            entry(
+                2,
+                "b\0",
+                1,
+                upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })),
+            ),
+            entry(
+                3,
+                "c",
+                1,
+                upsert(serde_json::json!({ "s": "fine \\u0000 literal" })),
+            ),
+            entry(4, "d", 1, Change::Delete),
+        ];
+        let parsed: Vec<&StreamEntry> = entries.iter().collect();
+        let texts: Vec<StreamEntry> = entries.iter().map(as_text).collect();
+        let texts: Vec<&StreamEntry> = texts.iter().collect();
+        let a = encode_partition(&parsed, "2026-01-01T00:00:00Z");
+        let b = encode_partition(&texts, "2026-01-01T00:00:00Z");
+        assert_eq!(
+            String::from_utf8(a.rows).unwrap(),
+            String::from_utf8(b.rows).unwrap()
+        );
+        assert_eq!(a.lines, b.lines);
+        assert_eq!(a.deletes, b.deletes);
+        assert_eq!(a.sanitized, b.sanitized);
+        assert_eq!(b.sanitized, vec![entries[1].record.key.clone()]);
     }
 
     #[test]

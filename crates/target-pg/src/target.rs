@@ -342,6 +342,11 @@ impl Target for ConsumerTableTarget {
         &self.name
     }
 
+    /// The payload column is the payload's JSON whole: the stream's text is written as it is.
+    fn takes_payload_text(&self) -> bool {
+        true
+    }
+
     async fn checkpoint(&self, consumer: &ConsumerId) -> Result<Seq, Error> {
         let partitions = self.connections.len();
         let seq = self

@@ -95,6 +95,7 @@ async fn the_reverse_tunnel_carries_a_consumers_writes() {
                 upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
                 change: Change::upsert(serde_json::json!({"n": i})).unwrap(),
             },
+            payload_text: None,
         })
         .collect();
     target

@@ -59,6 +59,7 @@ pub fn record(seq: u64, i: usize, round: usize, delete: bool) -> StreamEntry {
                 Change::upsert(payload(i, round)).unwrap()
             },
         },
+        payload_text: None,
     }
 }
 

@@ -76,6 +76,7 @@ pub fn entry(seq: u64, id: &str, version: u64, change: Change) -> StreamEntry {
             .unwrap(),
             change,
         },
+        payload_text: None,
     }
 }
 
