@@ -10,6 +10,12 @@
 //!     target).
 //! Peak memory is the benchmark process's peak resident set while sluice runs (reset with
 //! `/proc/self/clear_refs` before each sluice case); it includes the workload's connections.
+//!
+//! For (a) it also prints the CPU seconds each process spent after the commit (this process,
+//! each cluster's postmaster and children, from `/proc`), and a ceiling: the source's decoding
+//! as the native path measured it, plus a bare `COPY` of the same rows into a copy of the
+//! consumer table, spread perfectly over the machine's cores. `SLUICE_BENCH_CASES=a` runs (a)
+//! alone (for profiling).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
