@@ -232,7 +232,7 @@ impl PostgresSource {
                 }
             }
         });
-        let _abort_reader = AbortOnDrop(reader_task.abort_handle());
+        let _reader = Aborting(reader_task);
         self.status(|s| {
             s.streaming = true;
             s.last_error = None;
@@ -367,12 +367,17 @@ impl PostgresSource {
 
     /// Starts reading every table of `tables` the stored backfill state has not finished. The
     /// change stream logs what it sees while this runs, for the watermarks (PostgreSQL 14+).
-    fn spawn_backfill(&self, types: Arc<TypeMap>, tables: Vec<Table>, messages: bool) -> Spawned {
+    fn spawn_backfill(
+        &self,
+        types: Arc<TypeMap>,
+        tables: Vec<Table>,
+        messages: bool,
+    ) -> Aborting<Result<(), Error>> {
         // Logged from before the first page is read: a change that page cannot see may
         // arrive before the page does.
         self.inner.watermarks.set_active(messages);
         let this = self.clone();
-        Spawned(tokio::spawn(async move {
+        Aborting(tokio::spawn(async move {
             let mut conn = connect(&this.inner.settings).await?;
             let watermarks = &this.inner.watermarks;
             let result = Backfill {
@@ -428,16 +433,9 @@ enum Incoming {
     Message(Message),
 }
 
-/// A backfill task, stopped when its session ends.
-struct Spawned(tokio::task::JoinHandle<Result<(), Error>>);
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-impl Drop for AbortOnDrop {
+/// A task of the session (the replication reader, a backfill), stopped when the session ends.
+struct Aborting<T>(tokio::task::JoinHandle<T>);
+impl<T> Drop for Aborting<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
 
-use crate::tail::{Tail, TailLimits, Text};
+use crate::tail::{Tail, TailLimits};
 
 /// The stream's file name inside the data directory.
 pub const FILE_NAME: &str = "stream.sqlite3";
@@ -227,7 +227,7 @@ impl EmbeddedStream {
         from: i64,
         next: i64,
         what: &str,
-        landed: Option<Vec<(Record, Option<Text>)>>,
+        landed: Option<Vec<(Record, Option<PayloadText>)>>,
     ) -> Result<Seq> {
         sqlx::query("update meta set value = ? where key = 'head'")
             .bind(next)
@@ -248,10 +248,6 @@ impl EmbeddedStream {
         Ok(head)
     }
 
-    async fn data_version(&self) -> Option<i64> {
-        self.head_in_file().await.ok()
-    }
-
     /// A read, with payloads in `form`: from the tail when it covers the position, else from
     /// the file.
     async fn read_as(
@@ -261,19 +257,43 @@ impl EmbeddedStream {
         limit: usize,
         form: Form,
     ) -> Result<StreamRead> {
-        {
-            let tail = self.tail.lock().await;
-            let head = Seq(self.head_in_file().await? as u64);
-            if let Some(entries) = tail.read(filter, after, limit, head, form) {
-                let through = match entries.last() {
-                    Some(last) if entries.len() >= limit => last.seq,
-                    _ => head.max(after),
-                };
-                self.tail_reads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(StreamRead { entries, through });
-            }
+        let (entries, head) = match self.read_tail(filter, after, limit, form).await? {
+            Some(read) => read,
+            None => self.read_file(filter, after, limit, form).await?,
+        };
+        let through = match entries.last() {
+            Some(last) if entries.len() >= limit => last.seq,
+            _ => head.max(after),
+        };
+        Ok(StreamRead { entries, through })
+    }
+
+    /// The entries from the tail and the head they go to, when the tail covers the position.
+    async fn read_tail(
+        &self,
+        filter: &RecordFilter,
+        after: Seq,
+        limit: usize,
+        form: Form,
+    ) -> Result<Option<(Vec<StreamEntry>, Seq)>> {
+        let tail = self.tail.lock().await;
+        let head = Seq(self.head_in_file().await? as u64);
+        let entries = tail.read(filter, after, limit, head, form);
+        if entries.is_some() {
+            self.tail_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        Ok(entries.map(|e| (e, head)))
+    }
+
+    /// The entries from the file and the head they go to.
+    async fn read_file(
+        &self,
+        filter: &RecordFilter,
+        after: Seq,
+        limit: usize,
+        form: Form,
+    ) -> Result<(Vec<StreamEntry>, Seq)> {
         let mut tx = self
             .pool
             .begin()
@@ -299,11 +319,7 @@ impl EmbeddedStream {
             .iter()
             .map(|row| decode(row, form))
             .collect::<Result<Vec<_>>>()?;
-        let through = match entries.last() {
-            Some(last) if entries.len() >= limit => last.seq,
-            _ => Seq((head as u64).max(after.0)),
-        };
-        Ok(StreamRead { entries, through })
+        Ok((entries, Seq(head as u64)))
     }
 
     /// The head as the file says now (another process may have moved it).
@@ -342,11 +358,11 @@ fn insert_sql(rows: usize) -> String {
     sql
 }
 
-/// Every payload of an append as JSON, in one buffer (one allocation, not one per record):
-/// record `i`'s text is `texts[ranges[i]]`, `None` for a tombstone.
-fn serialize_payloads(records: &[Record]) -> (Arc<String>, Vec<Option<Range<usize>>>) {
+/// Every payload of an append as JSON text, all in one buffer (one allocation, not one per
+/// record); `None` for a tombstone.
+fn serialize_payloads(records: &[Record]) -> Result<Vec<Option<PayloadText>>> {
     let mut buffer = Vec::with_capacity(records.len() * 256);
-    let ranges = records
+    let ranges: Vec<Option<Range<usize>>> = records
         .iter()
         .map(|r| {
             r.change.payload().map(|p| {
@@ -359,10 +375,16 @@ fn serialize_payloads(records: &[Record]) -> (Arc<String>, Vec<Option<Range<usiz
             })
         })
         .collect();
-    // serde_json writes UTF-8 only.
-    let texts = String::from_utf8(buffer)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-    (Arc::new(texts), ranges)
+    // serde_json writes UTF-8 only, so neither error can happen.
+    let not_utf8 = || Error::invalid("records stream: a payload serialised to invalid UTF-8");
+    let buffer = Arc::new(String::from_utf8(buffer).map_err(|_| not_utf8())?);
+    ranges
+        .into_iter()
+        .map(|r| {
+            r.map(|r| PayloadText::new(buffer.clone(), r).ok_or_else(not_utf8))
+                .transpose()
+        })
+        .collect()
 }
 
 /// The record as a read from the file returns it: its time at nanosecond precision in UTC.
@@ -481,15 +503,14 @@ impl RecordStream for EmbeddedStream {
         let appended_at = nanos(OffsetDateTime::now_utc());
         let mut next = head;
         let mut appended = 0u64;
-        let (texts, ranges) = serialize_payloads(&records);
-        for (chunk, ranges) in records
+        let texts = serialize_payloads(&records)?;
+        for (chunk, texts) in records
             .chunks(ROWS_PER_STATEMENT)
-            .zip(ranges.chunks(ROWS_PER_STATEMENT))
+            .zip(texts.chunks(ROWS_PER_STATEMENT))
         {
             let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
             // Everything bound is borrowed from `records` and `texts`: no per-record copies.
-            for (record, range) in chunk.iter().zip(ranges) {
-                let payload = range.clone().map(|r| &texts[r]);
+            for (record, text) in chunk.iter().zip(texts) {
                 next += 1;
                 query = query
                     .bind(next)
@@ -501,7 +522,7 @@ impl RecordStream for EmbeddedStream {
                     .bind(record.version.minor as i64)
                     .bind(nanos(record.upstream_updated_at))
                     .bind(record.is_tombstone())
-                    .bind(payload)
+                    .bind(text.as_ref().map(PayloadText::as_str))
                     .bind(appended_at);
             }
             appended += query
@@ -528,7 +549,7 @@ impl RecordStream for EmbeddedStream {
             records
                 .into_iter()
                 .map(as_stored)
-                .zip(ranges.into_iter().map(|r| r.map(|r| (texts.clone(), r))))
+                .zip(texts)
                 .collect::<Vec<_>>()
         });
         let head = self
@@ -716,7 +737,7 @@ impl RecordStream for EmbeddedStream {
                 }
                 _ = tokio::time::sleep(CROSS_PROCESS_CHECK) => {
                     // Another process may have appended to the same file.
-                    if let Some(head) = self.data_version().await
+                    if let Some(head) = self.head_in_file().await.ok()
                         && head as u64 > seq.0
                     {
                         self.head.send_if_modified(|h| {

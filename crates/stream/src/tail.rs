@@ -10,8 +10,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::ops::Range;
-use std::sync::Arc;
 
 use sluice_core::{Change, PayloadText, Record, RecordFilter, Seq, StreamEntry};
 
@@ -41,16 +39,12 @@ impl Default for TailLimits {
 /// payload (key strings, version, time) and the slot.
 pub(crate) const ENTRY_OVERHEAD: usize = 192;
 
-/// A payload's JSON text: a range of the buffer its append serialised every payload into.
-pub(crate) type Text = (Arc<String>, Range<usize>);
-
 /// One seq of the tail.
 struct Slot {
     /// `None` when the seq holds nothing in the file: a record replaced later by a newer
     /// version of the same key, or a purged tombstone. An upsert's payload is left empty
-    /// here and held in `json`.
+    /// here and held as its text ([`StreamEntry::payload_text`]).
     entry: Option<StreamEntry>,
-    json: Option<Text>,
     /// What the slot was charged when recorded. Kept until the slot leaves the front, even
     /// when its entry is replaced: its text may keep its append's buffer alive until then.
     bytes: usize,
@@ -109,8 +103,8 @@ impl<S: BuildHasher> Tail<S> {
     /// payload's JSON text as stored (`None` for a tombstone). Every one of them must have
     /// landed in the file (none skipped as stale); an earlier entry of the same key is then no
     /// longer in the file.
-    pub fn extend(&mut self, committed: impl IntoIterator<Item = (Record, Option<Text>)>) {
-        for (mut record, json) in committed {
+    pub fn extend(&mut self, committed: impl IntoIterator<Item = (Record, Option<PayloadText>)>) {
+        for (mut record, text) in committed {
             let seq = self.first + self.slots.len() as u64;
             let hash = self.hasher.hash_one(&record.key);
             if let Some(older) = self.newest.insert(hash, seq) {
@@ -126,17 +120,19 @@ impl<S: BuildHasher> Tail<S> {
                     continue;
                 }
                 slot.entry = None;
-                slot.json = None;
             }
             if let Change::Upsert { payload } = &mut record.change {
                 // Held as text instead (dropped here, while it is still in the cache).
                 *payload = Default::default();
             }
-            let bytes = ENTRY_OVERHEAD + json.as_ref().map_or(0, |(_, r)| r.len());
+            let bytes = ENTRY_OVERHEAD + text.as_ref().map_or(0, |t| t.as_str().len());
             self.bytes += bytes;
             self.slots.push_back(Slot {
-                entry: Some(StreamEntry::new(Seq(seq), record)),
-                json,
+                entry: Some(StreamEntry {
+                    seq: Seq(seq),
+                    record,
+                    payload_text: text,
+                }),
                 bytes,
             });
         }
@@ -169,7 +165,6 @@ impl<S: BuildHasher> Tail<S> {
             if let Some(slot) = self.slots.get_mut(i as usize)
                 && let Some(entry) = slot.entry.take()
             {
-                slot.json = None;
                 let hash = self.hasher.hash_one(&entry.record.key);
                 if self.newest.get(&hash) == Some(&seq) {
                     self.newest.remove(&hash);
@@ -196,23 +191,16 @@ impl<S: BuildHasher> Tail<S> {
         self.slots
             .iter()
             .skip(start)
-            .filter_map(|s| Some((s.entry.as_ref()?, s)))
-            .filter(|(e, _)| filter.matches(e.record.provider, &e.record.key))
+            .filter_map(|s| s.entry.as_ref())
+            .filter(|e| filter.matches(e.record.provider, &e.record.key))
             .take(limit)
-            .map(|(e, slot)| {
+            .map(|e| {
                 let mut entry = e.clone();
-                if let (Change::Upsert { payload }, Some((texts, range))) =
-                    (&mut entry.record.change, &slot.json)
+                if form == Form::Parsed
+                    && let Some(text) = entry.payload_text.take()
+                    && let Change::Upsert { payload } = &mut entry.record.change
                 {
-                    match form {
-                        Form::Parsed => {
-                            *payload = serde_json::from_str(texts.get(range.clone())?).ok()?;
-                        }
-                        Form::Text => {
-                            entry.payload_text =
-                                Some(PayloadText::new(texts.clone(), range.clone())?);
-                        }
-                    }
+                    *payload = serde_json::from_str(text.as_str()).ok()?;
                 }
                 Some(entry)
             })
@@ -245,8 +233,8 @@ mod tests {
     }
 
     /// A tombstone's "payload" of `n` bytes: only its size matters to these tests.
-    fn json(n: usize) -> Option<Text> {
-        Some((Arc::new("x".repeat(n)), 0..n))
+    fn json(n: usize) -> Option<PayloadText> {
+        Some(PayloadText::whole("x".repeat(n)))
     }
 
     const ALL: RecordFilter = RecordFilter::Provider(Provider::Postgres);

@@ -409,28 +409,30 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
         };
         let start = out.len();
         json.clear();
-        match &entry.payload_text {
+        let mut text: &[u8] = match &entry.payload_text {
             // As the stream stores it (the payload itself was not parsed).
-            Some(text) => json.extend_from_slice(text.as_str().as_bytes()),
+            Some(text) => text.as_str().as_bytes(),
             // Serialising a map of JSON values into memory cannot fail.
             None => {
                 let _ = serde_json::to_writer(&mut json, payload);
+                &json
             }
-        }
+        };
         let mut changed = false;
-        if contains(&json, b"\\u0000") {
+        let cleaned: Vec<u8>;
+        if contains(text, b"\\u0000") {
             let parsed: Payload;
             let payload = match &entry.payload_text {
-                Some(text) => {
-                    parsed = serde_json::from_slice(text.as_str().as_bytes()).unwrap_or_default();
+                Some(_) => {
+                    parsed = serde_json::from_slice(text).unwrap_or_default();
                     &parsed
                 }
                 None => payload,
             };
             let clean = strip_nul_payload(payload);
             if &clean != payload {
-                json.clear();
-                let _ = serde_json::to_writer(&mut json, &clean);
+                cleaned = serde_json::to_vec(&clean).unwrap_or_default();
+                text = &cleaned;
                 changed = true;
             }
         }
@@ -452,7 +454,7 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
         out.push(b'\t');
         changed |= push_text(out, &record.key.upstream_id.0);
         out.push(b'\t');
-        push_escaped(out, &json);
+        push_escaped(out, text);
         out.push(b'\t');
         let ts = record
             .upstream_updated_at
