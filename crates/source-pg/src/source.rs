@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::pgoutput::{self, Message, Relation, Value};
-use crate::tables::{self, Backfill, BackfillProgress, Table, Watermarks};
+use crate::tables::{self, Backfill, BackfillProgress, Table, TableRereads, Watermarks};
 use crate::values::TypeMap;
 use crate::wire::{Lsn, Replication, ReplicationConnection, SILENCE_LIMIT, StatusWriter};
 use crate::{SourceSpec, ensure_publication_and_slot};
@@ -71,6 +71,10 @@ struct Inner {
     streamed: std::sync::atomic::AtomicU64,
     /// Shared by the backfill and the change stream (see `tables::Watermarks`).
     watermarks: Watermarks,
+    /// Tables to read again whole (a column added with a default).
+    rereads: TableRereads,
+    /// Tables the backfill could not read, with the error and its fix.
+    unreadable: Mutex<std::collections::BTreeMap<String, Error>>,
 }
 
 #[derive(Default)]
@@ -119,6 +123,8 @@ impl PostgresSource {
                 health: Mutex::new(health),
                 streamed: std::sync::atomic::AtomicU64::new(0),
                 watermarks: Watermarks::default(),
+                rereads: TableRereads::new(format!("{}/reread", sync_id.0)),
+                unreadable: Mutex::new(Default::default()),
             }),
         }
     }
@@ -190,7 +196,7 @@ impl PostgresSource {
         }
         let mut types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
         let mut tables = Vec::new();
-        self.add_published(&mut conn, &mut tables, &mut types)
+        self.add_published(&mut conn, &mut tables, &mut types, true)
             .await?;
 
         // Logical decoding messages reach pgoutput from PostgreSQL 14: the backfill's
@@ -249,7 +255,11 @@ impl PostgresSource {
             committed: None,
             confirmed: Lsn(0),
             heartbeat_at: None,
+            messages,
+            rereads: KeyRereads::default(),
+            reread_running: None,
         };
+        let mut reread: Option<Aborting<Result<usize, Error>>> = None;
         let mut ticker = tokio::time::interval(inner.options.heartbeat);
         loop {
             let deadline = state
@@ -268,21 +278,38 @@ impl PostgresSource {
                         Err(e) => return Err(Error::unavailable("source: the backfill task failed", e)),
                     }
                 }
+                finished = async { (&mut reread.as_mut().expect("guarded").0).await }, if reread.is_some() => {
+                    reread = None;
+                    state.reread_running = None;
+                    match finished {
+                        Ok(Ok(n)) => tracing::debug!(sync = %inner.name, rows = n, "source: rows re-read for unchanged TOAST values"),
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => return Err(Error::unavailable("source: a re-read task failed", e)),
+                    }
+                    state.flush(&mut writer).await?;
+                }
                 _ = ticker.tick() => {
                     state.flush(&mut writer).await?;
                     writer.send_status(state.confirmed).await?;
                     if state.heartbeat_at.is_none() {
                         state.heartbeat_at = emit_heartbeat(&mut conn).await;
                     }
-                    // A table added to the publication since: its rows are read now, beside
-                    // the changes already streaming for it (one backfill at a time).
-                    if backfill.is_none()
-                        && self.add_published(&mut conn, &mut tables, &mut types).await?
-                    {
-                        for t in &tables {
-                            state.tables.entry(t.oid).or_insert_with(|| t.clone());
+                    // Columns added without a change since (no relation message announces
+                    // them): found by the catalog, re-read when they hold values.
+                    self.find_added_columns(&mut conn, &mut state, &mut tables).await?;
+                    // A table added to the publication since, a table asked to be read again,
+                    // or one that could not be read: read now, beside the changes already
+                    // streaming for it (one backfill at a time).
+                    if backfill.is_none() {
+                        let added = self.add_published(&mut conn, &mut tables, &mut types, false).await?;
+                        let pending = !inner.rereads.load(&inner.stream).await?.is_empty()
+                            || !self.unreadable().is_empty();
+                        if added || pending {
+                            for t in &tables {
+                                state.tables.entry(t.oid).or_insert_with(|| t.clone());
+                            }
+                            backfill = Some(self.spawn_backfill(types.clone(), tables.clone(), messages));
                         }
-                        backfill = Some(self.spawn_backfill(types.clone(), tables.clone(), messages));
                     }
                 }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
@@ -316,12 +343,25 @@ impl PostgresSource {
                                 // Before any change that uses the new shape is appended.
                                 state.flush_records().await?;
                                 self.describe_collection(&mut conn, t).await?;
+                                if let Some(before) = state.tables.get(&rel.id) {
+                                    self.reread_if_columns_need_it(before, t).await?;
+                                }
+                                if let Some(known) = tables.iter_mut().find(|k| k.oid == t.oid) {
+                                    *known = t.clone();
+                                }
                             }
                             state.relation(rel, table);
                         }
                         Incoming::Message(message) => {
-                            state.handle(message, &types, &mut conn, &mut writer).await?;
+                            state.handle(message, &types, &mut writer).await?;
                         }
+                    }
+                    if reread.is_none() && !state.rereads.queue.is_empty() {
+                        // The records before (the old key's delete among them) go first.
+                        state.flush_records().await?;
+                        let queued = std::mem::take(&mut state.rereads);
+                        state.reread_running = queued.hold;
+                        reread = Some(self.spawn_reread(types.clone(), queued));
                     }
                 }
             }
@@ -336,6 +376,7 @@ impl PostgresSource {
         conn: &mut PgConnection,
         tables: &mut Vec<Table>,
         types: &mut Arc<TypeMap>,
+        initial: bool,
     ) -> Result<bool, Error> {
         let mut added = false;
         for (schema, name) in tables::published(conn, &self.inner.spec.publication).await? {
@@ -356,7 +397,7 @@ impl PostgresSource {
                 }
                 self.describe_collection(conn, &t).await?;
             }
-            if !tables.is_empty() {
+            if !initial {
                 tracing::info!(sync = %self.inner.name, collection = %t.collection(), "source: a table was added to the publication; reading its rows");
             }
             tables.push(t);
@@ -375,25 +416,130 @@ impl PostgresSource {
     ) -> Aborting<Result<(), Error>> {
         // Logged from before the first page is read: a change that page cannot see may
         // arrive before the page does.
-        self.inner.watermarks.set_active(messages);
+        let logging = messages.then(|| WatermarkUse::new(self));
         let this = self.clone();
         Aborting(tokio::spawn(async move {
             let mut conn = connect(&this.inner.settings).await?;
-            let watermarks = &this.inner.watermarks;
-            let result = Backfill {
-                sync_id: this.inner.sync_id,
-                stream: &this.inner.stream,
-                types: &types,
-                page: this.inner.options.backfill_page,
-                owner: format!("{}/backfill", this.inner.sync_id.0),
-                progress: &this.inner.progress,
-                watermarks: messages.then_some(watermarks),
-            }
-            .run(&mut conn, &tables)
-            .await;
-            watermarks.set_active(false);
-            result
+            this.backfill(&types, logging.is_some())
+                .run(&mut conn, &tables)
+                .await
         }))
+    }
+
+    /// Reads the queued rows again (their unchanged TOAST values were nowhere in the stream)
+    /// and appends them; the slot is held before their changes until this has finished.
+    fn spawn_reread(
+        &self,
+        types: Arc<TypeMap>,
+        queued: KeyRereads,
+    ) -> Aborting<Result<usize, Error>> {
+        let this = self.clone();
+        Aborting(tokio::spawn(async move {
+            let logging = queued.logging;
+            let mut conn = connect(&this.inner.settings).await?;
+            let backfill = this.backfill(&types, logging.is_some());
+            let mut appended = 0;
+            for (table, keys) in queued.queue.values() {
+                let keys: Vec<Vec<String>> = keys.iter().cloned().collect();
+                match backfill.reread_keys(&mut conn, table, &keys).await {
+                    Ok(n) => appended += n,
+                    Err(e) if e.class() == ErrorClass::FixConfiguration => {
+                        // The table cannot be read at all: it is read whole once it can be,
+                        // which covers these rows (and stamps them later than their changes).
+                        let collection = table.collection();
+                        tracing::warn!(sync = %this.inner.name, collection, error = %e, "source: cannot read rows again");
+                        this.inner
+                            .rereads
+                            .request(&this.inner.stream, &collection)
+                            .await?;
+                        backfill.set_unreadable(&collection, Some(e));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(appended)
+        }))
+    }
+
+    fn backfill<'a>(&'a self, types: &'a TypeMap, watermarked: bool) -> Backfill<'a> {
+        let inner = &self.inner;
+        Backfill {
+            sync_id: inner.sync_id,
+            stream: &inner.stream,
+            types,
+            page: inner.options.backfill_page,
+            owner: format!("{}/backfill", inner.sync_id.0),
+            progress: &inner.progress,
+            watermarks: watermarked.then_some(&inner.watermarks),
+            rereads: &inner.rereads,
+            role: &inner.settings.user,
+            unreadable: &inner.unreadable,
+        }
+    }
+
+    /// Tables the backfill could not read, by collection, with the error.
+    fn unreadable(&self) -> Vec<(String, String, Option<String>)> {
+        self.inner
+            .unreadable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(c, e)| (c.clone(), e.to_string(), e.fix().map(str::to_owned)))
+            .collect()
+    }
+
+    /// Asks for `now`'s table to be read again when it gained columns that hold values no
+    /// change carried (see [`Table::columns_with_values_no_change_carried`]).
+    async fn reread_if_columns_need_it(&self, before: &Table, now: &Table) -> Result<(), Error> {
+        let added = now.columns_with_values_no_change_carried(before);
+        if !added.is_empty() {
+            tracing::info!(
+                sync = %self.inner.name,
+                collection = %now.collection(),
+                columns = ?added,
+                "source: columns added with a default; reading the table again for their values"
+            );
+            self.inner
+                .rereads
+                .request(&self.inner.stream, &now.collection())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Compares the known tables' columns with the catalog (one query), and handles a table
+    /// whose columns changed with no change sent since: its shape is stored, and it is read
+    /// again when a new column holds values.
+    async fn find_added_columns(
+        &self,
+        conn: &mut PgConnection,
+        state: &mut Streaming<'_>,
+        tables: &mut [Table],
+    ) -> Result<(), Error> {
+        let oids: Vec<i64> = tables.iter().map(|t| i64::from(t.oid)).collect();
+        let counts = tables::column_counts(conn, &oids).await?;
+        for known in tables.iter_mut() {
+            if counts
+                .get(&known.oid)
+                .copied()
+                .unwrap_or(known.columns.len())
+                == known.columns.len()
+            {
+                continue;
+            }
+            let Some(now) =
+                tables::describe(conn, Some(known.oid), &known.schema, &known.name).await?
+            else {
+                continue;
+            };
+            if !now.key.is_empty() {
+                self.describe_collection(conn, &now).await?;
+                self.reread_if_columns_need_it(known, &now).await?;
+            }
+            state.tables.insert(now.oid, now.clone());
+            *known = now;
+        }
+        Ok(())
     }
 
     /// Stores the table's shape in the stream for layouts that mirror it (only when it changed).
@@ -441,11 +587,43 @@ impl<T> Drop for Aborting<T> {
     }
 }
 
+/// Watermark logging kept on for one read (a backfill, a re-read); off again when dropped,
+/// so an aborted task cannot leave it on.
+struct WatermarkUse(PostgresSource);
+
+impl WatermarkUse {
+    fn new(source: &PostgresSource) -> Self {
+        source.inner.watermarks.acquire();
+        Self(source.clone())
+    }
+}
+
+impl Drop for WatermarkUse {
+    fn drop(&mut self) {
+        self.0.inner.watermarks.release();
+    }
+}
+
+/// Rows whose change left a TOAST value out that no earlier version in the stream holds:
+/// instead of a row that never existed, they are read again consistently (see
+/// `Backfill::reread_keys`), and the slot is not confirmed past their changes until then.
+#[derive(Default)]
+struct KeyRereads {
+    /// By table OID: the table and the key texts to read.
+    queue: HashMap<u32, (Table, std::collections::BTreeSet<Vec<String>>)>,
+    /// The slot may be confirmed up to here and no further while these wait.
+    hold: Option<Lsn>,
+    /// Changes are logged for the watermark from the first queued change on.
+    logging: Option<WatermarkUse>,
+}
+
 struct Txn {
     final_lsn: Lsn,
     commit_time: OffsetDateTime,
     xid: u32,
     index: u64,
+    /// The end of the last transaction before this one: confirming up to here replays it.
+    before: Lsn,
 }
 
 /// The state of one streaming session.
@@ -462,6 +640,12 @@ struct Streaming<'a> {
     confirmed: Lsn,
     /// The WAL position of a heartbeat not yet seen come back.
     heartbeat_at: Option<Lsn>,
+    /// The server sends logical messages (PostgreSQL 14+), so reads can be watermarked.
+    messages: bool,
+    /// Rows to read again, not yet started.
+    rereads: KeyRereads,
+    /// The slot hold of the re-read that is running.
+    reread_running: Option<Lsn>,
 }
 
 impl Streaming<'_> {
@@ -477,7 +661,11 @@ impl Streaming<'_> {
     /// Appends what is pending, then confirms the last complete transaction to the server.
     async fn flush(&mut self, writer: &mut StatusWriter) -> Result<(), Error> {
         self.flush_records().await?;
-        if let Some(c) = self.committed
+        let held = [self.rereads.hold, self.reread_running]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(c) = self.committed.map(|c| held.map_or(c, |h| c.min(h)))
             && c > self.confirmed
         {
             writer.send_status(c).await?;
@@ -505,7 +693,6 @@ impl Streaming<'_> {
         &mut self,
         message: Message,
         types: &TypeMap,
-        conn: &mut PgConnection,
         writer: &mut StatusWriter,
     ) -> Result<(), Error> {
         let batch_max = self.source.inner.options.batch_max;
@@ -520,6 +707,7 @@ impl Streaming<'_> {
                     commit_time,
                     xid,
                     index: 0,
+                    before: self.committed.unwrap_or(self.confirmed),
                 });
             }
             Message::Logical { lsn, .. } => {
@@ -536,13 +724,13 @@ impl Streaming<'_> {
                 }
             }
             Message::Insert { relation, new } => {
-                self.change(relation, None, Some(new), types, conn).await?;
+                self.change(relation, None, Some(new), types).await?;
             }
             Message::Update { relation, old, new } => {
-                self.change(relation, old, Some(new), types, conn).await?;
+                self.change(relation, old, Some(new), types).await?;
             }
             Message::Delete { relation, old } => {
-                self.change(relation, Some(old), None, types, conn).await?;
+                self.change(relation, Some(old), None, types).await?;
             }
             Message::Truncate { relations } => {
                 // Everything before the truncate goes first, so the tombstones follow it.
@@ -607,7 +795,6 @@ impl Streaming<'_> {
         old: Option<Vec<Value>>,
         new: Option<Vec<Value>>,
         types: &TypeMap,
-        conn: &mut PgConnection,
     ) -> Result<(), Error> {
         let Some((rel, table)) = self.relations.get(&relation) else {
             return Err(Error::invalid(format!(
@@ -641,133 +828,141 @@ impl Streaming<'_> {
             RecordKey::new(sync_id, collection.as_str(), tables::upstream_id(&keys))
         };
         let old_key = old.as_deref().and_then(key_of);
-        match new {
-            None => {
-                let key = old_key.ok_or_else(|| {
-                    Error::invalid(format!(
-                        "pgoutput: a delete on {collection} without its key"
-                    ))
-                })?;
-                let (version, at) = self.next_version()?;
-                self.push(Record {
-                    key: record_key(&key),
-                    provider: Provider::Postgres,
-                    version,
-                    upstream_updated_at: at,
-                    change: Change::Delete,
-                });
-            }
-            Some(new) => {
-                let Some(key) = key_of(&new) else {
-                    self.source.notice(format!(
-                        "{collection}: a change whose key was not sent was skipped"
-                    ));
-                    return Ok(());
-                };
-                let (version, at) = self.next_version()?;
-                if let Some(old_key) = old_key
-                    && old_key != key
-                {
-                    // The key changed: the old record is gone.
-                    self.push(Record {
-                        key: record_key(&old_key),
-                        provider: Provider::Postgres,
-                        version,
-                        upstream_updated_at: at,
-                        change: Change::Delete,
-                    });
-                }
-                let mut payload = tables::payload(
-                    types,
-                    rel.columns.iter().zip(&new).filter_map(|(c, v)| match v {
-                        Value::Null => Some((c.name.as_str(), c.type_oid, None)),
-                        Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t.as_str()))),
-                        Value::Unchanged => None,
-                    }),
-                );
-                let unchanged: Vec<&str> = rel
-                    .columns
-                    .iter()
-                    .zip(&new)
-                    .filter(|(_, v)| **v == Value::Unchanged)
-                    .map(|(c, _)| c.name.as_str())
-                    .collect();
-                let key = record_key(&key);
-                if !unchanged.is_empty() {
-                    self.fill_unchanged(&key, &table, &unchanged, &mut payload, types, conn)
-                        .await?;
-                    // Filled values were added last: restore the relation's column order.
-                    payload = rel
-                        .columns
-                        .iter()
-                        .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
-                        .collect();
-                }
-                self.push(Record {
-                    key,
-                    provider: Provider::Postgres,
-                    version,
-                    upstream_updated_at: at,
-                    change: Change::Upsert { payload },
-                });
-            }
+        let Some(new) = new else {
+            let key = old_key.ok_or_else(|| {
+                Error::invalid(format!(
+                    "pgoutput: a delete on {collection} without its key"
+                ))
+            })?;
+            let (version, at) = self.next_version()?;
+            self.push(Record {
+                key: record_key(&key),
+                provider: Provider::Postgres,
+                version,
+                upstream_updated_at: at,
+                change: Change::Delete,
+            });
+            return Ok(());
+        };
+        let Some(key_text) = key_of(&new) else {
+            self.source.notice(format!(
+                "{collection}: a change whose key was not sent was skipped"
+            ));
+            return Ok(());
+        };
+        let (version, at) = self.next_version()?;
+        let key = record_key(&key_text);
+        // The key changed: the old record is gone, and it holds the row's previous values.
+        let moved_from = old_key.filter(|k| *k != key_text).map(|k| record_key(&k));
+        let mut payload = tables::payload(
+            types,
+            rel.columns.iter().zip(&new).filter_map(|(c, v)| match v {
+                Value::Null => Some((c.name.as_str(), c.type_oid, None)),
+                Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t.as_str()))),
+                Value::Unchanged => None,
+            }),
+        );
+        let unchanged: Vec<&str> = rel
+            .columns
+            .iter()
+            .zip(&new)
+            .filter(|(_, v)| **v == Value::Unchanged)
+            .map(|(c, _)| c.name.as_str())
+            .collect();
+        let complete = unchanged.is_empty()
+            || self
+                .fill_unchanged(
+                    moved_from.as_ref().unwrap_or(&key),
+                    &unchanged,
+                    &mut payload,
+                )
+                .await?;
+        if let Some(old) = moved_from {
+            self.push(Record {
+                key: old,
+                provider: Provider::Postgres,
+                version,
+                upstream_updated_at: at,
+                change: Change::Delete,
+            });
         }
+        if !complete {
+            self.reread(&table, key_text, &key);
+            return Ok(());
+        }
+        if !unchanged.is_empty() {
+            // Filled values were added last: restore the relation's column order.
+            payload = rel
+                .columns
+                .iter()
+                .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
+                .collect();
+        }
+        self.push(Record {
+            key,
+            provider: Provider::Postgres,
+            version,
+            upstream_updated_at: at,
+            change: Change::Upsert { payload },
+        });
         Ok(())
     }
 
-    /// An unchanged TOAST value is not resent: take it from the record's previous version
-    /// (pending, else in the stream), else read the row from the source. Never a placeholder.
+    /// An unchanged TOAST value is not resent: take it from the previous version of the
+    /// record at `from` (the old key when the key changed), pending or in the stream. Returns
+    /// false when some value is in neither: the row must then be read again, never written
+    /// without it (and never with a value read later, which may belong to another version).
     async fn fill_unchanged(
         &self,
-        key: &RecordKey,
-        table: &Table,
+        from: &RecordKey,
         unchanged: &[&str],
         payload: &mut Payload,
-        types: &TypeMap,
-        conn: &mut PgConnection,
-    ) -> Result<(), Error> {
-        let previous = match self.pending.iter().rev().find(|r| &r.key == key) {
-            Some(r) => r.change.payload().cloned(),
-            None => self
-                .source
-                .inner
-                .stream
-                .get(key)
-                .await?
-                .and_then(|e| e.record.change.payload().cloned()),
+    ) -> Result<bool, Error> {
+        let pending = self.pending.iter().rev().find(|r| &r.key == from);
+        let stored;
+        let previous = match pending {
+            Some(r) => r.change.payload(),
+            None => {
+                stored = self.source.inner.stream.get(from).await?;
+                stored.as_ref().and_then(|e| e.record.change.payload())
+            }
         };
-        let mut missing = Vec::new();
+        let Some(previous) = previous else {
+            return Ok(false);
+        };
         for name in unchanged {
-            match previous.as_ref().and_then(|p| p.get(*name)) {
+            match previous.get(*name) {
                 Some(v) => {
                     payload.insert((*name).to_owned(), v.clone());
                 }
-                None => missing.push(*name),
+                None => return Ok(false),
             }
         }
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let key_text: Vec<String> = match serde_json::from_str::<Vec<String>>(&key.upstream_id.0) {
-            Ok(parts) if table.key.len() > 1 => parts,
-            _ => vec![key.upstream_id.0.clone()],
+        Ok(true)
+    }
+
+    /// Queues the row at `key` to be read again (see [`KeyRereads`]).
+    fn reread(&mut self, table: &Table, key_text: Vec<String>, key: &RecordKey) {
+        let Some(txn) = &self.txn else {
+            return;
         };
-        if let Some(row) = tables::read_row(conn, table, &key_text).await? {
-            let current = tables::payload(
-                types,
-                table
-                    .columns
-                    .iter()
-                    .zip(&row)
-                    .map(|(c, v)| (c.name.as_str(), c.type_oid, v.as_deref())),
-            );
-            for name in missing {
-                if let Some(v) = current.get(name) {
-                    payload.insert(name.to_owned(), v.clone());
-                }
-            }
+        let rereads = &mut self.rereads;
+        rereads.hold = Some(rereads.hold.map_or(txn.before, |h| h.min(txn.before)));
+        if self.messages && rereads.logging.is_none() {
+            rereads.logging = Some(WatermarkUse::new(self.source));
         }
-        Ok(())
+        // A later change to the row that its re-read cannot see wins over that re-read.
+        self.source
+            .inner
+            .watermarks
+            .record(txn.xid, &key.collection_id.0, &key.upstream_id.0);
+        tracing::debug!(collection = %key.collection_id.0, id = %key.upstream_id.0, "source: an unchanged TOAST value is not in the stream; reading the row again");
+        rereads
+            .queue
+            .entry(table.oid)
+            .or_insert_with(|| (table.clone(), Default::default()))
+            .1
+            .insert(key_text);
     }
 }
 
@@ -945,21 +1140,46 @@ impl Health for PostgresSource {
             }
             None => {}
         }
-        health.observe(
-            "tables",
-            if notices.is_empty() {
-                Status::Healthy
-            } else {
-                Status::Warning
-            },
-            if notices.is_empty() {
-                "every published table can be read".to_owned()
-            } else {
-                notices.join("; ")
-            },
-            None,
-            now,
-        );
+        let unreadable = self.unreadable();
+        if let Some((_, first, fix)) = unreadable.first() {
+            // Only these tables wait; every other table keeps streaming.
+            let mut message = first.lines().next().unwrap_or_default().to_owned();
+            for (_, other, _) in &unreadable[1..] {
+                message.push_str("; ");
+                message.push_str(other.lines().next().unwrap_or_default());
+            }
+            let fixes: Vec<&str> = unreadable
+                .iter()
+                .filter_map(|(_, _, f)| f.as_deref())
+                .collect();
+            health.observe(
+                "tables",
+                Status::Error,
+                message,
+                Some(if fixes.is_empty() {
+                    fix.clone().unwrap_or_default()
+                } else {
+                    fixes.join(" ")
+                }),
+                now,
+            );
+        } else {
+            health.observe(
+                "tables",
+                if notices.is_empty() {
+                    Status::Healthy
+                } else {
+                    Status::Warning
+                },
+                if notices.is_empty() {
+                    "every published table can be read".to_owned()
+                } else {
+                    notices.join("; ")
+                },
+                None,
+                now,
+            );
+        }
         health.report()
     }
 }

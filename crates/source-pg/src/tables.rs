@@ -2,7 +2,7 @@
 //! the backfill and the change stream, so both produce identical payloads and keys), and the
 //! keyset-paged backfill.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -35,12 +35,27 @@ pub(crate) struct TableColumn {
     pub name: String,
     pub type_oid: u32,
     pub sql_type: String,
+    /// Rows that existed before the column was added read a value for it that no change
+    /// carried (`ADD COLUMN … DEFAULT`: `atthasmissing`, or a volatile default's rewrite).
+    pub defaulted: bool,
 }
 
 impl Table {
     /// The collection id: `schema.table`.
     pub fn collection(&self) -> String {
         format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Columns of `self` that `before` did not have and that hold a value in rows written
+    /// before they were added. PostgreSQL sends no change for those rows (the value lives in
+    /// `pg_attribute.attmissingval`, or a volatile default rewrote the table unlogged for
+    /// decoding), so the table has to be read again for them to arrive.
+    pub fn columns_with_values_no_change_carried(&self, before: &Table) -> Vec<&str> {
+        self.columns
+            .iter()
+            .filter(|c| c.defaulted && !before.columns.iter().any(|b| b.name == c.name))
+            .map(|c| c.name.as_str())
+            .collect()
     }
 }
 
@@ -89,7 +104,8 @@ pub(crate) async fn describe(
     let oid = head.oid as u32;
     let columns = sqlx::query!(
         r#"select attname::text as "name!", atttypid::int8 as "type_oid!",
-                  format_type(atttypid, atttypmod) as "sql_type!"
+                  format_type(atttypid, atttypmod) as "sql_type!",
+                  (atthasdef or atthasmissing) as "defaulted!"
            from pg_attribute
            where attrelid = $1::int8::oid and attnum > 0 and not attisdropped and attgenerated = ''
            order by attnum"#,
@@ -121,11 +137,33 @@ pub(crate) async fn describe(
                 name: c.name,
                 type_oid: c.type_oid as u32,
                 sql_type: c.sql_type,
+                defaulted: c.defaulted,
             })
             .collect(),
         key,
         estimate: head.estimate as u64,
     }))
+}
+
+/// How many columns each of these tables has now (as [`describe`] counts them), by OID.
+pub(crate) async fn column_counts(
+    conn: &mut PgConnection,
+    oids: &[i64],
+) -> Result<std::collections::HashMap<u32, usize>, Error> {
+    let rows = sqlx::query!(
+        r#"select attrelid::int8 as "oid!", count(*)::int8 as "columns!"
+           from pg_attribute
+           where attrelid::int8 = any($1) and attnum > 0 and not attisdropped and attgenerated = ''
+           group by attrelid"#,
+        oids
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(|e| db("counting the published tables' columns", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.oid as u32, r.columns as usize))
+        .collect())
 }
 
 /// The `upstream_id` for a row's key values (in key order): the value itself for a one-column
@@ -161,8 +199,89 @@ pub(crate) struct BackfillState {
     pub done: BTreeSet<String>,
     /// The collection being read and the text of the last key appended.
     pub current: Option<(String, Vec<String>)>,
+    /// The re-read request (see [`TableRereads`]) the current collection is read for; 0 for
+    /// its first read.
+    #[serde(default)]
+    pub generation: u64,
     /// Rows appended so far, all tables.
     pub rows: u64,
+}
+
+/// Tables to read again from their first row (a column added with a default), stored in the
+/// stream beside the backfill's state, so a restart still reads them. Each request bumps the
+/// table's generation: a read that started before a newer request does not satisfy it.
+pub(crate) struct TableRereads {
+    owner: String,
+    /// The session asks while a backfill may be finishing: one read-modify-write at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl TableRereads {
+    pub fn new(owner: String) -> Self {
+        Self {
+            owner,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Outstanding requests: collection → generation.
+    pub async fn load(
+        &self,
+        stream: &Arc<dyn RecordStream>,
+    ) -> Result<BTreeMap<String, u64>, Error> {
+        Ok(match stream.source_state(&self.owner).await? {
+            Some(v) => serde_json::from_value(v).unwrap_or_default(),
+            None => BTreeMap::new(),
+        })
+    }
+
+    async fn store(
+        &self,
+        stream: &Arc<dyn RecordStream>,
+        requests: &BTreeMap<String, u64>,
+    ) -> Result<(), Error> {
+        let value = serde_json::to_value(requests)
+            .map_err(|e| Error::invalid(format!("source: storing re-read requests: {e}")))?;
+        stream
+            .append_with_state(
+                Vec::new(),
+                Some(SourceState {
+                    owner: self.owner.clone(),
+                    value,
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Asks for `collection` to be read again, durably, before the caller confirms the change
+    /// that made it necessary.
+    pub async fn request(
+        &self,
+        stream: &Arc<dyn RecordStream>,
+        collection: &str,
+    ) -> Result<(), Error> {
+        let _one = self.lock.lock().await;
+        let mut requests = self.load(stream).await?;
+        *requests.entry(collection.to_owned()).or_default() += 1;
+        self.store(stream, &requests).await
+    }
+
+    /// `collection` was read whole for request `generation`.
+    async fn finished(
+        &self,
+        stream: &Arc<dyn RecordStream>,
+        collection: &str,
+        generation: u64,
+    ) -> Result<(), Error> {
+        let _one = self.lock.lock().await;
+        let mut requests = self.load(stream).await?;
+        if requests.get(collection) == Some(&generation) {
+            requests.remove(collection);
+            self.store(stream, &requests).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Progress a caller can show.
@@ -193,27 +312,56 @@ pub(crate) struct Backfill<'a> {
     /// Watermarks with the change stream (PostgreSQL 14 and newer; see [`Watermarks`]).
     /// Without them a page is stamped with the WAL position read before its snapshot.
     pub watermarks: Option<&'a Watermarks>,
+    /// Tables asked to be read again.
+    pub rereads: &'a TableRereads,
+    /// The role sluice reads as (named in the `GRANT` when a table may not be read).
+    pub role: &'a str,
+    /// Tables that could not be read, with why; a table leaves it once it has been read.
+    pub unreadable: &'a std::sync::Mutex<BTreeMap<String, Error>>,
+}
+
+/// Which rows of a table one consistent read takes.
+#[derive(Clone, Copy)]
+enum Rows<'k> {
+    /// The next keyset page after this key (from the first row when `None`).
+    After(Option<&'k [String]>),
+    /// The rows with exactly these keys (those that still exist).
+    Keys(&'k [Vec<String>]),
 }
 
 impl Backfill<'_> {
-    /// Reads every table in `tables` that the stored state has not finished, in keyset pages.
-    /// Each page is stamped with the LSN read before its snapshot, so any change that races
-    /// with it carries a greater version and wins in the stream.
+    /// Reads every table in `tables` that the stored state has not finished, or that was
+    /// asked to be read again, in keyset pages. Each page is reconciled with the change
+    /// stream (see [`Watermarks`]), so any change that races with it wins in the stream.
     pub async fn run(&self, conn: &mut PgConnection, tables: &[Table]) -> Result<(), Error> {
         let mut state: BackfillState = match self.stream.source_state(&self.owner).await? {
             Some(v) => serde_json::from_value(v).unwrap_or_default(),
             None => BackfillState::default(),
         };
-        let todo: Vec<&Table> = tables
+        let rereads = self.rereads.load(self.stream).await?;
+        let todo: Vec<(&Table, u64)> = tables
             .iter()
-            .filter(|t| !state.done.contains(&t.collection()) && !t.key.is_empty())
+            .filter(|t| !t.key.is_empty())
+            .filter_map(|t| {
+                let collection = t.collection();
+                match rereads.get(&collection) {
+                    Some(generation) => Some((t, *generation)),
+                    None => (!state.done.contains(&collection)).then_some((t, 0)),
+                }
+            })
             .collect();
-        for (i, table) in todo.iter().enumerate() {
+        for (i, (table, generation)) in todo.iter().enumerate() {
             let collection = table.collection();
             let mut after = match &state.current {
-                Some((c, key)) if *c == collection => Some(key.clone()),
+                Some((c, key)) if *c == collection && state.generation == *generation => {
+                    Some(key.clone())
+                }
                 _ => None,
             };
+            if after.is_none() {
+                state.done.remove(&collection);
+                state.generation = *generation;
+            }
             let mut rows_here = 0u64;
             self.set_progress(|p| {
                 *p = BackfillProgress {
@@ -227,53 +375,23 @@ impl Backfill<'_> {
             });
             tracing::info!(collection, estimate = table.estimate, "backfill: reading");
             loop {
-                let (lsn, rows, raced) = match self.watermarks {
-                    Some(watermarks) => {
-                        self.watermarked_page(conn, watermarks, table, after.as_deref())
-                            .await?
+                let read = self
+                    .read_consistent(conn, table, Rows::After(after.as_deref()))
+                    .await;
+                let (lsn, rows, raced) = match read {
+                    Ok(read) => read,
+                    Err(e) if e.class() == sluice_core::ErrorClass::FixConfiguration => {
+                        // This table alone waits for its fix; the others are read, and its
+                        // changes keep streaming. The next backfill tries it again.
+                        tracing::warn!(collection, error = %e, "backfill: cannot read this table");
+                        self.set_unreadable(&collection, Some(e));
+                        break;
                     }
-                    None => {
-                        let lsn: String =
-                            sqlx::query_scalar!(r#"select pg_current_wal_lsn()::text as "l!""#)
-                                .fetch_one(&mut *conn)
-                                .await
-                                .map_err(|e| db("reading the WAL position", e))?;
-                        let rows = read_page(conn, table, after.as_deref(), self.page).await?;
-                        (lsn.parse()?, rows, Default::default())
-                    }
+                    Err(e) => return Err(e),
                 };
-                let read = rows.len() as u64;
+                let n = rows.len() as u64;
                 let last = rows.last().map(|(key, _)| key.clone());
-                let everything_raced = raced.contains("*");
-                let records: Vec<Record> = rows
-                    .into_iter()
-                    .filter_map(|(key, row)| {
-                        let keys: Vec<&str> = key.iter().map(String::as_str).collect();
-                        let id = upstream_id(&keys);
-                        // The change stream holds a newer state of a raced row.
-                        if everything_raced || raced.contains(&id) {
-                            return None;
-                        }
-                        Some((id, row))
-                    })
-                    .map(|(id, row)| Record {
-                        key: RecordKey::new(self.sync_id, collection.as_str(), id),
-                        provider: Provider::Postgres,
-                        version: Version::new(lsn.0, 0),
-                        upstream_updated_at: OffsetDateTime::now_utc(),
-                        change: Change::Upsert {
-                            payload: payload(
-                                self.types,
-                                table
-                                    .columns
-                                    .iter()
-                                    .zip(&row)
-                                    .map(|(c, v)| (c.name.as_str(), c.type_oid, v.as_deref())),
-                            ),
-                        },
-                    })
-                    .collect();
-                let n = read;
+                let records = self.records(table, lsn, rows, &raced);
                 rows_here += n;
                 state.rows += n;
                 match last {
@@ -301,8 +419,14 @@ impl Backfill<'_> {
                 });
                 if state.current.is_none() {
                     tracing::info!(collection, rows = rows_here, "backfill: table done");
+                    self.set_unreadable(&collection, None);
                     break;
                 }
+            }
+            if *generation > 0 && state.done.contains(&collection) {
+                self.rereads
+                    .finished(self.stream, &collection, *generation)
+                    .await?;
             }
         }
         self.set_progress(|p| {
@@ -313,14 +437,138 @@ impl Backfill<'_> {
         Ok(())
     }
 
-    /// One page read in a snapshot, reconciled with the change stream through a watermark
+    /// Reads the rows of `table` with these keys again, consistently with the change stream
+    /// (the same reconciliation as a backfill page), and appends them. Keys whose row is gone
+    /// append nothing: the change stream carries their delete. Returns the rows appended.
+    pub async fn reread_keys(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        keys: &[Vec<String>],
+    ) -> Result<usize, Error> {
+        let mut appended = 0;
+        for chunk in keys.chunks(self.page.max(1)) {
+            let (lsn, rows, raced) = self.read_consistent(conn, table, Rows::Keys(chunk)).await?;
+            let records = self.records(table, lsn, rows, &raced);
+            appended += records.len();
+            self.stream.append(records).await?;
+        }
+        Ok(appended)
+    }
+
+    /// Rows read at one point of the source's history, the LSN to stamp them with, and the
+    /// ids a change the read could not see has touched since (their rows are dropped).
+    async fn read_consistent(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        rows: Rows<'_>,
+    ) -> Result<(Lsn, Page, std::collections::HashSet<String>), Error> {
+        match self.watermarks {
+            Some(watermarks) => self.watermarked_read(conn, watermarks, table, rows).await,
+            None => {
+                let lsn: String =
+                    sqlx::query_scalar!(r#"select pg_current_wal_lsn()::text as "l!""#)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(|e| db("reading the WAL position", e))?;
+                let page = self.read_rows(conn, table, rows).await?;
+                Ok((lsn.parse()?, page, Default::default()))
+            }
+        }
+    }
+
+    async fn read_rows(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        rows: Rows<'_>,
+    ) -> Result<Page, Error> {
+        let read = match rows {
+            Rows::After(after) => read_page(conn, table, after, self.page).await,
+            Rows::Keys(keys) => read_keys(conn, table, keys).await,
+        };
+        read.map_err(|e| self.explain(table, e))
+    }
+
+    /// A read refused for want of `SELECT` becomes that table's configuration error, with
+    /// the grant that fixes it.
+    fn explain(&self, table: &Table, e: Error) -> Error {
+        let denied = match &e {
+            Error::Unavailable {
+                source: Some(source),
+                ..
+            } => source
+                .downcast_ref::<sqlx::Error>()
+                .and_then(|e| e.as_database_error())
+                .and_then(|d| d.code())
+                .is_some_and(|code| code == "42501"),
+            _ => false,
+        };
+        if !denied {
+            return e;
+        }
+        Error::configuration(
+            format!(
+                "sluice may not read {} (permission denied for the role {})",
+                table.collection(),
+                self.role
+            ),
+            format!(
+                "grant select on table {} to {};",
+                qualified(&table.schema, &table.name),
+                quote_ident(self.role)
+            ),
+        )
+    }
+
+    /// A page's rows as records stamped at `lsn`, without the rows that raced.
+    fn records(
+        &self,
+        table: &Table,
+        lsn: Lsn,
+        rows: Page,
+        raced: &std::collections::HashSet<String>,
+    ) -> Vec<Record> {
+        let collection = table.collection();
+        let everything_raced = raced.contains("*");
+        rows.into_iter()
+            .filter_map(|(key, row)| {
+                let keys: Vec<&str> = key.iter().map(String::as_str).collect();
+                let id = upstream_id(&keys);
+                // The change stream holds a newer state of a raced row.
+                if everything_raced || raced.contains(&id) {
+                    return None;
+                }
+                Some((id, row))
+            })
+            .map(|(id, row)| Record {
+                key: RecordKey::new(self.sync_id, collection.as_str(), id),
+                provider: Provider::Postgres,
+                version: Version::new(lsn.0, 0),
+                upstream_updated_at: OffsetDateTime::now_utc(),
+                change: Change::Upsert {
+                    payload: payload(
+                        self.types,
+                        table
+                            .columns
+                            .iter()
+                            .zip(&row)
+                            .map(|(c, v)| (c.name.as_str(), c.type_oid, v.as_deref())),
+                    ),
+                },
+            })
+            .collect()
+    }
+
+    /// One read in a snapshot, reconciled with the change stream through a watermark
     /// (see [`Watermarks`]): the LSN to stamp it with, its rows, and the ids that raced.
-    async fn watermarked_page(
+    async fn watermarked_read(
         &self,
         conn: &mut PgConnection,
         watermarks: &Watermarks,
         table: &Table,
-        after: Option<&[String]>,
+        rows: Rows<'_>,
     ) -> Result<(Lsn, Page, std::collections::HashSet<String>), Error> {
         use sqlx::Connection;
         let mut tx = conn
@@ -335,7 +583,7 @@ impl Backfill<'_> {
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| db("reading the snapshot", e))?;
-        let rows = read_page(&mut tx, table, after, self.page).await?;
+        let page = self.read_rows(&mut tx, table, rows).await?;
         tx.commit()
             .await
             .map_err(|e| db("ending a backfill page", e))?;
@@ -350,7 +598,15 @@ impl Backfill<'_> {
             .wait_past(mark, std::time::Duration::from_secs(120))
             .await?;
         let raced = watermarks.raced(&Snapshot::parse(&snapshot)?, &table.collection());
-        Ok((mark, rows, raced))
+        Ok((mark, page, raced))
+    }
+
+    pub fn set_unreadable(&self, collection: &str, error: Option<Error>) {
+        let mut unreadable = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => unreadable.insert(collection.to_owned(), e),
+            None => unreadable.remove(collection),
+        };
     }
 
     fn set_progress(&self, f: impl FnOnce(&mut BackfillProgress)) {
@@ -384,24 +640,28 @@ pub(crate) async fn read_page(
     fetch_rows(conn, table, &sql).await
 }
 
-/// The current row for one key, if it still exists.
-pub(crate) async fn read_row(
+/// The rows with these keys that still exist.
+async fn read_keys(
     conn: &mut PgConnection,
     table: &Table,
-    key: &[String],
-) -> Result<Option<Vec<Option<String>>>, Error> {
-    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    keys: &[Vec<String>],
+) -> Result<Page, Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let wanted = keys
+        .iter()
+        .map(|key| key_literals(table, key).map(|l| format!("({l})")))
+        .collect::<Result<Vec<_>, Error>>()?;
     let sql = format!(
-        "select {} from {} where ({}) = ({})",
+        "select {} from {} where ({}) in ({})",
         select_list(table),
         qualified(&table.schema, &table.name),
-        keys.join(", "),
-        key_literals(table, key)?
+        columns.join(", "),
+        wanted.join(", ")
     );
-    Ok(fetch_rows(conn, table, &sql)
-        .await?
-        .pop()
-        .map(|(_, row)| row))
+    fetch_rows(conn, table, &sql).await
 }
 
 fn select_list(table: &Table) -> String {
@@ -594,7 +854,8 @@ pub(crate) struct Watermarks {
 #[derive(Default)]
 struct WatermarkState {
     through: Lsn,
-    active: bool,
+    /// Reads (a backfill, re-reads of single rows) that need changes logged.
+    users: usize,
     /// (xid, collection, upstream id or `*` for a truncate)
     changes: Vec<(u32, String, String)>,
 }
@@ -604,11 +865,16 @@ impl Watermarks {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Turns change logging on for a backfill (off clears it).
-    pub fn set_active(&self, active: bool) {
+    /// A read starts that needs changes logged from now on (before its snapshot is taken).
+    pub fn acquire(&self) {
+        self.state().users += 1;
+    }
+
+    /// A read that [`acquire`](Self::acquire)d is over; the log is cleared after the last.
+    pub fn release(&self) {
         let mut state = self.state();
-        state.active = active;
-        if !active {
+        state.users = state.users.saturating_sub(1);
+        if state.users == 0 {
             state.changes.clear();
         }
     }
@@ -616,7 +882,7 @@ impl Watermarks {
     /// The change stream saw `xid` change `id` (`*`: the whole collection) of `collection`.
     pub fn record(&self, xid: u32, collection: &str, id: &str) {
         let mut state = self.state();
-        if state.active {
+        if state.users > 0 {
             state
                 .changes
                 .push((xid, collection.to_owned(), id.to_owned()));
@@ -692,7 +958,7 @@ mod watermark_tests {
     #[test]
     fn raced_keys_are_those_of_hidden_transactions() {
         let w = Watermarks::default();
-        w.set_active(true);
+        w.acquire();
         w.record(101, "public.t", "1"); // visible to the snapshot below
         w.record(105, "public.t", "2"); // running when it was taken
         w.record(120, "public.t", "3"); // started after
@@ -700,7 +966,7 @@ mod watermark_tests {
         let s = Snapshot::parse("100:110:105").unwrap();
         let raced = w.raced(&s, "public.t");
         assert_eq!(raced, ["2".to_owned(), "3".to_owned()].into());
-        w.set_active(false);
+        w.release();
         assert!(w.raced(&s, "public.t").is_empty());
     }
 }

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `boolean` | `true` / `false` |
 //! | `smallint`, `integer`, `bigint`, `oid` | number |
-//! | `real`, `double precision` | number; `NaN` and `±Infinity` as strings |
+//! | `real`, `double precision` | number with the server's exact digits; `NaN`, `±Infinity` and `-0` as strings |
 //! | `numeric` | string with every digit (JSON numbers would round) |
 //! | `json`, `jsonb` | the JSON itself, nested |
 //! | `timestamp` | ISO 8601 without offset, `2024-05-01T12:00:00.5` |
@@ -120,14 +120,12 @@ pub(crate) fn to_json(kind: &Kind, text: &str) -> Json {
             "f" | "false" => Json::Bool(false),
             other => Json::String(other.to_owned()),
         },
-        Kind::Int => text
-            .parse::<i64>()
-            .map(Json::from)
-            .unwrap_or_else(|_| Json::String(text.to_owned())),
-        Kind::Float => text
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
+        // The server's own text, kept as the number's digits: `real` and `double precision`
+        // print the shortest text that reads back to the same bits, so passing that text on
+        // (never an f64 in between) is what keeps every bit. `NaN` and `Infinity` are no JSON
+        // numbers, and `jsonb` turns a number `-0` into `0`: those three stay strings.
+        Kind::Float if text == "-0" => Json::String(text.to_owned()),
+        Kind::Int | Kind::Float => exact_number(text)
             .map(Json::Number)
             .unwrap_or_else(|| Json::String(text.to_owned())),
         Kind::Numeric | Kind::Text => Json::String(text.to_owned()),
@@ -138,6 +136,15 @@ pub(crate) fn to_json(kind: &Kind, text: &str) -> Json {
             parse_array(text, elem).unwrap_or_else(|| Json::String(text.to_owned()))
         }
     }
+}
+
+/// `text` as a JSON number with exactly these digits, if it is one in JSON's grammar.
+fn exact_number(text: &str) -> Option<serde_json::Number> {
+    let first = text.bytes().next()?;
+    if !(first == b'-' || first.is_ascii_digit()) {
+        return None;
+    }
+    serde_json::from_str(text).ok()
 }
 
 /// `2024-05-01 12:00:00.5+00` → `2024-05-01T12:00:00.5+00:00` (ISO DateStyle in, ISO 8601 out).
@@ -231,6 +238,26 @@ mod tests {
         assert_eq!(to_json(&Kind::Int, "-9223372036854775808"), json!(i64::MIN));
         assert_eq!(to_json(&Kind::Float, "1.5"), json!(1.5));
         assert_eq!(to_json(&Kind::Float, "NaN"), json!("NaN"));
+        assert_eq!(to_json(&Kind::Float, "-Infinity"), json!("-Infinity"));
+        assert_eq!(to_json(&Kind::Float, "-0"), json!("-0"));
+        // The digits are the server's, never an f64's: these would all change through one.
+        for text in [
+            "101.33333333333333",
+            "-1.5",
+            "4.9406564584124654e-324",
+            "1e-310",
+            "0.1",
+        ] {
+            assert_eq!(to_json(&Kind::Float, text).to_string(), text);
+        }
+        assert_eq!(
+            to_json(
+                &Kind::Json,
+                r#"{"n": 12345678901234567890123, "r": 99.290, "e": 1e400}"#
+            )
+            .to_string(),
+            r#"{"e":1e+400,"n":12345678901234567890123,"r":99.290}"#
+        );
         assert_eq!(
             to_json(&Kind::Numeric, "12345678901234567890.000000000001"),
             json!("12345678901234567890.000000000001")

@@ -102,7 +102,7 @@ fn start(s: &Setup, options: SourceOptions) -> Running {
 fn start_with(
     settings: ConnectionSettings,
     spec: SourceSpec,
-    stream: Arc<EmbeddedStream>,
+    stream: Arc<dyn RecordStream>,
     options: SourceOptions,
 ) -> Running {
     let source = PostgresSource::new("app", SYNC, settings, spec, stream, options);
@@ -969,5 +969,345 @@ async fn a_change_committed_but_not_yet_visible_during_a_page_still_wins() {
         .unwrap();
     assert_eq!(n, 999);
     assert_eq!(live(&stream, "public.items").await.len(), 50);
+    running.stop().await;
+}
+
+/// The real stream, watched: every record appended is checked by `check` (a failure is kept,
+/// not panicked, so the source keeps running and the test reports it), and `get` can be made
+/// to not find a key, as if the stream had never held its earlier versions.
+/// What a watched stream checks each appended record with: `Some(problem)` flags it.
+type RecordCheck = Box<dyn Fn(&sluice_core::Record) -> Option<String> + Send + Sync>;
+
+struct Watched {
+    inner: Arc<EmbeddedStream>,
+    check: RecordCheck,
+    bad: std::sync::Mutex<Vec<String>>,
+    forget: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Watched {
+    fn new(
+        inner: Arc<EmbeddedStream>,
+        check: impl Fn(&sluice_core::Record) -> Option<String> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            check: Box::new(check),
+            bad: Default::default(),
+            forget: Default::default(),
+        })
+    }
+
+    fn bad(&self) -> Vec<String> {
+        self.bad.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl RecordStream for Watched {
+    async fn append_with_state(
+        &self,
+        records: Vec<sluice_core::Record>,
+        state: Option<sluice_core::SourceState>,
+    ) -> sluice_core::Result<sluice_core::AppendOutcome> {
+        for r in &records {
+            if let Some(problem) = (self.check)(r) {
+                self.bad.lock().unwrap().push(problem);
+            }
+        }
+        self.inner.append_with_state(records, state).await
+    }
+    async fn source_state(&self, owner: &str) -> sluice_core::Result<Option<Value>> {
+        self.inner.source_state(owner).await
+    }
+    async fn set_collection_schema(
+        &self,
+        sync_id: SyncId,
+        collection: &sluice_core::CollectionId,
+        schema: &sluice_core::CollectionSchema,
+    ) -> sluice_core::Result<()> {
+        self.inner
+            .set_collection_schema(sync_id, collection, schema)
+            .await
+    }
+    async fn collection_schema(
+        &self,
+        sync_id: SyncId,
+        collection: &sluice_core::CollectionId,
+    ) -> sluice_core::Result<Option<sluice_core::CollectionSchema>> {
+        self.inner.collection_schema(sync_id, collection).await
+    }
+    async fn tombstone_collection(
+        &self,
+        sync_id: SyncId,
+        collection: &sluice_core::CollectionId,
+        version: sluice_core::Version,
+        at: time::OffsetDateTime,
+    ) -> sluice_core::Result<u64> {
+        self.inner
+            .tombstone_collection(sync_id, collection, version, at)
+            .await
+    }
+    async fn read(
+        &self,
+        filter: &sluice_core::RecordFilter,
+        after: sluice_core::Seq,
+        limit: usize,
+    ) -> sluice_core::Result<sluice_core::StreamRead> {
+        self.inner.read(filter, after, limit).await
+    }
+    async fn lag(
+        &self,
+        filter: &sluice_core::RecordFilter,
+        after: sluice_core::Seq,
+        cap: u64,
+    ) -> sluice_core::Result<sluice_core::Lag> {
+        self.inner.lag(filter, after, cap).await
+    }
+    async fn get(&self, key: &RecordKey) -> sluice_core::Result<Option<StreamEntry>> {
+        if self.forget.lock().unwrap().contains(&key.upstream_id.0) {
+            return Ok(None);
+        }
+        self.inner.get(key).await
+    }
+    async fn head(&self) -> sluice_core::Result<sluice_core::Seq> {
+        self.inner.head().await
+    }
+    async fn wait_past(&self, seq: sluice_core::Seq) {
+        self.inner.wait_past(seq).await
+    }
+    async fn acknowledge(
+        &self,
+        consumer: &sluice_core::ConsumerId,
+        filter: &sluice_core::RecordFilter,
+        through: sluice_core::Seq,
+    ) -> sluice_core::Result<()> {
+        self.inner.acknowledge(consumer, filter, through).await
+    }
+    async fn forget(&self, consumer: &sluice_core::ConsumerId) -> sluice_core::Result<()> {
+        self.inner.forget(consumer).await
+    }
+}
+
+/// 3,200 bytes that PostgreSQL stores out of line (the column is `storage external`).
+const BODY_SQL: &str = "(select string_agg(md5(i::text), '') from generate_series(1, 100) i)";
+
+/// A watched stream that flags any upsert of `collection` whose `body` is not `body`.
+fn body_kept(s: &Setup, collection: &'static str, body: String) -> Arc<Watched> {
+    Watched::new(s.stream.clone(), move |r| {
+        let payload = r.change.payload()?;
+        (r.key.collection_id.0 == collection && payload.get("body") != Some(&json!(body))).then(
+            || {
+                format!(
+                    "{} written with body {:?}",
+                    r.key.upstream_id.0,
+                    payload
+                        .get("body")
+                        .map(|b| b.to_string().chars().take(40).collect::<String>())
+                )
+            },
+        )
+    })
+}
+
+async fn body_text(db: &str) -> String {
+    let mut conn = PG.admin(db).await.unwrap();
+    sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("select {BODY_SQL}")))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Waits until the stream's live `public.moves` rows are exactly `expected` (id → n), each
+/// with the full body.
+async fn moves_become(s: &Setup, expected: &[(&str, i64)], body: &str) {
+    let want: BTreeMap<String, (i64, String)> = expected
+        .iter()
+        .map(|(id, n)| (id.to_string(), (*n, body.to_owned())))
+        .collect();
+    wait_until(&format!("public.moves is {expected:?}"), 30, async || {
+        let rows = live(&s.stream, "public.moves").await;
+        rows.values().all(|p| p.get("body").is_some()) && stream_rows(&rows) == want
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unchanged_toast_value_survives_key_changes_keeping_up_lagging_and_forgotten() {
+    let s = setup(
+        "moves",
+        "create sequence public.move_ids start 1000;
+         create table public.moves (id int primary key, n int, body text);
+         alter table public.moves alter column body set storage external;",
+    )
+    .await;
+    let body = body_text(&s.db).await;
+    let watched = body_kept(&s, "public.moves", body.clone());
+    let sql = |q: &str| q.replace("BODY", BODY_SQL);
+
+    // Keeping up: each single-statement change is streamed as it commits.
+    let running = start_with(
+        s.settings.clone(),
+        s.spec.clone(),
+        watched.clone(),
+        options(),
+    );
+    check_becomes_healthy(&running.source, "replication").await;
+    for (step, expected) in [
+        (
+            "insert into public.moves values (1, 0, BODY)",
+            vec![("1", 0)],
+        ),
+        (
+            "update public.moves set id = nextval('public.move_ids') where id = 1",
+            vec![("1000", 0)],
+        ),
+        (
+            "update public.moves set n = n + 1 where id = 1000",
+            vec![("1000", 1)],
+        ),
+        (
+            "update public.moves set id = nextval('public.move_ids'), n = 2 where id = 1000",
+            vec![("1001", 2)],
+        ),
+        ("delete from public.moves where id = 1001", vec![]),
+    ] {
+        PG.execute(&s.db, &sql(step)).await.unwrap();
+        moves_become(&s, &expected, &body).await;
+    }
+
+    // Lagging: the same history while sluice is stopped, replayed from the slot at once;
+    // the row is gone from the source by the time its key changes are read.
+    running.stop().await;
+    for step in [
+        "insert into public.moves values (2, 0, BODY), (3, 0, BODY)",
+        "update public.moves set id = nextval('public.move_ids') where id = 2",
+        "update public.moves set n = n + 1 where id = 1002",
+        "update public.moves set id = nextval('public.move_ids') where id = 1002",
+        "update public.moves set id = nextval('public.move_ids') where id = 3",
+        "update public.moves set n = 5 where id = 1004",
+        "delete from public.moves where id = 1004",
+    ] {
+        PG.execute(&s.db, &sql(step)).await.unwrap();
+    }
+    let running = start_with(
+        s.settings.clone(),
+        s.spec.clone(),
+        watched.clone(),
+        options(),
+    );
+    moves_become(&s, &[("1003", 1)], &body).await;
+
+    // Forgotten: the stream does not hold the row's earlier version (as for a row the
+    // backfill has not reached yet). The row is read again consistently, never written
+    // without its body, and the slot is not confirmed past the change until then.
+    PG.execute(&s.db, &sql("insert into public.moves values (7, 0, BODY)"))
+        .await
+        .unwrap();
+    moves_become(&s, &[("1003", 1), ("7", 0)], &body).await;
+    watched.forget.lock().unwrap().insert("7".into());
+    PG.execute(&s.db, "update public.moves set n = 8 where id = 7")
+        .await
+        .unwrap();
+    moves_become(&s, &[("1003", 1), ("7", 8)], &body).await;
+    watched.forget.lock().unwrap().clear();
+
+    assert_eq!(
+        watched.bad(),
+        Vec::<String>::new(),
+        "no row version without its TOAST value"
+    );
+    running.stop().await;
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+#[tokio::test]
+async fn a_table_that_cannot_be_read_fails_alone_and_is_read_once_granted() {
+    let s = setup(
+        "nogrant",
+        "create table public.open (id int primary key, v text);",
+    )
+    .await;
+    // Created after the setup's grant: the replication role may not read it.
+    PG.execute(
+        &s.db,
+        &format!(
+            "create table public.closed (id int primary key, n int, body text);
+             alter table public.closed alter column body set storage external;
+             insert into public.closed values (1, 0, {BODY_SQL});"
+        ),
+    )
+    .await
+    .unwrap();
+    let body = body_text(&s.db).await;
+    let watched = body_kept(&s, "public.closed", body.clone());
+    let running = start_with(
+        s.settings.clone(),
+        s.spec.clone(),
+        watched.clone(),
+        options(),
+    );
+
+    // Only that table is in error, with the grant that fixes it.
+    wait_until("the closed table is reported", 30, async || {
+        running.source.health().await.checks.iter().any(|c| {
+            c.name == "tables"
+                && c.status == Status::Error
+                && c.message.contains("public.closed")
+                && c.fix
+                    .as_deref()
+                    .is_some_and(|f| f.contains(r#"grant select on table "public"."closed" to"#))
+        })
+    })
+    .await;
+    // Every other table streams, and the slot keeps being confirmed.
+    PG.execute(&s.db, "insert into public.open values (1, 'a'), (2, 'b')")
+        .await
+        .unwrap();
+    // A change to the closed table whose TOAST value no earlier version holds.
+    PG.execute(&s.db, "update public.closed set n = 1 where id = 1")
+        .await
+        .unwrap();
+    let mut conn = PG.admin(&s.db).await.unwrap();
+    let written: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    wait_until("the open table streams", 30, async || {
+        live(&s.stream, "public.open").await.len() == 2
+    })
+    .await;
+    wait_until("the slot is confirmed past the changes", 30, async || {
+        lsn(&running.source.confirmed()) >= lsn(&written)
+    })
+    .await;
+    let report = running.source.health().await;
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "replication" && c.status == Status::Healthy),
+        "{report:?}"
+    );
+
+    // Once granted, the table is read without a restart, whole and exact.
+    PG.execute(
+        &s.db,
+        &format!("grant select on public.closed to {}_repl", s.db),
+    )
+    .await
+    .unwrap();
+    wait_until("the closed table is read", 30, async || {
+        let rows = live(&s.stream, "public.closed").await;
+        rows.get("1")
+            .is_some_and(|p| p["n"] == 1 && p["body"] == json!(body))
+    })
+    .await;
+    check_becomes_healthy(&running.source, "tables").await;
+    assert_eq!(watched.bad(), Vec::<String>::new());
     running.stop().await;
 }
