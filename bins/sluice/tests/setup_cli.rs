@@ -379,3 +379,41 @@ async fn rebuild_schema_empties_only_what_sluice_owns() {
         "sluice's table emptied; the user's view works and table is kept"
     );
 }
+
+#[tokio::test]
+async fn setup_apply_refuses_to_grant_the_read_role_to_a_role_that_does_not_exist() {
+    let pg = Cluster::start_default().unwrap();
+    pg.create_database("app").await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let admin_url = pg.url_as("postgres", Some(pg.superuser_password()), "app", None);
+    let out = sluice(
+        home.path(),
+        &[
+            "setup",
+            "apply",
+            "--schema",
+            "stripe",
+            "--grant-read",
+            "analsyt",
+            "--admin-url",
+            &admin_url,
+        ],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("\"analsyt\"") && said.contains("no such role"),
+        "{said}"
+    );
+    assert!(said.contains("fix:"), "{said}");
+    assert!(!said.contains("done"), "{said}");
+    // Nothing was applied: the plan is refused before any statement runs.
+    let mut conn = pg.admin("app").await.unwrap();
+    let schema: Option<String> =
+        sqlx::query_scalar("select nspname::text from pg_namespace where nspname = 'stripe'")
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(schema, None);
+}

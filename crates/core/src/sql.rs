@@ -46,6 +46,25 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// A statement that serialises sluice's DDL in one schema until the end of the transaction
+/// it runs in: consumers started together would otherwise race to create the same schema or
+/// table, and PostgreSQL reports such a race as a unique violation in its catalog or
+/// `tuple concurrently updated`. Run it first in the transaction (or multi-statement simple
+/// query) that holds the DDL; it needs no privilege.
+///
+/// ```
+/// assert_eq!(
+///     sluice_core::sql::schema_ddl_lock("app"),
+///     "select pg_advisory_xact_lock(hashtext('sluice ddl ' || 'app'))"
+/// );
+/// ```
+pub fn schema_ddl_lock(schema: &str) -> String {
+    format!(
+        "select pg_advisory_xact_lock(hashtext('sluice ddl ' || {}))",
+        quote_literal(schema)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

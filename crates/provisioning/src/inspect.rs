@@ -76,6 +76,8 @@ pub struct State {
     pub read_missing_for: Vec<String>,
     /// Preset roles that do not exist.
     pub preset_roles_absent: Vec<String>,
+    /// Roles named to receive the read role (`--grant-read`) that do not exist.
+    pub readers_absent: Vec<String>,
 }
 
 async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, sqlx::Error> {
@@ -235,7 +237,11 @@ pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State,
         wants_read.extend(api_roles.iter().map(|r| r.to_string()));
     }
     for role in wants_read {
-        if role_exists(conn, &role).await? && !member(conn, &spec.read_role, &role, false).await? {
+        if !role_exists(conn, &role).await? {
+            if spec.readers.contains(&role) {
+                state.readers_absent.push(role);
+            }
+        } else if !member(conn, &spec.read_role, &role, false).await? {
             state.read_missing_for.push(role);
         }
     }

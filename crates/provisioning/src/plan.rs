@@ -196,6 +196,26 @@ pub fn plan(
         });
     }
 
+    if let Some(state) = state
+        && !state.readers_absent.is_empty()
+    {
+        let roles: Vec<String> = state.readers_absent.iter().map(|r| q(r)).collect();
+        return Err(Refusal {
+            problem: format!(
+                "cannot grant the read role {r} to {}: no such role in this database cluster",
+                roles.join(", ")
+            ),
+            fix: format!(
+                "check the spelling, or create the role first ({}), then run setup again",
+                roles
+                    .iter()
+                    .map(|role| format!("create role {role} login;"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        });
+    }
+
     for (i, schema) in spec.schemas.iter().enumerate() {
         let s = q(&schema.name);
         let st = state.map(|st| st.schemas[i].clone()).unwrap_or_default();

@@ -45,9 +45,10 @@ impl Statements {
         let checkpoint = qualified(&table.schema, CHECKPOINT_TABLE);
         Self {
             create_checkpoint: format!(
-                "create table if not exists {checkpoint} (\
+                "{lock}; create table if not exists {checkpoint} (\
                    consumer text not null, tbl text not null, partition int not null, seq bigint not null, \
-                   updated_at timestamptz not null default now(), primary key (consumer, tbl, partition))"
+                   updated_at timestamptz not null default now(), primary key (consumer, tbl, partition))",
+                lock = sluice_core::sql::schema_ddl_lock(&table.schema)
             ),
             read_checkpoints: format!(
                 "select partition, seq from {checkpoint} where consumer = $1 and tbl = $2 for update"
@@ -108,7 +109,8 @@ pub(crate) async fn prepare_connection(
     conn: &mut PgConnection,
     sql: &Statements,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(AssertSqlSafe(sql.create_checkpoint.clone()))
+    // Two statements in one simple query: one implicit transaction, so the lock covers it.
+    sqlx::raw_sql(AssertSqlSafe(sql.create_checkpoint.clone()))
         .execute(&mut *conn)
         .await?;
     sqlx::query(sql.create_stage).execute(&mut *conn).await?;

@@ -125,12 +125,27 @@ impl ConsumerTable {
             return Ok(false);
         }
         let schema = quote_ident(&self.schema);
+        // Consumers started together may all find the table missing: under the schema's DDL
+        // lock, the first creates it and the others find it made.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         sqlx::raw_sql(AssertSqlSafe(format!(
-            "set local client_min_messages = warning; create schema if not exists {schema}; {}",
-            self.ddl()
+            "{}; set local client_min_messages = warning; create schema if not exists {schema}",
+            sluice_core::sql::schema_ddl_lock(&self.schema)
         )))
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
+        let made_meanwhile: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+            .bind(self.qualified())
+            .fetch_one(&mut *tx)
+            .await?;
+        if made_meanwhile {
+            tx.commit().await?;
+            return Ok(false);
+        }
+        sqlx::raw_sql(AssertSqlSafe(self.ddl()))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         let grant = format!(
             "grant usage on schema {schema} to {role}; grant select on {t} to {role}",
             role = quote_ident(read_role),

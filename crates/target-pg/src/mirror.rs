@@ -212,6 +212,9 @@ impl std::fmt::Debug for SchemaMirrorTarget {
 
 fn db(target: &str, what: &str, e: sqlx::Error) -> Error {
     match &e {
+        sqlx::Error::Database(d) if crate::diagnose::is_transient(d.as_ref()) => {
+            Error::unavailable(format!("target {target:?}: {what} (retrying)"), e)
+        }
         sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Error::configuration(
             format!(
                 "target {target:?}: permission denied {what}: {}",
@@ -263,6 +266,14 @@ impl SchemaMirrorTarget {
     /// The schema written.
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    /// `statement` preceded by the schema's DDL lock, as one implicit transaction.
+    fn locked(&self, statement: &str) -> String {
+        format!(
+            "{}; {statement}",
+            sluice_core::sql::schema_ddl_lock(&self.schema)
+        )
     }
 
     fn checkpoint_table(&self) -> String {
@@ -344,10 +355,12 @@ impl SchemaMirrorTarget {
         }
         let role = q(&self.read_role);
         let sql = format!(
-            "set local client_min_messages = warning;
+            "{lock};
+             set local client_min_messages = warning;
              create schema if not exists {s};
              create table if not exists {cp} (consumer text primary key, seq bigint not null);",
-            cp = self.checkpoint_table()
+            cp = self.checkpoint_table(),
+            lock = sluice_core::sql::schema_ddl_lock(&self.schema)
         );
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut *conn)
@@ -495,7 +508,7 @@ impl SchemaMirrorTarget {
                     .collect(),
             };
             for statement in sql {
-                sqlx::raw_sql(AssertSqlSafe(statement))
+                sqlx::raw_sql(AssertSqlSafe(self.locked(&statement)))
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| db(&self.name, &format!("creating enum {ty}"), e))?;
@@ -524,7 +537,7 @@ impl SchemaMirrorTarget {
                 columns.join(", "),
                 key.join(", ")
             );
-            sqlx::raw_sql(AssertSqlSafe(sql))
+            sqlx::raw_sql(AssertSqlSafe(self.locked(&sql)))
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| db(&self.name, &format!("creating {table}"), e))?;
@@ -539,7 +552,7 @@ impl SchemaMirrorTarget {
                         q(&column.name),
                         column.sql_type
                     );
-                    sqlx::raw_sql(AssertSqlSafe(sql))
+                    sqlx::raw_sql(AssertSqlSafe(self.locked(&sql)))
                         .execute(&mut *conn)
                         .await
                         .map_err(|e| {

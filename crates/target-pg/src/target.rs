@@ -464,6 +464,12 @@ pub(crate) fn write_error(
     let message = db.message().to_owned();
     let user = quote_ident(user);
     match code.as_str() {
+        _ if crate::diagnose::is_transient(db.as_ref()) => Error::unavailable(
+            format!(
+                "target {target:?}: a concurrent change to the same objects interrupted writing {name} (SQLSTATE {code}); retrying"
+            ),
+            error,
+        ),
         "42501" => Error::configuration(
             format!("target {target:?}: permission denied writing {name}: {message}"),
             format!(

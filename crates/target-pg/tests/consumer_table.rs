@@ -131,3 +131,51 @@ async fn odd_schema_and_table_names_verify() {
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
     assert!(target.verify().await.unwrap().findings.is_empty());
 }
+
+/// Four consumer tables in one schema that does not exist yet, set up at the same moment (as
+/// `sluice serve` starts the consumers of one config), twenty times: every one is created and
+/// healthy. Without the schema's DDL lock, PostgreSQL reports the race as a unique violation
+/// in `pg_type` or `tuple concurrently updated`.
+#[tokio::test]
+async fn consumers_started_together_in_one_new_schema_all_come_up_healthy() {
+    let p = provision(&PG, "race", "unused", "records").await;
+    PG.execute(&p.db, "create role race_read").await.ok();
+    for round in 0..20 {
+        let schema = format!("together_{round}");
+        let targets: Vec<_> = (0..4)
+            .map(|i| {
+                std::sync::Arc::new(
+                    ConsumerTableTarget::new(
+                        format!("t{i}"),
+                        p.settings.clone(),
+                        ConsumerTable::new(&schema, &format!("records_{i}")),
+                        1,
+                    )
+                    .create_if_missing("race_read"),
+                )
+            })
+            .collect();
+        let started: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    use sluice_core::Target;
+                    t.checkpoint(&sluice_core::ConsumerId::from("c")).await
+                })
+            })
+            .collect();
+        for (i, task) in started.into_iter().enumerate() {
+            let result = task.await.unwrap();
+            assert!(result.is_ok(), "round {round}, consumer {i}: {result:?}");
+        }
+        for t in &targets {
+            let report = t.check().await;
+            assert_eq!(
+                report.status,
+                sluice_core::Status::Healthy,
+                "round {round}: {report:#?}"
+            );
+        }
+    }
+}
