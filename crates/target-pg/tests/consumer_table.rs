@@ -148,7 +148,7 @@ async fn consumers_started_together_in_one_new_schema_all_come_up_healthy() {
                     ConsumerTableTarget::new(
                         format!("t{i}"),
                         p.settings.clone(),
-                        ConsumerTable::new(&schema, &format!("records_{i}")),
+                        ConsumerTable::new(&schema, format!("records_{i}")),
                         1,
                     )
                     .create_if_missing("race_read"),
