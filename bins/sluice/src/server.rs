@@ -71,6 +71,25 @@ pub struct Entities {
     pub syncs: BTreeMap<String, SyncEntry>,
     pub consumers: BTreeMap<String, ConsumerEntry>,
     pub targets: BTreeMap<String, TargetEntry>,
+    /// Consumers in the config that could not start, with why (tried again at each reload).
+    pub failed_consumers: BTreeMap<String, HealthReport>,
+}
+
+/// A report for an entity that is configured but not running, with the reason and its fix.
+fn failed_report(kind: EntityKind, name: &str, check: &str, error: &Error) -> HealthReport {
+    let mut state = sluice_core::HealthState::new(EntityRef {
+        kind,
+        name: name.to_owned(),
+    });
+    let message = error.to_string();
+    state.observe(
+        check,
+        Status::Error,
+        message.lines().next().unwrap_or_default().to_owned(),
+        error.fix().map(str::to_owned),
+        OffsetDateTime::now_utc(),
+    );
+    state.report()
 }
 
 pub struct Server {
@@ -81,6 +100,8 @@ pub struct Server {
     push_clock: Mutex<u64>,
     /// The reverse-tunnel endpoint, when `[agents]` is configured.
     pub reverse: Option<sluice_tunnel::ReverseServer>,
+    /// The last reload of the config file that was refused, until one is applied.
+    pub rejected_reload: Mutex<Option<HealthReport>>,
 }
 
 impl Server {
@@ -96,6 +117,7 @@ impl Server {
             started_at: OffsetDateTime::now_utc(),
             push_clock: Mutex::new(0),
             reverse,
+            rejected_reload: Mutex::new(None),
         }))
     }
 
@@ -181,23 +203,40 @@ impl Server {
                 }
             }
         }
+        entities
+            .failed_consumers
+            .retain(|name, _| wanted.contains_key(name));
         for (name, (consumer, target, fingerprint)) in wanted {
             if entities.consumers.contains_key(&name) {
                 continue;
             }
-            let Some(target) = target else {
-                tracing::error!(consumer = %name, target = %consumer.target, "the consumer's target is not configured");
-                continue;
+            let started = match target {
+                None => Err(Error::configuration(
+                    format!(
+                        "the consumer's target {:?} is not configured",
+                        consumer.target
+                    ),
+                    format!(
+                        "add a [[target]] named {:?}, or set the consumer's target to one that exists",
+                        consumer.target
+                    ),
+                )),
+                Some(target) => {
+                    self.start_consumer(config, consumer, target, fingerprint)
+                        .await
+                }
             };
-            match self
-                .start_consumer(config, consumer, target, fingerprint)
-                .await
-            {
+            match started {
                 Ok(entry) => {
-                    tracing::info!(consumer = %name, target = %target.name, "started consumer");
+                    tracing::info!(consumer = %name, target = %consumer.target, "started consumer");
+                    entities.failed_consumers.remove(&name);
                     entities.consumers.insert(name, entry);
                 }
-                Err(e) => tracing::error!(consumer = %name, error = %e, "cannot start consumer"),
+                Err(e) => {
+                    tracing::error!(consumer = %name, error = %e, "cannot start consumer");
+                    let report = failed_report(EntityKind::Consumer, &name, "start", &e);
+                    entities.failed_consumers.insert(name, report);
+                }
             }
         }
     }
@@ -356,7 +395,33 @@ impl Server {
         for consumer in entities.consumers.values() {
             reports.push(consumer.handle.health().await);
         }
+        reports.extend(entities.failed_consumers.values().cloned());
+        let rejected = self
+            .rejected_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        reports.extend(rejected);
         reports
+    }
+
+    /// Notes that a reload of the config was refused (`None`: the last one was applied).
+    pub fn reload_refused(&self, why: Option<String>) {
+        let report = why.map(|why| {
+            failed_report(
+                EntityKind::Config,
+                "sluice.toml",
+                "reload",
+                &Error::configuration(
+                    format!("the changed config was not applied, the previous one still runs: {why}"),
+                    "correct the file (`sluice config check` shows each problem with its line); it is reloaded when saved",
+                ),
+            )
+        });
+        *self
+            .rejected_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = report;
     }
 }
 
@@ -591,12 +656,18 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
             match load(&path) {
                 Ok(config) if config.problems().is_empty() => {
                     tracing::info!(file = %path.display(), "config changed: reconciling");
+                    server.reload_refused(None);
                     server.reconcile(&config).await;
                 }
                 Ok(config) => {
-                    tracing::error!(problems = %config.problems().join("; "), "config not applied");
+                    let problems = config.problems().join("; ");
+                    tracing::error!(problems = %problems, "config not applied");
+                    server.reload_refused(Some(problems));
                 }
-                Err(e) => tracing::error!(error = %e, "config not applied"),
+                Err(e) => {
+                    tracing::error!(error = %e, "config not applied");
+                    server.reload_refused(Some(e));
+                }
             }
         }
     }

@@ -644,3 +644,123 @@ async fn a_target_reached_only_through_an_agent_receives_the_consumers_writes() 
     agent.await.unwrap().unwrap();
     assert!(terminate(&mut child).success(), "{}", log(&env));
 }
+
+#[tokio::test]
+async fn entities_that_cannot_run_and_a_refused_reload_appear_in_status_as_errors() {
+    let env = env().await;
+    let stuck = r#"
+[[target]]
+name = "other"
+[target.connection]
+host = "127.0.0.1"
+port = 1
+database = "postgres"
+user = "sluice_sync"
+password = { env = "SLUICE_TEST_NEVER_SET_PW" }
+ssl = { mode = "disable" }
+
+[[consumer]]
+name = "stuck"
+target = "other"
+filter = { provider = "http" }
+layout = { kind = "consumer_table", schema = "sluice", table = "stuck" }
+"#;
+    let path = write_config(&env, stuck);
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+
+    // The consumer that could not start is listed, as an error with its reason; status fails.
+    let (code, out) = sluice_status(&env);
+    assert_eq!(code, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("stuck"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("error") && line.contains("SLUICE_TEST_NEVER_SET_PW"),
+        "{out}"
+    );
+    let (_, metrics) = api.call("GET", "/metrics", None, Some(TOKEN)).await;
+    assert!(
+        metrics.contains(r#"sluice_health_status{kind="consumer",name="stuck",status="error"} 1"#),
+        "{metrics}"
+    );
+
+    // A reload that is refused is an error too, until a good file is saved.
+    std::fs::write(&path, "this is not = [valid toml").unwrap();
+    wait_until("the refused reload is reported", &env, 30, async || {
+        let status = api.get("/v1/status").await;
+        status["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["entity"]["kind"] == "config" && e["status"] == "error")
+    })
+    .await;
+    let (code, out) = sluice_status(&env);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("config") && out.contains("not applied"),
+        "{out}"
+    );
+
+    std::fs::write(&path, config(&env, "")).unwrap();
+    wait_until("everything is healthy again", &env, 60, async || {
+        sluice_status(&env).0 == 0
+    })
+    .await;
+    let (_, out) = sluice_status(&env);
+    assert!(
+        !out.contains("stuck") && !out.contains("not applied"),
+        "{out}"
+    );
+    assert!(terminate(&mut child).success());
+}
+
+#[tokio::test]
+async fn pushed_json_numbers_keep_every_digit() {
+    let env = env().await;
+    let path = write_config(&env, "");
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+    // Written as text: no JSON library of the test's own rounds the numbers on the way.
+    let body = r#"{"records": [{"collection": "numbers", "id": "n1", "payload":
+        {"n": 12345678901234567890123, "f": 0.1000000000000000055511151231257827,
+         "e": 1e400, "r": 99.290, "z": -0, "neg": -18446744073709551617, "list": [1.50, 2e-7]}}]}"#;
+    let (status, text) = api
+        .call(
+            "POST",
+            "/v1/syncs/events/records",
+            Some(body.to_owned()),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    wait_until("the pushed record is in the target", &env, 30, async || {
+        target_count(&env, "sluice.pushed", "upstream_id = 'n1'").await == 1
+    })
+    .await;
+    let mut conn = env.target.admin("postgres").await.unwrap();
+    let (stored, expected): (String, String) = sqlx::query_as(
+        r#"select payload::text, '{"n": 12345678901234567890123, "f": 0.1000000000000000055511151231257827,
+              "e": 1e400, "r": 99.290, "z": -0, "neg": -18446744073709551617, "list": [1.50, 2e-7]}'::jsonb::text
+           from sluice.pushed where upstream_id = 'n1'"#,
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(stored, expected);
+    assert!(
+        stored.contains("99.290") && stored.contains("0.1000000000000000055511151231257827"),
+        "{stored}"
+    );
+    assert!(terminate(&mut child).success());
+}

@@ -54,6 +54,8 @@ pub enum EntityKind {
     Target,
     /// A configured consumer.
     Consumer,
+    /// The configuration file itself (a reload that was refused).
+    Config,
 }
 
 /// Which entity a report or transition is about.
@@ -73,6 +75,7 @@ impl fmt::Display for EntityRef {
             EntityKind::Sync => "sync",
             EntityKind::Target => "target",
             EntityKind::Consumer => "consumer",
+            EntityKind::Config => "config",
         };
         write!(f, "{kind} {:?}", self.name)
     }

@@ -169,6 +169,7 @@ impl PostgresSource {
             match result {
                 Ok(()) => return,
                 Err(e) => {
+                    let e = self.first_cause(e).await;
                     tracing::warn!(sync = %self.inner.name, error = %e, "source session ended; reconnecting");
                     self.status(|s| s.last_error = Some(e));
                     if started.elapsed() > Duration::from_secs(60) {
@@ -181,6 +182,29 @@ impl PostgresSource {
                     }
                 }
             }
+        }
+    }
+
+    /// A configuration error as the session met it may be a consequence (no slot, when the
+    /// slot cannot exist because `wal_level` is not `logical`): the first failing check of the
+    /// prerequisite report (`sluice source check`) names the cause and its fix instead.
+    async fn first_cause(&self, e: Error) -> Error {
+        if e.class() != ErrorClass::FixConfiguration {
+            return e;
+        }
+        let report = crate::check(&self.inner.settings, &self.inner.spec).await;
+        // Tables fail alone (see `tables`): only what stops the whole session counts here.
+        let first = report
+            .findings
+            .into_iter()
+            .find(|f| !f.ok && !f.check.starts_with("table") && f.check != "partitioned tables");
+        match first {
+            Some(f) => Error::configuration(
+                format!("{}: {}", f.check, f.message),
+                f.fix
+                    .unwrap_or_else(|| "run `sluice source check` for every prerequisite".into()),
+            ),
+            None => e,
         }
     }
 

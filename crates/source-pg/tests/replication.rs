@@ -1311,3 +1311,59 @@ async fn a_table_that_cannot_be_read_fails_alone_and_is_read_once_granted() {
     assert_eq!(watched.bad(), Vec::<String>::new());
     running.stop().await;
 }
+
+#[tokio::test]
+async fn health_names_wal_level_when_that_is_why_there_is_no_slot() {
+    // A server left at wal_level = replica: the slot can never be made, so the cause to fix
+    // is the setting, not the slot.
+    let pg = Cluster::start_default().unwrap();
+    pg.execute(
+        "postgres",
+        "create table public.t (id int primary key); create publication p for all tables",
+    )
+    .await
+    .unwrap();
+    let mut settings = ConnectionSettings::from_url(&pg.url_as(
+        "postgres",
+        Some(pg.superuser_password()),
+        "postgres",
+        None,
+    ))
+    .unwrap();
+    settings.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    let running = start_with(
+        settings,
+        SourceSpec {
+            publication: "p".into(),
+            slot: "s".into(),
+        },
+        stream,
+        SourceOptions {
+            create_missing: false,
+            ..options()
+        },
+    );
+    wait_until("the replication check names wal_level", 30, async || {
+        running.source.health().await.checks.iter().any(|c| {
+            c.name == "replication"
+                && c.status == Status::Error
+                && c.message.contains("wal_level = replica")
+                && c.fix
+                    .as_deref()
+                    .is_some_and(|f| f.contains("wal_level = logical"))
+        })
+    })
+    .await;
+    let report = running.source.health().await;
+    assert!(
+        report.checks.iter().all(|c| !c
+            .fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("pg_create_logical_replication_slot")),
+        "no fix that cannot work is offered: {report:#?}"
+    );
+    running.stop().await;
+}
