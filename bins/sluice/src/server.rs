@@ -449,15 +449,23 @@ pub async fn sync_health(name: &str, sync: &SyncEntry) -> HealthReport {
     }
 }
 
-/// A target's health: its consumers' view of it (reachable, TLS, privileges, table).
+/// A target's health: its consumers' views of it (reachable, TLS, privileges, table, payload),
+/// each check at the worst any consumer sees.
 pub async fn target_health(entities: &Entities, name: &str) -> HealthReport {
-    let using = entities
+    let mut merged: Option<HealthReport> = None;
+    for c in entities
         .consumers
         .values()
-        .find(|c| c.config.target == name);
-    match using {
-        Some(c) => {
-            let mut report = c.target.health().await;
+        .filter(|c| c.config.target == name)
+    {
+        let view = c.target.health().await;
+        match &mut merged {
+            None => merged = Some(view),
+            Some(report) => report.merge(&view),
+        }
+    }
+    match merged {
+        Some(mut report) => {
             report.entity = EntityRef {
                 kind: EntityKind::Target,
                 name: name.to_owned(),

@@ -762,5 +762,37 @@ async fn pushed_json_numbers_keep_every_digit() {
         stored.contains("99.290") && stored.contains("0.1000000000000000055511151231257827"),
         "{stored}"
     );
+
+    // A NUL that PostgreSQL cannot store is replaced, and the target says so in its health,
+    // whichever of its consumers wrote it.
+    let nul =
+        r#"{"records": [{"collection": "numbers", "id": "nul", "payload": {"s": "a\u0000b"}}]}"#;
+    let (status, text) = api
+        .call(
+            "POST",
+            "/v1/syncs/events/records",
+            Some(nul.to_owned()),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    wait_until(
+        "the target reports the NUL replacement",
+        &env,
+        30,
+        async || {
+            let target = api.get("/v1/targets/warehouse").await;
+            target["health"]["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| {
+                    c["name"] == "payload"
+                        && c["status"] == "warning"
+                        && c["message"].as_str().unwrap_or_default().contains("NUL")
+                })
+        },
+    )
+    .await;
     assert!(terminate(&mut child).success());
 }

@@ -108,6 +108,15 @@ impl Shared {
         }
     }
 
+    /// The consumer has applied everything the stream holds for it. Its first backfill ends
+    /// here, unless a source it reads is still backfilling: more of that initial state is on
+    /// its way, and a backlog of it is not lag.
+    fn reached_head(&self) {
+        if !self.caught_up.load(Ordering::Acquire) && !self.stream.backfilling(&self.filter) {
+            self.caught_up.store(true, Ordering::Release);
+        }
+    }
+
     async fn lag_check(&self) {
         let cursor = Seq(self.cursor.load(Ordering::Acquire));
         if !self.caught_up.load(Ordering::Acquire) {
@@ -115,14 +124,22 @@ impl Shared {
             // head instead of counting every pending record.
             if let Ok(head) = self.stream.head().await {
                 let left = head.0.saturating_sub(cursor.0);
-                self.observe(
-                    "lag",
-                    Status::Initializing,
-                    format!("backfilling: at most {left} record(s) to go"),
-                    None,
-                );
+                if left == 0 {
+                    // At the head already (the source's backfill may have ended since).
+                    self.reached_head();
+                }
+                if !self.caught_up.load(Ordering::Acquire) {
+                    self.observe(
+                        "lag",
+                        Status::Initializing,
+                        format!("backfilling: at most {left} record(s) to go"),
+                        None,
+                    );
+                    return;
+                }
+            } else {
+                return;
             }
-            return;
         }
         let cap = self.lag.error_records.max(self.lag.warn_records) + 1;
         let lag = match self.stream.lag(&self.filter, cursor, cap).await {
@@ -277,7 +294,20 @@ impl ConsumerRuntime {
         );
         let mut cursor = loop {
             match self.start().await {
-                Ok(cursor) => break cursor,
+                Ok(cursor) => {
+                    // Reachable, with its checkpoint read: a consumer with nothing to write yet
+                    // is healthy, not initializing.
+                    shared.observe(
+                        "target",
+                        Status::Healthy,
+                        format!(
+                            "connected to target {:?}, resuming after position {}",
+                            shared.target_name, cursor.0
+                        ),
+                        None,
+                    );
+                    break cursor;
+                }
                 Err(e) => {
                     shared.failed(&e);
                     if self.pause_for_retry(&mut shutdown).await {
@@ -375,7 +405,7 @@ impl ConsumerRuntime {
                     .await?;
                 shared.cursor.store(through.0, Ordering::Release);
             }
-            shared.caught_up.store(true, Ordering::Release);
+            shared.reached_head();
             self.maybe_check_lag(true).await;
             tokio::select! {
                 _ = shared.stream.wait_past(through) => {}
@@ -445,7 +475,7 @@ impl ConsumerRuntime {
             None,
         );
         if count < max {
-            shared.caught_up.store(true, Ordering::Release);
+            shared.reached_head();
         }
         self.maybe_check_lag(false).await;
         Ok(through)

@@ -645,3 +645,97 @@ async fn a_consumer_that_falls_behind_turns_warning_then_error_and_recovers() {
     stop.send_replace(true);
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_consumer_with_nothing_to_apply_is_healthy() {
+    let s = setup(&PG, "idle").await;
+    let (handle, stop, task) = start(&s, RecordFilter::Provider(Provider::Postgres), "idle");
+    wait_until("the idle consumer is healthy", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+/// Keeps every transition it is sent.
+#[derive(Default)]
+struct Collect(std::sync::Mutex<Vec<sluice_core::Transition>>);
+
+#[async_trait::async_trait]
+impl sluice_consumer::AlertSink for Collect {
+    async fn send(&self, t: &sluice_core::Transition) -> Result<(), sluice_core::Error> {
+        self.0.lock().unwrap().push(t.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
+    let s = setup(&PG, "firstload").await;
+    let alerts = Arc::new(Collect::default());
+    let target = Arc::new(ConsumerTableTarget::new(
+        "warehouse",
+        s.settings.clone(),
+        s.table.clone(),
+        1,
+    ));
+    // The source starts its backfill before the consumer has anything to read (as when
+    // `sluice serve` starts both), and appends faster than the consumer writes.
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from("firstload"),
+        RecordFilter::Provider(Provider::Postgres),
+        s.stream.clone(),
+        target,
+        BatchConfig {
+            max_records: 500,
+            max_wait_ms: 20,
+        },
+        LagThresholds {
+            warn_records: 200,
+            ..LagThresholds::default()
+        },
+    )
+    .with_alert_sink(alerts.clone());
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for page in 0..30 {
+        fill(&s, page * 2000..(page + 1) * 2000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
+    wait_until("caught up", 60, async || caught_up(&handle, &s).await).await;
+    wait_until("healthy", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    let seen: Vec<String> = alerts
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| format!("{} -> {}: {}", t.from, t.to, t.reason))
+        .collect();
+    assert!(
+        seen.iter()
+            .all(|t| !t.contains("-> warning") && !t.contains("-> error")),
+        "{seen:#?}"
+    );
+
+    // Once it has caught up, falling behind is lag again.
+    handle.pause("holding back".into()).await.unwrap();
+    fill(&s, 100_000..100_500).await;
+    let lag = handle
+        .health()
+        .await
+        .checks
+        .into_iter()
+        .find(|c| c.name == "lag")
+        .unwrap();
+    assert_eq!(lag.status, Status::Warning, "{lag:?}");
+    stop.send_replace(true);
+    task.await.unwrap();
+}

@@ -125,6 +125,25 @@ impl HealthReport {
         problems.sort_by_key(|c| std::cmp::Reverse(c.status));
         problems
     }
+
+    /// Folds in another view of the same entity (one target seen by several consumers): each
+    /// check keeps its worse state, checks only `other` has are added, and the overall status
+    /// is the worst again.
+    pub fn merge(&mut self, other: &HealthReport) {
+        for check in &other.checks {
+            match self.checks.iter_mut().find(|c| c.name == check.name) {
+                Some(mine) if check.status > mine.status => *mine = check.clone(),
+                Some(_) => {}
+                None => self.checks.push(check.clone()),
+            }
+        }
+        self.status = self
+            .checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Initializing);
+    }
 }
 
 /// Anything that can report its health (sources, targets, consumers).

@@ -126,6 +126,14 @@ pub enum RecordFilter {
 }
 
 impl RecordFilter {
+    /// True when records of sync `sync_id` from `provider` can pass the filter.
+    pub fn covers(&self, provider: Provider, sync_id: SyncId) -> bool {
+        match self {
+            RecordFilter::Provider(p) => *p == provider,
+            RecordFilter::Sync { sync_id: s, .. } => *s == sync_id,
+        }
+    }
+
     /// True when a record from `provider` with `key` passes the filter.
     pub fn matches(&self, provider: Provider, key: &RecordKey) -> bool {
         match self {
@@ -314,6 +322,20 @@ pub trait RecordStream: Send + Sync {
 
     /// Drops a removed consumer's cursor, so it no longer holds tombstones back.
     async fn forget(&self, consumer: &ConsumerId) -> Result<()>;
+
+    /// A source says whether sync `sync_id` (of `provider`) is reading upstream state in bulk
+    /// (a backfill) right now. Not durable: a source sets it again when it starts. Consumers
+    /// use it to tell their first backfill (which is not lag) from falling behind.
+    fn set_backfilling(&self, sync_id: SyncId, provider: Provider, backfilling: bool) {
+        let _ = (sync_id, provider, backfilling);
+    }
+
+    /// True while a sync whose records pass `filter` is backfilling (see
+    /// [`set_backfilling`](RecordStream::set_backfilling)).
+    fn backfilling(&self, filter: &RecordFilter) -> bool {
+        let _ = filter;
+        false
+    }
 }
 
 #[cfg(test)]

@@ -441,8 +441,10 @@ impl PostgresSource {
         // Logged from before the first page is read: a change that page cannot see may
         // arrive before the page does.
         let logging = messages.then(|| WatermarkUse::new(self));
+        let backfilling = Backfilling::new(self);
         let this = self.clone();
         Aborting(tokio::spawn(async move {
+            let _backfilling = backfilling;
             let mut conn = connect(&this.inner.settings).await?;
             this.backfill(&types, logging.is_some())
                 .run(&mut conn, &tables)
@@ -625,6 +627,29 @@ impl WatermarkUse {
 impl Drop for WatermarkUse {
     fn drop(&mut self) {
         self.0.inner.watermarks.release();
+    }
+}
+
+/// Tells the stream this sync is backfilling while it lives (see
+/// `RecordStream::set_backfilling`); dropped with the backfill task, however it ends.
+struct Backfilling(PostgresSource);
+
+impl Backfilling {
+    fn new(source: &PostgresSource) -> Self {
+        let inner = &source.inner;
+        inner
+            .stream
+            .set_backfilling(inner.sync_id, Provider::Postgres, true);
+        Self(source.clone())
+    }
+}
+
+impl Drop for Backfilling {
+    fn drop(&mut self) {
+        let inner = &self.0.inner;
+        inner
+            .stream
+            .set_backfilling(inner.sync_id, Provider::Postgres, false);
     }
 }
 

@@ -1087,6 +1087,12 @@ impl RecordStream for Watched {
     async fn forget(&self, consumer: &sluice_core::ConsumerId) -> sluice_core::Result<()> {
         self.inner.forget(consumer).await
     }
+    fn set_backfilling(&self, sync_id: SyncId, provider: sluice_core::Provider, on: bool) {
+        self.inner.set_backfilling(sync_id, provider, on)
+    }
+    fn backfilling(&self, filter: &sluice_core::RecordFilter) -> bool {
+        self.inner.backfilling(filter)
+    }
 }
 
 /// 3,200 bytes that PostgreSQL stores out of line (the column is `storage external`).

@@ -91,6 +91,8 @@ pub struct EmbeddedStream {
     tail: Mutex<Tail>,
     /// Reads answered from the tail (see [`EmbeddedStream::reads_from_memory`]).
     tail_reads: std::sync::atomic::AtomicU64,
+    /// Syncs whose source is backfilling (see `RecordStream::set_backfilling`).
+    backfilling: std::sync::Mutex<std::collections::HashMap<SyncId, Provider>>,
 }
 
 /// How often a waiting reader checks for appends made by another process.
@@ -160,6 +162,7 @@ impl EmbeddedStream {
             head: watch::channel(head).0,
             tail: Mutex::new(Tail::new(head, TailLimits::default())),
             tail_reads: std::sync::atomic::AtomicU64::new(0),
+            backfilling: Default::default(),
         })
     }
 
@@ -811,6 +814,23 @@ impl RecordStream for EmbeddedStream {
             .map_err(|e| storage("committing an acknowledgement", e))?;
         tail.remove(purged.into_iter().map(|s| s as u64));
         Ok(())
+    }
+
+    fn set_backfilling(&self, sync_id: SyncId, provider: Provider, backfilling: bool) {
+        let mut syncs = self.backfilling.lock().unwrap_or_else(|e| e.into_inner());
+        if backfilling {
+            syncs.insert(sync_id, provider);
+        } else {
+            syncs.remove(&sync_id);
+        }
+    }
+
+    fn backfilling(&self, filter: &RecordFilter) -> bool {
+        self.backfilling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(sync, provider)| filter.covers(*provider, *sync))
     }
 
     async fn forget(&self, consumer: &ConsumerId) -> Result<()> {

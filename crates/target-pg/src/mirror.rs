@@ -21,7 +21,7 @@ use serde_json::Value;
 use sluice_core::sql::{qualified, quote_ident as q, quote_literal};
 use sluice_core::{
     Batch, CollectionId, CollectionSchema, ColumnSchema, ConsumerId, EntityKind, EntityRef, Error,
-    Health, HealthReport, HealthState, Seq, Status, StreamEntry, SyncId, Target,
+    Health, HealthReport, HealthState, RecordKey, Seq, Status, StreamEntry, SyncId, Target,
 };
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use time::OffsetDateTime;
@@ -197,6 +197,9 @@ pub struct SchemaMirrorTarget {
     applied: Mutex<HashMap<(SyncId, String), TableDef>>,
     /// Tables whose last batch had only new keys (see `write_table`).
     optimistic: Mutex<HashMap<String, bool>>,
+    /// NUL replacements: how many records so far, those of the batch being written, the
+    /// latest record's key.
+    sanitized: Mutex<(u64, Vec<RecordKey>, Option<RecordKey>)>,
     health: Mutex<HealthState>,
 }
 
@@ -260,6 +263,7 @@ impl SchemaMirrorTarget {
             connection: tokio::sync::Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
             optimistic: Mutex::new(HashMap::new()),
+            sanitized: Mutex::new((0, Vec::new(), None)),
         }
     }
 
@@ -278,6 +282,48 @@ impl SchemaMirrorTarget {
 
     fn checkpoint_table(&self) -> String {
         qualified(&self.schema, crate::apply::CHECKPOINT_TABLE)
+    }
+
+    /// Records of the batch being written whose NULs were replaced; counted once it commits.
+    fn sanitized_in_batch(&self, keys: Vec<RecordKey>) {
+        if !keys.is_empty() {
+            self.sanitized
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .extend(keys);
+        }
+    }
+
+    /// Counts the committed batch's NUL replacements into the `payload` check (or forgets
+    /// them when the batch failed).
+    fn sanitized_batch_done(&self, committed: bool) {
+        let mut s = self.sanitized.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = std::mem::take(&mut s.1);
+        if committed && let Some(last) = keys.last() {
+            s.0 += keys.len() as u64;
+            s.2 = Some(last.clone());
+        }
+        let (count, last) = (s.0, s.2.clone());
+        drop(s);
+        match last {
+            Some(key) => self.observe(
+                "payload",
+                Status::Warning,
+                format!(
+                    "{count} record(s) contained NUL characters, which PostgreSQL cannot store; they were \
+                     written with U+FFFD in their place (latest: {} / {} / {})",
+                    key.sync_id, key.collection_id, key.upstream_id
+                ),
+                Some("remove NUL characters from the upstream data".to_owned()),
+            ),
+            None => self.observe(
+                "payload",
+                Status::Healthy,
+                "no payload needed changing",
+                None,
+            ),
+        }
     }
 
     fn observe(
@@ -721,9 +767,12 @@ impl SchemaMirrorTarget {
                 .get(&def.name)
                 .unwrap_or(&true);
         if optimistic {
-            let data = encode_rows(def, &upserts);
+            let (data, sanitized) = encode_rows(def, &upserts);
             match copy_if_all_new(conn, &copy_in, &data).await {
-                Ok(Some(_)) => upserts.clear(),
+                Ok(Some(_)) => {
+                    self.sanitized_in_batch(sanitized);
+                    upserts.clear();
+                }
                 Ok(None) => {
                     self.optimistic
                         .lock()
@@ -768,10 +817,11 @@ impl SchemaMirrorTarget {
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
         }
         if !fresh.is_empty() {
-            let data = encode_rows(def, &fresh);
+            let (data, sanitized) = encode_rows(def, &fresh);
             copy(conn, &copy_in, &data)
                 .await
                 .map_err(|e| fail("copying into", e))?;
+            self.sanitized_in_batch(sanitized);
         }
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
@@ -785,7 +835,8 @@ impl SchemaMirrorTarget {
         .map_err(|e| fail("staging", e))?;
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            let data = encode_rows(def, &upserts);
+            let (data, sanitized) = encode_rows(def, &upserts);
+            self.sanitized_in_batch(sanitized);
             copy(
                 conn,
                 &format!(
@@ -876,32 +927,42 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
 }
 
 /// COPY text for `entries`; large batches are encoded on two threads.
-fn encode_rows(def: &TableDef, entries: &[&StreamEntry]) -> Vec<u8> {
+/// Also returns the records whose text had NUL characters replaced (the target's NUL policy).
+fn encode_rows(def: &TableDef, entries: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>) {
     let encode = |part: &[&StreamEntry]| {
         let mut data = Vec::with_capacity(part.len() * 512);
+        let mut sanitized = Vec::new();
         for e in part {
-            encode_row(&mut data, def, e);
+            if encode_row(&mut data, def, e) {
+                sanitized.push(e.record.key.clone());
+            }
         }
-        data
+        (data, sanitized)
     };
     if entries.len() < 1000 {
         return encode(entries);
     }
     let halves: Vec<&[&StreamEntry]> = entries.chunks(entries.len().div_ceil(2)).collect();
-    map_in_parallel(&halves, |part| encode(part)).concat()
+    let (data, sanitized): (Vec<Vec<u8>>, Vec<Vec<RecordKey>>) =
+        map_in_parallel(&halves, |part| encode(part))
+            .into_iter()
+            .unzip();
+    (data.concat(), sanitized.concat())
 }
 
-/// One COPY text line for an upsert, in the table's column order.
-fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) {
+/// One COPY text line for an upsert, in the table's column order. Returns whether a NUL
+/// character had to be replaced.
+fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) -> bool {
     let Some(payload) = entry.record.change.payload() else {
-        return;
+        return false;
     };
+    let mut sanitized = false;
     for (i, column) in def.columns.iter().enumerate() {
         if i > 0 {
             out.push(b'\t');
         }
         if def.json && column.name == "id" {
-            push_text(out, &entry.record.key.upstream_id.0);
+            sanitized |= push_text(out, &entry.record.key.upstream_id.0);
             continue;
         }
         if def.json && column.name == "payload" {
@@ -914,33 +975,44 @@ fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) {
                 })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            push_text(out, &pg_text(&Value::Object(rest), Kind::Json));
+            let (text, nul) = json_text(&Value::Object(rest));
+            sanitized |= nul;
+            push_text(out, &text);
             continue;
         }
         match payload.get(&column.name) {
             None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
             Some(Value::String(s)) if column.kind != Kind::Json => {
-                push_text(out, s);
+                sanitized |= push_text(out, s);
+            }
+            Some(v) if column.kind == Kind::Json => {
+                let (text, nul) = json_text(v);
+                sanitized |= nul;
+                push_text(out, &text);
             }
             Some(v) => {
-                push_text(out, &pg_text(v, column.kind));
+                sanitized |= push_text(out, &pg_text(v, column.kind));
             }
         }
     }
     out.push(b'\n');
+    sanitized
+}
+
+/// JSON text `jsonb` accepts: `\u0000` (which it refuses) becomes U+FFFD. Returns whether it did.
+fn json_text(value: &Value) -> (String, bool) {
+    let text = value.to_string();
+    if text.contains("\\u0000") {
+        (text.replace("\\u0000", "\u{FFFD}"), true)
+    } else {
+        (text, false)
+    }
 }
 
 /// A JSON value as PostgreSQL input text for a column of `kind`.
 fn pg_text(value: &Value, kind: Kind) -> String {
     match (kind, value) {
-        (Kind::Json, v) => {
-            let text = v.to_string();
-            if text.contains("\\u0000") {
-                text.replace("\\u0000", "\u{FFFD}")
-            } else {
-                text
-            }
-        }
+        (Kind::Json, v) => json_text(v).0,
         (Kind::Array, Value::Array(items)) => array_literal(items),
         (Kind::Bool, Value::Bool(b)) => if *b { "t" } else { "f" }.to_owned(),
         (_, Value::String(s)) => s.clone(),
@@ -1009,6 +1081,7 @@ impl Target for SchemaMirrorTarget {
         let result = self
             .with_connection(async |conn| self.write(conn, consumer, batch).await)
             .await;
+        self.sanitized_batch_done(result.is_ok());
         match &result {
             Ok(()) => self.observe(
                 "writes",
