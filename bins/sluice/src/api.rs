@@ -179,30 +179,29 @@ async fn push(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> 
             ),
         );
     }
-    let parsed =
-        match crate::push::parse(&body, entry.config.id, |n| app.server.next_push_version(n)) {
-            Ok(p) => p,
-            Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
-        };
-    let submitted = parsed.records.len();
-    let outcome = if parsed.records.is_empty() {
-        None
-    } else {
-        match app.server.stream.append(parsed.records).await {
-            Ok(o) => Some(o),
-            Err(e) => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("nothing was written: {e}"),
-                );
-            }
+    let parsed = match crate::push::parse(&body) {
+        Ok(p) => p,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let base = app.server.next_push_version(parsed.len());
+    // Parsed chunk by chunk while it is written: one atomic append, without every record of
+    // a large body parsed in memory at once.
+    let mut records = parsed.records(entry.config.id, base);
+    let outcome = match app.server.stream.append_chunks(&mut records).await {
+        Ok(o) => o,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("nothing was written: {e}"),
+            );
         }
     };
+    let submitted = records.accepted;
     entry.pushed.fetch_add(submitted as u64, Ordering::Relaxed);
     axum::Json(json!({
         "accepted": submitted,
-        "stale": outcome.as_ref().map_or(0, |o| o.skipped_stale),
-        "rejected": parsed.rejected,
+        "stale": outcome.skipped_stale,
+        "rejected": records.rejected,
     }))
     .into_response()
 }

@@ -165,6 +165,12 @@ enum TunnelAction {
     },
 }
 
+/// jemalloc, whose background threads return memory freed after a burst (a large push, a
+/// target outage) to the system within seconds; glibc's malloc kept it (measured in
+/// `cargo xtask bench memory`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; only warnings go to the log unless SLUICE_LOG says otherwise.

@@ -13,13 +13,15 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sluice_core::{Change, Provider, Record, RecordKey, SyncId, Version};
 use time::OffsetDateTime;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Body {
-    records: Vec<Value>,
+struct Body<'a> {
+    #[serde(borrow)]
+    records: Vec<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -44,45 +46,86 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// The records to append and the ones refused.
-#[derive(Debug)]
-pub struct Parsed {
-    pub records: Vec<Record>,
-    pub rejected: Vec<Rejected>,
-}
-
 /// Longest `collection` or `id`, in bytes.
 const MAX_ID: usize = 1024;
 
-/// Parses a push body for `sync_id`. `versions` hands out a strictly increasing base version
-/// for records that carry none (they get `base + index`). Errors are for the whole body.
-pub fn parse(
-    body: &[u8],
-    sync_id: SyncId,
-    versions: impl FnOnce(usize) -> u64,
-) -> Result<Parsed, String> {
+/// Records parsed at a time: a large body never has all its records parsed at once.
+const CHUNK: usize = 2000;
+
+/// A push body of the right shape; its records are parsed as they are taken.
+pub struct PushBody<'a> {
+    records: Vec<&'a RawValue>,
+}
+
+/// Checks a push body's shape. Errors are for the whole body.
+pub fn parse(body: &[u8]) -> Result<PushBody<'_>, String> {
     let body: Body = serde_json::from_slice(body)
         .map_err(|e| format!("the body must be {{\"records\": [ … ]}} in JSON: {e}"))?;
-    let base = versions(body.records.len());
-    let now = OffsetDateTime::now_utc();
-    let mut records = Vec::with_capacity(body.records.len());
-    let mut rejected = Vec::new();
-    for (index, value) in body.records.into_iter().enumerate() {
-        match record(value, sync_id, Version::new(base + index as u64, 0), now) {
-            Ok(r) => records.push(r),
-            Err(reason) => rejected.push(Rejected { index, reason }),
+    Ok(PushBody {
+        records: body.records,
+    })
+}
+
+impl<'a> PushBody<'a> {
+    /// How many records the body holds.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The records for `sync_id`, parsed [`CHUNK`] at a time. Those without a version get
+    /// `base + index` (`base` from a strictly increasing clock). The refused ones are kept
+    /// in [`Records::rejected`] with their index and reason.
+    pub fn records(self, sync_id: SyncId, base: u64) -> Records<'a> {
+        Records {
+            raw: self.records.into_iter().enumerate(),
+            sync_id,
+            base,
+            now: OffsetDateTime::now_utc(),
+            accepted: 0,
+            rejected: Vec::new(),
         }
     }
-    Ok(Parsed { records, rejected })
+}
+
+/// The records of a push body, chunk by chunk.
+pub struct Records<'a> {
+    raw: std::iter::Enumerate<std::vec::IntoIter<&'a RawValue>>,
+    sync_id: SyncId,
+    base: u64,
+    now: OffsetDateTime,
+    /// Records handed out so far.
+    pub accepted: usize,
+    /// Records refused so far, with why.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Iterator for Records<'_> {
+    type Item = Vec<Record>;
+
+    fn next(&mut self) -> Option<Vec<Record>> {
+        let mut chunk = Vec::new();
+        for (index, raw) in self.raw.by_ref() {
+            let version = Version::new(self.base + index as u64, 0);
+            match record(raw, self.sync_id, version, self.now) {
+                Ok(r) => chunk.push(r),
+                Err(reason) => self.rejected.push(Rejected { index, reason }),
+            }
+            if chunk.len() == CHUNK {
+                break;
+            }
+        }
+        self.accepted += chunk.len();
+        (!chunk.is_empty()).then_some(chunk)
+    }
 }
 
 fn record(
-    value: Value,
+    raw: &RawValue,
     sync_id: SyncId,
     default_version: Version,
     now: OffsetDateTime,
 ) -> Result<Record, String> {
-    let pushed: Pushed = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let pushed: Pushed = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
     for (field, text) in [("collection", &pushed.collection), ("id", &pushed.id)] {
         if text.is_empty() {
             return Err(format!("{field} is empty"));
@@ -132,16 +175,18 @@ mod tests {
             {"collection": "c\u0000", "id": "5", "payload": {}},
             {"collection": "c", "id": "6", "payload": {}, "surprise": 1}
         ]}"#;
-        let parsed = parse(body, SYNC, |_| 100).unwrap();
-        assert_eq!(parsed.records.len(), 2);
-        assert_eq!(parsed.records[0].version, Version::new(100, 0));
+        let mut parsed = parse(body).unwrap().records(SYNC, 100);
+        let records: Vec<Record> = parsed.by_ref().flatten().collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(parsed.accepted, 2);
+        assert_eq!(records[0].version, Version::new(100, 0));
         assert_eq!(
-            parsed.records[0].change.payload().unwrap()["a"],
+            records[0].change.payload().unwrap()["a"],
             "x\u{0}y",
             "NUL inside a payload is kept; the target decides how to store it"
         );
-        assert!(parsed.records[1].is_tombstone());
-        assert_eq!(parsed.records[1].version, Version::new(7, 0));
+        assert!(records[1].is_tombstone());
+        assert_eq!(records[1].version, Version::new(7, 0));
         let reasons: Vec<(usize, &str)> = parsed
             .rejected
             .iter()
@@ -162,9 +207,9 @@ mod tests {
 
     #[test]
     fn a_malformed_body_is_refused_whole_with_where_and_why() {
-        let err = parse(b"{\"records\": [", SYNC, |_| 1).unwrap_err();
+        let err = parse(b"{\"records\": [").err().unwrap();
         assert!(err.contains("line 1 column"), "{err}");
-        let err = parse(b"[]", SYNC, |_| 1).unwrap_err();
+        let err = parse(b"[]").err().unwrap();
         assert!(err.contains("{\"records\""), "{err}");
     }
 }

@@ -3,6 +3,8 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -794,5 +796,97 @@ async fn pushed_json_numbers_keep_every_digit() {
         },
     )
     .await;
+    assert!(terminate(&mut child).success());
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// 100,000 records pushed in one body, then a target outage with more pushed meanwhile:
+/// serve's memory stays under 256 MiB throughout (sampled every 50 ms) and is given back
+/// afterwards.
+#[tokio::test]
+async fn memory_stays_bounded_through_a_push_burst_and_a_target_outage_and_comes_back() {
+    let env = env().await;
+    let path = env.dir.path().join("sluice.toml");
+    // The default body limit (16 MiB), which one 100,000-record body fits in.
+    std::fs::write(
+        &path,
+        config(&env, "").replace("max_body_bytes = 65536\n", ""),
+    )
+    .unwrap();
+    let mut child = serve(&env, &path);
+    let pid = child.id();
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_mib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let body = |from: usize, count: usize| {
+        let records: Vec<Value> = (from..from + count)
+            .map(|i| json!({"collection": "burst", "id": format!("r{i}"), "payload": {"i": i, "n": 1.5, "note": "x".repeat(60)}}))
+            .collect();
+        json!({ "records": records })
+    };
+    let (status, reply) = api.post("/v1/syncs/events/records", body(0, 100_000)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["accepted"], 100_000, "{reply}");
+    wait_until("the burst is in the target", &env, 180, async || {
+        target_count(&env, "sluice.pushed", "collection_id = 'burst'").await == 100_000
+    })
+    .await;
+    let after_burst = peak.load(Ordering::Relaxed);
+
+    env.target.stop().unwrap();
+    for start in (100_000..120_000).step_by(2000) {
+        let (status, reply) = api
+            .post("/v1/syncs/events/records", body(start, 2000))
+            .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    env.target.start().unwrap();
+    wait_until(
+        "the outage's records are in the target",
+        &env,
+        180,
+        async || target_count(&env, "sluice.pushed", "collection_id = 'burst'").await == 120_000,
+    )
+    .await;
+    let settled = {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let now = rss_mib(pid);
+            if now < 160 || Instant::now() > deadline {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    sampling.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    eprintln!(
+        "serve's resident memory: peak {after_burst} MiB through the burst, {peak} MiB through the outage, settled at {settled} MiB"
+    );
+    assert!(peak < 256, "peak {peak} MiB");
+    assert!(settled < 160, "memory was not given back: {settled} MiB");
     assert!(terminate(&mut child).success());
 }

@@ -198,6 +198,50 @@ impl EmbeddedStream {
         Ok(n as u64)
     }
 
+    /// Appends the records `chunks` yields, in one transaction: atomic like one
+    /// [`append`](RecordStream::append), holding only one chunk's parsed records at a time.
+    /// For a large batch whose records are parsed as they are written (a push): the memory a
+    /// burst takes is one chunk's, not the whole batch's.
+    pub async fn append_chunks(
+        &self,
+        chunks: impl Iterator<Item = Vec<Record>> + Send,
+    ) -> Result<AppendOutcome> {
+        let (_writer, mut tx, head) = self.begin_write("an append").await?;
+        let appended_at = nanos(OffsetDateTime::now_utc());
+        let mut next = head;
+        let (mut appended, mut total) = (0u64, 0usize);
+        let mut landed = Some(Vec::new());
+        for mut records in chunks {
+            for record in &records {
+                check_version(record)?;
+            }
+            let texts = serialize_payloads(&records)?;
+            let n = insert(&mut tx, &records, &texts, &mut next, appended_at).await?;
+            appended += n;
+            total += records.len();
+            match &mut landed {
+                Some(landed) if n as usize == records.len() => {
+                    for record in &mut records {
+                        // The tail keeps the text; the parsed payload goes now.
+                        if let Change::Upsert { payload } = &mut record.change {
+                            *payload = Default::default();
+                        }
+                    }
+                    landed.extend(records.into_iter().map(as_stored).zip(texts));
+                }
+                _ => landed = None,
+            }
+        }
+        let head = self
+            .finish_write(tx, head, next, "an append", landed)
+            .await?;
+        Ok(AppendOutcome {
+            appended: appended as usize,
+            skipped_stale: total - appended as usize,
+            head,
+        })
+    }
+
     /// Starts a write: the writer lock, a transaction, and the head inside it.
     async fn begin_write(
         &self,
@@ -390,6 +434,46 @@ fn serialize_payloads(records: &[Record]) -> Result<Vec<Option<PayloadText>>> {
         .collect()
 }
 
+/// Inserts `records` (with their payloads' `texts`) at the seqs after `next`, under the version
+/// guard, advancing `next`; returns how many landed (the others were stale).
+async fn insert(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    records: &[Record],
+    texts: &[Option<PayloadText>],
+    next: &mut i64,
+    appended_at: i64,
+) -> Result<u64> {
+    let mut appended = 0;
+    for (chunk, texts) in records
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(texts.chunks(ROWS_PER_STATEMENT))
+    {
+        let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
+        // Everything bound is borrowed from `records` and `texts`: no per-record copies.
+        for (record, text) in chunk.iter().zip(texts) {
+            *next += 1;
+            query = query
+                .bind(*next)
+                .bind(record.provider.as_str())
+                .bind(record.key.sync_id.0.as_bytes().as_slice())
+                .bind(record.key.collection_id.0.as_str())
+                .bind(record.key.upstream_id.0.as_str())
+                .bind(record.version.major as i64)
+                .bind(record.version.minor as i64)
+                .bind(nanos(record.upstream_updated_at))
+                .bind(record.is_tombstone())
+                .bind(text.as_ref().map(PayloadText::as_str))
+                .bind(appended_at);
+        }
+        appended += query
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| storage("appending", e))?
+            .rows_affected();
+    }
+    Ok(appended)
+}
+
 /// The record as a read from the file returns it: its time at nanosecond precision in UTC.
 fn as_stored(mut record: Record) -> Record {
     record.upstream_updated_at =
@@ -505,35 +589,8 @@ impl RecordStream for EmbeddedStream {
         let (_writer, mut tx, head) = self.begin_write("an append").await?;
         let appended_at = nanos(OffsetDateTime::now_utc());
         let mut next = head;
-        let mut appended = 0u64;
         let texts = serialize_payloads(&records)?;
-        for (chunk, texts) in records
-            .chunks(ROWS_PER_STATEMENT)
-            .zip(texts.chunks(ROWS_PER_STATEMENT))
-        {
-            let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
-            // Everything bound is borrowed from `records` and `texts`: no per-record copies.
-            for (record, text) in chunk.iter().zip(texts) {
-                next += 1;
-                query = query
-                    .bind(next)
-                    .bind(record.provider.as_str())
-                    .bind(record.key.sync_id.0.as_bytes().as_slice())
-                    .bind(record.key.collection_id.0.as_str())
-                    .bind(record.key.upstream_id.0.as_str())
-                    .bind(record.version.major as i64)
-                    .bind(record.version.minor as i64)
-                    .bind(nanos(record.upstream_updated_at))
-                    .bind(record.is_tombstone())
-                    .bind(text.as_ref().map(PayloadText::as_str))
-                    .bind(appended_at);
-            }
-            appended += query
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| storage("appending", e))?
-                .rows_affected();
-        }
+        let appended = insert(&mut tx, &records, &texts, &mut next, appended_at).await?;
         if let Some(state) = &state {
             sqlx::query(
                 "insert into source_state (owner, value) values (?, ?) \

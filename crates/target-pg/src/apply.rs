@@ -45,7 +45,7 @@ impl Statements {
         let checkpoint = qualified(&table.schema, CHECKPOINT_TABLE);
         Self {
             create_checkpoint: format!(
-                "{lock}; create table if not exists {checkpoint} (\
+                "{lock}; set local client_min_messages = warning; create table if not exists {checkpoint} (\
                    consumer text not null, tbl text not null, partition int not null, seq bigint not null, \
                    updated_at timestamptz not null default now(), primary key (consumer, tbl, partition))",
                 lock = sluice_core::sql::schema_ddl_lock(&table.schema)
