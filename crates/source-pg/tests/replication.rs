@@ -114,6 +114,24 @@ fn start_with(
     Running { source, stop, task }
 }
 
+/// A source on `pg`'s `postgres` database as the superuser, reading publication `p` through
+/// slot `s` into a fresh stream.
+async fn start_as_superuser(
+    pg: &Cluster,
+    options: SourceOptions,
+) -> (Running, Arc<EmbeddedStream>, tempfile::TempDir) {
+    let mut settings = ConnectionSettings::from_url(&pg.url("postgres")).unwrap();
+    settings.password = Some(SecretString::from(pg.superuser_password().to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    let spec = SourceSpec {
+        publication: "p".into(),
+        slot: "s".into(),
+    };
+    let running = start_with(settings, spec, stream.clone(), options);
+    (running, stream, dir)
+}
+
 async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, secs: u64, mut f: F) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f().await {
@@ -932,19 +950,7 @@ async fn a_change_committed_but_not_yet_visible_during_a_page_still_wins() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut settings = ConnectionSettings::from_url(&pg.url("postgres")).unwrap();
-    settings.password = Some(SecretString::from(pg.superuser_password().to_owned()));
-    let dir = tempfile::tempdir().unwrap();
-    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
-    let running = start_with(
-        settings,
-        SourceSpec {
-            publication: "p".into(),
-            slot: "s".into(),
-        },
-        stream.clone(),
-        options(),
-    );
+    let (running, stream, _dir) = start_as_superuser(&pg, options()).await;
     // The backfill reads row 5 as it was (n = 0): the update is not visible to it.
     wait_until("the backfill is complete", 30, async || {
         running.source.progress().done
@@ -1329,28 +1335,14 @@ async fn health_names_wal_level_when_that_is_why_there_is_no_slot() {
     )
     .await
     .unwrap();
-    let mut settings = ConnectionSettings::from_url(&pg.url_as(
-        "postgres",
-        Some(pg.superuser_password()),
-        "postgres",
-        None,
-    ))
-    .unwrap();
-    settings.password = Some(SecretString::from(pg.superuser_password().to_owned()));
-    let dir = tempfile::tempdir().unwrap();
-    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
-    let running = start_with(
-        settings,
-        SourceSpec {
-            publication: "p".into(),
-            slot: "s".into(),
-        },
-        stream,
+    let (running, _stream, _dir) = start_as_superuser(
+        &pg,
         SourceOptions {
             create_missing: false,
             ..options()
         },
-    );
+    )
+    .await;
     wait_until("the replication check names wal_level", 30, async || {
         running.source.health().await.checks.iter().any(|c| {
             c.name == "replication"

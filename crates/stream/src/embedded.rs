@@ -206,6 +206,15 @@ impl EmbeddedStream {
         &self,
         chunks: impl Iterator<Item = Vec<Record>> + Send,
     ) -> Result<AppendOutcome> {
+        self.write_records(chunks, None).await
+    }
+
+    /// One append: every chunk's records, then `state`, in one transaction.
+    async fn write_records(
+        &self,
+        chunks: impl Iterator<Item = Vec<Record>> + Send,
+        state: Option<&SourceState>,
+    ) -> Result<AppendOutcome> {
         let (_writer, mut tx, head) = self.begin_write("an append").await?;
         let appended_at = nanos(OffsetDateTime::now_utc());
         let mut next = head;
@@ -229,8 +238,21 @@ impl EmbeddedStream {
                     }
                     landed.extend(records.into_iter().map(as_stored).zip(texts));
                 }
+                // A record skipped as stale is not in the file, and which one was skipped is
+                // not known here: the tail then starts over.
                 _ => landed = None,
             }
+        }
+        if let Some(state) = state {
+            sqlx::query(
+                "insert into source_state (owner, value) values (?, ?) \
+                 on conflict (owner) do update set value = excluded.value",
+            )
+            .bind(&state.owner)
+            .bind(state.value.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| storage("storing source state", e))?;
         }
         let head = self
             .finish_write(tx, head, next, "an append", landed)
@@ -583,43 +605,8 @@ impl RecordStream for EmbeddedStream {
         records: Vec<Record>,
         state: Option<SourceState>,
     ) -> Result<AppendOutcome> {
-        for record in &records {
-            check_version(record)?;
-        }
-        let (_writer, mut tx, head) = self.begin_write("an append").await?;
-        let appended_at = nanos(OffsetDateTime::now_utc());
-        let mut next = head;
-        let texts = serialize_payloads(&records)?;
-        let appended = insert(&mut tx, &records, &texts, &mut next, appended_at).await?;
-        if let Some(state) = &state {
-            sqlx::query(
-                "insert into source_state (owner, value) values (?, ?) \
-                 on conflict (owner) do update set value = excluded.value",
-            )
-            .bind(&state.owner)
-            .bind(state.value.to_string())
-            .execute(&mut *tx)
+        self.write_records(std::iter::once(records), state.as_ref())
             .await
-            .map_err(|e| storage("storing source state", e))?;
-        }
-        let total = records.len();
-        // A record skipped as stale is not in the file, and which one was skipped is not known
-        // here: the tail then starts over.
-        let landed = (appended as usize == total).then(|| {
-            records
-                .into_iter()
-                .map(as_stored)
-                .zip(texts)
-                .collect::<Vec<_>>()
-        });
-        let head = self
-            .finish_write(tx, head, next, "an append", landed)
-            .await?;
-        Ok(AppendOutcome {
-            appended: appended as usize,
-            skipped_stale: total - appended as usize,
-            head,
-        })
     }
 
     async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead> {

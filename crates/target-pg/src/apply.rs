@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_core::sql::qualified;
-use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
+use sluice_core::{Change, Payload, RecordKey, Seq, Status, StreamEntry};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use uuid::Uuid;
 
@@ -502,6 +502,30 @@ pub(crate) fn map_in_parallel<I: Sync, T: Send + Default>(
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
         _ => run(),
+    }
+}
+
+/// The `payload` health check of a target that has replaced NULs in `count` records so far,
+/// `latest` the last of them: status, message and fix.
+pub(crate) fn payload_check(
+    count: u64,
+    latest: Option<&RecordKey>,
+) -> (Status, String, Option<String>) {
+    match latest {
+        Some(key) if count > 0 => (
+            Status::Warning,
+            format!(
+                "{count} record(s) contained NUL characters, which PostgreSQL cannot store; they were \
+                 written with U+FFFD in their place (latest: {} / {} / {})",
+                key.sync_id, key.collection_id, key.upstream_id
+            ),
+            Some("remove NUL characters from the upstream data".to_owned()),
+        ),
+        _ => (
+            Status::Healthy,
+            "no payload needed changing".to_owned(),
+            None,
+        ),
     }
 }
 

@@ -304,26 +304,9 @@ impl SchemaMirrorTarget {
             s.0 += keys.len() as u64;
             s.2 = Some(last.clone());
         }
-        let (count, last) = (s.0, s.2.clone());
+        let (status, message, fix) = crate::apply::payload_check(s.0, s.2.as_ref());
         drop(s);
-        match last {
-            Some(key) => self.observe(
-                "payload",
-                Status::Warning,
-                format!(
-                    "{count} record(s) contained NUL characters, which PostgreSQL cannot store; they were \
-                     written with U+FFFD in their place (latest: {} / {} / {})",
-                    key.sync_id, key.collection_id, key.upstream_id
-                ),
-                Some("remove NUL characters from the upstream data".to_owned()),
-            ),
-            None => self.observe(
-                "payload",
-                Status::Healthy,
-                "no payload needed changing",
-                None,
-            ),
-        }
+        self.observe("payload", status, message, fix);
     }
 
     fn observe(

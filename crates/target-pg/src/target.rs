@@ -168,19 +168,8 @@ impl ConsumerTableTarget {
     async fn observe(&self) -> Vec<(&'static str, Status, String, Option<String>)> {
         let mut out = Vec::new();
         let (count, last) = self.sanitized();
-        out.push(match last {
-            Some(key) if count > 0 => (
-                "payload",
-                Status::Warning,
-                format!(
-                    "{count} record(s) contained NUL characters, which PostgreSQL cannot store; they were \
-                     written with U+FFFD in their place (latest: {} / {} / {})",
-                    key.sync_id, key.collection_id, key.upstream_id
-                ),
-                Some("remove NUL characters from the upstream data".to_owned()),
-            ),
-            _ => ("payload", Status::Healthy, "no payload needed changing".to_owned(), None),
-        });
+        let (status, message, fix) = crate::apply::payload_check(count, last.as_ref());
+        out.push(("payload", status, message, fix));
         let started = Instant::now();
         let mut conn = match self.settings.connect().await {
             Ok(conn) => conn,
