@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sluice_core::{
     Backoff, Batch, BatchConfig, Consumer, ConsumerId, EntityKind, EntityRef, Error, ErrorClass,
     Health, HealthReport, HealthState, LagThresholds, RecordFilter, RecordStream, Seq, Status,
-    StreamRead, Target, Transition,
+    StreamEntry, StreamRead, Target, Transition,
 };
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -19,6 +19,7 @@ use crate::alerts::{AlertSink, LogSink};
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Control {
     Run,
+    /// Paused, and why (`by user: …`, or the record that cannot be written).
     Pause(String),
 }
 
@@ -325,7 +326,7 @@ impl ConsumerRuntime {
                 shared.observe(
                     "state",
                     Status::Paused,
-                    format!("paused by user: {reason}"),
+                    format!("paused {reason}"),
                     Some("resume it".into()),
                 );
                 tokio::select! {
@@ -440,13 +441,13 @@ impl ConsumerRuntime {
             });
         }
         let started = std::time::Instant::now();
-        if let Err(e) = self
-            .target
-            .apply(&shared.id, &Batch { entries, through })
-            .await
-        {
+        let batch = Batch { entries, through };
+        if let Err(e) = self.target.apply(&shared.id, &batch).await {
             if let Some(prefetch) = self.prefetch.take() {
                 prefetch.read.abort();
+            }
+            if e.class() == ErrorClass::GiveUp {
+                return self.give_up(cursor, batch.entries, e).await;
             }
             return Err(e);
         }
@@ -479,6 +480,68 @@ impl ConsumerRuntime {
         }
         self.maybe_check_lag(false).await;
         Ok(through)
+    }
+
+    /// A batch the target refuses for good (`GiveUp`: the data itself, not the target, is the
+    /// problem). It is never resent in a loop: halving it finds the record the target refuses,
+    /// the records before it are written (with the checkpoint), and the consumer pauses just
+    /// before it, naming its key and why. After a fix upstream or on the target, `resume`
+    /// retries from that record.
+    async fn give_up(
+        &mut self,
+        cursor: Seq,
+        mut entries: Vec<StreamEntry>,
+        mut error: Error,
+    ) -> Result<Seq, Error> {
+        let shared = self.shared.clone();
+        let mut done = cursor;
+        // `entries` always holds a record the target refuses.
+        while entries.len() > 1 {
+            let rest = entries.split_off(entries.len() / 2);
+            let through = entries.last().map_or(done, |e| e.seq);
+            let half = Batch { entries, through };
+            match self.target.apply(&shared.id, &half).await {
+                Ok(()) => {
+                    done = through;
+                    shared.cursor.store(done.0, Ordering::Release);
+                    shared
+                        .applied
+                        .fetch_add(half.entries.len() as u64, Ordering::Relaxed);
+                    entries = rest;
+                }
+                Err(e) if e.class() == ErrorClass::GiveUp => {
+                    entries = half.entries;
+                    error = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        shared
+            .stream
+            .acknowledge(&shared.id, &shared.filter, done)
+            .await?;
+        let Some(refused) = entries.first() else {
+            return Ok(done);
+        };
+        let key = &refused.record.key;
+        let reason = format!(
+            "because target {:?} refuses record {} / {} / {} (stream position {}): {}",
+            shared.target_name,
+            key.sync_id,
+            key.collection_id,
+            key.upstream_id,
+            refused.seq.0,
+            error.to_string().lines().next().unwrap_or_default()
+        );
+        tracing::error!(consumer = %shared.id, "paused {reason}");
+        shared.observe(
+            "target",
+            Status::Error,
+            format!("paused {reason}"),
+            Some("correct the record upstream (or what the target refuses about it), then resume the consumer; the records before it are written".into()),
+        );
+        shared.control.send_replace(Control::Pause(reason));
+        Ok(done)
     }
 
     /// Measures lag now if `force`d or if the last measurement is older than
@@ -567,7 +630,9 @@ impl Consumer for ConsumerHandle {
     }
 
     async fn pause(&self, reason: String) -> Result<(), Error> {
-        self.shared.control.send_replace(Control::Pause(reason));
+        self.shared
+            .control
+            .send_replace(Control::Pause(format!("by user: {reason}")));
         Ok(())
     }
 

@@ -739,3 +739,75 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
     stop.send_replace(true);
     task.await.unwrap();
 }
+
+/// A record the target refuses for good (a data error: `GiveUp`) is found by halving its
+/// batch: the records before it are written, the consumer pauses naming it, and nothing is
+/// resent in a loop. Resumed after the fix, it carries on from that record.
+#[tokio::test]
+async fn a_record_the_target_refuses_pauses_the_consumer_naming_it_without_a_retry_loop() {
+    let s = setup(&PG, "poison").await;
+    PG.execute(
+        &s.db,
+        "create sequence public.poison_attempts;
+         create function public.refuse_poison() returns trigger language plpgsql security definer as $$
+         begin
+           if new.upstream_id = '000007' then
+             perform nextval('public.poison_attempts');
+             raise exception 'record 7 cannot be stored here' using errcode = '22023';
+           end if;
+           return new;
+         end $$;
+         create trigger refuse before insert or update on sluice.records
+           for each row execute function public.refuse_poison();",
+    )
+    .await
+    .unwrap();
+    fill(&s, 0..20).await;
+    let (handle, stop, task) = start(&s, RecordFilter::Provider(Provider::Postgres), "poison");
+    wait_until(
+        "the consumer pauses on the refused record",
+        30,
+        async || handle.health().await.status >= Status::Paused,
+    )
+    .await;
+    let report = handle.health().await;
+    let target = report.checks.iter().find(|c| c.name == "target").unwrap();
+    assert!(
+        target.message.contains("000007") && target.message.contains("cannot be stored here"),
+        "{report:#?}"
+    );
+    let written: Vec<String> = target_rows(&PG, &s)
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        written,
+        (0..7).map(|i| format!("{i:06}")).collect::<Vec<_>>()
+    );
+    let attempts = async || {
+        let mut conn = PG.admin(&s.db).await.unwrap();
+        sqlx::query_scalar::<_, i64>("select last_value from public.poison_attempts")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    };
+    let before = attempts().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(attempts().await, before, "the refused record is not resent");
+
+    PG.execute(&s.db, "drop trigger refuse on sluice.records")
+        .await
+        .unwrap();
+    handle.resume().await.unwrap();
+    wait_until("every record is written after the fix", 30, async || {
+        target_rows(&PG, &s).await.len() == 20
+    })
+    .await;
+    wait_until("healthy again", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    stop.send_replace(true);
+    task.await.unwrap();
+}
