@@ -1,0 +1,379 @@
+//! One streaming session's state: pgoutput messages become records (keys, versions, unchanged
+//! TOAST values filled), appended in batches, with the slot confirmed only past what the stream
+//! holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_core::{Change, CollectionId, Error, Payload, Provider, Record, RecordKey, Version};
+use time::OffsetDateTime;
+
+use super::PostgresSource;
+use super::reads::WatermarkUse;
+use crate::pgoutput::{Message, Relation, Value};
+use crate::tables::{self, Table};
+use crate::values::TypeMap;
+use crate::wire::{Lsn, StatusWriter};
+
+/// Rows whose change left a TOAST value out that no earlier version in the stream holds:
+/// instead of a row that never existed, they are read again consistently (see
+/// `Backfill::reread_keys`), and the slot is not confirmed past their changes until then.
+#[derive(Default)]
+pub(super) struct KeyRereads {
+    /// By table OID: the table and the key texts to read.
+    pub(super) queue: HashMap<u32, (Table, std::collections::BTreeSet<Vec<String>>)>,
+    /// The slot may be confirmed up to here and no further while these wait.
+    pub(super) hold: Option<Lsn>,
+    /// Changes are logged for the watermark from the first queued change on.
+    pub(super) logging: Option<WatermarkUse>,
+}
+
+pub(super) struct Txn {
+    pub(super) final_lsn: Lsn,
+    pub(super) commit_time: OffsetDateTime,
+    pub(super) xid: u32,
+    pub(super) index: u64,
+    /// The end of the last transaction before this one: confirming up to here replays it.
+    pub(super) before: Lsn,
+}
+
+/// The state of one streaming session.
+pub(super) struct Streaming<'a> {
+    pub(super) source: &'a PostgresSource,
+    pub(super) relations: HashMap<u32, (Arc<Relation>, Option<Arc<Table>>)>,
+    pub(super) tables: HashMap<u32, Table>,
+    pub(super) pending: Vec<Record>,
+    pub(super) pending_since: Option<Instant>,
+    pub(super) txn: Option<Txn>,
+    /// The end of the last transaction whose changes are all pending or appended.
+    pub(super) committed: Option<Lsn>,
+    /// The slot position confirmed to the server.
+    pub(super) confirmed: Lsn,
+    /// The WAL position of a heartbeat not yet seen come back.
+    pub(super) heartbeat_at: Option<Lsn>,
+    /// The server sends logical messages (PostgreSQL 14+), so reads can be watermarked.
+    pub(super) messages: bool,
+    /// Rows to read again, not yet started.
+    pub(super) rereads: KeyRereads,
+    /// The slot hold of the re-read that is running.
+    pub(super) reread_running: Option<Lsn>,
+}
+
+impl Streaming<'_> {
+    pub(super) fn relation(&mut self, rel: Relation, table: Option<Table>) {
+        let table = table.or_else(|| self.tables.get(&rel.id).cloned());
+        if let Some(t) = &table {
+            self.tables.insert(rel.id, t.clone());
+        }
+        self.relations
+            .insert(rel.id, (Arc::new(rel), table.map(Arc::new)));
+    }
+
+    /// Appends what is pending, then confirms the last complete transaction to the server.
+    pub(super) async fn flush(&mut self, writer: &mut StatusWriter) -> Result<(), Error> {
+        self.flush_records().await?;
+        let held = [self.rereads.hold, self.reread_running]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(c) = self.committed.map(|c| held.map_or(c, |h| c.min(h)))
+            && c > self.confirmed
+        {
+            writer.send_status(c).await?;
+            self.confirmed = c;
+            self.source.status(|s| s.confirmed = c);
+        }
+        Ok(())
+    }
+
+    pub(super) fn push(&mut self, record: Record) {
+        if let Some(txn) = &self.txn {
+            self.source.inner.watermarks.record(
+                txn.xid,
+                &record.key.collection_id.0,
+                &record.key.upstream_id.0,
+            );
+        }
+        if self.pending.is_empty() {
+            self.pending_since = Some(Instant::now());
+        }
+        self.pending.push(record);
+    }
+
+    pub(super) async fn handle(
+        &mut self,
+        message: Message,
+        types: &TypeMap,
+        writer: &mut StatusWriter,
+    ) -> Result<(), Error> {
+        let batch_max = self.source.inner.options.batch_max;
+        match message {
+            Message::Begin {
+                final_lsn,
+                commit_time,
+                xid,
+            } => {
+                self.txn = Some(Txn {
+                    final_lsn,
+                    commit_time,
+                    xid,
+                    index: 0,
+                    before: self.committed.unwrap_or(self.confirmed),
+                });
+            }
+            Message::Logical { lsn, .. } => {
+                self.source.inner.watermarks.passed(lsn);
+            }
+            Message::Commit { end_lsn } => {
+                self.txn = None;
+                self.source.inner.watermarks.passed(end_lsn);
+                self.committed = Some(end_lsn);
+                self.source
+                    .status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
+                if self.pending.len() >= batch_max {
+                    self.flush(writer).await?;
+                }
+            }
+            Message::Insert { relation, new } => {
+                self.change(relation, None, Some(new), types).await?;
+            }
+            Message::Update { relation, old, new } => {
+                self.change(relation, old, Some(new), types).await?;
+            }
+            Message::Delete { relation, old } => {
+                self.change(relation, Some(old), None, types).await?;
+            }
+            Message::Truncate { relations } => {
+                // Everything before the truncate goes first, so the tombstones follow it.
+                self.flush_records().await?;
+                for id in relations {
+                    let Some((rel, _)) = self.relations.get(&id) else {
+                        continue;
+                    };
+                    let collection = CollectionId(format!("{}.{}", rel.schema, rel.name));
+                    let (version, at) = self.next_version()?;
+                    if let Some(txn) = &self.txn {
+                        self.source
+                            .inner
+                            .watermarks
+                            .record(txn.xid, &collection.0, "*");
+                    }
+                    let n = self
+                        .source
+                        .inner
+                        .stream
+                        .tombstone_collection(self.source.inner.sync_id, &collection, version, at)
+                        .await?;
+                    tracing::info!(collection = %collection, tombstones = n, "source: truncate");
+                }
+            }
+            Message::Relation(_) | Message::Ignored => {}
+        }
+        if self.pending.len() >= batch_max {
+            // A large transaction: append its changes so far; the slot is confirmed only at
+            // its commit, so a crash replays it whole and the stream skips what it holds.
+            self.flush_records().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush_records(&mut self) -> Result<(), Error> {
+        if !self.pending.is_empty() {
+            let records = std::mem::take(&mut self.pending);
+            let n = records.len() as u64;
+            self.source.inner.stream.append(records).await?;
+            self.source
+                .inner
+                .streamed
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    pub(super) fn next_version(&mut self) -> Result<(Version, OffsetDateTime), Error> {
+        let txn = self
+            .txn
+            .as_mut()
+            .ok_or_else(|| Error::invalid("pgoutput: a change outside a transaction"))?;
+        txn.index += 1;
+        Ok((Version::new(txn.final_lsn.0, txn.index), txn.commit_time))
+    }
+
+    pub(super) async fn change(
+        &mut self,
+        relation: u32,
+        old: Option<Vec<Value>>,
+        new: Option<Vec<Value>>,
+        types: &TypeMap,
+    ) -> Result<(), Error> {
+        let Some((rel, table)) = self.relations.get(&relation) else {
+            return Err(Error::invalid(format!(
+                "pgoutput: a change for relation {relation} before its description"
+            )));
+        };
+        let collection = format!("{}.{}", rel.schema, rel.name);
+        let Some(table) = table.clone().filter(|t| !t.key.is_empty()) else {
+            self.source.notice(format!(
+                "{collection} has no primary key or replica identity index: its changes are skipped (add a primary key)"
+            ));
+            return Ok(());
+        };
+        let rel = rel.clone();
+        let key_of = |values: &[Value]| -> Option<Vec<String>> {
+            table
+                .key
+                .iter()
+                .map(|k| {
+                    let i = rel.columns.iter().position(|c| &c.name == k)?;
+                    match values.get(i)? {
+                        Value::Text(t) => Some(t.clone()),
+                        _ => None,
+                    }
+                })
+                .collect()
+        };
+        let sync_id = self.source.inner.sync_id;
+        let record_key = |key: &[String]| {
+            let keys: Vec<&str> = key.iter().map(String::as_str).collect();
+            RecordKey::new(sync_id, collection.as_str(), tables::upstream_id(&keys))
+        };
+        let old_key = old.as_deref().and_then(key_of);
+        let Some(new) = new else {
+            let key = old_key.ok_or_else(|| {
+                Error::invalid(format!(
+                    "pgoutput: a delete on {collection} without its key"
+                ))
+            })?;
+            let (version, at) = self.next_version()?;
+            self.push(Record {
+                key: record_key(&key),
+                provider: Provider::Postgres,
+                version,
+                upstream_updated_at: at,
+                change: Change::Delete,
+            });
+            return Ok(());
+        };
+        let Some(key_text) = key_of(&new) else {
+            self.source.notice(format!(
+                "{collection}: a change whose key was not sent was skipped"
+            ));
+            return Ok(());
+        };
+        let (version, at) = self.next_version()?;
+        let key = record_key(&key_text);
+        // The key changed: the old record is gone, and it holds the row's previous values.
+        let moved_from = old_key.filter(|k| *k != key_text).map(|k| record_key(&k));
+        let mut payload = tables::payload(
+            types,
+            rel.columns.iter().zip(&new).filter_map(|(c, v)| match v {
+                Value::Null => Some((c.name.as_str(), c.type_oid, None)),
+                Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t.as_str()))),
+                Value::Unchanged => None,
+            }),
+        );
+        let unchanged: Vec<&str> = rel
+            .columns
+            .iter()
+            .zip(&new)
+            .filter(|(_, v)| **v == Value::Unchanged)
+            .map(|(c, _)| c.name.as_str())
+            .collect();
+        let complete = unchanged.is_empty()
+            || self
+                .fill_unchanged(
+                    moved_from.as_ref().unwrap_or(&key),
+                    &unchanged,
+                    &mut payload,
+                )
+                .await?;
+        if let Some(old) = moved_from {
+            self.push(Record {
+                key: old,
+                provider: Provider::Postgres,
+                version,
+                upstream_updated_at: at,
+                change: Change::Delete,
+            });
+        }
+        if !complete {
+            self.reread(&table, key_text, &key);
+            return Ok(());
+        }
+        if !unchanged.is_empty() {
+            // Filled values were added last: restore the relation's column order.
+            payload = rel
+                .columns
+                .iter()
+                .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
+                .collect();
+        }
+        self.push(Record {
+            key,
+            provider: Provider::Postgres,
+            version,
+            upstream_updated_at: at,
+            change: Change::Upsert { payload },
+        });
+        Ok(())
+    }
+
+    /// An unchanged TOAST value is not resent: take it from the previous version of the
+    /// record at `from` (the old key when the key changed), pending or in the stream. Returns
+    /// false when some value is in neither: the row must then be read again, never written
+    /// without it (and never with a value read later, which may belong to another version).
+    pub(super) async fn fill_unchanged(
+        &self,
+        from: &RecordKey,
+        unchanged: &[&str],
+        payload: &mut Payload,
+    ) -> Result<bool, Error> {
+        let pending = self.pending.iter().rev().find(|r| &r.key == from);
+        let stored;
+        let previous = match pending {
+            Some(r) => r.change.payload(),
+            None => {
+                stored = self.source.inner.stream.get(from).await?;
+                stored.as_ref().and_then(|e| e.record.change.payload())
+            }
+        };
+        let Some(previous) = previous else {
+            return Ok(false);
+        };
+        for name in unchanged {
+            match previous.get(*name) {
+                Some(v) => {
+                    payload.insert((*name).to_owned(), v.clone());
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues the row at `key` to be read again (see [`KeyRereads`]).
+    pub(super) fn reread(&mut self, table: &Table, key_text: Vec<String>, key: &RecordKey) {
+        let Some(txn) = &self.txn else {
+            return;
+        };
+        let rereads = &mut self.rereads;
+        rereads.hold = Some(rereads.hold.map_or(txn.before, |h| h.min(txn.before)));
+        if self.messages && rereads.logging.is_none() {
+            rereads.logging = Some(WatermarkUse::new(self.source));
+        }
+        // A later change to the row that its re-read cannot see wins over that re-read.
+        self.source
+            .inner
+            .watermarks
+            .record(txn.xid, &key.collection_id.0, &key.upstream_id.0);
+        tracing::debug!(collection = %key.collection_id.0, id = %key.upstream_id.0, "source: an unchanged TOAST value is not in the stream; reading the row again");
+        rereads
+            .queue
+            .entry(table.oid)
+            .or_insert_with(|| (table.clone(), Default::default()))
+            .1
+            .insert(key_text);
+    }
+}

@@ -1,0 +1,256 @@
+//! Published tables: what the catalog says about them and how a row becomes a record (shared
+//! by the backfill and the change stream, so both produce identical payloads and keys). The
+//! keyset-paged backfill is in `backfill`, its reconciliation with the change stream in
+//! `watermarks`.
+
+use sluice_core::sql::qualified;
+use sluice_core::{Error, Payload};
+use sqlx::PgConnection;
+
+use crate::values::{Kind, TypeMap, to_json};
+
+mod backfill;
+mod watermarks;
+
+pub use backfill::BackfillProgress;
+pub(crate) use backfill::{Backfill, TableRereads};
+pub(crate) use watermarks::Watermarks;
+
+/// A published table as sluice reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Table {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// Columns in table order: name, type OID, the type as SQL (for casts).
+    pub columns: Vec<TableColumn>,
+    /// The key columns (primary key, else the replica identity index), in key order.
+    pub key: Vec<String>,
+    /// Estimated rows (`pg_class.reltuples`), for progress.
+    pub estimate: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct TableColumn {
+    pub name: String,
+    pub type_oid: u32,
+    pub sql_type: String,
+    /// Rows that existed before the column was added read a value for it that no change
+    /// carried (`ADD COLUMN … DEFAULT`: `atthasmissing`, or a volatile default's rewrite).
+    pub defaulted: bool,
+}
+
+impl Table {
+    /// The collection id: `schema.table`.
+    pub fn collection(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Columns of `self` that `before` did not have and that hold a value in rows written
+    /// before they were added. PostgreSQL sends no change for those rows (the value lives in
+    /// `pg_attribute.attmissingval`, or a volatile default rewrote the table unlogged for
+    /// decoding), so the table has to be read again for them to arrive.
+    pub fn columns_with_values_no_change_carried(&self, before: &Table) -> Vec<&str> {
+        self.columns
+            .iter()
+            .filter(|c| c.defaulted && !before.columns.iter().any(|b| b.name == c.name))
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+}
+
+fn db(what: &str, e: sqlx::Error) -> Error {
+    Error::unavailable(format!("source: {what}"), e)
+}
+
+/// The tables of `publication` (partition roots when it publishes via the root).
+pub(crate) async fn published(
+    conn: &mut PgConnection,
+    publication: &str,
+) -> Result<Vec<(String, String)>, Error> {
+    let rows = sqlx::query!(
+        r#"select schemaname as "schema!", tablename as "name!" from pg_publication_tables
+           where pubname = $1 order by 1, 2"#,
+        publication
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(|e| db("listing the publication's tables", e))?;
+    Ok(rows.into_iter().map(|r| (r.schema, r.name)).collect())
+}
+
+/// Describes one table by OID, or by schema and name when `oid` is `None`.
+pub(crate) async fn describe(
+    conn: &mut PgConnection,
+    oid: Option<u32>,
+    schema: &str,
+    name: &str,
+) -> Result<Option<Table>, Error> {
+    let relation = qualified(schema, name);
+    let head = sqlx::query!(
+        r#"select c.oid::int8 as "oid!", n.nspname::text as "schema!", c.relname::text as "name!",
+                  greatest(c.reltuples, 0)::int8 as "estimate!"
+           from pg_class c join pg_namespace n on n.oid = c.relnamespace
+           where c.oid = coalesce($1::oid, to_regclass($2)::oid)"#,
+        oid.map(|o| sqlx::postgres::types::Oid(o)) as Option<sqlx::postgres::types::Oid>,
+        relation
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| db("describing a table", e))?;
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    let oid = head.oid as u32;
+    let columns = sqlx::query!(
+        r#"select attname::text as "name!", atttypid::int8 as "type_oid!",
+                  format_type(atttypid, atttypmod) as "sql_type!",
+                  (atthasdef or atthasmissing) as "defaulted!"
+           from pg_attribute
+           where attrelid = $1::int8::oid and attnum > 0 and not attisdropped and attgenerated = ''
+           order by attnum"#,
+        oid as i64
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("reading a table's columns", e))?;
+    let key = sqlx::query_scalar!(
+        r#"select a.attname::text as "name!"
+           from (select indkey, indisprimary from pg_index
+                 where indrelid = $1::int8::oid and (indisprimary or indisreplident)
+                 order by indisprimary desc limit 1) i,
+                unnest(i.indkey) with ordinality as k(attnum, ord)
+                join pg_attribute a on a.attrelid = $1::int8::oid and a.attnum = k.attnum
+           order by k.ord"#,
+        oid as i64
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("reading a table's key", e))?;
+    Ok(Some(Table {
+        oid,
+        schema: head.schema,
+        name: head.name,
+        columns: columns
+            .into_iter()
+            .map(|c| TableColumn {
+                name: c.name,
+                type_oid: c.type_oid as u32,
+                sql_type: c.sql_type,
+                defaulted: c.defaulted,
+            })
+            .collect(),
+        key,
+        estimate: head.estimate as u64,
+    }))
+}
+
+/// How many columns each of these tables has now (as [`describe`] counts them), by OID.
+pub(crate) async fn column_counts(
+    conn: &mut PgConnection,
+    oids: &[i64],
+) -> Result<std::collections::HashMap<u32, usize>, Error> {
+    let rows = sqlx::query!(
+        r#"select attrelid::int8 as "oid!", count(*)::int8 as "columns!"
+           from pg_attribute
+           where attrelid::int8 = any($1) and attnum > 0 and not attisdropped and attgenerated = ''
+           group by attrelid"#,
+        oids
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(|e| db("counting the published tables' columns", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.oid as u32, r.columns as usize))
+        .collect())
+}
+
+/// The `upstream_id` for a row's key values (in key order): the value itself for a one-column
+/// key, a JSON array of the values' text for a composite key. Deterministic: the same key
+/// always gives the same id, from the backfill and from the change stream alike.
+pub(crate) fn upstream_id(key: &[&str]) -> String {
+    match key {
+        [one] => (*one).to_owned(),
+        many => serde_json::to_string(many).unwrap_or_default(),
+    }
+}
+
+/// A row (column name, type, text) as a record payload.
+pub(crate) fn payload<'a>(
+    types: &TypeMap,
+    values: impl Iterator<Item = (&'a str, u32, Option<&'a str>)>,
+) -> Payload {
+    values
+        .map(|(name, oid, text)| {
+            let value = match text {
+                None => serde_json::Value::Null,
+                Some(t) => to_json(types.get(oid).unwrap_or(&Kind::Text), t),
+            };
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
+/// The table's shape for layouts that mirror it: each column's type as SQL (built-in types as
+/// `format_type` prints them, enums with their labels, domains as their base type), and the
+/// key. A type that cannot be reproduced elsewhere (a composite, a type from an extension) is
+/// described as `text`, with the original named.
+pub(crate) async fn collection_schema(
+    conn: &mut PgConnection,
+    table: &Table,
+) -> Result<sluice_core::CollectionSchema, Error> {
+    let rows = sqlx::query!(
+        r#"select a.attname::text as "name!",
+                  format_type(a.atttypid, a.atttypmod) as "formatted!",
+                  t.typtype::text as "typtype!",
+                  tn.nspname::text as "schema!",
+                  et.typtype::text as elem_typtype,
+                  etn.nspname::text as elem_schema,
+                  (select array_agg(e.enumlabel::text order by e.enumsortorder) from pg_enum e
+                    where e.enumtypid = case when t.typtype = 'e' then t.oid else et.oid end) as labels,
+                  case when t.typtype = 'd' then format_type(t.typbasetype, t.typtypmod) end as domain_base,
+                  coalesce(et.typname::text, t.typname::text) as "type_name!"
+           from pg_attribute a
+           join pg_type t on t.oid = a.atttypid
+           join pg_namespace tn on tn.oid = t.typnamespace
+           left join pg_type et on et.oid = t.typelem and t.typcategory = 'A'
+           left join pg_namespace etn on etn.oid = et.typnamespace
+           where a.attrelid = $1::int8::oid and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+           order by a.attnum"#,
+        table.oid as i64
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("describing a table's columns", e))?;
+    let builtin = |s: &str| s == "pg_catalog";
+    let columns = rows
+        .into_iter()
+        .map(|r| {
+            let (sql_type, enum_labels, unsupported) = if r.typtype == "e" {
+                (r.type_name, r.labels, None)
+            } else if r.elem_typtype.as_deref() == Some("e") {
+                (format!("{}[]", r.type_name), r.labels, None)
+            } else if r.typtype == "d" {
+                match r.domain_base {
+                    Some(base) if !base.contains('.') => (base, None, None),
+                    _ => ("text".to_owned(), None, Some(r.formatted)),
+                }
+            } else if builtin(&r.schema) && r.elem_schema.as_deref().is_none_or(builtin) {
+                (r.formatted, None, None)
+            } else {
+                ("text".to_owned(), None, Some(r.formatted))
+            };
+            sluice_core::ColumnSchema {
+                name: r.name,
+                sql_type,
+                enum_labels,
+                unsupported,
+            }
+        })
+        .collect();
+    Ok(sluice_core::CollectionSchema {
+        columns,
+        key: table.key.clone(),
+    })
+}

@@ -1,0 +1,187 @@
+//! Reconciling backfill reads with the change stream (DBLog-style watermarks).
+
+use sluice_core::Error;
+
+use crate::wire::Lsn;
+
+/// A snapshot as `pg_current_snapshot()` prints it (`xmin:xmax:xip,…`), reduced to the 32-bit
+/// transaction ids pgoutput sends.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Snapshot {
+    xmin: u32,
+    xmax: u32,
+    in_progress: std::collections::HashSet<u32>,
+}
+
+impl Snapshot {
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let bad = || Error::invalid(format!("unexpected snapshot {text:?}"));
+        let mut parts = text.split(':');
+        let xid = |s: Option<&str>| -> Result<u32, Error> {
+            Ok(s.ok_or_else(bad)?.parse::<u64>().map_err(|_| bad())? as u32)
+        };
+        let xmin = xid(parts.next())?;
+        let xmax = xid(parts.next())?;
+        let in_progress = match parts.next() {
+            Some("") | None => Default::default(),
+            Some(list) => list
+                .split(',')
+                .map(|x| x.parse::<u64>().map(|x| x as u32).map_err(|_| bad()))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self {
+            xmin,
+            xmax,
+            in_progress,
+        })
+    }
+
+    /// True when `xid`'s changes were not visible to this snapshot (it was running, or
+    /// started after). Comparisons are modulo 2^32, as PostgreSQL's.
+    pub fn hides(&self, xid: u32) -> bool {
+        self.in_progress.contains(&xid) || (xid.wrapping_sub(self.xmax) as i32) >= 0
+    }
+
+    /// True when `xid` is older than every transaction this snapshot could not see.
+    fn before_horizon(&self, xid: u32) -> bool {
+        (xid.wrapping_sub(self.xmin) as i32) < 0
+    }
+}
+
+/// What the change stream has processed, shared with the backfill, so that each page can be
+/// reconciled with changes that raced it (a DBLog-style watermark):
+///
+/// 1. a page is read in one snapshot (`pg_current_snapshot()` gives what it could not see);
+/// 2. a logical message is written (`pg_logical_emit_message`), and the backfill waits until
+///    the change stream has processed up to it;
+/// 3. page rows whose key was changed by a transaction the snapshot could not see are dropped
+///    (the stream already holds the newer state); the rest are stamped at the message's LSN, so
+///    every change committed later wins, and every change the page includes loses.
+///
+/// This holds even for a transaction whose commit record precedes the page but which was not
+/// yet visible to its snapshot, which an LSN read before the snapshot cannot account for.
+#[derive(Default)]
+pub(crate) struct Watermarks {
+    state: std::sync::Mutex<WatermarkState>,
+    moved: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct WatermarkState {
+    through: Lsn,
+    /// Reads (a backfill, re-reads of single rows) that need changes logged.
+    users: usize,
+    /// (xid, collection, upstream id or `*` for a truncate)
+    changes: Vec<(u32, String, String)>,
+}
+
+impl Watermarks {
+    fn state(&self) -> std::sync::MutexGuard<'_, WatermarkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A read starts that needs changes logged from now on (before its snapshot is taken).
+    pub fn acquire(&self) {
+        self.state().users += 1;
+    }
+
+    /// A read that [`acquire`](Self::acquire)d is over; the log is cleared after the last.
+    pub fn release(&self) {
+        let mut state = self.state();
+        state.users = state.users.saturating_sub(1);
+        if state.users == 0 {
+            state.changes.clear();
+        }
+    }
+
+    /// The change stream saw `xid` change `id` (`*`: the whole collection) of `collection`.
+    pub fn record(&self, xid: u32, collection: &str, id: &str) {
+        let mut state = self.state();
+        if state.users > 0 {
+            state
+                .changes
+                .push((xid, collection.to_owned(), id.to_owned()));
+        }
+    }
+
+    /// The change stream has processed everything up to `lsn`.
+    pub fn passed(&self, lsn: Lsn) {
+        let mut state = self.state();
+        if lsn > state.through {
+            state.through = lsn;
+            drop(state);
+            self.moved.notify_waiters();
+        }
+    }
+
+    /// Waits until the change stream has processed `lsn`.
+    pub async fn wait_past(&self, lsn: Lsn, limit: std::time::Duration) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let moved = self.moved.notified();
+            if self.state().through >= lsn {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return Err(Error::unavailable(
+                    format!(
+                        "source: the change stream did not reach the backfill watermark {lsn} in {}s",
+                        limit.as_secs()
+                    ),
+                    "watermark",
+                ));
+            }
+        }
+    }
+
+    /// Ids of `collection` changed by transactions `snapshot` could not see (`*` when one of
+    /// them truncated it); forgets changes every later snapshot can see.
+    pub fn raced(
+        &self,
+        snapshot: &Snapshot,
+        collection: &str,
+    ) -> std::collections::HashSet<String> {
+        let mut state = self.state();
+        state
+            .changes
+            .retain(|(xid, _, _)| !snapshot.before_horizon(*xid));
+        state
+            .changes
+            .iter()
+            .filter(|(xid, c, _)| c == collection && snapshot.hides(*xid))
+            .map(|(_, _, id)| id.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod watermark_tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_hide_running_and_later_transactions_modulo_2_32() {
+        let s = Snapshot::parse("100:110:102,105").unwrap();
+        assert!(!s.hides(99) && !s.hides(101) && !s.hides(109));
+        assert!(s.hides(102) && s.hides(105) && s.hides(110) && s.hides(4_000));
+        // 64-bit ids from pg_current_snapshot() are compared by their low 32 bits.
+        let wrapped = Snapshot::parse("4294967290:4294967306:").unwrap();
+        assert!(!wrapped.hides(4_294_967_295));
+        assert!(wrapped.hides(10));
+        assert!(wrapped.before_horizon(4_294_967_280));
+    }
+
+    #[test]
+    fn raced_keys_are_those_of_hidden_transactions() {
+        let w = Watermarks::default();
+        w.acquire();
+        w.record(101, "public.t", "1"); // visible to the snapshot below
+        w.record(105, "public.t", "2"); // running when it was taken
+        w.record(120, "public.t", "3"); // started after
+        w.record(120, "public.other", "4");
+        let s = Snapshot::parse("100:110:105").unwrap();
+        let raced = w.raced(&s, "public.t");
+        assert_eq!(raced, ["2".to_owned(), "3".to_owned()].into());
+        w.release();
+        assert!(w.raced(&s, "public.t").is_empty());
+    }
+}
