@@ -1,0 +1,282 @@
+//! The schema-mirror layout: one schema per sync (named by the user), one typed table per
+//! collection, created and owned by the sync user and readable by the read role.
+//!
+//! Table shapes come from the collection's [`CollectionSchema`] in the records stream (a
+//! Postgres source describes its tables there), or from a JSON Schema given in the config
+//! (top-level properties become columns, everything else stays in a `payload jsonb` column).
+//! Schema changes are applied without a restart: a new column is added; a column that
+//! disappears upstream stays (and is no longer filled), so views on it keep working; a retyped
+//! column is converted in place, and if a view the sync user does not own depends on it, the
+//! consumer stops with a message naming the view and the choices.
+//!
+//! Writes: per batch, one transaction holding every table's upserts (`COPY` into a staging
+//! table, then one `insert … on conflict … do update` per table), its deletes, and the
+//! consumer's checkpoint (`<schema>._sluice_checkpoint`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use sluice_core::sql::{qualified, quote_ident as q};
+use sluice_core::{
+    Batch, ConsumerId, EntityKind, EntityRef, Error, Health, HealthReport, HealthState, RecordKey,
+    Seq, Status, SyncId, Target,
+};
+use sqlx::{AssertSqlSafe, PgConnection};
+use time::OffsetDateTime;
+
+use crate::settings::ConnectionSettings;
+
+mod ddl;
+mod shape;
+mod write;
+
+use shape::TableDef;
+pub use shape::{JsonCollection, default_table_name};
+
+/// Writes consumers' records into a schema of typed tables.
+pub struct SchemaMirrorTarget {
+    name: String,
+    settings: ConnectionSettings,
+    schema: String,
+    read_role: String,
+    stream: Arc<dyn sluice_core::RecordStream>,
+    json: BTreeMap<String, JsonCollection>,
+    connection: tokio::sync::Mutex<Option<PgConnection>>,
+    /// Tables as last made to match, by (sync, collection).
+    applied: Mutex<HashMap<(SyncId, String), TableDef>>,
+    /// Tables whose last batch had only new keys (see `write_table`).
+    optimistic: Mutex<HashMap<String, bool>>,
+    /// NUL replacements: how many records so far, those of the batch being written, the
+    /// latest record's key.
+    sanitized: Mutex<(u64, Vec<RecordKey>, Option<RecordKey>)>,
+    health: Mutex<HealthState>,
+}
+
+impl std::fmt::Debug for SchemaMirrorTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaMirrorTarget")
+            .field("name", &self.name)
+            .field("settings", &self.settings)
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db(target: &str, what: &str, e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::Database(d) if crate::diagnose::is_transient(d.as_ref()) => {
+            Error::unavailable(format!("target {target:?}: {what} (retrying)"), e)
+        }
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Error::configuration(
+            format!(
+                "target {target:?}: permission denied {what}: {}",
+                d.message()
+            ),
+            "the sync user needs CREATE on the database (sluice setup apply grants it) and must own the mirror schema",
+        ),
+        sqlx::Error::Database(d) => Error::configuration(
+            format!(
+                "target {target:?}: {what}: {} (SQLSTATE {})",
+                d.message(),
+                d.code().unwrap_or_default()
+            ),
+            "see the message; `sluice check` verifies the target",
+        ),
+        _ => Error::unavailable(format!("target {target:?}: {what}"), e),
+    }
+}
+
+impl SchemaMirrorTarget {
+    /// A mirror into `schema`, readable by `read_role`. `stream` supplies collection shapes;
+    /// `json` types collections from JSON Schemas.
+    pub fn new(
+        name: impl Into<String>,
+        settings: ConnectionSettings,
+        schema: impl Into<String>,
+        read_role: impl Into<String>,
+        stream: Arc<dyn sluice_core::RecordStream>,
+        json: BTreeMap<String, JsonCollection>,
+    ) -> Self {
+        let name = name.into();
+        Self {
+            health: Mutex::new(HealthState::new(EntityRef {
+                kind: EntityKind::Target,
+                name: name.clone(),
+            })),
+            name,
+            settings,
+            schema: schema.into(),
+            read_role: read_role.into(),
+            stream,
+            json,
+            connection: tokio::sync::Mutex::new(None),
+            applied: Mutex::new(HashMap::new()),
+            optimistic: Mutex::new(HashMap::new()),
+            sanitized: Mutex::new((0, Vec::new(), None)),
+        }
+    }
+
+    /// The schema written.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// `statement` preceded by the schema's DDL lock, as one implicit transaction.
+    fn locked(&self, statement: &str) -> String {
+        format!(
+            "{}; {statement}",
+            sluice_core::sql::schema_ddl_lock(&self.schema)
+        )
+    }
+
+    fn checkpoint_table(&self) -> String {
+        qualified(&self.schema, crate::apply::CHECKPOINT_TABLE)
+    }
+
+    /// Records of the batch being written whose NULs were replaced; counted once it commits.
+    fn sanitized_in_batch(&self, keys: Vec<RecordKey>) {
+        if !keys.is_empty() {
+            self.sanitized
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .extend(keys);
+        }
+    }
+
+    /// Counts the committed batch's NUL replacements into the `payload` check (or forgets
+    /// them when the batch failed).
+    fn sanitized_batch_done(&self, committed: bool) {
+        let mut s = self.sanitized.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = std::mem::take(&mut s.1);
+        if committed && let Some(last) = keys.last() {
+            s.0 += keys.len() as u64;
+            s.2 = Some(last.clone());
+        }
+        let (status, message, fix) = crate::apply::payload_check(s.0, s.2.as_ref());
+        drop(s);
+        self.observe("payload", status, message, fix);
+    }
+
+    fn observe(
+        &self,
+        check: &str,
+        status: Status,
+        message: impl Into<String>,
+        fix: Option<String>,
+    ) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        h.observe(check, status, message, fix, OffsetDateTime::now_utc());
+    }
+
+    async fn with_connection<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut guard = self.connection.lock().await;
+        if guard.is_none() {
+            let mut conn = match self.settings.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.observe(
+                        "reachable",
+                        Status::Error,
+                        e.to_string(),
+                        e.fix_sql().map(str::to_owned),
+                    );
+                    return Err(e.into());
+                }
+            };
+            self.observe(
+                "reachable",
+                Status::Healthy,
+                format!("connected to {}", self.settings.endpoint()),
+                None,
+            );
+            self.prepare(&mut conn).await?;
+            *guard = Some(conn);
+        }
+        let conn = guard
+            .as_mut()
+            .ok_or_else(|| Error::invalid("no connection"))?;
+        let result = work(conn).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Target for SchemaMirrorTarget {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn checkpoint(&self, consumer: &ConsumerId) -> Result<Seq, Error> {
+        let table = self.checkpoint_table();
+        self.with_connection(async |conn| {
+            let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "select seq from {table} where consumer = $1"
+            )))
+            .bind(&consumer.0)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
+            Ok(Seq(seq.unwrap_or(0) as u64))
+        })
+        .await
+    }
+
+    async fn reset_checkpoint(&self, consumer: &ConsumerId) -> Result<(), Error> {
+        let table = self.checkpoint_table();
+        self.with_connection(async |conn| {
+            sqlx::query(AssertSqlSafe(format!(
+                "delete from {table} where consumer = $1"
+            )))
+            .bind(&consumer.0)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db(&self.name, "resetting the checkpoint", e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {
+        let result = self
+            .with_connection(async |conn| self.write(conn, consumer, batch).await)
+            .await;
+        self.sanitized_batch_done(result.is_ok());
+        match &result {
+            Ok(()) => self.observe(
+                "writes",
+                Status::Healthy,
+                format!(
+                    "wrote {} record(s) into schema {}",
+                    batch.entries.len(),
+                    q(&self.schema)
+                ),
+                None,
+            ),
+            Err(e) => self.observe(
+                "writes",
+                Status::Error,
+                e.to_string(),
+                e.fix().map(str::to_owned),
+            ),
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Health for SchemaMirrorTarget {
+    async fn health(&self) -> HealthReport {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report()
+    }
+}

@@ -1,0 +1,391 @@
+//! Writing a batch: rows encoded as COPY text, copied in or merged, deletes, the checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use sluice_core::sql::{qualified, quote_ident as q};
+use sluice_core::{Batch, ConsumerId, Error, RecordKey, StreamEntry, SyncId};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+
+use crate::apply::{copy, copy_if_all_new, map_in_parallel, push_text};
+
+use super::shape::{Kind, TableDef};
+use super::{SchemaMirrorTarget, db};
+
+impl SchemaMirrorTarget {
+    pub(super) async fn write(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &ConsumerId,
+        batch: &Batch,
+    ) -> Result<(), Error> {
+        // Group by (sync, collection); the newest version per key wins.
+        let mut groups: BTreeMap<(SyncId, String), Vec<&StreamEntry>> = BTreeMap::new();
+        for entry in &batch.entries {
+            groups
+                .entry((
+                    entry.record.key.sync_id,
+                    entry.record.key.collection_id.0.clone(),
+                ))
+                .or_default()
+                .push(entry);
+        }
+        let mut defs = Vec::new();
+        for ((sync_id, collection), entries) in &groups {
+            let def = self.table_for(conn, *sync_id, collection).await?;
+            let mut newest: HashMap<&str, &StreamEntry> = HashMap::new();
+            for e in entries {
+                let id = e.record.key.upstream_id.0.as_str();
+                match newest.get(id) {
+                    Some(old) if old.record.version >= e.record.version => {}
+                    _ => {
+                        newest.insert(id, e);
+                    }
+                }
+            }
+            defs.push((def, newest.into_values().collect::<Vec<_>>()));
+        }
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(|e| db(&self.name, "beginning a batch", e))?;
+        let stored: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "select seq from {} where consumer = $1 for update",
+            self.checkpoint_table()
+        )))
+        .bind(&consumer.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
+        if stored.is_some_and(|s| s as u64 >= batch.through.0) {
+            return Ok(()); // already applied: idempotent replay
+        }
+        for (def, entries) in &defs {
+            self.write_table(&mut tx, def, entries).await?;
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "insert into {} (consumer, seq) values ($1, $2) on conflict (consumer) do update set seq = excluded.seq",
+            self.checkpoint_table()
+        )))
+        .bind(&consumer.0)
+        .bind(batch.through.0 as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db(&self.name, "storing the checkpoint", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| db(&self.name, "committing a batch", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn write_table(
+        &self,
+        conn: &mut PgConnection,
+        def: &TableDef,
+        entries: &[&StreamEntry],
+    ) -> Result<(), Error> {
+        let table = qualified(&self.schema, &def.name);
+        let (upserts, deletes): (Vec<&StreamEntry>, Vec<&StreamEntry>) =
+            entries.iter().partition(|e| !e.record.is_tombstone());
+        let columns: Vec<String> = def.columns.iter().map(|c| q(&c.name)).collect();
+        let key: Vec<String> = def.key.iter().map(|k| q(k)).collect();
+        let fail = |what: &str, e: sqlx::Error| db(&self.name, &format!("{what} {table}"), e);
+        let copy_in = format!("copy {table} ({}) from stdin", columns.join(", "));
+        let mut upserts = upserts;
+        // Optimistic first (the common case during a backfill): copy every upsert straight in,
+        // inside a savepoint. A key that already exists aborts that COPY; the table is then
+        // marked, and batches for it take the lookup path until one finds no existing key.
+        let optimistic = !upserts.is_empty()
+            && *self
+                .optimistic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&def.name)
+                .unwrap_or(&true);
+        if optimistic {
+            let (data, sanitized) = encode_rows(def, &upserts);
+            match copy_if_all_new(conn, &copy_in, &data).await {
+                Ok(Some(_)) => {
+                    self.sanitized_in_batch(sanitized);
+                    upserts.clear();
+                }
+                Ok(None) => {
+                    self.optimistic
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(def.name.clone(), false);
+                }
+                Err(e) => return Err(fail("copying into", e)),
+            }
+        }
+        // With a one-column key, rows whose key is not in the table yet are copied straight in;
+        // only the others go through the staging table and the merge.
+        let mut fresh: Vec<&StreamEntry> = Vec::new();
+        if let [k] = def.key.as_slice()
+            && let Some(key_type) = def
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .map(|c| &c.sql_type)
+            && !upserts.is_empty()
+        {
+            let ids: Vec<&str> = upserts
+                .iter()
+                .map(|e| e.record.key.upstream_id.0.as_str())
+                .collect();
+            let existing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "select {k}::text from {table} where {k} = any($1::text[]::{key_type}[])",
+                k = q(k)
+            )))
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| fail("looking up keys in", e))?;
+            if existing.is_empty() {
+                self.optimistic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(def.name.clone(), true);
+            }
+            let existing: std::collections::HashSet<String> = existing.into_iter().collect();
+            (upserts, fresh) = upserts
+                .into_iter()
+                .partition(|e| existing.contains(&e.record.key.upstream_id.0));
+        }
+        if !fresh.is_empty() {
+            let (data, sanitized) = encode_rows(def, &fresh);
+            copy(conn, &copy_in, &data)
+                .await
+                .map_err(|e| fail("copying into", e))?;
+            self.sanitized_in_batch(sanitized);
+        }
+        if upserts.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "create temp table if not exists _sluice_mirror_stage (like {table}) on commit drop;
+             truncate _sluice_mirror_stage;"
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| fail("staging", e))?;
+        // A staging table per target table in one transaction: dropped before the next table.
+        if !upserts.is_empty() {
+            let (data, sanitized) = encode_rows(def, &upserts);
+            self.sanitized_in_batch(sanitized);
+            copy(
+                conn,
+                &format!(
+                    "copy _sluice_mirror_stage ({}) from stdin",
+                    columns.join(", ")
+                ),
+                &data,
+            )
+            .await
+            .map_err(|e| fail("copying into", e))?;
+            let updates: Vec<String> = def
+                .columns
+                .iter()
+                .filter(|c| !def.key.contains(&c.name))
+                .map(|c| format!("{n} = excluded.{n}", n = q(&c.name)))
+                .collect();
+            let on_conflict = if updates.is_empty() {
+                "do nothing".to_owned()
+            } else {
+                format!("do update set {}", updates.join(", "))
+            };
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "insert into {table} ({cols}) select {cols} from _sluice_mirror_stage on conflict ({key}) {on_conflict}",
+                cols = columns.join(", "),
+                key = key.join(", ")
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| fail("writing", e))?;
+        }
+        if !deletes.is_empty() {
+            sqlx::raw_sql("truncate _sluice_mirror_stage")
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| fail("staging", e))?;
+            let mut data = Vec::new();
+            for e in &deletes {
+                let parts = key_parts(def, &e.record.key.upstream_id.0);
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        data.push(b'\t');
+                    }
+                    push_text(&mut data, part);
+                }
+                data.push(b'\n');
+            }
+            copy(
+                conn,
+                &format!("copy _sluice_mirror_stage ({}) from stdin", key.join(", ")),
+                &data,
+            )
+            .await
+            .map_err(|e| fail("copying deletes for", e))?;
+            let on: Vec<String> = key.iter().map(|k| format!("t.{k} = s.{k}")).collect();
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "delete from {table} t using _sluice_mirror_stage s where {}",
+                on.join(" and ")
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| fail("deleting from", e))?;
+        }
+        sqlx::raw_sql("drop table _sluice_mirror_stage")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| fail("staging", e))?;
+        Ok(())
+    }
+}
+
+/// A composite key's parts (a JSON array of text), or the single key.
+fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
+    if def.key.len() > 1 {
+        serde_json::from_str::<Vec<String>>(upstream_id)
+            .unwrap_or_else(|_| vec![upstream_id.to_owned()])
+    } else {
+        vec![upstream_id.to_owned()]
+    }
+}
+
+/// COPY text for `entries`; large batches are encoded on two threads.
+/// Also returns the records whose text had NUL characters replaced (the target's NUL policy).
+fn encode_rows(def: &TableDef, entries: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>) {
+    let encode = |part: &[&StreamEntry]| {
+        let mut data = Vec::with_capacity(part.len() * 512);
+        let mut sanitized = Vec::new();
+        for e in part {
+            if encode_row(&mut data, def, e) {
+                sanitized.push(e.record.key.clone());
+            }
+        }
+        (data, sanitized)
+    };
+    if entries.len() < 1000 {
+        return encode(entries);
+    }
+    let halves: Vec<&[&StreamEntry]> = entries.chunks(entries.len().div_ceil(2)).collect();
+    let (data, sanitized): (Vec<Vec<u8>>, Vec<Vec<RecordKey>>) =
+        map_in_parallel(&halves, |part| encode(part))
+            .into_iter()
+            .unzip();
+    (data.concat(), sanitized.concat())
+}
+
+/// One COPY text line for an upsert, in the table's column order. Returns whether a NUL
+/// character had to be replaced.
+fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) -> bool {
+    let Some(payload) = entry.record.change.payload() else {
+        return false;
+    };
+    let mut sanitized = false;
+    for (i, column) in def.columns.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        if def.json && column.name == "id" {
+            sanitized |= push_text(out, &entry.record.key.upstream_id.0);
+            continue;
+        }
+        if def.json && column.name == "payload" {
+            // Everything no column took.
+            let rest: serde_json::Map<String, Value> = payload
+                .iter()
+                .filter(|(k, _)| {
+                    matches!(k.as_str(), "id" | "payload")
+                        || !def.columns.iter().any(|c| &c.name == *k)
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let (text, nul) = json_text(&Value::Object(rest));
+            sanitized |= nul;
+            push_text(out, &text);
+            continue;
+        }
+        match payload.get(&column.name) {
+            None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
+            Some(Value::String(s)) if column.kind != Kind::Json => {
+                sanitized |= push_text(out, s);
+            }
+            Some(v) if column.kind == Kind::Json => {
+                let (text, nul) = json_text(v);
+                sanitized |= nul;
+                push_text(out, &text);
+            }
+            Some(v) => {
+                sanitized |= push_text(out, &pg_text(v, column.kind));
+            }
+        }
+    }
+    out.push(b'\n');
+    sanitized
+}
+
+/// JSON text `jsonb` accepts: `\u0000` (which it refuses) becomes U+FFFD. Returns whether it did.
+fn json_text(value: &Value) -> (String, bool) {
+    let text = value.to_string();
+    if text.contains("\\u0000") {
+        (text.replace("\\u0000", "\u{FFFD}"), true)
+    } else {
+        (text, false)
+    }
+}
+
+/// A JSON value as PostgreSQL input text for a column of `kind`.
+fn pg_text(value: &Value, kind: Kind) -> String {
+    match (kind, value) {
+        (Kind::Json, v) => json_text(v).0,
+        (Kind::Array, Value::Array(items)) => array_literal(items),
+        (Kind::Bool, Value::Bool(b)) => if *b { "t" } else { "f" }.to_owned(),
+        (_, Value::String(s)) => s.clone(),
+        (_, Value::Bool(b)) => b.to_string(),
+        (_, v) => v.to_string(),
+    }
+}
+
+/// `{1,NULL,"a b"}` from a JSON array (nested arrays for more dimensions).
+fn array_literal(items: &[Value]) -> String {
+    let parts: Vec<String> = items
+        .iter()
+        .map(|v| match v {
+            Value::Null => "NULL".to_owned(),
+            Value::Array(inner) => array_literal(inner),
+            Value::Bool(b) => if *b { "t" } else { "f" }.to_owned(),
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => quote_element(s),
+            other => quote_element(&other.to_string()),
+        })
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+fn quote_element(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_values_become_postgres_input_text() {
+        assert_eq!(
+            pg_text(&json!([1, null, [2, 3]]), Kind::Array),
+            "{1,NULL,{2,3}}"
+        );
+        assert_eq!(
+            pg_text(&json!(["a b", "c\"d", "e\\f"]), Kind::Array),
+            r#"{"a b","c\"d","e\\f"}"#
+        );
+        assert_eq!(pg_text(&json!({"a": 1}), Kind::Json), r#"{"a":1}"#);
+        assert_eq!(pg_text(&json!("x\u{0}y"), Kind::Json), "\"x\u{FFFD}y\"");
+        assert_eq!(pg_text(&json!(true), Kind::Bool), "t");
+        assert_eq!(pg_text(&json!("12.50"), Kind::Plain), "12.50");
+    }
+}
