@@ -53,18 +53,14 @@ async fn apply_on(conn: &mut sqlx::PgConnection, spec: &SetupSpec) -> Result<App
 }
 
 pub(crate) fn sql_error(e: sqlx::Error) -> Error {
-    match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => Error::configuration(
-            format!("the role running setup lacks a privilege: {}", db.message()),
-            "lend sluice a role that owns the database (or a superuser) for setup, or run `sluice setup sql` and apply the script yourself",
-        ),
-        sqlx::Error::Database(db) => Error::invalid(format!(
-            "{} (SQLSTATE {})",
-            db.message(),
-            db.code().unwrap_or_default()
-        )),
-        _ => Error::unavailable("the setup connection failed", e),
-    }
+    sluice_pg::classify(e, "setup", |condition, db| {
+        (condition == sluice_pg::Condition::InsufficientPrivilege).then(|| {
+            Error::configuration(
+                format!("the role running setup lacks a privilege: {}", db.message()),
+                "lend sluice a role that owns the database (or a superuser) for setup, or run `sluice setup sql` and apply the script yourself",
+            )
+        })
+    })
 }
 
 /// True for errors worth retrying (used by callers that loop).

@@ -6,8 +6,6 @@ use sluice_core::sql::quote_ident as q;
 use sluice_target_pg::ConnectionSettings;
 use sqlx::{AssertSqlSafe, Connection};
 
-use crate::apply::sql_error;
-
 /// Grants the read role to each of `users`.
 pub async fn grant_read(
     sync: &ConnectionSettings,
@@ -44,20 +42,24 @@ async fn change(
     };
     let result = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await;
     let _ = conn.close().await;
-    result.map(drop).map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => Error::configuration(
-            format!(
-                "{} may not grant {}: {}",
-                q(&sync.user),
-                q(read_role),
-                db.message()
-            ),
-            format!(
-                "grant {} to {} with admin option;",
-                q(read_role),
-                q(&sync.user)
-            ),
-        ),
-        _ => sql_error(e),
+    result.map(drop).map_err(|e| {
+        let what = format!("changing who holds {}", q(read_role));
+        sluice_pg::classify(e, &what, |condition, db| {
+            (condition == sluice_pg::Condition::InsufficientPrivilege).then(|| {
+                Error::configuration(
+                    format!(
+                        "{} may not grant {}: {}",
+                        q(&sync.user),
+                        q(read_role),
+                        db.message()
+                    ),
+                    format!(
+                        "grant {} to {} with admin option;",
+                        q(read_role),
+                        q(&sync.user)
+                    ),
+                )
+            })
+        })
     })
 }

@@ -238,12 +238,15 @@ pub async fn ensure_publication_and_slot(
 ) -> Result<Vec<String>, Error> {
     let mut conn = settings.connect().await?;
     let mut done = Vec::new();
-    let sql_error = |e: sqlx::Error| match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => Error::configuration(
-            format!("not allowed: {}", db.message()),
-            "create the publication as a superuser or the tables' owner (create publication … for all tables needs a superuser), or grant the REPLICATION attribute for the slot",
-        ),
-        _ => Error::unavailable("setting up the source", e),
+    let sql_error = |e: sqlx::Error| {
+        sluice_pg::classify(e, "setting up the source", |condition, db| {
+            (condition == sluice_pg::Condition::InsufficientPrivilege).then(|| {
+                Error::configuration(
+                    format!("not allowed: {}", db.message()),
+                    "create the publication as a superuser or the tables' owner (create publication … for all tables needs a superuser), or grant the REPLICATION attribute for the slot",
+                )
+            })
+        })
     };
     let has_publication = sqlx::query_scalar!(
         r#"select exists (select 1 from pg_publication where pubname = $1) as "e!""#,

@@ -653,9 +653,11 @@ fn query_error(body: &[u8]) -> Error {
     } else {
         format!("source: {message} (SQLSTATE {code}; {hint})")
     };
-    match code.as_str() {
-        // undefined_object (slot or publication missing), object_in_use (slot active elsewhere)
-        "42704" | "55006" | "42501" => Error::configuration(
+    use sluice_pg::Condition::{InUse, InsufficientPrivilege, UndefinedObject};
+    match sluice_pg::condition(&code, None, &message) {
+        // The slot or publication is missing, the slot is read by another process, or the
+        // role may not use it.
+        UndefinedObject | InUse | InsufficientPrivilege => Error::configuration(
             text,
             "run `sluice source check` for the fix (publication, slot and privileges)",
         ),
@@ -665,8 +667,8 @@ fn query_error(body: &[u8]) -> Error {
 
 fn server_error(body: &[u8], settings: &ConnectionSettings) -> Error {
     let (code, message, _) = error_fields(body);
-    match code.as_str() {
-        "28P01" | "28000" => Error::configuration(
+    match sluice_pg::condition(&code, None, &message) {
+        sluice_pg::Condition::Authentication => Error::configuration(
             format!(
                 "{} refused the replication login of {}: {message}",
                 settings.endpoint(),
@@ -677,7 +679,7 @@ fn server_error(body: &[u8], settings: &ConnectionSettings) -> Error {
                 settings.user, settings.database
             ),
         ),
-        "42501" => Error::configuration(
+        sluice_pg::Condition::InsufficientPrivilege => Error::configuration(
             format!("{}: {message}", settings.endpoint()),
             format!(
                 "alter user {} with replication;",

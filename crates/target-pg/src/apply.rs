@@ -217,8 +217,7 @@ pub(crate) async fn apply_partition(
     match try_apply(conn, sql, write, true).await {
         // Someone else inserted a key between our lookup and our COPY: take the safe path.
         Err(sqlx::Error::Database(db))
-            if db.code().as_deref() == Some("23505")
-                && !db.message().contains(CHECKPOINT_TABLE) =>
+            if db.is_unique_violation() && !db.message().contains(CHECKPOINT_TABLE) =>
         {
             try_apply(conn, sql, write, false).await
         }
@@ -347,7 +346,7 @@ pub(crate) async fn copy_if_all_new(
                 .await?;
             Ok(Some(n))
         }
-        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
             sqlx::raw_sql("rollback to savepoint sluice_fresh")
                 .execute(&mut *conn)
                 .await?;

@@ -336,16 +336,3 @@ pub(crate) fn diagnose(settings: &ConnectionSettings, error: sqlx::Error) -> Con
         },
     }
 }
-
-/// True for failures that pass by themselves when the statement is tried again: another
-/// session changed the same catalog rows at the same moment (sluice's own consumers creating
-/// one schema together: a unique violation on a `pg_` catalog index, `tuple concurrently
-/// updated`), a deadlock, or a serialization failure.
-pub(crate) fn is_transient(db: &dyn sqlx::error::DatabaseError) -> bool {
-    match db.code().as_deref() {
-        Some("40P01" | "40001") => true,
-        Some("23505") => db.constraint().is_some_and(|c| c.starts_with("pg_")),
-        Some("XX000") => db.message().contains("concurrently"),
-        _ => false,
-    }
-}

@@ -12,6 +12,7 @@ use sluice_core::{
     Batch, ConsumerId, EntityKind, EntityRef, Error, Health, HealthReport, HealthState, RecordKey,
     Seq, SslMode, Status, StreamEntry, Target,
 };
+use sluice_pg::Condition;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
@@ -440,66 +441,59 @@ pub(crate) fn write_error(
     error: sqlx::Error,
 ) -> Error {
     let name = table.qualified();
-    let db = match &error {
-        sqlx::Error::Database(db) => db,
-        _ => {
-            return Error::unavailable(
-                format!("target {target:?}: lost the connection while writing {name}"),
-                error,
-            );
-        }
-    };
-    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-    let message = db.message().to_owned();
     let user = quote_ident(user);
-    match code.as_str() {
-        _ if crate::diagnose::is_transient(db.as_ref()) => Error::unavailable(
-            format!(
-                "target {target:?}: a concurrent change to the same objects interrupted writing {name} (SQLSTATE {code}); retrying"
+    let what = format!("target {target:?}: writing {name}");
+    sluice_pg::classify(error, &what, |condition, db| {
+        let message = db.message();
+        Some(match condition {
+            Condition::InsufficientPrivilege => Error::configuration(
+                format!("target {target:?}: permission denied writing {name}: {message}"),
+                format!(
+                    "grant usage, create on schema {schema} to {user}; grant select, insert, update, delete on table {name} to {user};",
+                    schema = quote_ident(&table.schema)
+                ),
             ),
-            error,
-        ),
-        "42501" => Error::configuration(
-            format!("target {target:?}: permission denied writing {name}: {message}"),
-            format!(
-                "grant usage, create on schema {schema} to {user}; grant select, insert, update, delete on table {name} to {user};",
-                schema = quote_ident(&table.schema)
+            Condition::UndefinedObject
+                if message.contains(&format!("relation \"{}\"", table.table))
+                    || message
+                        .contains(&format!("relation \"{}.{}\"", table.schema, table.table)) =>
+            {
+                Error::configuration(
+                    format!("target {target:?}: table {name} does not exist"),
+                    table.ddl(),
+                )
+            }
+            Condition::UndefinedObject if message.contains("column") => Error::configuration(
+                format!(
+                    "target {target:?}: {name} does not have the consumer table's shape: {message}"
+                ),
+                "run `sluice check` to see each column to fix",
             ),
-        ),
-        "42P01" if message.contains(&format!("\"{}\"", table.table)) => Error::configuration(
-            format!("target {target:?}: table {name} does not exist"),
-            table.ddl(),
-        ),
-        "42P01" | "3F000" => Error::configuration(
-            format!("target {target:?}: {message} (writing {name})"),
-            "run `sluice check` to see what is missing and the statement that creates it",
-        ),
-        "42703" | "42804" | "42P10" => Error::configuration(
-            format!(
-                "target {target:?}: {name} does not have the consumer table's shape: {message}"
+            Condition::WrongShape => Error::configuration(
+                format!(
+                    "target {target:?}: {name} does not have the consumer table's shape: {message}"
+                ),
+                "run `sluice check` to see each column to fix",
             ),
-            "run `sluice check` to see each column to fix",
-        ),
-        c if c.starts_with("23") && message.contains(CHECKPOINT_TABLE) => Error::invalid(format!(
-            "target {target:?}: sluice's checkpoint table rejected a write: {message}"
-        )),
-        c if c.starts_with("23") => Error::configuration(
-            format!(
-                "target {target:?}: a constraint on {name} rejected a write ({message}). Consumer tables \
-                 must not carry constraints, foreign keys or triggers of their own: sluice guarantees \
-                 ordering per record, not across records"
+            Condition::IntegrityViolation if message.contains(CHECKPOINT_TABLE) => Error::invalid(
+                format!("target {target:?}: sluice's checkpoint table rejected a write: {message}"),
             ),
-            format!(
-                "drop the constraint named in the message (alter table {name} drop constraint …;) — \
-                 `sluice check` lists every one"
+            Condition::IntegrityViolation => Error::configuration(
+                format!(
+                    "target {target:?}: a constraint on {name} rejected a write ({message}). Consumer tables \
+                     must not carry constraints, foreign keys or triggers of their own: sluice guarantees \
+                     ordering per record, not across records"
+                ),
+                format!(
+                    "drop the constraint named in the message (alter table {name} drop constraint …;) — \
+                     `sluice check` lists every one"
+                ),
             ),
-        ),
-        c if c.starts_with("22") => Error::invalid(format!(
-            "target {target:?}: a record could not be stored in {name}: {message} (SQLSTATE {code})"
-        )),
-        _ => Error::unavailable(
-            format!("target {target:?}: writing {name} failed (SQLSTATE {code})"),
-            error,
-        ),
-    }
+            Condition::DataException => Error::invalid(format!(
+                "target {target:?}: a record could not be stored in {name}: {message} (SQLSTATE {})",
+                db.code().unwrap_or_default()
+            )),
+            _ => return None,
+        })
+    })
 }

@@ -495,7 +495,7 @@ async fn connect(settings: &ConnectionSettings) -> Result<PgConnection, Error> {
 }
 
 fn db(e: sqlx::Error) -> Error {
-    Error::unavailable("source: query failed", e)
+    sluice_pg::classify(e, "source: a query on the source", |_, _| None)
 }
 
 async fn ensure_slot_exists(conn: &mut PgConnection, spec: &SourceSpec) -> Result<(), Error> {

@@ -308,42 +308,31 @@ impl Backfill<'_> {
         table: &Table,
         rows: Rows<'_>,
     ) -> Result<Page, Error> {
-        let read = match rows {
-            Rows::After(after) => read_page(conn, table, after, self.page).await,
-            Rows::Keys(keys) => read_keys(conn, table, keys).await,
+        let sql = match rows {
+            Rows::After(after) => page_sql(table, after, self.page)?,
+            Rows::Keys([]) => return Ok(Vec::new()),
+            Rows::Keys(keys) => keys_sql(table, keys)?,
         };
-        read.map_err(|e| self.explain(table, e))
-    }
-
-    /// A read refused for want of `SELECT` becomes that table's configuration error, with
-    /// the grant that fixes it.
-    fn explain(&self, table: &Table, e: Error) -> Error {
-        let denied = match &e {
-            Error::Unavailable {
-                source: Some(source),
-                ..
-            } => source
-                .downcast_ref::<sqlx::Error>()
-                .and_then(|e| e.as_database_error())
-                .and_then(|d| d.code())
-                .is_some_and(|code| code == "42501"),
-            _ => false,
-        };
-        if !denied {
-            return e;
-        }
-        Error::configuration(
-            format!(
-                "sluice may not read {} (permission denied for the role {})",
-                table.collection(),
-                self.role
-            ),
-            format!(
-                "grant select on table {} to {};",
-                qualified(&table.schema, &table.name),
-                quote_ident(self.role)
-            ),
-        )
+        let what = format!("source: reading {}", table.collection());
+        fetch_rows(conn, table, &sql).await.map_err(|e| {
+            sluice_pg::classify(e, &what, |condition, _| {
+                // This table alone waits for its grant (see `Backfill::run`).
+                (condition == sluice_pg::Condition::InsufficientPrivilege).then(|| {
+                    Error::configuration(
+                        format!(
+                            "sluice may not read {} (permission denied for the role {})",
+                            table.collection(),
+                            self.role
+                        ),
+                        format!(
+                            "grant select on table {} to {};",
+                            qualified(&table.schema, &table.name),
+                            quote_ident(self.role)
+                        ),
+                    )
+                })
+            })
+        })
     }
 
     /// A page's rows as records stamped at `lsn`, without the rows that raced.
@@ -443,49 +432,35 @@ impl Backfill<'_> {
 /// Rows of a page: `(key texts, every column's text)`.
 type Page = Vec<(Vec<String>, Vec<Option<String>>)>;
 
-/// One keyset page: `(key texts, every column's text)` per row, in key order.
-pub(crate) async fn read_page(
-    conn: &mut PgConnection,
-    table: &Table,
-    after: Option<&[String]>,
-    limit: usize,
-) -> Result<Vec<(Vec<String>, Vec<Option<String>>)>, Error> {
+/// The query for one keyset page: every column's text, in key order.
+fn page_sql(table: &Table, after: Option<&[String]>, limit: usize) -> Result<String, Error> {
     let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
     let keys = keys.join(", ");
     let condition = match after {
         Some(after) => format!("where ({keys}) > ({})", key_literals(table, after)?),
         None => String::new(),
     };
-    let sql = format!(
+    Ok(format!(
         "select {} from {} {condition} order by {keys} limit {limit}",
         select_list(table),
         qualified(&table.schema, &table.name),
-    );
-    fetch_rows(conn, table, &sql).await
+    ))
 }
 
-/// The rows with these keys that still exist.
-async fn read_keys(
-    conn: &mut PgConnection,
-    table: &Table,
-    keys: &[Vec<String>],
-) -> Result<Page, Error> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
+/// The query for the rows with these keys (those that still exist); `keys` is not empty.
+fn keys_sql(table: &Table, keys: &[Vec<String>]) -> Result<String, Error> {
     let columns: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
     let wanted = keys
         .iter()
         .map(|key| key_literals(table, key).map(|l| format!("({l})")))
         .collect::<Result<Vec<_>, Error>>()?;
-    let sql = format!(
+    Ok(format!(
         "select {} from {} where ({}) in ({})",
         select_list(table),
         qualified(&table.schema, &table.name),
         columns.join(", "),
         wanted.join(", ")
-    );
-    fetch_rows(conn, table, &sql).await
+    ))
 }
 
 fn select_list(table: &Table) -> String {
@@ -525,11 +500,10 @@ async fn fetch_rows(
     conn: &mut PgConnection,
     table: &Table,
     sql: &str,
-) -> Result<Vec<(Vec<String>, Vec<Option<String>>)>, Error> {
+) -> Result<Page, sqlx::Error> {
     let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
         .fetch_all(&mut *conn)
-        .await
-        .map_err(|e| db(&format!("reading {}", table.collection()), e))?;
+        .await?;
     let positions: Vec<usize> = table
         .key
         .iter()
@@ -539,8 +513,7 @@ async fn fetch_rows(
         .map(|row| {
             let values = (0..table.columns.len())
                 .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| db(&format!("decoding {}", table.collection()), e))?;
+                .collect::<Result<Vec<_>, _>>()?;
             let key = positions
                 .iter()
                 .map(|p| values[*p].clone().unwrap_or_default())

@@ -60,7 +60,7 @@ impl Table {
 }
 
 fn db(what: &str, e: sqlx::Error) -> Error {
-    Error::unavailable(format!("source: {what}"), e)
+    sluice_pg::classify(e, &format!("source: {what}"), |_, _| None)
 }
 
 /// The tables of `publication` (partition roots when it publishes via the root).

@@ -256,17 +256,20 @@ impl SchemaMirrorTarget {
                         t = column.sql_type
                     );
                     if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-                        let code = match &e {
-                            sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
-                            _ => None,
-                        };
+                        let depended_on = e.as_database_error().is_some_and(|d| {
+                            sluice_pg::condition(
+                                d.code().as_deref().unwrap_or_default(),
+                                d.constraint(),
+                                d.message(),
+                            ) == sluice_pg::Condition::WrongShape
+                        });
                         let what = format!(
                             "target {:?}: column {table}.{} changed type upstream from {have} to {}",
                             self.name,
                             q(&column.name),
                             column.sql_type
                         );
-                        let (message, fix) = if code.as_deref() == Some("0A000") {
+                        let (message, fix) = if depended_on {
                             // Views (or rules) depend on the column: name them.
                             let views: Vec<String> = sqlx::query_scalar(
                                 "select distinct v.oid::regclass::text from pg_depend d

@@ -64,27 +64,14 @@ impl std::fmt::Debug for SchemaMirrorTarget {
 }
 
 fn db(target: &str, what: &str, e: sqlx::Error) -> Error {
-    match &e {
-        sqlx::Error::Database(d) if crate::diagnose::is_transient(d.as_ref()) => {
-            Error::unavailable(format!("target {target:?}: {what} (retrying)"), e)
-        }
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Error::configuration(
-            format!(
-                "target {target:?}: permission denied {what}: {}",
-                d.message()
-            ),
-            "the sync user needs CREATE on the database (sluice setup apply grants it) and must own the mirror schema",
-        ),
-        sqlx::Error::Database(d) => Error::configuration(
-            format!(
-                "target {target:?}: {what}: {} (SQLSTATE {})",
-                d.message(),
-                d.code().unwrap_or_default()
-            ),
-            "see the message; `sluice check` verifies the target",
-        ),
-        _ => Error::unavailable(format!("target {target:?}: {what}"), e),
-    }
+    sluice_pg::classify(e, &format!("target {target:?}: {what}"), |condition, d| {
+        (condition == sluice_pg::Condition::InsufficientPrivilege).then(|| {
+            Error::configuration(
+                format!("target {target:?}: permission denied {what}: {}", d.message()),
+                "the sync user needs CREATE on the database (sluice setup apply grants it) and must own the mirror schema",
+            )
+        })
+    })
 }
 
 impl SchemaMirrorTarget {
