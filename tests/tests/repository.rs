@@ -109,3 +109,38 @@ fn readme_links_point_at_files_that_exist() {
         );
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_fix_tells_the_user_to_see_the_message() {
+    // A configuration error carries a real fix; "see the message" is not one.
+    let root = repo_root();
+    let mut offenders = Vec::new();
+    for member in workspace_members() {
+        for file in rust_files(&root.join(&member).join("src")) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                if line.contains("\"see the message") {
+                    offenders.push(format!("{}:{}", file.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{offenders:#?}");
+}

@@ -213,6 +213,6 @@ mod tests {
             |_, _| None,
         );
         assert_eq!(bad.class(), ErrorClass::FixConfiguration);
-        assert!(bad.fix().is_some_and(|f| !f.contains("see the message")));
+        assert!(bad.fix().is_some_and(|f| f.contains("sluice config check")));
     }
 }

@@ -205,6 +205,47 @@ impl ConnectError {
         }
     }
 
+    /// What to do about it, in one line (the message says why): the SQL to run when the fix
+    /// is a statement.
+    pub fn fix(&self) -> String {
+        match self {
+            ConnectError::NoConnectPrivilege { fix, .. } => fix.clone(),
+            ConnectError::Timeout { host, port, .. } => format!(
+                "check the route and firewall from this machine to {host}:{port}: `nc -vz {host} {port}`"
+            ),
+            ConnectError::Refused { .. } => {
+                "set the host and port to your database's (PostgreSQL's default port is 5432)".into()
+            }
+            ConnectError::Dns { .. } => "check the host name's spelling, or use an IP address".into(),
+            ConnectError::TlsUnsupportedByServer { .. } => "enable TLS on the server (ssl = on with a certificate), or on a trusted network set the ssl mode to prefer or disable".into(),
+            ConnectError::TlsRequiredByServer { .. } => {
+                "set the ssl mode to verify-full with the server's root certificate (or require)".into()
+            }
+            ConnectError::CertificateRejected { .. } => "set root_cert to the root certificate that signed the server's; with verify-full, connect by a host name the certificate names".into(),
+            ConnectError::Tls { .. } => {
+                "check the certificate and key files the ssl settings name (readable PEM files)".into()
+            }
+            ConnectError::ClientCertificateRequired { user } => format!(
+                "set client_cert and client_key to a certificate whose common name is {user:?}, signed by a CA the server trusts"
+            ),
+            ConnectError::WrongPassword { ident, .. } => format!(
+                "correct the configured password, or set a new one: alter role {ident} with password '…';"
+            ),
+            ConnectError::NoHbaEntry { user, database, .. } => format!(
+                "add a pg_hba.conf rule such as `hostssl {database} {user} <sluice's address>/32 scram-sha-256`, then: select pg_reload_conf();"
+            ),
+            ConnectError::RoleMissing { .. } => {
+                "create the role first (`sluice setup sql` prints the statements)".into()
+            }
+            ConnectError::DatabaseMissing { .. } => {
+                "correct the database name (psql's \\l lists the databases)".into()
+            }
+            ConnectError::Unavailable { .. } | ConnectError::Other { .. } => {
+                "wait for the server, or check its log; sluice retries by itself".into()
+            }
+        }
+    }
+
     /// The name of the health check this failure belongs to.
     pub fn check_name(&self) -> &'static str {
         match self {
@@ -236,10 +277,7 @@ impl From<ConnectError> for sluice_core::Error {
                 source: None,
             },
             _ => {
-                let fix = error
-                    .fix_sql()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| "see the message above".into());
+                let fix = error.fix();
                 sluice_core::Error::configuration(error.to_string(), fix)
             }
         }

@@ -118,6 +118,39 @@ impl TunnelError {
     }
 }
 
+impl TunnelError {
+    /// What to do about it, in one line (the message says why).
+    pub fn fix(&self) -> String {
+        match self {
+            TunnelError::Key(_) => {
+                "check that the tunnel key file exists and is readable (`sluice tunnel keygen` makes one)".into()
+            }
+            TunnelError::BastionUnreachable { .. } | TunnelError::ChannelTimeout { .. } => {
+                "check the bastion's host and port, and that sluice's address may connect to it".into()
+            }
+            TunnelError::HostKeyNotPinned { fingerprint, .. } => {
+                format!("after checking it on the bastion: host_key_fingerprint = \"{fingerprint}\"")
+            }
+            TunnelError::HostKeyChanged { got, .. } => format!(
+                "verify the bastion's key on the bastion (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub); only if it is {got}, pin it: host_key_fingerprint = \"{got}\""
+            ),
+            TunnelError::AuthRejected { user, .. } => format!(
+                "install the key's public line in ~{user}/.ssh/authorized_keys on the bastion (`sluice tunnel keygen` prints it)"
+            ),
+            TunnelError::ForwardRefused { target } => {
+                format!("make the key's authorized_keys line say permitopen=\"{target}\"")
+            }
+            TunnelError::DatabaseUnreachable { .. } => {
+                "set the database host and port as the bastion sees them".into()
+            }
+            TunnelError::Local(_) => {
+                "check that sluice may listen on a loopback port (a free port is chosen)".into()
+            }
+            TunnelError::Ssh(_) => "check the bastion's sshd log for why it ended the session".into(),
+        }
+    }
+}
+
 impl From<TunnelError> for sluice_core::Error {
     fn from(e: TunnelError) -> Self {
         if e.is_transient() {
@@ -126,7 +159,8 @@ impl From<TunnelError> for sluice_core::Error {
                 source: None,
             }
         } else {
-            sluice_core::Error::configuration(e.to_string(), "see the message above")
+            let fix = e.fix();
+            sluice_core::Error::configuration(e.to_string(), fix)
         }
     }
 }
