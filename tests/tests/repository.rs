@@ -144,3 +144,57 @@ fn no_fix_tells_the_user_to_see_the_message() {
     }
     assert!(offenders.is_empty(), "{offenders:#?}");
 }
+
+/// The crate graph flows one way, read from each manifest's `[dependencies]`: the binaries
+/// and `xtask` may use anything; consumer / sources / provisioning / tunnel / target-pg use
+/// only `pg`, `stream` and `core`; `pg` and `stream` only `core`; the consumer only `core`;
+/// no source depends on a target.
+#[test]
+fn crate_dependencies_follow_the_layering() {
+    let lower: &[(&str, &[&str])] = &[
+        ("sluice-core", &[]),
+        ("sluice-pg", &["sluice-core"]),
+        ("sluice-stream", &["sluice-core"]),
+        ("sluice-localpg", &["sluice-core"]),
+        ("sluice-consumer", &["sluice-core"]),
+        (
+            "sluice-tunnel",
+            &["sluice-core", "sluice-pg", "sluice-stream"],
+        ),
+        (
+            "sluice-target-pg",
+            &["sluice-core", "sluice-pg", "sluice-stream"],
+        ),
+        (
+            "sluice-provisioning",
+            &["sluice-core", "sluice-pg", "sluice-stream"],
+        ),
+    ];
+    let mut broken = Vec::new();
+    for member in workspace_members() {
+        let manifest: toml::Table = toml::from_str(&read(&format!("{member}/Cargo.toml"))).unwrap();
+        let name = manifest["package"]["name"].as_str().unwrap().to_owned();
+        let allowed: Option<&[&str]> = lower
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| *a)
+            .or_else(|| {
+                name.starts_with("sluice-source-")
+                    .then_some(&["sluice-core", "sluice-pg", "sluice-stream"][..])
+            });
+        let Some(allowed) = allowed else {
+            continue; // the binaries, xtask and the end-to-end tests assemble everything
+        };
+        let deps = manifest
+            .get("dependencies")
+            .and_then(|d| d.as_table())
+            .map(|d| d.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        for dep in deps.iter().filter(|d| d.starts_with("sluice-")) {
+            if !allowed.contains(&dep.as_str()) {
+                broken.push(format!("{name} depends on {dep}"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "against the layering: {broken:#?}");
+}

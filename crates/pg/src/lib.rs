@@ -1,9 +1,11 @@
-//! Reaching PostgreSQL from sluice. Today it holds the one error classifier: every SQLSTATE a
-//! server returns becomes a [`Condition`] and then a `sluice_core::ErrorClass` here and
-//! nowhere else, so a deadlock is "retry" for every caller and a data error is "give up" for
-//! every caller. Callers explain the few conditions they know more about (the exact `GRANT` a
-//! missing privilege needs) by passing an override; they never match SQLSTATEs themselves.
-//! Connection settings, TLS, diagnosis and catalog queries join it from `sluice-target-pg`.
+//! Reaching PostgreSQL from sluice, for every side that talks to a server (sources, targets,
+//! provisioning): connection settings and TLS modes ([`ConnectionSettings`]), explained
+//! connection failures ([`ConnectError`]), the compile-checked [`catalog`] queries, and the one
+//! error classifier: every SQLSTATE a server returns becomes a [`Condition`] and then a
+//! `sluice_core::ErrorClass` here and nowhere else, so a deadlock is "retry" for every caller
+//! and a data error is "give up" for every caller. Callers explain the few conditions they know
+//! more about (the exact `GRANT` a missing privilege needs) by passing an override; they never
+//! match SQLSTATEs themselves.
 //!
 //! It is not for anything that writes or reads sluice's data: it knows PostgreSQL, not records.
 //!
@@ -17,6 +19,11 @@
 //! assert_eq!(lost.class(), ErrorClass::Retry);
 //! ```
 
+pub mod catalog;
 mod classify;
+mod diagnose;
+mod settings;
 
 pub use classify::{Condition, classify, condition, condition_of};
+pub use diagnose::ConnectError;
+pub use settings::{ConnectionSettings, SettingsError, ssl_mode_name};

@@ -2,7 +2,7 @@
 
 use secrecy::SecretString;
 use sluice_core::{Error, ErrorClass};
-use sluice_target_pg::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 use sqlx::{AssertSqlSafe, Connection};
 
 use crate::inspect::inspect;

@@ -2,7 +2,7 @@
 
 use sluice_core::CheckReport;
 use sluice_core::sql::{quote_ident as q, quote_literal};
-use sluice_target_pg::{ConnectionSettings, catalog};
+use sluice_pg::{ConnectionSettings, catalog};
 
 use crate::inspect::foreign_objects;
 use crate::spec::{Preset, SchemaUse, SetupSpec};

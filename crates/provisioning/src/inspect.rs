@@ -199,8 +199,8 @@ pub async fn foreign_objects(
 
 /// Reads everything [`crate::plan`] needs to decide what is missing.
 pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State, sqlx::Error> {
-    let facts = sluice_target_pg::catalog::server_facts(conn).await?;
-    let sync = sluice_target_pg::catalog::role(conn, &spec.sync_user).await?;
+    let facts = sluice_pg::catalog::server_facts(conn).await?;
+    let sync = sluice_pg::catalog::role(conn, &spec.sync_user).await?;
     let db = sqlx::query!(
         r#"select coalesce((select has_database_privilege(r.oid, d.oid, 'CONNECT') from pg_roles r, pg_database d
                             where r.rolname = $1 and d.datname = $2), false) as "connect!",

@@ -13,7 +13,7 @@
 //! credentials anywhere.
 //!
 //! ```no_run
-//! # async fn example(admin: sluice_target_pg::ConnectionSettings) -> Result<(), sluice_core::Error> {
+//! # async fn example(admin: sluice_pg::ConnectionSettings) -> Result<(), sluice_core::Error> {
 //! use sluice_provisioning::{SchemaUse, SetupSpec, apply};
 //!
 //! let spec = SetupSpec::new("app").schema("stripe", SchemaUse::Owned);

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sluice_core::Error;
 use sluice_core::sql::{qualified, quote_ident as q};
-use sluice_target_pg::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::apply::sql_error;

@@ -3,7 +3,7 @@
 
 use sluice_core::Error;
 use sluice_core::sql::quote_ident as q;
-use sluice_target_pg::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 use sqlx::{AssertSqlSafe, Connection};
 
 /// Grants the read role to each of `users`.

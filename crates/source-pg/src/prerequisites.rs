@@ -3,7 +3,7 @@
 
 use sluice_core::sql::{qualified, quote_ident as q, quote_literal};
 use sluice_core::{CheckReport, Error};
-use sluice_target_pg::{ConnectionSettings, catalog};
+use sluice_pg::{ConnectionSettings, catalog};
 use sqlx::PgConnection;
 
 /// What the source should offer.

@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use secrecy::ExposeSecret;
 use sluice_core::{Error, SslMode};
-use sluice_target_pg::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -369,7 +369,7 @@ async fn negotiate_tls(
         return Err(Error::configuration(
             format!(
                 "sslmode={} but {} does not accept TLS connections",
-                sluice_target_pg::ssl_mode_name(settings.ssl_mode),
+                sluice_pg::ssl_mode_name(settings.ssl_mode),
                 settings.endpoint()
             ),
             "enable ssl on the server (ssl = on with a certificate), or lower sslmode if the network is trusted",

@@ -1,11 +1,11 @@
 //! The PostgreSQL target.
 //!
-//! `sluice-target-pg` owns talking to a user's PostgreSQL as the sync user: connection
-//! settings (TLS modes, certificates, timeouts) in [`ConnectionSettings`], explained connection
-//! failures ([`ConnectError`]), the consumer-table layout ([`ConsumerTable`]: DDL and
-//! column-by-column verification), batch writes with the checkpoint in the same transaction
-//! ([`ConsumerTableTarget`], which implements the core `Target` and `Health` traits), and the
-//! compile-checked [`catalog`] queries.
+//! `sluice-target-pg` owns writing a user's PostgreSQL as the sync user: the consumer-table
+//! layout ([`ConsumerTable`]: DDL and column-by-column verification), batch writes with the
+//! checkpoint in the same transaction ([`ConsumerTableTarget`], which implements the core
+//! `Target` and `Health` traits), and the schema mirror ([`SchemaMirrorTarget`]). Reaching the
+//! server (settings, TLS, explained connection failures, catalog queries, the error
+//! classifier) is `sluice-pg`'s; [`ConnectionSettings`] and friends are re-exported here.
 //!
 //! It must not create roles or grant privileges (that is `sluice-provisioning`), and it
 //! must never drop or alter an object the sync user does not own: its fixes are printed for
@@ -28,16 +28,13 @@
 //! ```
 
 mod apply;
-pub mod catalog;
 mod consumer_table;
-mod diagnose;
 mod mirror;
-mod settings;
 mod target;
 
 pub use apply::CHECKPOINT_TABLE;
 pub use consumer_table::{COLUMNS, ConsumerTable, Finding, Severity, Verification};
-pub use diagnose::ConnectError;
 pub use mirror::{JsonCollection, SchemaMirrorTarget, default_table_name};
-pub use settings::{ConnectionSettings, SettingsError, ssl_mode_name};
+/// Reaching the server is `sluice-pg`'s; re-exported for the target's callers.
+pub use sluice_pg::{ConnectError, ConnectionSettings, SettingsError, catalog, ssl_mode_name};
 pub use target::ConsumerTableTarget;

@@ -20,9 +20,9 @@ use crate::apply::{
     CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, Statements, apply_partition,
     encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
 };
-use crate::catalog;
 use crate::consumer_table::{ConsumerTable, Severity, Verification};
-use crate::settings::{ConnectionSettings, ssl_mode_name};
+use sluice_pg::catalog;
+use sluice_pg::{ConnectionSettings, ssl_mode_name};
 
 /// Writes consumers' records into one consumer table.
 ///

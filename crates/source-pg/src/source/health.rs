@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use sluice_core::{Error, ErrorClass, Health, HealthReport, Status};
-use sluice_target_pg::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 use time::OffsetDateTime;
 
 use super::{PostgresSource, db};

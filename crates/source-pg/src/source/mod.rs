@@ -9,7 +9,7 @@ use sluice_core::{
     Backoff, CollectionId, EntityKind, EntityRef, Error, ErrorClass, HealthState, RecordStream,
     SyncId,
 };
-use sluice_target_pg::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -230,7 +230,7 @@ impl PostgresSource {
 
         // Logical decoding messages reach pgoutput from PostgreSQL 14: the backfill's
         // watermarks need them.
-        let messages = sluice_target_pg::catalog::server_facts(&mut conn)
+        let messages = sluice_pg::catalog::server_facts(&mut conn)
             .await
             .map_err(db)?
             .major_version()

@@ -25,7 +25,7 @@ use sluice_core::{
 use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
 
-use crate::settings::ConnectionSettings;
+use sluice_pg::ConnectionSettings;
 
 mod ddl;
 mod shape;
