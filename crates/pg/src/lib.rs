@@ -23,6 +23,7 @@ pub mod catalog;
 mod classify;
 mod diagnose;
 mod settings;
+pub mod tls;
 
 pub use classify::{Condition, classify, condition, condition_of};
 pub use diagnose::ConnectError;

@@ -4,20 +4,19 @@
 //! streaming with standby status updates).
 //!
 //! sqlx has no replication support, and the crates.io replication clients either bring a
-//! second TLS stack and date library or only the transport; this module is small and
-//! uses the workspace's rustls and ring.
+//! second TLS stack and date library or only the transport; this module is small and uses
+//! ring for SCRAM. TLS is `sluice_pg::tls`: the same sslmode rules as every connection.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use secrecy::ExposeSecret;
-use sluice_core::{Error, SslMode};
+use sluice_core::Error;
 use sluice_pg::ConnectionSettings;
+use sluice_pg::tls::Io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls;
 
 /// A log sequence number.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,9 +38,6 @@ impl std::str::FromStr for Lsn {
         Ok(Lsn((hi << 32) | lo))
     }
 }
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One backend message: its type byte and body.
 pub(crate) struct Message {
@@ -86,7 +82,7 @@ impl ReplicationConnection {
         })?
         .map_err(|e| lost(&format!("connecting to {endpoint}"), e))?;
         tcp.set_nodelay(true).ok();
-        let io = negotiate_tls(tcp, settings).await?;
+        let io = sluice_pg::tls::negotiate_tls(tcp, settings).await?;
         let mut conn = Self {
             io: BufStream::with_capacity(256 * 1024, 64 * 1024, io),
         };
@@ -347,188 +343,6 @@ impl StatusWriter {
         body.extend_from_slice(&((now as i64) - PG_EPOCH_OFFSET_MICROS).to_be_bytes());
         body.push(0);
         write_frame(&mut self.io, &frame(b'd', &body)).await
-    }
-}
-
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    settings: &ConnectionSettings,
-) -> Result<Box<dyn Io>, Error> {
-    if settings.ssl_mode == SslMode::Disable {
-        return Ok(Box::new(tcp));
-    }
-    // SSLRequest.
-    tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
-        .await
-        .map_err(|e| lost("requesting TLS", e))?;
-    let answer = tcp.read_u8().await.map_err(|e| lost("requesting TLS", e))?;
-    if answer != b'S' {
-        if settings.ssl_mode == SslMode::Prefer {
-            return Ok(Box::new(tcp));
-        }
-        return Err(Error::configuration(
-            format!(
-                "sslmode={} but {} does not accept TLS connections",
-                sluice_pg::ssl_mode_name(settings.ssl_mode),
-                settings.endpoint()
-            ),
-            "enable ssl on the server (ssl = on with a certificate), or lower sslmode if the network is trusted",
-        ));
-    }
-    let config = tls_config(settings)?;
-    let name = rustls::pki_types::ServerName::try_from(settings.host.clone()).map_err(|_| {
-        Error::configuration(
-            format!("{:?} is not a valid TLS server name", settings.host),
-            "use a host name or IP address",
-        )
-    })?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| {
-            Error::configuration(
-                format!("TLS handshake with {} failed: {e}", settings.endpoint()),
-                "check sslmode and the root certificate (root_cert) for this source",
-            )
-        })?;
-    Ok(Box::new(tls))
-}
-
-fn tls_config(settings: &ConnectionSettings) -> Result<rustls::ClientConfig, Error> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::invalid(format!("TLS setup: {e}")))?;
-    let pem_error = |what: &str, path: &std::path::Path, e: rustls::pki_types::pem::Error| {
-        Error::configuration(
-            format!("cannot read the {what} {}: {e}", path.display()),
-            format!("point the source's {what} at a readable PEM file"),
-        )
-    };
-    let builder = match settings.ssl_mode {
-        SslMode::VerifyCa | SslMode::VerifyFull => {
-            let mut roots = rustls::RootCertStore::empty();
-            match &settings.root_cert {
-                Some(path) => {
-                    for cert in CertificateDer::pem_file_iter(path)
-                        .map_err(|e| pem_error("root certificate", path, e))?
-                    {
-                        let cert = cert.map_err(|e| pem_error("root certificate", path, e))?;
-                        roots.add(cert).map_err(|e| {
-                            Error::configuration(
-                                format!("bad root certificate {}: {e}", path.display()),
-                                "use the CA certificate that signed the server's certificate",
-                            )
-                        })?;
-                    }
-                }
-                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            }
-            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| Error::invalid(format!("TLS setup: {e}")))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Verifier {
-                    webpki: Some(webpki),
-                    check_name: settings.ssl_mode == SslMode::VerifyFull,
-                    provider,
-                }))
-        }
-        _ => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                webpki: None,
-                check_name: false,
-                provider,
-            })),
-    };
-    match (&settings.client_cert, &settings.client_key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| pem_error("client certificate", cert, e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_error("client certificate", cert, e))?;
-            let key =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error("client key", key, e))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                Error::configuration(
-                    format!("the client certificate and key do not work together: {e}"),
-                    "use the key that belongs to the client certificate",
-                )
-            })
-        }
-        _ => Ok(builder.with_no_client_auth()),
-    }
-}
-
-/// `require`/`prefer`: encrypt without verifying (as libpq does); `verify-ca`: the chain only;
-/// `verify-full`: the chain and the host name.
-#[derive(Debug)]
-struct Verifier {
-    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
-    check_name: bool,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let Some(webpki) = &self.webpki else {
-            return Ok(rustls::client::danger::ServerCertVerified::assertion());
-        };
-        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) if !self.check_name => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
