@@ -474,7 +474,11 @@ fn json(rng: &mut Rng, depth: u32) -> String {
         _ => format!(
             "{{{}}}",
             (0..rng.below(4))
-                .map(|i| format!("\"k{i}{}\": {}", rng.below(9), json(rng, depth + 1)))
+                .map(|i| {
+                    // Keys in any script, with quotes and backslashes (unique by their index).
+                    let key = serde_json::to_string(&format!("{i}{}", text(rng))).unwrap();
+                    format!("{key}: {}", json(rng, depth + 1))
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

@@ -61,23 +61,6 @@ pub fn condition(code: &str, constraint: Option<&str>, message: &str) -> Conditi
     }
 }
 
-/// The condition behind an [`Error`] that [`classify`] made from a server error, if any.
-pub fn condition_of(error: &Error) -> Option<Condition> {
-    let Error::Unavailable {
-        source: Some(source),
-        ..
-    } = error
-    else {
-        return None;
-    };
-    let db = source.downcast_ref::<sqlx::Error>()?.as_database_error()?;
-    Some(condition(
-        db.code().as_deref().unwrap_or_default(),
-        db.constraint(),
-        db.message(),
-    ))
-}
-
 /// The one classifier: `error`, met while doing `what`, as an [`Error`] of the right class.
 /// `explain` may answer for a condition the caller knows more about (its exact fix); for the
 /// rest the defaults below apply, and each `Configuration` error carries a real fix.

@@ -25,6 +25,6 @@ mod diagnose;
 mod settings;
 pub mod tls;
 
-pub use classify::{Condition, classify, condition, condition_of};
+pub use classify::{Condition, classify, condition};
 pub use diagnose::ConnectError;
 pub use settings::{ConnectionSettings, SettingsError, ssl_mode_name};

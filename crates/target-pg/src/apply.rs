@@ -504,12 +504,29 @@ pub(crate) fn map_in_parallel<I: Sync, T: Send + Default>(
     }
 }
 
-/// The `payload` health check of a target that has replaced NULs in `count` records so far,
-/// `latest` the last of them: status, message and fix.
-pub(crate) fn payload_check(
-    count: u64,
-    latest: Option<&RecordKey>,
-) -> (Status, String, Option<String>) {
+/// Records whose NULs were replaced (the NUL policy): how many, and the latest one's key.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NulReplacements {
+    pub count: u64,
+    pub latest: Option<RecordKey>,
+}
+
+impl NulReplacements {
+    /// Counts `keys`, in the order they were written.
+    pub fn add(&mut self, keys: &[RecordKey]) {
+        if let Some(last) = keys.last() {
+            self.count += keys.len() as u64;
+            self.latest = Some(last.clone());
+        }
+    }
+
+    /// The target's `payload` health check: status, message and fix.
+    pub fn check(&self) -> (Status, String, Option<String>) {
+        payload_check(self.count, self.latest.as_ref())
+    }
+}
+
+fn payload_check(count: u64, latest: Option<&RecordKey>) -> (Status, String, Option<String>) {
     match latest {
         Some(key) if count > 0 => (
             Status::Warning,

@@ -17,8 +17,9 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use crate::apply::{
-    CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, Statements, apply_partition,
-    encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
+    CHECKPOINT_TABLE, Encoded, NulReplacements, PartitionOutcome, PartitionWrite, Statements,
+    apply_partition, encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint,
+    table_key,
 };
 use crate::consumer_table::{ConsumerTable, Severity, Verification};
 use sluice_pg::catalog;
@@ -41,7 +42,7 @@ pub struct ConsumerTableTarget {
     /// Per partition: its last batch found none of its keys in the table.
     all_new: Vec<AtomicBool>,
     health: Mutex<HealthState>,
-    sanitized: Mutex<(u64, Option<RecordKey>)>,
+    sanitized: Mutex<NulReplacements>,
     /// Consumers whose partition checkpoints were aligned by this process.
     aligned: Mutex<HashSet<ConsumerId>>,
     /// Create the table (as the sync user) when missing, readable by this role.
@@ -83,7 +84,7 @@ impl ConsumerTableTarget {
                 .map(|_| AtomicBool::new(true))
                 .collect(),
             health: Mutex::new(HealthState::new(entity)),
-            sanitized: Mutex::new((0, None)),
+            sanitized: Mutex::new(NulReplacements::default()),
             aligned: Mutex::new(HashSet::new()),
             create_for: None,
             name,
@@ -120,7 +121,8 @@ impl ConsumerTableTarget {
 
     /// How many records so far had NUL characters replaced, and the last one's key.
     pub fn sanitized(&self) -> (u64, Option<RecordKey>) {
-        self.sanitized.lock().map(|s| s.clone()).unwrap_or_default()
+        let s = self.sanitized.lock().unwrap_or_else(|p| p.into_inner());
+        (s.count, s.latest.clone())
     }
 
     async fn with_connection<T>(
@@ -168,8 +170,11 @@ impl ConsumerTableTarget {
 
     async fn observe(&self) -> Vec<(&'static str, Status, String, Option<String>)> {
         let mut out = Vec::new();
-        let (count, last) = self.sanitized();
-        let (status, message, fix) = crate::apply::payload_check(count, last.as_ref());
+        let (status, message, fix) = self
+            .sanitized
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check();
         out.push(("payload", status, message, fix));
         let started = Instant::now();
         let mut conn = match self.settings.connect().await {
@@ -388,10 +393,11 @@ impl Target for ConsumerTableTarget {
         let mut first_error = None;
         for (result, encoded) in results.into_iter().zip(&encoded) {
             match result {
-                Ok(outcome) if outcome.applied && !encoded.sanitized.is_empty() => {
-                    let mut s = self.sanitized.lock().unwrap_or_else(|p| p.into_inner());
-                    s.0 += encoded.sanitized.len() as u64;
-                    s.1 = encoded.sanitized.last().cloned();
+                Ok(outcome) if outcome.applied => {
+                    self.sanitized
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .add(&encoded.sanitized);
                 }
                 Ok(_) => {}
                 Err(e) => {

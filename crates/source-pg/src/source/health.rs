@@ -127,26 +127,18 @@ impl Health for PostgresSource {
             None => {}
         }
         let unreadable = self.unreadable();
-        if let Some((_, first, fix)) = unreadable.first() {
+        if !unreadable.is_empty() {
             // Only these tables wait; every other table keeps streaming.
-            let mut message = first.lines().next().unwrap_or_default().to_owned();
-            for (_, other, _) in &unreadable[1..] {
-                message.push_str("; ");
-                message.push_str(other.lines().next().unwrap_or_default());
-            }
+            let problems: Vec<&str> = unreadable.iter().map(|(p, _)| p.as_str()).collect();
             let fixes: Vec<&str> = unreadable
                 .iter()
-                .filter_map(|(_, _, f)| f.as_deref())
+                .filter_map(|(_, f)| f.as_deref())
                 .collect();
             health.observe(
                 "tables",
                 Status::Error,
-                message,
-                Some(if fixes.is_empty() {
-                    fix.clone().unwrap_or_default()
-                } else {
-                    fixes.join(" ")
-                }),
+                problems.join("; "),
+                (!fixes.is_empty()).then(|| fixes.join(" ")),
                 now,
             );
         } else {

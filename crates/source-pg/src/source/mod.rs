@@ -325,14 +325,14 @@ impl PostgresSource {
                     }
                     // Columns added without a change since (no relation message announces
                     // them): found by the catalog, re-read when they hold values.
-                    self.find_added_columns(&mut conn, &mut state, &mut tables).await?;
+                    self.find_added_columns(&mut conn, &mut tables).await?;
                     // A table added to the publication since, a table asked to be read again,
                     // or one that could not be read: read now, beside the changes already
                     // streaming for it (one backfill at a time).
                     if backfill.is_none() {
                         let added = self.add_published(&mut conn, &mut tables, &mut types, false).await?;
                         let pending = !inner.rereads.load(&inner.stream).await?.is_empty()
-                            || !self.unreadable().is_empty();
+                            || self.has_unreadable();
                         if added || pending {
                             for t in &tables {
                                 state.tables.entry(t.oid).or_insert_with(|| t.clone());
@@ -372,10 +372,8 @@ impl PostgresSource {
                                 // Before any change that uses the new shape is appended.
                                 state.flush_records().await?;
                                 self.describe_collection(&mut conn, t).await?;
-                                if let Some(before) = state.tables.get(&rel.id) {
-                                    self.reread_if_columns_need_it(before, t).await?;
-                                }
                                 if let Some(known) = tables.iter_mut().find(|k| k.oid == t.oid) {
+                                    self.reread_if_columns_need_it(known, t).await?;
                                     *known = t.clone();
                                 }
                             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sluice_core::{Error, ErrorClass, Provider};
 use sqlx::PgConnection;
 
-use super::streaming::{KeyRereads, Streaming};
+use super::streaming::KeyRereads;
 use super::{Aborting, PostgresSource, connect};
 use crate::tables::{self, Backfill, Table};
 use crate::values::TypeMap;
@@ -86,15 +86,28 @@ impl PostgresSource {
         }
     }
 
-    /// Tables the backfill could not read, by collection, with the error.
-    pub(super) fn unreadable(&self) -> Vec<(String, String, Option<String>)> {
+    /// Tables the backfill could not read: what is wrong (one line) and the fix, per table.
+    pub(super) fn unreadable(&self) -> Vec<(String, Option<String>)> {
         self.inner
             .unreadable
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(c, e)| (c.clone(), e.to_string(), e.fix().map(str::to_owned)))
+            .values()
+            .map(|e| {
+                let problem = e.to_string().lines().next().unwrap_or_default().to_owned();
+                (problem, e.fix().map(str::to_owned))
+            })
             .collect()
+    }
+
+    /// Whether some table could not be read (the next backfill tries it again).
+    pub(super) fn has_unreadable(&self) -> bool {
+        !self
+            .inner
+            .unreadable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Asks for `now`'s table to be read again when it gained columns that hold values no
@@ -126,7 +139,6 @@ impl PostgresSource {
     pub(super) async fn find_added_columns(
         &self,
         conn: &mut PgConnection,
-        state: &mut Streaming<'_>,
         tables: &mut [Table],
     ) -> Result<(), Error> {
         let oids: Vec<i64> = tables.iter().map(|t| i64::from(t.oid)).collect();
@@ -149,7 +161,6 @@ impl PostgresSource {
                 self.describe_collection(conn, &now).await?;
                 self.reread_if_columns_need_it(known, &now).await?;
             }
-            state.tables.insert(now.oid, now.clone());
             *known = now;
         }
         Ok(())

@@ -302,14 +302,6 @@ impl Streaming<'_> {
             self.reread(&table, key_text, &key);
             return Ok(());
         }
-        if !unchanged.is_empty() {
-            // Filled values were added last: restore the relation's column order.
-            payload = rel
-                .columns
-                .iter()
-                .filter_map(|c| payload.remove(&c.name).map(|v| (c.name.clone(), v)))
-                .collect();
-        }
         self.push(Record {
             key,
             provider: Provider::Postgres,

@@ -27,6 +27,8 @@ use time::OffsetDateTime;
 
 use sluice_pg::ConnectionSettings;
 
+use crate::apply::NulReplacements;
+
 mod ddl;
 mod shape;
 mod write;
@@ -49,7 +51,9 @@ pub struct SchemaMirrorTarget {
     optimistic: Mutex<HashMap<String, bool>>,
     /// NUL replacements: how many records so far, those of the batch being written, the
     /// latest record's key.
-    sanitized: Mutex<(u64, Vec<RecordKey>, Option<RecordKey>)>,
+    sanitized: Mutex<NulReplacements>,
+    /// Those of the batch being written, counted once it commits.
+    sanitized_in_batch: Mutex<NulReplacements>,
     health: Mutex<HealthState>,
 }
 
@@ -100,7 +104,8 @@ impl SchemaMirrorTarget {
             connection: tokio::sync::Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
             optimistic: Mutex::new(HashMap::new()),
-            sanitized: Mutex::new((0, Vec::new(), None)),
+            sanitized: Mutex::new(NulReplacements::default()),
+            sanitized_in_batch: Mutex::new(NulReplacements::default()),
         }
     }
 
@@ -122,26 +127,28 @@ impl SchemaMirrorTarget {
     }
 
     /// Records of the batch being written whose NULs were replaced; counted once it commits.
-    fn sanitized_in_batch(&self, keys: Vec<RecordKey>) {
-        if !keys.is_empty() {
-            self.sanitized
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .1
-                .extend(keys);
-        }
+    fn sanitized_in_batch(&self, keys: &[RecordKey]) {
+        self.sanitized_in_batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(keys);
     }
 
     /// Counts the committed batch's NUL replacements into the `payload` check (or forgets
     /// them when the batch failed).
     fn sanitized_batch_done(&self, committed: bool) {
+        let batch = std::mem::take(
+            &mut *self
+                .sanitized_in_batch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         let mut s = self.sanitized.lock().unwrap_or_else(|e| e.into_inner());
-        let keys = std::mem::take(&mut s.1);
-        if committed && let Some(last) = keys.last() {
-            s.0 += keys.len() as u64;
-            s.2 = Some(last.clone());
+        if committed && let Some(latest) = batch.latest {
+            s.count += batch.count;
+            s.latest = Some(latest);
         }
-        let (status, message, fix) = crate::apply::payload_check(s.0, s.2.as_ref());
+        let (status, message, fix) = s.check();
         drop(s);
         self.observe("payload", status, message, fix);
     }

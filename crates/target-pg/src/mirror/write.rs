@@ -106,7 +106,7 @@ impl SchemaMirrorTarget {
             let (data, sanitized) = encode_rows(def, &upserts);
             match copy_if_all_new(conn, &copy_in, &data).await {
                 Ok(Some(_)) => {
-                    self.sanitized_in_batch(sanitized);
+                    self.sanitized_in_batch(&sanitized);
                     upserts.clear();
                 }
                 Ok(None) => {
@@ -157,7 +157,7 @@ impl SchemaMirrorTarget {
             copy(conn, &copy_in, &data)
                 .await
                 .map_err(|e| fail("copying into", e))?;
-            self.sanitized_in_batch(sanitized);
+            self.sanitized_in_batch(&sanitized);
         }
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
@@ -172,7 +172,7 @@ impl SchemaMirrorTarget {
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
             let (data, sanitized) = encode_rows(def, &upserts);
-            self.sanitized_in_batch(sanitized);
+            self.sanitized_in_batch(&sanitized);
             copy(
                 conn,
                 &format!(
