@@ -74,7 +74,7 @@ async fn world(source_sql: &str) -> World {
         },
     );
     let shutdown = stopped.clone();
-    tokio::spawn(async move { src.run(shutdown).await });
+    tokio::spawn(async move { src.run_until(shutdown).await });
     let filter = RecordFilter::Sync {
         sync_id: SYNC,
         collections: None,

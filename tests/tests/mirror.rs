@@ -132,7 +132,7 @@ async fn world() -> World {
             ..SourceOptions::default()
         },
     );
-    tokio::spawn(async move { src.run(stopped).await });
+    tokio::spawn(async move { src.run_until(stopped).await });
     World {
         source,
         target,
@@ -460,7 +460,7 @@ async fn json_schema_collections_get_typed_columns_the_seed_query_works() {
         assert!(Instant::now() < deadline, "{:?}", handle.health().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The seed's query, as the read role.
+    // The documented query, as the read role.
     let mut s = ConnectionSettings::new("127.0.0.1", target.port(), "postgres", "reader");
     s.password = Some(SecretString::from("rd".to_owned()));
     s.ssl_mode = sluice_core::SslMode::Disable;

@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -14,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use sluice_core::{Consumer, Health, RecordStream, Status};
+use sluice_core::{Consumer, Health, RecordStream, Refused, Status};
 
-use crate::server::{self, Server, SyncKind};
+use crate::server::{self, Server};
 
 #[derive(Clone)]
 struct App {
@@ -151,16 +150,10 @@ async fn sync_json(name: &str, entry: &server::SyncEntry) -> Value {
         "name": name,
         "id": entry.config.id,
         "provider": entry.config.source.provider().as_str(),
-        "health": server::sync_health(name, entry).await,
+        "health": entry.source.health().await,
     });
-    match &entry.kind {
-        SyncKind::Postgres(source) => {
-            value["backfill"] = json!(source.progress());
-            value["confirmed_lsn"] = json!(source.confirmed());
-        }
-        SyncKind::Http => {
-            value["accepted"] = json!(entry.pushed.load(Ordering::Relaxed));
-        }
+    for (key, detail) in entry.source.progress().details {
+        value[key] = detail;
     }
     value
 }
@@ -170,40 +163,15 @@ async fn push(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> 
     let Some(entry) = entities.syncs.get(&name) else {
         return error(StatusCode::NOT_FOUND, format!("no sync named {name:?}"));
     };
-    if !matches!(entry.kind, SyncKind::Http) {
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "sync {name:?} is a {} source; only http syncs accept pushed records",
-                entry.config.source.provider().as_str()
-            ),
-        );
+    match entry.source.receive(&body).await {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(Refused::NotAccepted(why)) => error(StatusCode::CONFLICT, why),
+        Err(Refused::BadRequest(why)) => error(StatusCode::BAD_REQUEST, why),
+        Err(Refused::Unavailable(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("nothing was written: {e}"),
+        ),
     }
-    let parsed = match crate::push::parse(&body) {
-        Ok(p) => p,
-        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
-    };
-    let base = app.server.next_push_version(parsed.len());
-    // Parsed chunk by chunk while it is written: one atomic append, without every record of
-    // a large body parsed in memory at once.
-    let mut records = parsed.records(entry.config.id, base);
-    let outcome = match app.server.stream.append_chunks(&mut records).await {
-        Ok(o) => o,
-        Err(e) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("nothing was written: {e}"),
-            );
-        }
-    };
-    let submitted = records.accepted;
-    entry.pushed.fetch_add(submitted as u64, Ordering::Relaxed);
-    axum::Json(json!({
-        "accepted": submitted,
-        "stale": outcome.skipped_stale,
-        "rejected": records.rejected,
-    }))
-    .into_response()
 }
 
 async fn consumers(State(app): State<App>) -> Response {
@@ -321,10 +289,7 @@ async fn metrics(State(app): State<App>) -> Response {
     );
     let mut appended = Vec::new();
     for (name, entry) in &entities.syncs {
-        let n = match &entry.kind {
-            SyncKind::Postgres(source) => source.appended(),
-            SyncKind::Http => entry.pushed.load(Ordering::Relaxed),
-        };
+        let n = entry.source.progress().appended;
         appended.push((labels(&[("sync", name)]), n.to_string()));
     }
     family(

@@ -4,9 +4,10 @@
 //! (0 ok, 1 failure, 2 usage). Logic lives in the crates.
 
 mod api;
+mod connect;
 mod demo;
+mod plan;
 mod progress;
-mod push;
 mod server;
 mod setup;
 mod status;
@@ -196,7 +197,7 @@ fn main() -> ExitCode {
             Command::Check { config, json } => {
                 let config = sluice_core::Config::load(&config)
                     .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
-                let reports = server::check(&config).await;
+                let reports = plan::check(&config).await;
                 let ok = reports.iter().all(|(_, r)| r.is_ok());
                 if json {
                     let value: Vec<serde_json::Value> = reports
@@ -326,7 +327,7 @@ fn main() -> ExitCode {
             } => {
                 let config = sluice_core::Config::load(&file)
                     .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
-                let (lines, ok) = server::plan(&config).await;
+                let (lines, ok) = plan::plan(&config).await;
                 for line in lines {
                     println!("{line}");
                 }

@@ -1,25 +1,27 @@
 //! `sluice serve`: runs every sync and consumer of the config, reconciles when the config
 //! changes (SIGHUP or the file's modification time), and stops cleanly on SIGTERM / SIGINT.
-//! Only assembly lives here: the work is done by the crates.
+//! Only assembly lives here: the work is done by the crates. [`source_for`] is the one place
+//! a sync's config becomes a [`Source`]; everything else handles every source alike.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_consumer::{ConsumerHandle, ConsumerRuntime};
 use sluice_core::sql::quote_ident;
 use sluice_core::{
-    Config, ConnectionConfig, ConsumerConfig, EntityKind, EntityRef, Error, Health, HealthReport,
-    LayoutConfig, RecordFilter, RecordStream, SourceConfig, Status, SyncConfig, Target,
-    TargetConfig, TunnelConfig,
+    Config, ConsumerConfig, EntityKind, EntityRef, Error, Health, HealthReport, LayoutConfig,
+    RecordFilter, RecordStream, Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
 };
+use sluice_source_http::HttpSource;
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
 use sluice_stream::EmbeddedStream;
 use sluice_target_pg::{
     ConnectionSettings, ConsumerTable, ConsumerTableTarget, JsonCollection, SchemaMirrorTarget,
 };
+
+use crate::connect::{failing_settings, settings_for, start_agents};
 use time::OffsetDateTime;
 use tokio::sync::{RwLock, watch};
 
@@ -38,17 +40,42 @@ impl Task {
     }
 }
 
-pub enum SyncKind {
-    Postgres(PostgresSource),
-    Http,
-}
-
 pub struct SyncEntry {
     pub config: SyncConfig,
-    pub kind: SyncKind,
-    /// Records accepted by the push API (http syncs).
-    pub pushed: AtomicU64,
+    pub source: Arc<dyn Source>,
     task: Option<Task>,
+}
+
+/// The source a sync's config names. `settings`: where its database is (through its tunnel),
+/// for sources that read one; `None` when it could not be reached, so the source reports that
+/// endpoint failing in its health. Adding a kind of source means one arm here.
+pub fn source_for(
+    sync: &SyncConfig,
+    stream: Arc<EmbeddedStream>,
+    settings: Option<ConnectionSettings>,
+) -> Arc<dyn Source> {
+    match &sync.source {
+        SourceConfig::Http {} => Arc::new(HttpSource::new(sync.name.clone(), sync.id, stream)),
+        SourceConfig::Postgres {
+            connection,
+            publication,
+            slot,
+            create_missing,
+        } => Arc::new(PostgresSource::new(
+            sync.name.clone(),
+            sync.id,
+            settings.unwrap_or_else(|| failing_settings(connection)),
+            SourceSpec {
+                publication: publication.clone(),
+                slot: slot.clone(),
+            },
+            stream,
+            SourceOptions {
+                create_missing: *create_missing,
+                ..SourceOptions::default()
+            },
+        )),
+    }
 }
 
 pub struct ConsumerEntry {
@@ -96,8 +123,6 @@ pub struct Server {
     pub stream: Arc<EmbeddedStream>,
     pub entities: RwLock<Entities>,
     pub started_at: OffsetDateTime,
-    /// Last version handed to a pushed record without one (nanoseconds; strictly increasing).
-    push_clock: Mutex<u64>,
     /// The reverse-tunnel endpoint, when `[agents]` is configured.
     pub reverse: Option<sluice_tunnel::ReverseServer>,
     /// The last reload of the config file that was refused, until one is applied.
@@ -115,19 +140,9 @@ impl Server {
             stream,
             entities: RwLock::new(Entities::default()),
             started_at: OffsetDateTime::now_utc(),
-            push_clock: Mutex::new(0),
             reverse,
             rejected_reload: Mutex::new(None),
         }))
-    }
-
-    /// A strictly increasing version for pushed records that carry none.
-    pub fn next_push_version(&self, n: usize) -> u64 {
-        let now = OffsetDateTime::now_utc().unix_timestamp_nanos().max(0) as u64;
-        let mut clock = self.push_clock.lock().unwrap_or_else(|e| e.into_inner());
-        let first = now.max(*clock + 1);
-        *clock = first + n as u64;
-        first
     }
 
     /// Brings the running syncs and consumers in line with `config`: stops what was removed
@@ -242,58 +257,30 @@ impl Server {
     }
 
     async fn start_sync(&self, sync: &SyncConfig) -> SyncEntry {
-        let (kind, task) = match &sync.source {
-            SourceConfig::Http {} => (SyncKind::Http, None),
-            SourceConfig::Postgres {
-                connection,
-                publication,
-                slot,
-                create_missing,
-            } => {
-                let (settings, tunnels) = match settings_for(connection, self.reverse.as_ref())
-                    .await
-                {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(sync = %sync.name, error = %e, "cannot reach the source");
-                        // Keep an entry (health shows the problem) with settings that fail.
-                        (failing_settings(connection), Vec::new())
-                    }
-                };
-                let source = PostgresSource::new(
-                    sync.name.clone(),
-                    sync.id,
-                    settings,
-                    SourceSpec {
-                        publication: publication.clone(),
-                        slot: slot.clone(),
-                    },
-                    self.stream.clone(),
-                    SourceOptions {
-                        create_missing: *create_missing,
-                        ..SourceOptions::default()
-                    },
-                );
-                let (stop, stopped) = watch::channel(false);
-                let join = tokio::spawn({
-                    let source = source.clone();
-                    async move { source.run(stopped).await }
-                });
-                (
-                    SyncKind::Postgres(source),
-                    Some(Task {
-                        stop,
-                        join,
-                        _tunnels: tunnels,
-                    }),
-                )
-            }
+        let (settings, tunnels) = match sync.source.connection() {
+            None => (None, Vec::new()),
+            Some(connection) => match settings_for(connection, self.reverse.as_ref()).await {
+                Ok((settings, tunnels)) => (Some(settings), tunnels),
+                Err(e) => {
+                    tracing::error!(sync = %sync.name, error = %e, "cannot reach the source");
+                    (None, Vec::new())
+                }
+            },
         };
+        let source = source_for(sync, self.stream.clone(), settings);
+        let (stop, stopped) = watch::channel(false);
+        let join = tokio::spawn({
+            let source = source.clone();
+            async move { source.run(stop_when(stopped)).await }
+        });
         SyncEntry {
             config: sync.clone(),
-            kind,
-            pushed: AtomicU64::new(0),
-            task,
+            source,
+            task: Some(Task {
+                stop,
+                join,
+                _tunnels: tunnels,
+            }),
         }
     }
 
@@ -389,8 +376,8 @@ impl Server {
         for name in entities.targets.keys() {
             reports.push(target_health(&entities, name).await);
         }
-        for (name, sync) in &entities.syncs {
-            reports.push(sync_health(name, sync).await);
+        for sync in entities.syncs.values() {
+            reports.push(sync.source.health().await);
         }
         for consumer in entities.consumers.values() {
             reports.push(consumer.handle.health().await);
@@ -425,28 +412,11 @@ impl Server {
     }
 }
 
-pub async fn sync_health(name: &str, sync: &SyncEntry) -> HealthReport {
-    match &sync.kind {
-        SyncKind::Postgres(source) => source.health().await,
-        SyncKind::Http => {
-            let now = OffsetDateTime::now_utc();
-            let mut state = sluice_core::HealthState::new(EntityRef {
-                kind: EntityKind::Sync,
-                name: name.to_owned(),
-            });
-            state.observe(
-                "push",
-                Status::Healthy,
-                format!(
-                    "accepting records at POST /v1/syncs/{name}/records ({} accepted since start)",
-                    sync.pushed.load(Ordering::Relaxed)
-                ),
-                None,
-                now,
-            );
-            state.report()
-        }
-    }
+/// A [`Stop`](sluice_core::Stop) that resolves when `switch` turns true (or is dropped).
+pub fn stop_when(mut switch: watch::Receiver<bool>) -> sluice_core::Stop {
+    Box::pin(async move {
+        let _ = switch.wait_for(|stop| *stop).await;
+    })
 }
 
 /// A target's health: its consumers' views of it (reachable, TLS, privileges, table, payload),
@@ -489,59 +459,6 @@ pub async fn target_health(entities: &Entities, name: &str) -> HealthReport {
     }
 }
 
-/// Starts the reverse-tunnel endpoint with the registered agents.
-async fn start_agents(
-    config: &sluice_core::AgentsConfig,
-) -> Result<sluice_tunnel::ReverseServer, Error> {
-    let problem = |e: sluice_tunnel::TunnelError| {
-        Error::configuration(
-            format!("[agents]: {e}"),
-            "check [agents] listen, host_key_file and each agent's public_key",
-        )
-    };
-    let bind: std::net::SocketAddr = config.listen.parse().map_err(|_| {
-        Error::configuration(
-            format!("[agents] listen = {:?} is not an address", config.listen),
-            "use ip:port, e.g. 0.0.0.0:7722",
-        )
-    })?;
-    let host_key = sluice_tunnel::keys::load_or_generate(&config.host_key_file).map_err(problem)?;
-    let mut agents = Vec::new();
-    for agent in &config.agents {
-        let key = sluice_tunnel::keys::parse_public(&agent.public_key).map_err(problem)?;
-        agents.push((agent.name.clone(), key));
-    }
-    let server = sluice_tunnel::ReverseServer::start(bind, host_key, agents)
-        .await
-        .map_err(problem)?;
-    tracing::info!(
-        address = %server.addr(),
-        host_key_fingerprint = %server.host_key_fingerprint(),
-        "agent endpoint listening (agents pin this fingerprint)"
-    );
-    Ok(server)
-}
-
-/// The tunnel to `connection`'s database through the configured bastion.
-/// `None` when the connection names no bastion.
-fn bastion_config(connection: &ConnectionConfig) -> Option<sluice_tunnel::BastionConfig> {
-    let Some(TunnelConfig::Bastion {
-        host,
-        port,
-        user,
-        key_file,
-        host_key_fingerprint,
-    }) = &connection.tunnel
-    else {
-        return None;
-    };
-    let mut bastion = sluice_tunnel::BastionConfig::new(host, *port, user, key_file);
-    bastion.host_key_fingerprint = host_key_fingerprint.clone();
-    bastion.forward_host = connection.host.clone();
-    bastion.forward_port = connection.port;
-    Some(bastion)
-}
-
 /// Serves the API until `stopped` turns true (graceful: requests in flight finish).
 pub fn spawn_api(
     listener: tokio::net::TcpListener,
@@ -555,56 +472,6 @@ pub fn spawn_api(
             })
             .await
     })
-}
-
-/// Connection settings, through a bastion tunnel or an agent when the config names one.
-async fn settings_for(
-    connection: &ConnectionConfig,
-    reverse: Option<&sluice_tunnel::ReverseServer>,
-) -> Result<(ConnectionSettings, Vec<sluice_tunnel::BastionTunnel>), Error> {
-    let mut settings = ConnectionSettings::from_config(connection)?;
-    match &connection.tunnel {
-        None => Ok((settings, Vec::new())),
-        Some(TunnelConfig::Bastion { .. }) => {
-            let bastion = bastion_config(connection).expect("a bastion tunnel");
-            let tunnel = sluice_tunnel::BastionTunnel::open(bastion)
-                .await
-                .map_err(|e| {
-                    Error::configuration(
-                        format!("tunnel to {}: {e}", connection.host),
-                        "run `sluice tunnel check` for each hop's status",
-                    )
-                })?;
-            let local = tunnel.local_addr();
-            settings.host = local.ip().to_string();
-            settings.port = local.port();
-            Ok((settings, vec![tunnel]))
-        }
-        Some(TunnelConfig::Agent { name }) => {
-            let local = reverse.and_then(|r| r.local_addr_for(name)).ok_or_else(|| {
-                Error::configuration(
-                    format!("the connection to {} goes through agent {name:?}, which is not registered", connection.host),
-                    "add it under [[agents.agent]] with the public key `sluice-agent keygen` printed",
-                )
-            })?;
-            // Connections wait at the loopback address until the agent has dialled in.
-            settings.host = local.ip().to_string();
-            settings.port = local.port();
-            Ok((settings, Vec::new()))
-        }
-    }
-}
-
-/// Settings that will fail with the same endpoint (so health shows where it was meant to go).
-fn failing_settings(connection: &ConnectionConfig) -> ConnectionSettings {
-    let mut s = ConnectionSettings::new(
-        &connection.host,
-        connection.port,
-        &connection.database,
-        &connection.user,
-    );
-    s.connect_timeout = Duration::from_secs(1);
-    s
 }
 
 /// The config file's modification time, to notice edits.
@@ -702,285 +569,4 @@ pub async fn consumer_lag(stream: &EmbeddedStream, entry: &ConsumerEntry) -> (u6
         }
         Err(_) => (0, 0.0),
     }
-}
-
-/// `sluice config plan`: what `serve` would create or change, found by connecting (as the
-/// configured users) and looking. Nothing is changed. Returns the lines and whether every
-/// entity can start.
-pub async fn plan(config: &Config) -> (Vec<String>, bool) {
-    let mut lines = Vec::new();
-    let mut ok = true;
-    for problem in config.problems() {
-        lines.push(format!("config: {problem}"));
-        ok = false;
-    }
-    for consumer in &config.consumers {
-        let name = &consumer.name;
-        let Some(target) = config.targets.iter().find(|t| t.name == consumer.target) else {
-            continue; // reported by problems()
-        };
-        let (schema, table) = match &consumer.layout {
-            LayoutConfig::ConsumerTable { schema, table } => (schema, table),
-            LayoutConfig::SchemaMirror { schema, .. } => {
-                let owner = async {
-                    let (settings, _tunnels) = settings_for(&target.connection, None).await?;
-                    let mut conn = settings.connect().await?;
-                    let owner: Option<String> = sqlx::query_scalar(
-                        "select pg_get_userbyid(nspowner)::text from pg_namespace where nspname = $1",
-                    )
-                    .bind(schema)
-                    .fetch_optional(&mut conn)
-                    .await
-                    .map_err(|e| Error::unavailable("reading the catalog", e))?;
-                    Ok::<_, Error>((owner, settings.user))
-                }
-                .await;
-                let line = match owner {
-                    Ok((None, user)) => format!(
-                        "would create schema {} owned by {user}, with a typed table per collection",
-                        quote_ident(schema)
-                    ),
-                    Ok((Some(owner), user)) if owner == user => format!(
-                        "schema {} exists (owned by {user}): tables are created or extended per collection",
-                        quote_ident(schema)
-                    ),
-                    Ok((Some(owner), _)) => {
-                        ok = false;
-                        format!(
-                            "schema {} belongs to {owner}; sluice only writes into schemas its sync user owns",
-                            quote_ident(schema)
-                        )
-                    }
-                    Err(e) => {
-                        ok = false;
-                        e.to_string()
-                    }
-                };
-                lines.push(format!("consumer {name} → target {}: {line}", target.name));
-                continue;
-            }
-        };
-        let table = ConsumerTable::new(schema, table);
-        if let Some(TunnelConfig::Agent { name: agent }) = &target.connection.tunnel {
-            lines.push(format!(
-                "consumer {name} → target {}: through agent {agent:?}; {} is created if missing once the agent connects",
-                target.name,
-                table.qualified()
-            ));
-            continue;
-        }
-        let outcome = async {
-            let (settings, _tunnels) = settings_for(&target.connection, None).await?;
-            let mut conn = settings.connect().await?;
-            let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
-                .bind(table.qualified())
-                .fetch_one(&mut conn)
-                .await
-                .map_err(|e| Error::unavailable("reading the catalog", e))?;
-            if !exists {
-                return Ok::<_, Error>(vec![format!(
-                    "would create {} (and schema {} if missing) as {}, readable by {}",
-                    table.qualified(),
-                    quote_ident(schema),
-                    settings.user,
-                    target.read_role
-                )]);
-            }
-            let v = table
-                .verify(&mut conn)
-                .await
-                .map_err(|e| Error::unavailable("verifying the table", e))?;
-            if v.findings.is_empty() {
-                Ok(vec![format!(
-                    "{} exists and is ready: no change",
-                    table.qualified()
-                )])
-            } else {
-                Ok(v.findings
-                    .iter()
-                    .map(|f| format!("{:?}: {} (fix: {})", f.severity, f.message, f.fix))
-                    .collect())
-            }
-        }
-        .await;
-        match outcome {
-            Ok(found) => {
-                for line in found {
-                    lines.push(format!("consumer {name} → target {}: {line}", target.name));
-                }
-            }
-            Err(e) => {
-                ok = false;
-                lines.push(format!("consumer {name} → target {}: {e}", target.name));
-            }
-        }
-    }
-    for sync in &config.syncs {
-        let name = &sync.name;
-        match &sync.source {
-            SourceConfig::Http {} => lines.push(format!(
-                "sync {name}: accepts pushed records at POST /v1/syncs/{name}/records"
-            )),
-            SourceConfig::Postgres {
-                connection,
-                publication,
-                slot,
-                create_missing,
-            } => {
-                if let Some(TunnelConfig::Agent { name: agent }) = &connection.tunnel {
-                    lines.push(format!(
-                        "sync {name}: through agent {agent:?}; inspected once the agent connects"
-                    ));
-                    continue;
-                }
-                let outcome = async {
-                    let (settings, _tunnels) = settings_for(connection, None).await?;
-                    let mut conn = settings.connect().await?;
-                    let (has_pub, has_slot): (bool, bool) = sqlx::query_as(
-                        "select exists (select 1 from pg_publication where pubname = $1),
-                                exists (select 1 from pg_replication_slots where slot_name = $2)",
-                    )
-                    .bind(publication)
-                    .bind(slot)
-                    .fetch_one(&mut conn)
-                    .await
-                    .map_err(|e| Error::unavailable("reading the catalog", e))?;
-                    Ok::<_, Error>((has_pub, has_slot))
-                }
-                .await;
-                match outcome {
-                    Ok((has_pub, has_slot)) => {
-                        for (what, object, exists) in [
-                            ("publication", publication, has_pub),
-                            ("slot", slot, has_slot),
-                        ] {
-                            let line = match (exists, create_missing) {
-                                (true, _) => format!("adopt the existing {what} {object}"),
-                                (false, true) => format!("would create the {what} {object}"),
-                                (false, false) => {
-                                    ok = false;
-                                    format!(
-                                        "the {what} {object} is missing and create_missing is false: run `sluice source check` for the SQL"
-                                    )
-                                }
-                            };
-                            lines.push(format!("sync {name}: {line}"));
-                        }
-                        lines.push(format!(
-                            "sync {name}: backfill every published table not yet read, then stream"
-                        ));
-                    }
-                    Err(e) => {
-                        ok = false;
-                        lines.push(format!("sync {name}: {e}"));
-                    }
-                }
-            }
-        }
-    }
-    (lines, ok)
-}
-
-/// `sluice check`: every target and sync of the config, hop by hop for tunnelled connections
-/// (bastion reachable, host key, key accepted, forward allowed, database reachable), then the
-/// connection itself (and, for a Postgres source, its replication prerequisites).
-pub async fn check(config: &Config) -> Vec<(EntityRef, sluice_core::CheckReport)> {
-    let mut out = Vec::new();
-    let entities = config
-        .targets
-        .iter()
-        .map(|t| {
-            (
-                EntityRef {
-                    kind: EntityKind::Target,
-                    name: t.name.clone(),
-                },
-                &t.connection,
-                None,
-            )
-        })
-        .chain(config.syncs.iter().filter_map(|s| match &s.source {
-            SourceConfig::Postgres {
-                connection,
-                publication,
-                slot,
-                ..
-            } => Some((
-                EntityRef {
-                    kind: EntityKind::Sync,
-                    name: s.name.clone(),
-                },
-                connection,
-                Some(SourceSpec {
-                    publication: publication.clone(),
-                    slot: slot.clone(),
-                }),
-            )),
-            SourceConfig::Http {} => None,
-        }));
-    for (entity, connection, source) in entities {
-        let mut report = sluice_core::CheckReport::default();
-        match &connection.tunnel {
-            Some(TunnelConfig::Bastion { .. }) => {
-                let bastion = bastion_config(connection).expect("a bastion tunnel");
-                for (hop, status) in sluice_tunnel::BastionTunnel::hops(&bastion).await {
-                    let name = format!("tunnel: {hop}");
-                    match status {
-                        Some(Ok(())) => report.push(&name, true, "ok", None),
-                        Some(Err(message)) => report.push(&name, false, message, None),
-                        None => report.push(&name, false, "not reached", None),
-                    }
-                }
-            }
-            Some(TunnelConfig::Agent { name }) => {
-                report.push(
-                    "tunnel: agent",
-                    true,
-                    format!("through agent {name:?}: reachable while the agent is connected to `sluice serve` (see `sluice status`)"),
-                    None,
-                );
-                out.push((entity, report));
-                continue;
-            }
-            None => {}
-        }
-        if !report.is_ok() {
-            out.push((entity, report));
-            continue;
-        }
-        let (settings, _tunnels) = match settings_for(connection, None).await {
-            Ok(s) => s,
-            Err(e) => {
-                report.push("connect", false, e.to_string(), e.fix().map(str::to_owned));
-                out.push((entity, report));
-                continue;
-            }
-        };
-        let connection_report = match &source {
-            Some(spec) => sluice_source_pg::check(&settings, spec).await,
-            None => {
-                settings
-                    .check_with(async |conn, report| {
-                        let facts = sluice_target_pg::catalog::server_facts(conn).await?;
-                        report.push(
-                            "connect",
-                            true,
-                            format!(
-                                "connected as {} to {} (PostgreSQL {}, TLS {})",
-                                facts.current_user,
-                                facts.database,
-                                facts.version,
-                                if facts.ssl { "on" } else { "off" }
-                            ),
-                            None,
-                        );
-                        Ok(())
-                    })
-                    .await
-            }
-        };
-        report.findings.extend(connection_report.findings);
-        out.push((entity, report));
-    }
-    out
 }

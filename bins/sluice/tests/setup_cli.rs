@@ -266,7 +266,7 @@ fn tunnel_keygen_writes_the_key_and_prints_the_restricted_line() {
     assert!(printed.contains("restrict,port-forwarding,permitopen=\"db.internal:5432\",command=\"/bin/false\" ssh-ed25519 "), "{printed}");
     assert!(
         printed.contains("chmod 600 ~/.ssh/authorized_keys"),
-        "the seed's install steps: {printed}"
+        "the install steps: {printed}"
     );
     let mode = std::fs::metadata(home.path().join("bastion_key"))
         .unwrap()

@@ -301,6 +301,15 @@ impl SourceConfig {
             SourceConfig::Http {} => Provider::Http,
         }
     }
+
+    /// The database connection the source reads through, for sources that have one (its
+    /// tunnel is opened, and checked hop by hop, before the source is built).
+    pub fn connection(&self) -> Option<&ConnectionConfig> {
+        match self {
+            SourceConfig::Postgres { connection, .. } => Some(connection),
+            SourceConfig::Http {} => None,
+        }
+    }
 }
 
 /// A consumer: records passing a filter, written into one target layout.

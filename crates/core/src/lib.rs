@@ -1,10 +1,11 @@
 //! The vocabulary and contracts every sluice crate shares.
 //!
-//! `sluice-core` owns the domain model of `DESIGN.md`: a [`Record`] and its identity
-//! ([`RecordKey`]), the [`Version`] that orders its changes, stream positions ([`Seq`]), the
-//! [`RecordStream`] that holds records between sources and consumers, the [`Target`] a
-//! consumer writes into, the [`Consumer`] itself, [`Health`] reports, the configuration
-//! types (which derive `serde` and `schemars::JsonSchema`), and the [`Error`] type whose
+//! `sluice-core` owns the domain model: a [`Record`] and its identity ([`RecordKey`]), the
+//! [`Version`] that orders its changes, stream positions ([`Seq`]), the [`RecordStream`] that
+//! holds records between sources and consumers, the [`Source`] that keeps a sync's records in
+//! it, the [`Target`] a consumer writes into, the [`Consumer`] itself, [`Health`] reports,
+//! the configuration types (which derive `serde` and `schemars::JsonSchema`), and the
+//! [`Error`] type whose
 //! [`ErrorClass`] tells a caller whether to retry, ask the user to fix configuration, or
 //! give up.
 //!
@@ -37,6 +38,7 @@ mod load;
 mod record;
 mod report;
 mod retry;
+mod source;
 pub mod sql;
 mod stream;
 mod target;
@@ -57,6 +59,7 @@ pub use record::{
 };
 pub use report::{CheckReport, Finding};
 pub use retry::Backoff;
+pub use source::{CollectionInfo, Refused, Source, SourceProgress, Stop};
 pub use stream::{
     AppendOutcome, CollectionSchema, ColumnSchema, Lag, PayloadText, RecordFilter, RecordStream,
     Seq, SourceState, StreamEntry, StreamRead,

@@ -98,3 +98,29 @@ pub async fn role(conn: &mut PgConnection, name: &str) -> Result<Option<RoleFact
     .fetch_optional(conn)
     .await
 }
+
+/// The owner of schema `name`, if the schema exists.
+pub async fn schema_owner(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select pg_get_userbyid(nspowner)::text as "owner!" from pg_namespace where nspname = $1"#,
+        name
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Whether the table or view `qualified` (quoted as SQL: `"schema"."table"`) exists.
+pub async fn relation_exists(
+    conn: &mut PgConnection,
+    qualified: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select to_regclass($1) is not null as "exists!""#,
+        qualified
+    )
+    .fetch_one(conn)
+    .await
+}

@@ -1,7 +1,6 @@
 //! Connection failures, classified and explained with what to do.
 //!
-//! The cases follow the seed's "Common connection issues" and "Common Authentication
-//! Issues": timeouts (firewall or routing), refused connections (host or port), DNS, the
+//! The cases are the ones users meet when they first connect: timeouts (firewall or routing), refused connections (host or port), DNS, the
 //! four TLS permutations, wrong passwords, `invalid_authorization_specification` (no
 //! `pg_hba.conf` rule), a missing database or role, and a missing CONNECT privilege.
 

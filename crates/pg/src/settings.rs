@@ -263,6 +263,28 @@ impl ConnectionSettings {
         report
     }
 
+    /// Connects and reports who and where it reached (role, database, version, TLS), or why
+    /// it could not, with the fix: `sluice check` for a target.
+    pub async fn check_reachable(&self) -> CheckReport {
+        self.check_with(async |conn, report| {
+            let facts = crate::catalog::server_facts(conn).await?;
+            report.push(
+                "connect",
+                true,
+                format!(
+                    "connected as {} to {} (PostgreSQL {}, TLS {})",
+                    facts.current_user,
+                    facts.database,
+                    facts.version,
+                    if facts.ssl { "on" } else { "off" }
+                ),
+                None,
+            );
+            Ok(())
+        })
+        .await
+    }
+
     async fn attempt(&self, options: PgConnectOptions) -> Result<PgConnection, ConnectError> {
         match tokio::time::timeout(self.connect_timeout, options.connect()).await {
             Ok(Ok(conn)) => Ok(conn),

@@ -247,12 +247,7 @@ pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State,
     }
     for schema in &spec.schemas {
         let name = schema.name.as_str();
-        let owner = sqlx::query_scalar!(
-            r#"select pg_get_userbyid(nspowner)::text as "owner!" from pg_namespace where nspname = $1"#,
-            name
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
+        let owner = sluice_pg::catalog::schema_owner(conn, name).await?;
         let mut s = SchemaState {
             exists: owner.is_some(),
             owner,

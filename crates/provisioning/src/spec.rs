@@ -23,7 +23,7 @@ pub struct SchemaSpec {
     pub usage: SchemaUse,
 }
 
-/// Hosted-database presets from the seeds.
+/// Hosted-database presets: providers whose roles and privileges differ from plain PostgreSQL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
@@ -62,7 +62,7 @@ pub struct SetupSpec {
 }
 
 impl SetupSpec {
-    /// The seed's defaults: sync user `sluice`, read role `sluice_read`, no schemas yet.
+    /// The defaults: sync user `sluice`, read role `sluice_read`, no schemas yet.
     pub fn new(database: impl Into<String>) -> Self {
         Self {
             database: database.into(),

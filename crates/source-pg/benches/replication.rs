@@ -336,7 +336,7 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
     let tasks = vec![
         tokio::spawn({
             let stopped = stopped.clone();
-            async move { source.run(stopped).await }
+            async move { source.run_until(stopped).await }
         }),
         tokio::spawn(consumer.run(stopped)),
     ];

@@ -16,7 +16,7 @@ mod tables;
 mod values;
 mod wire;
 
-pub use prerequisites::{SourceSpec, check, ensure_publication_and_slot};
+pub use prerequisites::{SourceSpec, check, ensure_publication_and_slot, plan};
 pub use source::{PostgresSource, SourceOptions};
 pub use tables::BackfillProgress;
 pub use wire::Lsn;

@@ -1,5 +1,5 @@
 //! `sluice source check`: everything logical replication needs, each gap with its fix
-//! (seed `connect-postgres-source.txt`).
+//! (`docs/postgres-source.md` lists them for users).
 
 use sluice_core::sql::{qualified, quote_ident as q, quote_literal};
 use sluice_core::{CheckReport, Error};
@@ -230,8 +230,9 @@ async fn check_slot(
     Ok(())
 }
 
-/// Creates the publication (if missing) and then the slot (if missing) — in that order, as the
-/// seed warns — and adopts existing ones. Never drops anything. Returns what it did.
+/// Creates the publication (if missing) and then the slot (if missing) — in that order,
+/// because a slot created first would hold WAL for changes the publication cannot decode yet —
+/// and adopts existing ones. Never drops anything. Returns what it did.
 pub async fn ensure_publication_and_slot(
     settings: &ConnectionSettings,
     spec: &SourceSpec,
@@ -248,13 +249,7 @@ pub async fn ensure_publication_and_slot(
             })
         })
     };
-    let has_publication = sqlx::query_scalar!(
-        r#"select exists (select 1 from pg_publication where pubname = $1) as "e!""#,
-        spec.publication
-    )
-    .fetch_one(&mut conn)
-    .await
-    .map_err(sql_error)?;
+    let (has_publication, has_slot) = existing(&mut conn, spec).await.map_err(sql_error)?;
     if has_publication {
         done.push(format!(
             "adopted the existing publication {}",
@@ -273,13 +268,6 @@ pub async fn ensure_publication_and_slot(
             q(&spec.publication)
         ));
     }
-    let has_slot = sqlx::query_scalar!(
-        r#"select exists (select 1 from pg_replication_slots where slot_name = $1) as "e!""#,
-        spec.slot
-    )
-    .fetch_one(&mut conn)
-    .await
-    .map_err(sql_error)?;
     if has_slot {
         done.push(format!(
             "adopted the existing slot {}",
@@ -297,4 +285,47 @@ pub async fn ensure_publication_and_slot(
         ));
     }
     Ok(done)
+}
+
+/// Whether the publication and the slot exist.
+async fn existing(conn: &mut PgConnection, spec: &SourceSpec) -> Result<(bool, bool), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"select exists (select 1 from pg_publication where pubname = $1) as "publication!",
+                  exists (select 1 from pg_replication_slots where slot_name = $2) as "slot!""#,
+        spec.publication,
+        spec.slot
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.publication, row.slot))
+}
+
+/// `sluice config plan` for a source: what starting it would adopt or create. Changes nothing.
+pub async fn plan(
+    settings: &ConnectionSettings,
+    spec: &SourceSpec,
+    create_missing: bool,
+) -> CheckReport {
+    settings
+        .check_with(async |conn, report| {
+            let (has_publication, has_slot) = existing(conn, spec).await?;
+            for (what, object, exists) in [
+                ("publication", &spec.publication, has_publication),
+                ("slot", &spec.slot, has_slot),
+            ] {
+                match (exists, create_missing) {
+                    (true, _) => report.push(what, true, format!("adopt the existing {what} {object}"), None),
+                    (false, true) => report.push(what, true, format!("would create the {what} {object}"), None),
+                    (false, false) => report.push(
+                        what,
+                        false,
+                        format!("the {what} {object} is missing and create_missing is false"),
+                        Some("run `sluice source check` for the SQL that creates it, or set create_missing = true".into()),
+                    ),
+                }
+            }
+            report.push("backfill", true, "backfill every published table not yet read, then stream", None);
+            Ok(())
+        })
+        .await
 }

@@ -109,7 +109,7 @@ fn start_with(
     let (stop, stopped) = watch::channel(false);
     let task = {
         let source = source.clone();
-        tokio::spawn(async move { source.run(stopped).await })
+        tokio::spawn(async move { source.run_until(stopped).await })
     };
     Running { source, stop, task }
 }
@@ -333,7 +333,7 @@ async fn a_backfill_racing_with_updates_ends_equal_to_the_source() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let progress = running.source.progress();
+    let progress = running.source.backfill_progress();
     assert!(progress.done, "{progress:?}");
     // Rows deleted before the backfill reached them are never read.
     assert!(progress.total_rows >= 90_000, "{progress:?}");
@@ -362,7 +362,8 @@ async fn a_table_added_to_the_publication_is_backfilled_without_a_restart() {
     .unwrap();
     let running = start(&s, options());
     wait_until("the first table is backfilled", 30, async || {
-        running.source.progress().done && get(&s.stream, "public.first", "1").await.is_some()
+        running.source.backfill_progress().done
+            && get(&s.stream, "public.first", "1").await.is_some()
     })
     .await;
 
@@ -407,7 +408,7 @@ async fn a_table_added_to_the_publication_is_backfilled_without_a_restart() {
         stream_rows(&live(&s.stream, "public.later").await) == want
     })
     .await;
-    let progress = running.source.progress();
+    let progress = running.source.backfill_progress();
     assert!(progress.done, "{progress:?}");
     running.stop().await;
 }
@@ -430,7 +431,7 @@ async fn composite_enum_and_text_keys_page_and_delete_by_the_same_id() {
         },
     );
     wait_until("the backfill is complete", 60, async || {
-        running.source.progress().done
+        running.source.backfill_progress().done
     })
     .await;
     assert_eq!(live(&s.stream, "public.scores").await.len(), 500);
@@ -704,7 +705,7 @@ async fn child_runs_a_source() {
         },
     );
     let (_stop, stopped) = watch::channel(false);
-    source.run(stopped).await;
+    source.run_until(stopped).await;
 }
 
 #[tokio::test]
@@ -953,7 +954,7 @@ async fn a_change_committed_but_not_yet_visible_during_a_page_still_wins() {
     let (running, stream, _dir) = start_as_superuser(&pg, options()).await;
     // The backfill reads row 5 as it was (n = 0): the update is not visible to it.
     wait_until("the backfill is complete", 30, async || {
-        running.source.progress().done
+        running.source.backfill_progress().done
     })
     .await;
     let row = get(&stream, "public.items", "5").await.unwrap();

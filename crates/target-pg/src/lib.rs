@@ -27,14 +27,13 @@
 //! # Ok(()) }
 //! ```
 
-mod apply;
 mod consumer_table;
+mod copy;
 mod mirror;
-mod target;
 
-pub use apply::CHECKPOINT_TABLE;
-pub use consumer_table::{COLUMNS, ConsumerTable, Finding, Severity, Verification};
+pub use consumer_table::{
+    CHECKPOINT_TABLE, COLUMNS, ConsumerTable, ConsumerTableTarget, Finding, Severity, Verification,
+};
 pub use mirror::{JsonCollection, SchemaMirrorTarget, default_table_name};
 /// Reaching the server is `sluice-pg`'s; re-exported for the target's callers.
 pub use sluice_pg::{ConnectError, ConnectionSettings, SettingsError, catalog, ssl_mode_name};
-pub use target::ConsumerTableTarget;

@@ -83,7 +83,8 @@ pub fn authorized_keys_line(public: &str, db_host: &str, db_port: u16) -> String
     )
 }
 
-/// How to install the line, following the seed's steps.
+/// How to install the line on the bastion, step by step (the `authorized_keys` file must
+/// be the user's own and not writable by others, or sshd ignores it).
 pub fn install_steps(line: &str) -> String {
     format!(
         "On the bastion (or the database host), as the SSH user sluice will log in as:\n\

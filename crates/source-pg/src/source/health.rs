@@ -22,7 +22,7 @@ impl Health for PostgresSource {
                 s.notices.clone(),
             )
         });
-        let progress = self.progress();
+        let progress = self.backfill_progress();
         let slot = slot_facts(&inner.settings, &inner.spec.slot).await;
         let mut health = inner.health.lock().unwrap_or_else(|e| e.into_inner());
         match (&last_error, streaming) {

@@ -20,6 +20,7 @@ use crate::values::TypeMap;
 use crate::wire::{Lsn, Replication, ReplicationConnection, SILENCE_LIMIT};
 use crate::{SourceSpec, ensure_publication_and_slot};
 
+mod contract;
 mod health;
 mod reads;
 mod streaming;
@@ -135,7 +136,7 @@ impl PostgresSource {
     }
 
     /// The backfill's progress.
-    pub fn progress(&self) -> BackfillProgress {
+    pub fn backfill_progress(&self) -> BackfillProgress {
         self.inner
             .progress
             .lock()
@@ -145,7 +146,7 @@ impl PostgresSource {
 
     /// Records appended to the stream since start: backfilled rows and streamed changes.
     pub fn appended(&self) -> u64 {
-        self.progress().total_rows
+        self.backfill_progress().total_rows
             + self
                 .inner
                 .streamed
@@ -165,7 +166,8 @@ impl PostgresSource {
     /// Runs until `shutdown` turns true: backfills what has not been read, streams changes,
     /// and reconnects with backoff after any failure (a restarted source loses nothing: the
     /// slot replays from the last confirmed position and the stream skips what it holds).
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+    /// [`Source::run`](sluice_core::Source::run) with a tokio switch instead of a future.
+    pub async fn run_until(&self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         while !*shutdown.borrow() {
             let started = Instant::now();

@@ -13,13 +13,9 @@ impl SchemaMirrorTarget {
     /// created later), and the checkpoint table.
     pub(super) async fn prepare(&self, conn: &mut PgConnection) -> Result<(), Error> {
         let s = q(&self.schema);
-        let owner: Option<String> = sqlx::query_scalar(
-            "select pg_get_userbyid(nspowner)::text from pg_namespace where nspname = $1",
-        )
-        .bind(&self.schema)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(|e| db(&self.name, "reading the schema", e))?;
+        let owner = sluice_pg::catalog::schema_owner(conn, &self.schema)
+            .await
+            .map_err(|e| db(&self.name, "reading the schema", e))?;
         if let Some(owner) = &owner
             && owner != &self.settings.user
         {

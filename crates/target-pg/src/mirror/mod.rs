@@ -19,15 +19,15 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use sluice_core::sql::{qualified, quote_ident as q};
 use sluice_core::{
-    Batch, ConsumerId, EntityKind, EntityRef, Error, Health, HealthReport, HealthState, RecordKey,
-    Seq, Status, SyncId, Target,
+    Batch, CheckReport, ConsumerId, EntityKind, EntityRef, Error, Health, HealthReport,
+    HealthState, RecordKey, Seq, Status, SyncId, Target,
 };
 use sqlx::{AssertSqlSafe, PgConnection};
 use time::OffsetDateTime;
 
 use sluice_pg::ConnectionSettings;
 
-use crate::apply::NulReplacements;
+use crate::copy::NulReplacements;
 
 mod ddl;
 mod shape;
@@ -79,6 +79,42 @@ fn db(target: &str, what: &str, e: sqlx::Error) -> Error {
 }
 
 impl SchemaMirrorTarget {
+    /// `sluice config plan` for a mirror into `schema`, as the user `settings` connects as:
+    /// whether the schema would be created, is the user's to extend, or belongs to someone
+    /// else (sluice only writes into schemas its sync user owns). Changes nothing.
+    pub async fn plan(settings: &ConnectionSettings, schema: &str) -> CheckReport {
+        settings
+            .check_with(async |conn, report| {
+                let user = &settings.user;
+                let s = q(schema);
+                match sluice_pg::catalog::schema_owner(conn, schema).await? {
+                    None => report.push(
+                        "schema",
+                        true,
+                        format!("would create schema {s} owned by {user}, with a typed table per collection"),
+                        None,
+                    ),
+                    Some(owner) if &owner == user => report.push(
+                        "schema",
+                        true,
+                        format!("schema {s} exists (owned by {user}): tables are created or extended per collection"),
+                        None,
+                    ),
+                    Some(owner) => report.push(
+                        "schema",
+                        false,
+                        format!("schema {s} belongs to {owner}; sluice only writes into schemas its sync user owns"),
+                        Some(format!(
+                            "choose another schema name for this consumer, or: alter schema {s} owner to {};",
+                            q(user)
+                        )),
+                    ),
+                }
+                Ok(())
+            })
+            .await
+    }
+
     /// A mirror into `schema`, readable by `read_role`. `stream` supplies collection shapes;
     /// `json` types collections from JSON Schemas.
     pub fn new(
@@ -123,7 +159,7 @@ impl SchemaMirrorTarget {
     }
 
     fn checkpoint_table(&self) -> String {
-        qualified(&self.schema, crate::apply::CHECKPOINT_TABLE)
+        qualified(&self.schema, crate::CHECKPOINT_TABLE)
     }
 
     /// Records of the batch being written whose NULs were replaced; counted once it commits.

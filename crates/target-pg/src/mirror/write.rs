@@ -7,7 +7,7 @@ use sluice_core::sql::{qualified, quote_ident as q};
 use sluice_core::{Batch, ConsumerId, Error, RecordKey, StreamEntry, SyncId};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-use crate::apply::{copy, copy_if_all_new, map_in_parallel, push_text};
+use crate::copy::{copy, copy_if_all_new, map_in_parallel, push_text};
 
 use super::shape::{Kind, TableDef};
 use super::{SchemaMirrorTarget, db};

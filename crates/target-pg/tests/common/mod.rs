@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// A database set up the way the seed tells users to: a schema, the table from `ddl()`, and
+/// A database set up the way the docs tell users to: a schema, the table from `ddl()`, and
 /// a sync user with `connect, create` on the database and `usage, create` plus all table
 /// privileges on the schema.
 pub struct Provisioned {

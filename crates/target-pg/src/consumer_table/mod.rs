@@ -1,6 +1,17 @@
-//! The consumer-table layout: one generic table per consumer (seed `postgres-consumer.txt`).
+//! The consumer-table layout: one generic table per consumer, eight fixed columns, one row per
+//! record identity. This module holds the table itself (its DDL, and verifying an existing
+//! one column by column); `apply` writes batches into it with the checkpoint, `target` is the
+//! [`Target`](sluice_core::Target) that runs those writes on a pool of connections.
 
+mod apply;
+mod target;
+
+pub use apply::CHECKPOINT_TABLE;
+pub use target::ConsumerTableTarget;
+
+use sluice_core::CheckReport;
 use sluice_core::sql::{qualified, quote_ident, quote_literal};
+use sluice_pg::{ConnectionSettings, catalog};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// The table every consumer-table consumer writes: these eight columns, exactly as the
@@ -117,10 +128,7 @@ impl ConsumerTable {
         conn: &mut PgConnection,
         read_role: &str,
     ) -> Result<bool, sqlx::Error> {
-        let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
-            .bind(self.qualified())
-            .fetch_one(&mut *conn)
-            .await?;
+        let exists = catalog::relation_exists(conn, &self.qualified()).await?;
         if exists {
             return Ok(false);
         }
@@ -134,10 +142,7 @@ impl ConsumerTable {
         )))
         .execute(&mut *tx)
         .await?;
-        let made_meanwhile: bool = sqlx::query_scalar("select to_regclass($1) is not null")
-            .bind(self.qualified())
-            .fetch_one(&mut *tx)
-            .await?;
+        let made_meanwhile = catalog::relation_exists(&mut tx, &self.qualified()).await?;
         if made_meanwhile {
             tx.commit().await?;
             return Ok(false);
@@ -160,8 +165,49 @@ impl ConsumerTable {
         Ok(true)
     }
 
+    /// `sluice config plan` for this table, as the user `settings` connects as: whether a
+    /// consumer would create it, finds it ready, or finds something to fix (each with its
+    /// fix). Changes nothing.
+    pub async fn plan(&self, settings: &ConnectionSettings, read_role: &str) -> CheckReport {
+        settings
+            .check_with(async |conn, report| {
+                let table = self.qualified();
+                if !catalog::relation_exists(conn, &table).await? {
+                    report.push(
+                        "table",
+                        true,
+                        format!(
+                            "would create {table} (and schema {} if missing) as {}, readable by {read_role}",
+                            quote_ident(&self.schema),
+                            settings.user
+                        ),
+                        None,
+                    );
+                    return Ok(());
+                }
+                let verification = self.verify(conn).await?;
+                if verification.findings.is_empty() {
+                    report.push("table", true, format!("{table} exists and is ready: no change"), None);
+                }
+                for f in verification.findings {
+                    match f.severity {
+                        Severity::Warning => report.push(
+                            "table",
+                            true,
+                            format!("warning: {} (fix: {})", f.message, f.fix),
+                            None,
+                        ),
+                        Severity::Error => report.push("table", false, f.message, Some(f.fix)),
+                    }
+                }
+                Ok(())
+            })
+            .await
+    }
+
     /// Checks an existing table column by column, plus the primary key, the connected role's
-    /// privileges, and the constraints, foreign keys and triggers the seed warns against.
+    /// privileges, and the constraints, foreign keys and triggers that would make an apply fail or
+    /// fire on every row.
     pub async fn verify(&self, conn: &mut PgConnection) -> Result<Verification, sqlx::Error> {
         let mut v = Verification::default();
         let name = self.qualified();
@@ -350,7 +396,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ddl_has_the_eight_seed_columns_with_sequin_id_as_primary_key() {
+    fn ddl_has_the_eight_columns_with_sequin_id_as_primary_key() {
         let ddl = ConsumerTable::new("my schema", "We're \"odd\"").ddl();
         assert!(
             ddl.starts_with("create table \"my schema\".\"We're \"\"odd\"\"\" (\n"),

@@ -42,7 +42,9 @@ struct Pushed {
 /// A record refused, and why.
 #[derive(Debug, PartialEq, Serialize)]
 pub struct Rejected {
+    /// Its position in the body's `records`, from 0.
     pub index: usize,
+    /// Why it was refused.
     pub reason: String,
 }
 
@@ -70,6 +72,11 @@ impl<'a> PushBody<'a> {
     /// How many records the body holds.
     pub fn len(&self) -> usize {
         self.records.len()
+    }
+
+    /// True when the body holds no records (`{"records": []}`).
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
     }
 
     /// The records for `sync_id`, parsed [`CHUNK`] at a time. Those without a version get

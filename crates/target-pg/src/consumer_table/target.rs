@@ -16,12 +16,12 @@ use sluice_pg::Condition;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
-use crate::apply::{
-    CHECKPOINT_TABLE, Encoded, NulReplacements, PartitionOutcome, PartitionWrite, Statements,
-    apply_partition, encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint,
-    table_key,
+use super::apply::{
+    CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, Statements, apply_partition,
+    encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
 };
-use crate::consumer_table::{ConsumerTable, Severity, Verification};
+use super::{ConsumerTable, Severity, Verification};
+use crate::copy::NulReplacements;
 use sluice_pg::catalog;
 use sluice_pg::{ConnectionSettings, ssl_mode_name};
 
@@ -433,7 +433,7 @@ impl ConsumerTableTarget {
         if n == 1 {
             return vec![encode_partition(&partitions[0], &written_at)];
         }
-        crate::apply::map_in_parallel(&partitions, |entries| {
+        crate::copy::map_in_parallel(&partitions, |entries| {
             encode_partition(entries, &written_at)
         })
     }

@@ -1,0 +1,148 @@
+//! Writing rows with `COPY`, shared by both layouts: the text format's escaping, `COPY` with
+//! a savepoint for rows assumed new, encoding on several threads, and the count of records
+//! whose NUL characters had to be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
+
+use sluice_core::{RecordKey, Status};
+use sqlx::PgConnection;
+
+/// Copies `rows` (COPY text format) with `statement` (`copy … from stdin`).
+pub(crate) async fn copy(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: &[u8],
+) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(rows).await?;
+    copy.finish().await
+}
+
+/// Copies `rows` in on the assumption that none of their keys exists yet (the common case
+/// while a table fills): inside a savepoint, so a key that does exist undoes only this COPY.
+/// `Ok(None)` then, and nothing was written. Must run inside a transaction.
+pub(crate) async fn copy_if_all_new(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: &[u8],
+) -> Result<Option<u64>, sqlx::Error> {
+    sqlx::raw_sql("savepoint sluice_fresh")
+        .execute(&mut *conn)
+        .await?;
+    match copy(conn, statement, rows).await {
+        Ok(n) => {
+            sqlx::raw_sql("release savepoint sluice_fresh")
+                .execute(&mut *conn)
+                .await?;
+            Ok(Some(n))
+        }
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            sqlx::raw_sql("rollback to savepoint sluice_fresh")
+                .execute(&mut *conn)
+                .await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `f` over every item, one thread each (CPU-bound encoding). On a multi-threaded runtime the
+/// calling worker is marked busy, so other tasks move elsewhere meanwhile.
+pub(crate) fn map_in_parallel<I: Sync, T: Send + Default>(
+    items: &[I],
+    f: impl Fn(&I) -> T + Sync,
+) -> Vec<T> {
+    let run = || {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items.iter().map(|item| scope.spawn(|| f(item))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect::<Vec<_>>()
+        })
+    };
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+        _ => run(),
+    }
+}
+
+/// Records whose NULs were replaced (the NUL policy): how many, and the latest one's key.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NulReplacements {
+    pub count: u64,
+    pub latest: Option<RecordKey>,
+}
+
+impl NulReplacements {
+    /// Counts `keys`, in the order they were written.
+    pub fn add(&mut self, keys: &[RecordKey]) {
+        if let Some(last) = keys.last() {
+            self.count += keys.len() as u64;
+            self.latest = Some(last.clone());
+        }
+    }
+
+    /// The target's `payload` health check: status, message and fix.
+    pub fn check(&self) -> (Status, String, Option<String>) {
+        payload_check(self.count, self.latest.as_ref())
+    }
+}
+
+fn payload_check(count: u64, latest: Option<&RecordKey>) -> (Status, String, Option<String>) {
+    match latest {
+        Some(key) if count > 0 => (
+            Status::Warning,
+            format!(
+                "{count} record(s) contained NUL characters, which PostgreSQL cannot store; they were \
+                 written with U+FFFD in their place (latest: {} / {} / {})",
+                key.sync_id, key.collection_id, key.upstream_id
+            ),
+            Some("remove NUL characters from the upstream data".to_owned()),
+        ),
+        _ => (
+            Status::Healthy,
+            "no payload needed changing".to_owned(),
+            None,
+        ),
+    }
+}
+
+/// Pushes text for COPY, replacing NUL; returns whether anything was replaced.
+pub(crate) fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
+    if text.contains('\0') {
+        push_escaped(out, text.replace('\0', "\u{FFFD}").as_bytes());
+        true
+    } else {
+        push_escaped(out, text.as_bytes());
+        false
+    }
+}
+
+/// COPY text format: backslash, newline, carriage return and tab are escaped.
+pub(crate) fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_the_four_special_bytes() {
+        let mut out = Vec::new();
+        push_escaped(&mut out, b"a\\b\nc\rd\te");
+        assert_eq!(out, b"a\\\\b\\nc\\rd\\te");
+    }
+}
