@@ -198,3 +198,60 @@ fn crate_dependencies_follow_the_layering() {
     }
     assert!(broken.is_empty(), "against the layering: {broken:#?}");
 }
+
+/// A SQLSTATE becomes a meaning in `sluice-pg`'s classifier and nowhere else: no other crate
+/// matches a code literal or asks sqlx whether an error is one kind of violation.
+#[test]
+fn sqlstates_are_matched_only_in_the_pg_crate() {
+    let root = repo_root();
+    let mut offenders = Vec::new();
+    for member in workspace_members().iter().filter(|m| *m != "crates/pg") {
+        for file in rust_files(&root.join(member).join("src")) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let literal = line.match_indices('"').any(|(i, _)| {
+                    let code = line.get(i + 1..i + 6).unwrap_or_default();
+                    line.get(i + 6..i + 7) == Some("\"")
+                        && code.starts_with(|c: char| c.is_ascii_digit())
+                        && code
+                            .chars()
+                            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
+                });
+                let helper = [
+                    "is_unique_violation",
+                    "is_foreign_key_violation",
+                    "is_check_violation",
+                ]
+                .iter()
+                .any(|h| line.contains(h));
+                if literal || helper {
+                    offenders.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "use sluice_pg::Condition (or classify with an override) instead: {offenders:#?}"
+    );
+}
+
+/// One idea per file: a module over 600 lines says why in a comment containing "long because".
+#[test]
+fn no_module_is_over_600_lines_without_saying_why() {
+    let root = repo_root();
+    let mut offenders = Vec::new();
+    for member in workspace_members() {
+        for file in rust_files(&root.join(&member).join("src")) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let lines = text.lines().count();
+            if lines > 600 && !text.contains("long because") {
+                offenders.push(format!("{} ({lines} lines)", file.display()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "split these, or say in a comment why the file is long because …: {offenders:#?}"
+    );
+}

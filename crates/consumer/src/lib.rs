@@ -36,8 +36,10 @@
 //! ```
 
 mod alerts;
+mod handle;
 mod runtime;
 
 pub use alerts::{AlertSink, LogSink, WebhookSink};
-pub use runtime::{ConsumerHandle, ConsumerRuntime, ConsumerStats};
+pub use handle::{ConsumerHandle, ConsumerStats};
+pub use runtime::ConsumerRuntime;
 pub use sluice_core::Consumer;

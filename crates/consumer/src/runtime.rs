@@ -1,53 +1,53 @@
-//! The consumer loop and its handle.
+//! The consumer loop: read, batch, apply, acknowledge; retries by error class; lag and health.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sluice_core::{
-    Backoff, Batch, BatchConfig, Consumer, ConsumerId, EntityKind, EntityRef, Error, ErrorClass,
-    Health, HealthReport, HealthState, LagThresholds, RecordFilter, RecordStream, Seq, Status,
-    StreamEntry, StreamRead, Target, Transition,
+    Backoff, Batch, BatchConfig, ConsumerId, EntityKind, EntityRef, Error, ErrorClass, HealthState,
+    LagThresholds, RecordFilter, RecordStream, Seq, Status, StreamEntry, StreamRead, Target,
+    Transition,
 };
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::alerts::{AlertSink, LogSink};
+use crate::handle::ConsumerHandle;
 
 /// What the user asked the consumer to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Control {
+pub(crate) enum Control {
     Run,
     /// Paused, and why (`by user: …`, or the record that cannot be written).
     Pause(String),
 }
 
 /// State shared between the running loop and its handles.
-struct Shared {
-    id: ConsumerId,
-    filter: RecordFilter,
-    stream: Arc<dyn RecordStream>,
+pub(crate) struct Shared {
+    pub(crate) id: ConsumerId,
+    pub(crate) filter: RecordFilter,
+    pub(crate) stream: Arc<dyn RecordStream>,
     /// The target takes payloads as stored JSON text ([`Target::takes_payload_text`]).
-    payload_text: bool,
-    target_name: String,
-    lag: LagThresholds,
-    control: watch::Sender<Control>,
-    restart: AtomicBool,
-    cursor: AtomicU64,
-    applied: AtomicU64,
-    batches: AtomicU64,
-    batch_micros: AtomicU64,
-    caught_up: AtomicBool,
-    last_write: Mutex<Option<OffsetDateTime>>,
-    last_error: Mutex<Option<String>>,
-    health: Mutex<HealthState>,
-    sinks: Mutex<Vec<Arc<dyn AlertSink>>>,
+    pub(crate) payload_text: bool,
+    pub(crate) target_name: String,
+    pub(crate) lag: LagThresholds,
+    pub(crate) control: watch::Sender<Control>,
+    pub(crate) restart: AtomicBool,
+    pub(crate) cursor: AtomicU64,
+    pub(crate) applied: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) batch_micros: AtomicU64,
+    pub(crate) caught_up: AtomicBool,
+    pub(crate) last_write: Mutex<Option<OffsetDateTime>>,
+    pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) health: Mutex<HealthState>,
+    pub(crate) sinks: Mutex<Vec<Arc<dyn AlertSink>>>,
 }
 
 impl Shared {
     /// The entries after `after` passing the filter, in the form the target takes.
-    async fn read(&self, after: Seq, limit: usize) -> Result<StreamRead, Error> {
+    pub(crate) async fn read(&self, after: Seq, limit: usize) -> Result<StreamRead, Error> {
         if self.payload_text {
             self.stream.read_text(&self.filter, after, limit).await
         } else {
@@ -56,7 +56,7 @@ impl Shared {
     }
 
     /// Records a check result and sends the transition, if any, to every sink.
-    fn observe(
+    pub(crate) fn observe(
         &self,
         check: &str,
         status: Status,
@@ -73,7 +73,7 @@ impl Shared {
         }
     }
 
-    fn alert(&self, t: Transition) {
+    pub(crate) fn alert(&self, t: Transition) {
         let sinks: Vec<Arc<dyn AlertSink>> =
             self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for sink in sinks {
@@ -87,7 +87,7 @@ impl Shared {
         }
     }
 
-    fn failed(&self, error: &Error) {
+    pub(crate) fn failed(&self, error: &Error) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
         match error.class() {
             // An unreachable target pauses the consumer until it is back.
@@ -112,13 +112,13 @@ impl Shared {
     /// The consumer has applied everything the stream holds for it. Its first backfill ends
     /// here, unless a source it reads is still backfilling: more of that initial state is on
     /// its way, and a backlog of it is not lag.
-    fn reached_head(&self) {
+    pub(crate) fn reached_head(&self) {
         if !self.caught_up.load(Ordering::Acquire) && !self.stream.backfilling(&self.filter) {
             self.caught_up.store(true, Ordering::Release);
         }
     }
 
-    async fn lag_check(&self) {
+    pub(crate) async fn lag_check(&self) {
         let cursor = Seq(self.cursor.load(Ordering::Acquire));
         if !self.caught_up.load(Ordering::Acquire) {
             // The first backfill is `initializing` whatever the count: estimate it from the
@@ -197,23 +197,6 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 
 /// The loop measures lag at most this often (health requests always measure).
 const LAG_CHECK_EVERY: Duration = Duration::from_secs(1);
-
-/// What a consumer has done since it started.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ConsumerStats {
-    /// Records written to the target.
-    pub applied: u64,
-    /// Batches written.
-    pub batches: u64,
-    /// Time spent applying batches, in total.
-    pub batch_seconds: f64,
-}
-
-/// Controls and observes a running consumer (implements [`Consumer`] and [`Health`]).
-#[derive(Clone)]
-pub struct ConsumerHandle {
-    shared: Arc<Shared>,
-}
 
 impl ConsumerRuntime {
     /// A consumer forwarding `filter`'s records from `stream` into `target`.
@@ -565,86 +548,5 @@ impl ConsumerRuntime {
             _ = tokio::time::sleep(delay) => *shutdown.borrow(),
             _ = shutdown.changed() => true,
         }
-    }
-}
-
-impl ConsumerHandle {
-    /// The last checkpoint applied (and acknowledged) by the running loop.
-    pub fn cursor(&self) -> Seq {
-        Seq(self.shared.cursor.load(Ordering::Acquire))
-    }
-
-    /// Counters since the runtime started, for metrics.
-    pub fn stats(&self) -> ConsumerStats {
-        ConsumerStats {
-            applied: self.shared.applied.load(Ordering::Relaxed),
-            batches: self.shared.batches.load(Ordering::Relaxed),
-            batch_seconds: self.shared.batch_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        }
-    }
-
-    /// The consumer's id.
-    pub fn id(&self) -> &ConsumerId {
-        &self.shared.id
-    }
-
-    /// When the consumer last wrote a batch.
-    pub fn last_write(&self) -> Option<OffsetDateTime> {
-        *self
-            .shared
-            .last_write
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The last error, if any batch failed.
-    pub fn last_error(&self) -> Option<String> {
-        self.shared
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-#[async_trait]
-impl Health for ConsumerHandle {
-    async fn health(&self) -> HealthReport {
-        self.shared.lag_check().await;
-        self.shared
-            .health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .report()
-    }
-}
-
-#[async_trait]
-impl Consumer for ConsumerHandle {
-    fn id(&self) -> &ConsumerId {
-        &self.shared.id
-    }
-
-    fn filter(&self) -> &RecordFilter {
-        &self.shared.filter
-    }
-
-    async fn pause(&self, reason: String) -> Result<(), Error> {
-        self.shared
-            .control
-            .send_replace(Control::Pause(format!("by user: {reason}")));
-        Ok(())
-    }
-
-    async fn resume(&self) -> Result<(), Error> {
-        self.shared.control.send_replace(Control::Run);
-        Ok(())
-    }
-
-    async fn restart_backfill(&self) -> Result<(), Error> {
-        self.shared.restart.store(true, Ordering::Release);
-        // Wake the loop if it is waiting for records.
-        self.shared.control.send_modify(|_| {});
-        Ok(())
     }
 }

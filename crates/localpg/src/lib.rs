@@ -27,6 +27,9 @@
 //! ```
 
 mod binaries;
+mod files;
+mod sql;
+mod supervisor;
 mod tls;
 
 use std::io::Write;
@@ -41,7 +44,10 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
 pub use binaries::{Binaries, OsUser};
+pub use supervisor::stop_kept;
 pub use tls::{ClientCert, write_private};
+
+use supervisor::spawn_supervisor;
 
 /// The superuser every cluster is created with.
 pub const SUPERUSER: &str = "postgres";
@@ -297,161 +303,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// The data directory is copied from a per-version template made by `initdb` once
-    /// (about 0.1 s instead of 0.6 s per cluster).
-    fn init_data_dir(&self) -> Result<(), Error> {
-        let template = self.template_dir()?;
-        let data = self.data_dir();
-        run(
-            self.user
-                .command("cp")
-                .arg("-a")
-                .arg(&template)
-                .arg(&data)
-                .current_dir(&self.root),
-            "copying the initdb template",
-        )?;
-        Ok(())
-    }
-
-    fn template_dir(&self) -> Result<PathBuf, Error> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (
-            TEMPLATE_REVISION,
-            self.binaries.dir(),
-            self.binaries.version(),
-        )
-            .hash(&mut hasher);
-        let template = std::env::temp_dir().join(format!(
-            "sluice-localpg-template-{}-{:016x}",
-            self.user.uid,
-            hasher.finish()
-        ));
-        if template.join("PG_VERSION").exists() {
-            return Ok(template);
-        }
-        // Build beside it and rename into place, so concurrent test processes never see a
-        // half-made template.
-        let partial = std::env::temp_dir().join(format!(
-            "sluice-localpg-template-partial-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir(&partial)
-            .map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
-        set_mode(&partial, 0o700)?;
-        self.user.own(&partial)?;
-        let initdb = run(
-            self.user
-                .command(self.binaries.tool("initdb"))
-                .arg("-D")
-                .arg(&partial)
-                .args([
-                    "-U",
-                    SUPERUSER,
-                    "--auth=trust",
-                    "--no-sync",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                ])
-                .current_dir(std::env::temp_dir()),
-            "initdb",
-        );
-        if let Err(e) = initdb {
-            let _ = std::fs::remove_dir_all(&partial);
-            return Err(e);
-        }
-        if std::fs::rename(&partial, &template).is_err() {
-            // Someone else finished first; theirs is as good as ours.
-            let _ = std::fs::remove_dir_all(&partial);
-        }
-        Ok(template)
-    }
-
-    fn write_hba(&self, opts: &ClusterOptions) -> Result<(), Error> {
-        let method = match opts.auth {
-            Auth::ScramSha256 => "scram-sha-256",
-            Auth::Trust => "trust",
-        };
-        let mut hba = String::from(
-            "# written by sluice-localpg\n\
-             local all all trust\n\
-             local replication all trust\n",
-        );
-        for line in &opts.hba_lines {
-            hba.push_str(line);
-            hba.push('\n');
-        }
-        let (kind, suffix) = match opts.tls {
-            Tls::Off | Tls::Optional => ("host", ""),
-            Tls::Required => ("hostssl", ""),
-            Tls::ClientCertRequired => ("hostssl", " clientcert=verify-full"),
-        };
-        if matches!(opts.tls, Tls::Required | Tls::ClientCertRequired) {
-            hba.push_str(
-                "hostnossl all all 0.0.0.0/0 reject\nhostnossl replication all 0.0.0.0/0 reject\n",
-            );
-        }
-        for database in ["all", "replication"] {
-            hba.push_str(&format!(
-                "{kind} {database} all 127.0.0.1/32 {method}{suffix}\n"
-            ));
-        }
-        self.write_server_file("pg_hba.conf", &hba)
-    }
-
-    fn write_tls_files(&mut self) -> Result<(), Error> {
-        let authority = tls::Authority::new()?;
-        let (cert, key) = authority.server()?;
-        self.write_server_file("ca.crt", authority.cert_pem())?;
-        self.write_server_file("server.crt", &cert)?;
-        self.write_server_file("server.key", &key)?;
-        // Readable by the test process too, for `sslrootcert`.
-        std::fs::write(self.root.join("ca.crt"), authority.cert_pem())
-            .map_err(|e| Error::io("writing ca.crt", e))?;
-        if self.tls == Tls::ClientCertRequired {
-            self.superuser_cert =
-                Some(authority.client(SUPERUSER, &self.root, "client-superuser")?);
-        }
-        self.authority = Some(authority);
-        Ok(())
-    }
-
-    fn write_server_file(&self, name: &str, contents: &str) -> Result<(), Error> {
-        let path = self.data_dir().join(name);
-        write_private(&path, contents)?;
-        self.user.own(&path)
-    }
-
-    fn settings_block(&self, opts: &ClusterOptions) -> String {
-        let mut conf = format!(
-            "# added by sluice-localpg\n\
-             listen_addresses = '127.0.0.1'\n\
-             port = {port}\n\
-             unix_socket_directories = {socket}\n\
-             max_connections = 200\n\
-             # Throwaway clusters: no crash safety for an OS crash, much faster tests.\n\
-             fsync = off\n\
-             full_page_writes = off\n",
-            port = self.port,
-            socket = quote_literal(&self.socket_dir().display().to_string()),
-        );
-        if opts.logical {
-            conf.push_str(
-                "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n",
-            );
-        }
-        if opts.tls != Tls::Off {
-            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n");
-        }
-        for (name, value) in &opts.settings {
-            conf.push_str(&format!("{name} = {value}\n"));
-        }
-        conf
-    }
-
     /// Starts the server (after [`stop`](Cluster::stop)); returns once it accepts connections.
     pub fn start(&self) -> Result<(), Error> {
         std::fs::create_dir_all(self.socket_dir())
@@ -557,108 +408,6 @@ impl Cluster {
         authority.client(role, &self.root, &stem)
     }
 
-    /// A URL for the superuser, with the TLS parameters the cluster needs
-    /// (`sslmode=verify-full` and the CA when TLS is on; the superuser's client certificate
-    /// when one is required).
-    pub fn url(&self, database: &str) -> String {
-        self.url_as(
-            SUPERUSER,
-            Some(&self.password),
-            database,
-            self.superuser_cert.as_ref(),
-        )
-    }
-
-    /// A URL for any role. TLS parameters follow the cluster's mode; pass a client
-    /// certificate when the cluster requires one.
-    pub fn url_as(
-        &self,
-        user: &str,
-        password: Option<&str>,
-        database: &str,
-        cert: Option<&ClientCert>,
-    ) -> String {
-        let mut url = url::Url::parse("postgres://127.0.0.1").expect("a constant URL parses");
-        let _ = url.set_port(Some(self.port));
-        let _ = url.set_username(user);
-        let _ = url.set_password(password);
-        url.path_segments_mut()
-            .expect("postgres URLs have paths")
-            .push(database);
-        {
-            let mut query = url.query_pairs_mut();
-            match self.ca_cert() {
-                None => {
-                    query.append_pair("sslmode", "disable");
-                }
-                Some(ca) => {
-                    query.append_pair("sslmode", "verify-full");
-                    query.append_pair("sslrootcert", &ca.display().to_string());
-                }
-            }
-            if let Some(cert) = cert {
-                query.append_pair("sslcert", &cert.cert.display().to_string());
-                query.append_pair("sslkey", &cert.key.display().to_string());
-            }
-        }
-        url.to_string()
-    }
-
-    /// Superuser connection options over the Unix socket (no TLS or password needed).
-    pub fn admin_options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .socket(self.socket_dir())
-            .port(self.port)
-            .username(SUPERUSER)
-            .database(database)
-            .disable_statement_logging()
-    }
-
-    /// A superuser connection to `database` over the Unix socket.
-    pub async fn admin(&self, database: &str) -> Result<PgConnection, Error> {
-        Ok(PgConnection::connect_with(&self.admin_options(database)).await?)
-    }
-
-    /// Runs SQL (one or more statements) as the superuser in `database`.
-    pub async fn execute(&self, database: &str, sql: &str) -> Result<(), Error> {
-        let mut conn = self.admin(database).await?;
-        sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-            .execute(&mut conn)
-            .await?;
-        conn.close().await?;
-        Ok(())
-    }
-
-    /// Creates a database owned by the superuser.
-    pub async fn create_database(&self, name: &str) -> Result<(), Error> {
-        self.execute(
-            "postgres",
-            &format!("create database {}", quote_ident(name)),
-        )
-        .await
-    }
-
-    /// Creates a database with a name unique in this cluster (`<prefix>_<n>`) and returns
-    /// the name: one database per test on a shared cluster.
-    pub async fn fresh_database(&self, prefix: &str) -> Result<String, Error> {
-        let n = self.databases.fetch_add(1, Ordering::Relaxed) + 1;
-        let name = format!("{prefix}_{n}");
-        self.create_database(&name).await?;
-        Ok(name)
-    }
-
-    /// Creates a login role, with a password unless `None`.
-    pub async fn create_role(&self, name: &str, password: Option<&str>) -> Result<(), Error> {
-        let password = password
-            .map(|p| format!(" password {}", quote_literal(p)))
-            .unwrap_or_default();
-        self.execute(
-            "postgres",
-            &format!("create role {} login{password}", quote_ident(name)),
-        )
-        .await
-    }
-
     /// The last `lines` lines of the server log.
     pub fn log_tail(&self, lines: usize) -> String {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
@@ -688,37 +437,6 @@ impl Cluster {
             other => other,
         }
     }
-
-    /// Runs SQL through `psql` over the socket, fed on standard input so no secret appears
-    /// in a process listing.
-    fn psql_stdin(&self, database: &str, sql: &str) -> Result<(), Error> {
-        let mut child = Command::new(self.binaries.psql())
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                SUPERUSER,
-                "-d",
-                database,
-            ])
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::io("starting psql", e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(sql.as_bytes())
-                .map_err(|e| Error::io("writing to psql", e))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::io("waiting for psql", e))?;
-        check_output("psql", out).map(drop)
-    }
 }
 
 impl Drop for Cluster {
@@ -735,57 +453,6 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
-}
-
-/// Stops a cluster made with [`ClusterOptions::keep_at`] and removes its directory.
-/// Succeeds when nothing is there.
-pub fn stop_kept(dir: &Path) -> Result<bool, Error> {
-    let data = dir.join("data");
-    if !data.exists() {
-        return Ok(false);
-    }
-    let binaries = Binaries::find()?;
-    let user = OsUser::for_server()?;
-    let mut stop = user.command(binaries.tool("pg_ctl"));
-    stop.arg("-D")
-        .arg(&data)
-        .args(["-m", "fast", "-w", "stop"])
-        .current_dir(dir);
-    // "Not running" is fine: the goal is that nothing runs afterwards.
-    let _ = stop.output();
-    std::fs::remove_dir_all(dir)
-        .map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
-    Ok(true)
-}
-
-/// A process that outlives nothing: it waits for its standard input to close (the owner
-/// dropped the cluster, or died), then stops the server at once and deletes the files.
-fn spawn_supervisor(
-    binaries: &Binaries,
-    user: &OsUser,
-    root: &Path,
-) -> Result<(Child, ChildStdin), Error> {
-    const SCRIPT: &str = r#"trap '' INT TERM HUP
-while read -r _; do :; done
-"$0" -D "$1/data" -m immediate -w stop >/dev/null 2>&1
-rm -rf "$1""#;
-    let mut child = user
-        .command("sh")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(binaries.tool("pg_ctl"))
-        .arg(root)
-        .current_dir(root)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| Error::io("starting the cluster supervisor", e))?;
-    let stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| Error::io("supervisor stdin", std::io::ErrorKind::BrokenPipe.into()))?;
-    Ok((child, stdin))
 }
 
 fn free_port() -> Result<u16, Error> {

@@ -24,7 +24,10 @@ pub enum Condition {
     /// An object exists with another shape than needed (42804, 42P10, 42809), or a feature
     /// the statement needs is not supported by this server or object (class 0A).
     WrongShape,
-    /// A constraint refused the row (class 23).
+    /// A unique constraint of the user's refused the row (23505): a key written meanwhile by
+    /// someone else, which a caller may take as a lost race (its fallback path).
+    DuplicateKey,
+    /// Any other constraint refused the row (class 23).
     IntegrityViolation,
     /// The data itself cannot be stored (class 22: out of range, invalid text, bad encoding).
     DataException,
@@ -49,6 +52,7 @@ pub fn condition(code: &str, constraint: Option<&str>, message: &str) -> Conditi
         }
         (_, "42804" | "42P10" | "42809") => Condition::WrongShape,
         ("23", _) if constraint.is_some_and(|c| c.starts_with("pg_")) => Condition::CatalogRace,
+        (_, "23505") => Condition::DuplicateKey,
         ("XX", _) if message.contains("concurrently") => Condition::CatalogRace,
         ("08" | "57" | "53" | "58", _) => Condition::Unavailable,
         ("40" | "25", _) => Condition::Transient,
@@ -58,6 +62,19 @@ pub fn condition(code: &str, constraint: Option<&str>, message: &str) -> Conditi
         ("22", _) => Condition::DataException,
         ("54", _) => Condition::ProgramLimit,
         _ => Condition::Other,
+    }
+}
+
+impl Condition {
+    /// The condition of a server error; `None` for errors the server did not send (a lost
+    /// connection, a timeout, bad settings).
+    pub fn of(error: &sqlx::Error) -> Option<Condition> {
+        let db = error.as_database_error()?;
+        Some(condition(
+            db.code().as_deref().unwrap_or_default(),
+            db.constraint(),
+            db.message(),
+        ))
     }
 }
 
@@ -105,11 +122,12 @@ pub fn classify(
             format!("{what}: {message} (SQLSTATE {code})"),
             "run `sluice check`: it shows what is missing or different and the statement that fixes it",
         ),
-        Condition::IntegrityViolation | Condition::DataException | Condition::ProgramLimit => {
-            Error::invalid(format!(
-                "{what}: the server refused the data: {message} (SQLSTATE {code})"
-            ))
-        }
+        Condition::DuplicateKey
+        | Condition::IntegrityViolation
+        | Condition::DataException
+        | Condition::ProgramLimit => Error::invalid(format!(
+            "{what}: the server refused the data: {message} (SQLSTATE {code})"
+        )),
     }
 }
 
@@ -137,7 +155,8 @@ mod tests {
             ("20000", Condition::Other),
             ("21000", Condition::Other),
             ("22003", Condition::DataException),
-            ("23505", Condition::IntegrityViolation),
+            ("23505", Condition::DuplicateKey),
+            ("23503", Condition::IntegrityViolation),
             ("24000", Condition::Other),
             ("25P02", Condition::Transient),
             ("26000", Condition::Other),

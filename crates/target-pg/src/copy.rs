@@ -3,6 +3,7 @@
 //! whose NUL characters had to be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
 
 use sluice_core::{RecordKey, Status};
+use sluice_pg::Condition;
 use sqlx::PgConnection;
 
 /// Copies `rows` (COPY text format) with `statement` (`copy … from stdin`).
@@ -34,7 +35,7 @@ pub(crate) async fn copy_if_all_new(
                 .await?;
             Ok(Some(n))
         }
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+        Err(e) if Condition::of(&e) == Some(Condition::DuplicateKey) => {
             sqlx::raw_sql("rollback to savepoint sluice_fresh")
                 .execute(&mut *conn)
                 .await?;

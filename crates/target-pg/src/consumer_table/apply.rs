@@ -16,6 +16,8 @@ use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use uuid::Uuid;
 
+use sluice_pg::Condition;
+
 use super::ConsumerTable;
 use crate::copy::{copy, copy_if_all_new, push_escaped, push_text};
 
@@ -217,8 +219,9 @@ pub(crate) async fn apply_partition(
 ) -> Result<PartitionOutcome, sqlx::Error> {
     match try_apply(conn, sql, write, true).await {
         // Someone else inserted a key between our lookup and our COPY: take the safe path.
-        Err(sqlx::Error::Database(db))
-            if db.is_unique_violation() && !db.message().contains(CHECKPOINT_TABLE) =>
+        Err(e)
+            if Condition::of(&e) == Some(Condition::DuplicateKey)
+                && !e.to_string().contains(CHECKPOINT_TABLE) =>
         {
             try_apply(conn, sql, write, false).await
         }

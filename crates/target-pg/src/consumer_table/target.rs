@@ -481,10 +481,14 @@ pub(crate) fn write_error(
                 ),
                 "run `sluice check` to see each column to fix",
             ),
-            Condition::IntegrityViolation if message.contains(CHECKPOINT_TABLE) => Error::invalid(
-                format!("target {target:?}: sluice's checkpoint table rejected a write: {message}"),
-            ),
-            Condition::IntegrityViolation => Error::configuration(
+            Condition::IntegrityViolation | Condition::DuplicateKey
+                if message.contains(CHECKPOINT_TABLE) =>
+            {
+                Error::invalid(format!(
+                    "target {target:?}: sluice's checkpoint table rejected a write: {message}"
+                ))
+            }
+            Condition::IntegrityViolation | Condition::DuplicateKey => Error::configuration(
                 format!(
                     "target {target:?}: a constraint on {name} rejected a write ({message}). Consumer tables \
                      must not carry constraints, foreign keys or triggers of their own: sluice guarantees \

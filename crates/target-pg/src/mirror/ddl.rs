@@ -252,13 +252,8 @@ impl SchemaMirrorTarget {
                         t = column.sql_type
                     );
                     if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-                        let depended_on = e.as_database_error().is_some_and(|d| {
-                            sluice_pg::condition(
-                                d.code().as_deref().unwrap_or_default(),
-                                d.constraint(),
-                                d.message(),
-                            ) == sluice_pg::Condition::WrongShape
-                        });
+                        let depended_on =
+                            sluice_pg::Condition::of(&e) == Some(sluice_pg::Condition::WrongShape);
                         let what = format!(
                             "target {:?}: column {table}.{} changed type upstream from {have} to {}",
                             self.name,
