@@ -21,6 +21,7 @@ use crate::wire::{Lsn, Replication, ReplicationConnection, SILENCE_LIMIT};
 use crate::{SourceSpec, ensure_publication_and_slot};
 
 mod contract;
+mod decode;
 mod health;
 mod reads;
 mod streaming;

@@ -10,9 +10,10 @@ use sluice_core::{Change, CollectionId, Error, Payload, Provider, Record, Record
 use time::OffsetDateTime;
 
 use super::PostgresSource;
+use super::decode::{Decoded, decode};
 use super::reads::WatermarkUse;
 use crate::pgoutput::{Message, Relation, Value};
-use crate::tables::{self, Table};
+use crate::tables::Table;
 use crate::values::TypeMap;
 use crate::wire::{Lsn, StatusWriter};
 
@@ -213,74 +214,42 @@ impl Streaming<'_> {
                 "pgoutput: a change for relation {relation} before its description"
             )));
         };
-        let collection = format!("{}.{}", rel.schema, rel.name);
-        let Some(table) = table.clone().filter(|t| !t.key.is_empty()) else {
-            self.source.notice(format!(
-                "{collection} has no primary key or replica identity index: its changes are skipped (add a primary key)"
-            ));
-            return Ok(());
-        };
-        let rel = rel.clone();
-        let key_of = |values: &[Value]| -> Option<Vec<String>> {
-            table
-                .key
-                .iter()
-                .map(|k| {
-                    let i = rel.columns.iter().position(|c| &c.name == k)?;
-                    match values.get(i)? {
-                        Value::Text(t) => Some(t.clone()),
-                        _ => None,
-                    }
-                })
-                .collect()
-        };
-        let sync_id = self.source.inner.sync_id;
-        let record_key = |key: &[String]| {
-            let keys: Vec<&str> = key.iter().map(String::as_str).collect();
-            RecordKey::new(sync_id, collection.as_str(), tables::upstream_id(&keys))
-        };
-        let old_key = old.as_deref().and_then(key_of);
-        let Some(new) = new else {
-            let key = old_key.ok_or_else(|| {
-                Error::invalid(format!(
-                    "pgoutput: a delete on {collection} without its key"
-                ))
-            })?;
-            let (version, at) = self.next_version()?;
-            self.push(Record {
-                key: record_key(&key),
-                provider: Provider::Postgres,
-                version,
-                upstream_updated_at: at,
-                change: Change::Delete,
-            });
-            return Ok(());
-        };
-        let Some(key_text) = key_of(&new) else {
-            self.source.notice(format!(
-                "{collection}: a change whose key was not sent was skipped"
-            ));
-            return Ok(());
+        let table = table.clone();
+        let key = table.as_ref().map(|t| t.key.as_slice()).unwrap_or_default();
+        let decoded = decode(
+            self.source.inner.sync_id,
+            rel,
+            key,
+            types,
+            old.as_deref(),
+            new.as_deref(),
+        )?;
+        let (key, key_text, mut payload, unchanged, moved_from) = match decoded {
+            Decoded::Skipped(notice) => {
+                self.source.notice(notice);
+                return Ok(());
+            }
+            Decoded::Delete(key) => {
+                let (version, at) = self.next_version()?;
+                self.push(Record {
+                    key,
+                    provider: Provider::Postgres,
+                    version,
+                    upstream_updated_at: at,
+                    change: Change::Delete,
+                });
+                return Ok(());
+            }
+            Decoded::Upsert {
+                key,
+                key_text,
+                payload,
+                unchanged,
+                moved_from,
+            } => (key, key_text, payload, unchanged, moved_from),
         };
         let (version, at) = self.next_version()?;
-        let key = record_key(&key_text);
-        // The key changed: the old record is gone, and it holds the row's previous values.
-        let moved_from = old_key.filter(|k| *k != key_text).map(|k| record_key(&k));
-        let mut payload = tables::payload(
-            types,
-            rel.columns.iter().zip(&new).filter_map(|(c, v)| match v {
-                Value::Null => Some((c.name.as_str(), c.type_oid, None)),
-                Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t.as_str()))),
-                Value::Unchanged => None,
-            }),
-        );
-        let unchanged: Vec<&str> = rel
-            .columns
-            .iter()
-            .zip(&new)
-            .filter(|(_, v)| **v == Value::Unchanged)
-            .map(|(c, _)| c.name.as_str())
-            .collect();
+        let unchanged: Vec<&str> = unchanged.iter().map(String::as_str).collect();
         let complete = unchanged.is_empty()
             || self
                 .fill_unchanged(
@@ -299,7 +268,9 @@ impl Streaming<'_> {
             });
         }
         if !complete {
-            self.reread(&table, key_text, &key);
+            if let Some(table) = &table {
+                self.reread(table, key_text, &key);
+            }
             return Ok(());
         }
         self.push(Record {
