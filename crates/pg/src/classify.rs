@@ -35,6 +35,9 @@ pub enum Condition {
     ProgramLimit,
     /// An object another session holds (55006: a replication slot another process reads).
     InUse,
+    /// A write in a read-only transaction (25006): a standby, `default_transaction_read_only`,
+    /// or a function that writes called where sluice only reads.
+    ReadOnly,
     /// Anything else (an internal error, an unknown code): retried with backoff.
     Other,
 }
@@ -47,6 +50,7 @@ pub fn condition(code: &str, constraint: Option<&str>, message: &str) -> Conditi
         (_, "42501") => Condition::InsufficientPrivilege,
         (_, "55P03") => Condition::Transient,
         (_, "55006") => Condition::InUse,
+        (_, "25006") => Condition::ReadOnly,
         (_, "3D000" | "3F000" | "42P01" | "42703" | "42883" | "42704") => {
             Condition::UndefinedObject
         }
@@ -118,6 +122,10 @@ pub fn classify(
             format!("{what}: the server refused the login: {message}"),
             "check the user and password sluice is configured with; `sluice check` tries the login",
         ),
+        Condition::ReadOnly => Error::configuration(
+            format!("{what}: {message} (SQLSTATE {code})"),
+            "a write was refused in a read-only transaction: if the server is a standby, point sluice at the primary; if the role defaults to read-only, alter role … set default_transaction_read_only = off; if a function or policy writes while sluice reads, make it read-only",
+        ),
         Condition::UndefinedObject | Condition::WrongShape => Error::configuration(
             format!("{what}: {message} (SQLSTATE {code})"),
             "run `sluice check`: it shows what is missing or different and the statement that fixes it",
@@ -159,6 +167,7 @@ mod tests {
             ("23503", Condition::IntegrityViolation),
             ("24000", Condition::Other),
             ("25P02", Condition::Transient),
+            ("25006", Condition::ReadOnly),
             ("26000", Condition::Other),
             ("27000", Condition::Other),
             ("28P01", Condition::Authentication),

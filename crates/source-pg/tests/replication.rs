@@ -1366,3 +1366,91 @@ async fn health_names_wal_level_when_that_is_why_there_is_no_slot() {
     );
     running.stop().await;
 }
+
+/// A table whose rows the server refuses to read (here a row-level security policy that
+/// divides by zero on one row: SQLSTATE 22012, the data's fault, not a grant's) stops alone:
+/// health names it with the rows, the other tables are read and every table's changes keep
+/// streaming, and the refused read is not asked for again while the source runs.
+#[tokio::test]
+async fn a_table_whose_rows_the_server_refuses_stops_alone_and_is_not_read_again_in_a_loop() {
+    let s = setup(
+        "refused",
+        "create table public.fine (id int primary key);
+         insert into public.fine select generate_series(1, 50);
+         create table public.refused (id int primary key, v text);
+         insert into public.refused select g, 'v' || g from generate_series(1, 300) g;
+         alter table public.refused enable row level security;
+         create policy every_row on public.refused for select
+             using (100 / (id - 150) is not null);",
+    )
+    .await;
+    let running = start(
+        &s,
+        SourceOptions {
+            backfill_page: 100,
+            ..options()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running.source.health().await.checks.iter().any(|c| {
+        c.name == "tables"
+            && c.status == Status::Error
+            && c.message.contains("public.refused")
+            && c.message.contains("division by zero")
+            && c.message.contains("stopped at")
+            && c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("correct the rows upstream"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the refused table is not reported: {:?}",
+            running.source.health().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until("the other table is read", 30, async || {
+        live(&s.stream, "public.fine").await.len() == 50
+    })
+    .await;
+    // Changes to the stopped table still stream (decoding does not apply the policy).
+    PG.execute(
+        &s.db,
+        "insert into public.refused values (1000, 'new'); insert into public.fine values (51)",
+    )
+    .await
+    .unwrap();
+    wait_until("changes stream", 30, async || {
+        get(&s.stream, "public.refused", "1000").await.is_some()
+            && get(&s.stream, "public.fine", "51").await.is_some()
+    })
+    .await;
+    // Not asked again: nothing scans the table over several heartbeats.
+    let scans = async || -> i64 {
+        let mut conn = PG.admin(&s.db).await.unwrap();
+        sqlx::query_scalar(
+            "select coalesce(seq_scan, 0) + coalesce(idx_scan, 0)
+             from pg_stat_user_tables where relid = 'public.refused'::regclass",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = scans().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        scans().await,
+        before,
+        "the refused read was asked for again"
+    );
+    let report = running.source.health().await;
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "replication" && c.status == Status::Healthy),
+        "{report:?}"
+    );
+    running.stop().await;
+}

@@ -95,19 +95,26 @@ impl PostgresSource {
             .values()
             .map(|e| {
                 let problem = e.to_string().lines().next().unwrap_or_default().to_owned();
-                (problem, e.fix().map(str::to_owned))
+                let fix = match e.class() {
+                    ErrorClass::GiveUp => Some(
+                        "correct the rows upstream (the message says what the server refused), then restart sluice (or change the sync in the config): the table is read again".to_owned(),
+                    ),
+                    _ => e.fix().map(str::to_owned),
+                };
+                (problem, fix)
             })
             .collect()
     }
 
-    /// Whether some table could not be read (the next backfill tries it again).
+    /// Whether some table waits for a fix (the next backfill tries it again; tables whose
+    /// data was refused are not asked for again).
     pub(super) fn has_unreadable(&self) -> bool {
-        !self
-            .inner
+        self.inner
             .unreadable
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+            .values()
+            .any(|e| e.class() == ErrorClass::FixConfiguration)
     }
 
     /// Asks for `now`'s table to be read again when it gained columns that hold values no

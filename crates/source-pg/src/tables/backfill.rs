@@ -141,6 +141,9 @@ pub(crate) struct Backfill<'a> {
     /// The role sluice reads as (named in the `GRANT` when a table may not be read).
     pub role: &'a str,
     /// Tables that could not be read, with why; a table leaves it once it has been read.
+    /// One whose error needs a fix (a grant) is tried again by the next backfill; one whose
+    /// data the server refused (`GiveUp`) stops there and is not read again until the source
+    /// restarts, so the same refusal is never asked for in a loop.
     pub unreadable: &'a std::sync::Mutex<BTreeMap<String, Error>>,
 }
 
@@ -163,9 +166,10 @@ impl Backfill<'_> {
             None => BackfillState::default(),
         };
         let rereads = self.rereads.load(self.stream).await?;
+        let stopped = self.stopped();
         let todo: Vec<(&Table, u64)> = tables
             .iter()
-            .filter(|t| !t.key.is_empty())
+            .filter(|t| !t.key.is_empty() && !stopped.contains(&t.collection()))
             .filter_map(|t| {
                 let collection = t.collection();
                 match rereads.get(&collection) {
@@ -209,6 +213,25 @@ impl Backfill<'_> {
                         // changes keep streaming. The next backfill tries it again.
                         tracing::warn!(collection, error = %e, "backfill: cannot read this table");
                         self.set_unreadable(&collection, Some(e));
+                        break;
+                    }
+                    Err(e) if e.class() == sluice_core::ErrorClass::GiveUp => {
+                        // The server refuses this data: asking again gets the same answer.
+                        // The table stops here, named with the rows it could not read; the
+                        // rows before them are in the stream and its changes keep streaming.
+                        let rows = match &after {
+                            None => "its first rows".to_owned(),
+                            Some(key) => format!(
+                                "the rows after key {}",
+                                upstream_id(&key.iter().map(String::as_str).collect::<Vec<_>>())
+                            ),
+                        };
+                        let stopped = Error::invalid(format!(
+                            "backfill of {collection} stopped at {rows} (a page of up to {} rows): {e}",
+                            self.page
+                        ));
+                        tracing::error!(collection, error = %stopped, "backfill: this table stops; the others continue");
+                        self.set_unreadable(&collection, Some(stopped));
                         break;
                     }
                     Err(e) => return Err(e),
@@ -412,6 +435,17 @@ impl Backfill<'_> {
             .await?;
         let raced = watermarks.raced(&Snapshot::parse(&snapshot)?, &table.collection());
         Ok((mark, page, raced))
+    }
+
+    /// Tables whose data the server refused: not read again while the source runs.
+    fn stopped(&self) -> BTreeSet<String> {
+        self.unreadable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, e)| e.class() == sluice_core::ErrorClass::GiveUp)
+            .map(|(c, _)| c.clone())
+            .collect()
     }
 
     pub fn set_unreadable(&self, collection: &str, error: Option<Error>) {
