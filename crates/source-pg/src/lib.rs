@@ -8,6 +8,25 @@
 //! (TLS, SCRAM, CopyBoth) is in the private `wire` module.
 //!
 //! It must not write to targets: it appends to the stream and nothing else.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use sluice_core::{Source, SyncId};
+//! use sluice_pg::ConnectionSettings;
+//! use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
+//!
+//! let settings = ConnectionSettings::from_url("postgres://sluice_repl@db.internal/app?sslmode=verify-full")?;
+//! let spec = SourceSpec { publication: "sluice_publication".into(), slot: "sluice_slot".into() };
+//! println!("{}", sluice_source_pg::check(&settings, &spec).await.render()); // each gap, with its fix
+//! let stream = Arc::new(sluice_stream::EmbeddedStream::open("/var/lib/sluice").await?);
+//! let source = PostgresSource::new("app", SyncId::new_random(), settings, spec, stream, SourceOptions::default());
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! tokio::spawn(async move { source.run(Box::pin(async move { let _ = stopped.await; })).await });
+//! // … later: backfill done, changes streaming; stop appends what it holds first.
+//! let _ = stop.send(());
+//! # Ok(()) }
+//! ```
 
 mod pgoutput;
 mod prerequisites;

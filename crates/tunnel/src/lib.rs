@@ -10,6 +10,19 @@
 //!
 //! It must not know about PostgreSQL beyond a host and port to forward to: callers get a
 //! local address and connect through it as if it were the database.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), sluice_tunnel::TunnelError> {
+//! use sluice_tunnel::{BastionConfig, BastionTunnel};
+//!
+//! let mut bastion = BastionConfig::new("bastion.example.com", 22, "sluice", "/etc/sluice/tunnel_key");
+//! bastion.host_key_fingerprint = Some("SHA256:…".into()); // as `sluice tunnel check` shows it
+//! bastion.forward_host = "db.internal".into(); // the database, as the bastion sees it
+//! bastion.forward_port = 5432;
+//! let tunnel = BastionTunnel::open(bastion).await?;
+//! let local = tunnel.local_addr(); // connect here as if it were db.internal:5432
+//! # let _ = local; Ok(()) }
+//! ```
 
 mod bastion;
 pub mod keys;
