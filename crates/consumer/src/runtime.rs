@@ -294,7 +294,7 @@ impl ConsumerRuntime {
                 }
                 Err(e) => {
                     shared.failed(&e);
-                    if self.pause_for_retry(&mut shutdown).await {
+                    if self.pause_for_retry(&mut shutdown, e.class()).await {
                         return;
                     }
                 }
@@ -329,7 +329,7 @@ impl ConsumerRuntime {
                     Err(e) => {
                         shared.restart.store(true, Ordering::Release);
                         shared.failed(&e);
-                        if self.pause_for_retry(&mut shutdown).await {
+                        if self.pause_for_retry(&mut shutdown, e.class()).await {
                             return;
                         }
                         continue;
@@ -343,7 +343,7 @@ impl ConsumerRuntime {
                 }
                 Err(e) => {
                     shared.failed(&e);
-                    if self.pause_for_retry(&mut shutdown).await {
+                    if self.pause_for_retry(&mut shutdown, e.class()).await {
                         return;
                     }
                 }
@@ -541,9 +541,14 @@ impl ConsumerRuntime {
         }
     }
 
-    /// Waits out the next backoff delay; true when shutting down.
-    async fn pause_for_retry(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
-        let delay = self.backoff.next_delay();
+    /// Waits out the next backoff delay for an error of `class` (slower when it needs a fix);
+    /// true when shutting down.
+    async fn pause_for_retry(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        class: ErrorClass,
+    ) -> bool {
+        let delay = self.backoff.next_delay_after(class);
         tokio::select! {
             _ = tokio::time::sleep(delay) => *shutdown.borrow(),
             _ = shutdown.changed() => true,

@@ -58,7 +58,7 @@ pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };
 pub use report::{CheckReport, Finding};
-pub use retry::Backoff;
+pub use retry::{Backoff, FIX_CONFIGURATION_FLOOR};
 pub use source::{CollectionInfo, Refused, Source, SourceProgress, Stop};
 pub use stream::{
     AppendOutcome, CollectionSchema, ColumnSchema, Lag, PayloadText, RecordFilter, RecordStream,

@@ -2,6 +2,13 @@
 
 use std::time::Duration;
 
+use crate::ErrorClass;
+
+/// The least a retry waits after an error that asks a person to fix something
+/// ([`ErrorClass::FixConfiguration`]): retrying faster cannot help, and only fills the logs
+/// (and the server's).
+pub const FIX_CONFIGURATION_FLOOR: Duration = Duration::from_secs(5);
+
 /// Delays between retries: `base · 2^attempt`, capped at `max`, with "full jitter"
 /// (a uniformly random delay between half the step and the step) so that many consumers
 /// retrying the same target do not reconnect in lockstep.
@@ -51,6 +58,18 @@ impl Backoff {
         half + Duration::from_nanos(jitter)
     }
 
+    /// The delay before retrying after an error of `class`: [`next_delay`](Backoff::next_delay),
+    /// but never under [`FIX_CONFIGURATION_FLOOR`] (or the cap, if lower) when the error needs
+    /// a fix. `GiveUp` errors are not retried by callers; if asked, the cap.
+    pub fn next_delay_after(&mut self, class: ErrorClass) -> Duration {
+        let delay = self.next_delay();
+        match class {
+            ErrorClass::Retry => delay,
+            ErrorClass::FixConfiguration => delay.max(FIX_CONFIGURATION_FLOOR.min(self.max)),
+            ErrorClass::GiveUp => self.max,
+        }
+    }
+
     /// Forget past failures (call after a success).
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -82,5 +101,16 @@ mod tests {
         assert_eq!(backoff.attempts(), 30);
         backoff.reset();
         assert!(backoff.next_delay() <= base);
+    }
+
+    #[test]
+    fn an_error_that_needs_a_fix_backs_off_slowly_and_a_retry_does_not() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        assert!(backoff.next_delay_after(ErrorClass::Retry) <= Duration::from_millis(100));
+        backoff.reset();
+        assert!(backoff.next_delay_after(ErrorClass::FixConfiguration) >= FIX_CONFIGURATION_FLOOR);
+        // A cap below the floor wins (tests and tight loops choose it on purpose).
+        let mut tight = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
+        assert!(tight.next_delay_after(ErrorClass::FixConfiguration) <= Duration::from_millis(20));
     }
 }

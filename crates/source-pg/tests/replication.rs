@@ -990,6 +990,9 @@ struct Watched {
     check: RecordCheck,
     bad: std::sync::Mutex<Vec<String>>,
     forget: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Appends holding a record of this collection are refused for good (`GiveUp`).
+    refuse: std::sync::Mutex<Option<String>>,
+    refused: std::sync::atomic::AtomicUsize,
 }
 
 impl Watched {
@@ -1002,7 +1005,18 @@ impl Watched {
             check: Box::new(check),
             bad: Default::default(),
             forget: Default::default(),
+            refuse: Default::default(),
+            refused: Default::default(),
         })
+    }
+
+    /// Refuses, for good, every append holding a record of `collection`.
+    fn refuse(&self, collection: &str) {
+        *self.refuse.lock().unwrap() = Some(collection.to_owned());
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn bad(&self) -> Vec<String> {
@@ -1021,6 +1035,16 @@ impl RecordStream for Watched {
             if let Some(problem) = (self.check)(r) {
                 self.bad.lock().unwrap().push(problem);
             }
+        }
+        let refuse = self.refuse.lock().unwrap().clone();
+        if let Some(collection) = refuse
+            && records.iter().any(|r| r.key.collection_id.0 == collection)
+        {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(sluice_core::Error::invalid(format!(
+                "the stream refuses records of {collection}"
+            )));
         }
         self.inner.append_with_state(records, state).await
     }
@@ -1453,4 +1477,62 @@ async fn a_table_whose_rows_the_server_refuses_stops_alone_and_is_not_read_again
         "{report:?}"
     );
     running.stop().await;
+}
+
+/// A change the stream refuses for good (`GiveUp`) stops the source instead of being offered
+/// again in a loop: health says `stopped` with the reason and what to do, and the slot is not
+/// confirmed past it, so a restart after the fix still has it.
+#[tokio::test]
+async fn a_change_refused_for_good_stops_the_source_without_a_loop() {
+    let s = setup(
+        "giveup",
+        "create table public.poison (id int primary key, v text);
+         create table public.fine (id int primary key);",
+    )
+    .await;
+    let watched = Watched::new(s.stream.clone(), |_| None);
+    let running = start_with(
+        s.settings.clone(),
+        s.spec.clone(),
+        watched.clone(),
+        options(),
+    );
+    check_becomes_healthy(&running.source, "replication").await;
+    watched.refuse("public.poison");
+    PG.execute(&s.db, "insert into public.poison values (1, 'x')")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !running.source.health().await.checks.iter().any(|c| {
+        c.name == "replication"
+            && c.status == Status::Error
+            && c.message.contains("stopped")
+            && c.message.contains("refuses records of public.poison")
+            && c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("restart sluice"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            running.source.health().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attempts = watched.refused();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        watched.refused(),
+        attempts,
+        "the refused change was offered again"
+    );
+    assert_eq!(attempts, 1);
+    // Stopping still works, and the slot was not confirmed past the refused change.
+    running.stop().await;
+    let restarted = start(&s, options());
+    wait_until("the change arrives after a restart", 30, async || {
+        get(&s.stream, "public.poison", "1").await.is_some()
+    })
+    .await;
+    restarted.stop().await;
 }

@@ -35,6 +35,15 @@ impl Health for PostgresSource {
                     now,
                 );
             }
+            (Some((message, _, ErrorClass::GiveUp)), false) => {
+                health.observe(
+                    "replication",
+                    Status::Error,
+                    format!("stopped: {message}"),
+                    Some("the source stopped because this data would be refused again; correct it upstream, then restart sluice (the slot keeps every change after the last confirmed one)".to_owned()),
+                    now,
+                );
+            }
             (Some((message, fix, class)), false) => {
                 let status = if *class == ErrorClass::FixConfiguration {
                     Status::Error

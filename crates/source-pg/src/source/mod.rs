@@ -178,12 +178,21 @@ impl PostgresSource {
                 Ok(()) => return,
                 Err(e) => {
                     let e = self.first_cause(e).await;
+                    let class = e.class();
+                    if class == ErrorClass::GiveUp {
+                        // The same data would be refused again: stop, loudly, and keep the
+                        // slot where it is (nothing after the last confirmed change is lost).
+                        tracing::error!(sync = %self.inner.name, error = %e, "source stopped: not retried until sluice restarts");
+                        self.status(|s| s.last_error = Some(e));
+                        let _ = shutdown.wait_for(|stop| *stop).await;
+                        return;
+                    }
                     tracing::warn!(sync = %self.inner.name, error = %e, "source session ended; reconnecting");
                     self.status(|s| s.last_error = Some(e));
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff.reset();
                     }
-                    let delay = backoff.next_delay();
+                    let delay = backoff.next_delay_after(class);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => {}
