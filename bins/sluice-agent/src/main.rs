@@ -125,6 +125,8 @@ fn run(
             "agent {:?} carrying connections to {}:{}",
             config.name, config.db_host, config.db_port
         );
-        run_agent(config, stopped).await.map_err(|e| e.to_string())
+        run_agent(config, stopped)
+            .await
+            .map_err(|e| format!("{e}\n  fix: {}", e.fix()))
     })
 }

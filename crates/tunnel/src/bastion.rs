@@ -136,8 +136,10 @@ impl BastionTunnel {
                     | TunnelError::Local(_)
                     | TunnelError::BastionUnreachable { .. }
                     | TunnelError::Ssh(_) => 0,
-                    TunnelError::HostKeyNotPinned { .. } | TunnelError::HostKeyChanged { .. } => 1,
-                    TunnelError::AuthRejected { .. } => 2,
+                    TunnelError::HostKeyNotPinned { .. }
+                    | TunnelError::HostKeyChanged { .. }
+                    | TunnelError::AgentServerKeyChanged { .. } => 1,
+                    TunnelError::AuthRejected { .. } | TunnelError::AgentRefused { .. } => 2,
                     TunnelError::ForwardRefused { .. } | TunnelError::ChannelTimeout { .. } => 3,
                     TunnelError::DatabaseUnreachable { .. } => 4,
                 };

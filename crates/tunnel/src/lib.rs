@@ -86,6 +86,32 @@ pub enum TunnelError {
         /// The key's fingerprint.
         key_fingerprint: String,
     },
+    /// sluice's agent endpoint refused this agent's key (an agent's error, not a bastion's).
+    #[error(
+        "sluice at {server} refused agent {name:?} with the key {key_fingerprint}: the agent is not \
+         registered under that name with that key in the server's sluice.toml"
+    )]
+    AgentRefused {
+        /// `host:port` of sluice's agent endpoint.
+        server: String,
+        /// The agent's name.
+        name: String,
+        /// The key's fingerprint.
+        key_fingerprint: String,
+    },
+    /// sluice's agent endpoint presented a host key other than the pinned one.
+    #[error(
+        "sluice at {server} presented the host key {got}, but the agent pins {expected}. If the server's \
+         key was regenerated, pin the new one; otherwise something is intercepting the connection"
+    )]
+    AgentServerKeyChanged {
+        /// `host:port` of sluice's agent endpoint.
+        server: String,
+        /// The pinned fingerprint.
+        expected: String,
+        /// What it presented.
+        got: String,
+    },
     /// `permitopen` (or the server's policy) forbids this forward.
     #[error(
         "the bastion refused to forward to {target}: the key's permitopen (or AllowTcpForwarding) does not \
@@ -149,6 +175,16 @@ impl TunnelError {
             ),
             TunnelError::AuthRejected { user, .. } => format!(
                 "install the key's public line in ~{user}/.ssh/authorized_keys on the bastion (`sluice tunnel keygen` prints it)"
+            ),
+            TunnelError::AgentRefused {
+                name,
+                key_fingerprint,
+                ..
+            } => format!(
+                "on the server, add to sluice.toml:  [[agents.agent]]  name = \"{name}\"  public_key = \"<the line of the agent's .pub file, {key_fingerprint}>\"  (`sluice-agent keygen` printed it), then reload sluice"
+            ),
+            TunnelError::AgentServerKeyChanged { got, .. } => format!(
+                "compare with the fingerprint `sluice serve` logs at start (\"agent endpoint listening\"); only if it is {got}, restart the agent with --server-fingerprint {got}"
             ),
             TunnelError::ForwardRefused { target } => {
                 format!("make the key's authorized_keys line say permitopen=\"{target}\"")

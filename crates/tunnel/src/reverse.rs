@@ -34,9 +34,14 @@ pub struct ReverseServer {
 
 struct AgentSlot {
     key_fingerprint: String,
-    handle: Option<server::Handle>,
+    /// The session that announced itself last, and its id: only that session may clear it,
+    /// so a stale session timing out never unregisters its replacement.
+    handle: Option<(u64, server::Handle)>,
     local: SocketAddr,
 }
+
+/// Ids for agent sessions, unique within the process.
+static SESSION_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Drop for ReverseServer {
     fn drop(&mut self) {
@@ -98,6 +103,7 @@ impl ReverseServer {
                 let handler = AgentSession {
                     agents: agents.clone(),
                     name: None,
+                    id: SESSION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 };
                 let config = config.clone();
                 tokio::spawn(async move {
@@ -155,7 +161,7 @@ async fn serve_agent_listener(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&name)
-            .and_then(|a| a.handle.clone());
+            .and_then(|a| a.handle.as_ref().map(|(_, h)| h.clone()));
         let Some(handle) = handle else {
             tracing::warn!(agent = %name, "no connection from this agent; refusing a database connection");
             continue; // dropping the socket refuses the connection
@@ -182,6 +188,7 @@ async fn serve_agent_listener(
 struct AgentSession {
     agents: Arc<Mutex<HashMap<String, AgentSlot>>>,
     name: Option<String>,
+    id: u64,
 }
 
 impl server::Handler for AgentSession {
@@ -222,7 +229,10 @@ impl server::Handler for AgentSession {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(name)
         {
-            slot.handle = Some(session.handle());
+            if slot.handle.is_some() {
+                tracing::info!(agent = %name, "agent reconnected: its new session replaces the old one");
+            }
+            slot.handle = Some((self.id, session.handle()));
         }
         Ok(true)
     }
@@ -236,6 +246,7 @@ impl Drop for AgentSession {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get_mut(name)
+            && slot.handle.as_ref().is_some_and(|(id, _)| *id == self.id)
         {
             slot.handle = None;
         }
@@ -356,7 +367,27 @@ async fn connect_agent(config: &AgentConfig) -> Result<client::Handle<AgentClien
         pin: pin.clone(),
         db: (config.db_host.clone(), config.db_port),
     };
-    let session = session::open(&login, &pin, handler).await?;
+    let server = format!("{}:{}", config.server_host, config.server_port);
+    let session = session::open(&login, &pin, handler)
+        .await
+        .map_err(|e| match e {
+            // The session code speaks of bastions; here the other end is sluice itself.
+            TunnelError::AuthRejected {
+                key_fingerprint, ..
+            } => TunnelError::AgentRefused {
+                server: server.clone(),
+                name: config.name.clone(),
+                key_fingerprint,
+            },
+            TunnelError::HostKeyChanged { expected, got, .. } => {
+                TunnelError::AgentServerKeyChanged {
+                    server: server.clone(),
+                    expected,
+                    got,
+                }
+            }
+            other => other,
+        })?;
     session
         .tcpip_forward("sluice-agent", 0)
         .await

@@ -1,7 +1,11 @@
 //! The reverse tunnel, in process: a russh server (as inside `sluice serve`) and an agent next
 //! to a database the server has no address for.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::private::Ed25519Keypair;
@@ -126,9 +130,24 @@ async fn only_registered_agents_are_accepted() {
     let key = generate(&stranger.key_file).unwrap();
     let (_stop, stopped) = watch::channel(false);
     match run_agent(stranger, stopped).await {
-        Err(TunnelError::AuthRejected {
-            key_fingerprint, ..
-        }) => assert_eq!(key_fingerprint, key.fingerprint),
+        Err(e @ TunnelError::AgentRefused { .. }) => {
+            // It speaks of the agent and the server's config, never of a bastion.
+            let (message, fix) = (e.to_string(), e.fix());
+            assert!(
+                message.contains(&key.fingerprint) && message.contains("\"laptop\""),
+                "{message}"
+            );
+            assert!(
+                fix.contains("[[agents.agent]]") && fix.contains("name = \"laptop\""),
+                "{fix}"
+            );
+            for text in [&message, &fix] {
+                assert!(
+                    !text.contains("authorized_keys") && !text.contains("bastion"),
+                    "{text}"
+                );
+            }
+        }
         other => panic!("{other:?}"),
     }
     let mut unknown_name = s.agent.clone();
@@ -136,7 +155,7 @@ async fn only_registered_agents_are_accepted() {
     let (_stop, stopped) = watch::channel(false);
     assert!(matches!(
         run_agent(unknown_name, stopped).await,
-        Err(TunnelError::AuthRejected { .. })
+        Err(TunnelError::AgentRefused { .. })
     ));
     assert!(!s.server.is_connected("laptop"));
 }
@@ -147,10 +166,16 @@ async fn an_agent_refuses_a_server_whose_host_key_is_not_the_pinned_one() {
     let mut wrong = s.agent.clone();
     wrong.server_fingerprint = Some("SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into());
     let (_stop, stopped) = watch::channel(false);
-    assert!(matches!(
-        run_agent(wrong, stopped).await,
-        Err(TunnelError::HostKeyChanged { .. })
-    ));
+    match run_agent(wrong, stopped).await {
+        Err(e @ TunnelError::AgentServerKeyChanged { .. }) => {
+            assert!(
+                e.to_string().contains(s.server.host_key_fingerprint()),
+                "{e}"
+            );
+            assert!(!e.to_string().contains("bastion"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -174,4 +199,89 @@ async fn a_connection_without_its_agent_is_refused_and_works_once_it_connects() 
     assert_eq!(one, 1);
     stop.send_replace(true);
     agent.await.unwrap().unwrap();
+}
+
+/// A TCP relay between an agent and the server that can freeze (keep both sockets open but pass
+/// nothing), like a laptop going to sleep or a network that silently drops packets.
+async fn freezable_relay(server: std::net::SocketAddr) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                let pump = |flag: Arc<AtomicBool>| {
+                    async move |r: &mut tokio::net::tcp::OwnedReadHalf,
+                                w: &mut tokio::net::tcp::OwnedWriteHalf| {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let up = pump(flag.clone());
+                let down = pump(flag);
+                tokio::join!(up(&mut cr, &mut uw), down(&mut ur, &mut cw));
+            });
+        }
+    });
+    (port, frozen)
+}
+
+/// An agent whose session froze is replaced by a fresh one; when the server finally times the
+/// frozen session out, the replacement stays registered and the database stays reachable.
+#[tokio::test]
+async fn a_stale_agent_session_timing_out_never_unregisters_its_replacement() {
+    let s = setup().await;
+    let (port, frozen) = freezable_relay(s.server.addr()).await;
+    let mut old = s.agent.clone();
+    old.server_port = port;
+    let (_stop_old, stopped_old) = watch::channel(false);
+    tokio::spawn(run_agent(old, stopped_old));
+    wait_connected(&s.server, "laptop").await;
+    frozen.store(true, Ordering::SeqCst);
+    // A fresh agent (the same one restarted, or woken on another network) connects directly.
+    let (stop, stopped) = watch::channel(false);
+    let fresh = tokio::spawn(run_agent(s.agent.clone(), stopped));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let local = s.server.local_addr_for("laptop").unwrap();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable&connect_timeout=5",
+        local.port()
+    );
+    let settings = ConnectionSettings::from_url(&url).unwrap();
+    // The server's keepalive (5 s × 3) ends the frozen session after about 15 s.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < deadline {
+        assert!(
+            s.server.is_connected("laptop"),
+            "the replacement was unregistered"
+        );
+        let mut conn = settings
+            .connect()
+            .await
+            .expect("the database through the fresh agent");
+        let one: i32 = sqlx::query_scalar("select 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.send_replace(true);
+    fresh.await.unwrap().unwrap();
 }
