@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use sluice_core::{Consumer, Health, RecordStream, Refused, Status};
+use sluice_core::{Consumer, EntityKind, Health, RecordStream, Refused, Status};
 
 use crate::server::{self, Server};
 
@@ -98,59 +98,67 @@ async fn status(State(app): State<App>) -> Response {
 
 async fn targets(State(app): State<App>) -> Response {
     let entities = app.server.entities.read().await;
-    let mut out = Vec::new();
-    for (name, entry) in &entities.targets {
-        out.push(target_json(&entities, name, entry).await);
-    }
+    let out: Vec<Value> = entities
+        .targets
+        .iter()
+        .map(|(name, entry)| target_json(&app.server, name, entry))
+        .collect();
     axum::Json(json!({ "targets": out })).into_response()
 }
 
 async fn target(State(app): State<App>, Path(name): Path<String>) -> Response {
     let entities = app.server.entities.read().await;
     match entities.targets.get(&name) {
-        Some(entry) => axum::Json(target_json(&entities, &name, entry).await).into_response(),
+        Some(entry) => axum::Json(target_json(&app.server, &name, entry)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no target named {name:?}")),
     }
 }
 
-async fn target_json(
-    entities: &server::Entities,
-    name: &str,
-    entry: &server::TargetEntry,
-) -> Value {
+fn target_json(server: &Server, name: &str, entry: &server::TargetEntry) -> Value {
     let c = &entry.config.connection;
     json!({
         "name": name,
         "host": c.host, "port": c.port, "database": c.database, "user": c.user,
         "ssl_mode": c.ssl.mode,
         "read_role": entry.config.read_role,
-        "health": server::target_health(entities, name).await,
+        "health": server.cached_health(EntityKind::Target, name),
     })
 }
 
 async fn syncs(State(app): State<App>) -> Response {
     let entities = app.server.entities.read().await;
-    let mut out = Vec::new();
-    for (name, entry) in &entities.syncs {
-        out.push(sync_json(name, entry).await);
-    }
+    let mut out: Vec<Value> = entities
+        .syncs
+        .iter()
+        .map(|(name, entry)| sync_json(&app.server, name, entry))
+        .collect();
+    out.extend(
+        entities
+            .failed_syncs
+            .iter()
+            .map(|(name, f)| not_running(name, &f.report)),
+    );
     axum::Json(json!({ "syncs": out })).into_response()
 }
 
 async fn sync(State(app): State<App>, Path(name): Path<String>) -> Response {
     let entities = app.server.entities.read().await;
-    match entities.syncs.get(&name) {
-        Some(entry) => axum::Json(sync_json(&name, entry).await).into_response(),
+    if let Some(entry) = entities.syncs.get(&name) {
+        return axum::Json(sync_json(&app.server, &name, entry)).into_response();
+    }
+    match entities.failed_syncs.get(&name) {
+        Some(failed) => axum::Json(not_running(&name, &failed.report)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no sync named {name:?}")),
     }
 }
 
-async fn sync_json(name: &str, entry: &server::SyncEntry) -> Value {
+fn sync_json(server: &Server, name: &str, entry: &server::SyncEntry) -> Value {
     let mut value = json!({
         "name": name,
         "id": entry.config.id,
         "provider": entry.config.source.provider().as_str(),
-        "health": entry.source.health().await,
+        "running": true,
+        "health": server.cached_health(EntityKind::Sync, name),
     });
     for (key, detail) in entry.source.progress().details {
         value[key] = detail;
@@ -158,9 +166,24 @@ async fn sync_json(name: &str, entry: &server::SyncEntry) -> Value {
     value
 }
 
+/// A configured sync or consumer that could not start (it is tried again by itself).
+fn not_running(name: &str, report: &sluice_core::HealthReport) -> Value {
+    json!({ "name": name, "running": false, "health": report })
+}
+
 async fn push(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> Response {
     let entities = app.server.entities.read().await;
     let Some(entry) = entities.syncs.get(&name) else {
+        if let Some(failed) = entities.failed_syncs.get(&name) {
+            let why = failed.report.checks.first().map(|c| c.message.clone());
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "sync {name:?} is not running, nothing was written: {}",
+                    why.unwrap_or_default()
+                ),
+            );
+        }
         return error(StatusCode::NOT_FOUND, format!("no sync named {name:?}"));
     };
     match entry.source.receive(&body).await {
@@ -180,13 +203,22 @@ async fn consumers(State(app): State<App>) -> Response {
     for entry in entities.consumers.values() {
         out.push(consumer_json(&app, entry).await);
     }
+    out.extend(
+        entities
+            .failed_consumers
+            .iter()
+            .map(|(name, f)| not_running(name, &f.report)),
+    );
     axum::Json(json!({ "consumers": out })).into_response()
 }
 
 async fn consumer(State(app): State<App>, Path(name): Path<String>) -> Response {
     let entities = app.server.entities.read().await;
-    match entities.consumers.get(&name) {
-        Some(entry) => axum::Json(consumer_json(&app, entry).await).into_response(),
+    if let Some(entry) = entities.consumers.get(&name) {
+        return axum::Json(consumer_json(&app, entry).await).into_response();
+    }
+    match entities.failed_consumers.get(&name) {
+        Some(failed) => axum::Json(not_running(&name, &failed.report)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no consumer named {name:?}")),
     }
 }
@@ -204,7 +236,7 @@ async fn consumer_json(app: &App, entry: &server::ConsumerEntry) -> Value {
         "lag": { "records": lag_records, "seconds": lag_seconds },
         "last_write": entry.handle.last_write().map(rfc3339),
         "last_error": entry.handle.last_error(),
-        "health": entry.handle.health().await,
+        "health": app.server.cached_health(EntityKind::Consumer, &entry.config.name.0),
     })
 }
 
@@ -237,7 +269,12 @@ async fn control(
         _ => entry.handle.restart_backfill().await,
     };
     match result {
-        Ok(()) => axum::Json(consumer_json(&app, entry).await).into_response(),
+        Ok(()) => {
+            // The consumer's own checks are local: its report is brought up to date at once.
+            app.server.store_health(entry.handle.health().await);
+            app.server.health_changed();
+            axum::Json(consumer_json(&app, entry).await).into_response()
+        }
         Err(e) => error(StatusCode::CONFLICT, e.to_string()),
     }
 }

@@ -69,13 +69,19 @@ pub async fn settings_for(
         None => Ok((settings, Vec::new())),
         Some(TunnelConfig::Bastion { .. }) => {
             let bastion = bastion_config(connection).expect("a bastion tunnel");
+            // A bastion that is down is retried; a wrong pin or a refused key needs its fix.
             let tunnel = sluice_tunnel::BastionTunnel::open(bastion)
                 .await
-                .map_err(|e| {
-                    Error::configuration(
-                        format!("tunnel to {}: {e}", connection.host),
-                        "run `sluice tunnel check` for each hop's status",
-                    )
+                .map_err(|e| match Error::from(e) {
+                    Error::Configuration { problem, fix } => Error::configuration(
+                        format!("tunnel to {}: {problem}", connection.host),
+                        fix,
+                    ),
+                    Error::Unavailable { what, source } => Error::Unavailable {
+                        what: format!("tunnel to {}: {what}", connection.host),
+                        source,
+                    },
+                    other => other,
                 })?;
             let local = tunnel.local_addr();
             settings.host = local.ip().to_string();

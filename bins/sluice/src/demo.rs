@@ -145,13 +145,13 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
             return Err(Error::invalid(format!(
                 "the backfill did not finish in 5 minutes ({n} of {} rows); health:\n{}",
                 args.rows,
-                crate::status::table(&server.health().await)
+                crate::status::table(&server.health_now().await)
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     progress.finish();
-    println!("{}", crate::status::table(&server.health().await));
+    println!("{}", crate::status::table(&server.health_now().await));
 
     step("Live changes on the source: an update, an insert and a delete");
     source
@@ -225,7 +225,7 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         }
     }
     step("Stopping: batches finish, checkpoints are written, the throwaway databases are removed");
-    println!("{}", crate::status::table(&server.health().await));
+    println!("{}", crate::status::table(&server.health_now().await));
     server.shutdown().await;
     stop_api.send_replace(true);
     let _ = api.await;

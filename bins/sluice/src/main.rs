@@ -6,8 +6,10 @@
 mod api;
 mod connect;
 mod demo;
+mod health;
 mod plan;
 mod progress;
+mod reconcile;
 mod server;
 mod setup;
 mod status;

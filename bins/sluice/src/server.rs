@@ -8,33 +8,32 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_consumer::{ConsumerHandle, ConsumerRuntime};
-use sluice_core::sql::quote_ident;
+use sluice_consumer::ConsumerHandle;
 use sluice_core::{
-    Config, ConsumerConfig, EntityKind, EntityRef, Error, Health, HealthReport, LayoutConfig,
-    RecordFilter, RecordStream, Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
+    Config, ConsumerConfig, EntityKind, EntityRef, Error, HealthReport, RecordFilter, RecordStream,
+    Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
 };
 use sluice_source_http::HttpSource;
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
 use sluice_stream::EmbeddedStream;
-use sluice_target_pg::{
-    ConnectionSettings, ConsumerTable, ConsumerTableTarget, JsonCollection, SchemaMirrorTarget,
-};
+use sluice_target_pg::ConnectionSettings;
 
-use crate::connect::{failing_settings, settings_for, start_agents};
+use crate::connect::{failing_settings, start_agents};
+use crate::health::HealthCache;
+use crate::reconcile::Failed;
 use time::OffsetDateTime;
 use tokio::sync::{RwLock, watch};
 
 /// A running task and the switch that stops it.
-struct Task {
-    stop: watch::Sender<bool>,
-    join: tokio::task::JoinHandle<()>,
+pub(crate) struct Task {
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) join: tokio::task::JoinHandle<()>,
     /// Tunnels the task's connections go through; closed when the task ends.
-    _tunnels: Vec<sluice_tunnel::BastionTunnel>,
+    pub(crate) _tunnels: Vec<sluice_tunnel::BastionTunnel>,
 }
 
 impl Task {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.send_replace(true);
         let _ = self.join.await;
     }
@@ -43,7 +42,7 @@ impl Task {
 pub struct SyncEntry {
     pub config: SyncConfig,
     pub source: Arc<dyn Source>,
-    task: Option<Task>,
+    pub(crate) task: Option<Task>,
 }
 
 /// The source a sync's config names. `settings`: where its database is (through its tunnel),
@@ -84,8 +83,8 @@ pub struct ConsumerEntry {
     pub handle: ConsumerHandle,
     pub target: Arc<dyn Target>,
     /// The consumer's definition including its target's, to notice changes.
-    fingerprint: String,
-    task: Option<Task>,
+    pub(crate) fingerprint: String,
+    pub(crate) task: Option<Task>,
 }
 
 pub struct TargetEntry {
@@ -98,12 +97,19 @@ pub struct Entities {
     pub syncs: BTreeMap<String, SyncEntry>,
     pub consumers: BTreeMap<String, ConsumerEntry>,
     pub targets: BTreeMap<String, TargetEntry>,
-    /// Consumers in the config that could not start, with why (tried again at each reload).
-    pub failed_consumers: BTreeMap<String, HealthReport>,
+    /// Syncs in the config that could not start, with why; tried again until they run.
+    pub failed_syncs: BTreeMap<String, Failed>,
+    /// Consumers in the config that could not start, with why; tried again until they run.
+    pub failed_consumers: BTreeMap<String, Failed>,
 }
 
 /// A report for an entity that is configured but not running, with the reason and its fix.
-fn failed_report(kind: EntityKind, name: &str, check: &str, error: &Error) -> HealthReport {
+pub(crate) fn failed_report(
+    kind: EntityKind,
+    name: &str,
+    check: &str,
+    error: &Error,
+) -> HealthReport {
     let mut state = sluice_core::HealthState::new(EntityRef {
         kind,
         name: name.to_owned(),
@@ -127,6 +133,12 @@ pub struct Server {
     pub reverse: Option<sluice_tunnel::ReverseServer>,
     /// The last reload of the config file that was refused, until one is applied.
     pub rejected_reload: Mutex<Option<HealthReport>>,
+    /// The config last reconciled (failed starts are retried against it).
+    pub(crate) applied: Mutex<Option<Config>>,
+    /// Reconciles run one at a time.
+    pub(crate) reconciling: tokio::sync::Mutex<()>,
+    /// Every entity's latest health (see `health`).
+    pub(crate) health: Arc<HealthCache>,
 }
 
 impl Server {
@@ -136,224 +148,25 @@ impl Server {
             None => None,
             Some(agents) => Some(start_agents(agents).await?),
         };
-        Ok(Arc::new(Self {
+        let health = Arc::new(HealthCache::default());
+        let server = Arc::new(Self {
             stream,
             entities: RwLock::new(Entities::default()),
             started_at: OffsetDateTime::now_utc(),
             reverse,
             rejected_reload: Mutex::new(None),
-        }))
-    }
-
-    /// Brings the running syncs and consumers in line with `config`: stops what was removed
-    /// or changed, starts what is new or changed, leaves the rest running. Problems with one
-    /// entity are logged and reported in its health; they do not stop the others.
-    pub async fn reconcile(&self, config: &Config) {
-        let mut entities = self.entities.write().await;
-        entities.targets = config
-            .targets
-            .iter()
-            .map(|t| (t.name.clone(), TargetEntry { config: t.clone() }))
-            .collect();
-
-        // Syncs.
-        let wanted: BTreeMap<&str, &SyncConfig> =
-            config.syncs.iter().map(|s| (s.name.as_str(), s)).collect();
-        let stale: Vec<String> = entities
-            .syncs
-            .iter()
-            .filter(|(name, e)| wanted.get(name.as_str()).is_none_or(|c| **c != e.config))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(entry) = entities.syncs.remove(&name) {
-                tracing::info!(sync = %name, "stopping sync");
-                if let Some(task) = entry.task {
-                    task.stop().await;
-                }
-            }
-        }
-        for (name, sync) in wanted {
-            if entities.syncs.contains_key(name) {
-                continue;
-            }
-            tracing::info!(sync = %name, provider = %sync.source.provider().as_str(), "starting sync");
-            let entry = self.start_sync(sync).await;
-            entities.syncs.insert(name.to_owned(), entry);
-        }
-
-        // Consumers (a consumer restarts when its own config or its target's changes).
-        let mut wanted = BTreeMap::new();
-        for consumer in &config.consumers {
-            let target = config.targets.iter().find(|t| t.name == consumer.target);
-            let fingerprint = format!("{consumer:?}{target:?}");
-            wanted.insert(consumer.name.0.clone(), (consumer, target, fingerprint));
-        }
-        let stale: Vec<String> = entities
-            .consumers
-            .iter()
-            .filter(|(name, e)| wanted.get(*name).is_none_or(|w| w.2 != e.fingerprint))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(entry) = entities.consumers.remove(&name) {
-                tracing::info!(consumer = %name, "stopping consumer");
-                let new_layout = wanted.get(&name).map(|w| &w.0.layout);
-                if let (
-                    LayoutConfig::SchemaMirror { schema: old, .. },
-                    Some(LayoutConfig::SchemaMirror { schema: new, .. }),
-                ) = (&entry.config.layout, new_layout)
-                    && old != new
-                {
-                    tracing::warn!(
-                        consumer = %name,
-                        "the consumer now writes schema {} (backfilled from the records stream); schema {} is left as it was and no longer updated. When nothing uses it any more: drop schema {} cascade;",
-                        quote_ident(new),
-                        quote_ident(old),
-                        quote_ident(old)
-                    );
-                }
-                if let Some(task) = entry.task {
-                    task.stop().await;
-                }
-            }
-        }
-        entities
-            .failed_consumers
-            .retain(|name, _| wanted.contains_key(name));
-        for (name, (consumer, target, fingerprint)) in wanted {
-            if entities.consumers.contains_key(&name) {
-                continue;
-            }
-            let started = match target {
-                None => Err(Error::configuration(
-                    format!(
-                        "the consumer's target {:?} is not configured",
-                        consumer.target
-                    ),
-                    format!(
-                        "add a [[target]] named {:?}, or set the consumer's target to one that exists",
-                        consumer.target
-                    ),
-                )),
-                Some(target) => {
-                    self.start_consumer(config, consumer, target, fingerprint)
-                        .await
-                }
-            };
-            match started {
-                Ok(entry) => {
-                    tracing::info!(consumer = %name, target = %consumer.target, "started consumer");
-                    entities.failed_consumers.remove(&name);
-                    entities.consumers.insert(name, entry);
-                }
-                Err(e) => {
-                    tracing::error!(consumer = %name, error = %e, "cannot start consumer");
-                    let report = failed_report(EntityKind::Consumer, &name, "start", &e);
-                    entities.failed_consumers.insert(name, report);
-                }
-            }
-        }
-    }
-
-    async fn start_sync(&self, sync: &SyncConfig) -> SyncEntry {
-        let (settings, tunnels) = match sync.source.connection() {
-            None => (None, Vec::new()),
-            Some(connection) => match settings_for(connection, self.reverse.as_ref()).await {
-                Ok((settings, tunnels)) => (Some(settings), tunnels),
-                Err(e) => {
-                    tracing::error!(sync = %sync.name, error = %e, "cannot reach the source");
-                    (None, Vec::new())
-                }
-            },
-        };
-        let source = source_for(sync, self.stream.clone(), settings);
-        let (stop, stopped) = watch::channel(false);
-        let join = tokio::spawn({
-            let source = source.clone();
-            async move { source.run(stop_when(stopped)).await }
+            applied: Mutex::new(None),
+            reconciling: tokio::sync::Mutex::new(()),
+            health: health.clone(),
         });
-        SyncEntry {
-            config: sync.clone(),
-            source,
-            task: Some(Task {
-                stop,
-                join,
-                _tunnels: tunnels,
-            }),
-        }
-    }
-
-    async fn start_consumer(
-        &self,
-        config: &Config,
-        consumer: &ConsumerConfig,
-        target: &TargetConfig,
-        fingerprint: String,
-    ) -> Result<ConsumerEntry, Error> {
-        let filter = consumer.filter.resolve(&config.syncs)?;
-        let (settings, tunnels) = settings_for(&target.connection, self.reverse.as_ref()).await?;
-        let target_impl: Arc<dyn Target> = match &consumer.layout {
-            LayoutConfig::ConsumerTable { schema, table } => Arc::new(
-                ConsumerTableTarget::new(
-                    target.name.clone(),
-                    settings,
-                    ConsumerTable::new(schema, table),
-                    1,
-                )
-                .create_if_missing(&target.read_role),
-            ),
-            LayoutConfig::SchemaMirror {
-                schema,
-                collections,
-            } => Arc::new(SchemaMirrorTarget::new(
-                target.name.clone(),
-                settings,
-                schema.clone(),
-                target.read_role.clone(),
-                self.stream.clone(),
-                collections
-                    .iter()
-                    .map(|(id, c)| {
-                        (
-                            id.clone(),
-                            JsonCollection {
-                                table: c.table.clone(),
-                                schema: c.json_schema.clone(),
-                            },
-                        )
-                    })
-                    .collect(),
-            )),
-        };
-        let runtime = ConsumerRuntime::new(
-            consumer.name.clone(),
-            filter.clone(),
-            self.stream.clone(),
-            target_impl.clone(),
-            consumer.batch,
-            consumer.lag,
-        );
-        let handle = runtime.handle();
-        let (stop, stopped) = watch::channel(false);
-        let join = tokio::spawn(runtime.run(stopped));
-        Ok(ConsumerEntry {
-            config: consumer.clone(),
-            filter,
-            handle,
-            target: target_impl,
-            fingerprint,
-            task: Some(Task {
-                stop,
-                join,
-                _tunnels: tunnels,
-            }),
-        })
+        tokio::spawn(crate::health::refresh_loop(Arc::downgrade(&server), health));
+        Ok(server)
     }
 
     /// Stops everything: each consumer finishes or abandons its in-flight batch safely (its
     /// checkpoint always matches the target), each source appends what it holds and confirms.
     pub async fn shutdown(&self) {
+        let _no_reconcile_meanwhile = self.reconciling.lock().await;
         let mut entities = self.entities.write().await;
         let consumers = std::mem::take(&mut entities.consumers);
         let syncs = std::mem::take(&mut entities.syncs);
@@ -367,29 +180,6 @@ impl Server {
                 task.stop().await;
             }
         }
-    }
-
-    /// Every entity's health, targets first.
-    pub async fn health(&self) -> Vec<HealthReport> {
-        let entities = self.entities.read().await;
-        let mut reports = Vec::new();
-        for name in entities.targets.keys() {
-            reports.push(target_health(&entities, name).await);
-        }
-        for sync in entities.syncs.values() {
-            reports.push(sync.source.health().await);
-        }
-        for consumer in entities.consumers.values() {
-            reports.push(consumer.handle.health().await);
-        }
-        reports.extend(entities.failed_consumers.values().cloned());
-        let rejected = self
-            .rejected_reload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        reports.extend(rejected);
-        reports
     }
 
     /// Notes that a reload of the config was refused (`None`: the last one was applied).
@@ -409,6 +199,7 @@ impl Server {
             .rejected_reload
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = report;
+        self.health_changed();
     }
 }
 
@@ -421,14 +212,10 @@ pub fn stop_when(mut switch: watch::Receiver<bool>) -> sluice_core::Stop {
 
 /// A target's health: its consumers' views of it (reachable, TLS, privileges, table, payload),
 /// each check at the worst any consumer sees.
-pub async fn target_health(entities: &Entities, name: &str) -> HealthReport {
+pub async fn target_health(entity: EntityRef, views: Vec<Arc<dyn Target>>) -> HealthReport {
     let mut merged: Option<HealthReport> = None;
-    for c in entities
-        .consumers
-        .values()
-        .filter(|c| c.config.target == name)
-    {
-        let view = c.target.health().await;
+    for target in views {
+        let view = target.health().await;
         match &mut merged {
             None => merged = Some(view),
             Some(report) => report.merge(&view),
@@ -436,17 +223,11 @@ pub async fn target_health(entities: &Entities, name: &str) -> HealthReport {
     }
     match merged {
         Some(mut report) => {
-            report.entity = EntityRef {
-                kind: EntityKind::Target,
-                name: name.to_owned(),
-            };
+            report.entity = entity;
             report
         }
         None => {
-            let mut state = sluice_core::HealthState::new(EntityRef {
-                kind: EntityKind::Target,
-                name: name.to_owned(),
-            });
+            let mut state = sluice_core::HealthState::new(entity);
             state.observe(
                 "consumers",
                 Status::Healthy,
@@ -515,6 +296,17 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut seen = modified(&path);
     let mut poll = tokio::time::interval(Duration::from_secs(2));
+    // What could not start is tried again in the background (starting may take seconds).
+    let retries = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                server.retry_failed().await;
+            }
+        }
+    });
     loop {
         let reload = tokio::select! {
             _ = term.recv() => break,
@@ -547,6 +339,8 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
         }
     }
     tracing::info!("shutting down: finishing in-flight batches and checkpointing");
+    retries.abort();
+    let _ = retries.await;
     server.shutdown().await;
     stop_api.send_replace(true);
     let _ = api.await;

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice_localpg::Cluster;
 
+#[path = "../../../crates/tunnel/tests/support/sshd.rs"]
+mod sshd;
+
 const TOKEN: &str = "test-token-5b1d";
 
 struct Env {
@@ -902,4 +905,164 @@ async fn memory_stays_bounded_through_a_push_burst_and_a_target_outage_and_comes
     assert!(peak < 256, "peak {peak} MiB");
     assert!(settled < 160, "memory was not given back: {settled} MiB");
     assert!(terminate(&mut child).success());
+}
+
+/// A target behind a bastion that is down when `serve` starts: the consumer is registered
+/// anyway (status `error`, exit 1), pushed records wait in the stream, and once the bastion is
+/// up they all land without a reload. A wrong pin stays `error` with its fix. Meanwhile a
+/// bastion that accepts connections but never answers does not slow the API down.
+#[tokio::test]
+async fn consumers_behind_a_bastion_that_is_down_start_by_themselves_once_it_is_up() {
+    let env = env().await;
+    let key_file = env.dir.path().join("id_sluice");
+    let key = sluice_tunnel::keys::generate(&key_file).unwrap();
+    let host_key = sshd::new_host_key(env.dir.path());
+    let ssh_port = sshd::free_port();
+    // A "bastion" that accepts TCP and then says nothing, like one behind a dead route.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let target = |name: &str, port: u16, pin: &str| {
+        format!(
+            r#"
+[[target]]
+name = "{name}"
+[target.connection]
+host = "127.0.0.1"
+port = {tport}
+database = "postgres"
+user = "sluice_sync"
+password = {{ env = "TEST_TARGET_PASSWORD" }}
+ssl = {{ mode = "disable" }}
+tunnel = {{ kind = "bastion", host = "127.0.0.1", port = {port}, user = "{user}", key_file = "{key}", host_key_fingerprint = "{pin}" }}
+"#,
+            tport = env.target.port(),
+            user = sshd::whoami(),
+            key = key_file.display(),
+        )
+    };
+    let consumer = |name: &str, target: &str, table: &str| {
+        format!(
+            r#"
+[[consumer]]
+name = "{name}"
+target = "{target}"
+filter = {{ provider = "http" }}
+layout = {{ kind = "consumer_table", schema = "sluice", table = "{table}" }}
+batch = {{ max_records = 1000, max_wait_ms = 20 }}
+"#
+        )
+    };
+    let wrong_pin = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let text = format!(
+        r#"
+data_dir = "{data}"
+
+[api]
+listen = "127.0.0.1:{port}"
+token = {{ env = "TEST_API_TOKEN" }}
+
+[[sync]]
+name = "events"
+id = "0b7e8d6c-1111-4c51-9a3e-0c1d2e3f4a5b"
+source = {{ provider = "http" }}
+{behind}{pinned}{frozen}{c1}{c2}{c3}"#,
+        data = env.dir.path().join("data").display(),
+        port = env.port,
+        behind = target(
+            "behind-bastion",
+            ssh_port,
+            &sshd::host_key_fingerprint(&host_key)
+        ),
+        pinned = target("wrong-pin", ssh_port, wrong_pin),
+        frozen = target("frozen", silent_port, wrong_pin),
+        c1 = consumer("through-bastion", "behind-bastion", "pushed"),
+        c2 = consumer("pinned-wrong", "wrong-pin", "never"),
+        c3 = consumer("stuck", "frozen", "stuck"),
+    );
+    let path = env.dir.path().join("sluice.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+
+    // Down: registered, in error, retried; records pushed meanwhile wait in the stream.
+    let records: Vec<Value> = (0..200)
+        .map(|i| json!({"collection": "c", "id": i.to_string(), "payload": {"n": i}}))
+        .collect();
+    let (status, body) = api
+        .post("/v1/syncs/events/records", json!({ "records": records }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        "the consumer is reported as not started",
+        &env,
+        30,
+        async || {
+            let status = api.get("/v1/status").await;
+            status["entities"].as_array().unwrap().iter().any(|e| {
+                e["entity"]["name"] == "through-bastion"
+                    && e["status"] == "error"
+                    && e["checks"][0]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("cannot start") && m.contains("bastion"))
+            })
+        },
+    )
+    .await;
+    let (code, out) = sluice_status(&env);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("through-bastion"), "{out}");
+
+    // While one start hangs on the silent bastion, health answers from memory.
+    for path in ["/v1/status", "/metrics", "/v1/consumers"] {
+        for _ in 0..5 {
+            let started = Instant::now();
+            let (status, body) = api.call("GET", path, None, Some(TOKEN)).await;
+            let took = started.elapsed();
+            assert_eq!(status, 200, "{path}: {body}");
+            assert!(
+                took < Duration::from_millis(500),
+                "{path} took {took:?} while a bastion hangs"
+            );
+        }
+    }
+
+    // Up three seconds later: everything pushed lands, without a reload.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let line =
+        sluice_tunnel::keys::authorized_keys_line(&key.public, "127.0.0.1", env.target.port());
+    let _bastion = sshd::Sshd::start_with(env.dir.path(), &line, ssh_port, host_key);
+    wait_until("every pushed record lands", &env, 60, async || {
+        target_count(&env, "sluice.pushed", "true").await == 200
+    })
+    .await;
+    wait_until("the consumer is healthy", &env, 30, async || {
+        api.get("/v1/consumers/through-bastion").await["health"]["status"] == "healthy"
+    })
+    .await;
+
+    // The wrong pin stays an error, with the fix, and status says so.
+    wait_until(
+        "the wrong pin is reported with its fix",
+        &env,
+        30,
+        async || {
+            let consumer = api.get("/v1/consumers/pinned-wrong").await;
+            consumer["running"] == false
+                && consumer["health"]["status"] == "error"
+                && consumer["health"]["checks"][0]["fix"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("host_key_fingerprint"))
+        },
+    )
+    .await;
+    let (code, out) = sluice_status(&env);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("pinned-wrong"), "{out}");
+    let status = terminate(&mut child);
+    assert!(status.success(), "{status:?}\n{}", log(&env));
+    drop(silent);
 }

@@ -35,20 +35,35 @@ impl Drop for Sshd {
     }
 }
 
+/// A new ed25519 host key in `dir`; returns its path.
+pub fn new_host_key(dir: &Path) -> PathBuf {
+    let host_key = dir.join(format!("host_key_{}", free_port()));
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    host_key
+}
+
+/// The `SHA256:…` fingerprint of the host key at `path`.
+pub fn host_key_fingerprint(path: &Path) -> String {
+    let line = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+    sluice_tunnel::keys::fingerprint(&sluice_tunnel::keys::parse_public(&line).unwrap())
+}
+
 impl Sshd {
     pub fn start(dir: &Path, authorized_keys: &str) -> Sshd {
+        Self::start_with(dir, authorized_keys, free_port(), new_host_key(dir))
+    }
+
+    /// An sshd on `port` with `host_key` (to bring up a bastion a config already names).
+    pub fn start_with(dir: &Path, authorized_keys: &str, port: u16, host_key: PathBuf) -> Sshd {
         let sshd = sshd_binary().expect("openssh-server is installed (.ci/run installs it)");
         let _ = std::fs::create_dir_all("/run/sshd");
-        let host_key = dir.join(format!("host_key_{}", free_port()));
-        let status = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key)
-            .status()
-            .unwrap();
-        assert!(status.success());
         let keys = dir.join("authorized_keys");
         std::fs::write(&keys, format!("{authorized_keys}\n")).unwrap();
-        let port = free_port();
         let child = Command::new(sshd)
             .args(["-D", "-e", "-f", "/dev/null"])
             .args(["-o", &format!("ListenAddress=127.0.0.1:{port}")])
@@ -89,8 +104,7 @@ impl Sshd {
     }
 
     pub fn fingerprint(&self) -> String {
-        let line = std::fs::read_to_string(self.host_key.with_extension("pub")).unwrap();
-        sluice_tunnel::keys::fingerprint(&sluice_tunnel::keys::parse_public(&line).unwrap())
+        host_key_fingerprint(&self.host_key)
     }
 }
 
