@@ -77,7 +77,8 @@ pub enum Action {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PresetArg {
-    /// Supabase: grants for anon, authenticated and service_role; TLS required.
+    /// Supabase: anon and authenticated may read synced tables, service_role may read and
+    /// write them; TLS required.
     Supabase,
 }
 
@@ -108,6 +109,12 @@ pub struct SpecArgs {
     /// A hosted-database preset.
     #[arg(long, value_enum)]
     preset: Option<PresetArg>,
+    /// With --preset supabase: let anon and authenticated write synced tables too (ALL), as
+    /// older setups did. Anyone holding the public API key could then change or delete synced
+    /// rows (and the next sync overwrites what they change); writes are meant to go through
+    /// sluice's write-back proxy.
+    #[arg(long, requires = "preset")]
+    api_roles_write: bool,
     /// Existing roles to grant the read role to. Repeatable.
     #[arg(long = "grant-read")]
     readers: Vec<String>,
@@ -139,6 +146,7 @@ impl SpecArgs {
         }
         spec.preset = self.preset.map(|PresetArg::Supabase| Preset::Supabase);
         spec.readers = self.readers.clone();
+        spec.api_roles_write = self.api_roles_write;
         if let Some(var) = &self.sync_password_env {
             let value = std::env::var(var).map_err(|_| {
                 Error::configuration(format!("{var} is not set"), format!("export {var}=…"))

@@ -43,10 +43,18 @@ pub struct SchemaState {
     pub read_default_for_current: bool,
     /// Preset roles that lack USAGE.
     pub api_usage_missing: bool,
-    /// Tables the preset roles lack privileges on.
+    /// Tables the preset's reading roles cannot SELECT.
     pub api_tables_missing: i64,
-    /// Preset default privileges missing.
+    /// The preset's reading roles' default SELECT is missing.
     pub api_default_missing: bool,
+    /// Tables the preset's writing roles cannot write.
+    pub api_write_tables_missing: i64,
+    /// The preset's writing roles' default privileges are missing.
+    pub api_write_default_missing: bool,
+    /// Tables the preset's reading roles may write (from an older setup that granted `ALL`).
+    pub api_readers_write_tables: i64,
+    /// Default privileges that let the reading roles write tables sluice creates later.
+    pub api_readers_write_default: bool,
     /// Objects owned by someone other than the sync user.
     pub foreign_objects: Vec<ForeignObject>,
 }
@@ -78,6 +86,11 @@ pub struct State {
     pub preset_roles_absent: Vec<String>,
     /// Roles named to receive the read role (`--grant-read`) that do not exist.
     pub readers_absent: Vec<String>,
+    /// The inspecting session is encrypted.
+    pub ssl: bool,
+    /// The inspecting role must become a member of the sync user for the steps that act as
+    /// it (a schema it owns, its default privileges): it is neither a superuser nor a member.
+    pub admin_needs_membership: bool,
 }
 
 async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, sqlx::Error> {
@@ -141,6 +154,34 @@ async fn tables_missing(
     )
     .fetch_one(conn)
     .await
+}
+
+/// Tables in `schema` on which `role` holds `privilege`.
+async fn tables_granted(
+    conn: &mut PgConnection,
+    schema: &str,
+    role: &str,
+    privilege: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select count(*) as "n!" from pg_class c join pg_namespace n on n.oid = c.relnamespace
+           where n.nspname = $1 and c.relkind in ('r', 'p', 'v', 'm', 'f')
+             and coalesce((select has_table_privilege(r.oid, c.oid, $3) from pg_roles r where r.rolname = $2), false)"#,
+        schema,
+        role,
+        privilege
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// A preset's API roles by what they may do with synced tables: (read only, read and write).
+pub(crate) fn api_levels(spec: &SetupSpec) -> (Vec<&'static str>, Vec<&'static str>) {
+    match spec.preset {
+        None => (Vec::new(), Vec::new()),
+        Some(p) if spec.api_roles_write => (Vec::new(), p.api_roles().to_vec()),
+        Some(p) => (p.api_readers().to_vec(), p.api_writers().to_vec()),
+    }
 }
 
 async fn default_privilege(
@@ -220,8 +261,13 @@ pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State,
         db_create: db.create,
         read_exists: role_exists(conn, &spec.read_role).await?,
         sync_is_read_admin: member(conn, &spec.read_role, &spec.sync_user, true).await?,
+        ssl: facts.ssl,
         ..State::default()
     };
+    let admin = sluice_pg::catalog::role(conn, &facts.current_user).await?;
+    state.admin_needs_membership = !admin.is_some_and(|a| a.superuser)
+        && facts.current_user != spec.sync_user
+        && !member(conn, &spec.sync_user, &facts.current_user, false).await?;
     let api_roles: Vec<&str> = spec
         .preset
         .map(|p| p.api_roles().to_vec())
@@ -254,11 +300,14 @@ pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State,
             ..SchemaState::default()
         };
         // A schema not created yet has none of the preset's grants either.
+        let (readers, writers) = api_levels(spec);
         s.api_usage_missing = !api_roles.is_empty();
-        s.api_default_missing = !api_roles.is_empty();
+        s.api_default_missing = !readers.is_empty();
+        s.api_write_default_missing = !writers.is_empty();
         if s.exists {
             s.api_usage_missing = false;
             s.api_default_missing = false;
+            s.api_write_default_missing = false;
             s.sync_usage = schema_privilege(conn, &spec.sync_user, name, "USAGE").await?;
             s.sync_create = schema_privilege(conn, &spec.sync_user, name, "CREATE").await?;
             s.read_usage = schema_privilege(conn, &spec.read_role, name, "USAGE").await?;
@@ -277,9 +326,20 @@ pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State,
             }
             for role in &api_roles {
                 s.api_usage_missing |= !schema_privilege(conn, role, name, "USAGE").await?;
+            }
+            for role in &readers {
                 s.api_tables_missing += tables_missing(conn, name, role, "SELECT").await?;
                 s.api_default_missing |=
                     !default_privilege(conn, name, &spec.sync_user, role, "SELECT").await?;
+                // Left over from a setup that let them write: taken back.
+                s.api_readers_write_tables += tables_granted(conn, name, role, "INSERT").await?;
+                s.api_readers_write_default |=
+                    default_privilege(conn, name, &spec.sync_user, role, "INSERT").await?;
+            }
+            for role in &writers {
+                s.api_write_tables_missing += tables_missing(conn, name, role, "INSERT").await?;
+                s.api_write_default_missing |=
+                    !default_privilege(conn, name, &spec.sync_user, role, "INSERT").await?;
             }
             s.foreign_objects = foreign_objects(conn, name, &spec.sync_user).await?;
         }

@@ -4,7 +4,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use sluice_core::sql::{quote_ident as q, quote_literal};
 
-use crate::inspect::State;
+use crate::inspect::{State, api_levels};
 use crate::spec::{SchemaUse, SetupSpec};
 
 /// One statement and why it is needed.
@@ -53,6 +53,13 @@ impl Step {
     /// The statement to execute.
     pub(crate) fn sql(&self) -> &str {
         &self.sql
+    }
+
+    /// Whether the statement acts as the sync user `u` (quoted): a schema it owns, or its
+    /// default privileges. A role that is not a superuser must be its member for that.
+    fn acts_as(&self, u: &str) -> bool {
+        self.sql.contains(&format!("authorization {u}"))
+            || self.sql.contains(&format!("for role {u} "))
     }
 }
 
@@ -196,6 +203,16 @@ pub fn plan(
         });
     }
 
+    if spec.preset.is_some()
+        && let Some(state) = state
+        && !state.ssl
+    {
+        return Err(Refusal {
+            problem: "the Supabase preset is set up over TLS only, and this admin session is not encrypted (the admin's password and the sync user's would cross the network in clear)".into(),
+            fix: "connect with sslmode=verify-full (or sslmode=require) in the admin URL".into(),
+        });
+    }
+
     if let Some(state) = state
         && !state.readers_absent.is_empty()
     {
@@ -317,24 +334,64 @@ pub fn plan(
             ));
         }
         if !api_roles.is_empty() {
-            let api = api_roles.join(", ");
+            let list = |roles: &[&str]| roles.iter().map(|r| q(r)).collect::<Vec<_>>().join(", ");
+            let (readers, writers) = api_levels(spec);
             if need(st.api_usage_missing) {
                 plan.steps.push(Step::new(
-                    "Supabase preset: API roles can use the schema",
-                    format!("grant usage on schema {s} to {api}"),
+                    "Supabase preset: the data API's roles can use the schema",
+                    format!("grant usage on schema {s} to {}", api_roles.join(", ")),
                 ));
             }
-            if need(st.api_tables_missing > 0) {
-                plan.steps.push(Step::new(
-                    "Supabase preset: API roles can use the tables already there",
-                    format!("grant all on all tables in schema {s} to {api}"),
-                ));
+            if !readers.is_empty() {
+                let readers = list(&readers);
+                if need(st.api_tables_missing > 0) {
+                    plan.steps.push(Step::new(
+                        format!("Supabase preset: {readers} can read the tables already there (read only: writes go through sluice's write-back proxy, or the next sync overwrites them)"),
+                        format!("grant select on all tables in schema {s} to {readers}"),
+                    ));
+                }
+                if need(st.api_default_missing) {
+                    plan.steps.push(Step::new(
+                        format!("Supabase preset: {readers} can read tables sluice creates later (read only: writes go through sluice's write-back proxy, or the next sync overwrites them)"),
+                        format!("alter default privileges for role {u} in schema {s} grant select on tables to {readers}"),
+                    ));
+                }
+                if need(st.api_readers_write_tables > 0) {
+                    plan.steps.push(Step::new(
+                        format!("Supabase preset: {readers} may write synced tables (an older setup granted ALL): taken back, since anyone with the public API key acts as anon"),
+                        format!("revoke insert, update, delete, truncate, references, trigger on all tables in schema {s} from {readers}"),
+                    ));
+                }
+                if need(st.api_readers_write_default) {
+                    plan.steps.push(Step::new(
+                        format!("Supabase preset: {readers} would be able to write tables sluice creates later: taken back"),
+                        format!("alter default privileges for role {u} in schema {s} revoke insert, update, delete, truncate, references, trigger on tables from {readers}"),
+                    ));
+                }
             }
-            if need(st.api_default_missing) {
-                plan.steps.push(Step::new(
-                    "Supabase preset: API roles can use tables sluice creates later",
-                    format!("alter default privileges for role {u} in schema {s} grant all on tables to {api}"),
-                ));
+            if !writers.is_empty() {
+                let writers_list = list(&writers);
+                let who = if spec.api_roles_write {
+                    format!(
+                        "{writers_list} (--api-roles-write: anyone with the public API key can then change or delete synced rows, and the next sync overwrites what they change)"
+                    )
+                } else {
+                    writers_list.clone()
+                };
+                if need(st.api_write_tables_missing > 0) {
+                    plan.steps.push(Step::new(
+                        format!(
+                            "Supabase preset: {who} can read and write the tables already there"
+                        ),
+                        format!("grant all on all tables in schema {s} to {writers_list}"),
+                    ));
+                }
+                if need(st.api_write_default_missing) {
+                    plan.steps.push(Step::new(
+                        format!("Supabase preset: {who} can read and write tables sluice creates later"),
+                        format!("alter default privileges for role {u} in schema {s} grant all on tables to {writers_list}"),
+                    ));
+                }
             }
         }
     }
@@ -367,6 +424,26 @@ pub fn plan(
                 "grant {r} to {}",
                 readers.iter().map(|x| q(x)).collect::<Vec<_>>().join(", ")
             ),
+        ));
+    }
+    // A role that is not a superuser (Supabase's `postgres` has CREATEROLE and owns the
+    // database, nothing more) may act as the sync user only as its member: it becomes one for
+    // these steps and stops being one after them.
+    let needs_membership = match state {
+        Some(st) => st.admin_needs_membership,
+        None => spec.preset.is_some(),
+    };
+    if needs_membership && let Some(first) = plan.steps.iter().position(|s| s.acts_as(&u)) {
+        plan.steps.insert(
+            first,
+            Step::new(
+                format!("the role running setup becomes a member of {u} for the next steps only (it is not a superuser, and only a member may create a schema {u} owns or set {u}'s default privileges); revoked at the end"),
+                format!("grant {u} to current_user"),
+            ),
+        );
+        plan.steps.push(Step::new(
+            format!("the role running setup stops being a member of {u}"),
+            format!("revoke {u} from current_user"),
         ));
     }
     Ok(plan)

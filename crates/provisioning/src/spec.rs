@@ -27,17 +27,33 @@ pub struct SchemaSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
-    /// Supabase: `anon`, `authenticated` and `service_role` get usage, table grants and
-    /// default privileges on sluice's schemas; the read role goes to them and `postgres`;
-    /// TLS is required.
+    /// Supabase: the data API's roles get usage and table privileges (and default privileges)
+    /// on sluice's schemas: `anon` and `authenticated` read, `service_role` reads and writes;
+    /// the read role goes to them and `postgres`; TLS is required.
     Supabase,
 }
 
 impl Preset {
-    /// The roles the preset grants to.
+    /// Every role the preset grants to.
     pub fn api_roles(self) -> &'static [&'static str] {
         match self {
             Preset::Supabase => &["anon", "authenticated", "service_role"],
+        }
+    }
+
+    /// The roles that only read synced data through the provider's API (anyone holding the
+    /// public key acts as `anon`): writes to synced tables go through sluice's write-back
+    /// proxy, or would be overwritten by the next sync.
+    pub fn api_readers(self) -> &'static [&'static str] {
+        match self {
+            Preset::Supabase => &["anon", "authenticated"],
+        }
+    }
+
+    /// The roles that may also write (server-side keys).
+    pub fn api_writers(self) -> &'static [&'static str] {
+        match self {
+            Preset::Supabase => &["service_role"],
         }
     }
 }
@@ -59,6 +75,10 @@ pub struct SetupSpec {
     pub preset: Option<Preset>,
     /// Existing roles to grant the read role to.
     pub readers: Vec<String>,
+    /// With a preset: let every API role write synced tables (`ALL`), as older setups did,
+    /// instead of only the writer roles. Anyone holding the public API key could then change
+    /// or delete synced rows.
+    pub api_roles_write: bool,
 }
 
 impl SetupSpec {
@@ -72,6 +92,7 @@ impl SetupSpec {
             schemas: Vec::new(),
             preset: None,
             readers: Vec::new(),
+            api_roles_write: false,
         }
     }
 

@@ -322,42 +322,177 @@ async fn an_existing_schema_with_foreign_objects_is_refused_unless_opted_in() {
     assert_eq!(owner, "postgres");
 }
 
-#[tokio::test]
-async fn the_supabase_preset_grants_the_api_roles_and_requires_tls() {
-    let db = PG.fresh_database("supa").await.unwrap();
+/// A TLS cluster with the data API's roles, as a Supabase project has them.
+static SUPA: LazyLock<Cluster> = LazyLock::new(|| {
+    Cluster::options()
+        .tls(sluice_localpg::Tls::Required)
+        .start()
+        .expect("start PostgreSQL")
+});
+
+async fn supabase_roles(pg: &Cluster) {
     for role in ["anon", "authenticated", "service_role"] {
-        PG.execute("postgres", &format!("do $$ begin if not exists (select from pg_roles where rolname = '{role}') then create role {role} login password 'r'; end if; end $$")).await.unwrap();
+        pg.execute("postgres", &format!("do $$ begin if not exists (select from pg_roles where rolname = '{role}') then create role {role} login password 'r'; end if; end $$")).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn the_supabase_preset_lets_the_api_read_and_only_service_role_write() {
+    supabase_roles(&SUPA).await;
+    let db = SUPA.fresh_database("supa").await.unwrap();
     let mut spec = spec(&db);
     spec.preset = Some(Preset::Supabase);
-    let applied = apply(&admin(&PG, &db), &spec).await.unwrap();
+    let applied = apply(&admin(&SUPA, &db), &spec).await.unwrap();
     let script = applied.plan.script(false);
-    assert!(
-        script.contains(
-            "grant usage on schema \"stripe\" to \"anon\", \"authenticated\", \"service_role\""
-        ),
-        "{script}"
-    );
-    assert!(script.contains("in schema \"stripe\" grant all on tables to \"anon\", \"authenticated\", \"service_role\""), "{script}");
-    let mut sync = connect(&PG, &db, &spec.sync_user, "sync-pw").await;
+    for expected in [
+        "grant usage on schema \"stripe\" to \"anon\", \"authenticated\", \"service_role\"",
+        "in schema \"stripe\" grant select on tables to \"anon\", \"authenticated\"",
+        "in schema \"stripe\" grant all on tables to \"service_role\"",
+        "writes go through sluice's write-back proxy",
+    ] {
+        assert!(script.contains(expected), "{expected:?} missing:\n{script}");
+    }
+    let mut sync = connect(&SUPA, &db, &spec.sync_user, "sync-pw").await;
     exec(&mut sync, "create table stripe.customer (id text)")
         .await
         .unwrap();
-    let mut anon = connect(&PG, &db, "anon", "r").await;
+    exec(&mut sync, "insert into stripe.customer values ('cus_1')")
+        .await
+        .unwrap();
+    let mut anon = connect(&SUPA, &db, "anon", "r").await;
     exec(&mut anon, "select * from stripe.customer")
         .await
         .unwrap();
+    assert_denied(&mut anon, "delete from stripe.customer").await;
+    assert_denied(&mut anon, "insert into stripe.customer values ('x')").await;
+    let mut service = connect(&SUPA, &db, "service_role", "r").await;
+    exec(&mut service, "update stripe.customer set id = id")
+        .await
+        .unwrap();
     assert!(
-        apply(&admin(&PG, &db), &spec)
+        apply(&admin(&SUPA, &db), &spec)
             .await
             .unwrap()
             .plan
             .is_empty()
     );
 
-    let report = check(&as_user(&PG, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    // The older grants, only when asked for, saying what they allow; the default takes them back.
+    spec.api_roles_write = true;
+    let legacy = apply(&admin(&SUPA, &db), &spec).await.unwrap();
+    assert!(
+        legacy
+            .plan
+            .script(false)
+            .contains("anyone with the public API key can then change or delete synced rows"),
+        "{}",
+        legacy.plan.script(false)
+    );
+    exec(&mut anon, "insert into stripe.customer values ('x')")
+        .await
+        .unwrap();
+    spec.api_roles_write = false;
+    let back = apply(&admin(&SUPA, &db), &spec).await.unwrap();
+    assert!(
+        back.plan.script(false).contains("taken back"),
+        "{}",
+        back.plan.script(false)
+    );
+    assert_denied(&mut anon, "delete from stripe.customer").await;
+    exec(&mut sync, "create table stripe.invoice (id text)")
+        .await
+        .unwrap();
+    assert_denied(&mut anon, "insert into stripe.invoice values ('x')").await;
+    exec(&mut anon, "select * from stripe.invoice")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_supabase_preset_refuses_an_admin_session_without_tls() {
+    supabase_roles(&PG).await;
+    let db = PG.fresh_database("supaplain").await.unwrap();
+    let mut spec = spec(&db);
+    spec.preset = Some(Preset::Supabase);
+    let err = apply(&admin(&PG, &db), &spec).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::FixConfiguration);
+    assert!(err.to_string().contains("not encrypted"), "{err}");
+    assert!(
+        err.fix().is_some_and(|f| f.contains("sslmode=verify-full")),
+        "{err:?}"
+    );
+    // Nothing was done.
+    let mut conn = PG.admin(&db).await.unwrap();
+    let exists: bool =
+        sqlx::query_scalar("select exists (select from pg_roles where rolname = $1)")
+            .bind(&spec.sync_user)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert!(!exists);
+    let report = check(
+        &as_user(&PG, &db, "postgres", PG.superuser_password()),
+        &spec,
+    )
+    .await;
     let tls = report.findings.iter().find(|f| f.check == "tls").unwrap();
     assert!(!tls.ok, "the preset requires TLS and this cluster has none");
+}
+
+/// Supabase's `postgres` is not a superuser: it has CREATEROLE and CREATEDB and owns the
+/// database. Setup works with exactly that, becoming a member of the sync user only for the
+/// steps that act as it.
+#[tokio::test]
+async fn the_supabase_preset_works_with_an_admin_that_is_not_a_superuser() {
+    supabase_roles(&SUPA).await;
+    let db = SUPA.fresh_database("supaadmin").await.unwrap();
+    let admin_role = format!("{db}_owner");
+    SUPA.execute(
+        "postgres",
+        &format!(
+            "create role {admin_role} login createrole createdb password 'own';
+             alter database {db} owner to {admin_role};"
+        ),
+    )
+    .await
+    .unwrap();
+    let mut spec = spec(&db);
+    spec.preset = Some(Preset::Supabase);
+    let lent = as_user(&SUPA, &db, &admin_role, "own");
+    let applied = apply(&lent, &spec).await.unwrap();
+    let script = applied.plan.script(false);
+    assert!(
+        script.contains(&format!("grant \"{db}_sync\" to current_user"))
+            && script.contains(&format!("revoke \"{db}_sync\" from current_user")),
+        "{script}"
+    );
+    assert!(script.contains("for the next steps only"), "{script}");
+    // The membership did not outlive the setup.
+    let mut conn = SUPA.admin(&db).await.unwrap();
+    let member: bool = sqlx::query_scalar(
+        "select exists (select from pg_auth_members m join pg_roles g on g.oid = m.roleid
+                        join pg_roles u on u.oid = m.member where g.rolname = $1 and u.rolname = $2)",
+    )
+    .bind(&spec.sync_user)
+    .bind(&admin_role)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(!member, "the admin stayed a member of the sync user");
+    let report = check(&as_user(&SUPA, &db, &spec.sync_user, "sync-pw"), &spec).await;
+    assert!(report.is_ok(), "{}", report.render());
+    let again = apply(&lent, &spec).await.unwrap();
+    assert!(again.plan.is_empty(), "{}", again.plan.script(false));
+    // And what it set up works: the sync user writes its schema, anon reads it.
+    let mut sync = connect(&SUPA, &db, &spec.sync_user, "sync-pw").await;
+    exec(
+        &mut sync,
+        "create table stripe.price (id text); insert into stripe.price values ('p')",
+    )
+    .await
+    .unwrap();
+    let mut anon = connect(&SUPA, &db, "anon", "r").await;
+    exec(&mut anon, "select * from stripe.price").await.unwrap();
 }
 
 #[tokio::test]
