@@ -25,7 +25,7 @@ pub struct Args {
 }
 
 fn step(text: &str) {
-    println!("\n== {text}");
+    sayln!("\n== {text}");
 }
 
 fn local(e: impl std::fmt::Display) -> Error {
@@ -50,15 +50,15 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         .start()
         .map_err(local)?;
     let target = Cluster::start_default().map_err(local)?;
-    println!("source: 127.0.0.1:{} (wal_level = logical)", source.port());
-    println!("target: 127.0.0.1:{}", target.port());
+    sayln!("source: 127.0.0.1:{} (wal_level = logical)", source.port());
+    sayln!("target: 127.0.0.1:{}", target.port());
 
     step("Provisioning the target: a sync user that owns schema \"sluice\", and a read role");
     let admin = SecretString::from(target.superuser_password().to_owned());
     let spec = SetupSpec::new("postgres").schema("sluice", SchemaUse::Owned);
     let applied = sluice_provisioning::apply(&settings(&target, "postgres", &admin), &spec).await?;
     drop(admin); // lent for setup only
-    println!("{}", applied.plan.script(false));
+    sayln!("{}", applied.plan.script(false));
     let sync_password = applied
         .generated_password
         .ok_or_else(|| Error::invalid("the demo expected to create the sync user"))?;
@@ -113,7 +113,7 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         sluice_core::Config::load(&config_path).map_err(|e| Error::invalid(e.to_string()))?;
 
     step("Starting sluice: backfill, then real time");
-    println!("config: {}", config_path.display());
+    sayln!("config: {}", config_path.display());
     let server = Server::open(&config).await?;
     server.reconcile(&config).await;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", api_port))
@@ -151,7 +151,7 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     progress.finish();
-    println!("{}", crate::status::table(&server.health_now().await));
+    sayln!("{}", crate::status::table(&server.health_now().await));
 
     step("Live changes on the source: an update, an insert and a delete");
     source
@@ -182,7 +182,7 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!(
+    sayln!(
         "arrived in the target after {} ms:",
         live.elapsed().as_millis()
     );
@@ -193,39 +193,39 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
     .await
     .unwrap_or_default();
     for (id, payload) in rows {
-        println!("  {id}: {payload}");
+        sayln!("  {id}: {payload}");
     }
-    println!("  2: deleted");
+    sayln!("  2: deleted");
 
     step("Connect while it runs");
-    println!(
+    sayln!(
         "target (synced data in sluice.records): psql '{}'",
         target.url("postgres")
     );
-    println!(
+    sayln!(
         "source (change something and watch it arrive): psql '{}'",
         source.url("postgres")
     );
-    println!(
+    sayln!(
         "API: curl -H \"Authorization: Bearer $(cat {})\" http://127.0.0.1:{api_port}/v1/status",
         token_file.display()
     );
-    println!(
+    sayln!(
         "status: SLUICE_API_URL=http://127.0.0.1:{api_port} SLUICE_API_TOKEN=$(cat {}) sluice status",
         token_file.display()
     );
     match args.duration {
         Some(secs) => {
-            println!("\n(stopping in {secs} s)");
+            sayln!("\n(stopping in {secs} s)");
             tokio::time::sleep(Duration::from_secs(secs)).await;
         }
         None => {
-            println!("\nPress Ctrl-C to stop; the databases are removed when the demo ends.");
+            sayln!("\nPress Ctrl-C to stop; the databases are removed when the demo ends.");
             let _ = tokio::signal::ctrl_c().await;
         }
     }
     step("Stopping: batches finish, checkpoints are written, the throwaway databases are removed");
-    println!("{}", crate::status::table(&server.health_now().await));
+    sayln!("{}", crate::status::table(&server.health_now().await));
     server.shutdown().await;
     stop_api.send_replace(true);
     let _ = api.await;

@@ -3,10 +3,17 @@
 //! The binary is a thin layer over the crates: argument parsing, output, exit codes
 //! (0 ok, 1 failure, 2 usage). Logic lives in the crates.
 
+#[macro_use]
+mod out;
+
 mod api;
+mod client;
+mod config_file;
 mod connect;
+mod consumer_cmd;
 mod demo;
 mod health;
+mod init;
 mod plan;
 mod progress;
 mod reconcile;
@@ -44,22 +51,22 @@ enum Command {
     /// Run every sync and consumer in the config, with the HTTP API (management, push,
     /// metrics). Reloads on SIGHUP or when the file changes; SIGTERM stops cleanly.
     Serve {
-        /// The config file.
-        #[arg(long, default_value = "sluice.toml")]
-        config: std::path::PathBuf,
+        #[command(flatten)]
+        config: config_file::ConfigFile,
         /// Listen here instead of [api] listen.
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Write a commented starter sluice.toml (asks on a terminal; flags otherwise).
+    Init(init::Args),
     /// See sluice work, with nothing to set up: two throwaway local PostgreSQL clusters, the
     /// target provisioned, a sample table backfilled and kept in sync while you watch.
     Demo(demo::Args),
     /// Check every target and sync of the config: each tunnel hop, the connection, and a
     /// Postgres source's replication prerequisites. Exits 1 if anything fails.
     Check {
-        /// The config file.
-        #[arg(long, default_value = "sluice.toml")]
-        config: std::path::PathBuf,
+        #[command(flatten)]
+        config: config_file::ConfigFile,
         /// Print the reports as JSON.
         #[arg(long)]
         json: bool,
@@ -71,6 +78,16 @@ enum Command {
     Setup {
         #[command(subcommand)]
         action: setup::Action,
+    },
+    /// Pause, resume or restart the backfill of a consumer of a running `sluice serve`.
+    Consumer {
+        #[command(subcommand)]
+        action: consumer_cmd::Action,
+    },
+    /// Print a shell completion script: `sluice completions bash > /etc/bash_completion.d/sluice`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Let users read everything sluice writes (grants the read role, as the sync user).
     GrantRead(setup::ReadAccess),
@@ -86,30 +103,32 @@ enum Command {
         #[command(subcommand)]
         action: TunnelAction,
     },
-    /// Check `sluice.toml` without connecting to anything.
+    /// Check `sluice.toml`, see what `serve` would do, or print its JSON Schema.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
-    /// Print the JSON Schema of `sluice.toml`, for editors that validate config files.
+    /// The same as `config schema` (the older spelling).
+    #[command(hide = true)]
     ConfigSchema,
 }
 
 #[derive(Subcommand, Debug)]
 enum ConfigAction {
-    /// Parse the file (with environment variables substituted) and check its references.
+    /// Parse the file (with environment variables substituted) and check its references,
+    /// without connecting to anything.
     Check {
-        /// The config file.
-        #[arg(long, default_value = "sluice.toml")]
-        file: std::path::PathBuf,
+        #[command(flatten)]
+        config: config_file::ConfigFile,
     },
     /// Connect (as the configured users) and show what `serve` would create or change.
     /// Changes nothing.
     Plan {
-        /// The config file.
-        #[arg(long, default_value = "sluice.toml")]
-        file: std::path::PathBuf,
+        #[command(flatten)]
+        config: config_file::ConfigFile,
     },
+    /// Print the JSON Schema of `sluice.toml`, for editors that validate config files.
+    Schema,
 }
 
 #[derive(Subcommand, Debug)]
@@ -191,14 +210,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, listen } => server::serve(config, listen)
+            Command::Serve { config, listen } => server::serve(config.path()?, listen)
                 .await
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(sluice_core::Error::invalid),
             Command::Status(args) => status::run(args).await,
             Command::Check { config, json } => {
-                let config = sluice_core::Config::load(&config)
-                    .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
+                let (_, config) = config.load()?;
                 let reports = plan::check(&config).await;
                 let ok = reports.iter().all(|(_, r)| r.is_ok());
                 if json {
@@ -206,15 +224,25 @@ fn main() -> ExitCode {
                         .iter()
                         .map(|(entity, report)| serde_json::json!({"entity": entity, "report": report}))
                         .collect();
-                    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                    sayln!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
                 } else {
                     for (entity, report) in &reports {
-                        println!("{entity}\n{}", report.render());
+                        sayln!("{entity}\n{}", report.render());
                     }
                 }
                 Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             Command::Demo(args) => demo::run(args).await,
+            Command::Init(args) => init::run(args),
+            Command::Consumer { action } => consumer_cmd::run(action).await,
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut command = Cli::command();
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut command, "sluice", &mut script);
+                say!("{}", String::from_utf8_lossy(&script));
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Setup { action } => setup::run(action).await,
             Command::GrantRead(args) => setup::read_access(args, true).await,
             Command::RevokeRead(args) => setup::read_access(args, false).await,
@@ -229,22 +257,22 @@ fn main() -> ExitCode {
                 let key = sluice_tunnel::keys::generate(&out).map_err(sluice_core::Error::from)?;
                 let line =
                     sluice_tunnel::keys::authorized_keys_line(&key.public, &db_host, db_port);
-                println!(
+                sayln!(
                     "wrote {} (private, mode 0600) and {}.pub",
                     out.display(),
                     out.display()
                 );
-                println!(
+                sayln!(
                     "key fingerprint: {}
 ",
                     key.fingerprint
                 );
-                println!(
+                sayln!(
                     "authorized_keys line:
 {line}
 "
                 );
-                println!("{}", sluice_tunnel::keys::install_steps(&line));
+                sayln!("{}", sluice_tunnel::keys::install_steps(&line));
                 Ok(ExitCode::SUCCESS)
             }
             Command::Tunnel {
@@ -275,12 +303,12 @@ fn main() -> ExitCode {
                 let mut ok = true;
                 for (hop, status) in sluice_tunnel::BastionTunnel::hops(&config).await {
                     match status {
-                        Some(Ok(())) => println!("ok   {hop}"),
+                        Some(Ok(())) => sayln!("ok   {hop}"),
                         Some(Err(message)) => {
                             ok = false;
-                            println!("FAIL {hop}: {message}");
+                            sayln!("FAIL {hop}: {message}");
                         }
-                        None => println!("--   {hop} (not reached)"),
+                        None => sayln!("--   {hop} (not reached)"),
                     }
                 }
                 Ok(if ok {
@@ -303,13 +331,16 @@ fn main() -> ExitCode {
                 Ok(setup::print_report(&report, json))
             }
             Command::Config {
-                action: ConfigAction::Check { file },
+                action: ConfigAction::Check { config },
             } => {
-                let config = sluice_core::Config::load(&file)
-                    .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
+                let (file, config) = config.load()?;
                 let problems = config.problems();
+                // Not an error here (the values may be set where `serve` runs), but named.
+                for (who, missing) in config.missing_secrets() {
+                    eprintln!("warning: {}: {who}: {missing}", file.display());
+                }
                 if problems.is_empty() {
-                    println!(
+                    sayln!(
                         "{}: ok ({} target(s), {} sync(s), {} consumer(s))",
                         file.display(),
                         config.targets.len(),
@@ -319,19 +350,18 @@ fn main() -> ExitCode {
                     Ok(ExitCode::SUCCESS)
                 } else {
                     for p in &problems {
-                        eprintln!("{}: {p}", file.display());
+                        eprintln!("error: {}: {p}", file.display());
                     }
                     Ok(ExitCode::FAILURE)
                 }
             }
             Command::Config {
-                action: ConfigAction::Plan { file },
+                action: ConfigAction::Plan { config },
             } => {
-                let config = sluice_core::Config::load(&file)
-                    .map_err(|e| sluice_core::Error::invalid(e.to_string()))?;
+                let (_, config) = config.load()?;
                 let (lines, ok) = plan::plan(&config).await;
                 for line in lines {
-                    println!("{line}");
+                    sayln!("{line}");
                 }
                 Ok(if ok {
                     ExitCode::SUCCESS
@@ -339,8 +369,11 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 })
             }
-            Command::ConfigSchema => {
-                print!("{}", sluice_core::config_schema_json());
+            Command::ConfigSchema
+            | Command::Config {
+                action: ConfigAction::Schema,
+            } => {
+                say!("{}", sluice_core::config_schema_json());
                 Ok(ExitCode::SUCCESS)
             }
         }

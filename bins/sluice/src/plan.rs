@@ -20,7 +20,7 @@ pub async fn plan(config: &Config) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut ok = true;
     for problem in config.problems() {
-        lines.push(format!("config: {problem}"));
+        lines.push(format!("config: {}: {}", problem.message, problem.fix));
         ok = false;
     }
     for consumer in &config.consumers {

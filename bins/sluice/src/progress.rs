@@ -4,6 +4,8 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use sluice_core::text::{duration, rate, thousands};
+
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     what: String,
@@ -18,9 +20,27 @@ impl Progress {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} rows  {per_sec}  ETA {eta}",
+                    "{msg} [{bar:30}] {done}/{total} rows  {rate}  ETA {eta}",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .with_key(
+                    "done",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = w.write_str(&thousands(s.pos()));
+                    },
+                )
+                .with_key(
+                    "total",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = w.write_str(&thousands(s.len().unwrap_or(0)));
+                    },
+                )
+                .with_key(
+                    "rate",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = w.write_str(&rate(s.per_sec(), "rows"));
+                    },
+                )
                 .progress_chars("=> "),
             );
             bar.set_message(what.to_owned());
@@ -50,15 +70,20 @@ impl Progress {
         }
         self.last_line = Some(now);
         let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = done as f64 / elapsed;
-        let eta = if rate > 0.0 && done < self.total {
-            format!("{:.0}s", (self.total - done) as f64 / rate)
+        let per_second = done as f64 / elapsed;
+        let eta = if per_second > 0.0 && done < self.total {
+            duration(Duration::from_secs_f64(
+                (self.total - done) as f64 / per_second,
+            ))
         } else {
             "-".into()
         };
         eprintln!(
-            "{}: {done}/{} rows ({rate:.0}/s, ETA {eta})",
-            self.what, self.total
+            "{}: {}/{} rows ({}, ETA {eta})",
+            self.what,
+            thousands(done),
+            thousands(self.total),
+            rate(per_second, "rows")
         );
     }
 

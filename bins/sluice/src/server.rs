@@ -270,7 +270,8 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
     let config = load(&path)?;
     let problems = config.problems();
     if !problems.is_empty() {
-        return Err(problems.join("\n"));
+        let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        return Err(all.join("\nerror: "));
     }
     let server = Server::open(&config).await.map_err(|e| e.to_string())?;
     let token = config.api.token.resolve().map_err(|e| {
@@ -327,7 +328,9 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
                     server.reconcile(&config).await;
                 }
                 Ok(config) => {
-                    let problems = config.problems().join("; ");
+                    let problems: Vec<String> =
+                        config.problems().iter().map(|p| p.to_string()).collect();
+                    let problems = problems.join("; ");
                     tracing::error!(problems = %problems, "config not applied");
                     server.reload_refused(Some(problems));
                 }

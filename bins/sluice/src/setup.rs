@@ -165,12 +165,12 @@ pub(crate) fn settings(url: &str) -> Result<ConnectionSettings, Error> {
 /// Prints a check report for a person or as JSON; the exit code says whether anything needs fixing.
 pub(crate) fn print_report(report: &sluice_core::CheckReport, json: bool) -> ExitCode {
     if json {
-        println!(
+        sayln!(
             "{}",
             serde_json::to_string_pretty(report).unwrap_or_default()
         );
     } else {
-        print!("{}", report.render());
+        say!("{}", report.render());
     }
     if report.is_ok() {
         ExitCode::SUCCESS
@@ -186,14 +186,14 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
             let password = spec.sync_password.clone().unwrap_or_else(generate_password);
             let plan =
                 plan(&spec, None, &password).map_err(|r| Error::configuration(r.problem, r.fix))?;
-            println!(
+            sayln!(
                 "-- sluice setup for database {:?}: run as a database owner or superuser.",
                 spec.database
             );
-            println!(
+            sayln!(
                 "-- Safe to run twice. Keep the sync user's password below where sluice reads it.\n"
             );
-            print!("{}", plan.script(true));
+            say!("{}", plan.script(true));
             Ok(ExitCode::SUCCESS)
         }
         Action::Apply {
@@ -214,16 +214,16 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
                     "plan": applied.plan,
                     "generated_password": applied.generated_password.as_ref().map(secrecy::ExposeSecret::expose_secret),
                 });
-                println!("{out:#}");
+                sayln!("{out:#}");
             } else if applied.plan.is_empty() {
-                println!("nothing to do: the target is already set up");
+                sayln!("nothing to do: the target is already set up");
             } else {
-                print!("{}", applied.plan.script(false));
-                println!("-- done: {} statement(s) applied", applied.plan.steps.len());
+                say!("{}", applied.plan.script(false));
+                sayln!("-- done: {} statement(s) applied", applied.plan.steps.len());
             }
             if let (false, Some(password)) = (json, &applied.generated_password) {
                 use secrecy::ExposeSecret;
-                println!(
+                sayln!(
                     "\nthe sync user {:?} was created with this password, shown once and stored nowhere:\n  {}\nput it where sluice reads it (for example an environment variable named in sluice.toml)",
                     spec.sync_user,
                     password.expose_secret()
@@ -244,25 +244,25 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
             to,
         } => {
             let renamed = rename_schema(&settings(&url)?, &read_role, &from, &to).await?;
-            print!("{}", renamed.plan.script(false));
-            println!("{}", renamed.message);
+            say!("{}", renamed.plan.script(false));
+            sayln!("{}", renamed.message);
             Ok(ExitCode::SUCCESS)
         }
         Action::RebuildSchema { url, schema } => {
             let emptied = sluice_provisioning::rebuild_schema(&settings(&url)?, &schema).await?;
-            println!(
+            sayln!(
                 "emptied {} table(s) in {schema:?}: {}",
                 emptied.len(),
                 emptied.join(", ")
             );
-            println!(
+            sayln!(
                 "now restart the consumer's backfill: POST /v1/consumers/<name>/restart-backfill"
             );
             Ok(ExitCode::SUCCESS)
         }
         Action::DropSchema { url, schema } => {
             drop_schema(&settings(&url)?, &schema).await?;
-            println!("dropped schema {schema:?}");
+            sayln!("dropped schema {schema:?}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -286,10 +286,10 @@ pub async fn read_access(args: ReadAccess, grant: bool) -> Result<ExitCode, Erro
     let sync = settings(&args.url)?;
     if grant {
         grant_read(&sync, &args.read_role, &args.users).await?;
-        println!("granted {} to {}", args.read_role, args.users.join(", "));
+        sayln!("granted {} to {}", args.read_role, args.users.join(", "));
     } else {
         revoke_read(&sync, &args.read_role, &args.users).await?;
-        println!("revoked {} from {}", args.read_role, args.users.join(", "));
+        sayln!("revoked {} from {}", args.read_role, args.users.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

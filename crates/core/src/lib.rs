@@ -42,6 +42,7 @@ mod source;
 pub mod sql;
 mod stream;
 mod target;
+pub mod text;
 
 pub use config::{
     AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,
@@ -53,7 +54,7 @@ pub use error::{Error, ErrorClass, Result};
 pub use health::{
     Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition,
 };
-pub use load::ConfigError;
+pub use load::{ConfigError, Problem};
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };

@@ -20,16 +20,19 @@ pub struct ConfigError {
     pub column: Option<usize>,
     /// What is wrong and what was expected.
     pub message: String,
+    /// What to change.
+    pub fix: String,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.line, self.column) {
             (Some(line), Some(column)) => {
-                write!(f, "{}:{line}:{column}: {}", self.file, self.message)
+                write!(f, "{}:{line}:{column}: {}", self.file, self.message)?
             }
-            _ => write!(f, "{}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message)?,
         }
+        write!(f, "\n  fix: {}", self.fix)
     }
 }
 
@@ -44,6 +47,7 @@ impl Config {
             line: None,
             column: None,
             message: format!("cannot read it: {e}"),
+            fix: "check the path, or write a starter file with `sluice init`".into(),
         })?;
         Config::parse(&text, &file, |name| std::env::var(name).ok())
     }
@@ -54,7 +58,7 @@ impl Config {
         file: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let at = |offset: Option<usize>, message: String| {
+        let at = |offset: Option<usize>, (message, fix): (String, String)| {
             let (line, column) = match offset {
                 Some(offset) => {
                     let before = &text[..offset.min(text.len())];
@@ -74,25 +78,32 @@ impl Config {
                 line,
                 column,
                 message,
+                fix,
             }
         };
         // The shape is checked on the text as written (placeholders are strings), so every
         // mistake has a position.
         if let Err(e) = toml::from_str::<Config>(text) {
-            return Err(at(e.span().map(|s| s.start), e.message().trim().to_owned()));
+            let offset = e.span().map(|s| s.start);
+            return Err(at(offset, explain(e.message().trim(), text, offset)));
         }
-        let mut table: toml::Table = toml::from_str(text)
-            .map_err(|e| at(e.span().map(|s| s.start), e.message().to_owned()))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            at(offset, explain(e.message(), text, offset))
+        })?;
         for (_, value) in table.iter_mut() {
             substitute(value, &env)
-                .map_err(|(placeholder, message)| at(text.find(&placeholder), message))?;
+                .map_err(|(placeholder, problem)| at(text.find(&placeholder), problem))?;
         }
         toml::Value::Table(table).try_into::<Config>().map_err(|e| {
             at(
                 None,
-                format!(
-                    "after substituting environment variables: {}",
-                    e.message().trim()
+                (
+                    format!(
+                        "after substituting environment variables: {}",
+                        e.message().trim()
+                    ),
+                    "check the values the environment variables hold".to_owned(),
                 ),
             )
         })
@@ -104,7 +115,7 @@ impl Config {
 fn substitute(
     value: &mut toml::Value,
     env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), (String, String)> {
+) -> Result<(), BadPlaceholder> {
     match value {
         toml::Value::String(s) if s.contains('$') => *s = interpolate(s, env)?,
         toml::Value::Array(items) => items.iter_mut().try_for_each(|v| substitute(v, env))?,
@@ -114,7 +125,11 @@ fn substitute(
     Ok(())
 }
 
-fn interpolate(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, (String, String)> {
+/// A placeholder that cannot be substituted: the placeholder (to locate it), what is wrong,
+/// and the fix.
+type BadPlaceholder = (String, (String, String));
+
+fn interpolate(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, BadPlaceholder> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -127,7 +142,10 @@ fn interpolate(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String,
             let end = after.find('}').ok_or_else(|| {
                 (
                     "${".to_owned(),
-                    "a `${` is not closed by `}` (write `$$` for a literal dollar sign)".to_owned(),
+                    (
+                        "a `${` is not closed by `}`".to_owned(),
+                        "close it, or write `$$` for a literal dollar sign".to_owned(),
+                    ),
                 )
             })?;
             let inner = &after[..end];
@@ -138,7 +156,11 @@ fn interpolate(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String,
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err((
                     format!("${{{inner}"),
-                    format!("`${{{inner}}}` is not a variable name (letters, digits, _)"),
+                    (
+                        format!("`${{{inner}}}` is not a variable name"),
+                        "use letters, digits and _ (write `$$` for a literal dollar sign)"
+                            .to_owned(),
+                    ),
                 ));
             }
             match (env(name), default) {
@@ -147,8 +169,11 @@ fn interpolate(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String,
                 (None, None) => {
                     return Err((
                         format!("${{{name}"),
-                        format!(
-                            "environment variable {name} is not set (give a default with ${{{name}:-value}})"
+                        (
+                            format!("environment variable {name} is not set"),
+                            format!(
+                                "export {name}=… before running sluice, or give a default with ${{{name}:-value}}"
+                            ),
                         ),
                     ));
                 }
@@ -163,39 +188,172 @@ fn interpolate(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String,
     Ok(out)
 }
 
+/// A parser's message with its fix: an unknown key gets the closest known one, and a sync
+/// without an `id` gets why it needs one and a fresh one to paste.
+fn explain(message: &str, text: &str, offset: Option<usize>) -> (String, String) {
+    let message = message.trim();
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((unknown, expected)) = rest.split_once('`')
+    {
+        let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        if let Some(best) = closest(unknown, known.iter().copied()) {
+            return (message.to_owned(), format!("did you mean `{best}`?"));
+        }
+    }
+    let in_sync_table = offset.is_some_and(|o| {
+        let o = o.min(text.len());
+        let before = &text[..o];
+        text[o..].trim_start().starts_with("[[sync]]")
+            || before
+                .rfind("[[")
+                .is_some_and(|i| before[i..].starts_with("[[sync]]"))
+    });
+    if message.contains("missing field `id`") && in_sync_table {
+        return (
+            "this [[sync]] has no `id`. It is a UUID that names the sync's records for good: records, \
+             checkpoints and consumer rows are keyed by it, so it must never change (a new id makes \
+             every record new)"
+                .to_owned(),
+            format!(
+                "add  id = \"{}\"  (freshly generated; keep it)",
+                uuid::Uuid::new_v4()
+            ),
+        );
+    }
+    (
+        message.to_owned(),
+        "correct it at that position; `sluice config schema` lists every key and its type"
+            .to_owned(),
+    )
+}
+
+/// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
+pub(crate) fn closest<'a>(
+    word: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d > 0 && *d <= (c.chars().count() / 3).clamp(1, 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            current[j + 1] = (previous[j] + usize::from(ca != *cb))
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// A mistake in a config that the parser could not see, with its fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// What is wrong.
+    pub message: String,
+    /// What to change.
+    pub fix: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\n  fix: {}", self.message, self.fix)
+    }
+}
+
+fn problem(message: String, fix: impl Into<String>) -> Problem {
+    Problem {
+        message,
+        fix: fix.into(),
+    }
+}
+
+/// "did you mean …?" for `name` among `known`, else the list of known names.
+fn suggestion<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
+    match closest(name, known.clone()) {
+        Some(best) => format!("did you mean {best:?}?"),
+        None => {
+            let all: Vec<&str> = known.collect();
+            if all.is_empty() {
+                format!("add a {what} with that name")
+            } else {
+                format!("use one of the configured {what}s: {all:?}")
+            }
+        }
+    }
+}
+
 impl Config {
     /// Problems a parser cannot see: duplicate names, consumers naming an unknown target or
     /// sync. Empty when the config is consistent.
-    pub fn problems(&self) -> Vec<String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for t in &self.targets {
             if !seen.insert(("target", t.name.clone())) {
-                problems.push(format!("two targets are named {:?}", t.name));
+                problems.push(problem(
+                    format!("two targets are named {:?}", t.name),
+                    "give each [[target]] its own name",
+                ));
             }
         }
         let mut ids = std::collections::BTreeSet::new();
         for s in &self.syncs {
             if !seen.insert(("sync", s.name.clone())) {
-                problems.push(format!("two syncs are named {:?}", s.name));
+                problems.push(problem(
+                    format!("two syncs are named {:?}", s.name),
+                    "give each [[sync]] its own name",
+                ));
             }
             if !ids.insert(s.id) {
-                problems.push(format!(
-                    "sync {:?} reuses the id {} of another sync",
-                    s.name, s.id
+                problems.push(problem(
+                    format!("sync {:?} reuses the id {} of another sync", s.name, s.id),
+                    format!(
+                        "give the newer sync its own id, e.g. id = \"{}\" (never change the id of a sync that has run)",
+                        uuid::Uuid::new_v4()
+                    ),
                 ));
             }
         }
         for c in &self.consumers {
             if !seen.insert(("consumer", c.name.0.clone())) {
-                problems.push(format!("two consumers are named {:?}", c.name.0));
+                problems.push(problem(
+                    format!("two consumers are named {:?}", c.name.0),
+                    "give each [[consumer]] its own name",
+                ));
             }
             if !self.targets.iter().any(|t| t.name == c.target) {
-                let known: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
-                problems.push(format!("consumer {:?} writes to target {:?}, which is not configured (targets: {known:?})", c.name.0, c.target));
+                problems.push(problem(
+                    format!(
+                        "consumer {:?} writes to target {:?}, which is not configured",
+                        c.name.0, c.target
+                    ),
+                    suggestion(
+                        "target",
+                        &c.target,
+                        self.targets.iter().map(|t| t.name.as_str()),
+                    ),
+                ));
             }
-            if let Err(e) = c.filter.resolve(&self.syncs) {
-                problems.push(format!("consumer {:?}: {e}", c.name.0));
+            if let crate::FilterConfig::Sync { name, .. } = &c.filter
+                && !self.syncs.iter().any(|s| &s.name == name)
+            {
+                problems.push(problem(
+                    format!(
+                        "consumer {:?} reads sync {name:?}, which is not configured",
+                        c.name.0
+                    ),
+                    suggestion("sync", name, self.syncs.iter().map(|s| s.name.as_str())),
+                ));
             }
         }
         // A connection through an agent needs that agent registered under [agents].
@@ -216,13 +374,45 @@ impl Config {
                     .as_ref()
                     .is_some_and(|a| a.agents.iter().any(|a| &a.name == name));
                 if !registered {
-                    problems.push(format!(
-                        "{who} goes through agent {name:?}, which is not registered: add it under [[agents.agent]] with its public key"
+                    problems.push(problem(
+                        format!("{who} goes through agent {name:?}, which is not registered"),
+                        format!(
+                            "add it under [[agents.agent]]: name = {name:?}, public_key = what `sluice-agent keygen` printed"
+                        ),
                     ));
                 }
             }
         }
         problems
+    }
+
+    /// Secrets the config names whose environment variable is not set or whose file does
+    /// not exist, each as `(where, what is missing)`. Values are never read into the result.
+    pub fn missing_secrets(&self) -> Vec<(String, String)> {
+        let mut named: Vec<(String, &crate::SecretSource)> =
+            vec![("[api] token".to_owned(), &self.api.token)];
+        for t in &self.targets {
+            if let Some(p) = &t.connection.password {
+                named.push((format!("target {:?} password", t.name), p));
+            }
+        }
+        for s in &self.syncs {
+            if let crate::SourceConfig::Postgres { connection, .. } = &s.source
+                && let Some(p) = &connection.password
+            {
+                named.push((format!("sync {:?} password", s.name), p));
+            }
+        }
+        named
+            .into_iter()
+            .filter_map(|(who, source)| match source {
+                crate::SecretSource::Env(var) => std::env::var_os(var)
+                    .is_none()
+                    .then(|| (who, format!("environment variable {var} is not set"))),
+                crate::SecretSource::File(path) => (!path.exists())
+                    .then(|| (who, format!("file {} does not exist", path.display()))),
+            })
+            .collect()
     }
 }
 
@@ -259,7 +449,34 @@ password = { env = "SLUICE_TARGET_PASSWORD" }
         let err = Config::parse(TEXT, "sluice.toml", |_| None).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "sluice.toml:7:9: environment variable DB_HOST is not set (give a default with ${DB_HOST:-value})"
+            "sluice.toml:7:9: environment variable DB_HOST is not set\n  fix: export DB_HOST=… before running sluice, or give a default with ${DB_HOST:-value}"
+        );
+    }
+
+    #[test]
+    fn typos_get_the_closest_name_and_a_sync_without_id_gets_one() {
+        let typo = TEXT.replace("database =", "databse =");
+        let err = Config::parse(&typo, "sluice.toml", env).unwrap_err();
+        assert_eq!(err.fix, "did you mean `database`?", "{err}");
+        let far = TEXT.replace("database =", "xyzzy =");
+        let err = Config::parse(&far, "sluice.toml", env).unwrap_err();
+        assert!(!err.fix.contains("did you mean"), "{err}");
+        assert!(
+            err.to_string().contains("\n  fix: "),
+            "every error has a fix: {err}"
+        );
+        let no_id = "[[sync]]\nname = \"app\"\nsource = { provider = \"http\" }\n";
+        let err = Config::parse(no_id, "sluice.toml", env).unwrap_err();
+        assert!(err.message.contains("must never change"), "{err}");
+        let fresh = err.fix.split('"').nth(1).unwrap();
+        assert!(uuid::Uuid::parse_str(fresh).is_ok(), "{err}");
+        assert_eq!(
+            closest("warehose", ["warehouse", "events"].into_iter()),
+            Some("warehouse")
+        );
+        assert_eq!(
+            closest("read_roll", ["read_role", "user"].into_iter()),
+            Some("read_role")
         );
     }
 

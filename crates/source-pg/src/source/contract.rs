@@ -50,8 +50,26 @@ impl Source for PostgresSource {
         Ok(out)
     }
 
+    /// The prerequisites; with `create_missing`, a missing publication or slot is what the
+    /// source will create, so it is reported as such (as `config plan` says), not as a gap.
     async fn check(&self) -> CheckReport {
-        crate::check(&self.inner.settings, &self.inner.spec).await
+        let mut report = crate::check(&self.inner.settings, &self.inner.spec).await;
+        if self.inner.options.create_missing {
+            for f in &mut report.findings {
+                if !f.ok
+                    && (f.check == "publication" || f.check == "slot")
+                    && f.message.contains("does not exist")
+                {
+                    f.ok = true;
+                    f.message = format!(
+                        "{}: it will be created when the sync starts (create_missing = true)",
+                        f.message
+                    );
+                    f.fix = None;
+                }
+            }
+        }
+        report
     }
 
     async fn plan(&self) -> CheckReport {

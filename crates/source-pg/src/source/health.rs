@@ -60,7 +60,10 @@ impl Health for PostgresSource {
             health.observe(
                 "backfill",
                 Status::Healthy,
-                format!("complete ({} rows)", progress.total_rows),
+                format!(
+                    "complete ({} rows)",
+                    sluice_core::text::thousands(progress.total_rows)
+                ),
                 None,
                 now,
             );
@@ -70,7 +73,9 @@ impl Health for PostgresSource {
                 Status::Initializing,
                 format!(
                     "reading {collection}: {} of ~{} rows ({} more tables)",
-                    progress.rows, progress.estimate, progress.remaining
+                    sluice_core::text::thousands(progress.rows),
+                    sluice_core::text::thousands(progress.estimate),
+                    progress.remaining
                 ),
                 None,
                 now,
