@@ -136,9 +136,14 @@ enum SourceAction {
     /// Check version, wal_level, the REPLICATION attribute, grants, the publication, its
     /// tables and the slot, as the replication user; every gap comes with its fix.
     Check {
-        /// The replication user's connection URL.
+        /// The replication user's connection URL (or --sync NAME).
         #[arg(long, env = "SLUICE_SOURCE_URL", hide_env_values = true)]
-        url: String,
+        url: Option<String>,
+        /// A sync of the config: its connection (through its tunnel), publication and slot.
+        #[arg(long, value_name = "NAME")]
+        sync: Option<String>,
+        #[command(flatten)]
+        config: config_file::ConfigFile,
         /// The publication.
         #[arg(long, default_value = "sluice_publication")]
         publication: String,
@@ -321,13 +326,35 @@ fn main() -> ExitCode {
                 action:
                     SourceAction::Check {
                         url,
+                        sync,
+                        config,
                         publication,
                         slot,
                         json,
                     },
             } => {
-                let spec = sluice_source_pg::SourceSpec { publication, slot };
-                let report = sluice_source_pg::check(&setup::settings(&url)?, &spec).await;
+                let report = match (sync, url) {
+                    (Some(name), _) => {
+                        let (path, config) = config.load()?;
+                        let sync = config.syncs.iter().find(|s| s.name == name).ok_or_else(|| {
+                            sluice_core::Error::configuration(
+                                format!("{} has no sync named {name:?}", path.display()),
+                                setup::did_you_mean(&name, config.syncs.iter().map(|s| s.name.as_str())),
+                            )
+                        })?;
+                        plan::check_one_sync(sync).await?
+                    }
+                    (None, Some(url)) => {
+                        let spec = sluice_source_pg::SourceSpec { publication, slot };
+                        sluice_source_pg::check(&setup::settings(&url)?, &spec).await
+                    }
+                    (None, None) => {
+                        return Err(sluice_core::Error::configuration(
+                            "no source given",
+                            "pass --url (or set SLUICE_SOURCE_URL) with the replication user's URL, or --sync NAME from the config",
+                        ));
+                    }
+                };
                 Ok(setup::print_report(&report, json))
             }
             Command::Config {

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use sluice_core::{
-    CheckReport, Config, ConnectionConfig, EntityKind, EntityRef, LayoutConfig, TunnelConfig,
+    CheckReport, Config, ConnectionConfig, EntityKind, EntityRef, LayoutConfig, SyncConfig,
+    TunnelConfig,
 };
 use sluice_stream::EmbeddedStream;
 use sluice_target_pg::{ConsumerTable, SchemaMirrorTarget};
@@ -160,28 +161,37 @@ pub async fn check(config: &Config) -> Vec<(EntityRef, CheckReport)> {
             kind: EntityKind::Sync,
             name: sync.name.clone(),
         };
-        let mut report = CheckReport::default();
-        let mut settings = None;
-        let mut _tunnels = Vec::new();
-        if let Some(connection) = sync.source.connection() {
-            if !tunnel_hops(connection, &mut report).await {
-                out.push((entity, report));
-                continue;
-            }
-            match settings_for(connection, None).await {
-                Ok((s, t)) => (settings, _tunnels) = (Some(s), t),
-                Err(e) => {
-                    report.push("connect", false, e.to_string(), e.fix().map(str::to_owned));
-                    out.push((entity, report));
-                    continue;
-                }
-            }
-        }
-        let source = source_for(sync, scratch.stream.clone(), settings);
-        report.findings.extend(source.check().await.findings);
-        out.push((entity, report));
+        out.push((entity, check_sync(sync, &scratch).await));
     }
     out
+}
+
+/// One sync: its tunnel hop by hop, then everything its source needs upstream.
+async fn check_sync(sync: &SyncConfig, scratch: &Scratch) -> CheckReport {
+    let mut report = CheckReport::default();
+    let mut settings = None;
+    let mut _tunnels = Vec::new();
+    if let Some(connection) = sync.source.connection() {
+        if !tunnel_hops(connection, &mut report).await {
+            return report;
+        }
+        match settings_for(connection, None).await {
+            Ok((s, t)) => (settings, _tunnels) = (Some(s), t),
+            Err(e) => {
+                report.push("connect", false, e.to_string(), e.fix().map(str::to_owned));
+                return report;
+            }
+        }
+    }
+    let source = source_for(sync, scratch.stream.clone(), settings);
+    report.findings.extend(source.check().await.findings);
+    report
+}
+
+/// `sluice source check --sync NAME`: that sync of the config, as `sluice check` checks it.
+pub async fn check_one_sync(sync: &SyncConfig) -> Result<CheckReport, sluice_core::Error> {
+    let scratch = Scratch::open().await.map_err(sluice_core::Error::invalid)?;
+    Ok(check_sync(sync, &scratch).await)
 }
 
 /// Checks a tunnelled connection hop by hop into `report`. False when the database cannot be

@@ -5,12 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
 use secrecy::SecretString;
-use sluice_core::Error;
+use sluice_core::{Error, TargetConfig};
 use sluice_provisioning::{
     Preset, SchemaUse, SetupSpec, apply, check, drop_schema, generate_password, grant_read, plan,
     rename_schema, revoke_read,
 };
 use sluice_target_pg::ConnectionSettings;
+
+use crate::config_file::ConfigFile;
 
 #[derive(Subcommand, Debug)]
 pub enum Action {
@@ -30,11 +32,11 @@ pub enum Action {
     },
     /// Verify the setup as the sync user; every gap comes with the SQL that fixes it.
     Check {
-        /// The sync user's connection URL.
+        /// The sync user's connection URL (or --target NAME).
         #[arg(long, env = "SLUICE_TARGET_URL", hide_env_values = true)]
-        url: String,
+        url: Option<String>,
         #[command(flatten)]
-        spec: SpecArgs,
+        spec: SchemaArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -82,21 +84,22 @@ enum PresetArg {
     Supabase,
 }
 
-/// What the target should look like.
+/// Which database, read role and schemas; from flags, or from a target of the config.
 #[derive(Args, Debug)]
-pub struct SpecArgs {
-    /// The database sluice writes into (default: the URL's database).
+pub struct SchemaArgs {
+    /// A target of the config: its database, sync user, read role and the schemas its
+    /// consumers write are used wherever the flags below leave them out.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    #[command(flatten)]
+    config: ConfigFile,
+    /// The database sluice writes into [default: the URL's, or the target's]
     #[arg(long)]
     database: Option<String>,
-    /// The role sluice logs in as.
-    #[arg(long, default_value = "sluice")]
-    sync_user: String,
-    /// The role that can read everything sluice writes.
-    #[arg(long, default_value = "sluice_read")]
-    read_role: String,
-    /// Use the legacy names: sluice_<random> and sluice_read_<same random>.
-    #[arg(long, conflicts_with_all = ["sync_user", "read_role"])]
-    legacy_names: bool,
+    /// The role that can read everything sluice writes [default: sluice_read, or the
+    /// target's read_role]
+    #[arg(long)]
+    read_role: Option<String>,
     /// A sync schema sluice creates and owns (schema-mirror layout). Repeatable.
     #[arg(long = "schema")]
     schemas: Vec<String>,
@@ -106,6 +109,19 @@ pub struct SpecArgs {
     /// Sync into an existing schema that holds objects sluice does not own. Repeatable.
     #[arg(long = "adopt-existing-schema")]
     adopted_schemas: Vec<String>,
+}
+
+/// What the target should look like, for `setup sql` and `setup apply`.
+#[derive(Args, Debug)]
+pub struct SpecArgs {
+    #[command(flatten)]
+    schema: SchemaArgs,
+    /// The role sluice logs in as [default: sluice, or the target's user]
+    #[arg(long)]
+    sync_user: Option<String>,
+    /// Use the legacy names: sluice_<random> and sluice_read_<same random>.
+    #[arg(long, conflicts_with_all = ["sync_user", "read_role"])]
+    legacy_names: bool,
     /// A hosted-database preset.
     #[arg(long, value_enum)]
     preset: Option<PresetArg>,
@@ -124,25 +140,115 @@ pub struct SpecArgs {
     sync_password_env: Option<String>,
 }
 
-impl SpecArgs {
-    fn spec(&self, default_database: Option<&str>) -> Result<SetupSpec, Error> {
+/// A target of the config, found by name (with the closest name when there is none).
+pub(crate) fn config_target(config: &ConfigFile, name: &str) -> Result<TargetConfig, Error> {
+    let (path, loaded) = config.load()?;
+    let found = loaded.targets.iter().find(|t| t.name == name).cloned();
+    found.ok_or_else(|| {
+        let known = loaded.targets.iter().map(|t| t.name.as_str());
+        Error::configuration(
+            format!("{} has no target named {name:?}", path.display()),
+            did_you_mean(name, known),
+        )
+    })
+}
+
+/// "did you mean …?", or the names there are.
+pub(crate) fn did_you_mean<'a>(name: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
+    match sluice_core::text::closest(name, known.clone()) {
+        Some(best) => format!("did you mean {best:?}?"),
+        None => format!("use one of: {:?}", known.collect::<Vec<_>>()),
+    }
+}
+
+/// The schemas a target's consumers write into, and how.
+type TargetSchemas = Vec<(String, SchemaUse)>;
+
+impl SchemaArgs {
+    /// The target the command names, with the schemas its consumers write into.
+    fn target(&self) -> Result<Option<(TargetConfig, TargetSchemas)>, Error> {
+        let Some(name) = &self.target else {
+            return Ok(None);
+        };
+        let target = config_target(&self.config, name)?;
+        let (_, config) = self.config.load()?;
+        let mut schemas = Vec::new();
+        for consumer in config.consumers.iter().filter(|c| &c.target == name) {
+            let schema = match &consumer.layout {
+                sluice_core::LayoutConfig::ConsumerTable { schema, .. } => {
+                    (schema.clone(), SchemaUse::Granted)
+                }
+                sluice_core::LayoutConfig::SchemaMirror { schema, .. } => {
+                    (schema.clone(), SchemaUse::Owned)
+                }
+            };
+            if !schemas.contains(&schema) {
+                schemas.push(schema);
+            }
+        }
+        Ok(Some((target, schemas)))
+    }
+
+    /// The spec's database, read role and schemas; `default_database` is the URL's.
+    fn apply_to(&self, default_database: Option<&str>) -> Result<SetupSpec, Error> {
+        let target = self.target()?;
         let database = self
             .database
             .as_deref()
+            .or(target.as_ref().map(|(t, _)| t.connection.database.as_str()))
             .or(default_database)
-            .ok_or_else(|| Error::configuration("no database named", "pass --database NAME"))?;
+            .ok_or_else(|| {
+                Error::configuration("no database named", "pass --database NAME or --target NAME")
+            })?;
         let mut spec = SetupSpec::new(database);
-        if self.legacy_names {
-            spec = spec.legacy_names();
-        } else {
-            spec.sync_user = self.sync_user.clone();
-            spec.read_role = self.read_role.clone();
+        if let Some((t, _)) = &target {
+            spec.sync_user = t.connection.user.clone();
+            spec.read_role = t.read_role.clone();
+        }
+        if let Some(role) = &self.read_role {
+            spec.read_role = role.clone();
+        }
+        let flagged = !(self.schemas.is_empty()
+            && self.granted_schemas.is_empty()
+            && self.adopted_schemas.is_empty());
+        if !flagged && let Some((_, schemas)) = &target {
+            for (name, usage) in schemas {
+                spec = spec.schema(name, *usage);
+            }
         }
         for name in &self.schemas {
             spec = spec.schema(name, SchemaUse::Owned);
         }
         for name in self.granted_schemas.iter().chain(&self.adopted_schemas) {
             spec = spec.schema(name, SchemaUse::Granted);
+        }
+        Ok(spec)
+    }
+
+    /// The sync user's connection: `url`, or the target's (through its tunnel, kept open
+    /// while the returned tunnels live).
+    async fn connection(
+        &self,
+        url: Option<&str>,
+    ) -> Result<(ConnectionSettings, Vec<sluice_tunnel::BastionTunnel>), Error> {
+        match (url, self.target()?) {
+            (_, Some((target, _))) => crate::connect::settings_for(&target.connection, None).await,
+            (Some(url), None) => Ok((settings(url)?, Vec::new())),
+            (None, None) => Err(Error::configuration(
+                "no connection given",
+                "pass --url (or set SLUICE_TARGET_URL) with the sync user's URL, or --target NAME from the config",
+            )),
+        }
+    }
+}
+
+impl SpecArgs {
+    fn spec(&self, default_database: Option<&str>) -> Result<SetupSpec, Error> {
+        let mut spec = self.schema.apply_to(default_database)?;
+        if self.legacy_names {
+            spec = spec.legacy_names();
+        } else if let Some(user) = &self.sync_user {
+            spec.sync_user = user.clone();
         }
         spec.preset = self.preset.map(|PresetArg::Supabase| Preset::Supabase);
         spec.readers = self.readers.clone();
@@ -232,10 +338,10 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Action::Check { url, spec, json } => {
-            let sync = settings(&url)?;
-            let mut spec = spec.spec(Some(&sync.database))?;
-            spec.sync_user = sync.user.clone();
-            Ok(print_report(&check(&sync, &spec).await, json))
+            let (sync, _tunnels) = spec.connection(url.as_deref()).await?;
+            let mut setup = spec.apply_to(Some(&sync.database))?;
+            setup.sync_user = sync.user.clone();
+            Ok(print_report(&check(&sync, &setup).await, json))
         }
         Action::RenameSchema {
             url,
@@ -271,25 +377,44 @@ pub async fn run(action: Action) -> Result<ExitCode, Error> {
 /// Arguments of `grant-read` / `revoke-read`.
 #[derive(Args, Debug)]
 pub struct ReadAccess {
-    /// The sync user's connection URL.
+    /// The sync user's connection URL (or --target NAME).
     #[arg(long, env = "SLUICE_TARGET_URL", hide_env_values = true)]
-    url: String,
-    /// The read role.
-    #[arg(long, default_value = "sluice_read")]
-    read_role: String,
+    url: Option<String>,
+    /// A target of the config: its connection and read role.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    #[command(flatten)]
+    config: ConfigFile,
+    /// The read role [default: sluice_read, or the target's read_role]
+    #[arg(long)]
+    read_role: Option<String>,
     /// The users.
     #[arg(required = true)]
     users: Vec<String>,
 }
 
 pub async fn read_access(args: ReadAccess, grant: bool) -> Result<ExitCode, Error> {
-    let sync = settings(&args.url)?;
+    let (sync, read_role, _tunnels) = match (&args.target, &args.url) {
+        (Some(name), _) => {
+            let target = config_target(&args.config, name)?;
+            let (sync, tunnels) = crate::connect::settings_for(&target.connection, None).await?;
+            (sync, target.read_role, tunnels)
+        }
+        (None, Some(url)) => (settings(url)?, "sluice_read".to_owned(), Vec::new()),
+        (None, None) => {
+            return Err(Error::configuration(
+                "no connection given",
+                "pass --url (or set SLUICE_TARGET_URL) with the sync user's URL, or --target NAME from the config",
+            ));
+        }
+    };
+    let read_role = args.read_role.clone().unwrap_or(read_role);
     if grant {
-        grant_read(&sync, &args.read_role, &args.users).await?;
-        sayln!("granted {} to {}", args.read_role, args.users.join(", "));
+        grant_read(&sync, &read_role, &args.users).await?;
+        sayln!("granted {read_role} to {}", args.users.join(", "));
     } else {
-        revoke_read(&sync, &args.read_role, &args.users).await?;
-        sayln!("revoked {} from {}", args.read_role, args.users.join(", "));
+        revoke_read(&sync, &read_role, &args.users).await?;
+        sayln!("revoked {read_role} from {}", args.users.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

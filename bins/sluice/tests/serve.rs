@@ -414,10 +414,26 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
         0,
         "paused"
     );
-    let (status, _) = api
-        .post("/v1/consumers/app-records/resume", json!({}))
-        .await;
-    assert_eq!(status, 200);
+    // Resumed from the command line: the API's address and token come from the config.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["consumer", "resume", "app-records", "--config"])
+        .arg(&path)
+        .env("TEST_API_TOKEN", TOKEN)
+        .env_remove("SLUICE_API_TOKEN")
+        .env_remove("SLUICE_API_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("consumer app-records:"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     wait_until(
         "the paused change arrives after resume",
         &env,
@@ -435,11 +451,15 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
             let (code, out) = sluice_status(&env);
             // Entity rows; each is followed by its checks, indented.
             code == 1
-                && out.lines().skip(1).filter(|l| !l.starts_with(' ')).all(|l| {
-                    l.contains(" healthy")
-                        || (l.starts_with("target")
-                            && l.contains("payload: 1 record(s) contained NUL"))
-                })
+                && out
+                    .lines()
+                    .skip(1)
+                    .filter(|l| !l.starts_with(' '))
+                    .all(|l| {
+                        l.contains(" healthy")
+                            || (l.starts_with("target")
+                                && l.contains("payload: 1 record(s) contained NUL"))
+                    })
         },
     )
     .await;
@@ -448,7 +468,10 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
         assert!(out.contains(name), "{out}");
     }
     // Every check is shown, not only the worst: the source's backfill with its row count.
-    assert!(out.contains("    healthy      backfill: complete (500 rows)"), "{out}");
+    assert!(
+        out.contains("    healthy      backfill: complete (500 rows)"),
+        "{out}"
+    );
     assert!(out.contains("replication: streaming changes"), "{out}");
 
     // Listing, inspecting, metrics, the OpenAPI document.

@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::Path;
 
 use crate::Config;
+use crate::text::closest;
 
 /// A config file that cannot be used, located in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,34 +226,6 @@ fn explain(message: &str, text: &str, offset: Option<usize>) -> (String, String)
         "correct it at that position; `sluice config schema` lists every key and its type"
             .to_owned(),
     )
-}
-
-/// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
-pub(crate) fn closest<'a>(
-    word: &str,
-    candidates: impl Iterator<Item = &'a str>,
-) -> Option<&'a str> {
-    candidates
-        .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d > 0 && *d <= (c.chars().count() / 3).clamp(1, 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
-/// Levenshtein distance, by characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            current[j + 1] = (previous[j] + usize::from(ca != *cb))
-                .min(previous[j + 1] + 1)
-                .min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
 }
 
 /// A mistake in a config that the parser could not see, with its fix.
