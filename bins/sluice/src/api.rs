@@ -306,6 +306,30 @@ async fn restart_backfill(
     control(app, name, "restart", headers, body).await
 }
 
+/// One histogram family, per consumer, in Prometheus' text format.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: &[(String, sluice_consumer::HistogramSnapshot)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (consumer, h) in series {
+        let mut cumulative = 0;
+        for (i, count) in h.buckets.iter().enumerate() {
+            cumulative += count;
+            let le = sluice_consumer::HISTOGRAM_BOUNDS
+                .get(i)
+                .map_or("+Inf".to_owned(), |b| b.to_string());
+            let l = labels(&[("consumer", consumer), ("le", &le)]);
+            let _ = writeln!(out, "{name}_bucket{l} {cumulative}");
+        }
+        let l = labels(&[("consumer", consumer)]);
+        let _ = writeln!(out, "{name}_sum{l} {:.6}", h.sum_seconds);
+        let _ = writeln!(out, "{name}_count{l} {}", h.count());
+    }
+}
+
 /// Prometheus text exposition.
 async fn metrics(State(app): State<App>) -> Response {
     let server = &app.server;
@@ -324,10 +348,20 @@ async fn metrics(State(app): State<App>) -> Response {
         "The records stream's highest position.",
         vec![(String::new(), head.to_string())],
     );
-    let mut appended = Vec::new();
+    let (mut appended, mut retained, mut rows, mut estimated) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (name, entry) in &entities.syncs {
-        let n = entry.source.progress().appended;
-        appended.push((labels(&[("sync", name)]), n.to_string()));
+        let progress = entry.source.progress();
+        appended.push((labels(&[("sync", name)]), progress.appended.to_string()));
+        if let Some(bytes) = progress.details.get("slot_retained_wal_bytes") {
+            retained.push((labels(&[("sync", name)]), bytes.to_string()));
+        }
+        let collections = progress.details.get("backfill").map(|b| &b["collections"]);
+        for (collection, c) in collections.and_then(Value::as_object).into_iter().flatten() {
+            let l = labels(&[("sync", name), ("collection", collection)]);
+            rows.push((l.clone(), c["rows"].to_string()));
+            estimated.push((l, c["estimate"].to_string()));
+        }
     }
     family(
         "sluice_records_appended_total",
@@ -335,17 +369,35 @@ async fn metrics(State(app): State<App>) -> Response {
         "Records a sync has appended to the stream since start.",
         appended,
     );
-    let (mut applied, mut lag_r, mut lag_s, mut sum, mut count) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    family(
+        "sluice_slot_retained_wal_bytes",
+        "gauge",
+        "WAL the source's replication slot holds, at the last health check.",
+        retained,
+    );
+    family(
+        "sluice_backfill_rows",
+        "gauge",
+        "Rows a sync's backfill has read from each table.",
+        rows,
+    );
+    family(
+        "sluice_backfill_rows_estimated",
+        "gauge",
+        "The planner's estimate of each table's rows, for the backfill's progress.",
+        estimated,
+    );
+    let (mut applied, mut lag_r, mut lag_s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut batch, mut latency) = (Vec::new(), Vec::new());
     for (name, entry) in &entities.consumers {
         let l = labels(&[("consumer", name)]);
         let stats = entry.handle.stats();
         let (records, seconds) = server::consumer_lag(&server.stream, entry).await;
         applied.push((l.clone(), stats.applied.to_string()));
         lag_r.push((l.clone(), records.to_string()));
-        lag_s.push((l.clone(), format!("{seconds:.3}")));
-        sum.push((l.clone(), format!("{:.6}", stats.batch_seconds)));
-        count.push((l, stats.batches.to_string()));
+        lag_s.push((l, format!("{seconds:.3}")));
+        batch.push((name.clone(), stats.batch_duration));
+        latency.push((name.clone(), stats.change_to_target));
     }
     family(
         "sluice_records_applied_total",
@@ -365,17 +417,18 @@ async fn metrics(State(app): State<App>) -> Response {
         "Age of the oldest record the consumer has not written yet.",
         lag_s,
     );
-    family(
-        "sluice_batch_duration_seconds_sum",
-        "counter",
-        "Time spent writing batches.",
-        sum,
+    let mut histograms = String::new();
+    histogram(
+        &mut histograms,
+        "sluice_batch_duration_seconds",
+        "How long writing one batch to the target took.",
+        &batch,
     );
-    family(
-        "sluice_batch_duration_seconds_count",
-        "counter",
-        "Batches written.",
-        count,
+    histogram(
+        &mut histograms,
+        "sluice_change_to_target_seconds",
+        "From a change upstream (its upstream_updated_at) to its commit in the target.",
+        &latency,
     );
     drop(entities);
     let mut health = Vec::new();
@@ -405,6 +458,7 @@ async fn metrics(State(app): State<App>) -> Response {
         "1 for each entity's current status.",
         health,
     );
+    out.push_str(&histograms);
     (
         [(
             header::CONTENT_TYPE,

@@ -489,10 +489,31 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
         "sluice_records_appended_total{sync=\"events\"} 2",
         "sluice_consumer_lag_records{consumer=\"pushed\"} 0",
         "sluice_batch_duration_seconds_count{consumer=\"app-records\"}",
+        "# TYPE sluice_batch_duration_seconds histogram",
+        "sluice_batch_duration_seconds_bucket{consumer=\"app-records\",le=\"+Inf\"}",
+        "# TYPE sluice_change_to_target_seconds histogram",
+        "sluice_change_to_target_seconds_bucket{consumer=\"pushed\",le=\"0.5\"}",
+        "sluice_backfill_rows{sync=\"app\",collection=\"public.orders\"} 500",
+        "sluice_backfill_rows_estimated{sync=\"app\",collection=\"public.orders\"}",
+        "sluice_slot_retained_wal_bytes{sync=\"app\"}",
         "sluice_health_status{kind=\"consumer\",name=\"app-records\",status=\"healthy\"} 1",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
+    // Every record the consumer wrote is in its latency histogram.
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        count("sluice_change_to_target_seconds_count{consumer=\"app-records\"}"),
+        count("sluice_records_applied_total{consumer=\"app-records\"}"),
+        "{metrics}"
+    );
     let openapi = api.get("/v1/openapi.json").await;
     assert_eq!(openapi["openapi"], "3.1.0");
     assert!(openapi["paths"]["/v1/syncs/{name}/records"]["post"].is_object());

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use sluice_core::{Consumer, ConsumerId, Error, Health, HealthReport, RecordFilter, Seq};
 use time::OffsetDateTime;
 
+use crate::histogram::HistogramSnapshot;
 use crate::runtime::{Control, Shared};
 
 /// What a consumer has done since it started.
@@ -19,6 +20,10 @@ pub struct ConsumerStats {
     pub batches: u64,
     /// Time spent applying batches, in total.
     pub batch_seconds: f64,
+    /// How long each batch took to write.
+    pub batch_duration: HistogramSnapshot,
+    /// From each change upstream (its `upstream_updated_at`) to its commit in the target.
+    pub change_to_target: HistogramSnapshot,
 }
 
 /// Controls and observes a running consumer (implements [`Consumer`] and [`Health`]).
@@ -39,6 +44,8 @@ impl ConsumerHandle {
             applied: self.shared.applied.load(Ordering::Relaxed),
             batches: self.shared.batches.load(Ordering::Relaxed),
             batch_seconds: self.shared.batch_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            batch_duration: self.shared.batch_seconds.snapshot(),
+            change_to_target: self.shared.latency.snapshot(),
         }
     }
 

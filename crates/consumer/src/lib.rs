@@ -37,9 +37,11 @@
 
 mod alerts;
 mod handle;
+mod histogram;
 mod runtime;
 
 pub use alerts::{AlertSink, LogSink, WebhookSink};
 pub use handle::{ConsumerHandle, ConsumerStats};
+pub use histogram::{BOUNDS as HISTOGRAM_BOUNDS, HistogramSnapshot};
 pub use runtime::ConsumerRuntime;
 pub use sluice_core::Consumer;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::alerts::{AlertSink, LogSink};
 use crate::handle::ConsumerHandle;
+use crate::histogram::Histogram;
 
 /// What the user asked the consumer to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +39,10 @@ pub(crate) struct Shared {
     pub(crate) applied: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) batch_micros: AtomicU64,
+    /// How long writing a batch took.
+    pub(crate) batch_seconds: Histogram,
+    /// From a change upstream (`upstream_updated_at`) to its commit in the target.
+    pub(crate) latency: Histogram,
     pub(crate) caught_up: AtomicBool,
     pub(crate) last_write: Mutex<Option<OffsetDateTime>>,
     pub(crate) last_error: Mutex<Option<String>>,
@@ -225,6 +230,8 @@ impl ConsumerRuntime {
             applied: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             batch_micros: AtomicU64::new(0),
+            batch_seconds: Histogram::default(),
+            latency: Histogram::default(),
             caught_up: AtomicBool::new(false),
             last_write: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -447,11 +454,17 @@ impl ConsumerRuntime {
         shared.cursor.store(through.0, Ordering::Release);
         shared.applied.fetch_add(count as u64, Ordering::Relaxed);
         shared.batches.fetch_add(1, Ordering::Relaxed);
+        let took = started.elapsed();
         shared
             .batch_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        *shared.last_write.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(OffsetDateTime::now_utc());
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        shared.batch_seconds.observe(took.as_secs_f64());
+        let written = OffsetDateTime::now_utc();
+        for entry in &batch.entries {
+            let since = written - entry.record.upstream_updated_at;
+            shared.latency.observe(since.as_seconds_f64());
+        }
+        *shared.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(written);
         shared.observe(
             "target",
             Status::Healthy,

@@ -37,5 +37,5 @@ mod wire;
 
 pub use prerequisites::{SourceSpec, check, ensure_publication_and_slot, plan};
 pub use source::{PostgresSource, SourceOptions};
-pub use tables::BackfillProgress;
+pub use tables::{BackfillProgress, CollectionProgress};
 pub use wire::Lsn;

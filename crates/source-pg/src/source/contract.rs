@@ -85,6 +85,9 @@ impl Source for PostgresSource {
         let mut details = serde_json::Map::new();
         details.insert("backfill".into(), json!(self.backfill_progress()));
         details.insert("confirmed_lsn".into(), json!(self.confirmed()));
+        if let Some(bytes) = self.status(|s| s.slot_retained_bytes) {
+            details.insert("slot_retained_wal_bytes".into(), json!(bytes));
+        }
         SourceProgress {
             appended: self.appended(),
             details,

@@ -81,6 +81,10 @@ impl Health for PostgresSource {
                 now,
             );
         }
+        if let Ok(Some((lag, _))) = &slot {
+            // Kept for metrics, which open no connection.
+            self.status(|s| s.slot_retained_bytes = Some(*lag));
+        }
         match slot {
             Ok(Some((lag, active))) => {
                 let warn = lag > inner.options.slot_lag_warning_bytes;

@@ -91,6 +91,8 @@ struct SourceStatus {
     last_activity: Option<OffsetDateTime>,
     confirmed: Lsn,
     notices: Vec<String>,
+    /// WAL the slot held at the last health check, in bytes.
+    slot_retained_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for PostgresSource {

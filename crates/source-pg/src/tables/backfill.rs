@@ -123,6 +123,20 @@ pub struct BackfillProgress {
     pub done: bool,
     /// Rows read over all tables.
     pub total_rows: u64,
+    /// Each table read (or being read) since the source started: rows read and the planner's
+    /// estimate, by collection.
+    pub collections: BTreeMap<String, CollectionProgress>,
+}
+
+/// One table's backfill.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CollectionProgress {
+    /// Rows read.
+    pub rows: u64,
+    /// The planner's estimate of its rows.
+    pub estimate: u64,
+    /// True once the whole table has been read.
+    pub done: bool,
 }
 
 /// Everything a backfill needs.
@@ -192,14 +206,20 @@ impl Backfill<'_> {
             }
             let mut rows_here = 0u64;
             self.set_progress(|p| {
-                *p = BackfillProgress {
-                    collection: Some(collection.clone()),
-                    rows: 0,
-                    estimate: table.estimate,
-                    remaining: todo.len() - i - 1,
-                    done: false,
-                    total_rows: state.rows,
-                }
+                p.collection = Some(collection.clone());
+                p.rows = 0;
+                p.estimate = table.estimate;
+                p.remaining = todo.len() - i - 1;
+                p.done = false;
+                p.total_rows = state.rows;
+                p.collections.insert(
+                    collection.clone(),
+                    CollectionProgress {
+                        rows: 0,
+                        estimate: table.estimate,
+                        done: false,
+                    },
+                );
             });
             tracing::info!(collection, estimate = table.estimate, "backfill: reading");
             loop {
@@ -260,9 +280,14 @@ impl Backfill<'_> {
                         }),
                     )
                     .await?;
+                let finished = state.current.is_none();
                 self.set_progress(|p| {
                     p.rows = rows_here;
                     p.total_rows = state.rows;
+                    if let Some(c) = p.collections.get_mut(&collection) {
+                        c.rows = rows_here;
+                        c.done = finished;
+                    }
                 });
                 if state.current.is_none() {
                     tracing::info!(collection, rows = rows_here, "backfill: table done");

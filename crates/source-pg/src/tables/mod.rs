@@ -12,8 +12,8 @@ use crate::values::{Kind, TypeMap, to_json};
 mod backfill;
 mod watermarks;
 
-pub use backfill::BackfillProgress;
 pub(crate) use backfill::{Backfill, TableRereads};
+pub use backfill::{BackfillProgress, CollectionProgress};
 pub(crate) use watermarks::Watermarks;
 
 /// A published table as sluice reads it.
