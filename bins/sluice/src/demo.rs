@@ -84,6 +84,25 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         .await
         .map_err(local)?;
 
+    step(
+        "Creating the source's replication user the way docs/postgres-source.md says: it may replicate and read the published tables, nothing else",
+    );
+    let replication_password = sluice_provisioning::generate_password();
+    let replication_sql = format!(
+        "create role sluice_replication with login replication password '{}';
+         grant select on all tables in schema public to sluice_replication;
+         create publication sluice_publication for all tables;",
+        replication_password.expose_secret()
+    );
+    source
+        .execute("postgres", &replication_sql)
+        .await
+        .map_err(local)?;
+    sayln!(
+        "{}",
+        replication_sql.replace(replication_password.expose_secret(), "<generated>")
+    );
+
     // Secrets go to private files the config points at: nothing secret is in the config.
     let secret = |name: &str, value: &str| -> Result<std::path::PathBuf, Error> {
         let path = dir.path().join(name);
@@ -93,7 +112,7 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
     let token = sluice_provisioning::generate_password();
     let token_file = secret("api-token", token.expose_secret())?;
     let target_pw = secret("target-password", sync_password.expose_secret())?;
-    let source_pw = secret("source-password", source.superuser_password())?;
+    let source_pw = secret("source-password", replication_password.expose_secret())?;
     let api_port = free_port()?;
     let config_path = dir.path().join("sluice.toml");
     std::fs::write(
@@ -210,19 +229,28 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         "API: curl -H \"Authorization: Bearer $(cat {})\" http://127.0.0.1:{api_port}/v1/status",
         token_file.display()
     );
-    sayln!(
-        "status: SLUICE_API_URL=http://127.0.0.1:{api_port} SLUICE_API_TOKEN=$(cat {}) sluice status",
-        token_file.display()
-    );
-    match args.duration {
-        Some(secs) => {
-            sayln!("\n(stopping in {secs} s)");
-            tokio::time::sleep(Duration::from_secs(secs)).await;
+    // The binary as it was started (a `cargo run`, an installed one, a path), so the hint
+    // works when pasted.
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "sluice".to_owned());
+    sayln!("status: {exe} status --config {}", config_path.display());
+    let stop = async {
+        match args.duration {
+            Some(secs) => {
+                sayln!("\n(stopping in {secs} s)");
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+            }
+            None => {
+                sayln!("\nPress Ctrl-C to stop; the databases are removed when the demo ends.");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-        None => {
-            sayln!("\nPress Ctrl-C to stop; the databases are removed when the demo ends.");
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    };
+    sayln!("Changes you make on the source appear here as they arrive:");
+    tokio::select! {
+        _ = stop => {}
+        _ = watch_changes(&server) => {}
     }
     step("Stopping: batches finish, checkpoints are written, the throwaway databases are removed");
     sayln!("{}", crate::status::table(&server.health_now().await));
@@ -230,6 +258,34 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
     stop_api.send_replace(true);
     let _ = api.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints each change as it arrives in the records stream, until cancelled.
+async fn watch_changes(server: &Server) {
+    use sluice_core::{Change, Provider, RecordFilter, RecordStream};
+    let stream = &server.stream;
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    let mut after = stream.head().await.unwrap_or_default();
+    loop {
+        stream.wait_past(after).await;
+        let Ok(read) = stream.read(&filter, after, 100).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for entry in &read.entries {
+            let key = &entry.record.key;
+            match &entry.record.change {
+                Change::Delete => sayln!("  -> {} {}: deleted", key.collection_id, key.upstream_id),
+                Change::Upsert { payload } => sayln!(
+                    "  -> {} {}: {}",
+                    key.collection_id,
+                    key.upstream_id,
+                    serde_json::Value::Object(payload.clone())
+                ),
+            }
+        }
+        after = read.through.max(after);
+    }
 }
 
 fn free_port() -> Result<u16, Error> {
@@ -276,7 +332,7 @@ create_missing = true
 host = "127.0.0.1"
 port = {sport}
 database = "postgres"
-user = "postgres"
+user = "sluice_replication"
 password = {{ file = "{source_pw}" }}
 ssl = {{ mode = "disable" }}
 

@@ -628,12 +628,67 @@ async fn serve_without_an_api_token_says_how_to_set_one() {
 }
 
 #[tokio::test]
-async fn the_demo_runs_to_completion_with_a_short_duration() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--duration", "1", "--rows", "3000"])
-        .output()
+async fn the_demo_runs_to_completion_shows_changes_made_meanwhile_and_its_hints_work() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--duration", "10", "--rows", "3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdout = String::new();
+    let (mut source_url, mut status_hint) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while source_url.is_none() || status_hint.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the demo never printed its hints:\n{stdout}"));
+        if let Some(url) =
+            line.strip_prefix("source (change something and watch it arrive): psql '")
+        {
+            source_url = Some(url.trim_end_matches('\'').to_owned());
+        }
+        if let Some(command) = line.strip_prefix("status: ") {
+            status_hint = Some(command.to_owned());
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    // A change made "in psql" while the demo runs appears in its output.
+    let mut conn =
+        <sqlx::PgConnection as sqlx::Connection>::connect(source_url.as_deref().unwrap())
+            .await
+            .unwrap();
+    sqlx::query(
+        "insert into public.orders (id, customer, total) values (777777, 'from the test', 1.25)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // The status hint works as printed.
+    let hint = status_hint.unwrap();
+    let parts: Vec<&str> = hint.split(' ').collect();
+    let status = Command::new(parts[0]).args(&parts[1..]).output().unwrap();
+    let status_out = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status_out.contains("consumer  demo"),
+        "{hint}: {status_out}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     for needle in [
@@ -641,7 +696,8 @@ async fn the_demo_runs_to_completion_with_a_short_duration() {
         "arrived in the target after",
         "\"status\": \"paid\"",
         "2: deleted",
-        "psql 'postgres://",
+        "-> public.orders 777777: {",
+        "create role sluice_replication with login replication password '<generated>'",
         "consumer  demo         healthy",
     ] {
         assert!(
@@ -649,7 +705,7 @@ async fn the_demo_runs_to_completion_with_a_short_duration() {
             "{needle:?} missing:\n{stdout}\n{stderr}"
         );
     }
-    // The generated sync password is never shown.
+    // The generated passwords are never shown.
     assert!(
         stdout.contains("with login password '<the sync user password>'"),
         "{stdout}"
