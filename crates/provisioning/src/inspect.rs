@@ -138,38 +138,42 @@ async fn schema_privilege(
     .await
 }
 
+/// Tables (and views) in `schema` on which `role` lacks `privilege`.
 async fn tables_missing(
     conn: &mut PgConnection,
     schema: &str,
     role: &str,
     privilege: &str,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select count(*) as "n!" from pg_class c join pg_namespace n on n.oid = c.relnamespace
-           where n.nspname = $1 and c.relkind in ('r', 'p', 'v', 'm', 'f')
-             and not coalesce((select has_table_privilege(r.oid, c.oid, $3) from pg_roles r where r.rolname = $2), false)"#,
-        schema,
-        role,
-        privilege
-    )
-    .fetch_one(conn)
-    .await
+    tables_where(conn, schema, role, privilege, false).await
 }
 
-/// Tables in `schema` on which `role` holds `privilege`.
+/// Tables (and views) in `schema` on which `role` holds `privilege`.
 async fn tables_granted(
     conn: &mut PgConnection,
     schema: &str,
     role: &str,
     privilege: &str,
 ) -> Result<i64, sqlx::Error> {
+    tables_where(conn, schema, role, privilege, true).await
+}
+
+/// How many tables in `schema` `role` holds (`held`) or lacks `privilege` on.
+async fn tables_where(
+    conn: &mut PgConnection,
+    schema: &str,
+    role: &str,
+    privilege: &str,
+    held: bool,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(
         r#"select count(*) as "n!" from pg_class c join pg_namespace n on n.oid = c.relnamespace
            where n.nspname = $1 and c.relkind in ('r', 'p', 'v', 'm', 'f')
-             and coalesce((select has_table_privilege(r.oid, c.oid, $3) from pg_roles r where r.rolname = $2), false)"#,
+             and coalesce((select has_table_privilege(r.oid, c.oid, $3) from pg_roles r where r.rolname = $2), false) = $4"#,
         schema,
         role,
-        privilege
+        privilege,
+        held
     )
     .fetch_one(conn)
     .await
