@@ -138,7 +138,7 @@ pub async fn check(config: &Config) -> Vec<(EntityRef, CheckReport)> {
                 Ok((settings, _tunnels)) => report
                     .findings
                     .extend(settings.check_reachable().await.findings),
-                Err(e) => report.push("connect", false, e.to_string(), e.fix().map(str::to_owned)),
+                Err(e) => report.push("connect", false, e.problem(), e.fix().map(str::to_owned)),
             }
         }
         out.push((entity, report));
@@ -178,7 +178,7 @@ async fn check_sync(sync: &SyncConfig, scratch: &Scratch) -> CheckReport {
         match settings_for(connection, None).await {
             Ok((s, t)) => (settings, _tunnels) = (Some(s), t),
             Err(e) => {
-                report.push("connect", false, e.to_string(), e.fix().map(str::to_owned));
+                report.push("connect", false, e.problem(), e.fix().map(str::to_owned));
                 return report;
             }
         }

@@ -114,11 +114,10 @@ pub(crate) fn failed_report(
         kind,
         name: name.to_owned(),
     });
-    let message = error.to_string();
     state.observe(
         check,
         Status::Error,
-        message.lines().next().unwrap_or_default().to_owned(),
+        error.problem(),
         error.fix().map(str::to_owned),
         OffsetDateTime::now_utc(),
     );

@@ -108,7 +108,7 @@ impl Shared {
             _ => self.observe(
                 "target",
                 Status::Error,
-                error.to_string(),
+                error.problem(),
                 error.fix().map(str::to_owned),
             ),
         }
@@ -527,7 +527,7 @@ impl ConsumerRuntime {
             key.collection_id,
             key.upstream_id,
             refused.seq.0,
-            error.to_string().lines().next().unwrap_or_default()
+            error.problem()
         );
         tracing::error!(consumer = %shared.id, "paused {reason}");
         shared.observe(

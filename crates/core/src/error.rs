@@ -106,6 +106,15 @@ impl Error {
             _ => None,
         }
     }
+
+    /// What is wrong, without the fix: for reports and health checks that show the fix on
+    /// its own ([`fix`](Error::fix)). `Display` gives both.
+    pub fn problem(&self) -> String {
+        match self {
+            Error::Configuration { problem, .. } => problem.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// `Result` with the core [`Error`].
@@ -140,5 +149,13 @@ mod tests {
             Error::invalid("payload is not an object").class(),
             ErrorClass::GiveUp
         );
+    }
+
+    #[test]
+    fn the_problem_is_the_message_without_its_fix() {
+        let e = Error::configuration("no grant", "grant select on t to u;");
+        assert_eq!(e.problem(), "no grant");
+        assert_eq!(e.to_string(), "no grant\n  fix: grant select on t to u;");
+        assert_eq!(Error::invalid("bad").problem(), "bad");
     }
 }

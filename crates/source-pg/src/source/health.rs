@@ -17,7 +17,7 @@ impl Health for PostgresSource {
                 s.streaming,
                 s.last_error
                     .as_ref()
-                    .map(|e| (e.to_string(), e.fix().map(str::to_owned), e.class())),
+                    .map(|e| (e.problem(), e.fix().map(str::to_owned), e.class())),
                 s.last_activity,
                 s.notices.clone(),
             )

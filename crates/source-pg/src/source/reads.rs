@@ -94,7 +94,7 @@ impl PostgresSource {
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .map(|e| {
-                let problem = e.to_string().lines().next().unwrap_or_default().to_owned();
+                let problem = e.problem();
                 let fix = match e.class() {
                     ErrorClass::GiveUp => Some(
                         "correct the rows upstream (the message says what the server refused), then restart sluice (or change the sync in the config): the table is read again".to_owned(),

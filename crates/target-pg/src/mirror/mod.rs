@@ -293,7 +293,7 @@ impl Target for SchemaMirrorTarget {
             Err(e) => self.observe(
                 "writes",
                 Status::Error,
-                e.to_string(),
+                e.problem(),
                 e.fix().map(str::to_owned),
             ),
         }
