@@ -1011,9 +1011,10 @@ async fn memory_stays_bounded_through_a_push_burst_and_a_target_outage_and_comes
     assert!(terminate(&mut child).success());
 }
 
-/// A target behind a bastion that is down when `serve` starts: the consumer is registered
-/// anyway (status `error`, exit 1), pushed records wait in the stream, and once the bastion is
-/// up they all land without a reload. A wrong pin stays `error` with its fix. Meanwhile a
+/// A source and a target behind a bastion that is down when `serve` starts: the sync and the
+/// consumers are registered anyway (status `error`, exit 1), pushed records wait in the
+/// stream, and once the bastion is up the source backfills and everything lands without a
+/// reload. A wrong pin stays `error` with its fix. Meanwhile a
 /// bastion that accepts connections but never answers does not slow the API down.
 #[tokio::test]
 async fn consumers_behind_a_bastion_that_is_down_start_by_themselves_once_it_is_up() {
@@ -1069,7 +1070,25 @@ token = {{ env = "TEST_API_TOKEN" }}
 name = "events"
 id = "0b7e8d6c-1111-4c51-9a3e-0c1d2e3f4a5b"
 source = {{ provider = "http" }}
+
+[[sync]]
+name = "app"
+id = "6f1c2a7e-4b7d-4c51-9a3e-0c1d2e3f4a5b"
+[sync.source]
+provider = "postgres"
+create_missing = true
+connection = {{ host = "127.0.0.1", port = {sport}, database = "postgres", user = "postgres", password = {{ env = "TEST_SOURCE_PASSWORD" }}, ssl = {{ mode = "disable" }}, tunnel = {{ kind = "bastion", host = "127.0.0.1", port = {ssh_port}, user = "{user}", key_file = "{key}", host_key_fingerprint = "{pin}" }} }}
+
+[[consumer]]
+name = "app-records"
+target = "behind-bastion"
+filter = {{ sync = {{ name = "app" }} }}
+layout = {{ kind = "consumer_table", schema = "sluice", table = "records" }}
 {behind}{pinned}{frozen}{c1}{c2}{c3}"#,
+        sport = env.source.port(),
+        user = sshd::whoami(),
+        key = key_file.display(),
+        pin = sshd::host_key_fingerprint(&host_key),
         data = env.dir.path().join("data").display(),
         port = env.port,
         behind = target(
@@ -1119,6 +1138,15 @@ source = {{ provider = "http" }}
     let (code, out) = sluice_status(&env);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("through-bastion"), "{out}");
+    let sync = api.get("/v1/syncs/app").await;
+    assert_eq!(sync["running"], false, "{sync}");
+    assert_eq!(sync["health"]["status"], "error", "{sync}");
+    assert!(
+        sync["health"]["checks"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot start")),
+        "{sync}"
+    );
 
     // While one start hangs on the silent bastion, health answers from memory.
     for path in ["/v1/status", "/metrics", "/v1/consumers"] {
@@ -1136,13 +1164,27 @@ source = {{ provider = "http" }}
 
     // Up three seconds later: everything pushed lands, without a reload.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // One key, allowed to forward to both databases.
     let line =
-        sluice_tunnel::keys::authorized_keys_line(&key.public, "127.0.0.1", env.target.port());
+        sluice_tunnel::keys::authorized_keys_line(&key.public, "127.0.0.1", env.target.port())
+            .replacen(
+                "permitopen=",
+                &format!("permitopen=\"127.0.0.1:{}\",permitopen=", env.source.port()),
+                1,
+            );
     let _bastion = sshd::Sshd::start_with(env.dir.path(), &line, ssh_port, host_key);
     wait_until("every pushed record lands", &env, 60, async || {
         target_count(&env, "sluice.pushed", "true").await == 200
     })
     .await;
+    wait_until(
+        "the source behind the bastion backfills",
+        &env,
+        60,
+        async || target_count(&env, "sluice.records", "true").await == 500,
+    )
+    .await;
+    assert_eq!(api.get("/v1/syncs/app").await["running"], true);
     wait_until("the consumer is healthy", &env, 30, async || {
         api.get("/v1/consumers/through-bastion").await["health"]["status"] == "healthy"
     })
