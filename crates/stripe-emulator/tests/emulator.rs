@@ -143,5 +143,9 @@ async fn keys_rate_limits_and_connected_accounts() {
     let (status, body) = get(&stripe, "/v1/customers", KEY, None).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "api_key_expired");
-    assert_eq!(stripe.requests().len(), 11, "every request is counted, refused ones too");
+    assert_eq!(
+        stripe.requests().len(),
+        11,
+        "every request is counted, refused ones too"
+    );
 }
