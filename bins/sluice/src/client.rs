@@ -28,11 +28,15 @@ pub struct Api {
 }
 
 impl ApiArgs {
-    /// The API to talk to. The config is read only for what the flags leave out.
+    /// The API to talk to. The config is read only for what the flags leave out; a config
+    /// file that exists but cannot be used is an error (located in the file), not ignored.
     pub fn api(&self) -> Result<Api, Error> {
         let config = match (&self.api, &self.token) {
             (Some(_), Some(_)) => None,
-            _ => self.config.load().ok().map(|(_, c)| c),
+            _ => match self.config.path() {
+                Err(_) => None, // no config file anywhere: the flags and defaults alone
+                Ok(_) => Some(self.config.load()?.1),
+            },
         };
         let base = match (&self.api, &config) {
             (Some(api), _) => api.clone(),

@@ -113,6 +113,15 @@ fn the_config_is_named_one_way_with_the_old_spellings_still_working() {
         text(&out)
     );
 
+    // `status` reads the API's address and token from the config; a broken one is an error
+    // located in the file, not silently ignored.
+    std::fs::write(dir.path().join("broken.toml"), "[api]\nlisten = 7780\n").unwrap();
+    let out = sluice(dir.path(), &["status", "-c", "broken.toml"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = text(&out);
+    assert!(said.starts_with("error: broken.toml:2:"), "{said}");
+    assert!(said.contains("\n  fix: "), "{said}");
+
     // `config schema`, and the older `config-schema`, print the same document.
     let new = sluice(dir.path(), &["config", "schema"], &[]);
     let old = sluice(dir.path(), &["config-schema"], &[]);
