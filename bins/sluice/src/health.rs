@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_core::{Check, EntityKind, EntityRef, Health, HealthReport, Status};
 use time::OffsetDateTime;
@@ -19,10 +19,10 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// The longest one entity's checks may take; past it, its previous report is kept, marked.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The latest report of each entity.
+/// The latest report of each entity, and when it was stored.
 #[derive(Default)]
 pub struct HealthCache {
-    reports: std::sync::Mutex<BTreeMap<EntityRef, HealthReport>>,
+    reports: std::sync::Mutex<BTreeMap<EntityRef, (HealthReport, Instant)>>,
     changed: tokio::sync::Notify,
 }
 
@@ -33,7 +33,7 @@ impl HealthCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(entity)
-            .cloned()
+            .map(|(report, _)| report.clone())
             .unwrap_or_else(|| pending(entity.clone()))
     }
 }
@@ -62,6 +62,7 @@ impl Server {
     /// Runs every entity's checks now (each bounded by [`CHECK_TIMEOUT`]) and keeps the
     /// reports. The entities' lock is held only to list them.
     pub async fn refresh_health(&self) {
+        let started = Instant::now();
         let jobs: Vec<(EntityRef, Job)> = {
             let entities = self.entities.read().await;
             let mut jobs: Vec<(EntityRef, Job)> = Vec::new();
@@ -114,13 +115,21 @@ impl Server {
                 Ok(report) => report,
                 Err(_) => self.timed_out(&entity),
             };
-            fresh.insert(entity, report);
+            fresh.insert(entity, (report, started));
         }
-        *self
+        let mut reports = self
             .health
             .reports
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = fresh;
+            .unwrap_or_else(|e| e.into_inner());
+        // A report stored while these checks ran (a pause answered at once) is newer than
+        // what they saw: it stays.
+        for (entity, entry) in fresh.iter_mut() {
+            if let Some(newer) = reports.get(entity).filter(|(_, at)| *at > started) {
+                *entry = newer.clone();
+            }
+        }
+        *reports = fresh;
     }
 
     /// The previous report of an entity whose checks did not finish in time, saying so.
@@ -185,7 +194,7 @@ impl Server {
             .reports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(report.entity.clone(), report);
+            .insert(report.entity.clone(), (report, Instant::now()));
     }
 
     /// Runs every check now and returns the reports (for the demo, which prints them).
