@@ -339,7 +339,7 @@ fn main() -> ExitCode {
                         let sync = config.syncs.iter().find(|s| s.name == name).ok_or_else(|| {
                             sluice_core::Error::configuration(
                                 format!("{} has no sync named {name:?}", path.display()),
-                                setup::did_you_mean(&name, config.syncs.iter().map(|s| s.name.as_str())),
+                                sluice_core::text::suggestion("sync", &name, config.syncs.iter().map(|s| s.name.as_str())),
                             )
                         })?;
                         plan::check_one_sync(sync).await?

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
 use secrecy::SecretString;
-use sluice_core::{Error, TargetConfig};
+use sluice_core::text::suggestion;
+use sluice_core::{Config, Error, TargetConfig};
 use sluice_provisioning::{
     Preset, SchemaUse, SetupSpec, apply, check, drop_schema, generate_password, grant_read, plan,
     rename_schema, revoke_read,
@@ -140,25 +141,22 @@ pub struct SpecArgs {
     sync_password_env: Option<String>,
 }
 
-/// A target of the config, found by name (with the closest name when there is none).
-pub(crate) fn config_target(config: &ConfigFile, name: &str) -> Result<TargetConfig, Error> {
+/// A target of the config file, found by name (with the closest name when there is none),
+/// and the config it is in.
+pub(crate) fn config_target(
+    config: &ConfigFile,
+    name: &str,
+) -> Result<(TargetConfig, Config), Error> {
     let (path, loaded) = config.load()?;
     let found = loaded.targets.iter().find(|t| t.name == name).cloned();
-    found.ok_or_else(|| {
+    let target = found.ok_or_else(|| {
         let known = loaded.targets.iter().map(|t| t.name.as_str());
         Error::configuration(
             format!("{} has no target named {name:?}", path.display()),
-            did_you_mean(name, known),
+            suggestion("target", name, known),
         )
-    })
-}
-
-/// "did you mean …?", or the names there are.
-pub(crate) fn did_you_mean<'a>(name: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
-    match sluice_core::text::closest(name, known.clone()) {
-        Some(best) => format!("did you mean {best:?}?"),
-        None => format!("use one of: {:?}", known.collect::<Vec<_>>()),
-    }
+    })?;
+    Ok((target, loaded))
 }
 
 /// The schemas a target's consumers write into, and how.
@@ -170,8 +168,7 @@ impl SchemaArgs {
         let Some(name) = &self.target else {
             return Ok(None);
         };
-        let target = config_target(&self.config, name)?;
-        let (_, config) = self.config.load()?;
+        let (target, config) = config_target(&self.config, name)?;
         let mut schemas = Vec::new();
         for consumer in config.consumers.iter().filter(|c| &c.target == name) {
             let schema = match &consumer.layout {
@@ -396,7 +393,7 @@ pub struct ReadAccess {
 pub async fn read_access(args: ReadAccess, grant: bool) -> Result<ExitCode, Error> {
     let (sync, read_role, _tunnels) = match (&args.target, &args.url) {
         (Some(name), _) => {
-            let target = config_target(&args.config, name)?;
+            let (target, _) = config_target(&args.config, name)?;
             let (sync, tunnels) = crate::connect::settings_for(&target.connection, None).await?;
             (sync, target.read_role, tunnels)
         }

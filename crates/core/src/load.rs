@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::Path;
 
 use crate::Config;
-use crate::text::closest;
+use crate::text::{closest, suggestion};
 
 /// A config file that cannot be used, located in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -247,21 +247,6 @@ fn problem(message: String, fix: impl Into<String>) -> Problem {
     Problem {
         message,
         fix: fix.into(),
-    }
-}
-
-/// "did you mean …?" for `name` among `known`, else the list of known names.
-fn suggestion<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
-    match closest(name, known.clone()) {
-        Some(best) => format!("did you mean {best:?}?"),
-        None => {
-            let all: Vec<&str> = known.collect();
-            if all.is_empty() {
-                format!("add a {what} with that name")
-            } else {
-                format!("use one of the configured {what}s: {all:?}")
-            }
-        }
     }
 }
 

@@ -56,6 +56,25 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
+/// "did you mean …?" for `name` among `known`, else the list of known names.
+pub fn suggestion<'a>(
+    what: &str,
+    name: &str,
+    known: impl Iterator<Item = &'a str> + Clone,
+) -> String {
+    match closest(name, known.clone()) {
+        Some(best) => format!("did you mean {best:?}?"),
+        None => {
+            let all: Vec<&str> = known.collect();
+            if all.is_empty() {
+                format!("add a {what} with that name")
+            } else {
+                format!("use one of the configured {what}s: {all:?}")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
