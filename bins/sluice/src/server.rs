@@ -55,6 +55,9 @@ pub fn source_for(
 ) -> Arc<dyn Source> {
     match &sync.source {
         SourceConfig::Http {} => Arc::new(HttpSource::new(sync.name.clone(), sync.id, stream)),
+        SourceConfig::Stripe(stripe) => Arc::new(sluice_source_stripe::source(
+            &sync.name, sync.id, stripe, stream,
+        )),
         SourceConfig::Postgres {
             connection,
             publication,

@@ -45,9 +45,10 @@ mod target;
 pub mod text;
 
 pub use config::{
-    AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,
-    FilterConfig, JsonCollectionConfig, LagThresholds, LayoutConfig, SecretSource, SourceConfig,
-    SslConfig, SslMode, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
+    AccountsConfig, AgentEntry, AgentsConfig, AllAccounts, ApiConfig, BatchConfig, Config,
+    ConnectionConfig, ConsumerConfig, FilterConfig, JsonCollectionConfig, LagThresholds,
+    LayoutConfig, STRIPE_OBJECTS, SecretSource, SourceConfig, SslConfig, SslMode,
+    StripeSourceConfig, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
 };
 pub use consumer::{Consumer, ConsumerId};
 pub use error::{Error, ErrorClass, Result};

@@ -314,6 +314,54 @@ impl Config {
                 ));
             }
         }
+        for s in &self.syncs {
+            if let crate::SourceConfig::Stripe(crate::StripeSourceConfig {
+                collections,
+                poll_interval_ms,
+                rate_limit,
+                concurrency,
+                request_timeout_ms,
+                ..
+            }) = &s.source
+            {
+                for c in collections.iter().flatten() {
+                    let object = c.strip_prefix("stripe:").unwrap_or(c);
+                    if !crate::STRIPE_OBJECTS.contains(&object) {
+                        problems.push(problem(
+                            format!(
+                                "sync {:?} names Stripe object {c:?}, which sluice does not sync",
+                                s.name
+                            ),
+                            suggestion("object", object, crate::STRIPE_OBJECTS.into_iter()),
+                        ));
+                    }
+                }
+                if *poll_interval_ms < 50 {
+                    problems.push(problem(
+                        format!(
+                            "sync {:?}: poll_interval_ms = {poll_interval_ms} is too short",
+                            s.name
+                        ),
+                        "use at least 50 (the default is 1000: one request per second for events)",
+                    ));
+                }
+                if rate_limit.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                    problems.push(problem(
+                        format!("sync {:?}: rate_limit must be a positive number of requests per second", s.name),
+                        "remove rate_limit to use Stripe's documented limit (25/s for test keys, 100/s for live keys)",
+                    ));
+                }
+                if *concurrency == 0 || *request_timeout_ms == 0 {
+                    problems.push(problem(
+                        format!(
+                            "sync {:?}: concurrency and request_timeout_ms must be at least 1",
+                            s.name
+                        ),
+                        "remove them to use the defaults (4 requests at once, 30000 ms)",
+                    ));
+                }
+            }
+        }
         // A connection through an agent needs that agent registered under [agents].
         let connections = self
             .targets
@@ -323,7 +371,7 @@ impl Config {
                 crate::SourceConfig::Postgres { connection, .. } => {
                     Some((format!("sync {:?}", s.name), connection))
                 }
-                crate::SourceConfig::Http {} => None,
+                crate::SourceConfig::Http {} | crate::SourceConfig::Stripe(_) => None,
             }));
         for (who, connection) in connections {
             if let Some(crate::TunnelConfig::Agent { name }) = &connection.tunnel {
@@ -355,10 +403,16 @@ impl Config {
             }
         }
         for s in &self.syncs {
-            if let crate::SourceConfig::Postgres { connection, .. } = &s.source
-                && let Some(p) = &connection.password
-            {
-                named.push((format!("sync {:?} password", s.name), p));
+            match &s.source {
+                crate::SourceConfig::Postgres { connection, .. } => {
+                    if let Some(p) = &connection.password {
+                        named.push((format!("sync {:?} password", s.name), p));
+                    }
+                }
+                crate::SourceConfig::Stripe(stripe) => {
+                    named.push((format!("sync {:?} key", s.name), &stripe.key));
+                }
+                crate::SourceConfig::Http {} => {}
             }
         }
         named

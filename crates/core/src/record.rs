@@ -131,17 +131,20 @@ pub enum Provider {
     Postgres,
     /// Records pushed to sluice's HTTP API.
     Http,
+    /// Stripe's API (objects listed, then followed through `/v1/events`).
+    Stripe,
 }
 
 impl Provider {
     /// Every provider, in a stable order.
-    pub const ALL: [Provider; 2] = [Provider::Postgres, Provider::Http];
+    pub const ALL: [Provider; 3] = [Provider::Postgres, Provider::Http, Provider::Stripe];
 
     /// The provider's name as stored and shown (`postgres`, `http`).
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Postgres => "postgres",
             Provider::Http => "http",
+            Provider::Stripe => "stripe",
         }
     }
 }

@@ -37,6 +37,8 @@ pub(super) enum Kind {
     Json,
     Array,
     Bool,
+    /// `timestamp with time zone`: also takes Unix seconds (API sources' `created`).
+    Timestamp,
     Plain,
 }
 
@@ -47,6 +49,8 @@ pub(super) fn kind_of(sql_type: &str) -> Kind {
         Kind::Json
     } else if sql_type == "boolean" {
         Kind::Bool
+    } else if sql_type == "timestamp with time zone" || sql_type == "timestamptz" {
+        Kind::Timestamp
     } else {
         Kind::Plain
     }

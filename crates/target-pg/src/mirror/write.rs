@@ -310,7 +310,10 @@ fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) -> bool {
         match payload.get(&column.name) {
             None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
             Some(Value::String(s)) if column.kind != Kind::Json => {
-                sanitized |= push_text(out, s);
+                match unix_seconds(column.kind, s) {
+                    Some(t) => sanitized |= push_text(out, &t),
+                    None => sanitized |= push_text(out, s),
+                }
             }
             Some(v) if column.kind == Kind::Json => {
                 let (text, nul) = json_text(v);
@@ -342,10 +345,30 @@ fn pg_text(value: &Value, kind: Kind) -> String {
         (Kind::Json, v) => json_text(v).0,
         (Kind::Array, Value::Array(items)) => array_literal(items),
         (Kind::Bool, Value::Bool(b)) => if *b { "t" } else { "f" }.to_owned(),
+        (Kind::Timestamp, Value::Number(n)) => {
+            unix_seconds(kind, &n.to_string()).unwrap_or_else(|| n.to_string())
+        }
         (_, Value::String(s)) => s.clone(),
         (_, Value::Bool(b)) => b.to_string(),
         (_, v) => v.to_string(),
     }
+}
+
+/// A timestamp column's value given as Unix seconds (`1700000000`, as APIs send `created`),
+/// as PostgreSQL input text in UTC; `None` for anything else (written as is).
+fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
+    if kind != Kind::Timestamp || text.is_empty() || text.len() > 12 {
+        return None;
+    }
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let t = time::OffsetDateTime::from_unix_timestamp(text.parse().ok()?).ok()?;
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second]+00"
+    );
+    t.format(format).ok()
 }
 
 /// `{1,NULL,"a b"}` from a JSON array (nested arrays for more dimensions).
@@ -387,5 +410,12 @@ mod tests {
         assert_eq!(pg_text(&json!("x\u{0}y"), Kind::Json), "\"x\u{FFFD}y\"");
         assert_eq!(pg_text(&json!(true), Kind::Bool), "t");
         assert_eq!(pg_text(&json!("12.50"), Kind::Plain), "12.50");
+        assert_eq!(
+            pg_text(&json!(1700000000), Kind::Timestamp),
+            "2023-11-14 22:13:20+00"
+        );
+        assert_eq!(pg_text(&json!(1700000000), Kind::Plain), "1700000000");
+        assert_eq!(unix_seconds(Kind::Timestamp, "-1"), Some("1969-12-31 23:59:59+00".into()));
+        assert_eq!(unix_seconds(Kind::Timestamp, "2024-01-01 00:00:00+00"), None);
     }
 }
