@@ -56,6 +56,51 @@ pub const RESOURCES: [(&str, &str, &str, bool); 14] = [
     ("plans", "plan", "plan", true),
 ];
 
+/// A broken answer, for tests of what a client does with one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `200` with a body that is not JSON.
+    NotJson,
+    /// `200` with a list that has no `has_more`.
+    MissingField,
+    /// `200` whose body stops before its declared length.
+    Truncated,
+    /// `500` with Stripe's error JSON.
+    ServerError,
+}
+
+impl Fault {
+    fn respond(self) -> Response {
+        match self {
+            Fault::NotJson => (StatusCode::OK, "<html>upstream proxy error</html>").into_response(),
+            Fault::MissingField => {
+                axum::Json(json!({"object": "list", "data": [], "url": "/v1/x"})).into_response()
+            }
+            Fault::Truncated => {
+                let body = r#"{"object": "list", "data": [{"id": "cus_"#;
+                // The text, then an error: the connection is cut mid-body.
+                let stream = futures_util::stream::iter([
+                    Ok(Bytes::from_static(body.as_bytes())),
+                    Err(std::io::Error::other("connection cut")),
+                ]);
+                let mut response = Response::new(axum::body::Body::from_stream(stream));
+                response.headers_mut().insert(
+                    axum::http::header::CONTENT_LENGTH,
+                    axum::http::HeaderValue::from_static("4096"),
+                );
+                response
+            }
+            Fault::ServerError => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                None,
+                "An unknown error occurred".into(),
+            )
+            .into_response(),
+        }
+    }
+}
+
 /// The account whose data requests without `Stripe-Account` see.
 const PLATFORM: &str = "";
 
@@ -76,11 +121,17 @@ struct Inner {
     /// Events older than this many seconds are gone.
     retention: i64,
     next_id: u64,
-    /// Every `n`th request is answered 429 (0: never).
-    throttle_every: u64,
+    /// This share of requests is answered 429 (0: never), spread evenly.
+    throttle_share: f64,
+    /// Requests answered so far that counted for the throttle.
+    admitted: u64,
+    /// Faults to answer the next requests with, in order.
+    faults: std::collections::VecDeque<Fault>,
     retry_after: u64,
     /// Times of every request (seconds, fractional) and its path.
     requests: Vec<(f64, String)>,
+    /// Times of the requests answered 429.
+    throttled: Vec<f64>,
     api_version: String,
 }
 
@@ -299,7 +350,7 @@ impl Inner {
 type App = Arc<Mutex<Inner>>;
 
 /// Checks the key, counts the request, throttles; the account the request acts for.
-fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, StripeError> {
+fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Response> {
     let mut inner = app.lock().unwrap_or_else(|e| e.into_inner());
     let at = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9;
     inner.requests.push((at, path.to_owned()));
@@ -320,7 +371,8 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, StripeErr
             "invalid_request_error",
             Some("api_key_expired"),
             format!("Expired API Key provided: {shown}"),
-        ));
+        )
+        .into_response());
     }
     if !inner.keys.contains(&key) {
         return Err(error(
@@ -328,10 +380,13 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, StripeErr
             "invalid_request_error",
             None,
             format!("Invalid API Key provided: {shown}"),
-        ));
+        )
+        .into_response());
     }
-    let n = inner.requests.len() as u64;
-    if inner.throttle_every > 0 && n.is_multiple_of(inner.throttle_every) {
+    inner.admitted += 1;
+    let n = inner.admitted as f64;
+    let share = inner.throttle_share;
+    if share > 0.0 && (n * share).floor() > ((n - 1.0) * share).floor() {
         let mut refused = error(
             StatusCode::TOO_MANY_REQUESTS,
             "invalid_request_error",
@@ -339,7 +394,11 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, StripeErr
             "Too many requests hit the API too quickly.".into(),
         );
         refused.retry_after = Some(inner.retry_after);
-        return Err(refused);
+        inner.throttled.push(at);
+        return Err(refused.into_response());
+    }
+    if let Some(fault) = inner.faults.pop_front() {
+        return Err(fault.respond());
     }
     Ok(headers
         .get("stripe-account")
@@ -420,7 +479,7 @@ async fn one(
     method: axum::http::Method,
     body: Bytes,
 ) -> Response {
-    let account = match admit(&app, &headers, &path) {
+    let account = match admit(&app, &headers, &format!("{path}/{id}")) {
         Ok(a) => a,
         Err(r) => return r.into_response(),
     };
@@ -475,9 +534,12 @@ impl Emulator {
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
             retention: 30 * 24 * 3600,
             next_id: 0,
-            throttle_every: 0,
+            throttle_share: 0.0,
+            admitted: 0,
+            faults: std::collections::VecDeque::new(),
             retry_after: 1,
             requests: Vec::new(),
+            throttled: Vec::new(),
             api_version: "2024-06-20".into(),
         }));
         let app = Router::new()
@@ -562,17 +624,60 @@ impl Emulator {
         self.with(|i| i.retention = seconds);
     }
 
-    /// Answers every `n`th request with 429 and `Retry-After: retry_after` (0: never).
-    pub fn throttle(&self, n: u64, retry_after: u64) {
+    /// Answers `share` of the requests (0.3: three in ten, spread evenly) with 429 and
+    /// `Retry-After: retry_after` seconds (0.0: none).
+    pub fn throttle(&self, share: f64, retry_after: u64) {
         self.with(|i| {
-            i.throttle_every = n;
+            i.throttle_share = share;
             i.retry_after = retry_after;
         });
+    }
+
+    /// Answers the next requests (after the key check) with `faults`, one each.
+    pub fn fail_next(&self, faults: &[Fault]) {
+        self.with(|i| i.faults.extend(faults.iter().copied()));
+    }
+
+    /// Renders events created from now on at API version `version` (Stripe renders an event
+    /// at the account's version when it happened).
+    pub fn set_api_version(&self, version: &str) {
+        self.with(|i| i.api_version = version.to_owned());
+    }
+
+    /// Updates an object of a connected account.
+    pub fn update_in(
+        &self,
+        account: &str,
+        resource: &str,
+        id: &str,
+        fields: &[(&str, &str)],
+    ) -> Value {
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        self.with(|i| i.update(account, resource, id, form(body.as_bytes())))
+            .unwrap_or_else(|| panic!("no {resource} {id} in {account}"))
+    }
+
+    /// Every live object of `resource` in a connected account, oldest first.
+    pub fn objects_in(&self, account: &str, resource: &str) -> Vec<Value> {
+        self.with(|i| {
+            i.account(account)
+                .objects
+                .get(resource)
+                .cloned()
+                .unwrap_or_default()
+        })
     }
 
     /// Revokes an API key: it is then refused with `api_key_expired`.
     pub fn revoke(&self, key: &str) {
         self.with(|i| i.revoked.push(key.to_owned()));
+    }
+
+    /// When requests were answered 429 (seconds since the epoch).
+    pub fn throttled(&self) -> Vec<f64> {
+        self.with(|i| i.throttled.clone())
     }
 
     /// Every request so far: its time (seconds since the epoch) and resource path.

@@ -124,7 +124,7 @@ async fn keys_rate_limits_and_connected_accounts() {
     assert_eq!((ids(&theirs).len(), ids(&ours).len()), (1, 0));
     let (_, accounts) = get(&stripe, "/v1/accounts", KEY, None).await;
     assert_eq!(ids(&accounts), ["acct_1"]);
-    stripe.throttle(2, 3);
+    stripe.throttle(0.5, 3);
     let mut limited = 0;
     for _ in 0..6 {
         let response = reqwest::Client::new()

@@ -365,9 +365,8 @@ fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
         return None;
     }
     let t = time::OffsetDateTime::from_unix_timestamp(text.parse().ok()?).ok()?;
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day] [hour]:[minute]:[second]+00"
-    );
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]+00");
     t.format(format).ok()
 }
 
@@ -415,7 +414,13 @@ mod tests {
             "2023-11-14 22:13:20+00"
         );
         assert_eq!(pg_text(&json!(1700000000), Kind::Plain), "1700000000");
-        assert_eq!(unix_seconds(Kind::Timestamp, "-1"), Some("1969-12-31 23:59:59+00".into()));
-        assert_eq!(unix_seconds(Kind::Timestamp, "2024-01-01 00:00:00+00"), None);
+        assert_eq!(
+            unix_seconds(Kind::Timestamp, "-1"),
+            Some("1969-12-31 23:59:59+00".into())
+        );
+        assert_eq!(
+            unix_seconds(Kind::Timestamp, "2024-01-01 00:00:00+00"),
+            None
+        );
     }
 }
