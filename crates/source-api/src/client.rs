@@ -204,22 +204,24 @@ impl Client {
     }
 
     fn transport(&self, path: &str, e: reqwest::Error) -> ApiError {
+        let e = e.without_url();
+        // reqwest's own text is terse ("error sending request"); the causes say what happened.
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        let text = self.redact(&text);
         if e.is_timeout() {
             ApiError::Transport(format!(
                 "GET {path} did not answer within {} s",
                 self.timeout.as_secs_f64()
             ))
         } else if e.is_decode() || e.is_body() {
-            ApiError::Malformed(format!(
-                "GET {path}: the body was cut off: {}",
-                self.redact(&e.without_url().to_string())
-            ))
+            ApiError::Malformed(format!("GET {path}: the body was cut off: {text}"))
         } else {
-            ApiError::Transport(format!(
-                "GET {path} to {}: {}",
-                self.base_url,
-                self.redact(&e.without_url().to_string())
-            ))
+            ApiError::Transport(format!("GET {path} to {}: {text}", self.base_url))
         }
     }
 

@@ -38,6 +38,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Map, Value, json};
 
+mod localstripe;
+pub use localstripe::LocalStripe;
+
 /// The objects the emulator knows: (resource path, object name, id prefix, deletable).
 pub const RESOURCES: [(&str, &str, &str, bool); 14] = [
     ("customers", "customer", "cus", true),
