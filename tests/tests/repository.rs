@@ -157,6 +157,8 @@ fn crate_dependencies_follow_the_layering() {
         ("sluice-stream", &["sluice-core"]),
         ("sluice-localpg", &["sluice-core"]),
         ("sluice-consumer", &["sluice-core"]),
+        // The API runtime is a source's foundation: it knows no provider.
+        ("sluice-source-api", &["sluice-core"]),
         (
             "sluice-tunnel",
             &["sluice-core", "sluice-pg", "sluice-stream"],
@@ -179,8 +181,9 @@ fn crate_dependencies_follow_the_layering() {
             .find(|(n, _)| *n == name)
             .map(|(_, a)| *a)
             .or_else(|| {
-                name.starts_with("sluice-source-")
-                    .then_some(&["sluice-core", "sluice-pg", "sluice-stream"][..])
+                name.starts_with("sluice-source-").then_some(
+                    &["sluice-core", "sluice-pg", "sluice-stream", "sluice-source-api"][..],
+                )
             });
         let Some(allowed) = allowed else {
             continue; // the binaries, xtask and the end-to-end tests assemble everything

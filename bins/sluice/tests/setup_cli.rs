@@ -293,7 +293,7 @@ fn config_check_accepts_the_example_and_locates_mistakes() {
     );
     assert!(ok.status.success(), "{}", text(&ok));
     assert!(
-        text(&ok).contains("ok (1 target(s), 2 sync(s), 2 consumer(s))"),
+        text(&ok).contains("ok (1 target(s), 3 sync(s), 3 consumer(s))"),
         "{}",
         text(&ok)
     );
