@@ -182,7 +182,12 @@ fn crate_dependencies_follow_the_layering() {
             .map(|(_, a)| *a)
             .or_else(|| {
                 name.starts_with("sluice-source-").then_some(
-                    &["sluice-core", "sluice-pg", "sluice-stream", "sluice-source-api"][..],
+                    &[
+                        "sluice-core",
+                        "sluice-pg",
+                        "sluice-stream",
+                        "sluice-source-api",
+                    ][..],
                 )
             });
         let Some(allowed) = allowed else {

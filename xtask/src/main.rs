@@ -3,7 +3,7 @@
 //! - `db up|down|env`: local source and target clusters kept running for manual use.
 //! - `codegen [--check]`: the sqlx offline data (`.sqlx`) and the config JSON Schema.
 //! - `ci`: everything CI checks (formatting, clippy, generated files, all tests).
-//! - `bench target`: benchmarks, each beside a baseline measured in the same run.
+//! - `bench target|stream|consumer|mirror|replication|api`: benchmarks, each beside a baseline measured in the same run.
 
 mod codegen;
 mod db;
@@ -58,6 +58,8 @@ enum BenchKind {
     Mirror,
     /// Postgres source → stream → consumer table vs native logical replication (crates/source-pg/benches/replication.rs).
     Replication,
+    /// `sluice serve` syncing the Stripe emulator at a fixed rate limit: backfill vs its ceiling, change latency (bins/sluice/benches/api.rs).
+    Api,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -111,6 +113,7 @@ fn bench(which: BenchKind) -> Result {
         BenchKind::Consumer => ("sluice-consumer", "consumer"),
         BenchKind::Replication => ("sluice-source-pg", "replication"),
         BenchKind::Mirror => ("sluice-target-pg", "mirror"),
+        BenchKind::Api => ("sluice", "api"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

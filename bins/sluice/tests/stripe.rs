@@ -238,7 +238,9 @@ async fn stripe_lands_in_typed_tables_and_a_consumer_table_and_survives_kill_9()
     let count = "select count(*)::text from stripe.customer";
     let deadline = Instant::now() + Duration::from_secs(60);
     let n: i64 = loop {
-        let n: i64 = query(&env, count).await.map_or(0, |r| r[0].parse().unwrap());
+        let n: i64 = query(&env, count)
+            .await
+            .map_or(0, |r| r[0].parse().unwrap());
         if n >= 200 {
             break n;
         }

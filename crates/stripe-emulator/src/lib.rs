@@ -303,7 +303,7 @@ impl Inner {
     /// Stripe's list: newest first, `limit`, `starting_after` (older than), `ending_before`
     /// (newer than: the page closest to the cursor, still newest first).
     fn list(
-        items: &[Value],
+        items: &[&Value],
         query: &BTreeMap<String, String>,
         url: &str,
     ) -> Result<Value, StripeError> {
@@ -319,7 +319,7 @@ impl Inner {
                 ));
             }
         };
-        let newest_first: Vec<&Value> = items.iter().rev().collect();
+        let newest_first: Vec<&Value> = items.iter().rev().copied().collect();
         let position = |id: &String| -> Result<usize, StripeError> {
             newest_first
                 .iter()
@@ -426,13 +426,16 @@ async fn list_or_create(
     let url = format!("/v1/{path}");
     if path == "events" && method == axum::http::Method::GET {
         let horizon = inner.now - inner.retention;
-        let events: Vec<Value> = inner
-            .account(&account)
-            .events
-            .iter()
-            .filter(|e| e["created"].as_i64().unwrap_or(0) >= horizon)
-            .cloned()
-            .collect();
+        let events: Vec<&Value> = inner
+            .accounts
+            .get(&account)
+            .map(|a| {
+                a.events
+                    .iter()
+                    .filter(|e| e["created"].as_i64().unwrap_or(0) >= horizon)
+                    .collect()
+            })
+            .unwrap_or_default();
         return match Inner::list(&events, &query, &url) {
             Ok(v) => axum::Json(v).into_response(),
             Err(r) => r.into_response(),
@@ -445,6 +448,7 @@ async fn list_or_create(
             .filter(|a| !a.is_empty())
             .map(|a| json!({ "id": a, "object": "account" }))
             .collect();
+        let accounts: Vec<&Value> = accounts.iter().collect();
         return match Inner::list(&accounts, &query, &url) {
             Ok(v) => axum::Json(v).into_response(),
             Err(r) => r.into_response(),
@@ -463,11 +467,11 @@ async fn list_or_create(
         let created = inner.create(&account, known, form(&body));
         return axum::Json(created.unwrap_or_default()).into_response();
     }
-    let items = inner
-        .account(&account)
-        .objects
-        .get(known)
-        .cloned()
+    let items: Vec<&Value> = inner
+        .accounts
+        .get(&account)
+        .and_then(|a| a.objects.get(known))
+        .map(|l| l.iter().collect())
         .unwrap_or_default();
     match Inner::list(&items, &query, &url) {
         Ok(v) => axum::Json(v).into_response(),
