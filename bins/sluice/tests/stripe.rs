@@ -296,12 +296,10 @@ async fn stripe_lands_in_typed_tables_and_a_consumer_table_and_survives_kill_9()
     assert_eq!(exact, ["true"]);
 
     // kill -9 mid-incremental: changes before and after it all arrive.
+    let subscription = stripe.objects("subscriptions")[0]["id"].clone();
     stripe.update(
         "subscriptions",
-        &stripe.objects("subscriptions")[0]["id"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
+        subscription.as_str().unwrap(),
         &[("status", "past_due")],
     );
     kill9(&mut child);

@@ -459,7 +459,7 @@ impl Source for ApiSource {
         for c in &self.collections {
             match ctx.api.page(&ctx.client, account, c, None).await {
                 Ok(_) => report.push(
-                    &format!("read {}", c.id),
+                    format!("read {}", c.id),
                     true,
                     format!("the key can read {} ({})", c.id, c.permission),
                     None,
@@ -467,7 +467,7 @@ impl Source for ApiSource {
                 Err(e) => {
                     let (_, _, message, fix) =
                         ctx.problem(&format!("reading {}", c.id), &c.permission, &e);
-                    report.push(&format!("read {}", c.id), false, message, fix);
+                    report.push(format!("read {}", c.id), false, message, fix);
                 }
             }
         }

@@ -352,8 +352,29 @@ impl Inner {
 
 type App = Arc<Mutex<Inner>>;
 
+/// Why a request is not served: Stripe's error, or a fault the test asked for.
+enum Refusal {
+    Error(StripeError),
+    Fault(Fault),
+}
+
+impl From<StripeError> for Refusal {
+    fn from(e: StripeError) -> Self {
+        Refusal::Error(e)
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Error(e) => e.into_response(),
+            Refusal::Fault(f) => f.respond(),
+        }
+    }
+}
+
 /// Checks the key, counts the request, throttles; the account the request acts for.
-fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Response> {
+fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Refusal> {
     let mut inner = app.lock().unwrap_or_else(|e| e.into_inner());
     let at = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9;
     inner.requests.push((at, path.to_owned()));
@@ -375,7 +396,7 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Response>
             Some("api_key_expired"),
             format!("Expired API Key provided: {shown}"),
         )
-        .into_response());
+        .into());
     }
     if !inner.keys.contains(&key) {
         return Err(error(
@@ -384,7 +405,7 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Response>
             None,
             format!("Invalid API Key provided: {shown}"),
         )
-        .into_response());
+        .into());
     }
     inner.admitted += 1;
     let n = inner.admitted as f64;
@@ -398,10 +419,10 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Response>
         );
         refused.retry_after = Some(inner.retry_after);
         inner.throttled.push(at);
-        return Err(refused.into_response());
+        return Err(refused.into());
     }
     if let Some(fault) = inner.faults.pop_front() {
-        return Err(fault.respond());
+        return Err(Refusal::Fault(fault));
     }
     Ok(headers
         .get("stripe-account")
