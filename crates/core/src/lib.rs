@@ -30,6 +30,7 @@
 //! assert!(!record.is_tombstone());
 //! ```
 
+mod api_config;
 mod config;
 mod consumer;
 mod error;
@@ -44,11 +45,11 @@ mod stream;
 mod target;
 pub mod text;
 
+pub use api_config::{AccountsConfig, AllAccounts, STRIPE_OBJECTS, StripeSourceConfig};
 pub use config::{
-    AccountsConfig, AgentEntry, AgentsConfig, AllAccounts, ApiConfig, BatchConfig, Config,
-    ConnectionConfig, ConsumerConfig, FilterConfig, JsonCollectionConfig, LagThresholds,
-    LayoutConfig, STRIPE_OBJECTS, SecretSource, SourceConfig, SslConfig, SslMode,
-    StripeSourceConfig, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
+    AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,
+    FilterConfig, JsonCollectionConfig, LagThresholds, LayoutConfig, SecretSource, SourceConfig,
+    SslConfig, SslMode, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
 };
 pub use consumer::{Consumer, ConsumerId};
 pub use error::{Error, ErrorClass, Result};

@@ -328,9 +328,10 @@ mod tests {
         for p in Provider::ALL {
             assert_eq!(p.as_str().parse::<Provider>().unwrap(), p);
         }
-        let err = "stripe".parse::<Provider>().unwrap_err();
+        let err = "salesforce".parse::<Provider>().unwrap_err();
         assert!(
-            err.to_string().contains("expected one of: postgres, http"),
+            err.to_string()
+                .contains("expected one of: postgres, http, stripe"),
             "{err}"
         );
     }

@@ -17,6 +17,9 @@
 //!   events, and `/v1/accounts` lists them;
 //! - it counts requests, with their times, so a test can check a client's rate.
 //!
+//! This file is long because it is one small HTTP server whose state, handlers and test-facing
+//! methods read best side by side; `localstripe.rs` is the only other idea in the crate.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let stripe = sluice_stripe_emulator::Emulator::start("sk_test_1").await;
