@@ -157,6 +157,7 @@ fn crate_dependencies_follow_the_layering() {
         ("sluice-stream", &["sluice-core"]),
         ("sluice-localpg", &["sluice-core"]),
         ("sluice-consumer", &["sluice-core"]),
+        ("sluice-alerts", &["sluice-core"]),
         // The API runtime is a source's foundation: it knows no provider.
         ("sluice-source-api", &["sluice-core"]),
         (

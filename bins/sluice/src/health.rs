@@ -217,7 +217,11 @@ impl Server {
 pub async fn refresh_loop(server: Weak<Server>, cache: Arc<HealthCache>) {
     loop {
         match server.upgrade() {
-            Some(server) => server.refresh_health().await,
+            Some(server) => {
+                server.refresh_health().await;
+                let reports = server.health().await;
+                server.alerter.observe(&reports);
+            }
             None => return,
         }
         tokio::select! {

@@ -141,6 +141,8 @@ pub struct Server {
     pub(crate) reconciling: tokio::sync::Mutex<()>,
     /// Every entity's latest health (see `health`).
     pub(crate) health: Arc<HealthCache>,
+    /// Turns health changes into alerts (`[alerts]`).
+    pub(crate) alerter: sluice_alerts::Alerter,
 }
 
 impl Server {
@@ -151,7 +153,9 @@ impl Server {
             Some(agents) => Some(start_agents(agents).await?),
         };
         let health = Arc::new(HealthCache::default());
+        let alerter = sluice_alerts::Alerter::new(sluice_alerts::channels(&config.alerts)?);
         let server = Arc::new(Self {
+            alerter,
             stream,
             entities: RwLock::new(Entities::default()),
             started_at: OffsetDateTime::now_utc(),

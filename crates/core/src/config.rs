@@ -34,6 +34,9 @@ pub struct Config {
     pub api: ApiConfig,
     /// The endpoint `sluice-agent`s dial out to (reverse tunnels); off when absent.
     pub agents: Option<AgentsConfig>,
+    /// Where alerts go besides the log: webhooks, email.
+    #[serde(default)]
+    pub alerts: crate::AlertsConfig,
 }
 
 /// The reverse-tunnel endpoint of `sluice serve`.

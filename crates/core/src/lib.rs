@@ -30,6 +30,7 @@
 //! assert!(!record.is_tombstone());
 //! ```
 
+mod alerts_config;
 mod api_config;
 mod config;
 mod consumer;
@@ -45,6 +46,7 @@ mod stream;
 mod target;
 pub mod text;
 
+pub use alerts_config::{AlertsConfig, EmailConfig, SmtpSecurity, WebhookConfig};
 pub use api_config::{AccountsConfig, AllAccounts, STRIPE_OBJECTS, StripeSourceConfig};
 pub use config::{
     AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,

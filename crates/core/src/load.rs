@@ -362,6 +362,28 @@ impl Config {
                 }
             }
         }
+        if let Some(email) = &self.alerts.email {
+            if email.to.is_empty() {
+                problems.push(problem(
+                    "[alerts.email] has no recipients".to_owned(),
+                    "add to = [\"ops@example.com\"], or remove [alerts.email]",
+                ));
+            }
+            if email.security == crate::SmtpSecurity::None && email.password.is_some() {
+                problems.push(problem(
+                    "[alerts.email] would send the SMTP password without encryption (security = \"none\")".to_owned(),
+                    "use security = \"starttls\" or \"tls\", or remove the password",
+                ));
+            }
+        }
+        for w in &self.alerts.webhooks {
+            if !(w.url.starts_with("https://") || w.url.starts_with("http://")) {
+                problems.push(problem(
+                    format!("[[alerts.webhook]] url {:?} is not an http(s) URL", w.url),
+                    "use a URL like https://hooks.example.com/sluice",
+                ));
+            }
+        }
         // A connection through an agent needs that agent registered under [agents].
         let connections = self
             .targets
@@ -397,6 +419,9 @@ impl Config {
     pub fn missing_secrets(&self) -> Vec<(String, String)> {
         let mut named: Vec<(String, &crate::SecretSource)> =
             vec![("[api] token".to_owned(), &self.api.token)];
+        if let Some(p) = self.alerts.email.as_ref().and_then(|e| e.password.as_ref()) {
+            named.push(("[alerts.email] password".to_owned(), p));
+        }
         for t in &self.targets {
             if let Some(p) = &t.connection.password {
                 named.push((format!("target {:?} password", t.name), p));

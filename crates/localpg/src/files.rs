@@ -111,7 +111,7 @@ impl Cluster {
     }
 
     pub(crate) fn write_tls_files(&mut self) -> Result<(), Error> {
-        let authority = tls::Authority::new()?;
+        let authority = Authority::new()?;
         let (cert, key) = authority.server()?;
         self.write_server_file("ca.crt", authority.cert_pem())?;
         self.write_server_file("server.crt", &cert)?;

@@ -45,7 +45,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
 pub use binaries::{Binaries, OsUser};
 pub use supervisor::stop_kept;
-pub use tls::{ClientCert, write_private};
+pub use tls::{Authority, ClientCert, write_private};
 
 use supervisor::spawn_supervisor;
 
@@ -201,7 +201,7 @@ pub struct Cluster {
     port: u16,
     tls: Tls,
     password: String,
-    authority: Option<tls::Authority>,
+    authority: Option<Authority>,
     superuser_cert: Option<ClientCert>,
     supervisor: Mutex<Option<(Child, ChildStdin)>>,
     databases: AtomicU32,

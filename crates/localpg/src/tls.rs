@@ -11,7 +11,7 @@ use crate::Error;
 
 /// A certificate authority made at cluster start; it signs the server certificate and any
 /// client certificate a test asks for.
-pub(crate) struct Authority {
+pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
 }
@@ -27,7 +27,8 @@ pub struct ClientCert {
 }
 
 impl Authority {
-    pub(crate) fn new() -> Result<Self, Error> {
+    /// A new CA (for test servers: PostgreSQL here, an SMTP sink in the alert tests).
+    pub fn new() -> Result<Self, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -46,12 +47,13 @@ impl Authority {
         })
     }
 
-    pub(crate) fn cert_pem(&self) -> &str {
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
     /// A server certificate for `localhost` and `127.0.0.1`: (certificate PEM, key PEM).
-    pub(crate) fn server(&self) -> Result<(String, String), Error> {
+    pub fn server(&self) -> Result<(String, String), Error> {
         let mut params =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
         params

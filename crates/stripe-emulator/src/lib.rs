@@ -381,12 +381,27 @@ fn admit(app: &App, headers: &HeaderMap, path: &str) -> Result<String, Refusal> 
     let mut inner = app.lock().unwrap_or_else(|e| e.into_inner());
     let at = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9;
     inner.requests.push((at, path.to_owned()));
-    let key = headers
+    // Stripe takes the key as a bearer token or as the basic-auth user (`curl -u sk_…:`).
+    let authorization = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_owned();
+        .unwrap_or_default();
+    let key = match (
+        authorization.strip_prefix("Bearer "),
+        authorization.strip_prefix("Basic "),
+    ) {
+        (Some(bearer), _) => bearer.to_owned(),
+        (None, Some(basic)) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(basic.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .map(|user| user.split(':').next().unwrap_or_default().to_owned())
+                .unwrap_or_default()
+        }
+        _ => String::new(),
+    };
     let shown = format!(
         "{}****{}",
         &key.get(..8).unwrap_or(""),
@@ -558,6 +573,11 @@ async fn one(
 impl Emulator {
     /// Starts an emulator on a free loopback port accepting the API key `key`.
     pub async fn start(key: &str) -> Emulator {
+        Self::start_on(0, key).await.expect("a free loopback port")
+    }
+
+    /// Starts an emulator on loopback port `port` (0: any free one) accepting the API key `key`.
+    pub async fn start_on(port: u16, key: &str) -> std::io::Result<Emulator> {
         let inner = Arc::new(Mutex::new(Inner {
             keys: vec![key.to_owned()],
             revoked: Vec::new(),
@@ -577,14 +597,12 @@ impl Emulator {
             .route("/v1/{resource}", get(list_or_create).post(list_or_create))
             .route("/v1/{resource}/{id}", get(one).post(one).delete(one))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a loopback port");
-        let addr = listener.local_addr().expect("a bound address");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Emulator { addr, inner, task }
+        Ok(Emulator { addr, inner, task })
     }
 
     /// The base URL (`http://127.0.0.1:PORT`), for the client's API base setting.

@@ -149,3 +149,61 @@ async fn keys_rate_limits_and_connected_accounts() {
         "every request is counted, refused ones too"
     );
 }
+
+#[test]
+fn the_emulator_runs_as_a_program_and_takes_the_key_as_curl_sends_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-stripe-emulator"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--key",
+            "sk_test_prog",
+            "--seed-customers",
+            "3",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the emulator did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let http = reqwest::blocking::Client::new();
+    // `curl -u sk_test_prog:` sends basic auth with the key as the user.
+    let made: serde_json::Value = http
+        .post(format!("{base}/v1/customers"))
+        .basic_auth("sk_test_prog", Some(""))
+        .form(&[("email", "prog@example.com")])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(made["id"].as_str().unwrap().starts_with("cus_"));
+    let list: serde_json::Value = http
+        .get(format!("{base}/v1/customers?limit=100"))
+        .bearer_auth("sk_test_prog")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 4);
+    assert_eq!(list["data"][0]["email"], "prog@example.com", "newest first");
+    let refused = http
+        .get(format!("{base}/v1/customers"))
+        .basic_auth("sk_test_other", Some(""))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let _ = child.kill();
+    let _ = child.wait();
+}

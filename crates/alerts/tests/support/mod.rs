@@ -1,0 +1,2 @@
+//! Test helpers shared with the binary's tests.
+pub mod smtp;
