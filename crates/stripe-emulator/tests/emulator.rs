@@ -180,7 +180,7 @@ fn the_emulator_runs_as_a_program_and_takes_the_key_as_curl_sends_it() {
     }
     let http = reqwest::blocking::Client::new();
     // `curl -u sk_test_prog:` sends basic auth with the key as the user.
-    let made: serde_json::Value = http
+    let made: Value = http
         .post(format!("{base}/v1/customers"))
         .basic_auth("sk_test_prog", Some(""))
         .form(&[("email", "prog@example.com")])
@@ -189,7 +189,7 @@ fn the_emulator_runs_as_a_program_and_takes_the_key_as_curl_sends_it() {
         .json()
         .unwrap();
     assert!(made["id"].as_str().unwrap().starts_with("cus_"));
-    let list: serde_json::Value = http
+    let list: Value = http
         .get(format!("{base}/v1/customers?limit=100"))
         .bearer_auth("sk_test_prog")
         .send()
