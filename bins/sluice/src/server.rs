@@ -329,9 +329,18 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
         if reload {
             match load(&path) {
                 Ok(config) if config.problems().is_empty() => {
-                    tracing::info!(file = %path.display(), "config changed: reconciling");
-                    server.reload_refused(None);
-                    server.reconcile(&config).await;
+                    match sluice_alerts::channels(&config.alerts) {
+                        Ok(channels) => {
+                            tracing::info!(file = %path.display(), "config changed: reconciling");
+                            server.alerter.set_channels(channels);
+                            server.reload_refused(None);
+                            server.reconcile(&config).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "config not applied");
+                            server.reload_refused(Some(format!("[alerts]: {e}")));
+                        }
+                    }
                 }
                 Ok(config) => {
                     let problems: Vec<String> =

@@ -13,6 +13,9 @@ use sluice_localpg::Cluster;
 #[path = "../../../crates/tunnel/tests/support/sshd.rs"]
 mod sshd;
 
+#[path = "../../../crates/alerts/tests/support/smtp.rs"]
+mod smtp;
+
 const TOKEN: &str = "test-token-5b1d";
 
 struct Env {
@@ -1211,4 +1214,117 @@ layout = {{ kind = "consumer_table", schema = "sluice", table = "records" }}
     let status = terminate(&mut child);
     assert!(status.success(), "{status:?}\n{}", log(&env));
     drop(silent);
+}
+
+/// `[alerts]` in the config reaches people: a target that goes away is emailed and posted to
+/// the webhook once, naming the target, the reason and the fix; a recovery notice follows when
+/// it is back; a refused reload is alerted too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_target_and_a_refused_reload_are_alerted_by_email_and_webhook_with_recovery() {
+    let env = env().await;
+    let smtp = smtp::SmtpSink::start(env.dir.path(), None);
+    let posts = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let posts = posts.clone();
+            move |axum::Json(body): axum::Json<Value>| async move {
+                posts.lock().unwrap().push(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let alerts = format!(
+        r#"
+[alerts.email]
+smtp_host = "127.0.0.1"
+smtp_port = {}
+security = "none"
+from = "sluice@example.com"
+to = ["ops@example.com"]
+
+[[alerts.webhook]]
+url = "{hook}"
+"#,
+        smtp.port
+    );
+    let path = write_config(&env, &alerts);
+    let mut child = serve(&env, &path);
+    wait_until("everything is healthy", &env, 90, async || {
+        sluice_status(&env).0 == 0
+    })
+    .await;
+    assert!(smtp.messages().is_empty(), "healthy: no alert");
+
+    env.target.stop().unwrap();
+    wait_until("the target's alert is emailed", &env, 60, async || {
+        smtp.messages()
+            .iter()
+            .any(|m| m.contains("target \"warehouse\""))
+    })
+    .await;
+    let mail = smtp.messages();
+    let target_alert = mail
+        .iter()
+        .find(|m| m.contains("Subject: [sluice] error: target \"warehouse\""))
+        .unwrap_or_else(|| panic!("no alert for the target: {mail:#?}\n{}", log(&env)));
+    assert!(target_alert.contains("Why: "), "{target_alert}");
+    assert!(target_alert.contains("Fix: "), "{target_alert}");
+    assert!(
+        !target_alert.contains("sync-pw"),
+        "no secret in an alert: {target_alert}"
+    );
+    wait_until("the webhook got the target's alert", &env, 30, async || {
+        posts.lock().unwrap().iter().any(|p| {
+            p["entity"]["kind"] == "target"
+                && p["entity"]["name"] == "warehouse"
+                && p["recovered"] == false
+        })
+    })
+    .await;
+    // Staying down sends nothing more about the target.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let about_target = |mail: &[String]| {
+        mail.iter()
+            .filter(|m| m.contains("target \"warehouse\""))
+            .count()
+    };
+    assert_eq!(about_target(&smtp.messages()), 1, "{:#?}", smtp.messages());
+
+    env.target.start().unwrap();
+    wait_until("the recovery notice arrives", &env, 90, async || {
+        smtp.messages().iter().any(|m| {
+            m.contains("Subject: [sluice] recovered: target \"warehouse\" is healthy again")
+        })
+    })
+    .await;
+    wait_until("the webhook got the recovery", &env, 30, async || {
+        posts.lock().unwrap().iter().any(|p| {
+            p["entity"]["kind"] == "target"
+                && p["entity"]["name"] == "warehouse"
+                && p["recovered"] == true
+        })
+    })
+    .await;
+
+    // A reload that is refused is alerted, and recovers when a good file is saved.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, "this is not = [valid toml").unwrap();
+    wait_until("the refused reload is emailed", &env, 60, async || {
+        smtp.messages()
+            .iter()
+            .any(|m| m.contains("Subject: [sluice] error: config") && m.contains("was not applied"))
+    })
+    .await;
+    std::fs::write(&path, good).unwrap();
+    wait_until("the config recovers", &env, 60, async || {
+        smtp.messages()
+            .iter()
+            .any(|m| m.contains("Subject: [sluice] recovered: config"))
+    })
+    .await;
+    assert!(terminate(&mut child).success());
 }

@@ -25,7 +25,7 @@
 //! # });
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,14 +154,26 @@ impl Channel for WebhookChannel {
 
 /// Turns health reports into alerts and delivers them.
 pub struct Alerter {
-    channels: Vec<Arc<dyn Channel>>,
+    /// Where alerts go besides the log; replaced when the config is reloaded.
+    channels: Mutex<Vec<Arc<dyn Channel>>>,
     /// Each entity's status as last alerted (only entities in trouble).
     alerted: Mutex<BTreeMap<EntityRef, Status>>,
+    /// The latest alerts, newest last (the console's event log).
+    recent: Mutex<VecDeque<Alert>>,
 }
+
+/// How many alerts [`Alerter::recent`] keeps.
+pub const RECENT: usize = 200;
 
 impl std::fmt::Debug for Alerter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let channels: Vec<String> = self.channels.iter().map(|c| c.describe()).collect();
+        let channels: Vec<String> = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| c.describe())
+            .collect();
         f.debug_struct("Alerter")
             .field("channels", &channels)
             .finish()
@@ -175,9 +187,21 @@ impl Alerter {
     /// An alerter sending to `channels` (and the log).
     pub fn new(channels: Vec<Arc<dyn Channel>>) -> Self {
         Self {
-            channels,
+            channels: Mutex::new(channels),
             alerted: Mutex::new(BTreeMap::new()),
+            recent: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Sends later alerts to `channels` instead (a reloaded `[alerts]`).
+    pub fn set_channels(&self, channels: Vec<Arc<dyn Channel>>) {
+        *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = channels;
+    }
+
+    /// The latest alerts (at most [`RECENT`]), newest first.
+    pub fn recent(&self) -> Vec<Alert> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().rev().cloned().collect()
     }
 
     /// Compares `reports` (every entity there is now) with what was last alerted, and sends
@@ -242,8 +266,19 @@ impl Alerter {
         } else {
             tracing::warn!(entity = %alert.entity, status = %alert.status, reason = %alert.reason, fix = alert.fix.as_deref().unwrap_or(""), "alert");
         }
-        for channel in &self.channels {
-            let channel = channel.clone();
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(alert.clone());
+        }
+        let channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for channel in channels {
             let alert = alert.clone();
             tokio::spawn(async move {
                 let mut last = None;

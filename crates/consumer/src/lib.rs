@@ -8,7 +8,7 @@
 //! consumer pauses itself, retries with capped exponential backoff and jitter, and catches up
 //! when the target is back; a user can pause and resume it too. It reports lag, the last
 //! successful write and the last error as health, and sends status transitions to alert sinks
-//! (the log always; a webhook if configured).
+//! (the log always; `sluice serve` alerts people from health reports through `sluice-alerts`).
 //!
 //! It must not issue SQL or know a layout: everything target-specific goes through the
 //! `Target` trait, and retries follow the error's class here, in one place.
@@ -40,7 +40,7 @@ mod handle;
 mod histogram;
 mod runtime;
 
-pub use alerts::{AlertSink, LogSink, WebhookSink};
+pub use alerts::{AlertSink, LogSink};
 pub use handle::{ConsumerHandle, ConsumerStats};
 pub use histogram::{BOUNDS as HISTOGRAM_BOUNDS, HistogramSnapshot};
 pub use runtime::ConsumerRuntime;

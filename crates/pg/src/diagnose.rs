@@ -29,8 +29,8 @@ pub enum ConnectError {
     },
     /// The host answered that nothing listens on the port.
     #[error(
-        "connection refused by {host}:{port}: nothing is listening there. Check that the host \
-         and port match your database's (PostgreSQL's default port is 5432)"
+        "connection refused by {host}:{port}: nothing is listening there. Either the database is \
+         down, or the host and port are not your database's (PostgreSQL's default port is 5432)"
     )]
     Refused {
         /// Host tried.
@@ -213,7 +213,7 @@ impl ConnectError {
                 "check the route and firewall from this machine to {host}:{port}: `nc -vz {host} {port}`"
             ),
             ConnectError::Refused { .. } => {
-                "set the host and port to your database's (PostgreSQL's default port is 5432)".into()
+                "start the database, or set the host and port to your database's (PostgreSQL's default port is 5432)".into()
             }
             ConnectError::Dns { .. } => "check the host name's spelling, or use an IP address".into(),
             ConnectError::TlsUnsupportedByServer { .. } => "enable TLS on the server (ssl = on with a certificate), or on a trusted network set the ssl mode to prefer or disable".into(),
@@ -242,6 +242,18 @@ impl ConnectError {
             ConnectError::Unavailable { .. } | ConnectError::Other { .. } => {
                 "wait for the server, or check its log; sluice retries by itself".into()
             }
+        }
+    }
+
+    /// The fix for a health check, which shows it beside the message: `None` where the
+    /// message already says what to do.
+    pub fn health_fix(&self) -> Option<String> {
+        match self {
+            ConnectError::Refused { .. }
+            | ConnectError::Unavailable { .. }
+            | ConnectError::Other { .. }
+            | ConnectError::NoConnectPrivilege { .. } => Some(self.fix()),
+            _ => None,
         }
     }
 
@@ -293,6 +305,16 @@ pub(crate) fn diagnose(settings: &ConnectionSettings, error: sqlx::Error) -> Con
             let text = io.to_string();
             match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => ConnectError::Refused { host, port },
+                // The server hung up during the handshake: it is shutting down or restarting.
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                    ConnectError::Unavailable {
+                        host,
+                        port,
+                        detail: format!(
+                            "it closed the connection while sluice logged in ({text}); it may be shutting down or restarting"
+                        ),
+                    }
+                }
                 std::io::ErrorKind::TimedOut => ConnectError::Timeout {
                     host,
                     port,

@@ -243,12 +243,7 @@ impl ConnectionSettings {
     ) -> CheckReport {
         let mut report = CheckReport::default();
         match self.connect().await {
-            Err(e) => report.push(
-                "connect",
-                false,
-                e.to_string(),
-                e.fix_sql().map(str::to_owned),
-            ),
+            Err(e) => report.push("connect", false, e.to_string(), e.health_fix()),
             Ok(mut conn) => {
                 if let Err(e) = checks(&mut conn, &mut report).await {
                     report.push(

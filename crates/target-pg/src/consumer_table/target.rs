@@ -180,7 +180,7 @@ impl ConsumerTableTarget {
         let mut conn = match self.settings.connect().await {
             Ok(conn) => conn,
             Err(e) => {
-                let fix = e.fix_sql().map(str::to_owned);
+                let fix = e.health_fix();
                 out.push((e.check_name(), Status::Error, e.to_string(), fix));
                 return out;
             }

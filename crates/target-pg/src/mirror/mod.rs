@@ -209,12 +209,7 @@ impl SchemaMirrorTarget {
             let mut conn = match self.settings.connect().await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.observe(
-                        "reachable",
-                        Status::Error,
-                        e.to_string(),
-                        e.fix_sql().map(str::to_owned),
-                    );
+                    self.observe("reachable", Status::Error, e.to_string(), e.health_fix());
                     return Err(e.into());
                 }
             };
