@@ -1260,6 +1260,7 @@ url = "{hook}"
     assert!(smtp.messages().is_empty(), "healthy: no alert");
 
     env.target.stop().unwrap();
+    tokio::task::block_in_place(|| smtp.wait_for(1, 60));
     wait_until("the target's alert is emailed", &env, 60, async || {
         smtp.messages()
             .iter()
