@@ -13,13 +13,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use sluice_core::{Consumer, EntityKind, Health, RecordStream, Refused, Status};
+use sluice_core::{Consumer, EntityKind, Health, ManagedKind, RecordStream, Refused, Status};
 
+use crate::api_tools as t;
+use crate::api_write::routes as w;
 use crate::server::{self, Server};
 
 #[derive(Clone)]
-struct App {
-    server: Arc<Server>,
+pub(crate) struct App {
+    pub(crate) server: Arc<Server>,
     token: Arc<SecretString>,
 }
 
@@ -33,13 +35,33 @@ pub fn router(server: Arc<Server>, token: SecretString, max_body: usize) -> Rout
     };
     Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/targets", get(targets))
-        .route("/v1/targets/{name}", get(target))
-        .route("/v1/syncs", get(syncs))
-        .route("/v1/syncs/{name}", get(sync))
+        .route("/v1/targets", get(targets).post(w::create_target))
+        .route(
+            "/v1/targets/{name}",
+            get(target).put(w::replace_target).delete(w::delete_target),
+        )
+        .route("/v1/targets/{name}/setup", get(t::target_setup))
+        .route("/v1/targets/{name}/check", post(t::target_check))
+        .route("/v1/targets/{name}/grant-read", post(t::grant))
+        .route("/v1/targets/{name}/revoke-read", post(t::revoke))
+        .route(
+            "/v1/consumers/{name}/create-table",
+            get(t::consumer_create_table),
+        )
+        .route("/v1/consumers/{name}/verify", post(t::consumer_verify))
+        .route("/v1/syncs", get(syncs).post(w::create_sync))
+        .route(
+            "/v1/syncs/{name}",
+            get(sync).put(w::replace_sync).delete(w::delete_sync),
+        )
         .route("/v1/syncs/{name}/records", post(push))
-        .route("/v1/consumers", get(consumers))
-        .route("/v1/consumers/{name}", get(consumer))
+        .route("/v1/consumers", get(consumers).post(w::create_consumer))
+        .route(
+            "/v1/consumers/{name}",
+            get(consumer)
+                .put(w::replace_consumer)
+                .delete(w::delete_consumer),
+        )
         .route("/v1/consumers/{name}/pause", post(pause))
         .route("/v1/consumers/{name}/resume", post(resume))
         .route(
@@ -121,6 +143,7 @@ fn target_json(server: &Server, name: &str, entry: &server::TargetEntry) -> Valu
         "host": c.host, "port": c.port, "database": c.database, "user": c.user,
         "ssl_mode": c.ssl.mode,
         "read_role": entry.config.read_role,
+        "origin": origin(server, ManagedKind::Target, name),
         "health": server.cached_health(EntityKind::Target, name),
     })
 }
@@ -158,12 +181,22 @@ fn sync_json(server: &Server, name: &str, entry: &server::SyncEntry) -> Value {
         "id": entry.config.id,
         "provider": entry.config.source.provider().as_str(),
         "running": true,
+        "origin": origin(server, ManagedKind::Sync, name),
         "health": server.cached_health(EntityKind::Sync, name),
     });
     for (key, detail) in entry.source.progress().details {
         value[key] = detail;
     }
     value
+}
+
+/// `api` for an entity created through the API, `file` for one the config file declares.
+fn origin(server: &Server, kind: ManagedKind, name: &str) -> &'static str {
+    if crate::api_write::managed_now(server).has(kind, name) {
+        "api"
+    } else {
+        "file"
+    }
 }
 
 /// A configured sync or consumer that could not start (it is tried again by itself).
@@ -236,6 +269,7 @@ async fn consumer_json(app: &App, entry: &server::ConsumerEntry) -> Value {
         "lag": { "records": lag_records, "seconds": lag_seconds },
         "last_write": entry.handle.last_write().map(rfc3339),
         "last_error": entry.handle.last_error(),
+        "origin": origin(&app.server, ManagedKind::Consumer, &entry.config.name.0),
         "health": app.server.cached_health(EntityKind::Consumer, &entry.config.name.0),
     })
 }
@@ -484,87 +518,5 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 }
 
 async fn openapi() -> Response {
-    axum::Json(openapi_document()).into_response()
-}
-
-/// The OpenAPI 3.1 document for this API.
-pub fn openapi_document() -> Value {
-    let entity = |summary: &str| json!({"get": {"summary": summary, "responses": {"200": {"description": "JSON"}, "401": {"$ref": "#/components/responses/Unauthorized"}, "404": {"description": "no such entity"}}}});
-    let action = |summary: &str| json!({"post": {"summary": summary, "responses": {"200": {"description": "the consumer after the action"}, "401": {"$ref": "#/components/responses/Unauthorized"}, "404": {"description": "no such consumer"}}}});
-    let name =
-        json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
-    let mut paths = serde_json::Map::new();
-    paths.insert("/v1/status".into(), entity("Every entity's health"));
-    paths.insert("/v1/targets".into(), entity("List targets with health"));
-    paths.insert("/v1/targets/{name}".into(), entity("One target"));
-    paths.insert(
-        "/v1/syncs".into(),
-        entity("List syncs with health and backfill progress"),
-    );
-    paths.insert("/v1/syncs/{name}".into(), entity("One sync"));
-    paths.insert(
-        "/v1/consumers".into(),
-        entity("List consumers with lag and health"),
-    );
-    paths.insert("/v1/consumers/{name}".into(), entity("One consumer"));
-    paths.insert(
-        "/v1/consumers/{name}/pause".into(),
-        action("Pause a consumer (optional body {\"reason\": \"…\"})"),
-    );
-    paths.insert(
-        "/v1/consumers/{name}/resume".into(),
-        action("Resume a paused consumer"),
-    );
-    paths.insert(
-        "/v1/consumers/{name}/restart-backfill".into(),
-        action("Re-send every record from the start of the stream"),
-    );
-    paths.insert("/v1/syncs/{name}/records".into(), json!({"post": {
-        "summary": "Push a batch of upserts and deletes into an http sync",
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushBody"}}}},
-        "responses": {
-            "200": {"description": "accepted count, stale count, and each rejected record's index and reason", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PushResult"}}}},
-            "400": {"description": "the body is not valid JSON of the expected shape; nothing was written"},
-            "401": {"$ref": "#/components/responses/Unauthorized"},
-            "413": {"description": "the body is larger than [api] max_body_bytes; nothing was written"},
-            "503": {"description": "the records stream could not be written; nothing was written"}
-        }
-    }}));
-    paths.insert("/metrics".into(), json!({"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition format"}, "401": {"$ref": "#/components/responses/Unauthorized"}}}}));
-    for (path, item) in paths.iter_mut() {
-        if path.contains("{name}")
-            && let Some(ops) = item.as_object_mut()
-        {
-            for op in ops.values_mut() {
-                op["parameters"] = name.clone();
-            }
-        }
-    }
-    json!({
-        "openapi": "3.1.0",
-        "info": {"title": "sluice", "version": env!("CARGO_PKG_VERSION")},
-        "security": [{"bearer": []}],
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "responses": {"Unauthorized": {"description": "no bearer token, or a wrong one"}},
-            "schemas": {
-                "PushBody": {"type": "object", "required": ["records"], "additionalProperties": false, "properties": {"records": {"type": "array", "items": {
-                    "type": "object", "required": ["collection", "id"], "additionalProperties": false,
-                    "properties": {
-                        "collection": {"type": "string", "maxLength": 1024},
-                        "id": {"type": "string", "maxLength": 1024},
-                        "payload": {"type": "object", "description": "required unless deleted"},
-                        "deleted": {"type": "boolean"},
-                        "version": {"type": "integer", "minimum": 0, "description": "orders changes of one record; default: the time of receipt"},
-                        "updated_at": {"type": "string", "format": "date-time"}
-                    }}}}},
-                "PushResult": {"type": "object", "properties": {
-                    "accepted": {"type": "integer"},
-                    "stale": {"type": "integer", "description": "accepted but older than what the stream holds"},
-                    "rejected": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "reason": {"type": "string"}}}}
-                }}
-            }
-        }
-    })
+    axum::Json(crate::openapi::document()).into_response()
 }

@@ -7,6 +7,8 @@
 mod out;
 
 mod api;
+mod api_tools;
+mod api_write;
 mod client;
 mod config_file;
 mod connect;
@@ -14,6 +16,7 @@ mod consumer_cmd;
 mod demo;
 mod health;
 mod init;
+mod openapi;
 mod plan;
 mod progress;
 mod reconcile;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use sluice_consumer::ConsumerHandle;
 use sluice_core::{
-    Config, ConsumerConfig, EntityKind, EntityRef, Error, HealthReport, RecordFilter, RecordStream,
-    Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
+    Config, ConsumerConfig, EntityKind, EntityRef, Error, HealthReport, Managed, RecordFilter,
+    RecordStream, Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
 };
 use sluice_source_http::HttpSource;
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
@@ -143,6 +143,10 @@ pub struct Server {
     pub(crate) health: Arc<HealthCache>,
     /// Turns health changes into alerts (`[alerts]`).
     pub(crate) alerter: sluice_alerts::Alerter,
+    /// The config file `serve` runs (none for the demo): the API's writes check it.
+    pub(crate) config_path: std::sync::OnceLock<PathBuf>,
+    /// The API's writes run one at a time.
+    pub(crate) writes: tokio::sync::Mutex<()>,
 }
 
 impl Server {
@@ -164,6 +168,8 @@ impl Server {
             applied: Mutex::new(None),
             reconciling: tokio::sync::Mutex::new(()),
             health: health.clone(),
+            config_path: std::sync::OnceLock::new(),
+            writes: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(crate::health::refresh_loop(Arc::downgrade(&server), health));
         Ok(server)
@@ -266,9 +272,18 @@ pub fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Loads the config, with the error printed as `file:line:column: …`.
+/// Loads the config that runs: the file's entities and those created through the API
+/// (`<data_dir>/managed.toml`), with an error printed as `file:line:column: …`. A name both
+/// declare is an error naming the file.
 pub fn load(path: &Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| e.to_string())
+    let file = Config::load(path).map_err(|e| e.to_string())?;
+    let managed = Managed::load(&file.data_dir).map_err(|e| e.to_string())?;
+    let conflicts = managed.conflicts(&file, &path.display().to_string());
+    if !conflicts.is_empty() {
+        let all: Vec<String> = conflicts.iter().map(|p| p.to_string()).collect();
+        return Err(all.join("\nerror: "));
+    }
+    Ok(managed.merged(&file))
 }
 
 /// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the file changes.
@@ -280,6 +295,7 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
         return Err(all.join("\nerror: "));
     }
     let server = Server::open(&config).await.map_err(|e| e.to_string())?;
+    let _ = server.config_path.set(path.clone());
     let token = config.api.token.resolve().map_err(|e| {
         format!("{e}\n  the API needs a bearer token: set it, or point [api] token at a file")
     })?;

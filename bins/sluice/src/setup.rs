@@ -162,6 +162,37 @@ pub(crate) fn config_target(
 /// The schemas a target's consumers write into, and how.
 type TargetSchemas = Vec<(String, SchemaUse)>;
 
+/// The schemas the consumers of target `name` write into, and how.
+pub(crate) fn target_schemas(config: &Config, name: &str) -> TargetSchemas {
+    let mut schemas = Vec::new();
+    for consumer in config.consumers.iter().filter(|c| c.target == name) {
+        let schema = match &consumer.layout {
+            sluice_core::LayoutConfig::ConsumerTable { schema, .. } => {
+                (schema.clone(), SchemaUse::Granted)
+            }
+            sluice_core::LayoutConfig::SchemaMirror { schema, .. } => {
+                (schema.clone(), SchemaUse::Owned)
+            }
+        };
+        if !schemas.contains(&schema) {
+            schemas.push(schema);
+        }
+    }
+    schemas
+}
+
+/// The setup a target of `config` needs: its database, sync user, read role, and the schemas
+/// its consumers write into.
+pub(crate) fn target_spec(target: &TargetConfig, config: &Config) -> SetupSpec {
+    let mut spec = SetupSpec::new(&target.connection.database);
+    spec.sync_user = target.connection.user.clone();
+    spec.read_role = target.read_role.clone();
+    for (name, usage) in target_schemas(config, &target.name) {
+        spec = spec.schema(&name, usage);
+    }
+    spec
+}
+
 impl SchemaArgs {
     /// The target the command names, with the schemas its consumers write into.
     fn target(&self) -> Result<Option<(TargetConfig, TargetSchemas)>, Error> {
@@ -169,20 +200,7 @@ impl SchemaArgs {
             return Ok(None);
         };
         let (target, config) = config_target(&self.config, name)?;
-        let mut schemas = Vec::new();
-        for consumer in config.consumers.iter().filter(|c| &c.target == name) {
-            let schema = match &consumer.layout {
-                sluice_core::LayoutConfig::ConsumerTable { schema, .. } => {
-                    (schema.clone(), SchemaUse::Granted)
-                }
-                sluice_core::LayoutConfig::SchemaMirror { schema, .. } => {
-                    (schema.clone(), SchemaUse::Owned)
-                }
-            };
-            if !schemas.contains(&schema) {
-                schemas.push(schema);
-            }
-        }
+        let schemas = target_schemas(&config, name);
         Ok(Some((target, schemas)))
     }
 

@@ -37,6 +37,7 @@ mod consumer;
 mod error;
 mod health;
 mod load;
+mod managed;
 mod record;
 mod report;
 mod retry;
@@ -59,6 +60,7 @@ pub use health::{
     Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition,
 };
 pub use load::{ConfigError, Problem};
+pub use managed::{MANAGED_FILE, Managed, ManagedKind};
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };
