@@ -28,12 +28,17 @@ pub(crate) struct App {
 /// The OpenAPI document's path.
 pub const OPENAPI_PATH: &str = "/v1/openapi.json";
 
-pub fn router(server: Arc<Server>, token: SecretString, max_body: usize) -> Router {
-    let app = App {
-        server,
-        token: Arc::new(token),
-    };
-    Router::new()
+/// The API, and the web console at `/` (which logs in with the token or `console_password`).
+pub fn router(
+    server: Arc<Server>,
+    token: SecretString,
+    console_password: Option<SecretString>,
+    max_body: usize,
+) -> Router {
+    let token = Arc::new(token);
+    let console = crate::console::router(server.clone(), token.clone(), console_password);
+    let app = App { server, token };
+    let api = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/targets", get(targets).post(w::create_target))
         .route(
@@ -70,10 +75,16 @@ pub fn router(server: Arc<Server>, token: SecretString, max_body: usize) -> Rout
         )
         .route("/metrics", get(metrics))
         .route(OPENAPI_PATH, get(openapi))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route; see /v1/openapi.json") })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route; see /v1/openapi.json (the console is at /)",
+            )
+        })
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(app)
+        .with_state(app);
+    console.merge(api)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -274,6 +285,30 @@ async fn consumer_json(app: &App, entry: &server::ConsumerEntry) -> Value {
     })
 }
 
+/// Pauses (with `reason`), resumes or restarts the backfill of a consumer; its health is
+/// brought up to date at once. The API's and the console's one way to do it.
+pub(crate) async fn control_consumer(
+    server: &Server,
+    name: &str,
+    action: &str,
+    reason: String,
+) -> Result<(), (StatusCode, String)> {
+    let entities = server.entities.read().await;
+    let Some(entry) = entities.consumers.get(name) else {
+        return Err((StatusCode::NOT_FOUND, format!("no consumer named {name:?}")));
+    };
+    let result = match action {
+        "pause" => entry.handle.pause(reason).await,
+        "resume" => entry.handle.resume().await,
+        _ => entry.handle.restart_backfill().await,
+    };
+    result.map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+    // The consumer's own checks are local: its report is brought up to date at once.
+    server.store_health(entry.handle.health().await);
+    server.health_changed();
+    Ok(())
+}
+
 async fn control(
     app: App,
     name: String,
@@ -281,35 +316,23 @@ async fn control(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let reason = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| {
+            let by = headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("the API");
+            format!("paused by a user ({by})")
+        });
+    if let Err((status, why)) = control_consumer(&app.server, &name, action, reason).await {
+        return error(status, why);
+    }
     let entities = app.server.entities.read().await;
-    let Some(entry) = entities.consumers.get(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no consumer named {name:?}"));
-    };
-    let result = match action {
-        "pause" => {
-            let reason = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| {
-                    let by = headers
-                        .get(header::USER_AGENT)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("the API");
-                    format!("paused by a user ({by})")
-                });
-            entry.handle.pause(reason).await
-        }
-        "resume" => entry.handle.resume().await,
-        _ => entry.handle.restart_backfill().await,
-    };
-    match result {
-        Ok(()) => {
-            // The consumer's own checks are local: its report is brought up to date at once.
-            app.server.store_health(entry.handle.health().await);
-            app.server.health_changed();
-            axum::Json(consumer_json(&app, entry).await).into_response()
-        }
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    match entities.consumers.get(&name) {
+        Some(entry) => axum::Json(consumer_json(&app, entry).await).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no consumer named {name:?}")),
     }
 }
 

@@ -35,11 +35,12 @@ impl ConfigFile {
         }
     }
 
-    /// The file's path and its config (environment variables substituted); a file that
-    /// cannot be read or parsed is an error located by `file:line:column`.
+    /// The file's path and the config that runs (environment variables substituted, and the
+    /// entities created through the API added); a file that cannot be read or parsed is an
+    /// error located by `file:line:column`.
     pub fn load(&self) -> Result<(PathBuf, Config), Error> {
         let path = self.path()?;
-        let config = Config::load(&path).map_err(|e| Error::invalid(e.to_string()))?;
+        let config = Config::load_running(&path).map_err(Error::invalid)?;
         Ok((path, config))
     }
 }

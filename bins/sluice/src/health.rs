@@ -63,8 +63,14 @@ impl Server {
     /// reports. The entities' lock is held only to list them.
     pub async fn refresh_health(&self) {
         let started = Instant::now();
-        let jobs: Vec<(EntityRef, Job)> = {
+        // The checks to run, and which target each consumer writes to.
+        let (jobs, writes_to): (Vec<(EntityRef, Job)>, Vec<_>) = {
             let entities = self.entities.read().await;
+            let writes_to = entities
+                .consumers
+                .iter()
+                .map(|(name, c)| (name.clone(), c.config.target.clone()))
+                .collect::<Vec<(String, String)>>();
             let mut jobs: Vec<(EntityRef, Job)> = Vec::new();
             for name in entities.targets.keys() {
                 let views: Vec<Arc<dyn sluice_core::Target>> = entities
@@ -102,7 +108,7 @@ impl Server {
                     Box::pin(async move { handle.health().await }),
                 ));
             }
-            jobs
+            (jobs, writes_to)
         };
         let mut running = JoinSet::new();
         for (entity, job) in jobs {
@@ -127,6 +133,23 @@ impl Server {
         for (entity, entry) in fresh.iter_mut() {
             if let Some(newer) = reports.get(entity).filter(|(_, at)| *at > started) {
                 *entry = newer.clone();
+            }
+        }
+        for (consumer, target) in writes_to {
+            let target_report = fresh
+                .get(&EntityRef {
+                    kind: EntityKind::Target,
+                    name: target.clone(),
+                })
+                .map(|(r, _)| r.clone());
+            let consumer_ref = EntityRef {
+                kind: EntityKind::Consumer,
+                name: consumer,
+            };
+            if let (Some(target_report), Some((report, _))) =
+                (target_report, fresh.get_mut(&consumer_ref))
+            {
+                paused_by_target(report, &target, &target_report);
             }
         }
         *reports = fresh;
@@ -212,6 +235,43 @@ impl Server {
     }
 }
 
+/// A consumer whose target cannot be reached is paused, whether or not it has tried to write
+/// since (an idle consumer would otherwise look healthy): its `target` check says so, with
+/// the target's reason and fix.
+fn paused_by_target(report: &mut HealthReport, target: &str, target_report: &HealthReport) {
+    let Some(down) = target_report.checks.iter().find(|c| {
+        c.status == Status::Error
+            && matches!(c.name.as_str(), "reachable" | "authenticated" | "tls")
+    }) else {
+        return;
+    };
+    let own = report.checks.iter().position(|c| c.name == "target");
+    if own.is_some_and(|i| report.checks[i].status >= Status::Paused) {
+        return; // it already says why
+    }
+    let check = Check {
+        name: "target".into(),
+        status: Status::Paused,
+        message: format!(
+            "target {target:?} is unavailable ({}); writes resume by themselves when it is back",
+            down.message
+        ),
+        fix: down.fix.clone(),
+        since: down.since,
+        last_ok_at: down.last_ok_at,
+    };
+    match own {
+        Some(i) => report.checks[i] = check,
+        None => report.checks.push(check),
+    }
+    report.status = report
+        .checks
+        .iter()
+        .map(|c| c.status)
+        .max()
+        .unwrap_or(Status::Healthy);
+}
+
 /// Refreshes `server`'s health every [`REFRESH_EVERY`], or sooner when asked, until the server
 /// is dropped.
 pub async fn refresh_loop(server: Weak<Server>, cache: Arc<HealthCache>) {
@@ -221,6 +281,7 @@ pub async fn refresh_loop(server: Weak<Server>, cache: Arc<HealthCache>) {
                 server.refresh_health().await;
                 let reports = server.health().await;
                 server.alerter.observe(&reports);
+                crate::console::samples::sample(&server).await;
             }
             None => return,
         }

@@ -12,6 +12,7 @@ mod api_write;
 mod client;
 mod config_file;
 mod connect;
+mod console;
 mod consumer_cmd;
 mod demo;
 mod health;

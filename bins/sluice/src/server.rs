@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use sluice_consumer::ConsumerHandle;
 use sluice_core::{
-    Config, ConsumerConfig, EntityKind, EntityRef, Error, HealthReport, Managed, RecordFilter,
-    RecordStream, Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
+    Config, ConsumerConfig, EntityKind, EntityRef, Error, HealthReport, RecordFilter, RecordStream,
+    Source, SourceConfig, Status, SyncConfig, Target, TargetConfig,
 };
 use sluice_source_http::HttpSource;
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
@@ -147,6 +147,8 @@ pub struct Server {
     pub(crate) config_path: std::sync::OnceLock<PathBuf>,
     /// The API's writes run one at a time.
     pub(crate) writes: tokio::sync::Mutex<()>,
+    /// The console's chart data.
+    pub(crate) samples: Mutex<crate::console::samples::Samples>,
 }
 
 impl Server {
@@ -170,6 +172,7 @@ impl Server {
             health: health.clone(),
             config_path: std::sync::OnceLock::new(),
             writes: tokio::sync::Mutex::new(()),
+            samples: Mutex::new(Default::default()),
         });
         tokio::spawn(crate::health::refresh_loop(Arc::downgrade(&server), health));
         Ok(server)
@@ -259,11 +262,14 @@ pub fn spawn_api(
     mut stopped: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
     tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await
     })
 }
 
@@ -272,18 +278,10 @@ pub fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Loads the config that runs: the file's entities and those created through the API
-/// (`<data_dir>/managed.toml`), with an error printed as `file:line:column: …`. A name both
-/// declare is an error naming the file.
+/// Loads the config that runs (the file and what the API created), with an error printed
+/// as `file:line:column: …`.
 pub fn load(path: &Path) -> Result<Config, String> {
-    let file = Config::load(path).map_err(|e| e.to_string())?;
-    let managed = Managed::load(&file.data_dir).map_err(|e| e.to_string())?;
-    let conflicts = managed.conflicts(&file, &path.display().to_string());
-    if !conflicts.is_empty() {
-        let all: Vec<String> = conflicts.iter().map(|p| p.to_string()).collect();
-        return Err(all.join("\nerror: "));
-    }
-    Ok(managed.merged(&file))
+    Config::load_running(path)
 }
 
 /// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the file changes.
@@ -308,8 +306,19 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
         data_dir = %config.data_dir.display(),
         "sluice serve: API listening"
     );
+    let console_password = match &config.api.console_password {
+        Some(source) => Some(source.resolve().map_err(|e| {
+            format!("{e}\n  [api] console_password is read at start; set it, or remove it to log in to the console with the API token")
+        })?),
+        None => None,
+    };
     server.reconcile(&config).await;
-    let app = crate::api::router(server.clone(), token, config.api.max_body_bytes);
+    let app = crate::api::router(
+        server.clone(),
+        token,
+        console_password,
+        config.api.max_body_bytes,
+    );
     let (stop_api, api_stopped) = watch::channel(false);
     let api = spawn_api(listener, app, api_stopped);
 

@@ -61,6 +61,26 @@ pub struct Alert {
     pub recovered: bool,
 }
 
+/// One entry of the event log: an entity's status changed (every change, not only those
+/// alerted), or the entity is gone.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// The entity.
+    pub entity: EntityRef,
+    /// Its status before (`None`: first seen).
+    pub from: Option<Status>,
+    /// Its status now (`None`: removed from the configuration).
+    pub to: Option<Status>,
+    /// Why, from its worst check (empty when healthy).
+    pub reason: String,
+    /// What to do about it, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+    /// When it was noticed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
 impl Alert {
     /// A one-line summary (an email subject).
     pub fn summary(&self) -> String {
@@ -158,11 +178,11 @@ pub struct Alerter {
     channels: Mutex<Vec<Arc<dyn Channel>>>,
     /// Each entity's status as last alerted (only entities in trouble).
     alerted: Mutex<BTreeMap<EntityRef, Status>>,
-    /// The latest alerts, newest last (the console's event log).
-    recent: Mutex<VecDeque<Alert>>,
+    /// Each entity's status as last seen, and the latest events, newest last.
+    seen: Mutex<(BTreeMap<EntityRef, Status>, VecDeque<Event>)>,
 }
 
-/// How many alerts [`Alerter::recent`] keeps.
+/// How many events [`Alerter::events`] keeps.
 pub const RECENT: usize = 200;
 
 impl std::fmt::Debug for Alerter {
@@ -189,7 +209,7 @@ impl Alerter {
         Self {
             channels: Mutex::new(channels),
             alerted: Mutex::new(BTreeMap::new()),
-            recent: Mutex::new(VecDeque::new()),
+            seen: Mutex::new((BTreeMap::new(), VecDeque::new())),
         }
     }
 
@@ -198,10 +218,53 @@ impl Alerter {
         *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = channels;
     }
 
-    /// The latest alerts (at most [`RECENT`]), newest first.
-    pub fn recent(&self) -> Vec<Alert> {
-        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.iter().rev().cloned().collect()
+    /// The latest status changes (at most [`RECENT`]), newest first: the event log.
+    pub fn events(&self) -> Vec<Event> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.1.iter().rev().cloned().collect()
+    }
+
+    /// Notes every status change in the event log.
+    fn log_events(&self, reports: &[HealthReport], now: OffsetDateTime) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, events) = &mut *seen;
+        let mut push = |event: Event| {
+            if events.len() == RECENT {
+                events.pop_front();
+            }
+            events.push_back(event);
+        };
+        for report in reports {
+            let before = last.insert(report.entity.clone(), report.status);
+            if before == Some(report.status) {
+                continue;
+            }
+            let worst = report.problems().into_iter().next();
+            push(Event {
+                entity: report.entity.clone(),
+                from: before,
+                to: Some(report.status),
+                reason: worst.map(|c| c.message.clone()).unwrap_or_default(),
+                fix: worst.and_then(|c| c.fix.clone()),
+                at: now,
+            });
+        }
+        let gone: Vec<EntityRef> = last
+            .keys()
+            .filter(|e| !reports.iter().any(|r| &r.entity == *e))
+            .cloned()
+            .collect();
+        for entity in gone {
+            let before = last.remove(&entity);
+            push(Event {
+                reason: format!("{entity} was removed from the configuration"),
+                entity,
+                from: before,
+                to: None,
+                fix: None,
+                at: now,
+            });
+        }
     }
 
     /// Compares `reports` (every entity there is now) with what was last alerted, and sends
@@ -211,6 +274,7 @@ impl Alerter {
     /// background).
     pub fn observe(&self, reports: &[HealthReport]) -> Vec<Alert> {
         let now = OffsetDateTime::now_utc();
+        self.log_events(reports, now);
         let mut alerted = self.alerted.lock().unwrap_or_else(|e| e.into_inner());
         let mut alerts = Vec::new();
         for report in reports {
@@ -265,13 +329,6 @@ impl Alerter {
             tracing::info!(entity = %alert.entity, "alert: recovered");
         } else {
             tracing::warn!(entity = %alert.entity, status = %alert.status, reason = %alert.reason, fix = alert.fix.as_deref().unwrap_or(""), "alert");
-        }
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.len() == RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(alert.clone());
         }
         let channels = self
             .channels

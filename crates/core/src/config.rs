@@ -77,6 +77,9 @@ pub struct ApiConfig {
     /// Largest request body accepted, in bytes (default 16 MiB); larger pushes get 413.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// A password for the web console, besides the API token (which always works there).
+    #[serde(default)]
+    pub console_password: Option<SecretSource>,
 }
 
 impl Default for ApiConfig {
@@ -85,6 +88,7 @@ impl Default for ApiConfig {
             listen: default_listen(),
             token: default_token(),
             max_body_bytes: default_max_body(),
+            console_password: None,
         }
     }
 }

@@ -419,6 +419,9 @@ impl Config {
     pub fn missing_secrets(&self) -> Vec<(String, String)> {
         let mut named: Vec<(String, &crate::SecretSource)> =
             vec![("[api] token".to_owned(), &self.api.token)];
+        if let Some(p) = &self.api.console_password {
+            named.push(("[api] console_password".to_owned(), p));
+        }
         if let Some(p) = self.alerts.email.as_ref().and_then(|e| e.password.as_ref()) {
             named.push(("[alerts.email] password".to_owned(), p));
         }

@@ -54,6 +54,22 @@ impl ManagedKind {
     }
 }
 
+impl Config {
+    /// The config that runs: the file at `path` and the entities created through the API
+    /// (`<data_dir>/managed.toml`). A name both declare is an error naming the file, never
+    /// a silent override. Errors are printed as `file:line:column: …` with their fix.
+    pub fn load_running(path: &Path) -> Result<Config, String> {
+        let file = Config::load(path).map_err(|e| e.to_string())?;
+        let managed = Managed::load(&file.data_dir).map_err(|e| e.to_string())?;
+        let conflicts = managed.conflicts(&file, &path.display().to_string());
+        if !conflicts.is_empty() {
+            let all: Vec<String> = conflicts.iter().map(|p| p.to_string()).collect();
+            return Err(all.join("\nerror: "));
+        }
+        Ok(managed.merged(&file))
+    }
+}
+
 impl Managed {
     /// The file the managed entities of `data_dir` live in.
     pub fn path(data_dir: &Path) -> PathBuf {

@@ -1,0 +1,673 @@
+//! The console's pages: overview, target, consumer, sync, record lookup, event log.
+
+use axum::Extension;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_core::{
+    Config, EntityKind, HealthReport, ManagedKind, RecordKey, RecordStream, Status, SyncId,
+};
+
+use super::samples::{chart, number};
+use super::{Console, Session, document};
+use crate::api_tools;
+use crate::server::Server;
+
+/// A note or an error carried back to a page after a form (`?note=…` / `?error=…`).
+#[derive(Deserialize, Default)]
+pub(crate) struct Flash {
+    note: Option<String>,
+    error: Option<String>,
+}
+
+pub(super) fn flash(flash: &Flash) -> Markup {
+    html! {
+        @if let Some(note) = &flash.note {
+            p.note role="status" { (note) }
+        }
+        @if let Some(error) = &flash.error {
+            div.error role="alert" {
+                @for line in error.lines() { p { (line) } }
+            }
+        }
+    }
+}
+
+pub(super) fn badge(status: Status) -> Markup {
+    let name = status.to_string();
+    html! { span class={"status status-" (name)} { (name) } }
+}
+
+/// The reasons an entity is not healthy, each with its fix.
+pub(super) fn reasons(report: &HealthReport) -> Markup {
+    html! {
+        @for check in report.problems() {
+            div.reason {
+                p { strong { (check.name) ": " } (check.message) }
+                @if let Some(fix) = &check.fix {
+                    p.fix { "Fix: " code { (fix) } }
+                }
+            }
+        }
+    }
+}
+
+/// Every check of a report, as a table.
+pub(super) fn checks(report: &HealthReport) -> Markup {
+    html! {
+        table {
+            caption { "Health checks" }
+            thead { tr { th scope="col" { "Check" } th scope="col" { "Status" } th scope="col" { "What was found" } th scope="col" { "Fix" } } }
+            tbody {
+                @for c in &report.checks {
+                    tr {
+                        td { (c.name) }
+                        td { (badge(c.status)) }
+                        td { (c.message) }
+                        td { @if let Some(fix) = &c.fix { code { (fix) } } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn applied(server: &Server) -> Option<Config> {
+    server
+        .applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// Backfill progress from a source's details: a bar per table or collection.
+fn backfill(details: &serde_json::Map<String, Value>) -> Markup {
+    let mut rows: Vec<(String, u64, Option<u64>, bool)> = Vec::new();
+    if let Some(collections) = details
+        .get("backfill")
+        .and_then(|b| b["collections"].as_object())
+    {
+        for (name, c) in collections {
+            let read = c["rows"].as_u64().unwrap_or(0);
+            let estimate = c["estimate"].as_u64();
+            let done = c["done"].as_bool().unwrap_or(false);
+            rows.push((name.clone(), read, estimate, done));
+        }
+    }
+    if let Some(accounts) = details.get("accounts").and_then(Value::as_object) {
+        for (account, a) in accounts {
+            for (id, b) in a["backfill"].as_object().into_iter().flatten() {
+                let label = if accounts.len() > 1 {
+                    format!("{account}: {id}")
+                } else {
+                    id.clone()
+                };
+                let read = b["read"].as_u64().unwrap_or(0);
+                rows.push((label, read, None, b["done"].as_bool().unwrap_or(false)));
+            }
+        }
+    }
+    html! {
+        @if rows.is_empty() {
+            span.muted { "—" }
+        } @else {
+            ul.bars {
+                @for (name, read, estimate, done) in &rows {
+                    @let total = estimate.map(|e| e.max(*read)).unwrap_or(0);
+                    @let text = match (done, total) {
+                        (true, _) => format!("{name}: {read} read, done"),
+                        (false, 0) => format!("{name}: {read} read"),
+                        (false, t) => format!("{name}: {read} of ~{t}"),
+                    };
+                    li {
+                        label { (text)
+                            @if *done {
+                                progress value="1" max="1" { "done" }
+                            } @else if total > 0 {
+                                progress value=(read) max=(total) { (text) }
+                            } @else {
+                                progress { (text) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn overview(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let server = &console.server;
+    let reports = server.health().await;
+    let config = applied(server);
+    let troubled = reports
+        .iter()
+        .filter(|r| matches!(r.status, Status::Warning | Status::Error | Status::Paused))
+        .count();
+    let progress: Vec<(String, serde_json::Map<String, Value>)> = {
+        let entities = server.entities.read().await;
+        entities
+            .syncs
+            .iter()
+            .map(|(name, e)| (name.clone(), e.source.progress().details))
+            .collect()
+    };
+    let samples = server.samples.lock().unwrap_or_else(|e| e.into_inner());
+    let of = |kind| reports.iter().filter(move |r| r.entity.kind == kind);
+    let body = html! {
+        main #main {
+            h1 { "Overview" }
+            (flash(&f))
+            p.summary {
+                (reports.len()) " entities; "
+                @if troubled == 0 { "everything is healthy or starting." }
+                @else { (troubled) " need attention (their reasons and fixes are below)." }
+            }
+            @for report in of(EntityKind::Config) {
+                section.config { h2 { "Configuration" } (badge(report.status)) (reasons(report)) }
+            }
+            section {
+                h2 { "Targets" }
+                table {
+                    thead { tr { th scope="col" { "Target" } th scope="col" { "Status" } th scope="col" { "Why" } } }
+                    tbody {
+                        @for r in of(EntityKind::Target) {
+                            tr {
+                                td { a href={"/targets/" (r.entity.name)} { (r.entity.name) } }
+                                td { (badge(r.status)) }
+                                td { (reasons(r)) }
+                            }
+                        }
+                    }
+                }
+            }
+            section {
+                h2 { "Sources" }
+                table {
+                    thead { tr { th scope="col" { "Sync" } th scope="col" { "Provider" } th scope="col" { "Status" } th scope="col" { "Backfill" } th scope="col" { "Why" } } }
+                    tbody {
+                        @for r in of(EntityKind::Sync) {
+                            @let provider = config.as_ref().and_then(|c| c.syncs.iter().find(|s| s.name == r.entity.name)).map(|s| s.source.provider().as_str()).unwrap_or("");
+                            tr {
+                                td { a href={"/syncs/" (r.entity.name)} { (r.entity.name) } }
+                                td { (provider) }
+                                td { (badge(r.status)) }
+                                td {
+                                    @if let Some((_, details)) = progress.iter().find(|(n, _)| *n == r.entity.name) { (backfill(details)) }
+                                }
+                                td { (reasons(r)) }
+                            }
+                        }
+                    }
+                }
+            }
+            section {
+                h2 { "Consumers" }
+                table {
+                    thead { tr { th scope="col" { "Consumer" } th scope="col" { "Target" } th scope="col" { "Status" } th scope="col" { "Lag" } th scope="col" { "Why" } } }
+                    tbody {
+                        @for r in of(EntityKind::Consumer) {
+                            @let target = config.as_ref().and_then(|c| c.consumers.iter().find(|c| c.name.0 == r.entity.name)).map(|c| c.target.clone()).unwrap_or_default();
+                            @let records = samples.get(&r.entity.name, "lag_records");
+                            @let seconds = samples.get(&r.entity.name, "lag_seconds");
+                            tr {
+                                td { a href={"/consumers/" (r.entity.name)} { (r.entity.name) } }
+                                td { a href={"/targets/" (target)} { (target) } }
+                                td { (badge(r.status)) }
+                                td {
+                                    @match (records.last(), seconds.last()) {
+                                        (Some((_, n)), Some((_, s))) => { (number(*n)) " records, " (number(*s)) " s" }
+                                        _ => span.muted { "—" },
+                                    }
+                                }
+                                td { (reasons(r)) }
+                            }
+                        }
+                    }
+                }
+            }
+            section {
+                h2 { "Lag over the last hour" }
+                div.charts {
+                    @for r in of(EntityKind::Consumer) {
+                        (chart(&format!("{} lag (records)", r.entity.name), "records", &samples.get(&r.entity.name, "lag_records")))
+                        (chart(&format!("{} lag (seconds)", r.entity.name), "s", &samples.get(&r.entity.name, "lag_seconds")))
+                    }
+                    @for r in of(EntityKind::Sync) {
+                        @let slot = samples.get(&r.entity.name, "slot_bytes");
+                        @if !slot.is_empty() { (chart(&format!("{} replication slot lag (bytes)", r.entity.name), "bytes", &slot)) }
+                        @let waits = samples.get(&r.entity.name, "rate_limit_wait_seconds");
+                        @if !waits.is_empty() { (chart(&format!("{} time waited on rate limits (seconds, since start)", r.entity.name), "s", &waits)) }
+                    }
+                }
+            }
+        }
+    };
+    drop(samples);
+    document("Overview", Some(&session), body).into_response()
+}
+
+pub(crate) fn not_found(session: &Session, what: &str) -> Response {
+    let body = html! { main #main { h1 { "Not found" } p { (what) } p { a href="/" { "Back to the overview" } } } };
+    (
+        StatusCode::NOT_FOUND,
+        document("Not found", Some(session), body),
+    )
+        .into_response()
+}
+
+fn origin_of(server: &Server, kind: ManagedKind, name: &str) -> bool {
+    crate::api_write::managed_now(server).has(kind, name)
+}
+
+/// A target's page; `extra` is the result of a form just sent (a setup check).
+pub(crate) async fn target_page(
+    console: &Console,
+    session: &Session,
+    name: &str,
+    f: &Flash,
+    extra: Option<Markup>,
+) -> Response {
+    let server = &console.server;
+    let Some(config) = applied(server) else {
+        return not_found(session, "sluice is still starting");
+    };
+    let Some(target) = config.targets.iter().find(|t| t.name == name) else {
+        return not_found(session, &format!("No target named {name:?}."));
+    };
+    let report = server.cached_health(EntityKind::Target, name);
+    let setup = api_tools::setup_of(&config, target);
+    let c = &target.connection;
+    let managed = origin_of(server, ManagedKind::Target, name);
+    let consumers: Vec<&str> = config
+        .consumers
+        .iter()
+        .filter(|c| c.target == name)
+        .map(|c| c.name.0.as_str())
+        .collect();
+    let body = html! {
+        main #main {
+            h1 { "Target " (name) " " (badge(report.status)) }
+            (flash(f))
+            (reasons(&report))
+            section {
+                h2 { "Connection" }
+                dl {
+                    dt { "Host" } dd { (c.host) ":" (c.port) }
+                    dt { "Database" } dd { (c.database) }
+                    dt { "Sync user" } dd { (c.user) }
+                    dt { "Password" } dd { @if c.password.is_some() { "set" } @else { "unset" } }
+                    dt { "SSL mode" } dd { (format!("{:?}", c.ssl.mode).to_lowercase()) }
+                    dt { "Tunnel" } dd { @if c.tunnel.is_some() { "yes" } @else { "none" } }
+                    dt { "Read role" } dd { (target.read_role) }
+                    dt { "Declared in" } dd { @if managed { "the console or API (managed.toml)" } @else { "sluice.toml" } }
+                    dt { "Consumers" } dd { @if consumers.is_empty() { "none" } @else { (consumers.join(", ")) } }
+                }
+            }
+            (checks(&report))
+            section {
+                h2 { "Setup" }
+                @match &setup {
+                    Ok(setup) => {
+                        h3 { "Automated" }
+                        p { "Lend admin credentials for one run; sluice creates the roles and grants and forgets them:" }
+                        pre { code { (setup["automated"].as_str().unwrap_or_default()) } }
+                        h3 { "Manual" }
+                        p { "Run this as a database owner or superuser (safe to run twice). Put the sync user's password where the placeholder is, the one sluice is configured with." }
+                        pre.sql { code { (setup["manual_sql"].as_str().unwrap_or_default()) } }
+                    }
+                    Err(e) => { p.error { (e.to_string()) } }
+                }
+                form method="post" action={"/targets/" (name) "/check"} {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    button type="submit" { "Run the setup check" }
+                }
+                @if let Some(extra) = extra { (extra) }
+            }
+            section {
+                h2 { "Read access" }
+                p { "Users granted " code { (target.read_role) } " can read everything sluice writes to this target." }
+                form method="post" action={"/targets/" (name) "/readers"} {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    label for="users" { "Users (comma-separated roles)" }
+                    input #users type="text" name="users" required;
+                    button type="submit" name="action" value="grant" { "Grant the read role" }
+                    button type="submit" name="action" value="revoke" { "Revoke it" }
+                }
+            }
+            @if managed {
+                section {
+                    h2 { "Delete" }
+                    form method="post" action={"/targets/" (name) "/delete"} {
+                        input type="hidden" name="csrf" value=(session.csrf);
+                        button.danger type="submit" { "Delete this target" }
+                    }
+                }
+            }
+        }
+    };
+    document(&format!("Target {name}"), Some(session), body).into_response()
+}
+
+pub(crate) async fn target(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+    Path(name): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    target_page(&console, &session, &name, &f, None).await
+}
+
+/// A check report as a list of findings with their fixes.
+pub(super) fn findings(title: &str, report: &sluice_core::CheckReport) -> Markup {
+    html! {
+        section.findings aria-live="polite" {
+            h3 { (title) ": " @if report.is_ok() { span.status.status-healthy { "all good" } } @else { span.status.status-error { "needs fixing" } } }
+            ul {
+                @for f in &report.findings {
+                    li {
+                        @if f.ok { "✓ " } @else { "✗ " }
+                        strong { (f.check) } ": " (f.message)
+                        @if let Some(fix) = &f.fix { div.fix { "Fix: " pre { code { (fix) } } } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A consumer's page; `extra` is the result of a form just sent (a verification).
+pub(crate) async fn consumer_page(
+    console: &Console,
+    session: &Session,
+    name: &str,
+    f: &Flash,
+    extra: Option<Markup>,
+) -> Response {
+    let server = &console.server;
+    let Some(config) = applied(server) else {
+        return not_found(session, "sluice is still starting");
+    };
+    let Some(consumer) = config.consumers.iter().find(|c| c.name.0 == name) else {
+        return not_found(session, &format!("No consumer named {name:?}."));
+    };
+    let report = server.cached_health(EntityKind::Consumer, name);
+    let table = api_tools::create_table_of(consumer);
+    let managed = origin_of(server, ManagedKind::Consumer, name);
+    let paused_by_user = report
+        .checks
+        .iter()
+        .any(|c| c.name == "state" && c.status == Status::Paused);
+    let (records, seconds) = {
+        let samples = server.samples.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            samples.get(name, "lag_records"),
+            samples.get(name, "lag_seconds"),
+        )
+    };
+    let filter = serde_json::to_string(&consumer.filter).unwrap_or_default();
+    let layout = serde_json::to_string(&consumer.layout).unwrap_or_default();
+    let body = html! {
+        main #main {
+            h1 { "Consumer " (name) " " (badge(report.status)) }
+            (flash(f))
+            (reasons(&report))
+            dl {
+                dt { "Target" } dd { a href={"/targets/" (consumer.target)} { (consumer.target) } }
+                dt { "Filter" } dd { code { (filter) } }
+                dt { "Layout" } dd { code { (layout) } }
+                dt { "Declared in" } dd { @if managed { "the console or API (managed.toml)" } @else { "sluice.toml" } }
+            }
+            section {
+                h2 { "Control" }
+                form.inline method="post" action={"/consumers/" (name) "/control"} {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    @if paused_by_user {
+                        button type="submit" name="action" value="resume" { "Resume" }
+                    } @else {
+                        label for="reason" { "Reason for pausing (optional)" }
+                        input #reason type="text" name="reason";
+                        button type="submit" name="action" value="pause" { "Pause" }
+                    }
+                    button type="submit" name="action" value="restart-backfill" { "Restart the backfill" }
+                }
+            }
+            (checks(&report))
+            section {
+                h2 { "Lag" }
+                div.charts {
+                    (chart("Lag (records)", "records", &records))
+                    (chart("Lag (seconds)", "s", &seconds))
+                }
+            }
+            section {
+                h2 { "Table" }
+                @if let Some(sql) = table["sql"].as_str() {
+                    pre.sql { code { (sql) } }
+                }
+                p { (table["note"].as_str().unwrap_or_default()) }
+                form method="post" action={"/consumers/" (name) "/verify"} {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    button type="submit" { "Verify the table" }
+                }
+                @if let Some(extra) = extra { (extra) }
+            }
+            @if managed {
+                section {
+                    h2 { "Delete" }
+                    p { "Its rows stay in the target." }
+                    form method="post" action={"/consumers/" (name) "/delete"} {
+                        input type="hidden" name="csrf" value=(session.csrf);
+                        button.danger type="submit" { "Delete this consumer" }
+                    }
+                }
+            }
+        }
+    };
+    document(&format!("Consumer {name}"), Some(session), body).into_response()
+}
+
+pub(crate) async fn consumer(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+    Path(name): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    consumer_page(&console, &session, &name, &f, None).await
+}
+
+pub(crate) async fn sync(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+    Path(name): Path<String>,
+) -> Response {
+    let server = &console.server;
+    let Some(config) = applied(server) else {
+        return not_found(&session, "sluice is still starting");
+    };
+    let Some(sync) = config.syncs.iter().find(|s| s.name == name) else {
+        return not_found(&session, &format!("No sync named {name:?}."));
+    };
+    let report = server.cached_health(EntityKind::Sync, &name);
+    let details = {
+        let entities = server.entities.read().await;
+        entities.syncs.get(&name).map(|e| e.source.progress())
+    };
+    let (slot, waits) = {
+        let samples = server.samples.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            samples.get(&name, "slot_bytes"),
+            samples.get(&name, "rate_limit_wait_seconds"),
+        )
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let body = html! {
+        main #main {
+            h1 { "Sync " (name) " " (badge(report.status)) }
+            (reasons(&report))
+            dl {
+                dt { "Provider" } dd { (sync.source.provider().as_str()) }
+                dt { "Sync id" } dd { code { (sync.id) } }
+                @if let Some(p) = &details {
+                    dt { "Records appended since start" } dd { (p.appended) }
+                    @if let Some(lsn) = p.details.get("confirmed_lsn").and_then(Value::as_str) {
+                        dt { "Confirmed position" } dd { code { (lsn) } }
+                    }
+                }
+            }
+            @if let Some(p) = &details {
+                section {
+                    h2 { "Collections and backfill" }
+                    (backfill(&p.details))
+                }
+                @if let Some(accounts) = p.details.get("accounts").and_then(Value::as_object) {
+                    section {
+                        h2 { "Change cursors" }
+                        table {
+                            thead { tr { th scope="col" { "Account" } th scope="col" { "Cursor" } th scope="col" { "Last successful poll" } } }
+                            tbody {
+                                @for (account, a) in accounts {
+                                    tr {
+                                        td { (account) }
+                                        td { code { (a["cursor"].as_str().unwrap_or("—")) } }
+                                        td { (a["last_poll"].as_str().unwrap_or("not yet")) }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            } @else {
+                p.muted { "Not running: see the health checks." }
+            }
+            (checks(&report))
+            @if !slot.is_empty() || !waits.is_empty() {
+                section {
+                    h2 { "Over the last hour" }
+                    div.charts {
+                        @if !slot.is_empty() { (chart("Replication slot lag (bytes)", "bytes", &slot)) }
+                        @if !waits.is_empty() { (chart("Time waited on rate limits (seconds, since start)", "s", &waits)) }
+                    }
+                }
+            }
+            p.muted { "As of " (now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()) }
+        }
+    };
+    document(&format!("Sync {name}"), Some(&session), body).into_response()
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct Lookup {
+    sync: Option<String>,
+    collection: Option<String>,
+    id: Option<String>,
+}
+
+pub(crate) async fn records(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+    Query(q): Query<Lookup>,
+) -> Response {
+    let server = &console.server;
+    let syncs: Vec<(String, SyncId)> = applied(server)
+        .map(|c| c.syncs.iter().map(|s| (s.name.clone(), s.id)).collect())
+        .unwrap_or_default();
+    let wanted = match (&q.sync, &q.collection, &q.id) {
+        (Some(s), Some(c), Some(i)) if !c.is_empty() && !i.is_empty() => Some((s, c, i)),
+        _ => None,
+    };
+    let found = match wanted {
+        None => None,
+        Some((s, c, i)) => match syncs.iter().find(|(n, _)| n == s) {
+            None => Some(Err(format!("No sync named {s:?}."))),
+            Some((_, sync_id)) => {
+                let key = RecordKey::new(*sync_id, c.as_str(), i.as_str());
+                Some(match server.stream.get(&key).await {
+                    Ok(Some(entry)) => Ok(entry),
+                    Ok(None) => Err(format!(
+                        "No record {i:?} in collection {c:?} of sync {s:?}."
+                    )),
+                    Err(e) => Err(e.to_string()),
+                })
+            }
+        },
+    };
+    let body = html! {
+        main #main {
+            h1 { "Record lookup" }
+            form method="get" action="/records" {
+                label for="sync" { "Sync" }
+                select #sync name="sync" {
+                    @for (name, _) in &syncs {
+                        option value=(name) selected[q.sync.as_deref() == Some(name.as_str())] { (name) }
+                    }
+                }
+                label for="collection" { "Collection (a table like public.orders, or stripe:customer)" }
+                input #collection type="text" name="collection" value=(q.collection.clone().unwrap_or_default()) required;
+                label for="id" { "Record id (the upstream key)" }
+                input #id type="text" name="id" value=(q.id.clone().unwrap_or_default()) required;
+                button type="submit" { "Find" }
+            }
+            @match &found {
+                Some(Ok(entry)) => {
+                    section.record {
+                        h2 { "Current version" }
+                        dl {
+                            dt { "Position in the stream" } dd { (entry.seq.0) }
+                            dt { "Version" } dd { code { (format!("{:?}", entry.record.version)) } }
+                            dt { "Changed upstream at" } dd { (entry.record.upstream_updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()) }
+                            dt { "Deleted" } dd { @if entry.record.is_tombstone() { "yes (a tombstone)" } @else { "no" } }
+                        }
+                        @if let sluice_core::Change::Upsert { payload } = &entry.record.change {
+                            h3 { "Payload" }
+                            pre { code { (serde_json::to_string_pretty(payload).unwrap_or_default()) } }
+                        }
+                    }
+                }
+                Some(Err(why)) => { p.error role="alert" { (why) } }
+                None => {}
+            }
+        }
+    };
+    document("Record lookup", Some(&session), body).into_response()
+}
+
+pub(crate) async fn events(
+    State(console): State<Console>,
+    Extension(session): Extension<Session>,
+) -> Response {
+    let events = console.server.alerter.events();
+    let status = |s: Option<Status>| match s {
+        Some(s) => badge(s),
+        None => html! { span.muted { "—" } },
+    };
+    let body = html! {
+        main #main {
+            h1 { "Event log" }
+            p { "Every change of an entity's status, newest first (the last " (sluice_alerts::RECENT) "), including refused config reloads." }
+            table {
+                thead { tr { th scope="col" { "When" } th scope="col" { "Entity" } th scope="col" { "From" } th scope="col" { "To" } th scope="col" { "Why" } } }
+                tbody {
+                    @for e in &events {
+                        tr {
+                            td { (e.at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()) }
+                            td { (e.entity.to_string()) }
+                            td { (status(e.from)) }
+                            td { @if e.to.is_none() { "removed" } @else { (status(e.to)) } }
+                            td { (e.reason) @if let Some(fix) = &e.fix { p.fix { "Fix: " code { (fix) } } } }
+                        }
+                    }
+                }
+            }
+            @if events.is_empty() { p.muted { "Nothing has changed yet." } }
+        }
+    };
+    document("Event log", Some(&session), body).into_response()
+}

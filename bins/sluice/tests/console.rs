@@ -1,0 +1,352 @@
+//! The web console in a real browser (headless Chromium through chromedriver) against
+//! `sluice serve` and real clusters: log in, add a target through the manual-SQL path,
+//! create a consumer, watch it turn healthy, pause and resume it, and see a stopped target
+//! turn its consumers `paused` with the reason. Each page is saved as a screenshot in
+//! `target/console-screenshots/`. Its security (cookie, CSRF, origin, secrets) is checked
+//! over plain HTTP beside.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+mod support;
+use support::*;
+
+#[path = "support/browser.rs"]
+mod browser;
+use browser::{Browser, ENTER, TAB};
+
+const CONSOLE_PASSWORD: &str = "console-pw-71c3";
+const SHOP_PASSWORD: &str = "shop-pw-2f9a";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser() {
+    let env = env().await;
+    let secret = env.dir.path().join("console-password");
+    std::fs::write(&secret, CONSOLE_PASSWORD).unwrap();
+    let path = write_config(&env, "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "max_body_bytes = 65536\n",
+        &format!(
+            "max_body_bytes = 65536\nconsole_password = {{ file = \"{}\" }}\n",
+            secret.display()
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+    let base = format!("http://127.0.0.1:{}", env.port);
+    let browser = Browser::start().await;
+
+    // Log in: a page needs it; a wrong password is refused (and logged without it); the
+    // console password works, typed and sent with the keyboard alone.
+    browser.goto(&format!("{base}/consumers/app-records")).await;
+    assert!(
+        browser.url().await.ends_with("/login"),
+        "{}",
+        browser.url().await
+    );
+    assert!(browser.unlabelled_fields().await.is_empty());
+    browser.screenshot("01-login").await;
+    browser.fill("#secret", "not-the-password").await;
+    browser.keys(ENTER).await;
+    assert!(
+        browser
+            .text()
+            .await
+            .contains("neither the API token nor the console password"),
+        "{}",
+        browser.text().await
+    );
+    browser.fill("#secret", CONSOLE_PASSWORD).await;
+    // Tab to the button, Enter presses it.
+    browser.keys(&format!("{TAB}{ENTER}")).await;
+    let overview = browser
+        .wait_for_text(&format!("{base}/"), "app-records", 30)
+        .await;
+    assert!(
+        overview.contains("Overview") && overview.contains("warehouse"),
+        "{overview}"
+    );
+    let log = log(&env);
+    assert!(log.contains("console: failed login"), "{log}");
+    assert!(
+        !log.contains("not-the-password") && !log.contains(CONSOLE_PASSWORD),
+        "{log}"
+    );
+
+    // Add a target through the manual-SQL path: a new sync user, created by the SQL the
+    // target's page shows, run by the database's admin (here: the test).
+    browser.goto(&format!("{base}/targets/new")).await;
+    assert!(
+        browser.unlabelled_fields().await.is_empty(),
+        "{:?}",
+        browser.unlabelled_fields().await
+    );
+    browser.fill("#name", "shop").await;
+    browser.fill("#host", "127.0.0.1").await;
+    browser.fill("#port", &env.target.port().to_string()).await;
+    browser.fill("#database", "postgres").await;
+    browser.fill("#user", "sluice_shop").await;
+    browser.fill("#password", SHOP_PASSWORD).await;
+    browser.fill("#read_role", "shop_read").await;
+    browser
+        .run("document.querySelector('#ssl_mode').value = 'disable';")
+        .await;
+    browser.screenshot("02-add-target").await;
+    browser
+        .click("form[action='/targets/new'] button[type=submit]")
+        .await;
+    let page = browser.text().await;
+    assert!(
+        page.contains("Target shop") && page.contains("Target saved"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Password\nset") || page.contains("Password set"),
+        "{page}"
+    );
+    let html = browser.source().await;
+    assert!(!html.contains(SHOP_PASSWORD), "no secret in a page");
+    let sql = browser
+        .run("return document.querySelector('pre.sql code').innerText")
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(sql.contains("'<the sync user password>'"), "{sql}");
+    browser.screenshot("03-target-manual-sql").await;
+    env.target
+        .execute(
+            "postgres",
+            &sql.replace("'<the sync user password>'", &format!("'{SHOP_PASSWORD}'")),
+        )
+        .await
+        .unwrap();
+    browser
+        .click("form[action='/targets/shop/check'] button")
+        .await;
+    let checked = browser.text().await;
+    assert!(checked.contains("Setup check: all good"), "{checked}");
+    browser.screenshot("04-target-checked").await;
+
+    // Create a consumer of pushed records on it.
+    browser.goto(&format!("{base}/consumers/new")).await;
+    assert!(browser.unlabelled_fields().await.is_empty());
+    browser.fill("#name", "shop-events").await;
+    browser
+        .run("document.querySelector('#target').value = 'shop'; document.querySelector('#source').value = 'provider:http';")
+        .await;
+    browser.fill("#schema", "shop").await;
+    browser.fill("#table", "events").await;
+    browser.screenshot("05-add-consumer").await;
+    browser
+        .click("form[action='/consumers/new'] button[type=submit]")
+        .await;
+    let page = browser.text().await;
+    assert!(page.contains("Consumer shop-events"), "{page}");
+    assert!(page.contains("create table \"shop\".\"events\""), "{page}");
+    let (status, body) = api
+        .post(
+            "/v1/syncs/events/records",
+            json!({"records": [{"collection": "orders", "id": "o1", "payload": {"total": 12}}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Watch it turn healthy, verified, with the record in its table.
+    browser
+        .wait_for_text(
+            &format!("{base}/consumers/shop-events"),
+            "Consumer shop-events healthy",
+            60,
+        )
+        .await;
+    wait_until(
+        "the pushed record is in shop.events",
+        &env,
+        30,
+        async || target_count(&env, "shop.events", "upstream_id = 'o1'").await == 1,
+    )
+    .await;
+    browser
+        .click("form[action='/consumers/shop-events/verify'] button")
+        .await;
+    let verified = browser.text().await;
+    assert!(verified.contains("Verification: all good"), "{verified}");
+    browser.screenshot("06-consumer-healthy").await;
+
+    // Pause with a reason, then resume, with the buttons.
+    browser.fill("#reason", "checking the shop table").await;
+    browser.click("button[value=pause]").await;
+    let paused = browser.text().await;
+    assert!(
+        paused.contains("Paused.") && paused.contains("checking the shop table"),
+        "{paused}"
+    );
+    assert!(paused.contains("Consumer shop-events paused"), "{paused}");
+    browser.screenshot("07-consumer-paused").await;
+    browser.click("button[value=resume]").await;
+    browser
+        .wait_for_text(
+            &format!("{base}/consumers/shop-events"),
+            "Consumer shop-events healthy",
+            30,
+        )
+        .await;
+
+    // A record lookup finds the pushed record with its version and position.
+    browser
+        .goto(&format!(
+            "{base}/records?sync=events&collection=orders&id=o1"
+        ))
+        .await;
+    let found = browser.text().await;
+    assert!(
+        found.contains("Position in the stream") && found.contains("\"total\": 12"),
+        "{found}"
+    );
+    browser.screenshot("08-record-lookup").await;
+    browser.goto(&format!("{base}/syncs/app")).await;
+    assert!(
+        browser.text().await.contains("public.orders"),
+        "{}",
+        browser.text().await
+    );
+    browser.screenshot("09-sync").await;
+
+    // A stopped target turns its consumers paused, with the reason, on the overview.
+    env.target.stop().unwrap();
+    let down = browser
+        .wait_for_text(&format!("{base}/"), "is unavailable", 60)
+        .await;
+    let line = down
+        .lines()
+        .find(|l| l.starts_with("shop-events"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains("paused"), "{down}");
+    browser.screenshot("10-overview-target-down").await;
+    browser.goto(&format!("{base}/events")).await;
+    let events = browser.text().await;
+    assert!(
+        events.contains("consumer \"shop-events\"") && events.contains("paused"),
+        "{events}"
+    );
+    browser.screenshot("11-event-log").await;
+    env.target.start().unwrap();
+    browser
+        .wait_for_text(
+            &format!("{base}/consumers/shop-events"),
+            "Consumer shop-events healthy",
+            90,
+        )
+        .await;
+    let overview = browser
+        .wait_for_text(&format!("{base}/"), "Lag over the last hour", 10)
+        .await;
+    assert!(overview.contains("shop-events lag (records)"), "{overview}");
+    browser.screenshot("12-overview").await;
+    browser.quit().await;
+
+    // Security over plain HTTP: the cookie's attributes, CSRF and origin checks.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = http
+        .post(format!("{base}/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("secret", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let page = http
+        .get(format!("{base}/consumers/shop-events"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains(TOKEN), "the token is not in a page");
+    let (status, _) = form(
+        &http,
+        &base,
+        &session,
+        "/consumers/shop-events/control",
+        &[("csrf", "forged"), ("action", "pause")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "a forged CSRF token is refused");
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_owned();
+    let (status, _) = form(
+        &http,
+        &base,
+        &session,
+        "/consumers/shop-events/control",
+        &[("csrf", &csrf), ("action", "pause")],
+        Some("http://evil.example"),
+    )
+    .await;
+    assert_eq!(status, 403, "a post from another site is refused");
+    let (status, _) = form(
+        &http,
+        &base,
+        "",
+        "/consumers/shop-events/control",
+        &[("csrf", &csrf), ("action", "pause")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "no session, no change");
+    let (status, _) = form(
+        &http,
+        &base,
+        &session,
+        "/consumers/shop-events/control",
+        &[("csrf", &csrf), ("action", "pause")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 303, "with the session's token it works");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(terminate(&mut child).success());
+}
+
+async fn form(
+    http: &reqwest::Client,
+    base: &str,
+    cookie: &str,
+    path: &str,
+    fields: &[(&str, &str)],
+    origin: Option<&str>,
+) -> (u16, String) {
+    let mut request = http.post(format!("{base}{path}")).form(fields);
+    if !cookie.is_empty() {
+        request = request.header("cookie", cookie);
+    }
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
