@@ -340,6 +340,9 @@ pub(crate) async fn apply(
         kind = kind.name(),
         "the API changed a managed entity: reconciling"
     );
+    // The file was read again and is consistent with the change: a reload refused before
+    // (such as a name clash this write resolved) is over.
+    server.reload_refused(None);
     server.reconcile(&merged).await;
     Ok((
         status,

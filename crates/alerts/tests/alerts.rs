@@ -225,3 +225,52 @@ fn a_password_is_read_from_its_source_and_never_shown() {
     let e = EmailChannel::new(&config).unwrap_err().to_string();
     assert!(e.contains("no password"), "{e}");
 }
+
+#[tokio::test]
+async fn every_status_change_is_in_the_event_log_but_only_trouble_is_alerted() {
+    let alerter = Alerter::new(Vec::new());
+    let consumer =
+        |status, message: &str| report(EntityKind::Consumer, "orders", status, message, None);
+    assert!(
+        alerter
+            .observe(&[consumer(Status::Initializing, "starting")])
+            .is_empty()
+    );
+    assert!(
+        alerter
+            .observe(&[consumer(Status::Healthy, "wrote 10 records")])
+            .is_empty()
+    );
+    assert!(
+        alerter
+            .observe(&[consumer(Status::Paused, "paused by a user (console)")])
+            .is_empty(),
+        "a pause is not an alert"
+    );
+    assert!(
+        alerter
+            .observe(&[consumer(Status::Paused, "paused by a user (console)")])
+            .is_empty()
+    );
+    let alerts = alerter.observe(&[consumer(Status::Error, "the target refused a record")]);
+    assert_eq!(alerts.len(), 1);
+    assert!(
+        alerter.observe(&[]).len() == 1,
+        "removed while in trouble: a recovery notice"
+    );
+    let events = alerter.events();
+    let seen: Vec<(Option<Status>, Option<Status>)> =
+        events.iter().rev().map(|e| (e.from, e.to)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (None, Some(Status::Initializing)),
+            (Some(Status::Initializing), Some(Status::Healthy)),
+            (Some(Status::Healthy), Some(Status::Paused)),
+            (Some(Status::Paused), Some(Status::Error)),
+            (Some(Status::Error), None),
+        ],
+        "newest first, each change once"
+    );
+    assert_eq!(events[1].reason, "the target refused a record");
+}
