@@ -72,7 +72,7 @@ impl Server {
                 .map(|(name, c)| (name.clone(), c.config.target.clone()))
                 .collect::<Vec<(String, String)>>();
             let mut jobs: Vec<(EntityRef, Job)> = Vec::new();
-            for name in entities.targets.keys() {
+            for (name, target) in &entities.targets {
                 let views: Vec<Arc<dyn sluice_core::Target>> = entities
                     .consumers
                     .values()
@@ -85,7 +85,11 @@ impl Server {
                 };
                 jobs.push((
                     entity.clone(),
-                    Box::pin(crate::server::target_health(entity, views)),
+                    Box::pin(crate::server::target_health(
+                        entity,
+                        views,
+                        Some(target.config.connection.clone()),
+                    )),
                 ));
             }
             for (name, sync) in &entities.syncs {

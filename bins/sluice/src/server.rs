@@ -63,6 +63,7 @@ pub fn source_for(
             publication,
             slot,
             create_missing,
+            slot_lag_warning_bytes,
         } => Arc::new(PostgresSource::new(
             sync.name.clone(),
             sync.id,
@@ -72,9 +73,14 @@ pub fn source_for(
                 slot: slot.clone(),
             },
             stream,
-            SourceOptions {
-                create_missing: *create_missing,
-                ..SourceOptions::default()
+            {
+                let defaults = SourceOptions::default();
+                SourceOptions {
+                    create_missing: *create_missing,
+                    slot_lag_warning_bytes: slot_lag_warning_bytes
+                        .unwrap_or(defaults.slot_lag_warning_bytes),
+                    ..defaults
+                }
             },
         )),
     }
@@ -226,8 +232,13 @@ pub fn stop_when(mut switch: watch::Receiver<bool>) -> sluice_core::Stop {
 }
 
 /// A target's health: its consumers' views of it (reachable, TLS, privileges, table, payload),
-/// each check at the worst any consumer sees.
-pub async fn target_health(entity: EntityRef, views: Vec<Arc<dyn Target>>) -> HealthReport {
+/// each check at the worst any consumer sees. A target no consumer writes to yet is reached
+/// directly (`connection`), so a wrong host or password shows before the first consumer.
+pub async fn target_health(
+    entity: EntityRef,
+    views: Vec<Arc<dyn Target>>,
+    connection: Option<sluice_core::ConnectionConfig>,
+) -> HealthReport {
     let mut merged: Option<HealthReport> = None;
     for target in views {
         let view = target.health().await;
@@ -236,23 +247,50 @@ pub async fn target_health(entity: EntityRef, views: Vec<Arc<dyn Target>>) -> He
             Some(report) => report.merge(&view),
         }
     }
-    match merged {
-        Some(mut report) => {
-            report.entity = entity;
-            report
-        }
-        None => {
-            let mut state = sluice_core::HealthState::new(entity);
-            state.observe(
-                "consumers",
-                Status::Healthy,
-                "no consumer writes to this target",
-                None,
-                OffsetDateTime::now_utc(),
-            );
-            state.report()
-        }
+    if let Some(mut report) = merged {
+        report.entity = entity;
+        return report;
     }
+    let mut state = sluice_core::HealthState::new(entity);
+    let now = OffsetDateTime::now_utc();
+    match connection.filter(|c| c.tunnel.is_none()) {
+        Some(connection) => match ConnectionSettings::from_config(&connection) {
+            Ok(settings) => match settings.connect().await {
+                Ok(_) => state.observe(
+                    "reachable",
+                    Status::Healthy,
+                    format!(
+                        "connected to {}:{} as {}; no consumer writes to it yet",
+                        settings.host, settings.port, settings.user
+                    ),
+                    None,
+                    now,
+                ),
+                Err(e) => state.observe(
+                    e.check_name(),
+                    Status::Error,
+                    e.to_string(),
+                    e.health_fix(),
+                    now,
+                ),
+            },
+            Err(e) => state.observe(
+                "reachable",
+                Status::Error,
+                e.problem(),
+                e.fix().map(str::to_owned),
+                now,
+            ),
+        },
+        None => state.observe(
+            "consumers",
+            Status::Healthy,
+            "no consumer writes to this target (it is reached through a tunnel when one does)",
+            None,
+            now,
+        ),
+    };
+    state.report()
 }
 
 /// Serves the API until `stopped` turns true (graceful: requests in flight finish).

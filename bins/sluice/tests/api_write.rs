@@ -132,6 +132,28 @@ async fn entities_created_through_the_api_run_survive_a_restart_and_never_overri
         "{body}"
     );
 
+    // A new target no consumer writes to yet is reached anyway: a wrong password shows.
+    let mut broken = reports_target(&env);
+    broken["name"] = json!("broken");
+    broken["connection"]["password"] = json!({"value": "wrong"});
+    let (status, body) = send(&api, "POST", "/v1/targets", broken).await;
+    assert_eq!(status, 201, "{body}");
+    wait_until(
+        "the wrong password shows in the target's health",
+        &env,
+        30,
+        async || {
+            let target = api.get("/v1/targets/broken").await;
+            target["health"]["status"] == "error"
+                && target["health"]["checks"]
+                    .to_string()
+                    .contains("password authentication failed")
+        },
+    )
+    .await;
+    let (status, body) = send(&api, "DELETE", "/v1/targets/broken", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+
     // A target and a consumer created through the API run at once.
     let (status, body) = send(&api, "POST", "/v1/targets", reports_target(&env)).await;
     assert_eq!(status, 201, "{body}");

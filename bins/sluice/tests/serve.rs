@@ -965,13 +965,8 @@ layout = {{ kind = "consumer_table", schema = "sluice", table = "records" }}
     drop(silent);
 }
 
-/// `[alerts]` in the config reaches people: a target that goes away is emailed and posted to
-/// the webhook once, naming the target, the reason and the fix; a recovery notice follows when
-/// it is back; a refused reload is alerted too.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stopped_target_and_a_refused_reload_are_alerted_by_email_and_webhook_with_recovery() {
-    let env = env().await;
-    let smtp = smtp::SmtpSink::start(env.dir.path(), None);
+/// A webhook receiver: its URL, and every JSON body posted to it.
+async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
     let posts = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
     let app = axum::Router::new().route(
         "/hook",
@@ -986,6 +981,55 @@ async fn a_stopped_target_and_a_refused_reload_are_alerted_by_email_and_webhook_
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
+    (hook, posts)
+}
+
+/// A slot holding more WAL than its sync's `slot_lag_warning_bytes` is alerted, naming the
+/// sync and the slot.
+#[tokio::test]
+async fn a_slot_over_its_lag_threshold_is_alerted() {
+    let env = env().await;
+    let (hook, posts) = webhook_receiver().await;
+    let path = env.dir.path().join("sluice.toml");
+    let text = config(&env, &format!("\n[[alerts.webhook]]\nurl = \"{hook}\"\n")).replace(
+        "create_missing = true\n",
+        "create_missing = true\nslot_lag_warning_bytes = 1\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut child = serve(&env, &path);
+    // Enough WAL that the slot holds more than a byte at some health check.
+    for i in 0..20 {
+        env.source
+            .execute(
+                "postgres",
+                &format!("insert into public.orders select g, 'bulk', {i} from generate_series({}, {}) g", 1000 + i * 1000, 1999 + i * 1000),
+            )
+            .await
+            .unwrap();
+    }
+    wait_until("the slot's lag is alerted", &env, 90, async || {
+        posts.lock().unwrap().iter().any(|p| {
+            p["entity"]["kind"] == "sync"
+                && p["entity"]["name"] == "app"
+                && p["check"] == "slot"
+                && p["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("bytes of WAL")
+        })
+    })
+    .await;
+    assert!(terminate(&mut child).success());
+}
+
+/// `[alerts]` in the config reaches people: a target that goes away is emailed and posted to
+/// the webhook once, naming the target, the reason and the fix; a recovery notice follows when
+/// it is back; a refused reload is alerted too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_target_and_a_refused_reload_are_alerted_by_email_and_webhook_with_recovery() {
+    let env = env().await;
+    let smtp = smtp::SmtpSink::start(env.dir.path(), None);
+    let (hook, posts) = webhook_receiver().await;
     let alerts = format!(
         r#"
 [alerts.email]

@@ -289,6 +289,9 @@ pub enum SourceConfig {
         /// Create the publication and slot if missing (publication first).
         #[serde(default)]
         create_missing: bool,
+        /// WAL the slot may hold before the sync's health warns (and alerts); default 1 GiB.
+        #[serde(default)]
+        slot_lag_warning_bytes: Option<u64>,
     },
     /// Records pushed to sluice's HTTP API.
     Http {},
