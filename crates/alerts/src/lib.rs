@@ -175,7 +175,7 @@ impl Channel for WebhookChannel {
 /// Turns health reports into alerts and delivers them.
 pub struct Alerter {
     /// Where alerts go besides the log; replaced when the config is reloaded.
-    channels: Mutex<Vec<Arc<dyn Channel>>>,
+    channels: Mutex<Vec<Arc<Route>>>,
     /// Each entity's status as last alerted (only entities in trouble).
     alerted: Mutex<BTreeMap<EntityRef, Status>>,
     /// Each entity's status as last seen, and the latest events, newest last.
@@ -192,11 +192,63 @@ impl std::fmt::Debug for Alerter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|c| c.describe())
+            .map(|r| r.channel.describe())
             .collect();
         f.debug_struct("Alerter")
             .field("channels", &channels)
             .finish()
+    }
+}
+
+/// One channel and its queue: a channel's alerts are delivered one at a time, in order (a
+/// recovery never arrives before the problem it ends).
+struct Route {
+    channel: Arc<dyn Channel>,
+    /// Started with the first alert (inside the runtime).
+    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Alert>>,
+}
+
+impl Route {
+    fn all(channels: Vec<Arc<dyn Channel>>) -> Vec<Arc<Route>> {
+        channels
+            .into_iter()
+            .map(|channel| {
+                Arc::new(Route {
+                    channel,
+                    queue: std::sync::OnceLock::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn send(&self, alert: Alert) {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Alert>();
+            let channel = self.channel.clone();
+            // Ends once the route is replaced (a reload) and its queue is empty.
+            tokio::spawn(async move {
+                while let Some(alert) = rx.recv().await {
+                    deliver(channel.as_ref(), &alert).await;
+                }
+            });
+            tx
+        });
+        let _ = queue.send(alert);
+    }
+}
+
+/// Delivers one alert, retrying after [`RETRIES`]; a failure is logged, never a secret.
+async fn deliver(channel: &dyn Channel, alert: &Alert) {
+    let mut last = None;
+    for pause in std::iter::once(Duration::ZERO).chain(RETRIES) {
+        tokio::time::sleep(pause).await;
+        match channel.deliver(alert).await {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
+        tracing::warn!(entity = %alert.entity, channel = %channel.describe(), error = %e, "could not deliver an alert");
     }
 }
 
@@ -207,7 +259,7 @@ impl Alerter {
     /// An alerter sending to `channels` (and the log).
     pub fn new(channels: Vec<Arc<dyn Channel>>) -> Self {
         Self {
-            channels: Mutex::new(channels),
+            channels: Mutex::new(Route::all(channels)),
             alerted: Mutex::new(BTreeMap::new()),
             seen: Mutex::new((BTreeMap::new(), VecDeque::new())),
         }
@@ -215,7 +267,7 @@ impl Alerter {
 
     /// Sends later alerts to `channels` instead (a reloaded `[alerts]`).
     pub fn set_channels(&self, channels: Vec<Arc<dyn Channel>>) {
-        *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = channels;
+        *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = Route::all(channels);
     }
 
     /// The latest status changes (at most [`RECENT`]), newest first: the event log.
@@ -330,26 +382,13 @@ impl Alerter {
         } else {
             tracing::warn!(entity = %alert.entity, status = %alert.status, reason = %alert.reason, fix = alert.fix.as_deref().unwrap_or(""), "alert");
         }
-        let channels = self
+        let routes = self
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        for channel in channels {
-            let alert = alert.clone();
-            tokio::spawn(async move {
-                let mut last = None;
-                for pause in std::iter::once(Duration::ZERO).chain(RETRIES) {
-                    tokio::time::sleep(pause).await;
-                    match channel.deliver(&alert).await {
-                        Ok(()) => return,
-                        Err(e) => last = Some(e),
-                    }
-                }
-                if let Some(e) = last {
-                    tracing::warn!(entity = %alert.entity, channel = %channel.describe(), error = %e, "could not deliver an alert");
-                }
-            });
+        for route in routes {
+            route.send(alert.clone());
         }
     }
 }

@@ -51,6 +51,9 @@ pub(crate) struct TargetForm {
     read_role: String,
 }
 
+/// PostgreSQL's default port, the form's default.
+const DEFAULT_PORT: u16 = 5432;
+
 const SSL_MODES: [(&str, &str); 5] = [
     (
         "verify-full",
@@ -90,7 +93,7 @@ fn target_form(session: &Session, f: &TargetForm, error: Option<&str>) -> Markup
                     label for="host" { "Host" }
                     input #host type="text" name="host" value=(f.host) required;
                     label for="port" { "Port" }
-                    input #port type="number" name="port" min="1" max="65535" value=(value(&f.port, "5432")) required;
+                    input #port type="number" name="port" min="1" max=(u16::MAX) value=(value(&f.port, &DEFAULT_PORT.to_string())) required;
                     label for="database" { "Database" }
                     input #database type="text" name="database" value=(f.database) required;
                     label for="user" { "Sync user (created by the setup SQL if missing)" }

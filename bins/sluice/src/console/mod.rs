@@ -8,6 +8,7 @@
 //! No secret is rendered: passwords show as set or unset. A failed login is logged with the
 //! client's address, never with what was typed.
 
+mod activity;
 mod forms;
 mod pages;
 pub mod samples;
@@ -77,8 +78,8 @@ pub fn router(
     };
     let pages = Router::new()
         .route("/", get(pages::overview))
-        .route("/events", get(pages::events))
-        .route("/records", get(pages::records))
+        .route("/events", get(activity::events))
+        .route("/records", get(activity::records))
         .route(
             "/targets/new",
             get(forms::new_target).post(forms::create_target),
@@ -95,7 +96,7 @@ pub fn router(
         .route("/consumers/{name}/verify", post(forms::verify_consumer))
         .route("/consumers/{name}/control", post(forms::control))
         .route("/consumers/{name}/delete", post(forms::delete_consumer))
-        .route("/syncs/{name}", get(pages::sync))
+        .route("/syncs/{name}", get(activity::sync))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(
             console.clone(),
