@@ -33,10 +33,11 @@ pub fn router(
     server: Arc<Server>,
     token: SecretString,
     console_password: Option<SecretString>,
+    tls: bool,
     max_body: usize,
 ) -> Router {
     let token = Arc::new(token);
-    let console = crate::console::router(server.clone(), token.clone(), console_password);
+    let console = crate::console::router(server.clone(), token.clone(), console_password, tls);
     let app = App { server, token };
     let api = Router::new()
         .route("/v1/status", get(status))

@@ -40,6 +40,15 @@ impl ApiArgs {
         };
         let base = match (&self.api, &config) {
             (Some(api), _) => api.clone(),
+            (None, Some(config)) if config.api.tls.is_some() => {
+                // Certificates name a host: loopback is reached as localhost.
+                let listen = config
+                    .api
+                    .listen
+                    .replace("0.0.0.0:", "localhost:")
+                    .replace("127.0.0.1:", "localhost:");
+                format!("https://{listen}")
+            }
             (None, Some(config)) => {
                 let listen = config.api.listen.replace("0.0.0.0:", "127.0.0.1:");
                 format!("http://{listen}")
@@ -56,10 +65,26 @@ impl ApiArgs {
                 ));
             }
         };
+        // The server's own certificate file is trusted too (a self-signed or private one).
+        let mut http = reqwest::Client::builder();
+        if let Some(tls) = config.as_ref().and_then(|c| c.api.tls.as_ref()) {
+            let pem = std::fs::read(&tls.certificate_file).map_err(|e| {
+                Error::configuration(
+                    format!("cannot read [api] tls certificate_file {}: {e}", tls.certificate_file.display()),
+                    "run the command where the server's certificate file is readable, or pass --api",
+                )
+            })?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default() {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot build the HTTP client: {e}")))?;
         Ok(Api {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            http: reqwest::Client::new(),
+            http,
         })
     }
 }

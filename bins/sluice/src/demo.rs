@@ -138,7 +138,13 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", api_port))
         .await
         .map_err(|e| Error::invalid(format!("cannot listen for the API: {e}")))?;
-    let app = crate::api::router(server.clone(), token, None, config.api.max_body_bytes);
+    let app = crate::api::router(
+        server.clone(),
+        token,
+        None,
+        false,
+        config.api.max_body_bytes,
+    );
     let (stop_api, api_stopped) = watch::channel(false);
     let api = crate::server::spawn_api(listener, app, api_stopped);
 

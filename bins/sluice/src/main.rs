@@ -16,6 +16,7 @@ mod console;
 mod consumer_cmd;
 mod demo;
 mod health;
+mod https;
 mod init;
 mod openapi;
 mod plan;

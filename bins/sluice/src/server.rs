@@ -335,6 +335,10 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
     let token = config.api.token.resolve().map_err(|e| {
         format!("{e}\n  the API needs a bearer token: set it, or point [api] token at a file")
     })?;
+    let tls = match &config.api.tls {
+        Some(tls) => Some(crate::https::acceptor(tls)?),
+        None => None,
+    };
     let listen = listen.unwrap_or_else(|| config.api.listen.clone());
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -342,7 +346,8 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
     tracing::info!(
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()),
         data_dir = %config.data_dir.display(),
-        "sluice serve: API listening"
+        https = tls.is_some(),
+        "sluice serve: API and console listening"
     );
     let console_password = match &config.api.console_password {
         Some(source) => Some(source.resolve().map_err(|e| {
@@ -355,10 +360,14 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
         server.clone(),
         token,
         console_password,
+        tls.is_some(),
         config.api.max_body_bytes,
     );
     let (stop_api, api_stopped) = watch::channel(false);
-    let api = spawn_api(listener, app, api_stopped);
+    let api = match &tls {
+        Some(acceptor) => crate::https::spawn(listener, app, acceptor.clone(), api_stopped),
+        None => spawn_api(listener, app, api_stopped),
+    };
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

@@ -350,3 +350,104 @@ async fn form(
     let status = response.status().as_u16();
     (status, response.text().await.unwrap_or_default())
 }
+
+/// With `[api] tls` the API and the console are served over https, and the session cookie is
+/// `Secure`; a certificate file that cannot be used stops `serve` naming it.
+#[tokio::test]
+async fn over_tls_the_console_cookie_is_secure() {
+    let env = env().await;
+    let authority = sluice_localpg::Authority::new().unwrap();
+    let (cert, key) = authority.server().unwrap();
+    let cert_file = env.dir.path().join("api.crt");
+    let key_file = env.dir.path().join("api.key");
+    // The chain: the server's certificate, then the CA that signed it.
+    std::fs::write(&cert_file, format!("{cert}\n{}", authority.cert_pem())).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let path = write_config(&env, "");
+    let with_tls = |cert: &std::path::Path| {
+        std::fs::read_to_string(&path).unwrap().replace(
+            "max_body_bytes = 65536\n",
+            &format!(
+                "max_body_bytes = 65536\ntls = {{ certificate_file = \"{}\", key_file = \"{}\" }}\n",
+                cert.display(),
+                key_file.display()
+            ),
+        )
+    };
+    // A certificate file that is not one: serve refuses to start and says which file.
+    let broken = env.dir.path().join("broken.crt");
+    std::fs::write(&broken, "not a certificate").unwrap();
+    let broken_config = env.dir.path().join("broken.toml");
+    std::fs::write(&broken_config, with_tls(&broken)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(&broken_config)
+        .env("TEST_API_TOKEN", TOKEN)
+        .env("TEST_TARGET_PASSWORD", "sync-pw")
+        .env("TEST_SOURCE_PASSWORD", env.source.superuser_password())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("broken.crt"), "{said}");
+
+    std::fs::write(&path, with_tls(&cert_file)).unwrap();
+    let mut child = serve(&env, &path);
+    let https = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(authority.cert_pem().as_bytes()).unwrap(),
+        )
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{}", env.port);
+    wait_until("the API answers over https", &env, 60, async || {
+        https
+            .get(format!("{base}/v1/status"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let login = https
+        .post(format!("{base}/login"))
+        .form(&[("secret", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let page = https
+        .get(format!("{base}/"))
+        .header("cookie", cookie.split(';').next().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("Overview"));
+    // The CLI finds the server over https from the config, trusting its certificate file.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["status", "--config"])
+        .arg(&path)
+        .env("TEST_API_TOKEN", TOKEN)
+        .env("TEST_TARGET_PASSWORD", "sync-pw")
+        .env("TEST_SOURCE_PASSWORD", env.source.superuser_password())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&status.stdout).to_string()
+        + &String::from_utf8_lossy(&status.stderr);
+    assert!(said.contains("app-records"), "{said}");
+    // Plain http to the same port gets no answer a browser would take.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/v1/status", env.port))
+        .bearer_auth(TOKEN)
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+    assert!(terminate(&mut child).success());
+}

@@ -80,6 +80,19 @@ pub struct ApiConfig {
     /// A password for the web console, besides the API token (which always works there).
     #[serde(default)]
     pub console_password: Option<SecretSource>,
+    /// Serve the API and the console over TLS (https) with this certificate.
+    #[serde(default)]
+    pub tls: Option<ApiTlsConfig>,
+}
+
+/// The API's own TLS certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    /// The certificate chain (PEM), the server's certificate first.
+    pub certificate_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
 }
 
 impl Default for ApiConfig {
@@ -89,6 +102,7 @@ impl Default for ApiConfig {
             token: default_token(),
             max_body_bytes: default_max_body(),
             console_password: None,
+            tls: None,
         }
     }
 }

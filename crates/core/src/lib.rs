@@ -50,9 +50,9 @@ pub mod text;
 pub use alerts_config::{AlertsConfig, EmailConfig, SmtpSecurity, WebhookConfig};
 pub use api_config::{AccountsConfig, AllAccounts, STRIPE_OBJECTS, StripeSourceConfig};
 pub use config::{
-    AgentEntry, AgentsConfig, ApiConfig, BatchConfig, Config, ConnectionConfig, ConsumerConfig,
-    FilterConfig, JsonCollectionConfig, LagThresholds, LayoutConfig, SecretSource, SourceConfig,
-    SslConfig, SslMode, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
+    AgentEntry, AgentsConfig, ApiConfig, ApiTlsConfig, BatchConfig, Config, ConnectionConfig,
+    ConsumerConfig, FilterConfig, JsonCollectionConfig, LagThresholds, LayoutConfig, SecretSource,
+    SourceConfig, SslConfig, SslMode, SyncConfig, TargetConfig, TunnelConfig, config_schema_json,
 };
 pub use consumer::{Consumer, ConsumerId};
 pub use error::{Error, ErrorClass, Result};

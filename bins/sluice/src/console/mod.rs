@@ -2,8 +2,8 @@
 //! stylesheet built into the binary, no script, no Node build step.
 //!
 //! Security: every page needs a login (the API token, or `[api] console_password`); the
-//! session cookie is `HttpOnly`, `SameSite=Strict`, and `Secure` when the request arrived
-//! over https (`X-Forwarded-Proto: https` from the TLS proxy in front). Every form that
+//! session cookie is `HttpOnly`, `SameSite=Strict`, and `Secure` when served over TLS
+//! (`[api] tls`, or `X-Forwarded-Proto: https` from a TLS proxy in front). Every form that
 //! changes something carries the session's CSRF token, and a cross-origin `POST` is refused.
 //! No secret is rendered: passwords show as set or unset. A failed login is logged with the
 //! client's address, never with what was typed.
@@ -48,6 +48,8 @@ pub(crate) struct Console {
     pub(crate) server: Arc<Server>,
     token: Arc<SecretString>,
     password: Option<Arc<SecretString>>,
+    /// Served over TLS (`[api] tls`).
+    tls: bool,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
 }
 
@@ -64,16 +66,19 @@ fn equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The console's routes; `token` and `password` are what logs in.
+/// The console's routes; `token` and `password` are what logs in; `tls` when served over
+/// https.
 pub fn router(
     server: Arc<Server>,
     token: Arc<SecretString>,
     password: Option<SecretString>,
+    tls: bool,
 ) -> Router {
     let console = Console {
         server,
         token,
         password: password.map(Arc::new),
+        tls,
         sessions: Arc::new(Mutex::new(HashMap::new())),
     };
     let pages = Router::new()
@@ -190,11 +195,14 @@ pub(crate) fn csrf_refusal(session: &Session, presented: &str) -> Option<Respons
     })
 }
 
-fn secure(headers: &HeaderMap) -> bool {
-    headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+/// Whether the browser reached the console over https: served with `[api] tls`, or behind a
+/// TLS proxy that says so.
+fn secure(console: &Console, headers: &HeaderMap) -> bool {
+    console.tls
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
 }
 
 async fn login_page() -> Response {
@@ -260,7 +268,11 @@ async fn login(
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         SESSION_FOR.as_secs(),
-        if secure(&headers) { "; Secure" } else { "" }
+        if secure(&console, &headers) {
+            "; Secure"
+        } else {
+            ""
+        }
     );
     let mut response = Redirect::to("/").into_response();
     if let Ok(value) = HeaderValue::from_str(&cookie) {
