@@ -236,7 +236,7 @@ pub(crate) async fn apply(
     let Some(path) = server.config_path.get() else {
         return Err(Refusal::new(
             StatusCode::CONFLICT,
-            "this server runs without a config file (the demo): nothing can be created through the API",
+            "this server runs without a config file: nothing can be created through the API",
         ));
     };
     let file = Config::load(path).map_err(|e| {

@@ -134,6 +134,7 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
     step("Starting sluice: backfill, then real time");
     sayln!("config: {}", config_path.display());
     let server = Server::open(&config).await?;
+    let _ = server.config_path.set(config_path.clone());
     server.reconcile(&config).await;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", api_port))
         .await
@@ -233,6 +234,10 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
     );
     sayln!(
         "API: curl -H \"Authorization: Bearer $(cat {})\" http://127.0.0.1:{api_port}/v1/status",
+        token_file.display()
+    );
+    sayln!(
+        "console: http://127.0.0.1:{api_port}/ (log in with the token in {})",
         token_file.display()
     );
     // The binary as it was started (a `cargo run`, an installed one, a path), so the hint

@@ -398,9 +398,9 @@ async fn the_demo_runs_to_completion_shows_changes_made_meanwhile_and_its_hints_
         }
     });
     let mut stdout = String::new();
-    let (mut source_url, mut status_hint) = (None, None);
+    let (mut source_url, mut status_hint, mut console) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(240);
-    while source_url.is_none() || status_hint.is_none() {
+    while source_url.is_none() || status_hint.is_none() || console.is_none() {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("the demo never printed its hints:\n{stdout}"));
@@ -412,9 +412,24 @@ async fn the_demo_runs_to_completion_shows_changes_made_meanwhile_and_its_hints_
         if let Some(command) = line.strip_prefix("status: ") {
             status_hint = Some(command.to_owned());
         }
+        if let Some(hint) = line.strip_prefix("console: ") {
+            console = hint.split(' ').next().map(str::to_owned);
+        }
         stdout.push_str(&line);
         stdout.push('\n');
     }
+    // The console answers where the hint says (its login page).
+    let login = reqwest::get(format!("{}login", console.unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    assert!(
+        login
+            .text()
+            .await
+            .unwrap()
+            .contains("API token or console password")
+    );
     // A change made "in psql" while the demo runs appears in its output.
     let mut conn =
         <sqlx::PgConnection as sqlx::Connection>::connect(source_url.as_deref().unwrap())
