@@ -451,3 +451,104 @@ async fn over_tls_the_console_cookie_is_secure() {
     assert!(plain.is_err() || plain.unwrap().status() != 200);
     assert!(terminate(&mut child).success());
 }
+
+/// Names with markup and URL characters are escaped in pages and link to their own page;
+/// garbage sent to the console's forms gets a 4xx, never a crash or a change.
+#[tokio::test]
+async fn odd_names_and_garbage_input_are_handled() {
+    let env = env().await;
+    let odd = "odd name?#\\\"<b>x</b>";
+    let extra = format!(
+        r#"
+[[consumer]]
+name = "{odd}"
+target = "warehouse"
+filter = {{ provider = "http" }}
+layout = {{ kind = "consumer_table", schema = "sluice", table = "odd" }}
+"#
+    );
+    let path = write_config(&env, &extra);
+    let mut child = serve(&env, &path);
+    let api = Api::new(&env);
+    wait_until("the API answers", &env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+    let base = format!("http://127.0.0.1:{}", env.port);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = http
+        .post(format!("{base}/login"))
+        .form(&[("secret", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let session = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let get = async |path: &str| {
+        let response = http
+            .get(format!("{base}{path}"))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let (status, overview) = get("/").await;
+    assert_eq!(status, 200);
+    assert!(
+        !overview.contains("<b>x</b>"),
+        "markup in a name is escaped"
+    );
+    assert!(
+        overview.contains("odd name?#&quot;&lt;b&gt;x&lt;/b&gt;"),
+        "{overview}"
+    );
+    let link = "/consumers/odd%20name%3F%23%22%3Cb%3Ex%3C%2Fb%3E";
+    assert!(overview.contains(link), "{overview}");
+    let (status, page) = get(link).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("Consumer odd name?#&quot;&lt;b&gt;x&lt;/b&gt;"),
+        "{page}"
+    );
+
+    // Garbage: random bytes as a form, a huge field, a login without its field.
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for (path, body) in [
+        ("/login", garbage.clone()),
+        ("/targets/new", garbage.clone()),
+        (
+            "/consumers/new",
+            format!("csrf=x&name={}", "n".repeat(1_000_000)).into_bytes(),
+        ),
+        ("/login", b"nothing=here".to_vec()),
+    ] {
+        let response = http
+            .post(format!("{base}{path}"))
+            .header("cookie", &session)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert!((400..500).contains(&status), "{path}: {status}");
+    }
+    let (status, _) = get("/").await;
+    assert_eq!(status, 200, "still serving");
+    assert!(
+        !std::fs::exists(env.dir.path().join("data/managed.toml")).unwrap(),
+        "nothing was created"
+    );
+    assert!(terminate(&mut child).success());
+}

@@ -12,7 +12,7 @@ use serde_json::json;
 use sluice_core::ManagedKind;
 
 use super::pages::{Flash, applied, consumer_page, findings, target_page};
-use super::{Console, Session, csrf_refusal, document, query_value};
+use super::{Console, Session, csrf_refusal, document, query_value, segment};
 use crate::api_tools;
 use crate::api_write::{Write, apply};
 
@@ -167,7 +167,7 @@ pub(crate) async fn create_target(
     .await
     {
         Ok(_) => redirect(
-            &format!("/targets/{}", query_value(&name)),
+            &format!("/targets/{}", segment(&name)),
             Some("Target saved. Run the setup below (manual or automated), then the setup check."),
             None,
         ),
@@ -230,7 +230,7 @@ pub(crate) async fn readers(
         .map(|u| u.trim().to_owned())
         .filter(|u| !u.is_empty())
         .collect();
-    let page = format!("/targets/{}", query_value(&name));
+    let page = format!("/targets/{}", segment(&name));
     match api_tools::read_access(&console.server, &name, &users, f.action != "revoke").await {
         Ok(done) => redirect(&page, Some(&done), None),
         Err(failure) => redirect(&page, None, Some(&failure.text())),
@@ -238,7 +238,7 @@ pub(crate) async fn readers(
 }
 
 async fn delete(console: &Console, kind: ManagedKind, name: String) -> Response {
-    let page = format!("/{}s/{}", kind.name(), query_value(&name));
+    let page = format!("/{}s/{}", kind.name(), segment(&name));
     match apply(&console.server, kind, Write::Delete(name.clone())).await {
         Ok(_) => redirect(
             "/",
@@ -402,7 +402,7 @@ pub(crate) async fn create_consumer(
     .await
     {
         Ok(_) => redirect(
-            &format!("/consumers/{}", query_value(&name)),
+            &format!("/consumers/{}", segment(&name)),
             Some("Consumer created; it is starting."),
             None,
         ),
@@ -462,7 +462,7 @@ pub(crate) async fn control(
     } else {
         f.reason.trim().to_owned()
     };
-    let page = format!("/consumers/{}", query_value(&name));
+    let page = format!("/consumers/{}", segment(&name));
     match crate::api::control_consumer(&console.server, &name, action, reason).await {
         Ok(()) => {
             let done = match action {

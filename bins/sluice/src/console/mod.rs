@@ -346,6 +346,20 @@ pub(crate) fn document(title: &str, session: Option<&Session>, body: Markup) -> 
     Html(markup.into_string())
 }
 
+/// `name` as one path segment of a link: everything but unreserved characters
+/// percent-encoded, so any entity name (spaces, `?`, `#`, `/`, quotes) links to its page.
+pub(crate) fn segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// A link-safe form of `text` for a query string.
 pub(crate) fn query_value(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()

@@ -10,7 +10,7 @@ use serde_json::Value;
 use sluice_core::{Config, EntityKind, HealthReport, ManagedKind, Status};
 
 use super::samples::{chart, number};
-use super::{Console, Session, document};
+use super::{Console, Session, document, segment};
 use crate::api_tools;
 use crate::server::Server;
 
@@ -178,7 +178,7 @@ pub(crate) async fn overview(
                     tbody {
                         @for r in of(EntityKind::Target) {
                             tr {
-                                td { a href={"/targets/" (r.entity.name)} { (r.entity.name) } }
+                                td { a href={"/targets/" (segment(&r.entity.name))} { (r.entity.name) } }
                                 td { (badge(r.status)) }
                                 td { (reasons(r)) }
                             }
@@ -194,7 +194,7 @@ pub(crate) async fn overview(
                         @for r in of(EntityKind::Sync) {
                             @let provider = config.as_ref().and_then(|c| c.syncs.iter().find(|s| s.name == r.entity.name)).map(|s| s.source.provider().as_str()).unwrap_or("");
                             tr {
-                                td { a href={"/syncs/" (r.entity.name)} { (r.entity.name) } }
+                                td { a href={"/syncs/" (segment(&r.entity.name))} { (r.entity.name) } }
                                 td { (provider) }
                                 td { (badge(r.status)) }
                                 td {
@@ -216,8 +216,8 @@ pub(crate) async fn overview(
                             @let records = samples.get(&r.entity.name, "lag_records");
                             @let seconds = samples.get(&r.entity.name, "lag_seconds");
                             tr {
-                                td { a href={"/consumers/" (r.entity.name)} { (r.entity.name) } }
-                                td { a href={"/targets/" (target)} { (target) } }
+                                td { a href={"/consumers/" (segment(&r.entity.name))} { (r.entity.name) } }
+                                td { a href={"/targets/" (segment(&target))} { (target) } }
                                 td { (badge(r.status)) }
                                 td {
                                     @match (records.last(), seconds.last()) {
@@ -323,7 +323,7 @@ pub(crate) async fn target_page(
                     }
                     Err(e) => { p.error { (e.to_string()) } }
                 }
-                form method="post" action={"/targets/" (name) "/check"} {
+                form method="post" action={"/targets/" (segment(&name)) "/check"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     button type="submit" { "Run the setup check" }
                 }
@@ -332,7 +332,7 @@ pub(crate) async fn target_page(
             section {
                 h2 { "Read access" }
                 p { "Users granted " code { (target.read_role) } " can read everything sluice writes to this target." }
-                form method="post" action={"/targets/" (name) "/readers"} {
+                form method="post" action={"/targets/" (segment(&name)) "/readers"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     label for="users" { "Users (comma-separated roles)" }
                     input #users type="text" name="users" required;
@@ -343,7 +343,7 @@ pub(crate) async fn target_page(
             @if managed {
                 section {
                     h2 { "Delete" }
-                    form method="post" action={"/targets/" (name) "/delete"} {
+                    form method="post" action={"/targets/" (segment(&name)) "/delete"} {
                         input type="hidden" name="csrf" value=(session.csrf);
                         button.danger type="submit" { "Delete this target" }
                     }
@@ -418,14 +418,14 @@ pub(crate) async fn consumer_page(
             (flash(f))
             (reasons(&report))
             dl {
-                dt { "Target" } dd { a href={"/targets/" (consumer.target)} { (consumer.target) } }
+                dt { "Target" } dd { a href={"/targets/" (segment(&consumer.target))} { (consumer.target) } }
                 dt { "Filter" } dd { code { (filter) } }
                 dt { "Layout" } dd { code { (layout) } }
                 dt { "Declared in" } dd { @if managed { "the console or API (managed.toml)" } @else { "sluice.toml" } }
             }
             section {
                 h2 { "Control" }
-                form.inline method="post" action={"/consumers/" (name) "/control"} {
+                form.inline method="post" action={"/consumers/" (segment(&name)) "/control"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     @if paused_by_user {
                         button type="submit" name="action" value="resume" { "Resume" }
@@ -451,7 +451,7 @@ pub(crate) async fn consumer_page(
                     pre.sql { code { (sql) } }
                 }
                 p { (table["note"].as_str().unwrap_or_default()) }
-                form method="post" action={"/consumers/" (name) "/verify"} {
+                form method="post" action={"/consumers/" (segment(&name)) "/verify"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     button type="submit" { "Verify the table" }
                 }
@@ -461,7 +461,7 @@ pub(crate) async fn consumer_page(
                 section {
                     h2 { "Delete" }
                     p { "Its rows stay in the target." }
-                    form method="post" action={"/consumers/" (name) "/delete"} {
+                    form method="post" action={"/consumers/" (segment(&name)) "/delete"} {
                         input type="hidden" name="csrf" value=(session.csrf);
                         button.danger type="submit" { "Delete this consumer" }
                     }
