@@ -323,7 +323,7 @@ pub(crate) async fn target_page(
                     }
                     Err(e) => { p.error { (e.to_string()) } }
                 }
-                form method="post" action={"/targets/" (segment(&name)) "/check"} {
+                form method="post" action={"/targets/" (segment(name)) "/check"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     button type="submit" { "Run the setup check" }
                 }
@@ -332,7 +332,7 @@ pub(crate) async fn target_page(
             section {
                 h2 { "Read access" }
                 p { "Users granted " code { (target.read_role) } " can read everything sluice writes to this target." }
-                form method="post" action={"/targets/" (segment(&name)) "/readers"} {
+                form method="post" action={"/targets/" (segment(name)) "/readers"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     label for="users" { "Users (comma-separated roles)" }
                     input #users type="text" name="users" required;
@@ -343,7 +343,7 @@ pub(crate) async fn target_page(
             @if managed {
                 section {
                     h2 { "Delete" }
-                    form method="post" action={"/targets/" (segment(&name)) "/delete"} {
+                    form method="post" action={"/targets/" (segment(name)) "/delete"} {
                         input type="hidden" name="csrf" value=(session.csrf);
                         button.danger type="submit" { "Delete this target" }
                     }
@@ -425,7 +425,7 @@ pub(crate) async fn consumer_page(
             }
             section {
                 h2 { "Control" }
-                form.inline method="post" action={"/consumers/" (segment(&name)) "/control"} {
+                form.inline method="post" action={"/consumers/" (segment(name)) "/control"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     @if paused_by_user {
                         button type="submit" name="action" value="resume" { "Resume" }
@@ -451,7 +451,7 @@ pub(crate) async fn consumer_page(
                     pre.sql { code { (sql) } }
                 }
                 p { (table["note"].as_str().unwrap_or_default()) }
-                form method="post" action={"/consumers/" (segment(&name)) "/verify"} {
+                form method="post" action={"/consumers/" (segment(name)) "/verify"} {
                     input type="hidden" name="csrf" value=(session.csrf);
                     button type="submit" { "Verify the table" }
                 }
@@ -461,7 +461,7 @@ pub(crate) async fn consumer_page(
                 section {
                     h2 { "Delete" }
                     p { "Its rows stay in the target." }
-                    form method="post" action={"/consumers/" (segment(&name)) "/delete"} {
+                    form method="post" action={"/consumers/" (segment(name)) "/delete"} {
                         input type="hidden" name="csrf" value=(session.csrf);
                         button.danger type="submit" { "Delete this consumer" }
                     }
