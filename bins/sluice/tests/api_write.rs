@@ -266,6 +266,50 @@ async fn entities_created_through_the_api_run_survive_a_restart_and_never_overri
     .await;
     assert_eq!(status, 400, "{body}");
 
+    // A sync created through the API (without an id: it gets one) takes pushed records.
+    let (status, body) = send(
+        &api,
+        "POST",
+        "/v1/syncs",
+        json!({"name": "webhooks", "source": {"provider": "http"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        uuid::Uuid::parse_str(body["id"].as_str().unwrap()).is_ok(),
+        "{body}"
+    );
+    let (status, body) = send(
+        &api,
+        "POST",
+        "/v1/syncs/webhooks/records",
+        json!({"records": [{"collection": "hooks", "id": "h1", "payload": {"ok": true}}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        "the new sync's record reaches the http consumers",
+        &env,
+        30,
+        async || target_count(&env, "sluice.api_events", "upstream_id = 'h1'").await == 1,
+    )
+    .await;
+    let (status, body) = send(
+        &api,
+        "POST",
+        "/v1/syncs",
+        json!({"name": "bad", "source": {"provider": "stripe", "key": {"env": "X"}, "collections": ["customr"]}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["problems"][0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("customer"),
+        "{body}"
+    );
+
     // A restart keeps what the API created.
     assert!(terminate(&mut child).success());
     let mut child = serve(&env, &path);
@@ -333,8 +377,8 @@ layout = { kind = "consumer_table", schema = "sluice", table = "other" }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         target_count(&env, "sluice.api_events", "true").await,
-        2,
-        "deleting a consumer leaves its rows"
+        3,
+        "deleting a consumer leaves its rows (a1, h1, a2)"
     );
     assert!(terminate(&mut child).success());
 }
