@@ -132,13 +132,18 @@ pub(crate) async fn check_target(
     Ok(check(&settings, &spec).await)
 }
 
-pub(crate) async fn target_check(State(app): State<App>, Path(name): Path<String>) -> Response {
-    match check_target(&app.server, &name).await {
+/// A check report as the API answers it.
+fn report_json(result: Result<sluice_core::CheckReport, Failure>) -> Response {
+    match result {
         Ok(report) => {
             axum::Json(json!({"ok": report.is_ok(), "findings": report.findings})).into_response()
         }
         Err(r) => r.into_response(),
     }
+}
+
+pub(crate) async fn target_check(State(app): State<App>, Path(name): Path<String>) -> Response {
+    report_json(check_target(&app.server, &name).await)
 }
 
 /// Grants (or revokes) a target's read role to users, as the sync user.
@@ -189,19 +194,23 @@ fn users_of(body: &[u8]) -> Result<Vec<String>, Failure> {
         })
 }
 
+async fn read_route(app: App, name: String, body: Bytes, grant: bool) -> Response {
+    let users = match users_of(&body) {
+        Ok(u) => u,
+        Err(r) => return r.into_response(),
+    };
+    match read_access(&app.server, &name, &users, grant).await {
+        Ok(message) => axum::Json(json!({ "done": message })).into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
 pub(crate) async fn grant(
     State(app): State<App>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let users = match users_of(&body) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    match read_access(&app.server, &name, &users, true).await {
-        Ok(message) => axum::Json(json!({ "done": message })).into_response(),
-        Err(r) => r.into_response(),
-    }
+    read_route(app, name, body, true).await
 }
 
 pub(crate) async fn revoke(
@@ -209,14 +218,7 @@ pub(crate) async fn revoke(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let users = match users_of(&body) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    match read_access(&app.server, &name, &users, false).await {
-        Ok(message) => axum::Json(json!({ "done": message })).into_response(),
-        Err(r) => r.into_response(),
-    }
+    read_route(app, name, body, false).await
 }
 
 /// A consumer's table statement: `CREATE TABLE` for a consumer table; a schema mirror's
@@ -271,10 +273,5 @@ pub(crate) async fn verify_consumer(
 }
 
 pub(crate) async fn consumer_verify(State(app): State<App>, Path(name): Path<String>) -> Response {
-    match verify_consumer(&app.server, &name).await {
-        Ok(report) => {
-            axum::Json(json!({"ok": report.is_ok(), "findings": report.findings})).into_response()
-        }
-        Err(r) => r.into_response(),
-    }
+    report_json(verify_consumer(&app.server, &name).await)
 }

@@ -183,6 +183,14 @@ pub(crate) async fn create_target(
     }
 }
 
+/// A check's findings, or why it could not run.
+fn outcome(title: &str, result: Result<sluice_core::CheckReport, api_tools::Failure>) -> Markup {
+    match result {
+        Ok(report) => findings(title, &report),
+        Err(failure) => html! { div.error role="alert" { p { (failure.text()) } } },
+    }
+}
+
 #[derive(Deserialize)]
 pub(crate) struct CsrfForm {
     #[serde(default)]
@@ -198,10 +206,10 @@ pub(crate) async fn check_target(
     if let Some(refused) = csrf_refusal(&session, &f.csrf) {
         return refused;
     }
-    let extra = match api_tools::check_target(&console.server, &name).await {
-        Ok(report) => findings("Setup check", &report),
-        Err(failure) => html! { div.error role="alert" { p { (failure.text()) } } },
-    };
+    let extra = outcome(
+        "Setup check",
+        api_tools::check_target(&console.server, &name).await,
+    );
     target_page(&console, &session, &name, &Flash::default(), Some(extra)).await
 }
 
@@ -427,10 +435,10 @@ pub(crate) async fn verify_consumer(
     if let Some(refused) = csrf_refusal(&session, &f.csrf) {
         return refused;
     }
-    let extra = match api_tools::verify_consumer(&console.server, &name).await {
-        Ok(report) => findings("Verification", &report),
-        Err(failure) => html! { div.error role="alert" { p { (failure.text()) } } },
-    };
+    let extra = outcome(
+        "Verification",
+        api_tools::verify_consumer(&console.server, &name).await,
+    );
     consumer_page(&console, &session, &name, &Flash::default(), Some(extra)).await
 }
 

@@ -261,6 +261,20 @@ pub(crate) fn not_found(session: &Session, what: &str) -> Response {
         .into_response()
 }
 
+/// The form that deletes an entity created in the console or through the API.
+fn delete_section(session: &Session, kind: &str, name: &str, note: Option<&str>) -> Markup {
+    html! {
+        section {
+            h2 { "Delete" }
+            @if let Some(note) = note { p { (note) } }
+            form method="post" action={"/" (kind) "s/" (segment(name)) "/delete"} {
+                input type="hidden" name="csrf" value=(session.csrf);
+                button.danger type="submit" { "Delete this " (kind) }
+            }
+        }
+    }
+}
+
 fn origin_of(server: &Server, kind: ManagedKind, name: &str) -> bool {
     crate::api_write::managed_now(server).has(kind, name)
 }
@@ -340,15 +354,7 @@ pub(crate) async fn target_page(
                     button type="submit" name="action" value="revoke" { "Revoke it" }
                 }
             }
-            @if managed {
-                section {
-                    h2 { "Delete" }
-                    form method="post" action={"/targets/" (segment(name)) "/delete"} {
-                        input type="hidden" name="csrf" value=(session.csrf);
-                        button.danger type="submit" { "Delete this target" }
-                    }
-                }
-            }
+            @if managed { (delete_section(session, "target", name, None)) }
         }
     };
     document(&format!("Target {name}"), Some(session), body).into_response()
@@ -457,16 +463,7 @@ pub(crate) async fn consumer_page(
                 }
                 @if let Some(extra) = extra { (extra) }
             }
-            @if managed {
-                section {
-                    h2 { "Delete" }
-                    p { "Its rows stay in the target." }
-                    form method="post" action={"/consumers/" (segment(name)) "/delete"} {
-                        input type="hidden" name="csrf" value=(session.csrf);
-                        button.danger type="submit" { "Delete this consumer" }
-                    }
-                }
-            }
+            @if managed { (delete_section(session, "consumer", name, Some("Its rows stay in the target."))) }
         }
     };
     document(&format!("Consumer {name}"), Some(session), body).into_response()
