@@ -3,7 +3,7 @@
 //! checks and messages are the same.
 
 use axum::Extension;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
@@ -12,7 +12,7 @@ use serde_json::json;
 use sluice_core::ManagedKind;
 
 use super::pages::{Flash, applied, consumer_page, findings, target_page};
-use super::{Console, Session, csrf_refusal, document, query_value, segment};
+use super::{Checked, Console, CsrfToken, Session, document, query_value, segment};
 use crate::api_tools;
 use crate::api_write::{Write, apply};
 
@@ -50,6 +50,18 @@ pub(crate) struct TargetForm {
     #[serde(default)]
     read_role: String,
 }
+
+macro_rules! csrf_token {
+    ($($form:ty),*) => {
+        $(impl CsrfToken for $form {
+            fn csrf(&self) -> &str {
+                &self.csrf
+            }
+        })*
+    };
+}
+
+csrf_token!(TargetForm, CsrfForm, ReadersForm, ConsumerForm, ControlForm);
 
 /// PostgreSQL's default port, the form's default.
 const DEFAULT_PORT: u16 = 5432;
@@ -132,12 +144,8 @@ pub(crate) async fn new_target(Extension(session): Extension<Session>) -> Respon
 
 pub(crate) async fn create_target(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
-    Form(f): Form<TargetForm>,
+    Checked(session, f): Checked<TargetForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     let password = match (f.password.is_empty(), f.password_env.trim()) {
         (false, _) => Some(json!({"value": f.password})),
         (true, "") => None,
@@ -199,13 +207,9 @@ pub(crate) struct CsrfForm {
 
 pub(crate) async fn check_target(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
     Path(name): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Checked(session, _): Checked<CsrfForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     let extra = outcome(
         "Setup check",
         api_tools::check_target(&console.server, &name).await,
@@ -225,13 +229,9 @@ pub(crate) struct ReadersForm {
 
 pub(crate) async fn readers(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
     Path(name): Path<String>,
-    Form(f): Form<ReadersForm>,
+    Checked(_, f): Checked<ReadersForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     let users: Vec<String> = f
         .users
         .split(',')
@@ -259,25 +259,17 @@ async fn delete(console: &Console, kind: ManagedKind, name: String) -> Response 
 
 pub(crate) async fn delete_target(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
     Path(name): Path<String>,
-    Form(f): Form<CsrfForm>,
+    _checked: Checked<CsrfForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     delete(&console, ManagedKind::Target, name).await
 }
 
 pub(crate) async fn delete_consumer(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
     Path(name): Path<String>,
-    Form(f): Form<CsrfForm>,
+    _checked: Checked<CsrfForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     delete(&console, ManagedKind::Consumer, name).await
 }
 
@@ -382,12 +374,8 @@ pub(crate) async fn new_consumer(
 
 pub(crate) async fn create_consumer(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
-    Form(f): Form<ConsumerForm>,
+    Checked(session, f): Checked<ConsumerForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     let filter = match f.source.split_once(':') {
         Some(("sync", name)) => json!({"sync": {"name": name}}),
         Some((_, provider)) => json!({ "provider": provider }),
@@ -428,13 +416,9 @@ pub(crate) async fn create_consumer(
 
 pub(crate) async fn verify_consumer(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
     Path(name): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Checked(session, _): Checked<CsrfForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     let extra = outcome(
         "Verification",
         api_tools::verify_consumer(&console.server, &name).await,
@@ -454,13 +438,9 @@ pub(crate) struct ControlForm {
 
 pub(crate) async fn control(
     State(console): State<Console>,
-    Extension(session): Extension<Session>,
     Path(name): Path<String>,
-    Form(f): Form<ControlForm>,
+    Checked(_, f): Checked<ControlForm>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &f.csrf) {
-        return refused;
-    }
     let action = match f.action.as_str() {
         "pause" | "resume" | "restart-backfill" => f.action.as_str(),
         _ => return (StatusCode::BAD_REQUEST, "unknown action").into_response(),

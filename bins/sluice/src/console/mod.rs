@@ -184,8 +184,41 @@ async fn require_session(
     }
 }
 
+/// Every form a logged-in page posts carries the session's CSRF token.
+pub(crate) trait CsrfToken {
+    /// The token the form carried.
+    fn csrf(&self) -> &str;
+}
+
+/// A form posted from a logged-in page: the session and the form, refused (`403`) unless it
+/// carries the session's CSRF token, so no handler can forget the check.
+pub(crate) struct Checked<T>(pub(crate) Session, pub(crate) T);
+
+impl<S, T> axum::extract::FromRequest<S> for Checked<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + CsrfToken + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let session = request
+            .extensions()
+            .get::<Session>()
+            .cloned()
+            .ok_or_else(|| (StatusCode::FORBIDDEN, "log in first: /login").into_response())?;
+        let Form(form) = Form::<T>::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        match csrf_refusal(&session, form.csrf()) {
+            Some(refused) => Err(refused),
+            None => Ok(Checked(session, form)),
+        }
+    }
+}
+
 /// The refusal of a form whose CSRF token is not the session's; `None` when it is.
-pub(crate) fn csrf_refusal(session: &Session, presented: &str) -> Option<Response> {
+fn csrf_refusal(session: &Session, presented: &str) -> Option<Response> {
     (!equal(session.csrf.as_bytes(), presented.as_bytes())).then(|| {
         (
             StatusCode::FORBIDDEN,
@@ -283,18 +316,21 @@ async fn login(
 
 #[derive(Deserialize)]
 pub(crate) struct CsrfOnly {
+    #[serde(default)]
     csrf: String,
+}
+
+impl CsrfToken for CsrfOnly {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
 }
 
 async fn logout(
     State(console): State<Console>,
-    axum::Extension(session): axum::Extension<Session>,
     headers: HeaderMap,
-    Form(form): Form<CsrfOnly>,
+    Checked(_session, _form): Checked<CsrfOnly>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&session, &form.csrf) {
-        return refused;
-    }
     if let Some(id) = session_id(&headers) {
         console
             .sessions
