@@ -219,9 +219,20 @@ async fn stripe_lands_in_typed_tables_and_a_consumer_table_and_survives_kill_9()
         );
         customers.push(c["id"].as_str().unwrap().to_owned());
     }
+    // Edge values ride along in its metadata: the consumer table's payloads are compared
+    // with the emulator's objects as exact JSON (every digit, every code point) below.
     let cus_123 = stripe.create(
         "customers",
-        &[("id", "cus_123"), ("email", "seed@example.com")],
+        &[
+            ("id", "cus_123"),
+            ("email", "seed@example.com"),
+            ("metadata[clé 🔑 ключ]", "значение \"quoted\" \\ back"),
+            ("metadata[beyond_u64]", "123456789012345678901234567890"),
+            (
+                "metadata[forty_digits]",
+                "0.1000000000000000055511151231257827021182",
+            ),
+        ],
     );
     assert_eq!(cus_123["id"], "cus_123");
     stripe.create(
