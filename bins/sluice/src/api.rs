@@ -13,10 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use sluice_core::{Consumer, EntityKind, Health, ManagedKind, RecordStream, Refused, Status};
+use sluice_core::{
+    Consumer, EntityKind, Health, Managed, ManagedKind, RecordStream, Refused, Status,
+};
 
 use crate::api_tools as t;
-use crate::api_write::routes as w;
+use crate::api_write::{managed_now, routes as w};
 use crate::server::{self, Server};
 
 #[derive(Clone)]
@@ -113,12 +115,14 @@ async fn authenticate(State(app): State<App>, request: Request, next: Next) -> R
     response
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
+/// A time as RFC 3339 text (API answers and console pages).
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
-fn equal(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets in constant time.
+pub(crate) fn equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -131,11 +135,12 @@ async fn status(State(app): State<App>) -> Response {
 }
 
 async fn targets(State(app): State<App>) -> Response {
+    let managed = managed_now(&app.server);
     let entities = app.server.entities.read().await;
     let out: Vec<Value> = entities
         .targets
         .iter()
-        .map(|(name, entry)| target_json(&app.server, name, entry))
+        .map(|(name, entry)| target_json(&app.server, name, entry, &managed))
         .collect();
     axum::Json(json!({ "targets": out })).into_response()
 }
@@ -143,29 +148,41 @@ async fn targets(State(app): State<App>) -> Response {
 async fn target(State(app): State<App>, Path(name): Path<String>) -> Response {
     let entities = app.server.entities.read().await;
     match entities.targets.get(&name) {
-        Some(entry) => axum::Json(target_json(&app.server, &name, entry)).into_response(),
+        Some(entry) => axum::Json(target_json(
+            &app.server,
+            &name,
+            entry,
+            &managed_now(&app.server),
+        ))
+        .into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no target named {name:?}")),
     }
 }
 
-fn target_json(server: &Server, name: &str, entry: &server::TargetEntry) -> Value {
+fn target_json(
+    server: &Server,
+    name: &str,
+    entry: &server::TargetEntry,
+    managed: &Managed,
+) -> Value {
     let c = &entry.config.connection;
     json!({
         "name": name,
         "host": c.host, "port": c.port, "database": c.database, "user": c.user,
         "ssl_mode": c.ssl.mode,
         "read_role": entry.config.read_role,
-        "origin": origin(server, ManagedKind::Target, name),
+        "origin": origin(managed, ManagedKind::Target, name),
         "health": server.cached_health(EntityKind::Target, name),
     })
 }
 
 async fn syncs(State(app): State<App>) -> Response {
+    let managed = managed_now(&app.server);
     let entities = app.server.entities.read().await;
     let mut out: Vec<Value> = entities
         .syncs
         .iter()
-        .map(|(name, entry)| sync_json(&app.server, name, entry))
+        .map(|(name, entry)| sync_json(&app.server, name, entry, &managed))
         .collect();
     out.extend(
         entities
@@ -179,7 +196,8 @@ async fn syncs(State(app): State<App>) -> Response {
 async fn sync(State(app): State<App>, Path(name): Path<String>) -> Response {
     let entities = app.server.entities.read().await;
     if let Some(entry) = entities.syncs.get(&name) {
-        return axum::Json(sync_json(&app.server, &name, entry)).into_response();
+        let managed = managed_now(&app.server);
+        return axum::Json(sync_json(&app.server, &name, entry, &managed)).into_response();
     }
     match entities.failed_syncs.get(&name) {
         Some(failed) => axum::Json(not_running(&name, &failed.report)).into_response(),
@@ -187,13 +205,13 @@ async fn sync(State(app): State<App>, Path(name): Path<String>) -> Response {
     }
 }
 
-fn sync_json(server: &Server, name: &str, entry: &server::SyncEntry) -> Value {
+fn sync_json(server: &Server, name: &str, entry: &server::SyncEntry, managed: &Managed) -> Value {
     let mut value = json!({
         "name": name,
         "id": entry.config.id,
         "provider": entry.config.source.provider().as_str(),
         "running": true,
-        "origin": origin(server, ManagedKind::Sync, name),
+        "origin": origin(managed, ManagedKind::Sync, name),
         "health": server.cached_health(EntityKind::Sync, name),
     });
     for (key, detail) in entry.source.progress().details {
@@ -203,8 +221,8 @@ fn sync_json(server: &Server, name: &str, entry: &server::SyncEntry) -> Value {
 }
 
 /// `api` for an entity created through the API, `file` for one the config file declares.
-fn origin(server: &Server, kind: ManagedKind, name: &str) -> &'static str {
-    if crate::api_write::managed_now(server).has(kind, name) {
+fn origin(managed: &Managed, kind: ManagedKind, name: &str) -> &'static str {
+    if managed.has(kind, name) {
         "api"
     } else {
         "file"
@@ -243,10 +261,11 @@ async fn push(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> 
 }
 
 async fn consumers(State(app): State<App>) -> Response {
+    let managed = managed_now(&app.server);
     let entities = app.server.entities.read().await;
     let mut out = Vec::new();
     for entry in entities.consumers.values() {
-        out.push(consumer_json(&app, entry).await);
+        out.push(consumer_json(&app, entry, &managed).await);
     }
     out.extend(
         entities
@@ -260,7 +279,8 @@ async fn consumers(State(app): State<App>) -> Response {
 async fn consumer(State(app): State<App>, Path(name): Path<String>) -> Response {
     let entities = app.server.entities.read().await;
     if let Some(entry) = entities.consumers.get(&name) {
-        return axum::Json(consumer_json(&app, entry).await).into_response();
+        let managed = managed_now(&app.server);
+        return axum::Json(consumer_json(&app, entry, &managed).await).into_response();
     }
     match entities.failed_consumers.get(&name) {
         Some(failed) => axum::Json(not_running(&name, &failed.report)).into_response(),
@@ -268,7 +288,7 @@ async fn consumer(State(app): State<App>, Path(name): Path<String>) -> Response 
     }
 }
 
-async fn consumer_json(app: &App, entry: &server::ConsumerEntry) -> Value {
+async fn consumer_json(app: &App, entry: &server::ConsumerEntry, managed: &Managed) -> Value {
     let (lag_records, lag_seconds) = server::consumer_lag(&app.server.stream, entry).await;
     let stats = entry.handle.stats();
     json!({
@@ -281,7 +301,7 @@ async fn consumer_json(app: &App, entry: &server::ConsumerEntry) -> Value {
         "lag": { "records": lag_records, "seconds": lag_seconds },
         "last_write": entry.handle.last_write().map(rfc3339),
         "last_error": entry.handle.last_error(),
-        "origin": origin(&app.server, ManagedKind::Consumer, &entry.config.name.0),
+        "origin": origin(managed, ManagedKind::Consumer, &entry.config.name.0),
         "health": app.server.cached_health(EntityKind::Consumer, &entry.config.name.0),
     })
 }
@@ -332,7 +352,10 @@ async fn control(
     }
     let entities = app.server.entities.read().await;
     match entities.consumers.get(&name) {
-        Some(entry) => axum::Json(consumer_json(&app, entry).await).into_response(),
+        Some(entry) => {
+            let managed = managed_now(&app.server);
+            axum::Json(consumer_json(&app, entry, &managed).await).into_response()
+        }
         None => error(StatusCode::NOT_FOUND, format!("no consumer named {name:?}")),
     }
 }

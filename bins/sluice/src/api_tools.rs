@@ -47,10 +47,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Failure {
 
 fn applied(server: &Server) -> Result<Config, Failure> {
     server
-        .applied
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+        .applied_config()
         .ok_or_else(|| refuse(StatusCode::SERVICE_UNAVAILABLE, "sluice is still starting"))
 }
 

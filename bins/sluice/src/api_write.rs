@@ -362,9 +362,8 @@ fn add(managed: &mut Managed, entity: &Entity) {
 
 /// The entities created through the API that run now (to tell them from the file's).
 pub(crate) fn managed_now(server: &Server) -> Managed {
-    let applied = server.applied.lock().unwrap_or_else(|e| e.into_inner());
-    applied
-        .as_ref()
+    server
+        .applied_config()
         .and_then(|config| Managed::load(&config.data_dir).ok())
         .unwrap_or_default()
 }

@@ -163,8 +163,7 @@ impl Server {
     fn timed_out(&self, entity: &EntityRef) -> HealthReport {
         let mut report = self.health.get(entity);
         let now = OffsetDateTime::now_utc();
-        report.checks.retain(|c| c.name != "health");
-        report.checks.push(Check {
+        report.set_check(Check {
             name: "health".into(),
             status: Status::Warning,
             message: format!(
@@ -175,12 +174,6 @@ impl Server {
             since: now,
             last_ok_at: None,
         });
-        report.status = report
-            .checks
-            .iter()
-            .map(|c| c.status)
-            .max()
-            .unwrap_or(Status::Healthy);
         report
     }
 
@@ -249,11 +242,14 @@ fn paused_by_target(report: &mut HealthReport, target: &str, target_report: &Hea
     }) else {
         return;
     };
-    let own = report.checks.iter().position(|c| c.name == "target");
-    if own.is_some_and(|i| report.checks[i].status >= Status::Paused) {
+    if report
+        .checks
+        .iter()
+        .any(|c| c.name == "target" && c.status >= Status::Paused)
+    {
         return; // it already says why
     }
-    let check = Check {
+    report.set_check(Check {
         name: "target".into(),
         status: Status::Paused,
         message: format!(
@@ -263,17 +259,7 @@ fn paused_by_target(report: &mut HealthReport, target: &str, target_report: &Hea
         fix: down.fix.clone(),
         since: down.since,
         last_ok_at: down.last_ok_at,
-    };
-    match own {
-        Some(i) => report.checks[i] = check,
-        None => report.checks.push(check),
-    }
-    report.status = report
-        .checks
-        .iter()
-        .map(|c| c.status)
-        .max()
-        .unwrap_or(Status::Healthy);
+    });
 }
 
 /// Refreshes `server`'s health every [`REFRESH_EVERY`], or sooner when asked, until the server

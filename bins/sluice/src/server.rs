@@ -203,6 +203,14 @@ impl Server {
         }
     }
 
+    /// The config last applied (`None` until the first reconcile).
+    pub(crate) fn applied_config(&self) -> Option<Config> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Notes that a reload of the config was refused (`None`: the last one was applied).
     pub fn reload_refused(&self, why: Option<String>) {
         let report = why.map(|why| {

@@ -42,12 +42,7 @@ async fn entities_created_through_the_api_run_survive_a_restart_and_never_overri
         .await
         .unwrap();
     let path = write_config(&env, "");
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, api) = serve_ready(&env, &path).await;
 
     // Writes need the token like everything else.
     let (status, _) = api

@@ -33,12 +33,7 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
         ),
     );
     std::fs::write(&path, text).unwrap();
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, api) = serve_ready(&env, &path).await;
     let base = format!("http://127.0.0.1:{}", env.port);
     let browser = Browser::start().await;
 
@@ -468,12 +463,7 @@ layout = {{ kind = "consumer_table", schema = "sluice", table = "odd" }}
 "#
     );
     let path = write_config(&env, &extra);
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, _api) = serve_ready(&env, &path).await;
     let base = format!("http://127.0.0.1:{}", env.port);
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

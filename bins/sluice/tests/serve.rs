@@ -41,12 +41,7 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
         before,
         "planning twice: nothing was changed"
     );
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, api) = serve_ready(&env, &path).await;
 
     // Without a token, or with a wrong one, every route is 401.
     for (method, path) in [
@@ -498,12 +493,7 @@ async fn a_target_reached_only_through_an_agent_receives_the_consumers_writes() 
     assert!(config.contains("db.invalid"), "{config}");
     let path = env.dir.path().join("sluice.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, _api) = serve_ready(&env, &path).await;
     assert!(
         log(&env).contains(&host_key.fingerprint),
         "the endpoint logs its fingerprint:\n{}",
@@ -555,12 +545,7 @@ filter = { provider = "http" }
 layout = { kind = "consumer_table", schema = "sluice", table = "stuck" }
 "#;
     let path = write_config(&env, stuck);
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, api) = serve_ready(&env, &path).await;
 
     // The consumer that could not start is listed, as an error with its reason; status fails.
     let (code, out) = sluice_status(&env);
@@ -614,12 +599,7 @@ layout = { kind = "consumer_table", schema = "sluice", table = "stuck" }
 async fn pushed_json_numbers_keep_every_digit() {
     let env = env().await;
     let path = write_config(&env, "");
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, api) = serve_ready(&env, &path).await;
     // Written as text: no JSON library of the test's own rounds the numbers on the way.
     let body = r#"{"records": [{"collection": "numbers", "id": "n1", "payload":
         {"n": 12345678901234567890123, "f": 0.1000000000000000055511151231257827,
@@ -871,12 +851,7 @@ layout = {{ kind = "consumer_table", schema = "sluice", table = "records" }}
     );
     let path = env.dir.path().join("sluice.toml");
     std::fs::write(&path, text).unwrap();
-    let mut child = serve(&env, &path);
-    let api = Api::new(&env);
-    wait_until("the API answers", &env, 60, async || {
-        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
-    })
-    .await;
+    let (mut child, api) = serve_ready(&env, &path).await;
 
     // Down: registered, in error, retried; records pushed meanwhile wait in the stream.
     let records: Vec<Value> = (0..200)

@@ -137,6 +137,20 @@ impl HealthReport {
                 None => self.checks.push(check.clone()),
             }
         }
+        self.recompute();
+    }
+
+    /// Puts `check` in place of the check of the same name (or adds it), and the overall
+    /// status is the worst again: a finding made outside the entity's own checks.
+    pub fn set_check(&mut self, check: Check) {
+        match self.checks.iter_mut().find(|c| c.name == check.name) {
+            Some(mine) => *mine = check,
+            None => self.checks.push(check),
+        }
+        self.recompute();
+    }
+
+    fn recompute(&mut self) {
         self.status = self
             .checks
             .iter()

@@ -62,14 +62,7 @@ impl Config {
         let at = |offset: Option<usize>, (message, fix): (String, String)| {
             let (line, column) = match offset {
                 Some(offset) => {
-                    let before = &text[..offset.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let column = before
-                        .rsplit('\n')
-                        .next()
-                        .map(|l| l.chars().count())
-                        .unwrap_or(0)
-                        + 1;
+                    let (line, column) = line_column(text, offset);
                     (Some(line), Some(column))
                 }
                 None => (None, None),
@@ -109,6 +102,14 @@ impl Config {
             )
         })
     }
+}
+
+/// The 1-based line and column (in characters) of a byte offset into `text`.
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
 }
 
 /// Replaces `${NAME}` / `${NAME:-default}` in every string; `$$` is a literal `$`. On error,

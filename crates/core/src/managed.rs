@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{ConfigError, Problem};
+use crate::load::{ConfigError, Problem, line_column};
 use crate::{Config, ConsumerConfig, SyncConfig, TargetConfig};
 
 /// The managed entities' file name, inside the data directory.
@@ -95,13 +95,8 @@ impl Managed {
         toml::from_str(&text).map_err(|e| {
             let (line, column) = e
                 .span()
-                .map(|s| {
-                    let before = &text[..s.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                    (Some(line), Some(column))
-                })
-                .unwrap_or((None, None));
+                .map(|s| line_column(&text, s.start))
+                .map_or((None, None), |(l, c)| (Some(l), Some(c)));
             ConfigError {
                 file: path.display().to_string(),
                 line,

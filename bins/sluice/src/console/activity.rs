@@ -9,9 +9,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::{EntityKind, RecordKey, RecordStream, Status, SyncId};
 
-use super::pages::{applied, backfill, badge, checks, not_found, reasons};
+use super::pages::{backfill, badge, checks, not_found, reasons};
 use super::samples::chart;
 use super::{Console, Session, document};
+use crate::api::rfc3339;
 
 pub(crate) async fn sync(
     State(console): State<Console>,
@@ -19,7 +20,7 @@ pub(crate) async fn sync(
     Path(name): Path<String>,
 ) -> Response {
     let server = &console.server;
-    let Some(config) = applied(server) else {
+    let Some(config) = server.applied_config() else {
         return not_found(&session, "sluice is still starting");
     };
     let Some(sync) = config.syncs.iter().find(|s| s.name == name) else {
@@ -87,7 +88,7 @@ pub(crate) async fn sync(
                     }
                 }
             }
-            p.muted { "As of " (now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()) }
+            p.muted { "As of " (rfc3339(now)) }
         }
     };
     document(&format!("Sync {name}"), Some(&session), body).into_response()
@@ -106,7 +107,8 @@ pub(crate) async fn records(
     Query(q): Query<Lookup>,
 ) -> Response {
     let server = &console.server;
-    let syncs: Vec<(String, SyncId)> = applied(server)
+    let syncs: Vec<(String, SyncId)> = server
+        .applied_config()
         .map(|c| c.syncs.iter().map(|s| (s.name.clone(), s.id)).collect())
         .unwrap_or_default();
     let wanted = match (&q.sync, &q.collection, &q.id) {
@@ -152,7 +154,7 @@ pub(crate) async fn records(
                         dl {
                             dt { "Position in the stream" } dd { (entry.seq.0) }
                             dt { "Version" } dd { code { (format!("{:?}", entry.record.version)) } }
-                            dt { "Changed upstream at" } dd { (entry.record.upstream_updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()) }
+                            dt { "Changed upstream at" } dd { (rfc3339(entry.record.upstream_updated_at)) }
                             dt { "Deleted" } dd { @if entry.record.is_tombstone() { "yes (a tombstone)" } @else { "no" } }
                         }
                         @if let sluice_core::Change::Upsert { payload } = &entry.record.change {
@@ -187,7 +189,7 @@ pub(crate) async fn events(
                 tbody {
                     @for e in &events {
                         tr {
-                            td { (e.at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()) }
+                            td { (rfc3339(e.at)) }
                             td { (e.entity.to_string()) }
                             td { (status(e.from)) }
                             td { @if e.to.is_none() { "removed" } @else { (status(e.to)) } }

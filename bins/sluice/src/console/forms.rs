@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sluice_core::ManagedKind;
 
-use super::pages::{Flash, applied, consumer_page, findings, target_page};
+use super::pages::{Flash, consumer_page, findings, target_page};
 use super::{Checked, Console, CsrfToken, Session, document, query_value, segment};
 use crate::api_tools;
 use crate::api_write::{Write, apply};
@@ -300,7 +300,7 @@ fn consumer_form(
     f: &ConsumerForm,
     error: Option<&str>,
 ) -> Markup {
-    let config = applied(&console.server);
+    let config = console.server.applied_config();
     let targets: Vec<String> = config
         .as_ref()
         .map(|c| c.targets.iter().map(|t| t.name.clone()).collect())

@@ -28,6 +28,7 @@ use maud::{DOCTYPE, Markup, html};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::api::equal;
 use crate::server::Server;
 
 /// The session cookie's name.
@@ -60,10 +61,6 @@ fn random_token() -> String {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     )
-}
-
-fn equal(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The console's routes; `token` and `password` are what logs in; `tls` when served over

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
-use sluice_core::{Config, EntityKind, HealthReport, ManagedKind, Status};
+use sluice_core::{EntityKind, HealthReport, ManagedKind, Status};
 
 use super::samples::{chart, number};
 use super::{Console, Session, document, segment};
@@ -73,14 +73,6 @@ pub(super) fn checks(report: &HealthReport) -> Markup {
     }
 }
 
-pub(super) fn applied(server: &Server) -> Option<Config> {
-    server
-        .applied
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-}
-
 /// Backfill progress from a source's details: a bar per table or collection.
 pub(super) fn backfill(details: &serde_json::Map<String, Value>) -> Markup {
     let mut rows: Vec<(String, u64, Option<u64>, bool)> = Vec::new();
@@ -144,7 +136,7 @@ pub(crate) async fn overview(
 ) -> Response {
     let server = &console.server;
     let reports = server.health().await;
-    let config = applied(server);
+    let config = server.applied_config();
     let troubled = reports
         .iter()
         .filter(|r| matches!(r.status, Status::Warning | Status::Error | Status::Paused))
@@ -288,7 +280,7 @@ pub(crate) async fn target_page(
     extra: Option<Markup>,
 ) -> Response {
     let server = &console.server;
-    let Some(config) = applied(server) else {
+    let Some(config) = server.applied_config() else {
         return not_found(session, "sluice is still starting");
     };
     let Some(target) = config.targets.iter().find(|t| t.name == name) else {
@@ -396,7 +388,7 @@ pub(crate) async fn consumer_page(
     extra: Option<Markup>,
 ) -> Response {
     let server = &console.server;
-    let Some(config) = applied(server) else {
+    let Some(config) = server.applied_config() else {
         return not_found(session, "sluice is still starting");
     };
     let Some(consumer) = config.consumers.iter().find(|c| c.name.0 == name) else {

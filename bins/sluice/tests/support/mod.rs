@@ -130,6 +130,17 @@ pub fn serve(env: &Env, path: &Path) -> Child {
         .unwrap()
 }
 
+/// Starts `serve` with `path` and waits until its API answers.
+pub async fn serve_ready(env: &Env, path: &Path) -> (Child, Api) {
+    let child = serve(env, path);
+    let api = Api::new(env);
+    wait_until("the API answers", env, 60, async || {
+        api.call("GET", "/v1/status", None, Some(TOKEN)).await.0 == 200
+    })
+    .await;
+    (child, api)
+}
+
 pub fn plan(env: &Env, path: &Path) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["config", "plan", "--file"])
