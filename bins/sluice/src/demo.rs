@@ -50,8 +50,19 @@ pub async fn run(args: Args) -> Result<ExitCode, Error> {
         .start()
         .map_err(local)?;
     let target = Cluster::start_default().map_err(local)?;
-    sayln!("source: 127.0.0.1:{} (wal_level = logical)", source.port());
-    sayln!("target: 127.0.0.1:{}", target.port());
+    let server = |pg: &Cluster| {
+        format!(
+            "PostgreSQL {} from {}",
+            pg.binaries().release().unwrap_or("?"),
+            pg.binaries().dir().display()
+        )
+    };
+    sayln!(
+        "source: 127.0.0.1:{} ({}; wal_level = logical)",
+        source.port(),
+        server(&source)
+    );
+    sayln!("target: 127.0.0.1:{} ({})", target.port(), server(&target));
 
     step("Provisioning the target: a sync user that owns schema \"sluice\", and a read role");
     let admin = SecretString::from(target.superuser_password().to_owned());

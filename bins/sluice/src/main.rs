@@ -350,7 +350,7 @@ fn main() -> ExitCode {
                         plan::check_one_sync(sync).await?
                     }
                     (None, Some(url)) => {
-                        let spec = sluice_source_pg::SourceSpec { publication, slot };
+                        let spec = sluice_source_pg::SourceSpec { publication, slot, failover: false, };
                         sluice_source_pg::check(&setup::settings(&url)?, &spec).await
                     }
                     (None, None) => {

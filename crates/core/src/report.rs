@@ -30,6 +30,15 @@ impl CheckReport {
         self.findings.iter().all(|f| f.ok)
     }
 
+    /// The names of the checks that need fixing, in order.
+    pub fn failing(&self) -> Vec<&str> {
+        self.findings
+            .iter()
+            .filter(|f| !f.ok)
+            .map(|f| f.check.as_str())
+            .collect()
+    }
+
     /// A report for a person: one line per check, the fix under each problem.
     pub fn render(&self) -> String {
         let mut out = String::new();

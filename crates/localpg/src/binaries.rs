@@ -4,21 +4,25 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::Error;
+use crate::{Error, versions};
 
 /// Where the server binaries live, and their version.
 #[derive(Clone, Debug)]
 pub struct Binaries {
     dir: PathBuf,
     version: String,
+    /// The shared libraries of a packaged release (`LD_LIBRARY_PATH` for its tools).
+    lib: Option<PathBuf>,
 }
 
 impl Binaries {
-    /// Finds the server binaries, in this order: the `SLUICE_PG_BIN` directory,
-    /// `pg_config --bindir`, a directory on `PATH` holding `initdb`, then the newest
-    /// `/usr/lib/postgresql/*/bin`. The first place named that holds `initdb` wins.
+    /// Finds the server binaries:
+    /// 1. the `SLUICE_PG_BIN` directory, when set;
+    /// 2. with `SLUICE_PG_VERSION=N`, the machine's own major version N if it has one, else
+    ///    the pinned release N ([`crate::RELEASES`], fetched with npm once);
+    /// 3. otherwise `pg_config --bindir`, a directory on `PATH` holding `initdb`, the newest
+    ///    `/usr/lib/postgresql/*/bin`, and last the pinned fallback release when `npm` exists.
     pub fn find() -> Result<Self, Error> {
-        let mut searched = Vec::new();
         if let Some(dir) = std::env::var_os("SLUICE_PG_BIN") {
             let dir = PathBuf::from(dir);
             if has_initdb(&dir) {
@@ -29,54 +33,82 @@ impl Binaries {
                 searched: format!("SLUICE_PG_BIN={} (no initdb there)", dir.display()),
             });
         }
-        searched.push("SLUICE_PG_BIN (unset)".to_owned());
-
-        match Command::new("pg_config").arg("--bindir").output() {
-            Ok(out) if out.status.success() => {
-                let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-                if has_initdb(&dir) {
-                    return Self::at(dir);
-                }
-                searched.push(format!("pg_config --bindir ({})", dir.display()));
+        let wanted = versions::requested_major()?;
+        let mut searched = vec!["SLUICE_PG_BIN (unset)".to_owned()];
+        for dir in installed(&mut searched)? {
+            let found = Self::at(dir)?;
+            if wanted.is_none_or(|major| found.major() == Some(major)) {
+                return Ok(found);
             }
-            _ => searched.push("pg_config --bindir (not available)".to_owned()),
         }
-
-        if let Some(path) = std::env::var_os("PATH")
-            && let Some(dir) = std::env::split_paths(&path).find(|d| has_initdb(d))
-        {
-            return Self::at(dir);
+        let major = wanted.unwrap_or(versions::FALLBACK_MAJOR);
+        if wanted.is_some() || has_npm() {
+            return versions::release(major)?.binaries();
         }
-        searched.push("PATH".to_owned());
-
-        let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
-                let bin = entry.path().join("bin");
-                has_initdb(&bin).then_some((major, bin))
-            })
-            .collect();
-        versioned.sort();
-        if let Some((_, dir)) = versioned.pop() {
-            return Self::at(dir);
-        }
-        searched.push("/usr/lib/postgresql/*/bin".to_owned());
+        searched.push(format!("npm (not on PATH, for {})", versions::NPM_PACKAGE));
         Err(Error::NoBinaries {
             searched: searched.join(", "),
         })
     }
 
+    /// The pinned release of `major` (fetched with npm once), or the machine's own binaries
+    /// when they are that major version.
+    pub fn of_major(major: u32) -> Result<Self, Error> {
+        let release = versions::release(major)?;
+        for dir in installed(&mut Vec::new())? {
+            let found = Self::at(dir)?;
+            if found.major() == Some(major) {
+                return Ok(found);
+            }
+        }
+        release.binaries()
+    }
+
     /// Binaries in `dir` (which must hold `initdb`, `pg_ctl` and `postgres`).
     pub fn at(dir: PathBuf) -> Result<Self, Error> {
-        let out = Command::new(dir.join("postgres"))
+        // A packaged release: bin/, lib/ and the package's list of library links side by side.
+        let lib = dir
+            .parent()
+            .filter(|native| native.join("pg-symlinks.json").exists())
+            .map(|native| native.join("lib"));
+        let mut binaries = Self {
+            dir,
+            version: String::new(),
+            lib,
+        };
+        let out = binaries
+            .command(&OsUser::current(), "postgres")
             .arg("--version")
             .output()
-            .map_err(|e| Error::io(format!("running {}/postgres --version", dir.display()), e))?;
-        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        Ok(Self { dir, version })
+            .map_err(|e| {
+                Error::io(
+                    format!("running {}/postgres --version", binaries.dir.display()),
+                    e,
+                )
+            })?;
+        binaries.version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() || binaries.version.is_empty() {
+            return Err(Error::Command {
+                what: format!("{}/postgres --version", binaries.dir.display()),
+                status: out.status.to_string(),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(binaries)
+    }
+
+    /// A command running one of the tools as `user`, with the libraries it needs.
+    pub fn command(&self, user: &OsUser, tool: &str) -> Command {
+        let mut cmd = user.command(self.tool(tool));
+        self.add_libraries(&mut cmd);
+        cmd
+    }
+
+    /// Lets `cmd` (and what it starts) load a packaged release's libraries.
+    pub fn add_libraries(&self, cmd: &mut Command) {
+        if let Some(lib) = &self.lib {
+            cmd.env("LD_LIBRARY_PATH", lib);
+        }
     }
 
     /// The directory holding the binaries.
@@ -89,12 +121,26 @@ impl Binaries {
         &self.version
     }
 
+    /// The release, e.g. `15.18`, read from [`version`](Self::version).
+    pub fn release(&self) -> Option<&str> {
+        self.version.split_whitespace().nth(2)
+    }
+
+    /// The major version, e.g. `15`, read from [`version`](Self::version).
+    pub fn major(&self) -> Option<u32> {
+        self.release()?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// The path of one binary.
     pub fn tool(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    /// `psql`, next to the server binaries or on `PATH`.
+    /// `psql`, next to the server binaries or on `PATH` (any version speaks to any server).
     pub fn psql(&self) -> PathBuf {
         let here = self.dir.join("psql");
         if here.exists() {
@@ -103,6 +149,72 @@ impl Binaries {
             PathBuf::from("psql")
         }
     }
+}
+
+/// The machine's own server binary directories, in order of preference; none when
+/// `SLUICE_PG_FROM=npm` asks for the pinned releases only.
+fn installed(searched: &mut Vec<String>) -> Result<Vec<PathBuf>, Error> {
+    match std::env::var("SLUICE_PG_FROM").as_deref() {
+        Err(_) | Ok("") | Ok("any") => {}
+        Ok("npm") => {
+            searched.push("SLUICE_PG_FROM=npm (the machine's own binaries are not used)".into());
+            return Ok(Vec::new());
+        }
+        Ok(other) => {
+            return Err(Error::NoBinaries {
+                searched: format!("SLUICE_PG_FROM={other:?} (expected npm or any)"),
+            });
+        }
+    }
+    let mut found = Vec::new();
+    match Command::new("pg_config").arg("--bindir").output() {
+        Ok(out) if out.status.success() => {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_initdb(&dir) {
+                found.push(dir);
+            } else {
+                searched.push(format!("pg_config --bindir ({})", dir.display()));
+            }
+        }
+        _ => searched.push("pg_config --bindir (not available)".to_owned()),
+    }
+    match std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).find(|d| has_initdb(d)))
+    {
+        Some(dir) => found.push(dir),
+        None => searched.push("PATH".to_owned()),
+    }
+    let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            has_initdb(&bin).then_some((major, bin))
+        })
+        .collect();
+    versioned.sort();
+    if versioned.is_empty() {
+        searched.push("/usr/lib/postgresql/*/bin".to_owned());
+    }
+    found.extend(versioned.into_iter().rev().map(|(_, dir)| dir));
+    // The same directory is often reached twice (PATH holds links into /usr/lib/postgresql).
+    let mut unique: Vec<PathBuf> = Vec::new();
+    for dir in found {
+        let real = std::fs::canonicalize(&dir).unwrap_or(dir);
+        if !unique.contains(&real) {
+            unique.push(real);
+        }
+    }
+    Ok(unique)
+}
+
+fn has_npm() -> bool {
+    Command::new("npm")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn has_initdb(dir: &Path) -> bool {
@@ -131,12 +243,7 @@ impl OsUser {
     pub fn for_server() -> Result<Self, Error> {
         let me = std::fs::metadata("/proc/self").map_err(|e| Error::io("reading /proc/self", e))?;
         if me.uid() != 0 {
-            return Ok(Self {
-                name: "(current user)".into(),
-                uid: me.uid(),
-                gid: me.gid(),
-                switch: false,
-            });
+            return Ok(Self::current());
         }
         let passwd = std::fs::read_to_string("/etc/passwd")
             .map_err(|e| Error::io("reading /etc/passwd", e))?;
@@ -164,6 +271,17 @@ impl OsUser {
         Err(Error::NoOsUser {
             tried: wanted.unwrap_or_else(|| "postgres, nobody".into()),
         })
+    }
+
+    /// The current process's user.
+    pub fn current() -> Self {
+        let me = std::fs::metadata("/proc/self");
+        Self {
+            name: "(current user)".into(),
+            uid: me.as_ref().map_or(0, |m| m.uid()),
+            gid: me.as_ref().map_or(0, |m| m.gid()),
+            switch: false,
+        }
     }
 
     /// A command that runs as this user.

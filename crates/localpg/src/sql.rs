@@ -106,34 +106,33 @@ impl Cluster {
         .await
     }
 
-    /// Runs SQL through `psql` over the socket, fed on standard input so no secret appears
-    /// in a process listing.
-    pub(crate) fn psql_stdin(&self, database: &str, sql: &str) -> Result<(), Error> {
-        let mut child = Command::new(self.binaries.psql())
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                SUPERUSER,
-                "-d",
-                database,
-            ])
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::io("starting psql", e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(sql.as_bytes())
-                .map_err(|e| Error::io("writing to psql", e))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::io("waiting for psql", e))?;
-        check_output("psql", out).map(drop)
+    /// Gives the superuser its password, over the socket. It runs on a thread of its own
+    /// with its own runtime, so that clusters can be started from sync and async code alike
+    /// (and no `psql` is needed).
+    pub(crate) fn set_superuser_password(&self) -> Result<(), Error> {
+        // Hashed for SCRAM whatever the cluster's password_encryption (md5 on 12 and 13, or
+        // as a test chose), since the pg_hba.conf rules ask for scram-sha-256.
+        let sql = format!(
+            "set password_encryption = 'scram-sha-256'; alter role {} password {}",
+            quote_ident(SUPERUSER),
+            quote_literal(&self.password)
+        );
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| Error::io("starting a runtime", e))?;
+                    runtime.block_on(self.execute("postgres", &sql))
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "setting the superuser password",
+                        std::io::ErrorKind::Other.into(),
+                    ))
+                })
+        })
     }
 }

@@ -13,7 +13,7 @@ pub fn stop_kept(dir: &Path) -> Result<bool, Error> {
     }
     let binaries = Binaries::find()?;
     let user = OsUser::for_server()?;
-    let mut stop = user.command(binaries.tool("pg_ctl"));
+    let mut stop = binaries.command(&user, "pg_ctl");
     stop.arg("-D")
         .arg(&data)
         .args(["-m", "fast", "-w", "stop"])
@@ -36,8 +36,9 @@ pub(crate) fn spawn_supervisor(
 while read -r _; do :; done
 "$0" -D "$1/data" -m immediate -w stop >/dev/null 2>&1
 rm -rf "$1""#;
-    let mut child = user
-        .command("sh")
+    let mut command = user.command("sh");
+    binaries.add_libraries(&mut command);
+    let mut child = command
         .arg("-c")
         .arg(SCRIPT)
         .arg(binaries.tool("pg_ctl"))

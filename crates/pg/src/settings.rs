@@ -204,14 +204,15 @@ impl ConnectionSettings {
             Ok(conn) => return Ok(conn),
             Err(error) => error,
         };
-        // "no encryption" in a pg_hba rejection may mean "no rule for you at all" or "only
-        // TLS connections are allowed". Without TLS configured, one probe with TLS tells which.
+        // "no encryption" (PostgreSQL 14 and later; "SSL off" before) in a pg_hba rejection may
+        // mean "no rule for you at all" or "only TLS connections are allowed". Without TLS
+        // configured, one probe with TLS tells which.
         if let ConnectError::NoHbaEntry {
             detail,
             user,
             database,
         } = &error
-            && detail.contains("no encryption")
+            && (detail.contains("no encryption") || detail.contains("SSL off"))
             && self.ssl_mode == SslMode::Disable
         {
             let probe = self

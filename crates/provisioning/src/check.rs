@@ -63,6 +63,27 @@ async fn check_on(
         ),
         Some(format!("grant connect, create on database {d} to {u};")),
     );
+    if !spec.schemas.iter().any(|s| s.name == "public") {
+        let open = sqlx::query_scalar!(
+            r#"select coalesce((select has_schema_privilege(n.oid, 'CREATE')
+                                from pg_namespace n where n.nspname = 'public'), false) as "open!""#
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        report.push(
+            "schema public",
+            !open,
+            if open {
+                format!("{u} may create objects in schema public, which sluice does not need")
+            } else {
+                format!("{u} may not create objects in schema public")
+            },
+            Some(format!(
+                "revoke create on schema public from public;  -- {}",
+                crate::plan::PUBLIC_SCHEMA_REASON
+            )),
+        );
+    }
     let read_exists = sqlx::query_scalar!(
         r#"select exists (select 1 from pg_roles where rolname = $1) as "e!""#,
         spec.read_role

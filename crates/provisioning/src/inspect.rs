@@ -88,9 +88,25 @@ pub struct State {
     pub readers_absent: Vec<String>,
     /// The inspecting session is encrypted.
     pub ssl: bool,
+    /// Every role may create objects in schema `public` (PUBLIC holds CREATE there: the
+    /// default before PostgreSQL 15).
+    pub public_schema_open: bool,
+    /// The owner of schema `public`, when the inspecting role can neither act as it nor is a
+    /// superuser (so it cannot revoke what PUBLIC holds there).
+    pub public_schema_owner_elsewhere: Option<String>,
     /// The inspecting role must become a member of the sync user for the steps that act as
     /// it (a schema it owns, its default privileges): it is neither a superuser nor a member.
     pub admin_needs_membership: bool,
+}
+
+/// PUBLIC (every role) may create objects in schema `public`: the default before PostgreSQL 15.
+pub(crate) async fn public_schema_open(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select coalesce((select has_schema_privilege('public', n.oid, 'CREATE')
+                            from pg_namespace n where n.nspname = 'public'), false) as "open!""#
+    )
+    .fetch_one(conn)
+    .await
 }
 
 async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, sqlx::Error> {
@@ -266,6 +282,14 @@ pub async fn inspect(conn: &mut PgConnection, spec: &SetupSpec) -> Result<State,
         read_exists: role_exists(conn, &spec.read_role).await?,
         sync_is_read_admin: member(conn, &spec.read_role, &spec.sync_user, true).await?,
         ssl: facts.ssl,
+        public_schema_open: public_schema_open(conn).await?,
+        public_schema_owner_elsewhere: sqlx::query_scalar!(
+            r#"select pg_get_userbyid(n.nspowner)::text as "owner!" from pg_namespace n
+               where n.nspname = 'public' and not pg_has_role(n.nspowner, 'USAGE')
+                 and not (select rolsuper from pg_roles where rolname = current_user)"#
+        )
+        .fetch_optional(&mut *conn)
+        .await?,
         ..State::default()
     };
     let admin = sluice_pg::catalog::role(conn, &facts.current_user).await?;

@@ -102,6 +102,9 @@ impl Plan {
     }
 }
 
+/// Why setup revokes CREATE on `public` from PUBLIC (shown with the statement).
+pub(crate) const PUBLIC_SCHEMA_REASON: &str = "before PostgreSQL 15 every role, the sync user too, may create objects in schema public; least privilege needs that taken from PUBLIC, as PostgreSQL 15 does by default (a no-op there). Roles of yours that create objects in public then need: grant create on schema public to <role>";
+
 /// Plans the setup. With `state` (read by [`crate::inspect()`]) only what is missing is
 /// planned; without it, every statement is planned in a form that is safe to run again
 /// (the manual script). `password` is used if the sync user has to be created.
@@ -129,16 +132,19 @@ pub fn plan(
     }
 
     // The sync user.
+    // Stored as a SCRAM verifier on every version (12 and 13 default to md5, which a
+    // scram-sha-256 rule cannot check; an md5 rule accepts SCRAM verifiers too).
     let create_user = format!(
-        "create role {u} with login password {}",
+        "set password_encryption = 'scram-sha-256'; create role {u} with login password {}",
         quote_literal(password.expose_secret())
     );
     match state {
         None => plan.steps.push(Step::secret(
             "the sync user sluice logs in as (created only if missing; store its password where sluice reads it)",
             format!(
-                "do $sluice$ begin if not exists (select from pg_roles where rolname = {}) then {create_user}; end if; end $sluice$",
-                quote_literal(&spec.sync_user)
+                "set password_encryption = 'scram-sha-256'; do $sluice$ begin if not exists (select from pg_roles where rolname = {}) then create role {u} with login password {}; end if; end $sluice$",
+                quote_literal(&spec.sync_user),
+                quote_literal(password.expose_secret())
             ),
             password,
         )),
@@ -153,6 +159,25 @@ pub fn plan(
             "connect to the database and create the schemas sluice syncs into (nothing else)",
             format!("grant connect, create on database {d} to {u}"),
         ));
+    }
+
+    // Before PostgreSQL 15 every role may create objects in `public`, the sync user too. A
+    // grant to PUBLIC cannot be taken from one role alone, so it is taken from PUBLIC, which
+    // is what PostgreSQL 15 and later do by default.
+    if !spec.schemas.iter().any(|s| s.name == "public")
+        && need(state.is_some_and(|s| s.public_schema_open))
+    {
+        match state.and_then(|s| s.public_schema_owner_elsewhere.as_deref()) {
+            // Only the schema's owner (or a superuser) can; this admin would revoke nothing.
+            Some(owner) => plan.notes.push(format!(
+                "schema public: {PUBLIC_SCHEMA_REASON}. Only its owner {} can do that: ask them to run `revoke create on schema public from public;`",
+                q(owner)
+            )),
+            None => plan.steps.push(Step::new(
+                PUBLIC_SCHEMA_REASON,
+                "revoke create on schema public from public",
+            )),
+        }
     }
 
     // The read role, created with the sync user as its admin, or adopted.

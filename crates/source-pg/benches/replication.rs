@@ -308,6 +308,7 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
         SourceSpec {
             publication: "sluice_pub".into(),
             slot: "sluice_slot".into(),
+            failover: false,
         },
         stream.clone(),
         SourceOptions {

@@ -17,7 +17,7 @@
 //! use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
 //!
 //! let settings = ConnectionSettings::from_url("postgres://sluice_repl@db.internal/app?sslmode=verify-full")?;
-//! let spec = SourceSpec { publication: "sluice_publication".into(), slot: "sluice_slot".into() };
+//! let spec = SourceSpec { publication: "sluice_publication".into(), slot: "sluice_slot".into(), failover: false, };
 //! println!("{}", sluice_source_pg::check(&settings, &spec).await.render()); // each gap, with its fix
 //! let stream = Arc::new(sluice_stream::EmbeddedStream::open("/var/lib/sluice").await?);
 //! let source = PostgresSource::new("app", SyncId::new_random(), settings, spec, stream, SourceOptions::default());

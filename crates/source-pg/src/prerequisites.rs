@@ -13,6 +13,9 @@ pub struct SourceSpec {
     pub publication: String,
     /// The replication slot.
     pub slot: String,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots` keep in step, so that it survives a failover.
+    pub failover: bool,
 }
 
 const WAL_LEVEL_HINTS: &str = "Standard PostgreSQL: set wal_level = logical in postgresql.conf (or: alter system set wal_level = logical;) and restart.\n\
@@ -56,6 +59,7 @@ async fn check_on(
         format!("wal_level = {}", facts.wal_level),
         Some(WAL_LEVEL_HINTS.into()),
     );
+    let standby = check_standby(conn, &facts, report).await?;
     let role = catalog::role(conn, &facts.current_user).await?;
     let rds = sqlx::query_scalar!(
         r#"select exists (select 1 from pg_auth_members m join pg_roles g on g.oid = m.roleid
@@ -88,8 +92,10 @@ async fn check_on(
     );
 
     let publication = sqlx::query!(
-        r#"select puballtables as "all_tables!", pubviaroot as "via_root!", pubupdate as "updates!", pubdelete as "deletes!"
-           from pg_publication where pubname = $1"#,
+        r#"select puballtables as "all_tables!", pubupdate as "updates!", pubdelete as "deletes!",
+                  -- pubviaroot is there from PostgreSQL 13 on
+                  coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) as "via_root!"
+           from pg_publication p where pubname = $1"#,
         spec.publication
     )
     .fetch_optional(&mut *conn)
@@ -101,10 +107,12 @@ async fn check_on(
             false,
             format!("the publication {p} does not exist"),
             Some(format!(
-                "create publication {p} for all tables;  -- or: for table t1, t2; or: for tables in schema public;  (create it before the slot)"
+                "{}create publication {p} for all tables{};  -- or: for table t1, t2; or: for tables in schema public;  (create it before the slot)",
+                if standby { "on the primary (a standby is read-only): " } else { "" },
+                if facts.major_version() >= 13 { " with (publish_via_partition_root = true)" } else { "" }
             )),
         );
-        return check_slot(conn, spec, report).await;
+        return check_slot(conn, spec, &facts, standby, report).await;
     };
     let tables = sqlx::query!(
         r#"select pt.schemaname::text as "schema!", pt.tablename::text as "table!",
@@ -156,7 +164,14 @@ async fn check_on(
     )
     .fetch_one(&mut *conn)
     .await?;
-    if partitioned > 0 {
+    if partitioned > 0 && facts.major_version() < 13 {
+        report.push(
+            "partitioned tables",
+            true,
+            format!("{partitioned} partitioned table(s) are published partition by partition: PostgreSQL {} has no publish_via_partition_root (13 and later do), so each partition syncs as a table of its own, and a partition created later must be added to the publication unless it is for all tables", facts.major_version()),
+            None,
+        );
+    } else if partitioned > 0 {
         report.push(
             "partitioned tables",
             publication.via_root,
@@ -191,17 +206,90 @@ async fn check_on(
             );
         }
     }
-    check_slot(conn, spec, report).await
+    check_slot(conn, spec, &facts, standby, report).await
+}
+
+/// On a standby (in recovery): whether this version can decode there (16+), and the settings
+/// that keep its slot valid. Returns whether the server is a standby.
+async fn check_standby(
+    conn: &mut PgConnection,
+    facts: &catalog::ServerFacts,
+    report: &mut CheckReport,
+) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"select pg_is_in_recovery() as "standby!",
+                  current_setting('hot_standby_feedback') as "feedback!",
+                  current_setting('primary_slot_name') as "primary_slot!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !row.standby {
+        return Ok(false);
+    }
+    let major = facts.major_version();
+    if major < 16 {
+        report.push(
+            "standby",
+            false,
+            format!("this server is a standby (in recovery), and PostgreSQL {major} cannot decode logical changes on a standby (16 and later can)"),
+            Some("point the sync at the primary, or upgrade the primary and the standby to PostgreSQL 16 or newer".into()),
+        );
+        return Ok(true);
+    }
+    report.push(
+        "standby",
+        true,
+        format!("a standby (in recovery): PostgreSQL {major} decodes logical changes on standbys, so the primary carries no decoding load"),
+        None,
+    );
+    report.push(
+        "hot_standby_feedback",
+        row.feedback == "on",
+        format!("hot_standby_feedback = {}", row.feedback),
+        Some("on the standby: alter system set hot_standby_feedback = on; select pg_reload_conf();  -- without it the primary may remove catalog rows the slot still needs, and PostgreSQL invalidates the slot".into()),
+    );
+    report.push(
+        "primary_slot_name",
+        !row.primary_slot.is_empty(),
+        if row.primary_slot.is_empty() {
+            "the standby streams without a physical slot on the primary".to_owned()
+        } else {
+            format!("the standby streams through the physical slot {}", quote_literal(&row.primary_slot))
+        },
+        Some("on the primary: select pg_create_physical_replication_slot('standby_1'); on the standby: alter system set primary_slot_name = 'standby_1'; select pg_reload_conf();  -- hot_standby_feedback then holds even while the standby is disconnected".into()),
+    );
+    Ok(true)
 }
 
 async fn check_slot(
     conn: &mut PgConnection,
     spec: &SourceSpec,
+    facts: &catalog::ServerFacts,
+    standby: bool,
     report: &mut CheckReport,
 ) -> Result<(), sqlx::Error> {
+    if spec.failover {
+        let (ok, message, fix) = if facts.major_version() < 17 {
+            (
+                false,
+                format!(
+                    "failover_slot is set, and PostgreSQL {} has no failover slots (17 and later do)",
+                    facts.major_version()
+                ),
+                "upgrade to PostgreSQL 17 or newer, or turn failover_slot off",
+            )
+        } else if standby {
+            (false, "failover_slot is set, and a failover slot is made on the primary, not on a standby".to_owned(), "point the sync at the primary (a standby with sync_replication_slots = on keeps a copy), or turn failover_slot off")
+        } else {
+            (true, "failover slots are supported".to_owned(), "")
+        };
+        report.push("failover slot", ok, message, Some(fix.to_owned()));
+    }
     let slot = sqlx::query!(
-        r#"select plugin::text as "plugin", active as "active!", database::text as "database"
-           from pg_replication_slots where slot_name = $1"#,
+        r#"select plugin::text as "plugin", active as "active!", database::text as "database",
+                  -- the failover column is there from PostgreSQL 17 on
+                  coalesce((to_jsonb(s) ->> 'failover')::bool, false) as "failover!"
+           from pg_replication_slots s where slot_name = $1"#,
         spec.slot
     )
     .fetch_optional(&mut *conn)
@@ -215,6 +303,16 @@ async fn check_slot(
             Some(format!("select pg_create_logical_replication_slot({s}, 'pgoutput');  -- after the publication exists")),
         ),
         Some(slot) => {
+            if spec.failover && facts.major_version() >= 17 && !standby {
+                report.push(
+                    "slot failover",
+                    slot.failover,
+                    format!("slot {s} is{} a failover slot", if slot.failover { "" } else { " not" }),
+                    Some(format!(
+                        "a slot cannot be changed into a failover slot while sluice uses it: stop the sync, then select pg_drop_replication_slot({s}); and start it again with create_missing = true (it backfills again), or turn failover_slot off"
+                    )),
+                );
+            }
             let pgoutput = slot.plugin.as_deref() == Some("pgoutput");
             report.push(
                 "slot",
@@ -250,6 +348,52 @@ pub async fn ensure_publication_and_slot(
         })
     };
     let (has_publication, has_slot) = existing(&mut conn, spec).await.map_err(sql_error)?;
+    let facts = catalog::server_facts(&mut conn).await.map_err(sql_error)?;
+    let standby: bool = sqlx::query_scalar!(r#"select pg_is_in_recovery() as "r!""#)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(sql_error)?;
+    let major = facts.major_version();
+    if standby && major < 16 {
+        return Err(Error::configuration(
+            format!(
+                "the source is a standby, and PostgreSQL {major} cannot decode logical changes on a standby (16 and later can)"
+            ),
+            "point the sync at the primary, or upgrade the primary and the standby to PostgreSQL 16 or newer",
+        ));
+    }
+    if spec.failover && (major < 17 || standby) {
+        return Err(Error::configuration(
+            if standby {
+                "failover_slot is set, and a failover slot is made on the primary, not on a standby"
+                    .to_owned()
+            } else {
+                format!(
+                    "failover_slot is set, and PostgreSQL {major} has no failover slots (17 and later do)"
+                )
+            },
+            "point the sync at the primary of PostgreSQL 17 or newer, or turn failover_slot off",
+        ));
+    }
+    // From 13 on, a partitioned table's changes arrive as the table itself, not as each
+    // partition (which on 12 they always do).
+    let via_root = if major >= 13 {
+        " with (publish_via_partition_root = true)"
+    } else {
+        ""
+    };
+    if !has_publication && standby {
+        return Err(Error::configuration(
+            format!(
+                "the publication {} does not exist, and a standby is read-only",
+                q(&spec.publication)
+            ),
+            format!(
+                "on the primary: create publication {} for all tables{via_root};  (it reaches the standby by replication)",
+                q(&spec.publication)
+            ),
+        ));
+    }
     if has_publication {
         done.push(format!(
             "adopted the existing publication {}",
@@ -257,14 +401,14 @@ pub async fn ensure_publication_and_slot(
         ));
     } else {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "create publication {} for all tables",
+            "create publication {} for all tables{via_root}",
             q(&spec.publication)
         )))
         .execute(&mut conn)
         .await
         .map_err(sql_error)?;
         done.push(format!(
-            "created the publication {} for all tables",
+            "created the publication {} for all tables{via_root}",
             q(&spec.publication)
         ));
     }
@@ -274,14 +418,24 @@ pub async fn ensure_publication_and_slot(
             quote_literal(&spec.slot)
         ));
     } else {
-        sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+        // On a standby this waits for the primary to log its running transactions (it does
+        // every 15 seconds while it is busy; pg_log_standby_snapshot() on the primary hurries it).
+        let create = if spec.failover {
+            // slot name, plugin, temporary, two-phase, failover
+            "select pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+        } else {
+            "select pg_create_logical_replication_slot($1, 'pgoutput')"
+        };
+        sqlx::query(create)
             .bind(&spec.slot)
             .execute(&mut conn)
             .await
             .map_err(sql_error)?;
         done.push(format!(
-            "created the slot {} (pgoutput)",
-            quote_literal(&spec.slot)
+            "created the {}slot {} (pgoutput){}",
+            if spec.failover { "failover " } else { "" },
+            quote_literal(&spec.slot),
+            if standby { " on the standby" } else { "" }
         ));
     }
     Ok(done)

@@ -14,7 +14,7 @@ use sluice_target_pg::ConnectionSettings;
 
 static PG: LazyLock<Cluster> = LazyLock::new(|| {
     Cluster::options()
-        .logical_replication()
+        .source()
         .start()
         .expect("start PostgreSQL")
 });
@@ -52,6 +52,7 @@ async fn the_postgres_source_keeps_the_source_contract() {
     let spec = SourceSpec {
         publication: format!("{db}_pub"),
         slot: format!("{db}_slot"),
+        failover: false,
     };
     let make = |create_missing: bool| -> Arc<dyn Source> {
         Arc::new(PostgresSource::new(

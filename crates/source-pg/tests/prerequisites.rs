@@ -3,13 +3,13 @@
 use std::sync::LazyLock;
 
 use secrecy::SecretString;
-use sluice_localpg::Cluster;
+use sluice_localpg::{Cluster, Role};
 use sluice_source_pg::{SourceSpec, check, ensure_publication_and_slot};
 use sluice_target_pg::ConnectionSettings;
 
 static LOGICAL: LazyLock<Cluster> = LazyLock::new(|| {
     Cluster::options()
-        .logical_replication()
+        .source()
         .start()
         .expect("start PostgreSQL")
 });
@@ -28,6 +28,7 @@ fn spec(db: &str) -> SourceSpec {
     SourceSpec {
         publication: format!("{db}_pub"),
         slot: format!("{db}_slot"),
+        failover: false,
     }
 }
 
@@ -89,7 +90,7 @@ async fn a_prepared_source_passes_every_check() {
 
 #[tokio::test]
 async fn each_missing_prerequisite_comes_with_its_fix() {
-    let pg = Cluster::start_default().unwrap(); // wal_level = replica
+    let pg = Cluster::options().role(Role::Source).start().unwrap(); // wal_level = replica
     let db = pg.fresh_database("bare").await.unwrap();
     pg.create_role("plain_user", Some("p")).await.unwrap();
     let report = check(&settings(&pg, &db, "plain_user", "p"), &spec(&db)).await;
@@ -116,7 +117,7 @@ async fn each_missing_prerequisite_comes_with_its_fix() {
             .fix
             .as_deref()
             .unwrap()
-            .starts_with(&format!("create publication \"{db}_pub\" for all tables;"))
+            .starts_with(&format!("create publication \"{db}_pub\" for all tables"))
     );
     assert!(
         finding(&report, "slot")
@@ -131,6 +132,13 @@ async fn each_missing_prerequisite_comes_with_its_fix() {
 async fn published_tables_are_checked_for_select_identity_and_partitioning() {
     let db = LOGICAL.fresh_database("tables").await.unwrap();
     let user = format!("{db}_repl");
+    // PostgreSQL 12 cannot publish a partitioned table, only its partitions.
+    let before_13 = LOGICAL.binaries().major() < Some(13);
+    let measures = if before_13 {
+        "public.measures_2026"
+    } else {
+        "public.measures"
+    };
     LOGICAL
         .execute(
             &db,
@@ -143,7 +151,7 @@ async fn published_tables_are_checked_for_select_identity_and_partitioning() {
                  create table public.measures (id int, at date, primary key (id, at)) partition by range (at);
                  create table public.measures_2026 partition of public.measures for values from ('2026-01-01') to ('2027-01-01');
                  grant select on public.keyed, public.no_key, public.nothing, public.measures, public.measures_2026 to {user};
-                 create publication {db}_pub for table public.keyed, public.no_key, public.nothing, public.secret, public.measures;"
+                 create publication {db}_pub for table public.keyed, public.no_key, public.nothing, public.secret, {measures};"
             ),
         )
         .await
@@ -165,6 +173,17 @@ async fn published_tables_are_checked_for_select_identity_and_partitioning() {
         "{problems:#?}"
     );
     assert!(has("cannot SELECT \"public\".\"secret\""), "{problems:#?}");
+    if before_13 {
+        let partitioned = finding(&report, "partitioned tables");
+        assert!(partitioned.ok, "{partitioned:?}");
+        assert!(
+            partitioned
+                .message
+                .contains("each partition syncs as a table of its own"),
+            "{partitioned:?}"
+        );
+        return;
+    }
     assert!(
         has("partitioned table(s) are published; publish_via_partition_root is false"),
         "{problems:#?}"

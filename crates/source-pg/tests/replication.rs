@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use sluice_core::{Health, Payload, RecordKey, RecordStream, Status, StreamEntry, SyncId};
+use sluice_core::{Health, RecordKey, RecordStream, Status, StreamEntry, SyncId};
 use sluice_localpg::Cluster;
 use sluice_source_pg::{PostgresSource, SourceOptions, SourceSpec};
 use sluice_stream::EmbeddedStream;
@@ -15,9 +15,12 @@ use sluice_target_pg::ConnectionSettings;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+mod support;
+use support::{live, stream_rows, table_rows};
+
 static PG: LazyLock<Cluster> = LazyLock::new(|| {
     Cluster::options()
-        .logical_replication()
+        .source()
         .start()
         .expect("start PostgreSQL")
 });
@@ -57,6 +60,7 @@ async fn setup(prefix: &str, schema_sql: &str) -> Setup {
         spec: SourceSpec {
             publication: format!("{db}_pub"),
             slot: format!("{db}_slot"),
+            failover: false,
         },
         db,
         dir,
@@ -127,6 +131,7 @@ async fn start_as_superuser(
     let spec = SourceSpec {
         publication: "p".into(),
         slot: "s".into(),
+        failover: false,
     };
     let running = start_with(settings, spec, stream.clone(), options);
     (running, stream, dir)
@@ -153,22 +158,6 @@ async fn check_becomes_healthy(source: &PostgresSource, name: &str) {
     .await;
 }
 
-async fn live(stream: &EmbeddedStream, collection: &str) -> BTreeMap<String, Payload> {
-    stream
-        .live_records()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.record.key.collection_id.0 == collection)
-        .map(|e| {
-            (
-                e.record.key.upstream_id.0.clone(),
-                e.record.change.payload().cloned().unwrap(),
-            )
-        })
-        .collect()
-}
-
 async fn get(stream: &EmbeddedStream, collection: &str, id: &str) -> Option<StreamEntry> {
     stream
         .get(&RecordKey::new(SYNC, collection, id))
@@ -177,31 +166,8 @@ async fn get(stream: &EmbeddedStream, collection: &str, id: &str) -> Option<Stre
 }
 
 /// `select id::text, n, body` from `table`, as the stream should hold it.
-async fn source_rows(db: &str, table: &str) -> BTreeMap<String, (i64, String)> {
-    let mut conn = PG.admin(db).await.unwrap();
-    sqlx::query_as::<_, (String, i32, String)>(sqlx::AssertSqlSafe(format!(
-        "select id::text, n, body from {table}"
-    )))
-    .fetch_all(&mut conn)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|(id, n, body)| (id, (n as i64, body)))
-    .collect()
-}
-
-fn stream_rows(rows: &BTreeMap<String, Payload>) -> BTreeMap<String, (i64, String)> {
-    rows.iter()
-        .map(|(id, p)| {
-            (
-                id.clone(),
-                (
-                    p["n"].as_i64().unwrap(),
-                    p["body"].as_str().unwrap().to_owned(),
-                ),
-            )
-        })
-        .collect()
+async fn source_rows(db: &str, table: &str) -> support::Rows {
+    table_rows(&mut PG.admin(db).await.unwrap(), table).await
 }
 
 const TYPED: &str = "
@@ -605,7 +571,7 @@ async fn the_slot_is_confirmed_after_the_stream_commits_and_health_reports_it() 
 
 #[tokio::test]
 async fn a_source_restarted_mid_stream_loses_nothing() {
-    let pg = Cluster::options().logical_replication().start().unwrap();
+    let pg = Cluster::options().source().start().unwrap();
     let db = pg.fresh_database("restart").await.unwrap();
     pg.execute(
         &db,
@@ -632,6 +598,7 @@ async fn a_source_restarted_mid_stream_loses_nothing() {
         spec: SourceSpec {
             publication: "p".into(),
             slot: "s".into(),
+            failover: false,
         },
     };
     let running = start(&s, options());
@@ -657,16 +624,7 @@ async fn a_source_restarted_mid_stream_loses_nothing() {
     .await;
     pg.start().unwrap();
     write(3000, 6000).await;
-    let want = {
-        let mut conn = pg.admin(&db).await.unwrap();
-        sqlx::query_as::<_, (String, i32, String)>("select id::text, n, body from public.items")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(id, n, body)| (id, (n as i64, body)))
-            .collect::<BTreeMap<_, _>>()
-    };
+    let want = table_rows(&mut pg.admin(&db).await.unwrap(), "public.items").await;
     wait_until(
         "the stream equals the source after the restart",
         120,
@@ -697,6 +655,7 @@ async fn child_runs_a_source() {
         SourceSpec {
             publication: format!("{db}_pub"),
             slot: format!("{db}_slot"),
+            failover: false,
         },
         stream,
         SourceOptions {
@@ -810,7 +769,7 @@ async fn a_wrong_password_is_a_configuration_error_naming_the_user_and_never_the
 #[tokio::test]
 async fn the_replication_connection_follows_sslmode_like_every_other_connection() {
     let pg = Cluster::options()
-        .logical_replication()
+        .source()
         .tls(sluice_localpg::Tls::Required)
         .setting("listen_addresses", "'127.0.0.1,127.0.0.2'")
         .hba_line("hostssl all all 127.0.0.2/32 scram-sha-256")
@@ -839,6 +798,7 @@ async fn the_replication_connection_follows_sslmode_like_every_other_connection(
             SourceSpec {
                 publication: "p".into(),
                 slot: slot.into(),
+                failover: false,
             },
             stream,
             options(),
@@ -896,7 +856,7 @@ async fn the_replication_connection_follows_sslmode_like_every_other_connection(
 /// while the backfill reads its row: the stream's newer state must win over the page.
 #[tokio::test]
 async fn a_change_committed_but_not_yet_visible_during_a_page_still_wins() {
-    let pg = Cluster::options().logical_replication().start().unwrap();
+    let pg = Cluster::options().source().start().unwrap();
     let limit = Duration::from_secs(20);
     let sql = async |statement: &str| {
         let mut conn = pg.admin("postgres").await.unwrap();
@@ -1353,7 +1313,10 @@ async fn a_table_that_cannot_be_read_fails_alone_and_is_read_once_granted() {
 async fn health_names_wal_level_when_that_is_why_there_is_no_slot() {
     // A server left at wal_level = replica: the slot can never be made, so the cause to fix
     // is the setting, not the slot.
-    let pg = Cluster::start_default().unwrap();
+    let pg = Cluster::options()
+        .role(sluice_localpg::Role::Source)
+        .start()
+        .unwrap();
     pg.execute(
         "postgres",
         "create table public.t (id int primary key); create publication p for all tables",

@@ -8,8 +8,12 @@ use common::provision;
 use sluice_localpg::Cluster;
 use sluice_target_pg::{ConsumerTable, ConsumerTableTarget, Severity};
 
-static PG: LazyLock<Cluster> =
-    LazyLock::new(|| Cluster::start_default().expect("start PostgreSQL"));
+static PG: LazyLock<Cluster> = LazyLock::new(|| {
+    Cluster::options()
+        .target()
+        .start()
+        .expect("start PostgreSQL")
+});
 
 #[tokio::test]
 async fn the_ddl_table_verifies_clean_for_the_sync_user() {

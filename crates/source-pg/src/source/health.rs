@@ -190,7 +190,10 @@ async fn slot_facts(
         .await
         .map_err(|e| Error::unavailable(format!("source: {e}"), "connect"))?;
     let row = sqlx::query!(
-        r#"select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 as "lag!",
+        // On a standby the WAL ends where replay has reached.
+        r#"select coalesce(pg_wal_lsn_diff(case when pg_is_in_recovery() then pg_last_wal_replay_lsn()
+                                                else pg_current_wal_lsn() end,
+                                           confirmed_flush_lsn), 0)::int8 as "lag!",
                   active as "active!"
            from pg_replication_slots where slot_name = $1"#,
         slot

@@ -242,14 +242,14 @@ impl PostgresSource {
         self.add_published(&mut conn, &mut tables, &mut types, true)
             .await?;
 
-        // Logical decoding messages reach pgoutput from PostgreSQL 14: the backfill's
-        // watermarks need them.
+        // Logical decoding messages reach pgoutput from PostgreSQL 14 (before, the watermarks
+        // are passed by commits and keepalives: see `tables::Watermarks`).
         let messages = sluice_pg::catalog::server_facts(&mut conn)
             .await
             .map_err(db)?
             .major_version()
             >= 14;
-        let mut backfill = Some(self.spawn_backfill(types.clone(), tables.clone(), messages));
+        let mut backfill = Some(self.spawn_backfill(types.clone(), tables.clone()));
 
         let mut repl = ReplicationConnection::connect(&inner.settings).await?;
         repl.start_replication(&inner.spec.slot, &inner.spec.publication, Lsn(0), messages)
@@ -298,7 +298,6 @@ impl PostgresSource {
             committed: None,
             confirmed: Lsn(0),
             heartbeat_at: None,
-            messages,
             rereads: KeyRereads::default(),
             reread_running: None,
         };
@@ -331,6 +330,9 @@ impl PostgresSource {
                     }
                     state.flush(&mut writer).await?;
                 }
+                _ = inner.watermarks.wanted() => {
+                    writer.request_keepalive(state.confirmed).await?;
+                }
                 _ = ticker.tick() => {
                     state.flush(&mut writer).await?;
                     writer.send_status(state.confirmed).await?;
@@ -351,7 +353,7 @@ impl PostgresSource {
                             for t in &tables {
                                 state.tables.entry(t.oid).or_insert_with(|| t.clone());
                             }
-                            backfill = Some(self.spawn_backfill(types.clone(), tables.clone(), messages));
+                            backfill = Some(self.spawn_backfill(types.clone(), tables.clone()));
                         }
                     }
                 }

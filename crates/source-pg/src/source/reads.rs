@@ -14,24 +14,22 @@ use crate::values::TypeMap;
 
 impl PostgresSource {
     /// Starts reading every table of `tables` the stored backfill state has not finished. The
-    /// change stream logs what it sees while this runs, for the watermarks (PostgreSQL 14+).
+    /// change stream logs what it sees while this runs, for the watermarks.
     pub(super) fn spawn_backfill(
         &self,
         types: Arc<TypeMap>,
         tables: Vec<Table>,
-        messages: bool,
     ) -> Aborting<Result<(), Error>> {
         // Logged from before the first page is read: a change that page cannot see may
         // arrive before the page does.
-        let logging = messages.then(|| WatermarkUse::new(self));
+        let logging = WatermarkUse::new(self);
         let backfilling = Backfilling::new(self);
         let this = self.clone();
         Aborting(tokio::spawn(async move {
             let _backfilling = backfilling;
             let mut conn = connect(&this.inner.settings).await?;
-            this.backfill(&types, logging.is_some())
-                .run(&mut conn, &tables)
-                .await
+            let _logging = logging;
+            this.backfill(&types).run(&mut conn, &tables).await
         }))
     }
 
@@ -44,9 +42,9 @@ impl PostgresSource {
     ) -> Aborting<Result<usize, Error>> {
         let this = self.clone();
         Aborting(tokio::spawn(async move {
-            let logging = queued.logging;
+            let _logging = queued.logging;
             let mut conn = connect(&this.inner.settings).await?;
-            let backfill = this.backfill(&types, logging.is_some());
+            let backfill = this.backfill(&types);
             let mut appended = 0;
             for (table, keys) in queued.queue.values() {
                 let keys: Vec<Vec<String>> = keys.iter().cloned().collect();
@@ -70,7 +68,7 @@ impl PostgresSource {
         }))
     }
 
-    pub(super) fn backfill<'a>(&'a self, types: &'a TypeMap, watermarked: bool) -> Backfill<'a> {
+    pub(super) fn backfill<'a>(&'a self, types: &'a TypeMap) -> Backfill<'a> {
         let inner = &self.inner;
         Backfill {
             sync_id: inner.sync_id,
@@ -79,7 +77,7 @@ impl PostgresSource {
             page: inner.options.backfill_page,
             owner: format!("{}/backfill", inner.sync_id.0),
             progress: &inner.progress,
-            watermarks: watermarked.then_some(&inner.watermarks),
+            watermarks: &inner.watermarks,
             rereads: &inner.rereads,
             role: &inner.settings.user,
             unreadable: &inner.unreadable,

@@ -53,8 +53,6 @@ pub(super) struct Streaming<'a> {
     pub(super) confirmed: Lsn,
     /// The WAL position of a heartbeat not yet seen come back.
     pub(super) heartbeat_at: Option<Lsn>,
-    /// The server sends logical messages (PostgreSQL 14+), so reads can be watermarked.
-    pub(super) messages: bool,
     /// Rows to read again, not yet started.
     pub(super) rereads: KeyRereads,
     /// The slot hold of the re-read that is running.
@@ -323,7 +321,7 @@ impl Streaming<'_> {
         };
         let rereads = &mut self.rereads;
         rereads.hold = Some(rereads.hold.map_or(txn.before, |h| h.min(txn.before)));
-        if self.messages && rereads.logging.is_none() {
+        if rereads.logging.is_none() {
             rereads.logging = Some(WatermarkUse::new(self.source));
         }
         // A later change to the row that its re-read cannot see wins over that re-read.

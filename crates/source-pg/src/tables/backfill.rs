@@ -147,9 +147,8 @@ pub(crate) struct Backfill<'a> {
     pub page: usize,
     pub owner: String,
     pub progress: &'a std::sync::Mutex<BackfillProgress>,
-    /// Watermarks with the change stream (PostgreSQL 14 and newer; see [`Watermarks`]).
-    /// Without them a page is stamped with the WAL position read before its snapshot.
-    pub watermarks: Option<&'a Watermarks>,
+    /// Watermarks with the change stream (see [`Watermarks`]).
+    pub watermarks: &'a Watermarks,
     /// Tables asked to be read again.
     pub rereads: &'a TableRereads,
     /// The role sluice reads as (named in the `GRANT` when a table may not be read).
@@ -336,18 +335,8 @@ impl Backfill<'_> {
         table: &Table,
         rows: Rows<'_>,
     ) -> Result<(Lsn, Page, std::collections::HashSet<String>), Error> {
-        match self.watermarks {
-            Some(watermarks) => self.watermarked_read(conn, watermarks, table, rows).await,
-            None => {
-                let lsn: String =
-                    sqlx::query_scalar!(r#"select pg_current_wal_lsn()::text as "l!""#)
-                        .fetch_one(&mut *conn)
-                        .await
-                        .map_err(|e| db("reading the WAL position", e))?;
-                let page = self.read_rows(conn, table, rows).await?;
-                Ok((lsn.parse()?, page, Default::default()))
-            }
-        }
+        self.watermarked_read(conn, self.watermarks, table, rows)
+            .await
     }
 
     async fn read_rows(
@@ -440,16 +429,22 @@ impl Backfill<'_> {
             .execute(&mut *tx)
             .await
             .map_err(|e| db("beginning a backfill page", e))?;
-        let snapshot: String = sqlx::query_scalar!(r#"select pg_current_snapshot()::text as "s!""#)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| db("reading the snapshot", e))?;
+        // txid_current_snapshot() rather than pg_current_snapshot(), which PostgreSQL 12 lacks;
+        // both print the same 64-bit `xmin:xmax:xip,…`.
+        let snapshot: String =
+            sqlx::query_scalar!(r#"select txid_current_snapshot()::text as "s!""#)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db("reading the snapshot", e))?;
         let page = self.read_rows(&mut tx, table, rows).await?;
         tx.commit()
             .await
             .map_err(|e| db("ending a backfill page", e))?;
+        // A standby cannot write WAL; the position it has replayed serves, since there a
+        // transaction becomes visible exactly when its commit is replayed.
         let mark: String = sqlx::query_scalar!(
-            r#"select pg_logical_emit_message(true, 'sluice_watermark', '')::text as "l!""#
+            r#"select case when pg_is_in_recovery() then pg_last_wal_replay_lsn()::text
+                           else pg_logical_emit_message(true, 'sluice_watermark', '')::text end as "l!""#
         )
         .fetch_one(&mut *conn)
         .await

@@ -4,7 +4,7 @@ use sluice_core::Error;
 
 use crate::wire::Lsn;
 
-/// A snapshot as `pg_current_snapshot()` prints it (`xmin:xmax:xip,…`), reduced to the 32-bit
+/// A snapshot as `txid_current_snapshot()` prints it (`xmin:xmax:xip,…`), reduced to the 32-bit
 /// transaction ids pgoutput sends.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Snapshot {
@@ -51,7 +51,7 @@ impl Snapshot {
 /// What the change stream has processed, shared with the backfill, so that each page can be
 /// reconciled with changes that raced it (a DBLog-style watermark):
 ///
-/// 1. a page is read in one snapshot (`pg_current_snapshot()` gives what it could not see);
+/// 1. a page is read in one snapshot (`txid_current_snapshot()` gives what it could not see);
 /// 2. a logical message is written (`pg_logical_emit_message`), and the backfill waits until
 ///    the change stream has processed up to it;
 /// 3. page rows whose key was changed by a transaction the snapshot could not see are dropped
@@ -60,10 +60,17 @@ impl Snapshot {
 ///
 /// This holds even for a transaction whose commit record precedes the page but which was not
 /// yet visible to its snapshot, which an LSN read before the snapshot cannot account for.
+///
+/// pgoutput delivers the message itself from PostgreSQL 14 on. Before that the stream passes
+/// it through the (empty) commit of the message's transaction, and through the keepalive the
+/// server sends at once when asked (`wanted`), whichever comes first: the same guarantee on
+/// every version.
 #[derive(Default)]
 pub(crate) struct Watermarks {
     state: std::sync::Mutex<WatermarkState>,
     moved: tokio::sync::Notify,
+    /// A read waits for the stream: ask the server for a keepalive carrying its position.
+    wanted: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -114,6 +121,11 @@ impl Watermarks {
         }
     }
 
+    /// Resolves when a read waits for the stream to move (see [`Watermarks::wait_past`]).
+    pub async fn wanted(&self) {
+        self.wanted.notified().await;
+    }
+
     /// Waits until the change stream has processed `lsn`.
     pub async fn wait_past(&self, lsn: Lsn, limit: std::time::Duration) -> Result<(), Error> {
         let deadline = tokio::time::Instant::now() + limit;
@@ -122,7 +134,13 @@ impl Watermarks {
             if self.state().through >= lsn {
                 return Ok(());
             }
-            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+            // Ask again now and then: a keepalive may have been on its way before the mark.
+            self.wanted.notify_one();
+            let again =
+                (tokio::time::Instant::now() + std::time::Duration::from_millis(100)).min(deadline);
+            if tokio::time::timeout_at(again, moved).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
                 return Err(Error::unavailable(
                     format!(
                         "source: the change stream did not reach the backfill watermark {lsn} in {}s",
@@ -163,7 +181,7 @@ mod watermark_tests {
         let s = Snapshot::parse("100:110:102,105").unwrap();
         assert!(!s.hides(99) && !s.hides(101) && !s.hides(109));
         assert!(s.hides(102) && s.hides(105) && s.hides(110) && s.hides(4_000));
-        // 64-bit ids from pg_current_snapshot() are compared by their low 32 bits.
+        // 64-bit ids from txid_current_snapshot() are compared by their low 32 bits.
         let wrapped = Snapshot::parse("4294967290:4294967306:").unwrap();
         assert!(!wrapped.hides(4_294_967_295));
         assert!(wrapped.hides(10));

@@ -336,13 +336,23 @@ impl StatusWriter {
     /// Tells the server everything up to `flushed` is durable on sluice's side, so the slot may
     /// release WAL before it.
     pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), Error> {
+        self.status(flushed, false).await
+    }
+
+    /// [`send_status`](Self::send_status), asking the server to answer at once with a keepalive
+    /// that carries how far it has sent.
+    pub async fn request_keepalive(&mut self, flushed: Lsn) -> Result<(), Error> {
+        self.status(flushed, true).await
+    }
+
+    async fn status(&mut self, flushed: Lsn, reply: bool) -> Result<(), Error> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
         let mut body = vec![b'r'];
         for lsn in [flushed, flushed, flushed] {
             body.extend_from_slice(&lsn.0.to_be_bytes());
         }
         body.extend_from_slice(&((now as i64) - PG_EPOCH_OFFSET_MICROS).to_be_bytes());
-        body.push(0);
+        body.push(u8::from(reply));
         write_frame(&mut self.io, &frame(b'd', &body)).await
     }
 }

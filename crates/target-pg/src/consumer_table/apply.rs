@@ -39,6 +39,9 @@ pub(crate) struct Statements {
     copy_direct: String,
     existing: String,
     merge: String,
+    /// The same as `merge` with `MERGE` (PostgreSQL 15+), for rows the transaction has seen
+    /// exist; a concurrent writer's insert cannot make it fail (it updates those rows).
+    merge_existing: String,
     delete: String,
 }
 
@@ -94,6 +97,18 @@ impl Statements {
                  where (t.sync_id, t.collection_id, t.upstream_id, t.upstream_updated_at, t.payload) \
                    is distinct from (excluded.sync_id, excluded.collection_id, excluded.upstream_id, \
                    excluded.upstream_updated_at, excluded.payload)"
+            ),
+            merge_existing: format!(
+                "merge into {target} as t using pg_temp._sluice_stage as s on t.sequin_id = s.sequin_id \
+                 when matched and (t.sync_id, t.collection_id, t.upstream_id, t.upstream_updated_at, t.payload) \
+                   is distinct from (s.sync_id, s.collection_id, s.upstream_id, s.upstream_updated_at, s.payload) \
+                   then update set sync_id = s.sync_id, collection_id = s.collection_id, \
+                   upstream_id = s.upstream_id, payload = s.payload, \
+                   upstream_updated_at = s.upstream_updated_at, updated_at = s.updated_at \
+                 when not matched then insert (sequin_id, sync_id, collection_id, upstream_id, payload, \
+                   upstream_updated_at, inserted_at, updated_at) \
+                   values (s.sequin_id, s.sync_id, s.collection_id, s.upstream_id, s.payload, \
+                   s.upstream_updated_at, s.inserted_at, s.updated_at)"
             ),
             delete: format!("delete from {target} where sequin_id = any($1)"),
         }
@@ -297,7 +312,15 @@ async fn try_apply(
                 outcome.upserted += copy(&mut tx, &sql.copy_direct, &new_rows).await?;
             }
             copy(&mut tx, sql.copy_stage, &changed_rows).await?;
-            outcome.upserted += sqlx::query(AssertSqlSafe(sql.merge.clone()))
+            // MERGE where the server has it and every staged row was seen to exist (faster
+            // than INSERT … ON CONFLICT: docs/versions.md); ON CONFLICT when rows may be new,
+            // since only it absorbs a concurrent writer's insert.
+            let merge = if direct_inserts && tx.server_version_num().is_some_and(|v| v >= 150_000) {
+                &sql.merge_existing
+            } else {
+                &sql.merge
+            };
+            outcome.upserted += sqlx::query(AssertSqlSafe(merge.clone()))
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();

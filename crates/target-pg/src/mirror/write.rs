@@ -183,25 +183,51 @@ impl SchemaMirrorTarget {
             )
             .await
             .map_err(|e| fail("copying into", e))?;
-            let updates: Vec<String> = def
+            let non_key: Vec<&str> = def
                 .columns
                 .iter()
                 .filter(|c| !def.key.contains(&c.name))
-                .map(|c| format!("{n} = excluded.{n}", n = q(&c.name)))
+                .map(|c| c.name.as_str())
                 .collect();
-            let on_conflict = if updates.is_empty() {
-                "do nothing".to_owned()
+            let cols = columns.join(", ");
+            // MERGE where the server has it (15+), INSERT … ON CONFLICT before: the same
+            // result, and MERGE is the faster of the two (docs/versions.md).
+            let statement = if conn.server_version_num().is_some_and(|v| v >= 150_000) {
+                let on: Vec<String> = key.iter().map(|k| format!("t.{k} = s.{k}")).collect();
+                let set: Vec<String> = non_key
+                    .iter()
+                    .map(|c| format!("{n} = s.{n}", n = q(c)))
+                    .collect();
+                let values: Vec<String> = columns.iter().map(|c| format!("s.{c}")).collect();
+                format!(
+                    "merge into {table} as t using _sluice_mirror_stage as s on {on} {matched}when not matched then insert ({cols}) values ({values})",
+                    on = on.join(" and "),
+                    matched = if set.is_empty() {
+                        String::new()
+                    } else {
+                        format!("when matched then update set {} ", set.join(", "))
+                    },
+                    values = values.join(", ")
+                )
             } else {
-                format!("do update set {}", updates.join(", "))
+                let set: Vec<String> = non_key
+                    .iter()
+                    .map(|c| format!("{n} = excluded.{n}", n = q(c)))
+                    .collect();
+                let on_conflict = if set.is_empty() {
+                    "do nothing".to_owned()
+                } else {
+                    format!("do update set {}", set.join(", "))
+                };
+                format!(
+                    "insert into {table} ({cols}) select {cols} from _sluice_mirror_stage on conflict ({key}) {on_conflict}",
+                    key = key.join(", ")
+                )
             };
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "insert into {table} ({cols}) select {cols} from _sluice_mirror_stage on conflict ({key}) {on_conflict}",
-                cols = columns.join(", "),
-                key = key.join(", ")
-            )))
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| fail("writing", e))?;
+            sqlx::raw_sql(AssertSqlSafe(statement))
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| fail("writing", e))?;
         }
         if !deletes.is_empty() {
             sqlx::raw_sql("truncate _sluice_mirror_stage")
