@@ -303,9 +303,7 @@ pub enum SourceConfig {
         /// Create the publication and slot if missing (publication first).
         #[serde(default)]
         create_missing: bool,
-        /// The slot is a failover slot (PostgreSQL 17+): standbys with
-        /// `sync_replication_slots = on` keep a copy, so a promoted standby carries on from it
-        /// (docs/versions.md).
+        /// A failover slot (PostgreSQL 17+), kept on standbys through a failover (docs/versions.md).
         #[serde(default)]
         failover_slot: bool,
         /// WAL the slot may hold before the sync's health warns (and alerts); default 1 GiB.

@@ -11,7 +11,6 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sluice_core::sql::qualified;
 use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use uuid::Uuid;
@@ -19,101 +18,11 @@ use uuid::Uuid;
 use sluice_pg::Condition;
 
 use super::ConsumerTable;
+use super::statements::Statements;
 use crate::copy::{copy, copy_if_all_new, push_escaped, push_text};
 
 /// The checkpoint table, created by the sync user in the consumer table's schema.
 pub const CHECKPOINT_TABLE: &str = "_sluice_checkpoint";
-
-/// The SQL for one consumer table, built once with every identifier quoted.
-#[derive(Clone, Debug)]
-pub(crate) struct Statements {
-    create_checkpoint: String,
-    read_checkpoints: String,
-    clear_checkpoints: String,
-    rewind_checkpoints: String,
-    reset_checkpoints: String,
-    lock_checkpoint: String,
-    write_checkpoint: String,
-    create_stage: &'static str,
-    copy_stage: &'static str,
-    copy_direct: String,
-    existing: String,
-    merge: String,
-    /// The same as `merge` with `MERGE` (PostgreSQL 15+), for rows the transaction has seen
-    /// exist; a concurrent writer's insert cannot make it fail (it updates those rows).
-    merge_existing: String,
-    delete: String,
-}
-
-impl Statements {
-    pub(crate) fn new(table: &ConsumerTable) -> Self {
-        let target = table.qualified();
-        let checkpoint = qualified(&table.schema, CHECKPOINT_TABLE);
-        Self {
-            create_checkpoint: format!(
-                "{lock}; set local client_min_messages = warning; create table if not exists {checkpoint} (\
-                   consumer text not null, tbl text not null, partition int not null, seq bigint not null, \
-                   updated_at timestamptz not null default now(), primary key (consumer, tbl, partition))",
-                lock = sluice_core::sql::schema_ddl_lock(&table.schema)
-            ),
-            read_checkpoints: format!(
-                "select partition, seq from {checkpoint} where consumer = $1 and tbl = $2 for update"
-            ),
-            clear_checkpoints: format!("delete from {checkpoint} where consumer = $1 and tbl = $2"),
-            rewind_checkpoints: format!(
-                "update {checkpoint} set seq = 0, updated_at = now() where consumer = $1 and tbl = $2"
-            ),
-            reset_checkpoints: format!(
-                "insert into {checkpoint} (consumer, tbl, partition, seq) \
-                 select $1, $2, p, $3 from generate_series(0, $4 - 1) p"
-            ),
-            lock_checkpoint: format!(
-                "select seq from {checkpoint} where consumer = $1 and tbl = $2 and partition = $3 for update"
-            ),
-            write_checkpoint: format!(
-                "insert into {checkpoint} (consumer, tbl, partition, seq) values ($1, $2, $3, $4) \
-                 on conflict (consumer, tbl, partition) do update set seq = excluded.seq, updated_at = now()"
-            ),
-            create_stage: "create temp table if not exists _sluice_stage (\
-                 sequin_id uuid, sync_id uuid, collection_id text, upstream_id text, payload jsonb, \
-                 upstream_updated_at timestamptz, inserted_at timestamptz, updated_at timestamptz) \
-                 on commit delete rows",
-            copy_stage: "copy pg_temp._sluice_stage from stdin",
-            copy_direct: format!(
-                "copy {target} (sequin_id, sync_id, collection_id, upstream_id, payload, \
-                 upstream_updated_at, inserted_at, updated_at) from stdin"
-            ),
-            existing: format!("select sequin_id from {target} where sequin_id = any($1)"),
-            merge: format!(
-                "insert into {target} as t (sequin_id, sync_id, collection_id, upstream_id, payload, \
-                   upstream_updated_at, inserted_at, updated_at) \
-                 select sequin_id, sync_id, collection_id, upstream_id, payload, upstream_updated_at, \
-                   inserted_at, updated_at \
-                 from pg_temp._sluice_stage \
-                 on conflict (sequin_id) do update set sync_id = excluded.sync_id, \
-                   collection_id = excluded.collection_id, upstream_id = excluded.upstream_id, \
-                   payload = excluded.payload, upstream_updated_at = excluded.upstream_updated_at, \
-                   updated_at = excluded.updated_at \
-                 where (t.sync_id, t.collection_id, t.upstream_id, t.upstream_updated_at, t.payload) \
-                   is distinct from (excluded.sync_id, excluded.collection_id, excluded.upstream_id, \
-                   excluded.upstream_updated_at, excluded.payload)"
-            ),
-            merge_existing: format!(
-                "merge into {target} as t using pg_temp._sluice_stage as s on t.sequin_id = s.sequin_id \
-                 when matched and (t.sync_id, t.collection_id, t.upstream_id, t.upstream_updated_at, t.payload) \
-                   is distinct from (s.sync_id, s.collection_id, s.upstream_id, s.upstream_updated_at, s.payload) \
-                   then update set sync_id = s.sync_id, collection_id = s.collection_id, \
-                   upstream_id = s.upstream_id, payload = s.payload, \
-                   upstream_updated_at = s.upstream_updated_at, updated_at = s.updated_at \
-                 when not matched then insert (sequin_id, sync_id, collection_id, upstream_id, payload, \
-                   upstream_updated_at, inserted_at, updated_at) \
-                   values (s.sequin_id, s.sync_id, s.collection_id, s.upstream_id, s.payload, \
-                   s.upstream_updated_at, s.inserted_at, s.updated_at)"
-            ),
-            delete: format!("delete from {target} where sequin_id = any($1)"),
-        }
-    }
-}
 
 /// The key a consumer table's checkpoints are stored under (its quoted name), so one
 /// consumer may be pointed at another table and start over there.

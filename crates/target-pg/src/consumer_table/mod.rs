@@ -4,6 +4,7 @@
 //! [`Target`](sluice_core::Target) that runs those writes on a pool of connections.
 
 mod apply;
+mod statements;
 mod target;
 
 pub use apply::CHECKPOINT_TABLE;

@@ -17,9 +17,10 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use super::apply::{
-    CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, Statements, apply_partition,
-    encode_partition, prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
+    CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, apply_partition, encode_partition,
+    prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
 };
+use super::statements::Statements;
 use super::{ConsumerTable, Severity, Verification};
 use crate::copy::NulReplacements;
 use sluice_pg::catalog;
