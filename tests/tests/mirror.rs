@@ -603,8 +603,16 @@ async fn dropped_and_retyped_columns_never_break_what_the_user_owns() {
         }
         assert!(
             Instant::now() < deadline,
-            "no message naming the view: {text}\n{:?}",
-            target.health().await
+            "no message naming the view: {text}\n{:?}\nthe stream's t_text: {:?}",
+            target.health().await,
+            w.stream
+                .live_records()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.record.key.collection_id.0 == "public.t_text")
+                .map(|e| (e.seq, e.record.key.upstream_id.0, e.record.change))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
