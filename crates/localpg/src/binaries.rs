@@ -33,17 +33,15 @@ impl Binaries {
                 searched: format!("SLUICE_PG_BIN={} (no initdb there)", dir.display()),
             });
         }
-        let wanted = versions::requested_major()?;
-        let mut searched = vec!["SLUICE_PG_BIN (unset)".to_owned()];
-        for dir in installed(&mut searched)? {
-            let found = Self::at(dir)?;
-            if wanted.is_none_or(|major| found.major() == Some(major)) {
-                return Ok(found);
-            }
+        if let Some(major) = versions::requested_major()? {
+            return Self::of_major(major);
         }
-        let major = wanted.unwrap_or(versions::FALLBACK_MAJOR);
-        if wanted.is_some() || has_npm() {
-            return versions::release(major)?.binaries();
+        let mut searched = vec!["SLUICE_PG_BIN (unset)".to_owned()];
+        if let Some(dir) = installed(&mut searched)?.into_iter().next() {
+            return Self::at(dir);
+        }
+        if has_npm() {
+            return versions::release(versions::FALLBACK_MAJOR)?.binaries();
         }
         searched.push(format!("npm (not on PATH, for {})", versions::NPM_PACKAGE));
         Err(Error::NoBinaries {

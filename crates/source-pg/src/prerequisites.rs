@@ -261,6 +261,26 @@ async fn check_standby(
     Ok(true)
 }
 
+/// Why `failover_slot` cannot be had on this server, with the fix; `None` when it can.
+fn failover_refusal(major: i32, standby: bool) -> Option<(String, &'static str)> {
+    if major < 17 {
+        Some((
+            format!(
+                "failover_slot is set, and PostgreSQL {major} has no failover slots (17 and later do)"
+            ),
+            "upgrade to PostgreSQL 17 or newer, or turn failover_slot off",
+        ))
+    } else if standby {
+        Some((
+            "failover_slot is set, and a failover slot is made on the primary, not on a standby"
+                .into(),
+            "point the sync at the primary (a standby with sync_replication_slots = on keeps a copy), or turn failover_slot off",
+        ))
+    } else {
+        None
+    }
+}
+
 async fn check_slot(
     conn: &mut PgConnection,
     spec: &SourceSpec,
@@ -269,21 +289,10 @@ async fn check_slot(
     report: &mut CheckReport,
 ) -> Result<(), sqlx::Error> {
     if spec.failover {
-        let (ok, message, fix) = if facts.major_version() < 17 {
-            (
-                false,
-                format!(
-                    "failover_slot is set, and PostgreSQL {} has no failover slots (17 and later do)",
-                    facts.major_version()
-                ),
-                "upgrade to PostgreSQL 17 or newer, or turn failover_slot off",
-            )
-        } else if standby {
-            (false, "failover_slot is set, and a failover slot is made on the primary, not on a standby".to_owned(), "point the sync at the primary (a standby with sync_replication_slots = on keeps a copy), or turn failover_slot off")
-        } else {
-            (true, "failover slots are supported".to_owned(), "")
-        };
-        report.push("failover slot", ok, message, Some(fix.to_owned()));
+        match failover_refusal(facts.major_version(), standby) {
+            Some((problem, fix)) => report.push("failover slot", false, problem, Some(fix.into())),
+            None => report.push("failover slot", true, "failover slots are supported", None),
+        }
     }
     let slot = sqlx::query!(
         r#"select plugin::text as "plugin", active as "active!", database::text as "database",
@@ -362,18 +371,10 @@ pub async fn ensure_publication_and_slot(
             "point the sync at the primary, or upgrade the primary and the standby to PostgreSQL 16 or newer",
         ));
     }
-    if spec.failover && (major < 17 || standby) {
-        return Err(Error::configuration(
-            if standby {
-                "failover_slot is set, and a failover slot is made on the primary, not on a standby"
-                    .to_owned()
-            } else {
-                format!(
-                    "failover_slot is set, and PostgreSQL {major} has no failover slots (17 and later do)"
-                )
-            },
-            "point the sync at the primary of PostgreSQL 17 or newer, or turn failover_slot off",
-        ));
+    if spec.failover
+        && let Some((problem, fix)) = failover_refusal(major, standby)
+    {
+        return Err(Error::configuration(problem, fix));
     }
     // From 13 on, a partitioned table's changes arrive as the table itself, not as each
     // partition (which on 12 they always do).
