@@ -20,29 +20,12 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// The acceptor for `[api] tls`; the error names the file and what is wrong with it.
 pub fn acceptor(tls: &ApiTlsConfig) -> Result<TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certificate = tls.certificate_file.display();
-    let certs = CertificateDer::pem_file_iter(&tls.certificate_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("[api] tls certificate_file {certificate}: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "[api] tls certificate_file {certificate} holds no PEM certificate"
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|e| format!("[api] tls key_file {}: {e}", tls.key_file.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("[api] tls: the certificate and key do not work together: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    sluice_pg::tls::acceptor(
+        "[api] tls",
+        &tls.certificate_file,
+        &tls.key_file,
+        &[b"http/1.1"],
+    )
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

@@ -37,6 +37,8 @@ pub struct Config {
     /// Where alerts go besides the log: webhooks, email.
     #[serde(default)]
     pub alerts: crate::AlertsConfig,
+    /// The write-back proxy in front of a target; off when absent.
+    pub proxy: Option<crate::ProxyConfig>,
 }
 
 /// The reverse-tunnel endpoint of `sluice serve`.

@@ -38,6 +38,7 @@ mod error;
 mod health;
 mod load;
 mod managed;
+mod proxy_config;
 mod record;
 mod report;
 mod retry;
@@ -61,6 +62,7 @@ pub use health::{
 };
 pub use load::{ConfigError, Problem};
 pub use managed::{MANAGED_FILE, Managed, ManagedKind};
+pub use proxy_config::ProxyConfig;
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };

@@ -385,6 +385,15 @@ impl Config {
                 ));
             }
         }
+        if let Some(proxy) = &self.proxy
+            && !self.targets.iter().any(|t| t.name == proxy.target)
+        {
+            let known: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
+            problems.push(problem(
+                format!("[proxy] target {:?} is not a configured target", proxy.target),
+                format!("use one of the configured targets: {known:?}"),
+            ));
+        }
         // A connection through an agent needs that agent registered under [agents].
         let connections = self
             .targets

@@ -23,6 +23,7 @@ pub mod catalog;
 mod classify;
 mod diagnose;
 mod settings;
+pub mod sqlstate;
 pub mod tls;
 
 pub use classify::{Condition, classify, condition};

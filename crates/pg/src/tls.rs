@@ -29,11 +29,20 @@ fn lost(what: &str, e: std::io::Error) -> Error {
 /// Asks the server on `tcp` for TLS as `settings`' sslmode says (PostgreSQL's SSLRequest),
 /// and returns the stream to speak the protocol on.
 pub async fn negotiate_tls(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     settings: &ConnectionSettings,
 ) -> Result<Box<dyn Io>, Error> {
+    Ok(negotiate(tcp, settings).await?.0)
+}
+
+/// Like [`negotiate_tls`], and says whether the stream is encrypted (`prefer` may fall back to
+/// plain text).
+pub async fn negotiate(
+    mut tcp: TcpStream,
+    settings: &ConnectionSettings,
+) -> Result<(Box<dyn Io>, bool), Error> {
     if settings.ssl_mode == SslMode::Disable {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), false));
     }
     // SSLRequest.
     tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
@@ -42,7 +51,7 @@ pub async fn negotiate_tls(
     let answer = tcp.read_u8().await.map_err(|e| lost("requesting TLS", e))?;
     if answer != b'S' {
         if settings.ssl_mode == SslMode::Prefer {
-            return Ok(Box::new(tcp));
+            return Ok((Box::new(tcp), false));
         }
         return Err(Error::configuration(
             format!(
@@ -69,7 +78,41 @@ pub async fn negotiate_tls(
                 "check sslmode and the root certificate (root_cert) for this source",
             )
         })?;
-    Ok(Box::new(tls))
+    Ok((Box::new(tls), true))
+}
+
+/// The TLS acceptor for one of sluice's own servers (`section` names its config, e.g.
+/// `[api] tls`, in errors): the certificate chain and key from PEM files, rustls with ring,
+/// offering `alpn` when not empty. The error names the file and what is wrong with it.
+pub fn acceptor(
+    section: &str,
+    certificate_file: &std::path::Path,
+    key_file: &std::path::Path,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certificate = certificate_file.display();
+    let certs = CertificateDer::pem_file_iter(certificate_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{section} certificate_file {certificate}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{section} certificate_file {certificate} holds no PEM certificate"
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("{section} key_file {}: {e}", key_file.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("{section}: the certificate and key do not work together: {e}"))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn tls_config(settings: &ConnectionSettings) -> Result<rustls::ClientConfig, Error> {

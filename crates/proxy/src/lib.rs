@@ -1,0 +1,117 @@
+//! The write-back proxy: a PostgreSQL wire-protocol server in front of one target.
+//!
+//! Clients log in with their own target credentials; the proxy relays the SCRAM exchange to
+//! the target ([`login`]), so the target checks the password and everything the client does
+//! runs as that role, under its privileges and row-level security. Everything passes through
+//! unchanged ([`session`]): the simple and extended protocols, transactions, `COPY` both ways,
+//! `LISTEN`/`NOTIFY`, cancel requests and errors.
+//!
+//! ```no_run
+//! # async fn run(target: sluice_pg::ConnectionSettings) -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:6432").await?;
+//! let proxy = sluice_proxy::Proxy::new(target, None);
+//! proxy.serve(listener, Box::pin(std::future::pending())).await;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::{Error, Stop};
+use sluice_pg::ConnectionSettings;
+use sluice_pg::tls::Io;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+mod login;
+mod session;
+pub mod wire;
+mod write;
+
+/// How long a client may take from connecting to being logged in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every session shares.
+pub(crate) struct Shared {
+    /// Where the target is (the client's own user name replaces the configured one).
+    target: ConnectionSettings,
+    /// TLS to clients, when configured.
+    tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    /// A new connection to the target, encrypted as the target's `sslmode` says; `true` when
+    /// it is.
+    async fn connect_target(&self) -> Result<(Box<dyn Io>, bool), Error> {
+        let endpoint = self.target.endpoint();
+        let tcp = tokio::time::timeout(
+            self.target.connect_timeout,
+            TcpStream::connect((self.target.host.as_str(), self.target.port)),
+        )
+        .await
+        .map_err(|_| Error::unavailable(format!("connecting to {endpoint}"), "timed out"))?
+        .map_err(|e| Error::unavailable(format!("connecting to {endpoint}"), e))?;
+        let _ = tcp.set_nodelay(true);
+        sluice_pg::tls::negotiate(tcp, &self.target).await
+    }
+}
+
+/// The proxy in front of one target.
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// A proxy in front of the target at `target` (its host, port and TLS settings; clients
+    /// bring their own user and password), serving clients over TLS with `tls` when given.
+    pub fn new(target: ConnectionSettings, tls: Option<TlsAcceptor>) -> Self {
+        Self {
+            shared: Arc::new(Shared { target, tls }),
+        }
+    }
+
+    /// Serves clients from `listener` until `stop` resolves; sessions still open then are
+    /// closed.
+    pub async fn serve(&self, listener: TcpListener, mut stop: Stop) {
+        let mut sessions = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stop => break,
+                accepted = listener.accept() => accepted,
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    sessions.spawn(serve_client(self.shared.clone(), tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        sessions.shutdown().await;
+    }
+}
+
+async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: std::net::SocketAddr) {
+    let logged_in = match tokio::time::timeout(LOGIN_TIMEOUT, login::login(&shared, tcp)).await {
+        Err(_) => {
+            tracing::debug!(%peer, "proxy: a client took too long to log in");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "proxy: a login ended");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(logged_in))) => logged_in,
+    };
+    tracing::debug!(%peer, user = logged_in.user, database = logged_in.database, "proxy: client logged in");
+    if let Err(e) = session::Session::new(shared, logged_in).relay().await {
+        tracing::debug!(%peer, error = %e, "proxy: a session ended");
+    }
+}
