@@ -172,7 +172,10 @@ fn crate_dependencies_follow_the_layering() {
             "sluice-provisioning",
             &["sluice-core", "sluice-pg", "sluice-stream"],
         ),
-        ("sluice-proxy", &["sluice-core", "sluice-pg", "sluice-stream"]),
+        (
+            "sluice-proxy",
+            &["sluice-core", "sluice-pg", "sluice-stream"],
+        ),
     ];
     let mut broken = Vec::new();
     for member in workspace_members() {

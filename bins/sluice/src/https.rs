@@ -2,7 +2,6 @@
 //! address passed on as axum's `ConnectInfo`, and a graceful stop like plain `axum::serve`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,7 +12,6 @@ use sluice_core::ApiTlsConfig;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);

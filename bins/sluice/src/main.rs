@@ -21,6 +21,7 @@ mod init;
 mod openapi;
 mod plan;
 mod progress;
+mod proxy;
 mod reconcile;
 mod server;
 mod setup;

@@ -63,28 +63,41 @@ pub fn source_for(
             publication,
             slot,
             create_missing,
+            writer,
             failover_slot,
             slot_lag_warning_bytes,
-        } => Arc::new(PostgresSource::new(
-            sync.name.clone(),
-            sync.id,
-            settings.unwrap_or_else(|| failing_settings(connection)),
-            SourceSpec {
-                publication: publication.clone(),
-                slot: slot.clone(),
-                failover: *failover_slot,
-            },
-            stream,
-            {
-                let defaults = SourceOptions::default();
-                SourceOptions {
-                    create_missing: *create_missing,
-                    slot_lag_warning_bytes: slot_lag_warning_bytes
-                        .unwrap_or(defaults.slot_lag_warning_bytes),
-                    ..defaults
-                }
-            },
-        )),
+        } => {
+            let settings = settings.unwrap_or_else(|| failing_settings(connection));
+            // The writer role reaches the source the way the sync does (tunnel included).
+            let writer = writer.as_ref().map(|login| {
+                let mut writer = settings.clone();
+                writer.user = login.user.clone();
+                writer.password = login.password.as_ref().and_then(|p| p.resolve().ok());
+                writer.application_name = "sluice writer".into();
+                writer
+            });
+            Arc::new(PostgresSource::new(
+                sync.name.clone(),
+                sync.id,
+                settings,
+                SourceSpec {
+                    publication: publication.clone(),
+                    slot: slot.clone(),
+                    failover: *failover_slot,
+                },
+                stream,
+                {
+                    let defaults = SourceOptions::default();
+                    SourceOptions {
+                        create_missing: *create_missing,
+                        slot_lag_warning_bytes: slot_lag_warning_bytes
+                            .unwrap_or(defaults.slot_lag_warning_bytes),
+                        writer,
+                        ..defaults
+                    }
+                },
+            ))
+        }
     }
 }
 
@@ -366,6 +379,8 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
         None => None,
     };
     server.reconcile(&config).await;
+    let (stop_proxy, proxy_stopped) = watch::channel(false);
+    let proxy = crate::proxy::start(&server, &config, proxy_stopped).await?;
     let app = crate::api::router(
         server.clone(),
         token,
@@ -441,6 +456,10 @@ pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> 
     tracing::info!("shutting down: finishing in-flight batches and checkpointing");
     retries.abort();
     let _ = retries.await;
+    stop_proxy.send_replace(true);
+    if let Some(proxy) = proxy {
+        let _ = proxy.await;
+    }
     server.shutdown().await;
     stop_api.send_replace(true);
     let _ = api.await;

@@ -305,6 +305,10 @@ pub enum SourceConfig {
         /// Create the publication and slot if missing (publication first).
         #[serde(default)]
         create_missing: bool,
+        /// The role the write-back proxy applies changes to the source's tables as (its
+        /// grants: docs/proxy.md); without it, writes to this sync's tables are refused.
+        #[serde(default)]
+        writer: Option<crate::WriterLogin>,
         /// A failover slot (PostgreSQL 17+), kept on standbys through a failover (docs/versions.md).
         #[serde(default)]
         failover_slot: bool,
@@ -490,112 +494,5 @@ pub fn config_schema_json() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const EXAMPLE: &str = r#"
-        data_dir = "/var/lib/sluice"
-
-        [[target]]
-        name = "warehouse"
-
-        [target.connection]
-        host = "db.internal"
-        database = "app"
-        user = "sluice"
-        password = { env = "SLUICE_TARGET_PASSWORD" }
-        ssl = { mode = "verify-full", root_cert = "/etc/sluice/ca.pem" }
-        tunnel = { kind = "bastion", host = "bastion.example.com", user = "tunnel", key_file = "/etc/sluice/id_ed25519" }
-
-        [[sync]]
-        name = "app"
-        id = "6f1c2a7e-0000-4000-8000-000000000001"
-        source = { provider = "postgres", create_missing = true, connection = { host = "127.0.0.1", database = "app", user = "replicator", password = { file = "/run/secrets/pg" } } }
-
-        [[consumer]]
-        name = "orders"
-        target = "warehouse"
-        filter = { sync = { name = "app", collections = ["public.orders"] } }
-        layout = { kind = "consumer_table", schema = "sluice", table = "records" }
-    "#;
-
-    #[test]
-    fn example_config_parses_with_defaults() {
-        let config: Config = toml::from_str(EXAMPLE).unwrap();
-        let target = &config.targets[0];
-        assert_eq!(target.connection.port, 5432);
-        assert_eq!(target.connection.ssl.mode, SslMode::VerifyFull);
-        assert_eq!(target.read_role, "sluice_read");
-        assert_eq!(config.consumers[0].batch, BatchConfig::default());
-        let SourceConfig::Postgres {
-            publication,
-            slot,
-            create_missing,
-            ..
-        } = &config.syncs[0].source
-        else {
-            panic!("expected a postgres source");
-        };
-        assert_eq!(
-            (publication.as_str(), slot.as_str(), *create_missing),
-            ("sluice_publication", "sluice_slot", true)
-        );
-
-        let filter = config.consumers[0].filter.resolve(&config.syncs).unwrap();
-        assert!(
-            matches!(filter, RecordFilter::Sync { sync_id, .. } if sync_id == config.syncs[0].id)
-        );
-    }
-
-    #[test]
-    fn inline_passwords_and_unknown_fields_are_rejected() {
-        let inline = EXAMPLE.replace(r#"{ env = "SLUICE_TARGET_PASSWORD" }"#, r#""hunter2""#);
-        assert!(
-            toml::from_str::<Config>(&inline).is_err(),
-            "a password must name its source"
-        );
-
-        let typo = EXAMPLE.replace(
-            "database = \"app\"\n        user",
-            "databse = \"app\"\n        user",
-        );
-        let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();
-        assert!(err.contains("databse"), "{err}");
-    }
-
-    #[test]
-    fn secret_sources_name_the_variable_not_the_value() {
-        let missing = SecretSource::Env("SLUICE_TEST_SURELY_UNSET_VARIABLE".into());
-        let err = missing.resolve().unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("SLUICE_TEST_SURELY_UNSET_VARIABLE")
-        );
-        assert_eq!(err.class(), crate::ErrorClass::FixConfiguration);
-
-        let dir = std::env::temp_dir().join(format!("sluice-secret-{}", std::process::id()));
-        std::fs::write(&dir, "s3cret-value\n").unwrap();
-        let secret = SecretSource::File(dir.clone()).resolve().unwrap();
-        std::fs::remove_file(&dir).unwrap();
-        use secrecy::ExposeSecret;
-        assert_eq!(secret.expose_secret(), "s3cret-value");
-        assert!(
-            !format!("{secret:?}").contains("s3cret"),
-            "Debug must not show the secret"
-        );
-    }
-
-    #[test]
-    fn unknown_sync_in_a_filter_names_the_known_ones() {
-        let config: Config = toml::from_str(EXAMPLE).unwrap();
-        let filter = FilterConfig::Sync {
-            name: "nope".into(),
-            collections: None,
-        };
-        let err = filter.resolve(&config.syncs).unwrap_err();
-        assert!(
-            err.to_string().contains("\"nope\"") && err.to_string().contains("[\"app\"]"),
-            "{err}"
-        );
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

@@ -47,6 +47,7 @@ pub mod sql;
 mod stream;
 mod target;
 pub mod text;
+mod writer;
 
 pub use alerts_config::{AlertsConfig, EmailConfig, SmtpSecurity, WebhookConfig};
 pub use api_config::{AccountsConfig, AllAccounts, STRIPE_OBJECTS, StripeSourceConfig};
@@ -62,7 +63,7 @@ pub use health::{
 };
 pub use load::{ConfigError, Problem};
 pub use managed::{MANAGED_FILE, Managed, ManagedKind};
-pub use proxy_config::ProxyConfig;
+pub use proxy_config::{ProxyConfig, WriterLogin};
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };
@@ -74,3 +75,6 @@ pub use stream::{
     Seq, SourceState, StreamEntry, StreamRead,
 };
 pub use target::{Batch, Target};
+pub use writer::{
+    Columns, RefusalKind, UpstreamChange, WriteOutcome, WriteRefused, Writer, Written,
+};

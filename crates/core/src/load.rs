@@ -390,7 +390,10 @@ impl Config {
         {
             let known: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
             problems.push(problem(
-                format!("[proxy] target {:?} is not a configured target", proxy.target),
+                format!(
+                    "[proxy] target {:?} is not a configured target",
+                    proxy.target
+                ),
                 format!("use one of the configured targets: {known:?}"),
             ));
         }

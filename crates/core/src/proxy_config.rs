@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ApiTlsConfig;
+use crate::{ApiTlsConfig, SecretSource};
 
 /// A PostgreSQL wire-protocol server in front of one target (docs/proxy.md). Clients log in
 /// with their own target credentials; reads and writes to tables sluice does not write pass
@@ -29,4 +29,16 @@ pub struct ProxyConfig {
     /// before anything is sent (default: the source's own, 100 for Stripe).
     #[serde(default)]
     pub max_rows_per_statement: Option<u64>,
+}
+
+/// The login a PostgreSQL source's writer uses: its own role on the source database (same
+/// host, port, database, TLS and tunnel as the source's connection).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriterLogin {
+    /// The role, e.g. `sluice_writer`.
+    pub user: String,
+    /// Where its password is read from.
+    #[serde(default)]
+    pub password: Option<SecretSource>,
 }

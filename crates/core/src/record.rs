@@ -71,6 +71,28 @@ macro_rules! string_id {
 string_id!(CollectionId);
 string_id!(UpstreamId);
 
+impl UpstreamId {
+    /// The id of a row with these key values (as text, in key order): the value itself for a
+    /// one-column key, a JSON array of the values for a composite key. Every source keyed by
+    /// columns uses this rule, and the write-back proxy reverses it ([`UpstreamId::key_values`]).
+    pub fn from_key(key: &[&str]) -> Self {
+        match key {
+            [one] => Self((*one).to_owned()),
+            many => Self(serde_json::to_string(many).unwrap_or_default()),
+        }
+    }
+
+    /// The key values this id was made from ([`UpstreamId::from_key`]) for a key of
+    /// `columns` columns; `None` when the id is not such a value.
+    pub fn key_values(&self, columns: usize) -> Option<Vec<String>> {
+        if columns == 1 {
+            return Some(vec![self.0.clone()]);
+        }
+        let values: Vec<String> = serde_json::from_str(&self.0).ok()?;
+        (values.len() == columns).then_some(values)
+    }
+}
+
 /// The identity of a record: `(sync_id, collection_id, upstream_id)`.
 ///
 /// Two records with equal keys are versions of the same record; the records stream holds

@@ -107,4 +107,20 @@ pub trait Source: Health {
             self.provider().as_str()
         )))
     }
+
+    /// How the write-back proxy applies changes upstream, when this source can take them
+    /// (docs/proxy.md). `None`: writes to its tables are refused with the reason from
+    /// [`writer_missing`](Source::writer_missing).
+    fn writer(&self) -> Option<std::sync::Arc<dyn crate::Writer>> {
+        None
+    }
+
+    /// Why [`writer`](Source::writer) is `None`, with the fix.
+    fn writer_missing(&self) -> String {
+        format!(
+            "sync {:?} ({}) does not take writes",
+            self.name(),
+            self.provider().as_str()
+        )
+    }
 }

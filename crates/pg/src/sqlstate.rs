@@ -21,3 +21,31 @@ pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 pub const RAISE_EXCEPTION: &str = "P0001";
 /// 57014: the statement was canceled.
 pub const QUERY_CANCELED: &str = "57014";
+/// 428C9: a column that cannot be written (the upstream sets it).
+pub const GENERATED_ALWAYS: &str = "428C9";
+/// 22023: a value the upstream refused.
+pub const INVALID_PARAMETER_VALUE: &str = "22023";
+/// 01000: a warning.
+pub const WARNING: &str = "01000";
+
+/// An upstream PostgreSQL's own SQLSTATE, passed on when it refused a change (`23505`).
+/// Anything that is not five letters or digits becomes [`INVALID_PARAMETER_VALUE`].
+pub fn from_upstream(code: &str) -> &'static str {
+    // The codes a client may act on, kept as they are; the rest by class.
+    const KEPT: &[&str] = &[
+        "23505", "23503", "23502", "23514", "23P01", "22001", "22003", "22007", "22008", "22P02",
+        "42501", "40001", "40P01", "55P03",
+    ];
+    if let Some(code) = KEPT.iter().find(|k| **k == code) {
+        return code;
+    }
+    match code.get(..2) {
+        Some("23") => "23000",
+        Some("22") => "22000",
+        Some("42") => "42000",
+        Some("40") => "40000",
+        _ => INVALID_PARAMETER_VALUE,
+    }
+}
+/// 00000: for a notice that reports, not warns.
+pub const SUCCESSFUL_COMPLETION: &str = "00000";

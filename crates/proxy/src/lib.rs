@@ -16,22 +16,43 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sluice_core::{Error, Stop};
+use sluice_core::{Error, RecordStream, Stop};
 use sluice_pg::ConnectionSettings;
 use sluice_pg::tls::Io;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+pub mod catalog;
+mod internal;
 mod login;
 mod session;
+mod statement;
 pub mod wire;
 mod write;
 
+pub use catalog::{Catalog, NoTables, SyncedTable};
+
 /// How long a client may take from connecting to being logged in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the list of synced tables is used before it is asked for again.
+const TABLES_FOR: Duration = Duration::from_secs(2);
+
+/// Writes to synced tables: where to learn which tables are synced, the records stream the
+/// accepted changes go into, and the `[proxy]` settings for them.
+pub struct WriteBack {
+    /// Which tables are synced, and how far consumers have applied.
+    pub catalog: Arc<dyn Catalog>,
+    /// The records stream.
+    pub stream: Arc<dyn RecordStream>,
+    /// Apply synced-table writes inside `BEGIN … COMMIT` (each at once, with a NOTICE).
+    pub writes_in_transactions: bool,
+    /// The most rows one statement may write upstream (default: the writer's own).
+    pub max_rows_per_statement: Option<u64>,
+}
 
 /// What every session shares.
 pub(crate) struct Shared {
@@ -39,9 +60,28 @@ pub(crate) struct Shared {
     target: ConnectionSettings,
     /// TLS to clients, when configured.
     tls: Option<TlsAcceptor>,
+    /// Writes to synced tables; without it everything passes through.
+    write_back: Option<Arc<WriteBack>>,
+    /// The synced tables, and when they were last asked for.
+    tables: tokio::sync::Mutex<(Option<Instant>, Arc<Vec<SyncedTable>>)>,
 }
 
 impl Shared {
+    /// The synced tables, asked for again when the last answer is older than [`TABLES_FOR`].
+    async fn tables(&self) -> Arc<Vec<SyncedTable>> {
+        let Some(write_back) = &self.write_back else {
+            return Arc::default();
+        };
+        let mut cached = self.tables.lock().await;
+        if cached.0.is_none_or(|at| at.elapsed() > TABLES_FOR) {
+            *cached = (
+                Some(Instant::now()),
+                Arc::new(write_back.catalog.synced_tables().await),
+            );
+        }
+        cached.1.clone()
+    }
+
     /// A new connection to the target, encrypted as the target's `sslmode` says; `true` when
     /// it is.
     async fn connect_target(&self) -> Result<(Box<dyn Io>, bool), Error> {
@@ -67,8 +107,23 @@ impl Proxy {
     /// A proxy in front of the target at `target` (its host, port and TLS settings; clients
     /// bring their own user and password), serving clients over TLS with `tls` when given.
     pub fn new(target: ConnectionSettings, tls: Option<TlsAcceptor>) -> Self {
+        Self::with_write_back(target, tls, None)
+    }
+
+    /// Like [`Proxy::new`], applying writes to synced tables upstream first as `write_back`
+    /// says.
+    pub fn with_write_back(
+        target: ConnectionSettings,
+        tls: Option<TlsAcceptor>,
+        write_back: Option<WriteBack>,
+    ) -> Self {
         Self {
-            shared: Arc::new(Shared { target, tls }),
+            shared: Arc::new(Shared {
+                target,
+                tls,
+                write_back: write_back.map(Arc::new),
+                tables: tokio::sync::Mutex::new((None, Arc::default())),
+            }),
         }
     }
 

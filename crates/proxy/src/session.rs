@@ -33,11 +33,21 @@ pub(crate) struct Session {
     pub(crate) status: u8,
     /// The client's role.
     pub(crate) user: String,
-    /// The client's database.
-    pub(crate) database: String,
-    /// After an error in the extended protocol, messages up to the next `Sync` are skipped
-    /// (as the server itself does).
+    /// After the proxy answered an extended-protocol message with an error, the client's
+    /// messages up to its next `Sync` are dropped (as the server itself would skip them).
     pub(crate) skipping_to_sync: bool,
+    /// Responses the target still owes for extended-protocol messages forwarded since the
+    /// last `Sync` (one per `Parse`, `Bind`, `Close`, `Execute`, portal `Describe`; two per
+    /// statement `Describe`).
+    owed: usize,
+    /// The target reported an error in the extended protocol and skips messages until `Sync`.
+    target_skipping: bool,
+    /// The synced tables as of this batch of client messages.
+    pub(crate) tables: Arc<Vec<crate::catalog::SyncedTable>>,
+    /// Prepared statements that may write a synced table, by name.
+    pub(crate) statements: std::collections::HashMap<String, crate::write::Prepared>,
+    /// Portals bound to those, by name.
+    pub(crate) portals: std::collections::HashMap<String, crate::write::Bound>,
 }
 
 enum Event {
@@ -57,8 +67,12 @@ impl Session {
             pending: 1,
             status: b'I',
             user: logged_in.user,
-            database: logged_in.database,
             skipping_to_sync: false,
+            owed: 0,
+            target_skipping: false,
+            tables: Default::default(),
+            statements: Default::default(),
+            portals: Default::default(),
         }
     }
 
@@ -98,6 +112,7 @@ impl Session {
 
     /// Handles every whole message the client has sent; `false` once it said goodbye.
     async fn handle_client(&mut self) -> Result<bool, WireError> {
+        self.tables = self.shared.tables().await;
         let mut to_target = BytesMut::new();
         loop {
             let message = match wire::split_message(&mut self.from_client, wire::MESSAGE_LIMIT) {
@@ -115,31 +130,40 @@ impl Session {
                     return Err(e);
                 }
             };
+            if self.skipping_to_sync && message.kind != b'S' {
+                continue;
+            }
+            if self.may_take(&message)? {
+                if !to_target.is_empty() {
+                    self.target.write_all(&to_target).await?;
+                    to_target.clear();
+                }
+                if self.take(&message).await? {
+                    continue;
+                }
+            }
             match message.kind {
                 b'X' => {
                     to_target.extend_from_slice(&message.raw);
                     self.target.write_all(&to_target).await?;
                     return Ok(false);
                 }
-                b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'H' | b'S' => {
-                    if self.takes(&message) {
-                        self.target.write_all(&to_target).await?;
-                        to_target.clear();
-                        self.handle(message).await?;
-                        continue;
-                    }
-                    if matches!(message.kind, b'Q' | b'S') {
-                        self.pending += 1;
-                        self.skipping_to_sync = false;
-                    }
-                    to_target.extend_from_slice(&message.raw);
-                }
-                b'F' => {
+                b'Q' | b'F' => self.pending += 1,
+                b'S' => {
                     self.pending += 1;
-                    to_target.extend_from_slice(&message.raw);
+                    self.skipping_to_sync = false;
                 }
-                _ => to_target.extend_from_slice(&message.raw),
+                b'P' | b'B' | b'C' | b'E' => self.owed += 1,
+                b'D' => {
+                    self.owed += if message.body().first() == Some(&b'S') {
+                        2
+                    } else {
+                        1
+                    }
+                }
+                _ => {}
             }
+            to_target.extend_from_slice(&message.raw);
         }
         if !to_target.is_empty() {
             self.target.write_all(&to_target).await?;
@@ -165,21 +189,44 @@ impl Session {
     }
 
     fn note(&mut self, message: &Message) {
-        if message.kind == b'Z' {
-            self.pending = self.pending.saturating_sub(1);
-            self.status = message.body().first().copied().unwrap_or(b'I');
+        match message.kind {
+            b'Z' => {
+                self.pending = self.pending.saturating_sub(1);
+                self.status = message.body().first().copied().unwrap_or(b'I');
+                self.owed = 0;
+                self.target_skipping = false;
+            }
+            b'E' if self.owed > 0 => {
+                self.owed = 0;
+                self.target_skipping = true;
+            }
+            b'1' | b'2' | b'3' | b't' | b'T' | b'n' | b'C' | b'I' | b's' => {
+                self.owed = self.owed.saturating_sub(1);
+            }
+            _ => {}
         }
     }
 
-    /// Forwards what the target sends until it owes nothing, so the proxy may use the
-    /// connection itself.
-    pub(crate) async fn settle(&mut self) -> Result<(), WireError> {
-        while self.pending > 0 {
+    /// Forwards what the target sends until it owes the client nothing, so the proxy may use
+    /// the connection itself. `false` when the target is skipping messages after an error
+    /// (then the proxy must not run anything before the client's `Sync`).
+    pub(crate) async fn settle(&mut self) -> Result<bool, WireError> {
+        if self.owed > 0 {
+            let mut flush = BytesMut::new();
+            wire::encode_raw(b'H', &[], &mut flush);
+            self.target.write_all(&flush).await?;
+        }
+        while self.owed > 0 || self.pending > 0 {
             let message =
                 read_message(&mut self.target, &mut self.from_target, wire::MESSAGE_LIMIT).await?;
+            if matches!(message.kind, b'G' | b'H' | b'W') {
+                return Err(WireError::Malformed(
+                    "a COPY started in the same pipeline as a write to a synced table; send a Sync between them".into(),
+                ));
+            }
             self.note(&message);
             self.client.write_all(&message.raw).await?;
         }
-        Ok(())
+        Ok(!self.target_skipping)
     }
 }

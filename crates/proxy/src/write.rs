@@ -1,17 +1,805 @@
-//! Statements that write synced tables (interim: none are recognised yet).
+//! Writes to synced tables, upstream first.
+//!
+//! A statement that may write a synced table (its text names one) is looked at closely: its
+//! table is resolved in the client's session (its `search_path`), and if sluice writes that
+//! table, the proxy applies the statement itself:
+//!
+//! 1. refuses what cannot be applied upstream (a form, a transaction, a read-only column);
+//! 2. reads the rows it touches as the client, with the client's privileges and row-level
+//!    security (`SELECT … FOR UPDATE` over the statement's own `WHERE`), the new values cast
+//!    to the columns' types as the assignment would;
+//! 3. refuses statements over the row limit before anything is sent;
+//! 4. sends each change upstream through the sync's [`sluice_core::Writer`];
+//! 5. shows what the upstream accepted locally: the records go into the stream (or arrive
+//!    through the source's own feed) and the proxy waits until the consumers writing the
+//!    table have applied them, so the client's next read sees its write;
+//! 6. answers like PostgreSQL would: `RETURNING` rows, the command tag, or an error naming
+//!    the upstream's message (and how many rows were applied before it).
+//!
+//! In the extended protocol the client's `Parse`, `Bind` and `Describe` go to the target as
+//! usual (so descriptions and parameter types are the target's own); only `Execute` of such
+//! a portal is taken.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use sluice_core::sql::quote_ident;
+use sluice_core::{RefusalKind, Seq, UpstreamChange, UpstreamId, WriteOutcome, Written};
+use sluice_pg::sqlstate;
+use tokio::io::AsyncWriteExt;
+
+use crate::catalog::SyncedTable;
+use crate::internal::{Outcome, Params, Query, Rows};
 use crate::session::Session;
-use crate::wire::{Message, WireError};
+use crate::statement::{self, Form, Relation, Verb, literal};
+use crate::wire::{self, Message, Reader, Report, WireError};
+
+/// How long the proxy waits for a write to show in the local table before answering anyway
+/// (with a warning).
+const LOCAL_WAIT: Duration = Duration::from_secs(30);
+
+/// A prepared statement whose text names a synced table.
+#[derive(Clone, Debug)]
+pub(crate) struct Prepared {
+    sql: String,
+    types: Vec<u32>,
+}
+
+/// A portal bound to a [`Prepared`] statement.
+#[derive(Clone, Debug)]
+pub(crate) struct Bound {
+    statement: String,
+    prepared: Prepared,
+    params: Params,
+    result_formats: Vec<i16>,
+}
+
+/// A write to a synced table, resolved.
+struct Resolved {
+    table: SyncedTable,
+    relation: Relation,
+    verb: Verb,
+    statement: Box<pg_query::protobuf::Node>,
+}
+
+/// What looking closely at a statement found.
+enum Resolution {
+    /// It writes no synced table: forward it.
+    Forward,
+    /// It does: apply it.
+    Write(Resolved),
+    /// It does, in a way the proxy refuses.
+    Refuse(Report),
+}
+
+/// Why a write failed, as the client is told.
+enum Failure {
+    /// The proxy's own error.
+    Report(Report),
+    /// The target's error, forwarded as it came.
+    Target(Message),
+}
+
+/// A write's answer.
+struct Reply {
+    returning: Option<Rows>,
+    tag: String,
+    warning: Option<Report>,
+}
 
 impl Session {
-    /// Whether the proxy handles `message` itself instead of forwarding it.
-    pub(crate) fn takes(&self, _message: &Message) -> bool {
-        false
+    /// Whether `message` may be one the proxy takes (a cheap look: the statement's text names
+    /// a synced table, or the portal is bound to such a statement). Keeps track of prepared
+    /// statements and portals either way.
+    pub(crate) fn may_take(&mut self, message: &Message) -> Result<bool, WireError> {
+        if self.tables.is_empty() || self.shared.write_back.is_none() {
+            return Ok(false);
+        }
+        let mut body = Reader::new(message.body());
+        match message.kind {
+            b'Q' => Ok(self.names_synced(body.cstr()?)),
+            b'P' => {
+                let name = body.cstr()?.to_owned();
+                let sql = body.cstr()?;
+                if self.names_synced(sql) {
+                    let sql = sql.to_owned();
+                    let n = body.i16()?;
+                    let types = (0..n.max(0))
+                        .map(|_| body.i32().map(|t| t as u32))
+                        .collect::<Result<_, _>>()?;
+                    self.statements.insert(name, Prepared { sql, types });
+                } else {
+                    self.statements.remove(&name);
+                }
+                Ok(false)
+            }
+            b'B' => {
+                let portal = body.cstr()?.to_owned();
+                let statement = body.cstr()?.to_owned();
+                match self.statements.get(&statement) {
+                    Some(prepared) => {
+                        let prepared = prepared.clone();
+                        let (params, result_formats) = bind_params(&mut body, &prepared)?;
+                        self.portals.insert(
+                            portal,
+                            Bound {
+                                statement,
+                                prepared,
+                                params,
+                                result_formats,
+                            },
+                        );
+                    }
+                    None => {
+                        self.portals.remove(&portal);
+                    }
+                }
+                Ok(false)
+            }
+            b'C' => {
+                let kind = body.take(1)?[0];
+                let name = body.cstr()?;
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                Ok(false)
+            }
+            b'E' => Ok(self.portals.contains_key(body.cstr()?)),
+            _ => Ok(false),
+        }
     }
 
-    /// Handles a message [`takes`](Session::takes) chose.
-    pub(crate) async fn handle(&mut self, message: Message) -> Result<(), WireError> {
-        let _ = message;
+    fn names_synced(&self, sql: &str) -> bool {
+        let lower = sql.to_lowercase();
+        self.tables
+            .iter()
+            .any(|t| lower.contains(&t.table.to_lowercase()))
+    }
+
+    /// Takes `message` if it writes a synced table; `false`: forward it after all.
+    pub(crate) async fn take(&mut self, message: &Message) -> Result<bool, WireError> {
+        let mut body = Reader::new(message.body());
+        match message.kind {
+            b'Q' => {
+                let sql = body.cstr()?.to_owned();
+                if !self.settle().await? {
+                    return Ok(false);
+                }
+                let resolved = match self.resolve(&sql).await? {
+                    Resolution::Forward => return Ok(false),
+                    Resolution::Refuse(report) => Err(Failure::Report(report)),
+                    Resolution::Write(resolved) => {
+                        self.apply(&resolved, &Params::default(), &[], true).await?
+                    }
+                };
+                self.answer(resolved, true).await?;
+                Ok(true)
+            }
+            b'E' => {
+                let portal = body.cstr()?;
+                let Some(bound) = self.portals.get(portal).cloned() else {
+                    return Ok(false);
+                };
+                if !self.settle().await? {
+                    // The target skips everything up to the client's Sync after an error, and
+                    // so does the proxy.
+                    self.skipping_to_sync = true;
+                    return Ok(true);
+                }
+                let params = self.typed(&bound).await?;
+                let resolved = match self.resolve(&bound.prepared.sql).await? {
+                    Resolution::Forward => return Ok(false),
+                    Resolution::Refuse(report) => Err(Failure::Report(report)),
+                    Resolution::Write(resolved) => {
+                        self.apply(&resolved, &params, &bound.result_formats, false)
+                            .await?
+                    }
+                };
+                self.answer(resolved, false).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The portal's parameters with every type known: where the client left one to the
+    /// server (0), the target's own description of the statement says it.
+    async fn typed(&mut self, bound: &Bound) -> Result<Params, WireError> {
+        let mut params = bound.params.clone();
+        let n = params.values.len();
+        if bound.prepared.types.len() >= n && bound.prepared.types.iter().take(n).all(|t| *t != 0) {
+            params.types = bound.prepared.types[..n].to_vec();
+            return Ok(params);
+        }
+        let mut out = BytesMut::new();
+        let mut body = BytesMut::new();
+        body.put_u8(b'S');
+        body.put_slice(bound.statement.as_bytes());
+        body.put_u8(0);
+        wire::encode_raw(b'D', &body, &mut out);
+        wire::encode_raw(b'S', &[], &mut out);
+        self.target.write_all(&out).await?;
+        loop {
+            let message = crate::login::read_message(
+                &mut self.target,
+                &mut self.from_target,
+                wire::MESSAGE_LIMIT,
+            )
+            .await?;
+            match message.kind {
+                b't' => {
+                    let mut r = Reader::new(message.body());
+                    let count = r.i16()?;
+                    params.types = (0..count.max(0))
+                        .map(|_| r.i32().map(|t| t as u32))
+                        .collect::<Result<_, _>>()?;
+                }
+                b'Z' => {
+                    self.status = message.body().first().copied().unwrap_or(b'I');
+                    break;
+                }
+                b'N' | b'A' | b'S' => self.client.write_all(&message.raw).await?,
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+
+    /// Finds whether `sql` writes a synced table, resolving an unqualified name the way the
+    /// client's session would.
+    async fn resolve(&mut self, sql: &str) -> Result<Resolution, WireError> {
+        let tables = self.tables.clone();
+        let Some(writes) = statement::writes(sql, |name| tables.iter().any(|t| t.table == name))
+        else {
+            return Ok(Resolution::Forward);
+        };
+        for write in writes {
+            let schema = match &write.relation.schema {
+                Some(schema) => Some(schema.clone()),
+                None => {
+                    let query = Query::text(format!(
+                        "SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass({})",
+                        literal(&write.relation.regclass())
+                    ));
+                    match self.exchange(&[query]).await? {
+                        Outcome::Done(rows) => rows
+                            .first()
+                            .map(Rows::texts)
+                            .transpose()?
+                            .and_then(|r| r.into_iter().next())
+                            .and_then(|r| r.into_iter().next().flatten()),
+                        Outcome::Failed { .. } => None,
+                    }
+                }
+            };
+            let Some(schema) = schema else { continue };
+            let Some(table) = tables
+                .iter()
+                .find(|t| t.schema == schema && t.table == write.relation.name)
+            else {
+                continue;
+            };
+            return Ok(match write.form {
+                Form::Unsupported(why) => Resolution::Refuse(Report::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "{}.{} is synced by sluice: {why}",
+                        quote_ident(&table.schema),
+                        quote_ident(&table.table)
+                    ),
+                )),
+                Form::Plain(verb, statement) => Resolution::Write(Resolved {
+                    table: table.clone(),
+                    relation: write.relation,
+                    verb,
+                    statement,
+                }),
+            });
+        }
+        Ok(Resolution::Forward)
+    }
+
+    /// Applies a resolved write (see the module's steps). `Err` only when a connection broke.
+    async fn apply(
+        &mut self,
+        w: &Resolved,
+        params: &Params,
+        result_formats: &[i16],
+        simple: bool,
+    ) -> Result<Result<Reply, Failure>, WireError> {
+        let write_back = self.shared.write_back.clone().expect("checked in may_take");
+        let table = &w.table;
+        let qualified = format!(
+            "{}.{}",
+            quote_ident(&table.schema),
+            quote_ident(&table.table)
+        );
+        let refuse = |report: Report| Ok(Err(Failure::Report(report)));
+        let writer = match &table.writer {
+            Ok(writer) => writer.clone(),
+            Err(why) => {
+                return refuse(
+                    Report::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("{qualified} is synced by sluice and its upstream does not take writes: {why}"))
+                        .hint("configure a writer for the sync (docs/proxy.md)"),
+                );
+            }
+        };
+        match self.status {
+            b'T' if !write_back.writes_in_transactions => {
+                return refuse(
+                    Report::error(sqlstate::INVALID_TRANSACTION_STATE, format!("cannot {} synced table {qualified} inside a transaction block: the upstream change cannot be rolled back", w.verb.word()))
+                        .hint("run it outside BEGIN … COMMIT, or set writes_in_transactions = true under [proxy] to apply each such statement at once"),
+                );
+            }
+            b'E' => {
+                return refuse(Report::error(
+                    sqlstate::INVALID_TRANSACTION_STATE,
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                ));
+            }
+            _ => {}
+        }
+        let in_transaction = self.status == b'T';
+
+        // The table's columns and types, as the client sees them.
+        let columns = match self.exchange(&[Query::text(format!(
+            "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass({}) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            literal(&qualified)
+        ))]).await? {
+            Outcome::Done(rows) => rows.first().map(Rows::texts).transpose()?.unwrap_or_default(),
+            Outcome::Failed { error, .. } => return Ok(Err(Failure::Target(error))),
+        };
+        let order: Vec<String> = columns
+            .iter()
+            .filter_map(|c| c.first().cloned().flatten())
+            .collect();
+        let types: HashMap<String, String> = columns
+            .into_iter()
+            .filter_map(|c| {
+                let mut c = c.into_iter();
+                Some((c.next()??, c.next()??))
+            })
+            .collect();
+
+        // The query for the rows, and the columns it writes.
+        let built = match w.verb {
+            Verb::Update => statement::update_rows(&w.statement, &table.key, &types)
+                .map(|(sql, cols)| (Some(sql), cols, Vec::new())),
+            Verb::Delete => statement::delete_rows(&w.statement, &table.key)
+                .map(|sql| (Some(sql), Vec::new(), Vec::new())),
+            Verb::Insert => statement::insert_rows(&w.statement, &order, &types)
+                .map(|r| (r.sql, r.columns, r.defaults)),
+        };
+        let (rows_sql, written_columns, defaults) = match built {
+            Ok(built) => built,
+            Err(why) => {
+                return refuse(Report::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("{qualified}: {why}"),
+                ));
+            }
+        };
+        let read_only = writer.read_only_columns(&table.collection, w.verb.word());
+        if let Some(column) = written_columns.iter().find(|c| read_only.contains(c)) {
+            return refuse(
+                Report::error(
+                    sqlstate::GENERATED_ALWAYS,
+                    format!(
+                        "column {} of {qualified} cannot be written: the upstream sets it",
+                        quote_ident(column)
+                    ),
+                )
+                .hint("leave the column out of the statement"),
+            );
+        }
+        if w.verb == Verb::Update
+            && let Some(column) = written_columns.iter().find(|c| table.key.contains(c))
+        {
+            return refuse(
+                Report::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "changing key column {} of {qualified} is not supported",
+                        quote_ident(column)
+                    ),
+                )
+                .hint("delete the row and insert a new one"),
+            );
+        }
+
+        // As the client: its privileges, then its rows (under fixed output settings).
+        let privilege = match w.verb {
+            Verb::Delete => format!(
+                "SELECT 'delete' WHERE NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({}), 'DELETE')",
+                literal(&qualified)
+            ),
+            verb if written_columns.is_empty() => format!(
+                "SELECT '{}' WHERE NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({}), '{}')",
+                verb.word(),
+                literal(&qualified),
+                verb.word().to_uppercase()
+            ),
+            verb => {
+                let values: Vec<String> = written_columns
+                    .iter()
+                    .map(|c| format!("({})", literal(c)))
+                    .collect();
+                format!(
+                    "SELECT c FROM (VALUES {}) v(c) WHERE NOT pg_catalog.has_column_privilege(pg_catalog.to_regclass({}), c, '{}')",
+                    values.join(", "),
+                    literal(&qualified),
+                    verb.word().to_uppercase()
+                )
+            }
+        };
+        let mut queries = Vec::new();
+        if in_transaction {
+            queries.push(Query::text("SAVEPOINT _sluice_proxy"));
+        }
+        queries.push(Query::text(
+            "SELECT pg_catalog.set_config('datestyle', 'ISO, MDY', true), pg_catalog.set_config('intervalstyle', 'postgres', true), pg_catalog.set_config('timezone', 'UTC', true), pg_catalog.set_config('extra_float_digits', '3', true), pg_catalog.set_config('bytea_output', 'hex', true)",
+        ));
+        let privilege_at = queries.len();
+        queries.push(Query::text(privilege));
+        let rows_at = queries.len();
+        if let Some(sql) = &rows_sql {
+            queries.push(Query {
+                sql: sql.clone(),
+                params: params.clone(),
+                result_formats: Vec::new(),
+            });
+        }
+        if in_transaction {
+            queries.push(Query::text("ROLLBACK TO SAVEPOINT _sluice_proxy"));
+            queries.push(Query::text("RELEASE SAVEPOINT _sluice_proxy"));
+        }
+        let results = match self.exchange(&queries).await? {
+            Outcome::Done(results) => results,
+            Outcome::Failed { error, .. } => return Ok(Err(Failure::Target(error))),
+        };
+        if let Some(denied) = results[privilege_at]
+            .texts()?
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+        {
+            let what = if matches!(denied.as_str(), "insert" | "update" | "delete") {
+                format!("permission denied to {denied} {qualified}")
+            } else {
+                format!(
+                    "permission denied to {} column {} of {qualified}",
+                    w.verb.word(),
+                    quote_ident(&denied)
+                )
+            };
+            return refuse(Report::error(sqlstate::INSUFFICIENT_PRIVILEGE, what));
+        }
+        let rows: Vec<Vec<Option<String>>> = match &rows_sql {
+            Some(_) => results[rows_at].texts()?,
+            None => vec![Vec::new()],
+        };
+        let limit = write_back
+            .max_rows_per_statement
+            .unwrap_or_else(|| writer.max_rows_per_statement());
+        if rows.len() as u64 > limit {
+            return refuse(
+                Report::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this {} touches {} rows of {qualified}; one statement may write at most {limit} upstream", w.verb.word().to_uppercase(), rows.len()))
+                    .hint("write fewer rows per statement, or raise max_rows_per_statement under [proxy]"),
+            );
+        }
+
+        // The rows a DELETE … RETURNING returns are read before they go.
+        let mut returning = None;
+        if w.verb == Verb::Delete
+            && let Ok(Some(sql)) = statement::delete_returning(&w.statement)
+        {
+            match self
+                .exchange(&[Query {
+                    sql,
+                    params: params.clone(),
+                    result_formats: result_formats.to_vec(),
+                }])
+                .await?
+            {
+                Outcome::Done(mut r) => returning = r.pop(),
+                Outcome::Failed { error, .. } => return Ok(Err(Failure::Target(error))),
+            }
+        }
+
+        // The changes, upstream.
+        let key_len = table.key.len();
+        let mut changes = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let change = match w.verb {
+                Verb::Insert => UpstreamChange::Insert {
+                    values: written_columns
+                        .iter()
+                        .zip(row)
+                        .enumerate()
+                        .filter(|(c, _)| {
+                            !defaults
+                                .get(i)
+                                .and_then(|d| d.get(*c))
+                                .copied()
+                                .unwrap_or(false)
+                        })
+                        .map(|(_, (name, value))| (name.clone(), value.clone()))
+                        .collect(),
+                },
+                verb => {
+                    let key: Option<Vec<&str>> =
+                        row[..key_len].iter().map(|v| v.as_deref()).collect();
+                    let Some(key) = key else {
+                        return refuse(Report::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            format!(
+                                "a row of {qualified} has a NULL key, so it has no upstream record"
+                            ),
+                        ));
+                    };
+                    let id = UpstreamId::from_key(&key);
+                    if verb == Verb::Delete {
+                        UpstreamChange::Delete { id }
+                    } else {
+                        UpstreamChange::Update {
+                            id,
+                            values: written_columns
+                                .iter()
+                                .cloned()
+                                .zip(row[key_len..].iter().cloned())
+                                .collect(),
+                        }
+                    }
+                }
+            };
+            changes.push(change);
+        }
+        let outcome = if changes.is_empty() {
+            WriteOutcome {
+                written: Written::default(),
+                applied: 0,
+                refused: None,
+            }
+        } else {
+            writer.apply(&table.collection, &changes).await
+        };
+        if in_transaction && outcome.applied > 0 {
+            self.send_notice(&Report {
+                severity: "NOTICE",
+                ..Report::error(sqlstate::SUCCESSFUL_COMPLETION, format!("{} row(s) of {qualified} were applied upstream at once; a ROLLBACK will not undo them", outcome.applied))
+            })
+            .await?;
+        }
+        tracing::info!(
+            table = %qualified,
+            verb = w.verb.word(),
+            user = self.user,
+            applied = outcome.applied,
+            refused = outcome.refused.is_some(),
+            "proxy: write applied upstream"
+        );
+
+        // Then locally.
+        let warning = self
+            .show_locally(table, &outcome.written)
+            .await
+            .err()
+            .map(|why| Report {
+                severity: "WARNING",
+                ..Report::error(
+                    sqlstate::WARNING,
+                    format!("applied upstream, but not yet in {qualified}: {why}"),
+                )
+            });
+        if let Some(refused) = outcome.refused {
+            let code = match refused.kind {
+                RefusalKind::Rejected => match refused.code.as_deref() {
+                    Some(code)
+                        if code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+                    {
+                        sqlstate::from_upstream(code)
+                    }
+                    _ => sqlstate::INVALID_PARAMETER_VALUE,
+                },
+                RefusalKind::ReadOnlyColumn => sqlstate::GENERATED_ALWAYS,
+                RefusalKind::Unavailable => sqlstate::CONNECTION_FAILURE,
+                RefusalKind::NotConfigured => sqlstate::FEATURE_NOT_SUPPORTED,
+            };
+            let mut message = format!(
+                "Error {} {}: {}",
+                w.verb.ing(),
+                table.noun(),
+                refused.message
+            );
+            if outcome.applied > 0 {
+                message.push_str(&format!(
+                    " ({} of {} rows were applied upstream before this one, and locally too)",
+                    outcome.applied,
+                    changes.len()
+                ));
+            }
+            let mut report = Report::error(code, message);
+            if let Some(code) = &refused.code {
+                report = report.detail(format!("upstream error code: {code}"));
+            }
+            if let Some(warning) = warning {
+                self.send_notice(&warning).await?;
+            }
+            return refuse(report);
+        }
+
+        // RETURNING, as the client asked for it.
+        if w.verb != Verb::Delete && statement::has_returning(&w.statement) {
+            let keys: Vec<Vec<String>> = outcome
+                .written
+                .ids
+                .iter()
+                .filter_map(|id| id.key_values(key_len))
+                .collect();
+            if let Ok(Some(sql)) =
+                statement::returning_by_key(&w.statement, &w.relation, &table.key, &keys)
+            {
+                let formats = if simple {
+                    Vec::new()
+                } else {
+                    result_formats.to_vec()
+                };
+                match self
+                    .exchange(&[Query {
+                        sql,
+                        params: params.clone(),
+                        result_formats: formats,
+                    }])
+                    .await?
+                {
+                    Outcome::Done(mut r) => returning = r.pop(),
+                    Outcome::Failed { error, .. } => return Ok(Err(Failure::Target(error))),
+                }
+            }
+        }
+        Ok(Ok(Reply {
+            returning,
+            tag: w.verb.tag(outcome.applied),
+            warning,
+        }))
+    }
+
+    /// Waits until what the upstream accepted is in the local table: appends the records the
+    /// writer returned, or waits for the source's feed to bring them; then waits until every
+    /// consumer writing the table has applied that far. `Err`: why it is not there yet.
+    async fn show_locally(&mut self, table: &SyncedTable, written: &Written) -> Result<(), String> {
+        let write_back = self.shared.write_back.clone().expect("checked in may_take");
+        let stream = &write_back.stream;
+        let deadline = Instant::now() + LOCAL_WAIT;
+        let mut through = Seq::START;
+        if !written.records.is_empty() {
+            let appended = stream
+                .append(written.records.clone())
+                .await
+                .map_err(|e| format!("the records stream did not take it: {e}"))?;
+            through = appended.head;
+        }
+        for (key, version) in &written.arriving {
+            loop {
+                let head = stream.head().await.map_err(|e| e.to_string())?;
+                if let Some(entry) = stream.get(key).await.map_err(|e| e.to_string())?
+                    && entry.record.version >= *version
+                {
+                    through = through.max(entry.seq);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "sync {:?} has not read the change back yet",
+                        table.sync
+                    ));
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), stream.wait_past(head)).await;
+            }
+        }
+        if through == Seq::START {
+            return Ok(());
+        }
+        for consumer in &table.consumers {
+            loop {
+                match write_back.catalog.applied_through(consumer).await {
+                    Some(at) if at >= through => break,
+                    None => {
+                        return Err(format!(
+                            "consumer {consumer} is not running; it applies the change when it runs"
+                        ));
+                    }
+                    Some(_) if Instant::now() >= deadline => {
+                        return Err(format!(
+                            "consumer {consumer} has not applied it within {} s; it will",
+                            LOCAL_WAIT.as_secs()
+                        ));
+                    }
+                    Some(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            }
+        }
         Ok(())
     }
+
+    async fn send_notice(&mut self, report: &Report) -> Result<(), WireError> {
+        let mut out = BytesMut::new();
+        report.encode_notice(&mut out);
+        self.client.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Sends a write's answer: rows, tag (and `ReadyForQuery` in the simple protocol), or the
+    /// error. After an error inside an explicit transaction the transaction is failed, as an
+    /// error there always fails it.
+    async fn answer(
+        &mut self,
+        result: Result<Reply, Failure>,
+        simple: bool,
+    ) -> Result<(), WireError> {
+        let mut out = BytesMut::new();
+        match result {
+            Ok(reply) => {
+                if let Some(warning) = &reply.warning {
+                    warning.encode_notice(&mut out);
+                }
+                if let Some(rows) = reply.returning {
+                    if simple && let Some(description) = &rows.description {
+                        out.extend_from_slice(&description.raw);
+                    }
+                    for row in &rows.rows {
+                        out.extend_from_slice(&row.raw);
+                    }
+                }
+                let mut tag = BytesMut::new();
+                tag.put_slice(reply.tag.as_bytes());
+                tag.put_u8(0);
+                wire::encode_raw(b'C', &tag, &mut out);
+            }
+            Err(failure) => {
+                if self.status == b'T' {
+                    // Fail the client's transaction, as the statement would have.
+                    let _ = self.exchange(&[Query::text("SELECT 1/0")]).await?;
+                }
+                match failure {
+                    Failure::Report(report) => report.encode_error(&mut out),
+                    Failure::Target(error) => out.extend_from_slice(&error.raw),
+                }
+                if !simple {
+                    self.skipping_to_sync = true;
+                }
+            }
+        }
+        if simple {
+            wire::encode_raw(b'Z', &[self.status], &mut out);
+        }
+        self.client.write_all(&out).await?;
+        Ok(())
+    }
+}
+
+/// A `Bind`'s parameter formats and values and its result formats (after the two names).
+fn bind_params(
+    body: &mut Reader<'_>,
+    prepared: &Prepared,
+) -> Result<(Params, Vec<i16>), WireError> {
+    let n = body.i16()?.max(0);
+    let formats = (0..n).map(|_| body.i16()).collect::<Result<Vec<_>, _>>()?;
+    let n = body.i16()?.max(0);
+    let values = (0..n)
+        .map(|_| body.value().map(|v| v.map(<[u8]>::to_vec)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = body.i16()?.max(0);
+    let result_formats = (0..n).map(|_| body.i16()).collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        Params {
+            types: prepared.types.clone(),
+            formats,
+            values,
+        },
+        result_formats,
+    ))
 }

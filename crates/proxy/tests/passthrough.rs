@@ -384,10 +384,9 @@ async fn random_bytes_and_oversized_messages_never_take_the_proxy_down() {
     ] {
         let mut raw = login_raw(&s).await;
         raw.write_all(&bad).await.unwrap();
-        let (kind, body) =
-            tokio::time::timeout(Duration::from_secs(10), read_message(&mut raw))
-                .await
-                .unwrap();
+        let (kind, body) = tokio::time::timeout(Duration::from_secs(10), read_message(&mut raw))
+            .await
+            .unwrap();
         // The proxy refuses what it cannot frame; the target refuses the rest. Either way the
         // client hears an error.
         assert_eq!(kind, b'E', "{}", String::from_utf8_lossy(&body));

@@ -34,8 +34,10 @@ mod source;
 mod tables;
 mod values;
 mod wire;
+mod writer;
 
 pub use prerequisites::{SourceSpec, check, ensure_publication_and_slot, plan};
 pub use source::{PostgresSource, SourceOptions};
 pub use tables::{BackfillProgress, CollectionProgress};
 pub use wire::Lsn;
+pub use writer::PgWriter;

@@ -1,5 +1,7 @@
 //! The PostgreSQL source as a [`Source`]: what `sluice serve`, `config plan` and `check` see.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde_json::json;
 use sluice_core::{
@@ -79,6 +81,20 @@ impl Source for PostgresSource {
             self.inner.options.create_missing,
         )
         .await
+    }
+
+    fn writer(&self) -> Option<Arc<dyn sluice_core::Writer>> {
+        self.inner
+            .writer
+            .clone()
+            .map(|w| w as Arc<dyn sluice_core::Writer>)
+    }
+
+    fn writer_missing(&self) -> String {
+        format!(
+            "sync {:?} has no writer role; add writer = {{ user = \"sluice_writer\", password = {{ env = \"…\" }} }} to its source (docs/proxy.md has the role's grants)",
+            self.inner.name
+        )
     }
 
     fn progress(&self) -> SourceProgress {

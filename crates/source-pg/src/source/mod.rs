@@ -43,6 +43,8 @@ pub struct SourceOptions {
     pub slot_lag_warning_bytes: u64,
     /// Create the publication and slot when missing.
     pub create_missing: bool,
+    /// How the write-back proxy's writer connects (the writer role); `None`: no writes.
+    pub writer: Option<ConnectionSettings>,
 }
 
 impl Default for SourceOptions {
@@ -54,6 +56,7 @@ impl Default for SourceOptions {
             heartbeat: Duration::from_secs(10),
             slot_lag_warning_bytes: 1 << 30,
             create_missing: false,
+            writer: None,
         }
     }
 }
@@ -82,6 +85,8 @@ struct Inner {
     rereads: TableRereads,
     /// Tables the backfill could not read, with the error and its fix.
     unreadable: Mutex<std::collections::BTreeMap<String, Error>>,
+    /// The write-back proxy's writer, when a writer role is configured.
+    writer: Option<Arc<crate::writer::PgWriter>>,
 }
 
 #[derive(Default)]
@@ -119,8 +124,13 @@ impl PostgresSource {
             kind: EntityKind::Sync,
             name: name.clone(),
         });
+        let writer = options
+            .writer
+            .clone()
+            .map(|settings| Arc::new(crate::writer::PgWriter::new(sync_id, settings)));
         Self {
             inner: Arc::new(Inner {
+                writer,
                 sync_id,
                 name,
                 settings,

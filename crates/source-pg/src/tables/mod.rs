@@ -170,10 +170,7 @@ pub(crate) async fn column_counts(
 /// key, a JSON array of the values' text for a composite key. Deterministic: the same key
 /// always gives the same id, from the backfill and from the change stream alike.
 pub(crate) fn upstream_id(key: &[&str]) -> String {
-    match key {
-        [one] => (*one).to_owned(),
-        many => serde_json::to_string(many).unwrap_or_default(),
-    }
+    sluice_core::UpstreamId::from_key(key).0
 }
 
 /// A row (column name, type, text) as a record payload.

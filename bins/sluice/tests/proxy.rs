@@ -1,0 +1,308 @@
+//! The write-back proxy in `sluice serve`, end to end: a PostgreSQL source mirrored into the
+//! target, clients writing the mirror through the proxy with psql and sqlx, each change
+//! applied to the source first and then visible in the target at once.
+
+use std::process::Command;
+
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::{Connection, Executor, PgConnection};
+
+mod support;
+use support::*;
+
+struct Proxied {
+    env: Env,
+    child: std::process::Child,
+    proxy: u16,
+}
+
+impl Drop for Proxied {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+async fn start(extra_proxy: &str) -> Proxied {
+    let env = env().await;
+    env.source
+        .execute(
+            "postgres",
+            "alter table public.orders add constraint qty_not_negative check (qty >= 0);
+             create role sluice_writer login password 'writer-pw';
+             grant select, insert, update, delete on public.orders to sluice_writer;",
+        )
+        .await
+        .unwrap();
+    env.target
+        .execute(
+            "postgres",
+            "create role app_user login password 'app-pw';
+             create role reader login password 'reader-pw';
+             grant sluice_read to app_user, reader;
+             create table public.notes (id int primary key, body text);
+             grant select, insert, update, delete on public.notes to app_user;",
+        )
+        .await
+        .unwrap();
+    let writer_password = env.dir.path().join("writer-password");
+    std::fs::write(&writer_password, "writer-pw").unwrap();
+    let proxy = free_port();
+    let text = config(
+        &env,
+        &format!(
+            r#"
+[[consumer]]
+name = "app-mirror"
+target = "warehouse"
+filter = {{ sync = {{ name = "app" }} }}
+layout = {{ kind = "schema_mirror", schema = "app" }}
+batch = {{ max_records = 1000, max_wait_ms = 20 }}
+
+[proxy]
+listen = "127.0.0.1:{proxy}"
+target = "warehouse"
+{extra_proxy}
+"#
+        ),
+    )
+    .replace(
+        "create_missing = true\n",
+        &format!(
+            "create_missing = true\nwriter = {{ user = \"sluice_writer\", password = {{ file = \"{}\" }} }}\n",
+            writer_password.display()
+        ),
+    );
+    let path = env.dir.path().join("sluice.toml");
+    std::fs::write(&path, text).unwrap();
+    let (child, _api) = serve_ready(&env, &path).await;
+    wait_until("the mirror is backfilled", &env, 60, async || {
+        target_count(&env, "app.orders", "true").await == 500
+    })
+    .await;
+    env.target
+        .execute(
+            "postgres",
+            "grant insert, update, delete on app.orders to app_user;
+             alter table app.orders enable row level security;
+             create policy app_user_rows on app.orders to app_user using (id <= 100 or id >= 900);
+             create policy reader_rows on app.orders for select to reader using (true);",
+        )
+        .await
+        .unwrap();
+    Proxied { env, child, proxy }
+}
+
+fn options(p: &Proxied, user: &str, password: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(p.proxy)
+        .username(user)
+        .password(password)
+        .database("postgres")
+        .ssl_mode(PgSslMode::Disable)
+}
+
+/// The error's message and hint, as a client shows them.
+fn message_and_hint(error: &sqlx::Error) -> String {
+    let db = error
+        .as_database_error()
+        .unwrap_or_else(|| panic!("not a server error: {error}"))
+        .downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    format!("{} (hint: {})", db.message(), db.hint().unwrap_or_default())
+}
+
+async fn source_qty(p: &Proxied, id: i32) -> Option<i32> {
+    let mut conn = p.env.source.admin("postgres").await.unwrap();
+    sqlx::query_scalar("select qty from public.orders where id = $1")
+        .bind(id)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Runs each of `sql` with `psql -c` (one query message each).
+fn psql(p: &Proxied, user: &str, password: &str, sql: &str) -> (bool, String) {
+    let mut command = Command::new("psql");
+    command
+        .arg(format!(
+            "postgres://{user}@127.0.0.1:{}/postgres?sslmode=disable",
+            p.proxy
+        ))
+        .args(["-X", "-v", "ON_ERROR_STOP=1"]);
+    for statement in sql.split_inclusive(';') {
+        command.args(["-c", statement.trim()]);
+    }
+    let out = command.env("PGPASSWORD", password).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn writes_to_synced_tables_go_upstream_first_and_read_back_at_once() {
+    let p = start("").await;
+    let mut conn = PgConnection::connect_with(&options(&p, "app_user", "app-pw"))
+        .await
+        .unwrap();
+
+    // sqlx: the extended protocol, binary parameters. The next read sees the write.
+    let done = sqlx::query("update app.orders set qty = $1 where id = $2")
+        .bind(77)
+        .bind(7)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    let qty: i32 = sqlx::query_scalar("select qty from app.orders where id = 7")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(qty, 77, "read-your-writes");
+    assert_eq!(source_qty(&p, 7).await, Some(77), "applied upstream");
+
+    // psql: the simple protocol, RETURNING, and an upstream default-free insert.
+    let (ok, out) = psql(
+        &p,
+        "app_user",
+        "app-pw",
+        "insert into app.orders (id, item, qty) values (900, 'via proxy', 3) returning id, item",
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("900 | via proxy") && out.contains("INSERT 0 1"),
+        "{out}"
+    );
+    assert_eq!(source_qty(&p, 900).await, Some(3));
+    let (ok, out) = psql(
+        &p,
+        "app_user",
+        "app-pw",
+        "update app.orders set qty = qty + 1 where id in (900, 7) returning id, qty",
+    );
+    assert!(ok && out.contains("UPDATE 2"), "{out}");
+    assert!(
+        out.contains("900 |   4") && out.contains("  7 |  78"),
+        "{out}"
+    );
+    let (ok, out) = psql(
+        &p,
+        "app_user",
+        "app-pw",
+        "delete from app.orders where id = 900 returning item",
+    );
+    assert!(
+        ok && out.contains("via proxy") && out.contains("DELETE 1"),
+        "{out}"
+    );
+    assert_eq!(source_qty(&p, 900).await, None);
+    assert_eq!(target_count(&p.env, "app.orders", "id = 900").await, 0);
+
+    // The upstream's refusal comes back as an error, with its own SQLSTATE; nothing changes.
+    let error = sqlx::query("update app.orders set qty = -1 where id = 7")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let db = error.as_database_error().unwrap();
+    assert!(
+        db.message().starts_with(
+            "Error updating orders: new row for relation \"orders\" violates check constraint"
+        ),
+        "{}",
+        db.message()
+    );
+    assert_eq!(db.code().as_deref(), Some("23514"));
+    assert_eq!(source_qty(&p, 7).await, Some(78));
+
+    // Row-level security decides which rows a client may write: none of these is its.
+    let done = sqlx::query("update app.orders set qty = 5 where id = 200")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 0);
+    assert_eq!(source_qty(&p, 200).await, Some(200));
+    // Without UPDATE on the table, nothing at all.
+    let mut reader = PgConnection::connect_with(&options(&p, "reader", "reader-pw"))
+        .await
+        .unwrap();
+    let error = sqlx::query("update app.orders set qty = 5 where id = 1")
+        .execute(&mut reader)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.as_database_error().unwrap().code().as_deref(),
+        Some("42501"),
+        "{error}"
+    );
+    assert_eq!(source_qty(&p, 1).await, Some(1));
+
+    // Inside BEGIN: refused by default, naming the setting.
+    let mut tx = conn.begin().await.unwrap();
+    let error = sqlx::query("update app.orders set qty = 9 where id = 7")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(
+        message_and_hint(&error).contains("writes_in_transactions"),
+        "{error}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(source_qty(&p, 7).await, Some(78));
+
+    // Forms the upstream cannot take are refused with the way out.
+    let error = sqlx::query(
+        "insert into app.orders (id, item, qty) values (7, 'x', 1) on conflict do nothing",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("ON CONFLICT"), "{error}");
+
+    // Everything else still passes through: a transaction on the client's own table.
+    let mut tx = conn.begin().await.unwrap();
+    tx.execute("insert into public.notes values (1, 'mine')")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let body: String = sqlx::query_scalar("select body from public.notes")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(body, "mine");
+}
+
+#[tokio::test]
+async fn row_limit_and_writes_in_transactions_follow_the_config() {
+    let p = start("max_rows_per_statement = 10\nwrites_in_transactions = true").await;
+    let mut conn = PgConnection::connect_with(&options(&p, "app_user", "app-pw"))
+        .await
+        .unwrap();
+    let error = sqlx::query("update app.orders set qty = 0 where id <= 50")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let error = message_and_hint(&error);
+    assert!(
+        error.contains("50 rows") && error.contains("max_rows_per_statement"),
+        "{error}"
+    );
+    assert_eq!(source_qty(&p, 50).await, Some(50), "nothing was sent");
+
+    let (ok, out) = psql(
+        &p,
+        "app_user",
+        "app-pw",
+        "begin; update app.orders set qty = 11 where id = 3; rollback;",
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("a ROLLBACK will not undo"), "{out}");
+    assert_eq!(
+        source_qty(&p, 3).await,
+        Some(11),
+        "applied at once, upstream first"
+    );
+}

@@ -1,0 +1,156 @@
+//! The writer: the part of a source that applies a change upstream, for the write-back proxy.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::{CollectionId, Record, RecordKey, UpstreamId, Version};
+
+/// A row's columns as PostgreSQL text (what `::text` prints with `DateStyle = ISO`,
+/// `IntervalStyle = postgres`, `TimeZone = UTC`, `bytea_output = hex` and shortest-exact
+/// floats); `None` is SQL `NULL`.
+pub type Columns = BTreeMap<String, Option<String>>;
+
+/// One row's change, as a client wrote it to a synced table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamChange {
+    /// A new record with these columns (the ones the statement named; the upstream fills the
+    /// rest, its id included when not given).
+    Insert {
+        /// The columns given.
+        values: Columns,
+    },
+    /// New values for some columns of an existing record.
+    Update {
+        /// The record.
+        id: UpstreamId,
+        /// Only the columns the statement sets.
+        values: Columns,
+    },
+    /// The record is deleted.
+    Delete {
+        /// The record.
+        id: UpstreamId,
+    },
+}
+
+impl UpstreamChange {
+    /// `insert`, `update` or `delete`.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            UpstreamChange::Insert { .. } => "insert",
+            UpstreamChange::Update { .. } => "update",
+            UpstreamChange::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// What an upstream did with the changes it accepted, so the proxy can show them locally.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Written {
+    /// The upstream's resulting state of each record, for the proxy to append to the records
+    /// stream (sources whose own feed would bring the change back only later, if at all).
+    pub records: Vec<Record>,
+    /// Changes the source's own feed brings into the stream (a PostgreSQL source's
+    /// replication): the stream holds each of them once it holds the key at this version or a
+    /// later one.
+    pub arriving: Vec<(RecordKey, Version)>,
+    /// Each accepted change's record id, in order (an insert's new id included).
+    pub ids: Vec<UpstreamId>,
+}
+
+/// Why an upstream did not take a change.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WriteRefused {
+    /// What kind of refusal.
+    pub kind: RefusalKind,
+    /// The upstream's message (`INVALID EMAIL ADDRESS`), or sluice's when it refused first.
+    pub message: String,
+    /// The upstream's own error code, when it gave one (`email_invalid`, a SQLSTATE).
+    pub code: Option<String>,
+}
+
+/// The kinds of [`WriteRefused`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The upstream rejected the change (validation, a constraint, a missing record).
+    Rejected,
+    /// A column the upstream cannot write (named in the message).
+    ReadOnlyColumn,
+    /// The upstream could not be reached or failed; the change may or may not have been
+    /// applied (the message says which is known).
+    Unavailable,
+    /// The writer is not set up (no writer connection or webhook configured, or missing
+    /// privileges); the message carries the fix.
+    NotConfigured,
+}
+
+impl fmt::Debug for WriteRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteRefused")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("code", &self.code)
+            .finish()
+    }
+}
+
+impl WriteRefused {
+    /// A refusal of `kind`.
+    pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            code: None,
+        }
+    }
+
+    /// With the upstream's own code.
+    pub fn code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+}
+
+/// The result of [`Writer::apply`]: what was accepted (a prefix of the changes, in order), and
+/// why the rest was not.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOutcome {
+    /// The accepted changes' results.
+    pub written: Written,
+    /// How many changes were accepted (the first `applied` of them).
+    pub applied: usize,
+    /// Why change number `applied` was refused (and the rest not tried), if one was.
+    pub refused: Option<WriteRefused>,
+}
+
+/// Applies changes upstream and says what the upstream made of them: the write-back proxy's
+/// way to a source ([`crate::Source::writer`]).
+///
+/// Contract every implementation keeps:
+/// - **Upstream first, in order.** Changes are applied in the order given; the first refusal
+///   stops the rest, and the outcome says how many were applied before it.
+/// - **Safe to retry.** A change sent again after an unclear failure is applied once (an
+///   idempotency key, a transaction).
+/// - **Says what it did.** [`Written`] holds what the proxy needs to show the accepted
+///   changes locally: the records to append, or the versions the source's own feed will bring.
+/// - **Least privilege.** It writes with credentials meant for writing (a writer role, the
+///   provider's key), never with the sync user's.
+#[async_trait]
+pub trait Writer: Send + Sync {
+    /// The most rows one statement may write, unless the proxy's config says otherwise.
+    fn max_rows_per_statement(&self) -> u64 {
+        1_000
+    }
+
+    /// Columns of `collection` the upstream cannot set in `change` (`insert`, `update`); a
+    /// statement setting one is refused before anything is sent.
+    fn read_only_columns(&self, collection: &CollectionId, verb: &str) -> Vec<String> {
+        let _ = (collection, verb);
+        Vec::new()
+    }
+
+    /// Applies `changes` to `collection` upstream (see the contract above).
+    async fn apply(&self, collection: &CollectionId, changes: &[UpstreamChange]) -> WriteOutcome;
+}
