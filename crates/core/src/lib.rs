@@ -76,5 +76,5 @@ pub use stream::{
 };
 pub use target::{Batch, Target};
 pub use writer::{
-    Columns, RefusalKind, UpstreamChange, WriteOutcome, WriteRefused, Writer, Written,
+    Column, Columns, RefusalKind, UpstreamChange, WriteOutcome, WriteRefused, Writer, Written,
 };

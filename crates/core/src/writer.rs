@@ -7,10 +7,45 @@ use async_trait::async_trait;
 
 use crate::{CollectionId, Record, RecordKey, UpstreamId, Version};
 
-/// A row's columns as PostgreSQL text (what `::text` prints with `DateStyle = ISO`,
-/// `IntervalStyle = postgres`, `TimeZone = UTC`, `bytea_output = hex` and shortest-exact
-/// floats); `None` is SQL `NULL`.
-pub type Columns = BTreeMap<String, Option<String>>;
+/// One column's value in a change: PostgreSQL's text for it (what `::text` prints with
+/// `DateStyle = ISO`, `IntervalStyle = postgres`, `TimeZone = UTC`, `bytea_output = hex` and
+/// shortest-exact floats; `None` is SQL `NULL`) and the column's type as `format_type` prints
+/// it (`bigint`, `timestamp with time zone`, `jsonb`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// The value as text; `None` for `NULL`.
+    pub text: Option<String>,
+    /// The column's type.
+    pub sql_type: String,
+}
+
+impl Column {
+    /// The value as JSON, exactly: numbers keep their digits, `json`/`jsonb` are parsed,
+    /// booleans are `true`/`false`, everything else (timestamps included) is a string.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        let Some(text) = &self.text else {
+            return Value::Null;
+        };
+        let number = matches!(
+            self.sql_type.as_str(),
+            "smallint" | "integer" | "bigint" | "real" | "double precision"
+        ) || self.sql_type.starts_with("numeric");
+        match self.sql_type.as_str() {
+            "boolean" => Value::Bool(text == "t" || text == "true"),
+            "json" | "jsonb" => {
+                serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+            }
+            _ if number => serde_json::from_str::<serde_json::Number>(text)
+                .map(Value::Number)
+                .unwrap_or_else(|_| Value::String(text.clone())),
+            _ => Value::String(text.clone()),
+        }
+    }
+}
+
+/// A row's columns by name.
+pub type Columns = BTreeMap<String, Column>;
 
 /// One row's change, as a client wrote it to a synced table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,7 +85,10 @@ impl UpstreamChange {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Written {
     /// The upstream's resulting state of each record, for the proxy to append to the records
-    /// stream (sources whose own feed would bring the change back only later, if at all).
+    /// stream (sources whose own feed would bring the change back only later, if at all). The
+    /// version is the lowest the change may have (an upstream clock's second, minor 0); the
+    /// proxy raises it to just above the stream's current version of the record when that is
+    /// not lower, so the write shows at once and the source's next change still wins.
     pub records: Vec<Record>,
     /// Changes the source's own feed brings into the stream (a PostgreSQL source's
     /// replication): the stream holds each of them once it holds the key at this version or a

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use sluice_core::sql::quote_ident;
-use sluice_core::{RefusalKind, Seq, UpstreamChange, UpstreamId, WriteOutcome, Written};
+use sluice_core::{
+    Column, RefusalKind, Seq, UpstreamChange, UpstreamId, Version, WriteOutcome, Written,
+};
 use sluice_pg::sqlstate;
 use tokio::io::AsyncWriteExt;
 
@@ -510,6 +512,10 @@ impl Session {
 
         // The changes, upstream.
         let key_len = table.key.len();
+        let column = |name: &String, value: &Option<String>| Column {
+            text: value.clone(),
+            sql_type: types.get(name).cloned().unwrap_or_default(),
+        };
         let mut changes = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
             let change = match w.verb {
@@ -525,7 +531,7 @@ impl Session {
                                 .copied()
                                 .unwrap_or(false)
                         })
-                        .map(|(_, (name, value))| (name.clone(), value.clone()))
+                        .map(|(_, (name, value))| (name.clone(), column(name, value)))
                         .collect(),
                 },
                 verb => {
@@ -547,8 +553,8 @@ impl Session {
                             id,
                             values: written_columns
                                 .iter()
-                                .cloned()
-                                .zip(row[key_len..].iter().cloned())
+                                .zip(&row[key_len..])
+                                .map(|(name, value)| (name.clone(), column(name, value)))
                                 .collect(),
                         }
                     }
@@ -613,7 +619,7 @@ impl Session {
                 table.noun(),
                 refused.message
             );
-            if outcome.applied > 0 {
+            if changes.len() > 1 {
                 message.push_str(&format!(
                     " ({} of {} rows were applied upstream before this one, and locally too)",
                     outcome.applied,
@@ -675,8 +681,22 @@ impl Session {
         let deadline = Instant::now() + LOCAL_WAIT;
         let mut through = Seq::START;
         if !written.records.is_empty() {
+            // Each record goes just above what the stream holds for it when that is as new as
+            // the writer's version (an upstream clock in whole seconds): the proxy's record
+            // shows at once, and the source's own next change of it is still newer.
+            let mut records = written.records.clone();
+            for record in &mut records {
+                if let Some(current) = stream.get(&record.key).await.map_err(|e| e.to_string())?
+                    && current.record.version >= record.version
+                {
+                    record.version = Version::new(
+                        current.record.version.major,
+                        current.record.version.minor + 1,
+                    );
+                }
+            }
             let appended = stream
-                .append(written.records.clone())
+                .append(records)
                 .await
                 .map_err(|e| format!("the records stream did not take it: {e}"))?;
             through = appended.head;

@@ -45,6 +45,8 @@ pub enum ApiError {
         status: u16,
         /// What the API said.
         message: String,
+        /// The API's own error code, when it gave one (`email_invalid`).
+        code: Option<String>,
     },
     /// A `5xx`.
     Server {
@@ -67,7 +69,9 @@ impl std::fmt::Display for ApiError {
             ApiError::Forbidden(m) => write!(f, "permission denied (403): {m}"),
             ApiError::Missing(m) => write!(f, "not found: {m}"),
             ApiError::RateLimited(m) => write!(f, "rate limited (429) again and again: {m}"),
-            ApiError::Refused { status, message } => {
+            ApiError::Refused {
+                status, message, ..
+            } => {
                 write!(f, "the request was refused ({status}): {message}")
             }
             ApiError::Server { status, message } => {
@@ -80,6 +84,15 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    /// Its JSON body.
+    pub body: Value,
+    /// When the API says it answered (its `Date` header), if it said.
+    pub date: Option<OffsetDateTime>,
+}
 
 /// One credential's connection to an API.
 pub struct Client {
@@ -137,6 +150,22 @@ impl Client {
         query: &[(&str, String)],
         headers: &[(&str, &str)],
     ) -> Result<Value, ApiError> {
+        self.send(reqwest::Method::GET, path, query, None, headers)
+            .await
+            .map(|answer| answer.body)
+    }
+
+    /// Like [`Client::get`], with any method and a form body (`application/x-www-form-urlencoded`),
+    /// for writes; the answer also says when the API says it answered (its `Date` header).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        form: Option<&[(String, String)]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, ApiError> {
+        let verb = method.as_str().to_owned();
         let mut throttled = 0;
         loop {
             let permit = self.in_flight.acquire().await;
@@ -144,9 +173,12 @@ impl Client {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut request = self
                 .http
-                .get(format!("{}{path}", self.base_url))
+                .request(method.clone(), format!("{}{path}", self.base_url))
                 .query(query)
                 .bearer_auth(self.key.expose_secret());
+            if let Some(form) = form {
+                request = request.form(form);
+            }
             for (name, value) in &self.headers {
                 request = request.header(name, value);
             }
@@ -156,10 +188,17 @@ impl Client {
             let response = request.send().await;
             let response = match response {
                 Ok(r) => r,
-                Err(e) => return Err(self.transport(path, e)),
+                Err(e) => return Err(self.transport(&verb, path, e)),
             };
             let status = response.status().as_u16();
             let retry_after = header_seconds(response.headers(), "retry-after");
+            let date = response
+                .headers()
+                .get("date")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()
+                });
             let should_retry = response
                 .headers()
                 .get("stripe-should-retry")
@@ -167,22 +206,22 @@ impl Client {
                 .map(|v| v == "true");
             let body = match response.bytes().await {
                 Ok(b) => b,
-                Err(e) => return Err(self.transport(path, e)),
+                Err(e) => return Err(self.transport(&verb, path, e)),
             };
             drop(permit);
             if (200..300).contains(&status) {
                 let value: Value = serde_json::from_slice(&body).map_err(|e| {
                     ApiError::Malformed(format!(
-                        "GET {path} answered {status} with a body that is not JSON ({e}): {}",
+                        "{verb} {path} answered {status} with a body that is not JSON ({e}): {}",
                         excerpt(&body)
                     ))
                 })?;
                 *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(OffsetDateTime::now_utc());
-                return Ok(value);
+                return Ok(Answer { body: value, date });
             }
             let (code, message) = error_text(&body);
-            let message = self.redact(&format!("GET {path}: {message}"));
+            let message = self.redact(&format!("{verb} {path}: {message}"));
             if status == 429 {
                 throttled += 1;
                 if throttled > RATE_LIMITED_RETRIES || should_retry == Some(false) {
@@ -197,13 +236,17 @@ impl Client {
                 403 => ApiError::Forbidden(message),
                 404 => ApiError::Missing(message),
                 400 if code.as_deref() == Some("resource_missing") => ApiError::Missing(message),
-                400..=499 => ApiError::Refused { status, message },
+                400..=499 => ApiError::Refused {
+                    status,
+                    message,
+                    code,
+                },
                 _ => ApiError::Server { status, message },
             });
         }
     }
 
-    fn transport(&self, path: &str, e: reqwest::Error) -> ApiError {
+    fn transport(&self, verb: &str, path: &str, e: reqwest::Error) -> ApiError {
         let e = e.without_url();
         // reqwest's own text is terse ("error sending request"); the causes say what happened.
         let mut text = e.to_string();
@@ -215,13 +258,13 @@ impl Client {
         let text = self.redact(&text);
         if e.is_timeout() {
             ApiError::Transport(format!(
-                "GET {path} did not answer within {} s",
+                "{verb} {path} did not answer within {} s",
                 self.timeout.as_secs_f64()
             ))
         } else if e.is_decode() || e.is_body() {
-            ApiError::Malformed(format!("GET {path}: the body was cut off: {text}"))
+            ApiError::Malformed(format!("{verb} {path}: the body was cut off: {text}"))
         } else {
-            ApiError::Transport(format!("GET {path} to {}: {text}", self.base_url))
+            ApiError::Transport(format!("{verb} {path} to {}: {text}", self.base_url))
         }
     }
 

@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use sluice_core::{
     CheckReport, CollectionId, CollectionInfo, CollectionSchema, EntityKind, EntityRef, Error,
     ErrorClass, Health, HealthReport, HealthState, Payload, Provider, RecordStream, Result, Source,
@@ -46,11 +45,17 @@ use tokio::sync::watch;
 mod client;
 mod feed;
 mod limit;
+mod pages;
 pub mod schema;
 mod view;
+mod write;
 
-pub use client::{ApiError, Client, ClientSettings};
+pub use client::{Answer, ApiError, Client, ClientSettings};
 pub use limit::Limiter;
+pub use pages::{Change, Changes, Item, Mark, Page, Update};
+/// HTTP methods, for [`Client::send`].
+pub use reqwest::Method;
+pub use write::{ApiWriter, ApiWrites, Applied};
 
 use feed::Ctx;
 use view::FeedView;
@@ -65,72 +70,6 @@ pub struct Collection {
     pub permission: String,
     /// Its columns (from the provider's JSON Schema); widened by payloads as they come.
     pub schema: CollectionSchema,
-}
-
-/// One object of a backfill page.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Item {
-    /// The object's id upstream (the record's `upstream_id`).
-    pub id: String,
-    /// The object, as the API gave it.
-    pub payload: Payload,
-    /// When the object was created upstream (a backfilled row's `upstream_updated_at`).
-    pub created: OffsetDateTime,
-}
-
-/// One page of a collection, in the API's order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Page {
-    /// The objects; the next page is asked for after the last one.
-    pub items: Vec<Item>,
-    /// Whether more pages follow.
-    pub more: bool,
-}
-
-/// A position in a provider's change feed: the change's id and time (seconds since the epoch).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mark {
-    /// The change's id (`evt_…`).
-    pub id: String,
-    /// When it happened, in seconds since the epoch.
-    pub at: i64,
-}
-
-/// What one change says about an object.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Update {
-    /// The object is now this.
-    Upsert(Payload),
-    /// The object was deleted.
-    Delete,
-    /// The change does not carry the object in a usable form (rendered at another API
-    /// version, or partial): fetch it again.
-    Refetch,
-}
-
-/// One change of one object, from the feed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Change {
-    /// Which collection (only configured collections are returned).
-    pub collection: CollectionId,
-    /// The object's id.
-    pub id: String,
-    /// When the change happened (the record's `upstream_updated_at`).
-    pub at: OffsetDateTime,
-    /// What it says.
-    pub update: Update,
-}
-
-/// Changes after a mark, oldest first.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Changes {
-    /// The changes, oldest first, of configured collections only.
-    pub changes: Vec<Change>,
-    /// The newest change read (ignored or not): the next read starts after it. `None` when
-    /// nothing was read.
-    pub newest: Option<Mark>,
-    /// Whether more changes are already waiting.
-    pub more: bool,
 }
 
 /// What a provider implements; the runtime ([`ApiSource`]) does everything else.
@@ -187,6 +126,10 @@ pub trait Api: Send + Sync + 'static {
         collection: &Collection,
         id: &str,
     ) -> std::result::Result<Option<Payload>, ApiError>;
+    /// How the API takes the write-back proxy's changes (default: it does not).
+    fn writes(&self) -> Option<Arc<dyn ApiWrites>> {
+        None
+    }
 }
 
 /// Which connected accounts a source follows.
@@ -516,6 +459,28 @@ impl Source for ApiSource {
                 .then(|| "name at least one object in collections".to_owned()),
         );
         report
+    }
+
+    fn writer(&self) -> Option<Arc<dyn sluice_core::Writer>> {
+        let ctx = self.ctx.as_ref().ok().filter(|_| self.settings.platform)?;
+        Some(Arc::new(ApiWriter {
+            writes: ctx.api.writes()?,
+            client: ctx.client.clone(),
+            sync_id: self.sync_id,
+            provider: self.provider,
+            account: None,
+        }))
+    }
+
+    fn writer_missing(&self) -> String {
+        match &self.ctx {
+            Err((problem, _)) => format!("sync {:?} cannot reach its API: {problem}", self.name),
+            Ok(_) if !self.settings.platform => format!(
+                "sync {:?} follows connected accounts only; writes go to the platform account (platform = true)",
+                self.name
+            ),
+            Ok(_) => format!("sync {:?}: this API does not take writes", self.name),
+        }
     }
 
     fn progress(&self) -> SourceProgress {

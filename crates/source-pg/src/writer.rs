@@ -148,8 +148,10 @@ impl PgWriter {
                 }
                 UpstreamChange::Insert { values } => {
                     let columns: Vec<String> = values.keys().map(|c| quote_ident(c)).collect();
-                    let literals: Vec<String> =
-                        values.values().map(|v| literal(v.as_deref())).collect();
+                    let literals: Vec<String> = values
+                        .values()
+                        .map(|v| literal(v.text.as_deref()))
+                        .collect();
                     format!(
                         "insert into {table} ({}) values ({}) returning {returning}",
                         columns.join(", "),
@@ -159,7 +161,9 @@ impl PgWriter {
                 UpstreamChange::Update { id, values } => {
                     let set: Vec<String> = values
                         .iter()
-                        .map(|(c, v)| format!("{} = {}", quote_ident(c), literal(v.as_deref())))
+                        .map(|(c, v)| {
+                            format!("{} = {}", quote_ident(c), literal(v.text.as_deref()))
+                        })
                         .collect();
                     format!(
                         "update {table} set {} where {} returning {returning}",

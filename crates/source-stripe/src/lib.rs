@@ -32,6 +32,8 @@ use sluice_source_api::{
 };
 use time::OffsetDateTime;
 
+mod writes;
+
 /// The API version sluice asks for, and the one `schemas/stripe.json` describes.
 pub const API_VERSION: &str = "2024-06-20";
 
@@ -295,6 +297,10 @@ impl Stripe {
 impl Api for Stripe {
     fn provider(&self) -> Provider {
         Provider::Stripe
+    }
+
+    fn writes(&self) -> Option<Arc<dyn sluice_source_api::ApiWrites>> {
+        Some(Arc::new(writes::StripeWrites))
     }
 
     fn title(&self) -> &'static str {

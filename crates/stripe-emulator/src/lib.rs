@@ -15,6 +15,8 @@
 //!   error JSON; `429` for a configurable share of requests, with `Retry-After`;
 //! - connected accounts: the `Stripe-Account` header selects an account's own objects and
 //!   events, and `/v1/accounts` lists them;
+//! - writes as Stripe checks them (`writes.rs`): `Idempotency-Key` replays, parameters
+//!   Stripe sets itself refused as unknown, `email_invalid`;
 //! - it counts requests, with their times, so a test can check a client's rate.
 //!
 //! This file is long because it is one small HTTP server whose state, handlers and test-facing
@@ -42,6 +44,7 @@ use axum::routing::get;
 use serde_json::{Map, Value, json};
 
 mod localstripe;
+mod writes;
 pub use localstripe::LocalStripe;
 
 /// The objects the emulator knows: (resource path, object name, id prefix, deletable).
@@ -139,6 +142,8 @@ struct Inner {
     /// Times of the requests answered 429.
     throttled: Vec<f64>,
     api_version: String,
+    /// Answers by `Idempotency-Key`, with the request they answered.
+    idempotency: std::collections::HashMap<String, (String, Result<Value, StripeError>)>,
 }
 
 /// A running emulator; stops when dropped.
@@ -156,6 +161,7 @@ impl Drop for Emulator {
 
 /// An error as Stripe answers it: status, `{"error": {"type", "code", "message"}}`, and for
 /// 429 a `Retry-After`.
+#[derive(Clone, Debug)]
 struct StripeError {
     status: StatusCode,
     kind: &'static str,
@@ -191,6 +197,16 @@ fn error(
         message,
         retry_after: None,
     }
+}
+
+/// `resource_missing`, as Stripe answers for an id it does not know.
+fn missing_error(path: &str, id: &str) -> StripeError {
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("resource_missing"),
+        format!("No such {path}: '{id}'"),
+    )
 }
 
 fn resource(path: &str) -> Option<(&'static str, &'static str, &'static str, bool)> {
@@ -503,8 +519,12 @@ async fn list_or_create(
         .into_response();
     };
     if method == axum::http::Method::POST {
-        let created = inner.create(&account, known, form(&body));
-        return axum::Json(created.unwrap_or_default()).into_response();
+        let fields = form(&body);
+        let request = format!("POST /v1/{path} {}", String::from_utf8_lossy(&body));
+        return writes::once(&mut inner, &headers, request, |inner| {
+            writes::check(known, true, &fields)?;
+            Ok(inner.create(&account, known, fields).unwrap_or_default())
+        });
     }
     let items: Vec<&Value> = inner
         .accounts
@@ -550,16 +570,31 @@ async fn one(
             });
             found.map_or_else(missing, |v| axum::Json(v).into_response())
         }
-        axum::http::Method::POST => inner
-            .update(&account, &path, &id, form(&body))
-            .map_or_else(missing, |v| axum::Json(v).into_response()),
-        axum::http::Method::DELETE => match inner.delete(&account, &path, &id) {
-            None => missing(),
-            Some(Ok(v)) => axum::Json(v).into_response(),
-            Some(Err(why)) => {
-                error(StatusCode::BAD_REQUEST, "invalid_request_error", None, why).into_response()
-            }
-        },
+        axum::http::Method::POST => {
+            let fields = form(&body);
+            let request = format!("POST /v1/{path}/{id} {}", String::from_utf8_lossy(&body));
+            writes::once(&mut inner, &headers, request, |inner| {
+                writes::check(&path, false, &fields)?;
+                inner
+                    .update(&account, &path, &id, fields)
+                    .ok_or_else(|| missing_error(&path, &id))
+            })
+        }
+        axum::http::Method::DELETE => {
+            let request = format!("DELETE /v1/{path}/{id}");
+            writes::once(&mut inner, &headers, request, |inner| {
+                match inner.delete(&account, &path, &id) {
+                    None => Err(missing_error(&path, &id)),
+                    Some(Ok(v)) => Ok(v),
+                    Some(Err(why)) => Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        None,
+                        why,
+                    )),
+                }
+            })
+        }
         _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -592,6 +627,7 @@ impl Emulator {
             requests: Vec::new(),
             throttled: Vec::new(),
             api_version: "2024-06-20".into(),
+            idempotency: Default::default(),
         }));
         let app = Router::new()
             .route("/v1/{resource}", get(list_or_create).post(list_or_create))
