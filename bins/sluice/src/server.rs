@@ -54,7 +54,16 @@ pub fn source_for(
     settings: Option<ConnectionSettings>,
 ) -> Arc<dyn Source> {
     match &sync.source {
-        SourceConfig::Http {} => Arc::new(HttpSource::new(sync.name.clone(), sync.id, stream)),
+        SourceConfig::Http { webhook } => {
+            let source = HttpSource::new(sync.name.clone(), sync.id, stream);
+            Arc::new(match webhook {
+                Some(webhook) => source.with_webhook(
+                    webhook.url.clone(),
+                    webhook.secret.as_ref().and_then(|s| s.resolve().ok()),
+                ),
+                None => source,
+            })
+        }
         SourceConfig::Stripe(stripe) => Arc::new(sluice_source_stripe::source(
             &sync.name, sync.id, stripe, stream,
         )),

@@ -93,9 +93,13 @@ target = "warehouse"
 }
 
 fn options(p: &Proxied, user: &str, password: &str) -> PgConnectOptions {
+    options_at(p.proxy, user, password)
+}
+
+fn options_at(port: u16, user: &str, password: &str) -> PgConnectOptions {
     PgConnectOptions::new()
         .host("127.0.0.1")
-        .port(p.proxy)
+        .port(port)
         .username(user)
         .password(password)
         .database("postgres")
@@ -305,4 +309,190 @@ async fn row_limit_and_writes_in_transactions_follow_the_config() {
         Some(11),
         "applied at once, upstream first"
     );
+}
+
+/// What the test's webhook received: (authorization, idempotency key, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+/// A webhook that applies changes to nothing but remembers them: emails without `@` are
+/// refused with 422, inserts get the id `u-new-<n>`.
+async fn webhook() -> (String, Received) {
+    use axum::http::{HeaderMap, StatusCode};
+    let received: Received = Default::default();
+    let app = axum::Router::new().route(
+        "/changes",
+        axum::routing::post({
+            let received = received.clone();
+            move |headers: HeaderMap, body: axum::Json<serde_json::Value>| {
+                let received = received.clone();
+                async move {
+                    let header = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let mut all = received.lock().unwrap();
+                    all.push((
+                        header("authorization"),
+                        header("idempotency-key"),
+                        body.0.clone(),
+                    ));
+                    if body.0["values"]["email"]
+                        .as_str()
+                        .is_some_and(|e| !e.contains('@'))
+                    {
+                        return (
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            axum::Json(serde_json::json!({"error": "invalid email"})),
+                        );
+                    }
+                    if body.0["operation"] == "insert" {
+                        return (
+                            StatusCode::OK,
+                            axum::Json(serde_json::json!({"id": format!("u-new-{}", all.len())})),
+                        );
+                    }
+                    (StatusCode::NO_CONTENT, axum::Json(serde_json::Value::Null))
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/changes", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+#[tokio::test]
+async fn writes_to_pushed_records_go_to_the_syncs_webhook() {
+    let env = env().await;
+    env.target
+        .execute(
+            "postgres",
+            "create role app_user login password 'app-pw'; grant sluice_read to app_user;",
+        )
+        .await
+        .unwrap();
+    let (url, received) = webhook().await;
+    std::fs::write(env.dir.path().join("webhook-secret"), "hook-secret-1").unwrap();
+    let proxy = free_port();
+    let text = config(
+        &env,
+        &format!(
+            r#"
+[[consumer]]
+name = "events-mirror"
+target = "warehouse"
+filter = {{ sync = {{ name = "events" }} }}
+layout = {{ kind = "schema_mirror", schema = "events", collections = {{ signups = {{ json_schema = {{ type = "object", properties = {{ email = {{ type = "string" }}, plan = {{ type = "string" }}, seats = {{ type = "integer" }} }} }} }} }} }}
+batch = {{ max_records = 1000, max_wait_ms = 20 }}
+
+[proxy]
+listen = "127.0.0.1:{proxy}"
+target = "warehouse"
+"#
+        ),
+    )
+    .replace(
+        r#"source = { provider = "http" }"#,
+        &format!(
+            r#"source = {{ provider = "http", webhook = {{ url = "{url}", secret = {{ file = "{}" }} }} }}"#,
+            env.dir.path().join("webhook-secret").display()
+        ),
+    );
+    let path = env.dir.path().join("sluice.toml");
+    std::fs::write(&path, text).unwrap();
+    let (mut child, api) = serve_ready(&env, &path).await;
+    let (status, body) = api
+        .post(
+            "/v1/syncs/events/records",
+            serde_json::json!({"records": [{"collection": "signups", "id": "u1", "payload": {"email": "a@example.com", "plan": "free", "seats": 1}}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_until("the pushed record is mirrored", &env, 60, async || {
+        target_count(&env, "events.signups", "id = 'u1'").await == 1
+    })
+    .await;
+    env.target
+        .execute(
+            "postgres",
+            "grant insert, update, delete on events.signups to app_user;",
+        )
+        .await
+        .unwrap();
+    let mut conn = PgConnection::connect_with(&options_at(proxy, "app_user", "app-pw"))
+        .await
+        .unwrap();
+
+    // An update is POSTed to the webhook, with the secret and an idempotency key, and the
+    // record the stream holds, with the new value, is in the table before the answer.
+    let done =
+        sqlx::query("update events.signups set plan = $1, seats = seats + 1 where id = 'u1'")
+            .bind("pro")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    {
+        let received = received.lock().unwrap();
+        let (authorization, key, body) = received.last().unwrap();
+        assert_eq!(authorization, "Bearer hook-secret-1");
+        assert!(!key.is_empty());
+        assert_eq!(
+            body,
+            &serde_json::json!({"sync": "events", "collection": "signups", "operation": "update", "id": "u1", "values": {"plan": "pro", "seats": 2}})
+        );
+    }
+    let row: (String, String, i64) =
+        sqlx::query_as("select email, plan, seats from events.signups where id = 'u1'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(row, ("a@example.com".into(), "pro".into(), 2));
+
+    // The webhook's refusal is the client's error; nothing changes.
+    let error = sqlx::query("update events.signups set email = 'nope' where id = 'u1'")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let db = error
+        .as_database_error()
+        .unwrap()
+        .downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    assert_eq!(db.message(), "Error updating signups: invalid email");
+    assert_eq!(db.detail(), Some("upstream error code: 422"));
+    assert_eq!(
+        target_count(&env, "events.signups", "email = 'a@example.com'").await,
+        1
+    );
+
+    // An insert takes the id the webhook answers with.
+    let id: String = sqlx::query_scalar(
+        "insert into events.signups (email, plan) values ('b@example.com', 'free') returning id",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(id, "u-new-3");
+    let done = sqlx::query("delete from events.signups where id = 'u-new-3'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    assert_eq!(
+        received.lock().unwrap().last().unwrap().2["operation"],
+        "delete"
+    );
+    assert_eq!(
+        target_count(&env, "events.signups", "id = 'u-new-3'").await,
+        0
+    );
+    assert!(
+        !log(&env).contains("hook-secret-1"),
+        "the secret never reaches the log"
+    );
+    let _ = child.kill();
 }

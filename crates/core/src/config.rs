@@ -317,7 +317,12 @@ pub enum SourceConfig {
         slot_lag_warning_bytes: Option<u64>,
     },
     /// Records pushed to sluice's HTTP API.
-    Http {},
+    Http {
+        /// Where the write-back proxy POSTs changes to this sync's tables (docs/proxy.md);
+        /// without it, writes to them are refused.
+        #[serde(default)]
+        webhook: Option<crate::WebhookWriterConfig>,
+    },
     /// Stripe: every chosen object listed once, then followed through `/v1/events`
     /// (docs/stripe.md).
     Stripe(StripeSourceConfig),
@@ -335,7 +340,7 @@ impl SourceConfig {
     pub fn provider(&self) -> Provider {
         match self {
             SourceConfig::Postgres { .. } => Provider::Postgres,
-            SourceConfig::Http {} => Provider::Http,
+            SourceConfig::Http { .. } => Provider::Http,
             SourceConfig::Stripe(_) => Provider::Stripe,
         }
     }
@@ -345,7 +350,7 @@ impl SourceConfig {
     pub fn connection(&self) -> Option<&ConnectionConfig> {
         match self {
             SourceConfig::Postgres { connection, .. } => Some(connection),
-            SourceConfig::Http {} | SourceConfig::Stripe(_) => None,
+            SourceConfig::Http { .. } | SourceConfig::Stripe(_) => None,
         }
     }
 }

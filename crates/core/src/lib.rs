@@ -63,7 +63,7 @@ pub use health::{
 };
 pub use load::{ConfigError, Problem};
 pub use managed::{MANAGED_FILE, Managed, ManagedKind};
-pub use proxy_config::{ProxyConfig, WriterLogin};
+pub use proxy_config::{ProxyConfig, WebhookWriterConfig, WriterLogin};
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,
 };

@@ -406,7 +406,7 @@ impl Config {
                 crate::SourceConfig::Postgres { connection, .. } => {
                     Some((format!("sync {:?}", s.name), connection))
                 }
-                crate::SourceConfig::Http {} | crate::SourceConfig::Stripe(_) => None,
+                crate::SourceConfig::Http { .. } | crate::SourceConfig::Stripe(_) => None,
             }));
         for (who, connection) in connections {
             if let Some(crate::TunnelConfig::Agent { name }) = &connection.tunnel {
@@ -445,15 +445,24 @@ impl Config {
         }
         for s in &self.syncs {
             match &s.source {
-                crate::SourceConfig::Postgres { connection, .. } => {
+                crate::SourceConfig::Postgres {
+                    connection, writer, ..
+                } => {
                     if let Some(p) = &connection.password {
                         named.push((format!("sync {:?} password", s.name), p));
+                    }
+                    if let Some(p) = writer.as_ref().and_then(|w| w.password.as_ref()) {
+                        named.push((format!("sync {:?} writer password", s.name), p));
                     }
                 }
                 crate::SourceConfig::Stripe(stripe) => {
                     named.push((format!("sync {:?} key", s.name), &stripe.key));
                 }
-                crate::SourceConfig::Http {} => {}
+                crate::SourceConfig::Http { webhook } => {
+                    if let Some(p) = webhook.as_ref().and_then(|w| w.secret.as_ref()) {
+                        named.push((format!("sync {:?} webhook secret", s.name), p));
+                    }
+                }
             }
         }
         named

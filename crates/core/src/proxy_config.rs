@@ -42,3 +42,14 @@ pub struct WriterLogin {
     #[serde(default)]
     pub password: Option<SecretSource>,
 }
+
+/// The webhook a push sync's writer POSTs the write-back proxy's changes to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookWriterConfig {
+    /// The URL (`https://…`); a `2xx` answer accepts the change.
+    pub url: String,
+    /// Sent as `Authorization: Bearer …`, so the webhook can tell sluice's requests.
+    #[serde(default)]
+    pub secret: Option<SecretSource>,
+}

@@ -39,6 +39,7 @@ use sluice_stream::EmbeddedStream;
 use time::OffsetDateTime;
 
 pub mod body;
+pub mod webhook;
 
 /// A sync whose records are pushed over HTTP.
 pub struct HttpSource {
@@ -48,8 +49,10 @@ pub struct HttpSource {
     /// Records accepted since start.
     accepted: AtomicU64,
     /// The last version handed to a record pushed without one (nanoseconds since the epoch;
-    /// strictly increasing).
-    clock: Mutex<u64>,
+    /// strictly increasing); shared with the writer.
+    clock: Arc<Mutex<Clock>>,
+    /// The write-back proxy's webhook writer, when one is configured.
+    writer: Option<Arc<webhook::WebhookWriter>>,
     /// Why the last body could not be stored, until one is.
     last_failure: Mutex<Option<String>>,
 }
@@ -62,23 +65,52 @@ impl HttpSource {
             sync_id,
             stream,
             accepted: AtomicU64::new(0),
-            clock: Mutex::new(0),
+            clock: Arc::new(Mutex::new(Clock(0))),
+            writer: None,
             last_failure: Mutex::new(None),
         }
     }
 
-    /// `n` consecutive versions, the first later than any handed out before (the clock is
-    /// the wall clock in nanoseconds, pushed forward when it would repeat or go back).
+    /// Applies the write-back proxy's changes by POSTing them to `url` (with `secret` as a
+    /// bearer token), see [`webhook`].
+    pub fn with_webhook(mut self, url: String, secret: Option<secrecy::SecretString>) -> Self {
+        self.writer = Some(Arc::new(webhook::WebhookWriter {
+            name: self.name.clone(),
+            sync_id: self.sync_id,
+            url,
+            secret,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            stream: self.stream.clone(),
+            clock: self.clock.clone(),
+        }));
+        self
+    }
+
+    /// `n` consecutive versions, the first later than any handed out before.
     fn next_versions(&self, n: usize) -> u64 {
-        let now = OffsetDateTime::now_utc().unix_timestamp_nanos().max(0) as u64;
-        let mut clock = self.clock.lock().unwrap_or_else(|e| e.into_inner());
-        let first = now.max(*clock + 1);
-        *clock = first + n as u64;
-        first
+        self.clock.lock().unwrap_or_else(|e| e.into_inner()).next(n)
     }
 
     fn note_failure(&self, failure: Option<String>) {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = failure;
+    }
+}
+
+/// The push source's clock: the wall clock in nanoseconds, pushed forward when it would
+/// repeat or go back.
+#[derive(Debug)]
+pub(crate) struct Clock(u64);
+
+impl Clock {
+    /// `n` consecutive versions, the first later than any handed out before.
+    pub(crate) fn next(&mut self, n: usize) -> u64 {
+        let now = OffsetDateTime::now_utc().unix_timestamp_nanos().max(0) as u64;
+        let first = now.max(self.0 + 1);
+        self.0 = first + n as u64;
+        first
     }
 }
 
@@ -173,6 +205,19 @@ impl Source for HttpSource {
             None,
         );
         report
+    }
+
+    fn writer(&self) -> Option<Arc<dyn sluice_core::Writer>> {
+        self.writer
+            .clone()
+            .map(|w| w as Arc<dyn sluice_core::Writer>)
+    }
+
+    fn writer_missing(&self) -> String {
+        format!(
+            "push sync {:?} has no webhook to apply changes; add webhook = {{ url = \"https://…\" }} to its source (docs/proxy.md)",
+            self.name
+        )
     }
 
     fn progress(&self) -> SourceProgress {
