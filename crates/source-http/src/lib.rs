@@ -262,7 +262,7 @@ mod tests {
         let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
         let source = HttpSource::new("s", SyncId::new_random(), stream);
         let first = source.next_versions(3);
-        *source.clock.lock().unwrap() += 1_000_000_000_000; // a clock that went back
+        source.clock.lock().unwrap().0 += 1_000_000_000_000; // a clock that went back
         let second = source.next_versions(1);
         assert!(second > first + 3, "{first} then {second}");
     }
