@@ -1,7 +1,9 @@
 //! The write-back proxy in `sluice serve`, end to end: a PostgreSQL source mirrored into the
-//! target, clients writing the mirror through the proxy with psql and sqlx, each change
-//! applied to the source first and then visible in the target at once.
+//! target, clients writing the mirror through the proxy, each change applied to the source
+//! first and then visible in the target at once; real clients (psql, sqlx, Python's psycopg,
+//! Node's pg) over TLS with prepared statements; a push sync writing through its webhook.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
@@ -23,7 +25,27 @@ impl Drop for Proxied {
 }
 
 async fn start(extra_proxy: &str) -> Proxied {
+    start_with(extra_proxy, false).await
+}
+
+/// With `tls`, the proxy serves TLS with a certificate from a test CA written to
+/// `<dir>/ca.crt`.
+async fn start_with(extra_proxy: &str, tls: bool) -> Proxied {
     let env = env().await;
+    let mut extra_proxy = extra_proxy.to_owned();
+    if tls {
+        let authority = sluice_localpg::Authority::new().unwrap();
+        let (cert, key) = authority.server().unwrap();
+        let dir = env.dir.path();
+        std::fs::write(dir.join("proxy.crt"), cert).unwrap();
+        std::fs::write(dir.join("proxy.key"), key).unwrap();
+        std::fs::write(dir.join("ca.crt"), authority.cert_pem()).unwrap();
+        extra_proxy.push_str(&format!(
+            "\ntls = {{ certificate_file = \"{}\", key_file = \"{}\" }}\n",
+            dir.join("proxy.crt").display(),
+            dir.join("proxy.key").display()
+        ));
+    }
     env.source
         .execute(
             "postgres",
@@ -40,7 +62,10 @@ async fn start(extra_proxy: &str) -> Proxied {
              create role reader login password 'reader-pw';
              grant sluice_read to app_user, reader;
              create table public.notes (id int primary key, body text);
-             grant select, insert, update, delete on public.notes to app_user;",
+             grant select, insert, update, delete on public.notes to app_user;
+             create table public.orders (id int primary key, qty int);
+             insert into public.orders values (1, 1);
+             grant select, update on public.orders to app_user;",
         )
         .await
         .unwrap();
@@ -495,4 +520,219 @@ target = "warehouse"
         "the secret never reaches the log"
     );
     let _ = child.kill();
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run(what: &str, command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} could not start: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+const PSYCOPG: &str = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+cur = conn.cursor()
+cur.execute("select qty from app.orders where id = %s", (21,), prepare=True)
+assert cur.fetchone()[0] == 21
+cur.execute("update app.orders set qty = %s where id = %s", (121, 21), prepare=True)
+assert cur.rowcount == 1, cur.rowcount
+cur.execute("select qty from app.orders where id = %s", (21,), prepare=True)
+assert cur.fetchone()[0] == 121
+try:
+    cur.execute("update app.orders set qty = %s where id = %s", (-1, 21), prepare=True)
+    raise SystemExit("the rejection did not come back")
+except psycopg.errors.CheckViolation as e:
+    assert "Error updating orders" in str(e), str(e)
+with conn.transaction():
+    cur.execute("insert into public.notes values (%s, %s)", (21, "psycopg"), prepare=True)
+print("psycopg ok")
+"#;
+
+const NODE_PG: &str = r#"
+const { Client } = require('pg');
+const fs = require('fs');
+(async () => {
+  const [port, ca] = process.argv.slice(1);
+  const c = new Client({ host: 'localhost', port: Number(port), user: 'app_user', password: 'app-pw',
+    database: 'postgres', ssl: { ca: fs.readFileSync(ca), rejectUnauthorized: true } });
+  await c.connect();
+  let r = await c.query({ name: 'read', text: 'select qty from app.orders where id = $1', values: [22] });
+  if (r.rows[0].qty !== 22) throw new Error('read ' + JSON.stringify(r.rows));
+  r = await c.query({ name: 'write', text: 'update app.orders set qty = $1 where id = $2', values: [122, 22] });
+  if (r.rowCount !== 1) throw new Error('rowCount ' + r.rowCount);
+  r = await c.query({ name: 'read', text: 'select qty from app.orders where id = $1', values: [22] });
+  if (r.rows[0].qty !== 122) throw new Error('read back ' + JSON.stringify(r.rows));
+  try {
+    await c.query({ name: 'write', text: 'update app.orders set qty = $1 where id = $2', values: [-1, 22] });
+    throw new Error('the rejection did not come back');
+  } catch (e) {
+    if (e.code !== '23514' || !e.message.includes('Error updating orders')) throw e;
+  }
+  await c.query('BEGIN');
+  await c.query({ name: 'note', text: 'insert into public.notes values ($1, $2)', values: [22, 'node'] });
+  await c.query('COMMIT');
+  // An unqualified name is resolved as the session's search_path says: the user's own
+  // public.orders passes through, app.orders goes upstream.
+  await c.query('set search_path = public');
+  r = await c.query('update orders set qty = $1 where id = $2', [5, 1]);
+  if (r.rowCount !== 1) throw new Error('public.orders rowCount ' + r.rowCount);
+  await c.query('set search_path = app, public');
+  r = await c.query('update orders set qty = $1 where id = $2', [125, 25]);
+  if (r.rowCount !== 1) throw new Error('app.orders rowCount ' + r.rowCount);
+  await c.end();
+  console.log('node-pg ok');
+})().catch((e) => { console.error(e); process.exit(1); });
+"#;
+
+#[tokio::test]
+async fn psql_sqlx_psycopg_and_node_pg_work_through_the_proxy_over_tls() {
+    let p = start_with("", true).await;
+    let dir = p.env.dir.path().to_owned();
+    let ca = dir.join("ca.crt");
+    let url = format!(
+        "postgres://app_user:app-pw@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        p.proxy,
+        ca.display()
+    );
+
+    // psql: the simple protocol; PREPARE/EXECUTE for a prepared write.
+    let out = run(
+        "psql",
+        Command::new("psql").arg(&url).args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "select qty from app.orders where id = 20",
+            "-c",
+            "update app.orders set qty = 120 where id = 20",
+            "-c",
+            "select qty from app.orders where id = 20",
+            "-c",
+            "begin",
+            "-c",
+            "insert into public.notes values (20, 'psql')",
+            "-c",
+            "commit",
+        ]),
+    );
+    assert!(out.contains("UPDATE 1") && out.contains(" 120\n"), "{out}");
+    let refused = Command::new("psql")
+        .arg(&url)
+        .args(["-X", "-c", "update app.orders set qty = -1 where id = 20"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && text.contains("Error updating orders"),
+        "{text}"
+    );
+
+    // sqlx: TLS with the CA, prepared (cached) statements.
+    let mut conn = PgConnection::connect_with(
+        &PgConnectOptions::new()
+            .host("localhost")
+            .port(p.proxy)
+            .username("app_user")
+            .password("app-pw")
+            .database("postgres")
+            .ssl_mode(PgSslMode::VerifyFull)
+            .ssl_root_cert(&ca),
+    )
+    .await
+    .unwrap();
+    for qty in [123, 124] {
+        let done = sqlx::query("update app.orders set qty = $1 where id = $2")
+            .bind(qty)
+            .bind(23)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+        let read: i32 = sqlx::query_scalar("select qty from app.orders where id = $1")
+            .bind(23)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(read, qty);
+    }
+    let error = sqlx::query("update app.orders set qty = $1 where id = $2")
+        .bind(-1)
+        .bind(23)
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("Error updating orders"),
+        "{error}"
+    );
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("insert into public.notes values ($1, $2)")
+        .bind(23)
+        .bind("sqlx")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // psycopg (libpq underneath), server-side prepared statements.
+    let python = repo().join("target/venv/bin/python");
+    assert!(
+        python.exists(),
+        "psycopg is installed by .ci/run into target/venv (pip install 'psycopg[binary]')"
+    );
+    let out = run("psycopg", Command::new(&python).args(["-c", PSYCOPG, &url]));
+    assert!(out.contains("psycopg ok"), "{out}");
+
+    // Node's pg: named prepared statements, untyped parameters.
+    let modules = repo().join("target/npm/node_modules");
+    assert!(
+        modules.join("pg").exists(),
+        "Node's pg is installed by .ci/run into target/npm (npm install --prefix target/npm pg)"
+    );
+    let out = run(
+        "node-pg",
+        Command::new("node")
+            .args([
+                "-e",
+                NODE_PG,
+                &p.proxy.to_string(),
+                &ca.display().to_string(),
+            ])
+            .env("NODE_PATH", &modules),
+    );
+    assert!(out.contains("node-pg ok"), "{out}");
+
+    // Every write reached the source, and every client's transaction committed.
+    for (id, qty) in [
+        (1, 1),
+        (20, 120),
+        (21, 121),
+        (22, 122),
+        (23, 124),
+        (25, 125),
+    ] {
+        assert_eq!(source_qty(&p, id).await, Some(qty), "order {id}");
+    }
+    assert_eq!(
+        target_count(&p.env, "public.orders", "id = 1 and qty = 5").await,
+        1,
+        "the user's own table"
+    );
+    assert_eq!(target_count(&p.env, "public.notes", "true").await, 4);
+    assert!(
+        !log(&p.env).contains("app-pw"),
+        "passwords never reach the log"
+    );
 }

@@ -90,6 +90,7 @@ impl Session {
     /// one), and returns their rows. The target must owe the client nothing
     /// ([`Session::settle`]).
     pub(crate) async fn exchange(&mut self, queries: &[Query]) -> Result<Outcome, WireError> {
+        self.exchanges += 1;
         let mut out = BytesMut::new();
         let mut body = BytesMut::new();
         let name = |i: usize| format!("_sluice_proxy_{i}");

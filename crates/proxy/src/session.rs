@@ -48,6 +48,8 @@ pub(crate) struct Session {
     pub(crate) statements: std::collections::HashMap<String, crate::write::Prepared>,
     /// Portals bound to those, by name.
     pub(crate) portals: std::collections::HashMap<String, crate::write::Bound>,
+    /// Exchanges the proxy has run on the target (each ends with its own `Sync`).
+    pub(crate) exchanges: u64,
 }
 
 enum Event {
@@ -73,6 +75,7 @@ impl Session {
             tables: Default::default(),
             statements: Default::default(),
             portals: Default::default(),
+            exchanges: 0,
         }
     }
 

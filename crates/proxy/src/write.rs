@@ -55,6 +55,9 @@ pub(crate) struct Bound {
     prepared: Prepared,
     params: Params,
     result_formats: Vec<i16>,
+    /// The `Bind` itself, to bind the portal again if a query of the proxy's own ended the
+    /// transaction it lived in.
+    raw: Vec<u8>,
 }
 
 /// A write to a synced table, resolved.
@@ -130,6 +133,7 @@ impl Session {
                                 prepared,
                                 params,
                                 result_formats,
+                                raw: message.raw.to_vec(),
                             },
                         );
                     }
@@ -191,11 +195,20 @@ impl Session {
                     self.skipping_to_sync = true;
                     return Ok(true);
                 }
-                let params = self.typed(&bound).await?;
+                let status = self.status;
+                let exchanges = self.exchanges;
                 let resolved = match self.resolve(&bound.prepared.sql).await? {
-                    Resolution::Forward => return Ok(false),
+                    Resolution::Forward => {
+                        // A query of the proxy's own ended the transaction, and the portal
+                        // with it: bind it again for the client's Execute.
+                        if self.exchanges != exchanges && status == b'I' {
+                            self.rebind(&bound).await?;
+                        }
+                        return Ok(false);
+                    }
                     Resolution::Refuse(report) => Err(Failure::Report(report)),
                     Resolution::Write(resolved) => {
+                        let params = self.typed(&bound).await?;
                         self.apply(&resolved, &params, &bound.result_formats, false)
                             .await?
                     }
@@ -222,7 +235,8 @@ impl Session {
         body.put_slice(bound.statement.as_bytes());
         body.put_u8(0);
         wire::encode_raw(b'D', &body, &mut out);
-        wire::encode_raw(b'S', &[], &mut out);
+        // Flush, not Sync: the client's portal lives until its own Sync.
+        wire::encode_raw(b'H', &[], &mut out);
         self.target.write_all(&out).await?;
         loop {
             let message = crate::login::read_message(
@@ -239,15 +253,43 @@ impl Session {
                         .map(|_| r.i32().map(|t| t as u32))
                         .collect::<Result<_, _>>()?;
                 }
-                b'Z' => {
-                    self.status = message.body().first().copied().unwrap_or(b'I');
-                    break;
+                b'T' | b'n' => break,
+                b'E' => {
+                    return Err(WireError::Malformed(
+                        "the target could not describe a statement it prepared".into(),
+                    ));
                 }
                 b'N' | b'A' | b'S' => self.client.write_all(&message.raw).await?,
                 _ => {}
             }
         }
         Ok(params)
+    }
+
+    /// Binds the client's portal again (its `BindComplete` is not the client's to see).
+    async fn rebind(&mut self, bound: &Bound) -> Result<(), WireError> {
+        let mut out = BytesMut::from(&bound.raw[..]);
+        wire::encode_raw(b'H', &[], &mut out);
+        self.target.write_all(&out).await?;
+        loop {
+            let message = crate::login::read_message(
+                &mut self.target,
+                &mut self.from_target,
+                wire::MESSAGE_LIMIT,
+            )
+            .await?;
+            match message.kind {
+                b'2' => return Ok(()),
+                b'E' => {
+                    // As if the client's own Bind had failed: it hears why, and the target
+                    // skips to its Sync.
+                    self.client.write_all(&message.raw).await?;
+                    self.skipping_to_sync = true;
+                    return Ok(());
+                }
+                _ => self.client.write_all(&message.raw).await?,
+            }
+        }
     }
 
     /// Finds whether `sql` writes a synced table, resolving an unqualified name the way the
