@@ -5,7 +5,7 @@
 //! - `ci`: everything CI checks (formatting, clippy, generated files, all tests, and the
 //!   cross-version suite on PostgreSQL 12–18).
 //! - `versions [--pairs 12:18,…]`: the cross-version suite alone, with its version table.
-//! - `bench target|stream|consumer|mirror|replication|api`: benchmarks, each beside a baseline measured in the same run.
+//! - `bench target|stream|consumer|mirror|replication|api|proxy`: benchmarks, each beside a baseline measured in the same run.
 
 mod codegen;
 mod db;
@@ -72,6 +72,8 @@ enum BenchKind {
     Replication,
     /// `sluice serve` syncing the Stripe emulator at a fixed rate limit: backfill vs its ceiling, change latency (bins/sluice/benches/api.rs).
     Api,
+    /// The write-back proxy: pgbench -S through it vs direct, and a 1,000-row synced update at Stripe's rate limit (bins/sluice/benches/proxy.rs).
+    Proxy,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -127,6 +129,7 @@ fn bench(which: BenchKind) -> Result {
         BenchKind::Replication => ("sluice-source-pg", "replication"),
         BenchKind::Mirror => ("sluice-target-pg", "mirror"),
         BenchKind::Api => ("sluice", "api"),
+        BenchKind::Proxy => ("sluice", "proxy"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

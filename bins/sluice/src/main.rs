@@ -63,6 +63,16 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Run the config with its write-back proxy required: the same as `serve` (the proxy needs
+    /// the syncs and consumers running to show writes locally), refusing a config without
+    /// [proxy]. Do not run it beside a `serve` of the same config.
+    Proxy {
+        #[command(flatten)]
+        config: config_file::ConfigFile,
+        /// Listen here instead of [proxy] listen.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Write a commented starter sluice.toml (asks on a terminal; flags otherwise).
     Init(init::Args),
     /// See sluice work, with nothing to set up: two throwaway local PostgreSQL clusters, the
@@ -221,10 +231,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, listen } => server::serve(config.path()?, listen)
+            Command::Serve { config, listen } => server::serve(config.path()?, listen, None)
                 .await
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(sluice_core::Error::invalid),
+            Command::Proxy { config, listen } => {
+                server::serve(config.path()?, None, Some(listen))
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+                    .map_err(sluice_core::Error::invalid)
+            }
             Command::Status(args) => status::run(args).await,
             Command::Check { config, json } => {
                 let (_, config) = config.load()?;

@@ -354,9 +354,25 @@ pub fn load(path: &Path) -> Result<Config, String> {
     Config::load_running(path)
 }
 
-/// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the file changes.
-pub async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
-    let config = load(&path)?;
+/// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the file changes. With `proxy`
+/// (`sluice proxy`), the config must have `[proxy]`, listening where `proxy` says if it says.
+pub async fn serve(
+    path: PathBuf,
+    listen: Option<String>,
+    proxy: Option<Option<String>>,
+) -> Result<(), String> {
+    let mut config = load(&path)?;
+    if let Some(listen) = proxy {
+        let Some(section) = config.proxy.as_mut() else {
+            return Err(format!(
+                "{} has no [proxy] section; add one with listen and target (docs/proxy.md)",
+                path.display()
+            ));
+        };
+        if let Some(listen) = listen {
+            section.listen = listen;
+        }
+    }
     let problems = config.problems();
     if !problems.is_empty() {
         let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
