@@ -368,4 +368,5 @@ max_rows_per_statement = {rows}
         done.rows_affected() as f64 / elapsed / rate as f64,
     );
     let _ = serve.kill();
+    let _ = serve.wait();
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use sluice_core::{CollectionId, Config, ConsumerId, LayoutConfig, RecordKey, RecordStream, Seq};
-use sluice_proxy::{Catalog, Proxy, SyncedTable, WriteBack};
+use sluice_proxy::{Catalog, Layout, Proxy, SyncWriter, SyncedTable, WriteBack};
 use sluice_target_pg::default_table_name;
 use tokio::sync::watch;
 
@@ -26,17 +26,10 @@ impl Catalog for ServeCatalog {
             return Vec::new();
         };
         // What to ask, read under the lock; the sources are asked after it is released.
-        let mut mirrors = Vec::new();
+        let mut layouts = Vec::new();
         {
             let entities = server.entities.read().await;
             for consumer in entities.consumers.values() {
-                let LayoutConfig::SchemaMirror {
-                    schema,
-                    collections,
-                } = &consumer.config.layout
-                else {
-                    continue;
-                };
                 if consumer.config.target != self.target {
                     continue;
                 }
@@ -46,17 +39,49 @@ impl Catalog for ServeCatalog {
                     .filter(|s| consumer.filter.covers(s.source.provider(), s.config.id))
                     .map(|s| (s.config.clone(), s.source.clone()))
                     .collect();
-                mirrors.push((
+                layouts.push((
                     consumer.config.name.clone(),
                     consumer.filter.clone(),
-                    schema.clone(),
-                    collections.clone(),
+                    consumer.config.layout.clone(),
                     syncs,
                 ));
             }
         }
+        let writer =
+            |sync: &sluice_core::SyncConfig, source: &Arc<dyn sluice_core::Source>| SyncWriter {
+                sync_id: sync.id,
+                name: sync.name.clone(),
+                writer: source.writer().ok_or_else(|| source.writer_missing()),
+            };
         let mut tables: Vec<SyncedTable> = Vec::new();
-        for (consumer, filter, schema, json, syncs) in mirrors {
+        let mut add = |table: SyncedTable| match tables
+            .iter_mut()
+            .find(|t| t.schema == table.schema && t.table == table.table)
+        {
+            Some(known) => known.consumers.extend(table.consumers),
+            None => tables.push(table),
+        };
+        for (consumer, filter, layout, syncs) in layouts {
+            let (schema, json) = match layout {
+                LayoutConfig::ConsumerTable { schema, table } => {
+                    add(SyncedTable {
+                        schema,
+                        table,
+                        layout: Layout::ConsumerTable {
+                            syncs: syncs
+                                .iter()
+                                .map(|(sync, source)| writer(sync, source))
+                                .collect(),
+                        },
+                        consumers: vec![consumer.clone()],
+                    });
+                    continue;
+                }
+                LayoutConfig::SchemaMirror {
+                    schema,
+                    collections,
+                } => (schema, collections),
+            };
             for (sync, source) in syncs {
                 let mut ids: BTreeSet<CollectionId> = source
                     .collections()
@@ -65,8 +90,8 @@ impl Catalog for ServeCatalog {
                     .unwrap_or_default();
                 ids.extend(json.keys().map(|k| CollectionId(k.clone())));
                 for collection in ids {
-                    let key = RecordKey::new(sync.id, collection.0.as_str(), "");
-                    if !filter.matches(source.provider(), &key) {
+                    let probe = RecordKey::new(sync.id, collection.0.as_str(), "");
+                    if !filter.matches(source.provider(), &probe) {
                         continue;
                     }
                     // The same naming and key as the mirror's own (sluice-target-pg).
@@ -86,21 +111,14 @@ impl Catalog for ServeCatalog {
                         ),
                         (None, None) => (default_table_name(&collection.0), vec!["id".to_owned()]),
                     };
-                    if let Some(known) = tables
-                        .iter_mut()
-                        .find(|t| t.schema == schema && t.table == table)
-                    {
-                        known.consumers.push(consumer.clone());
-                        continue;
-                    }
-                    tables.push(SyncedTable {
+                    add(SyncedTable {
                         schema: schema.clone(),
                         table,
-                        sync_id: sync.id,
-                        sync: sync.name.clone(),
-                        collection,
-                        key,
-                        writer: source.writer().ok_or_else(|| source.writer_missing()),
+                        layout: Layout::Mirror {
+                            sync: writer(&sync, &source),
+                            collection,
+                            key,
+                        },
                         consumers: vec![consumer.clone()],
                     });
                 }

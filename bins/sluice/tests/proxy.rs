@@ -736,3 +736,80 @@ async fn psql_sqlx_psycopg_and_node_pg_work_through_the_proxy_over_tls() {
         "passwords never reach the log"
     );
 }
+
+#[tokio::test]
+async fn consumer_table_rows_are_records_written_to_their_own_sync() {
+    let p = start("").await;
+    wait_until("the consumer table is backfilled", &p.env, 60, async || {
+        target_count(&p.env, "sluice.records", "true").await == 500
+    })
+    .await;
+    p.env
+        .target
+        .execute(
+            "postgres",
+            "grant insert, update, delete on sluice.records to app_user;",
+        )
+        .await
+        .unwrap();
+    let mut conn = PgConnection::connect_with(&options(&p, "app_user", "app-pw"))
+        .await
+        .unwrap();
+
+    // An update sends the fields of the payload that changed to the record's sync.
+    let done = sqlx::query(
+        "update sluice.records set payload = payload || $1::jsonb where collection_id = 'public.orders' and upstream_id = $2",
+    )
+    .bind(r#"{"qty": 500}"#)
+    .bind("5")
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    assert_eq!(source_qty(&p, 5).await, Some(500));
+    let qty: String =
+        sqlx::query_scalar("select payload->>'qty' from sluice.records where upstream_id = '5'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(qty, "500", "read-your-writes");
+
+    // An insert names the collection; the only sync is taken. RETURNING shows the new row.
+    let id: String = sqlx::query_scalar(
+        "insert into sluice.records (collection_id, payload) values ('public.orders', '{\"id\": 950, \"item\": \"ct\", \"qty\": 1}') returning upstream_id",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(id, "950");
+    assert_eq!(source_qty(&p, 950).await, Some(1));
+    let done = sqlx::query(
+        "delete from sluice.records where collection_id = 'public.orders' and upstream_id = '950'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    assert_eq!(source_qty(&p, 950).await, None);
+
+    // What sluice fills is not the client's to set; the upstream's refusal is its error.
+    let error = sqlx::query("update sluice.records set upstream_id = 'x' where upstream_id = '5'")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.as_database_error().unwrap().code().as_deref(),
+        Some("428C9"),
+        "{error}"
+    );
+    let error = sqlx::query("update sluice.records set payload = jsonb_set(payload, '{qty}', '-3') where upstream_id = '5'")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.as_database_error().unwrap().code().as_deref(),
+        Some("23514"),
+        "{error}"
+    );
+    assert_eq!(source_qty(&p, 5).await, Some(500));
+}

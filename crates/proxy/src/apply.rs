@@ -22,12 +22,14 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use sluice_core::sql::quote_ident;
 use sluice_core::{
-    Column, RefusalKind, Seq, UpstreamChange, UpstreamId, Version, WriteOutcome, Written,
+    Column, RefusalKind, Seq, UpstreamChange, UpstreamId, Version, WriteOutcome, WriteRefused,
+    Written,
 };
 use sluice_pg::sqlstate;
 use tokio::io::AsyncWriteExt;
 
-use crate::catalog::SyncedTable;
+use crate::catalog::{Layout, SyncWriter, SyncedTable, noun};
+use crate::consumer_table;
 use crate::internal::{Outcome, Params, Query, Rows};
 use crate::session::Session;
 use crate::statement::{self, Relation, Verb, literal};
@@ -77,15 +79,14 @@ impl Session {
             quote_ident(&table.table)
         );
         let refuse = |report: Report| Ok(Err(Failure::Report(report)));
-        let writer = match &table.writer {
-            Ok(writer) => writer.clone(),
-            Err(why) => {
-                return refuse(
-                    Report::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("{qualified} is synced by sluice and its upstream does not take writes: {why}"))
-                        .hint("configure a writer for the sync (docs/proxy.md)"),
-                );
-            }
-        };
+        if let Layout::Mirror { sync, .. } = &table.layout
+            && let Err(why) = &sync.writer
+        {
+            return refuse(
+                Report::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("{qualified} is synced by sluice and its upstream does not take writes: {why}"))
+                    .hint("configure a writer for the sync (docs/proxy.md)"),
+            );
+        }
         match self.status {
             b'T' if !write_back.writes_in_transactions => {
                 return refuse(
@@ -123,11 +124,20 @@ impl Session {
             })
             .collect();
 
-        // The query for the rows, and the columns it writes.
+        // The query for the rows, and the columns it writes. A consumer table's update also
+        // reads the old payload, to send only what changed.
+        let key: Vec<String> = match &table.layout {
+            Layout::Mirror { key, .. } => key.clone(),
+            Layout::ConsumerTable { .. } => consumer_table::KEY.map(str::to_owned).to_vec(),
+        };
+        let mut read_key = key.clone();
+        if matches!(table.layout, Layout::ConsumerTable { .. }) && w.verb == Verb::Update {
+            read_key.push("payload".into());
+        }
         let built = match w.verb {
-            Verb::Update => statement::update_rows(&w.statement, &table.key, &types)
+            Verb::Update => statement::update_rows(&w.statement, &read_key, &types)
                 .map(|(sql, cols)| (Some(sql), cols, Vec::new())),
-            Verb::Delete => statement::delete_rows(&w.statement, &table.key)
+            Verb::Delete => statement::delete_rows(&w.statement, &key)
                 .map(|sql| (Some(sql), Vec::new(), Vec::new())),
             Verb::Insert => statement::insert_rows(&w.statement, &order, &types)
                 .map(|r| (r.sql, r.columns, r.defaults)),
@@ -141,7 +151,16 @@ impl Session {
                 ));
             }
         };
-        let read_only = writer.read_only_columns(&table.collection, w.verb.word());
+        let read_only = match &table.layout {
+            Layout::Mirror {
+                sync, collection, ..
+            } => sync
+                .writer
+                .as_ref()
+                .map(|writer| writer.read_only_columns(collection, w.verb.word()))
+                .unwrap_or_default(),
+            Layout::ConsumerTable { .. } => consumer_table::read_only(w.verb),
+        };
         if let Some(column) = written_columns.iter().find(|c| read_only.contains(c)) {
             return refuse(
                 Report::error(
@@ -151,11 +170,16 @@ impl Session {
                         quote_ident(column)
                     ),
                 )
-                .hint("leave the column out of the statement"),
+                .hint(match table.layout {
+                    Layout::Mirror { .. } => "leave the column out of the statement",
+                    Layout::ConsumerTable { .. } => {
+                        "write the record in payload (and its sync_id and collection_id on insert)"
+                    }
+                }),
             );
         }
         if w.verb == Verb::Update
-            && let Some(column) = written_columns.iter().find(|c| table.key.contains(c))
+            && let Some(column) = written_columns.iter().find(|c| key.contains(c))
         {
             return refuse(
                 Report::error(
@@ -239,9 +263,18 @@ impl Session {
             Some(_) => results[rows_at].texts()?,
             None => vec![Vec::new()],
         };
-        let limit = write_back
-            .max_rows_per_statement
-            .unwrap_or_else(|| writer.max_rows_per_statement());
+        let syncs: Vec<&SyncWriter> = match &table.layout {
+            Layout::Mirror { sync, .. } => vec![sync],
+            Layout::ConsumerTable { syncs } => syncs.iter().collect(),
+        };
+        let limit = write_back.max_rows_per_statement.unwrap_or_else(|| {
+            syncs
+                .iter()
+                .filter_map(|s| s.writer.as_ref().ok())
+                .map(|w| w.max_rows_per_statement())
+                .min()
+                .unwrap_or(1_000)
+        });
         if rows.len() as u64 > limit {
             return refuse(
                 Report::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("this {} touches {} rows of {qualified}; one statement may write at most {limit} upstream", w.verb.word().to_uppercase(), rows.len()))
@@ -267,71 +300,121 @@ impl Session {
             }
         }
 
-        // The changes, upstream.
-        let key_len = table.key.len();
-        let column = |name: &String, value: &Option<String>| Column {
-            text: value.clone(),
-            sql_type: types.get(name).cloned().unwrap_or_default(),
-        };
-        let mut changes = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            let change = match w.verb {
-                Verb::Insert => UpstreamChange::Insert {
-                    values: written_columns
-                        .iter()
-                        .zip(row)
-                        .enumerate()
-                        .filter(|(c, _)| {
-                            !defaults
-                                .get(i)
-                                .and_then(|d| d.get(*c))
-                                .copied()
-                                .unwrap_or(false)
-                        })
-                        .map(|(_, (name, value))| (name.clone(), column(name, value)))
-                        .collect(),
-                },
-                verb => {
-                    let key: Option<Vec<&str>> =
-                        row[..key_len].iter().map(|v| v.as_deref()).collect();
-                    let Some(key) = key else {
-                        return refuse(Report::error(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
-                            format!(
-                                "a row of {qualified} has a NULL key, so it has no upstream record"
-                            ),
-                        ));
-                    };
-                    let id = UpstreamId::from_key(&key);
-                    if verb == Verb::Delete {
-                        UpstreamChange::Delete { id }
-                    } else {
-                        UpstreamChange::Update {
-                            id,
+        // The changes, each with the sync and collection it goes to.
+        let changes = match &table.layout {
+            Layout::Mirror {
+                sync, collection, ..
+            } => {
+                let column = |name: &String, value: &Option<String>| Column {
+                    text: value.clone(),
+                    sql_type: types.get(name).cloned().unwrap_or_default(),
+                };
+                let mut changes = Vec::with_capacity(rows.len());
+                for (i, row) in rows.iter().enumerate() {
+                    let change = match w.verb {
+                        Verb::Insert => UpstreamChange::Insert {
                             values: written_columns
                                 .iter()
-                                .zip(&row[key_len..])
-                                .map(|(name, value)| (name.clone(), column(name, value)))
+                                .zip(row)
+                                .enumerate()
+                                .filter(|(c, _)| {
+                                    !defaults
+                                        .get(i)
+                                        .and_then(|d| d.get(*c))
+                                        .copied()
+                                        .unwrap_or(false)
+                                })
+                                .map(|(_, (name, value))| (name.clone(), column(name, value)))
                                 .collect(),
+                        },
+                        verb => {
+                            let values: Option<Vec<&str>> =
+                                row[..key.len()].iter().map(|v| v.as_deref()).collect();
+                            let Some(values) = values else {
+                                return refuse(Report::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    format!(
+                                        "a row of {qualified} has a NULL key, so it has no upstream record"
+                                    ),
+                                ));
+                            };
+                            let id = UpstreamId::from_key(&values);
+                            if verb == Verb::Delete {
+                                UpstreamChange::Delete { id }
+                            } else {
+                                UpstreamChange::Update {
+                                    id,
+                                    values: written_columns
+                                        .iter()
+                                        .zip(&row[key.len()..])
+                                        .map(|(name, value)| (name.clone(), column(name, value)))
+                                        .collect(),
+                                }
+                            }
                         }
+                    };
+                    changes.push(((*sync).clone(), collection.clone(), change));
+                }
+                changes
+            }
+            Layout::ConsumerTable { syncs } => {
+                match consumer_table::changes(w.verb, syncs, &written_columns, &defaults, &rows) {
+                    Ok(changes) => changes,
+                    Err(why) => {
+                        return refuse(Report::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            format!("{qualified}: {why}"),
+                        ));
                     }
                 }
-            };
-            changes.push(change);
-        }
-        let outcome = if changes.is_empty() {
-            WriteOutcome {
-                written: Written::default(),
-                applied: 0,
-                refused: None,
             }
-        } else {
-            writer.apply(&table.collection, &changes).await
         };
-        if in_transaction && outcome.applied > 0 {
+
+        // Upstream, in order: each run of rows for one sync and collection in one call.
+        let mut written = Written::default();
+        let mut applied = 0;
+        let mut applied_keys: Vec<Vec<String>> = Vec::new();
+        let mut refused = None;
+        let mut start = 0;
+        while start < changes.len() && refused.is_none() {
+            let (sync, collection, _) = &changes[start];
+            let end = changes[start..]
+                .iter()
+                .position(|(s, c, _)| s.sync_id != sync.sync_id || c != collection)
+                .map_or(changes.len(), |n| start + n);
+            let group: Vec<UpstreamChange> = changes[start..end]
+                .iter()
+                .map(|(_, _, c)| c.clone())
+                .collect();
+            let outcome = match &sync.writer {
+                Ok(writer) => writer.apply(collection, &group).await,
+                Err(why) => WriteOutcome {
+                    written: Written::default(),
+                    applied: 0,
+                    refused: Some(WriteRefused::new(RefusalKind::NotConfigured, why.clone())),
+                },
+            };
+            for id in &outcome.written.ids {
+                applied_keys.push(match &table.layout {
+                    Layout::Mirror { .. } => id.key_values(key.len()).unwrap_or_default(),
+                    Layout::ConsumerTable { .. } => {
+                        vec![sync.sync_id.to_string(), collection.0.clone(), id.0.clone()]
+                    }
+                });
+            }
+            applied += outcome.applied;
+            written.records.extend(outcome.written.records);
+            written.arriving.extend(outcome.written.arriving);
+            written.ids.extend(outcome.written.ids);
+            if let Some(why) = outcome.refused {
+                refused = Some((why, collection.clone()));
+            }
+            start = end;
+        }
+        if in_transaction && applied > 0 {
             self.send_notice(&Report {
                 severity: "NOTICE",
-                ..Report::error(sqlstate::SUCCESSFUL_COMPLETION, format!("{} row(s) of {qualified} were applied upstream at once; a ROLLBACK will not undo them", outcome.applied))
+                ..Report::error(sqlstate::SUCCESSFUL_COMPLETION, format!("{applied} row(s) of {qualified} were applied upstream at once; a ROLLBACK will not undo them"))
             })
             .await?;
         }
@@ -339,14 +422,14 @@ impl Session {
             table = %qualified,
             verb = w.verb.word(),
             user = self.user,
-            applied = outcome.applied,
-            refused = outcome.refused.is_some(),
+            applied,
+            refused = refused.is_some(),
             "proxy: write applied upstream"
         );
 
         // Then locally.
         let warning = self
-            .show_locally(table, &outcome.written)
+            .show_locally(table, &written)
             .await
             .err()
             .map(|why| Report {
@@ -356,7 +439,7 @@ impl Session {
                     format!("applied upstream, but not yet in {qualified}: {why}"),
                 )
             });
-        if let Some(refused) = outcome.refused {
+        if let Some((refused, collection)) = refused {
             let code = match refused.kind {
                 RefusalKind::Rejected => match refused.code.as_deref() {
                     Some(code)
@@ -373,13 +456,12 @@ impl Session {
             let mut message = format!(
                 "Error {} {}: {}",
                 w.verb.ing(),
-                table.noun(),
+                noun(&collection),
                 refused.message
             );
             if changes.len() > 1 {
                 message.push_str(&format!(
-                    " ({} of {} rows were applied upstream before this one, and locally too)",
-                    outcome.applied,
+                    " ({applied} of {} rows were applied upstream before this one, and locally too)",
                     changes.len()
                 ));
             }
@@ -394,37 +476,31 @@ impl Session {
         }
 
         // RETURNING, as the client asked for it.
-        if w.verb != Verb::Delete && statement::has_returning(&w.statement) {
-            let keys: Vec<Vec<String>> = outcome
-                .written
-                .ids
-                .iter()
-                .filter_map(|id| id.key_values(key_len))
-                .collect();
-            if let Ok(Some(sql)) =
-                statement::returning_by_key(&w.statement, &w.relation, &table.key, &keys)
+        if w.verb != Verb::Delete
+            && statement::has_returning(&w.statement)
+            && let Ok(Some(sql)) =
+                statement::returning_by_key(&w.statement, &w.relation, &key, &applied_keys)
+        {
+            let formats = if simple {
+                Vec::new()
+            } else {
+                result_formats.to_vec()
+            };
+            match self
+                .exchange(&[Query {
+                    sql,
+                    params: params.clone(),
+                    result_formats: formats,
+                }])
+                .await?
             {
-                let formats = if simple {
-                    Vec::new()
-                } else {
-                    result_formats.to_vec()
-                };
-                match self
-                    .exchange(&[Query {
-                        sql,
-                        params: params.clone(),
-                        result_formats: formats,
-                    }])
-                    .await?
-                {
-                    Outcome::Done(mut r) => returning = r.pop(),
-                    Outcome::Failed { error, .. } => return Ok(Err(Failure::Target(error))),
-                }
+                Outcome::Done(mut r) => returning = r.pop(),
+                Outcome::Failed { error, .. } => return Ok(Err(Failure::Target(error))),
             }
         }
         Ok(Ok(Reply {
             returning,
-            tag: w.verb.tag(outcome.applied),
+            tag: w.verb.tag(applied),
             warning,
         }))
     }
@@ -469,8 +545,8 @@ impl Session {
                 }
                 if Instant::now() >= deadline {
                     return Err(format!(
-                        "sync {:?} has not read the change back yet",
-                        table.sync
+                        "the sync has not read the change back from {} yet",
+                        key.collection_id
                     ));
                 }
                 let _ =

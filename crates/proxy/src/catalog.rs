@@ -6,51 +6,68 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sluice_core::{CollectionId, ConsumerId, Seq, SyncId, Writer};
 
-/// A table sluice writes on the proxied target (a schema-mirror table: one collection).
-#[derive(Clone)]
+/// A table sluice writes on the proxied target.
+#[derive(Clone, Debug)]
 pub struct SyncedTable {
     /// Its schema.
     pub schema: String,
     /// Its name.
     pub table: String,
-    /// The sync whose records fill it.
-    pub sync_id: SyncId,
-    /// That sync's name, for messages.
-    pub sync: String,
-    /// The collection it holds.
-    pub collection: CollectionId,
-    /// The columns whose values make a record's upstream id, in key order.
-    pub key: Vec<String>,
-    /// The sync's writer, or why it has none (with the fix).
-    pub writer: Result<Arc<dyn Writer>, String>,
+    /// What it holds.
+    pub layout: Layout,
     /// The consumers that write it (the proxy waits for them to show a write locally).
     pub consumers: Vec<ConsumerId>,
 }
 
-impl SyncedTable {
-    /// The record's kind in messages (`Error updating customer: …`): the collection's last
-    /// part (`stripe:customer` → `customer`, `public.orders` → `orders`).
-    pub fn noun(&self) -> &str {
-        self.collection
-            .0
-            .rsplit([':', '.'])
-            .next()
-            .unwrap_or(&self.collection.0)
+/// What a synced table holds.
+#[derive(Clone, Debug)]
+pub enum Layout {
+    /// A schema-mirror table: one collection of one sync.
+    Mirror {
+        /// The sync whose records fill it.
+        sync: SyncWriter,
+        /// The collection it holds.
+        collection: CollectionId,
+        /// The columns whose values make a record's upstream id, in key order.
+        key: Vec<String>,
+    },
+    /// A consumer table: every record of these syncs, one row each, keyed by
+    /// `(sync_id, collection_id, upstream_id)` with the record in `payload`.
+    ConsumerTable {
+        /// The syncs its consumers forward.
+        syncs: Vec<SyncWriter>,
+    },
+}
+
+/// A sync and its writer.
+#[derive(Clone)]
+pub struct SyncWriter {
+    /// The sync's id.
+    pub sync_id: SyncId,
+    /// Its name, for messages.
+    pub name: String,
+    /// Its writer, or why it has none (with the fix).
+    pub writer: Result<Arc<dyn Writer>, String>,
+}
+
+impl std::fmt::Debug for SyncWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncWriter")
+            .field("sync_id", &self.sync_id)
+            .field("name", &self.name)
+            .field("writer", &self.writer.as_ref().map(|_| "…"))
+            .finish()
     }
 }
 
-impl std::fmt::Debug for SyncedTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncedTable")
-            .field("schema", &self.schema)
-            .field("table", &self.table)
-            .field("sync", &self.sync)
-            .field("collection", &self.collection)
-            .field("key", &self.key)
-            .field("writer", &self.writer.as_ref().map(|_| "…"))
-            .field("consumers", &self.consumers)
-            .finish()
-    }
+/// A record's kind in messages (`Error updating customer: …`): the collection's last part
+/// (`stripe:customer` → `customer`, `public.orders` → `orders`).
+pub fn noun(collection: &CollectionId) -> &str {
+    collection
+        .0
+        .rsplit([':', '.'])
+        .next()
+        .unwrap_or(&collection.0)
 }
 
 /// Where the proxy learns which tables are synced (`sluice serve` answers from what it runs).

@@ -28,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 mod apply;
 pub mod catalog;
+mod consumer_table;
 mod internal;
 mod login;
 mod session;
@@ -35,7 +36,7 @@ mod statement;
 pub mod wire;
 mod write;
 
-pub use catalog::{Catalog, NoTables, SyncedTable};
+pub use catalog::{Catalog, Layout, NoTables, SyncWriter, SyncedTable};
 
 /// How long a client may take from connecting to being logged in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
