@@ -41,6 +41,22 @@ pub fn quote_literal(value: &str) -> String {
     quoted
 }
 
+/// `value` as a string constant that reads the same whatever the session's
+/// `standard_conforming_strings` says: `E'…'` with quotes and backslashes doubled. For SQL
+/// sent into sessions sluice does not configure (the proxy's, on a client's connection).
+pub fn quote_literal_escaped(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 3);
+    quoted.push_str("E'");
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            quoted.push(c);
+        }
+        quoted.push(c);
+    }
+    quoted.push('\'');
+    quoted
+}
+
 /// A schema-qualified name, quoted: `"schema"."name"`.
 pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))

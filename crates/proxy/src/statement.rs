@@ -11,21 +11,7 @@ use std::collections::HashMap;
 use pg_query::NodeEnum;
 use pg_query::protobuf as pb;
 use sluice_core::sql::quote_ident;
-
-/// `value` as a string constant that reads the same whatever the session's
-/// `standard_conforming_strings`: `E'…'` with quotes and backslashes doubled.
-pub(crate) fn literal(value: &str) -> String {
-    let mut quoted = String::with_capacity(value.len() + 3);
-    quoted.push_str("E'");
-    for c in value.chars() {
-        if c == '\'' || c == '\\' {
-            quoted.push(c);
-        }
-        quoted.push(c);
-    }
-    quoted.push('\'');
-    quoted
-}
+pub(crate) use sluice_core::sql::quote_literal_escaped as literal;
 
 /// What a write does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +151,15 @@ pub(crate) fn writes(sql: &str, is_synced_name: impl Fn(&str) -> bool) -> Option
     Some(writes)
 }
 
+/// `WHERE CURRENT OF` names no rows the proxy can read.
+fn current_of(where_clause: &Option<Box<pb::Node>>) -> Option<String> {
+    matches!(
+        where_clause.as_deref().and_then(|w| w.node.as_ref()),
+        Some(NodeEnum::CurrentOfExpr(_))
+    )
+    .then(|| "WHERE CURRENT OF is not supported on a synced table; name the rows in WHERE".into())
+}
+
 /// Why a plain INSERT/UPDATE/DELETE still cannot be applied upstream, if it cannot.
 fn unsupported_part(statement: &pb::Node) -> Option<String> {
     let (with, returning) = match &statement.node {
@@ -200,26 +195,14 @@ fn unsupported_part(statement: &pb::Node) -> Option<String> {
                     }
                 }
             }
-            if matches!(
-                s.where_clause.as_deref().and_then(|w| w.node.as_ref()),
-                Some(NodeEnum::CurrentOfExpr(_))
-            ) {
-                return Some(
-                    "WHERE CURRENT OF is not supported on a synced table; name the rows in WHERE"
-                        .into(),
-                );
+            if let Some(why) = current_of(&s.where_clause) {
+                return Some(why);
             }
             (&s.with_clause, &s.returning_clause)
         }
         Some(NodeEnum::DeleteStmt(s)) => {
-            if matches!(
-                s.where_clause.as_deref().and_then(|w| w.node.as_ref()),
-                Some(NodeEnum::CurrentOfExpr(_))
-            ) {
-                return Some(
-                    "WHERE CURRENT OF is not supported on a synced table; name the rows in WHERE"
-                        .into(),
-                );
+            if let Some(why) = current_of(&s.where_clause) {
+                return Some(why);
             }
             (&s.with_clause, &s.returning_clause)
         }

@@ -35,22 +35,9 @@ impl std::fmt::Debug for PgWriter {
     }
 }
 
-/// `value` as a string constant, whatever `standard_conforming_strings` says.
+/// `value` as a string constant, whatever `standard_conforming_strings` says; `NULL` for none.
 fn literal(value: Option<&str>) -> String {
-    match value {
-        None => "NULL".into(),
-        Some(value) => {
-            let mut quoted = String::from("E'");
-            for c in value.chars() {
-                if c == '\'' || c == '\\' {
-                    quoted.push(c);
-                }
-                quoted.push(c);
-            }
-            quoted.push('\'');
-            quoted
-        }
-    }
+    value.map_or_else(|| "NULL".into(), sluice_core::sql::quote_literal_escaped)
 }
 
 fn refused(kind: RefusalKind, message: impl Into<String>) -> WriteRefused {
