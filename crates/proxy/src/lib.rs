@@ -30,6 +30,7 @@ mod apply;
 pub mod catalog;
 mod consumer_table;
 mod internal;
+mod local;
 mod login;
 mod session;
 mod statement;
