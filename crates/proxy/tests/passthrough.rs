@@ -501,3 +501,31 @@ async fn read_message(raw: &mut TcpStream) -> (u8, Vec<u8>) {
     raw.read_exact(&mut body).await.unwrap();
     (kind, body)
 }
+
+#[tokio::test]
+async fn a_target_on_tls_is_reached_with_its_own_tls_mode() {
+    let cluster = Cluster::options()
+        .tls(sluice_localpg::Tls::Required)
+        .start()
+        .unwrap();
+    let database = cluster.fresh_database("proxy").await.unwrap();
+    cluster.create_role("app", Some(PASSWORD)).await.unwrap();
+    // The target's settings say verify-full with the cluster's CA; the proxy follows them.
+    let (proxy, _stop) = proxy_for(&cluster, &database, None).await;
+    let mut conn = PgConnection::connect_with(
+        &PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(proxy.port())
+            .username("app")
+            .password(PASSWORD)
+            .database(&database)
+            .ssl_mode(PgSslMode::Disable),
+    )
+    .await
+    .unwrap();
+    let tls: bool = sqlx::query_scalar("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(tls, "the proxy reached the target over TLS");
+}
