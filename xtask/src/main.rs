@@ -5,7 +5,7 @@
 //! - `ci`: everything CI checks (formatting, clippy, generated files, all tests, and the
 //!   cross-version suite on PostgreSQL 12–18).
 //! - `versions [--pairs 12:18,…]`: the cross-version suite alone, with its version table.
-//! - `bench target|stream|consumer|mirror|replication|api|proxy`: benchmarks, each beside a baseline measured in the same run.
+//! - `bench target|stream|consumer|mirror|replication|api|proxy|initial-load`: benchmarks, each beside a baseline measured in the same run.
 
 mod codegen;
 mod db;
@@ -72,6 +72,8 @@ enum BenchKind {
     Replication,
     /// `sluice serve` syncing the Stripe emulator at a fixed rate limit: backfill vs its ceiling, change latency (bins/sluice/benches/api.rs).
     Api,
+    /// One table copied into an empty target by sluice (mirror, consumer table), native initial sync and pg_dump | psql (bins/sluice/benches/initial_load.rs).
+    InitialLoad,
     /// The write-back proxy: pgbench -S through it vs direct, and a 1,000-row synced update at Stripe's rate limit (bins/sluice/benches/proxy.rs).
     Proxy,
 }
@@ -130,6 +132,7 @@ fn bench(which: BenchKind) -> Result {
         BenchKind::Mirror => ("sluice-target-pg", "mirror"),
         BenchKind::Api => ("sluice", "api"),
         BenchKind::Proxy => ("sluice", "proxy"),
+        BenchKind::InitialLoad => ("sluice", "initial_load"),
     };
     run_step(
         &format!("cargo bench -p {package} --bench {bench}"),

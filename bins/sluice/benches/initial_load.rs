@@ -1,0 +1,303 @@
+//! `cargo xtask bench initial-load`: copying one table of `SLUICE_BENCH_ROWS` rows (default
+//! 2,000,000, about 250 bytes each) from a PostgreSQL source into an empty target, by the tools a
+//! user would otherwise use, all in the same run on the same two clusters:
+//!
+//! - sluice (`sluice serve`, release) into the schema mirror, and into a consumer table: from
+//!   the process's start to the last row in the target;
+//! - native logical replication's initial sync (`CREATE SUBSCRIPTION … copy_data = true`, until
+//!   the table's state is `r`eady);
+//! - `pg_dump -t | psql`.
+//!
+//! For sluice it also prints the peak resident memory (`VmHWM`) and the records stream's bytes
+//! on disk beside the source table's size (`pg_total_relation_size`). The backfill reads with one
+//! reader today; the 1-, 2- and 4-reader figures the issue asks for come with parallel readers.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_localpg::Cluster;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn main() {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+async fn scalar(cluster: &Cluster, database: &str, sql: &str) -> i64 {
+    let mut conn = cluster.admin(database).await.unwrap();
+    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Waits until `sql` on `database` gives `rows`; the time it took from `started`.
+async fn until(
+    cluster: &Cluster,
+    database: &str,
+    sql: &str,
+    rows: i64,
+    started: Instant,
+    what: &str,
+) -> f64 {
+    let deadline = started + Duration::from_secs(1800);
+    while scalar(cluster, database, sql).await != rows {
+        assert!(Instant::now() < deadline, "{what} never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => bytes_under(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// One `sluice serve` run with `layout`; (seconds, peak MB, stream bytes).
+async fn sluice(
+    source: &Cluster,
+    target: &Cluster,
+    rows: i64,
+    name: &str,
+    layout: &str,
+    count_sql: &str,
+) -> (f64, f64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+data_dir = "{data}"
+[api]
+listen = "127.0.0.1:{api}"
+token = {{ env = "BENCH_TOKEN" }}
+
+[[target]]
+name = "warehouse"
+[target.connection]
+host = "127.0.0.1"
+port = {tport}
+database = "postgres"
+user = "sluice_sync"
+password = {{ env = "BENCH_TARGET_PASSWORD" }}
+ssl = {{ mode = "disable" }}
+
+[[sync]]
+name = "src"
+id = "{id}"
+[sync.source]
+provider = "postgres"
+publication = "{name}_pub"
+slot = "{name}_slot"
+create_missing = true
+connection = {{ host = "127.0.0.1", port = {sport}, database = "src", user = "postgres", password = {{ env = "BENCH_SOURCE_PASSWORD" }}, ssl = {{ mode = "disable" }} }}
+
+[[consumer]]
+name = "{name}"
+target = "warehouse"
+filter = {{ sync = {{ name = "src" }} }}
+layout = {layout}
+"#,
+        data = dir.path().join("data").display(),
+        api = free_port(),
+        tport = target.port(),
+        sport = source.port(),
+        id = uuid::Uuid::new_v4(),
+    );
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, config).unwrap();
+    let started = Instant::now();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("BENCH_TOKEN", "t")
+        .env("BENCH_TARGET_PASSWORD", "sync-pw")
+        .env("BENCH_SOURCE_PASSWORD", source.superuser_password())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let seconds = until(target, "postgres", count_sql, rows, started, name).await;
+    let peak = peak_rss_mb(serve.id());
+    let stream = bytes_under(&dir.path().join("data"));
+    let _ = serve.kill();
+    let _ = serve.wait();
+    (seconds, peak, stream)
+}
+
+async fn run() {
+    let rows = env_usize("SLUICE_BENCH_ROWS", 2_000_000) as i64;
+    let source = Cluster::options().logical_replication().start().unwrap();
+    let target = Cluster::start_default().unwrap();
+    let table = "create table public.items (id bigint primary key, name text not null, note text, \
+                 qty int not null, price numeric(12, 2) not null, created timestamptz not null)";
+    source.create_database("src").await.unwrap();
+    source
+        .execute(
+            "src",
+            &format!(
+                "{table};
+                 insert into public.items
+                 select i, repeat(md5(i::text), 3), repeat(md5((i * 7)::text), 3), i % 1000,
+                        (i % 100000) / 100.0, '2026-01-01'::timestamptz + i * interval '1 second'
+                   from generate_series(1, {rows}) i;
+                 create publication native_pub for table public.items;"
+            ),
+        )
+        .await
+        .unwrap();
+    let source_bytes = scalar(
+        &source,
+        "src",
+        "select pg_total_relation_size('public.items')",
+    )
+    .await;
+    let row_bytes = scalar(
+        &source,
+        "src",
+        "select avg(pg_column_size(i.*))::bigint from public.items i",
+    )
+    .await;
+    target
+        .execute(
+            "postgres",
+            "create role sluice_sync login password 'sync-pw';
+             grant connect, create on database postgres to sluice_sync;
+             create role sluice_read;",
+        )
+        .await
+        .unwrap();
+    println!(
+        "initial load: {rows} rows of ~{row_bytes} bytes, source table {:.0} MB on disk",
+        source_bytes as f64 / 1e6
+    );
+
+    // Native logical replication's initial sync.
+    target.create_database("native").await.unwrap();
+    target.execute("native", table).await.unwrap();
+    let started = Instant::now();
+    target
+        .execute(
+            "native",
+            &format!(
+                "create subscription native_sub connection 'host=127.0.0.1 port={} dbname=src user=postgres password={}' publication native_pub with (copy_data = true)",
+                source.port(),
+                source.superuser_password()
+            ),
+        )
+        .await
+        .unwrap();
+    let native = until(
+        &target,
+        "native",
+        "select case when not exists (select 1 from pg_subscription_rel where srsubstate <> 'r') then count(*) else -1 end from public.items",
+        rows,
+        started,
+        "native initial sync",
+    )
+    .await;
+    target.execute("native", "alter subscription native_sub disable; alter subscription native_sub set (slot_name = none); drop subscription native_sub;").await.unwrap();
+
+    // pg_dump | psql.
+    target.create_database("dumped").await.unwrap();
+    let started = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "PGPASSWORD=\"$SOURCE_PW\" pg_dump -h 127.0.0.1 -p {} -U postgres -t public.items src | PGPASSWORD=\"$TARGET_PW\" psql -q -h 127.0.0.1 -p {} -U postgres dumped >/dev/null",
+            source.port(),
+            target.port()
+        ))
+        .env("SOURCE_PW", source.superuser_password())
+        .env("TARGET_PW", target.superuser_password())
+        .env("PGSSLMODE", "disable")
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump | psql failed");
+    let dumped = started.elapsed().as_secs_f64();
+    let copied = scalar(&target, "dumped", "select count(*) from public.items").await;
+    assert_eq!(copied, rows, "pg_dump | psql copied every row");
+
+    let (mirror, mirror_mb, mirror_stream) = sluice(
+        &source,
+        &target,
+        rows,
+        "mirror",
+        r#"{ kind = "schema_mirror", schema = "mirror" }"#,
+        "select count(*) from mirror.items",
+    )
+    .await;
+    let (table_s, table_mb, table_stream) = sluice(
+        &source,
+        &target,
+        rows,
+        "records",
+        r#"{ kind = "consumer_table", schema = "sluice", table = "records" }"#,
+        "select count(*) from sluice.records",
+    )
+    .await;
+
+    let per = |s: f64| rows as f64 / s;
+    println!(
+        "  native initial sync (copy_data):  {native:>6.1} s  {:>9.0} rows/s  (the baseline)",
+        per(native)
+    );
+    println!(
+        "  pg_dump | psql:                   {dumped:>6.1} s  {:>9.0} rows/s  = {:.2}x native",
+        per(dumped),
+        native / dumped
+    );
+    println!(
+        "  sluice, schema mirror:            {mirror:>6.1} s  {:>9.0} rows/s  = {:.2}x native (goal >= 0.7x); peak {mirror_mb:.0} MB (goal < 256); stream {:.0} MB = {:.2}x the source table (goal <= 1.0x)",
+        per(mirror),
+        native / mirror,
+        mirror_stream as f64 / 1e6,
+        mirror_stream as f64 / source_bytes as f64
+    );
+    println!(
+        "  sluice, consumer table:           {table_s:>6.1} s  {:>9.0} rows/s  = {:.2}x native; peak {table_mb:.0} MB; stream {:.0} MB = {:.2}x the source table",
+        per(table_s),
+        native / table_s,
+        table_stream as f64 / 1e6,
+        table_stream as f64 / source_bytes as f64
+    );
+    println!("  backfill readers: 1 (parallel readers are not built yet)");
+}
