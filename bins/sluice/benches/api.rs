@@ -20,15 +20,11 @@ use std::time::{Duration, Instant};
 use sluice_localpg::Cluster;
 use sluice_stripe_emulator::Emulator;
 
+mod support;
+use support::*;
+
 const KEY: &str = "sk_test_bench0000000000000000";
 const POLL_MS: u64 = 1000;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     tokio::runtime::Builder::new_multi_thread()
@@ -40,18 +36,6 @@ fn main() {
 
 fn now_ns() -> i128 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos()
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 async fn scalar(target: &Cluster, sql: &str) -> i64 {

@@ -18,20 +18,8 @@ use std::time::{Duration, Instant};
 
 use sluice_localpg::Cluster;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+use support::*;
 
 fn main() {
     tokio::runtime::Builder::new_multi_thread()
@@ -64,18 +52,6 @@ async fn until(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     started.elapsed().as_secs_f64()
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn bytes_under(dir: &Path) -> u64 {

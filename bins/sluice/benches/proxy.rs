@@ -20,22 +20,10 @@ use sluice_localpg::Cluster;
 use sluice_stripe_emulator::Emulator;
 use sqlx::Connection;
 
+mod support;
+use support::*;
+
 const KEY: &str = "sk_live_bench000000000000000";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn main() {
     tokio::runtime::Builder::new_multi_thread()

@@ -192,3 +192,57 @@ pub trait Writer: Send + Sync {
     /// Applies `changes` to `collection` upstream (see the contract above).
     async fn apply(&self, collection: &CollectionId, changes: &[UpstreamChange]) -> WriteOutcome;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: Option<&str>, sql_type: &str) -> String {
+        Column {
+            text: text.map(str::to_owned),
+            sql_type: sql_type.into(),
+        }
+        .to_json()
+        .to_string()
+    }
+
+    #[test]
+    fn values_become_json_without_losing_a_digit() {
+        // Beyond 2^64, 40 significant digits, a float's shortest exact text: kept digit for digit.
+        assert_eq!(
+            json(Some("123456789012345678901234567890"), "numeric"),
+            "123456789012345678901234567890"
+        );
+        assert_eq!(
+            json(
+                Some("1234567890123456789012345678901234567.891"),
+                "numeric(40,3)"
+            ),
+            "1234567890123456789012345678901234567.891"
+        );
+        assert_eq!(
+            json(Some("0.30000000000000004"), "double precision"),
+            "0.30000000000000004"
+        );
+        assert_eq!(
+            json(Some("-9223372036854775808"), "bigint"),
+            "-9223372036854775808"
+        );
+        // What JSON has no number for stays the server's text.
+        for special in ["NaN", "Infinity", "-Infinity"] {
+            assert_eq!(
+                json(Some(special), "double precision"),
+                format!("\"{special}\"")
+            );
+        }
+        assert_eq!(json(Some("NaN"), "numeric"), "\"NaN\"");
+        // Text, NUL-free unicode, json as parsed, booleans, NULL.
+        assert_eq!(json(Some("ünï ✓ \u{1F600}"), "text"), "\"ünï ✓ \u{1F600}\"");
+        assert_eq!(
+            json(Some(r#"{"ключ": [1.50, null]}"#), "jsonb"),
+            r#"{"ключ":[1.50,null]}"#
+        );
+        assert_eq!(json(Some("t"), "boolean"), "true");
+        assert_eq!(json(None, "integer"), "null");
+    }
+}
