@@ -189,6 +189,8 @@ pub struct ConsumerRuntime {
     prefetch: Option<Prefetch>,
     last_lag_check: Option<tokio::time::Instant>,
     last_ack: Option<tokio::time::Instant>,
+    /// A batch was applied since the stream cursor was last acknowledged.
+    unacknowledged: bool,
 }
 
 /// A read of `seq > after` running on its own task.
@@ -197,7 +199,8 @@ struct Prefetch {
     read: tokio::task::JoinHandle<Result<StreamRead, Error>>,
 }
 
-/// During a backfill, the stream cursor is acknowledged at most this often.
+/// While batches keep coming, the stream cursor is acknowledged at most this often (and when
+/// the consumer finds nothing more to read).
 const ACK_EVERY: Duration = Duration::from_secs(1);
 
 /// The loop measures lag at most this often (health requests always measure).
@@ -246,6 +249,7 @@ impl ConsumerRuntime {
             prefetch: None,
             last_lag_check: None,
             last_ack: None,
+            unacknowledged: false,
         }
     }
 
@@ -388,13 +392,15 @@ impl ConsumerRuntime {
         };
         let (mut entries, mut through) = (read.entries, read.through);
         if entries.is_empty() {
-            if through > cursor {
-                // Nothing for this consumer in between: skip ahead.
+            if through > cursor || self.unacknowledged {
+                // Nothing more for this consumer: skip ahead, and acknowledge what was applied.
                 shared
                     .stream
                     .acknowledge(&shared.id, &shared.filter, through)
                     .await?;
                 shared.cursor.store(through.0, Ordering::Release);
+                self.last_ack = Some(tokio::time::Instant::now());
+                self.unacknowledged = false;
             }
             shared.reached_head();
             self.maybe_check_lag(true).await;
@@ -405,8 +411,10 @@ impl ConsumerRuntime {
             }
             return Ok(through);
         }
-        // Not a full batch: wait up to max_wait for more, so real time writes in batches too.
-        if entries.len() < max {
+        // Not a full batch. Caught up with a source that appends as it commits: apply at once
+        // (records that arrive meanwhile make the next batch). While a backlog is building (a
+        // source backfilling), wait up to max_wait for a fuller batch.
+        if entries.len() < max && shared.stream.backfilling(&shared.filter) {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.batch.max_wait_ms);
             while entries.len() < max {
@@ -442,14 +450,18 @@ impl ConsumerRuntime {
             return Err(e);
         }
         // The stream's cursor only holds tombstones back, so it may lag the target's checkpoint:
-        // acknowledging (a durable write) once a second, and whenever caught up, is enough.
+        // acknowledging (a durable write, beside the sources' appends) once a second, and when
+        // the next read finds nothing, is enough.
         let now = tokio::time::Instant::now();
-        if count < max || self.last_ack.is_none_or(|last| now - last >= ACK_EVERY) {
+        if self.last_ack.is_none_or(|last| now - last >= ACK_EVERY) {
             shared
                 .stream
                 .acknowledge(&shared.id, &shared.filter, through)
                 .await?;
             self.last_ack = Some(now);
+            self.unacknowledged = false;
+        } else {
+            self.unacknowledged = true;
         }
         shared.cursor.store(through.0, Ordering::Release);
         shared.applied.fetch_add(count as u64, Ordering::Relaxed);

@@ -86,6 +86,23 @@ fn start(
     watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
+    let batch = BatchConfig {
+        max_records: 1000,
+        max_wait_ms: 20,
+    };
+    start_batching(s, filter, name, batch)
+}
+
+fn start_batching(
+    s: &Setup,
+    filter: RecordFilter,
+    name: &str,
+    batch: BatchConfig,
+) -> (
+    ConsumerHandle,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let target = Arc::new(ConsumerTableTarget::new(
         "warehouse",
         s.settings.clone(),
@@ -97,10 +114,7 @@ fn start(
         filter,
         s.stream.clone(),
         target,
-        BatchConfig {
-            max_records: 1000,
-            max_wait_ms: 20,
-        },
+        batch,
         LagThresholds::default(),
     )
     .with_backoff(Duration::from_millis(50), Duration::from_millis(500));
@@ -759,6 +773,62 @@ async fn a_record_the_target_refuses_pauses_the_consumer_naming_it_without_a_ret
         handle.health().await.status == Status::Healthy
     })
     .await;
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+/// A consumer that has caught up applies what it reads at once, however long `max_wait_ms` is;
+/// only while a source is backfilling does a batch that is not full wait for more.
+#[tokio::test]
+async fn caught_up_applies_at_once_and_only_a_backfill_waits_for_fuller_batches() {
+    let s = setup(&PG, "atonce").await;
+    let wait = Duration::from_secs(8);
+    let batch = BatchConfig {
+        max_records: 1000,
+        max_wait_ms: wait.as_millis() as u64,
+    };
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    let (_handle, stop, task) = start_batching(&s, filter, "atonce", batch);
+    let count = async || target_rows(&PG, &s).await.len();
+    // The first record once the consumer has started (its start is not what is measured).
+    s.stream
+        .append(vec![rec(SYNC, Provider::Postgres, 0, 1, false)])
+        .await
+        .unwrap();
+    wait_until("the consumer has started", 30, async || count().await == 1).await;
+    for id in 1..=3 {
+        let appended = Instant::now();
+        s.stream
+            .append(vec![rec(SYNC, Provider::Postgres, id, 1, false)])
+            .await
+            .unwrap();
+        wait_until("the record is applied", 30, async || {
+            count().await == id + 1
+        })
+        .await;
+        assert!(
+            appended.elapsed() < wait / 2,
+            "record {id} waited {:?} with max_wait {wait:?}",
+            appended.elapsed()
+        );
+    }
+
+    // Backfilling: the one record read waits for company, up to max_wait.
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    let appended = Instant::now();
+    s.stream
+        .append(vec![rec(SYNC, Provider::Postgres, 4, 1, false)])
+        .await
+        .unwrap();
+    wait_until("the backfilled record is applied", 60, async || {
+        count().await == 5
+    })
+    .await;
+    assert!(
+        appended.elapsed() >= wait - Duration::from_secs(1),
+        "applied after {:?}, before max_wait {wait:?}",
+        appended.elapsed()
+    );
     stop.send_replace(true);
     task.await.unwrap();
 }

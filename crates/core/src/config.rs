@@ -451,7 +451,9 @@ pub struct JsonCollectionConfig {
 pub struct BatchConfig {
     /// At most this many records per batch (default 1000).
     pub max_records: usize,
-    /// At most this long after the first record of a batch arrives (default 50 ms).
+    /// While a source this consumer reads is backfilling, a batch that is not full waits at
+    /// most this long after its first record for more (default 50 ms). A consumer that has
+    /// caught up applies what it read at once.
     pub max_wait_ms: u64,
 }
 

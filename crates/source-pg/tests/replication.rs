@@ -519,6 +519,46 @@ async fn unchanged_toast_values_are_filled_truncate_tombstones_and_new_columns_a
     running.stop().await;
 }
 
+/// Caught up, each committed transaction is appended at once: never held for `batch_wait`
+/// (set to a minute here) when nothing more is queued behind it.
+#[tokio::test]
+async fn a_committed_transaction_is_appended_without_waiting_for_more() {
+    let s = setup(
+        "atonce",
+        "create table public.items (id bigint primary key, n int not null, body text not null);",
+    )
+    .await;
+    let running = start(
+        &s,
+        SourceOptions {
+            batch_wait: Duration::from_secs(60),
+            ..options()
+        },
+    );
+    check_becomes_healthy(&running.source, "replication").await;
+    for id in 1..=3 {
+        let committed = Instant::now();
+        PG.execute(
+            &s.db,
+            &format!("insert into public.items values ({id}, 1, 'x')"),
+        )
+        .await
+        .unwrap();
+        wait_until("the row is in the stream", 30, async || {
+            get(&s.stream, "public.items", &id.to_string())
+                .await
+                .is_some()
+        })
+        .await;
+        assert!(
+            committed.elapsed() < Duration::from_secs(20),
+            "row {id} waited {:?} for batch_wait",
+            committed.elapsed()
+        );
+    }
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn the_slot_is_confirmed_after_the_stream_commits_and_health_reports_it() {
     let s = setup(

@@ -310,6 +310,7 @@ impl PostgresSource {
             heartbeat_at: None,
             rereads: KeyRereads::default(),
             reread_running: None,
+            last_append: Duration::ZERO,
         };
         let mut reread: Option<Aborting<Result<usize, Error>>> = None;
         let mut ticker = tokio::time::interval(inner.options.heartbeat);
@@ -406,7 +407,13 @@ impl PostgresSource {
                             state.relation(rel, table);
                         }
                         Incoming::Message(message) => {
+                            let commit = matches!(message, Message::Commit { .. });
                             state.handle(message, &types, &mut writer).await?;
+                            // A committed transaction is appended at once, or with the ones
+                            // queued right behind it (see `Streaming::append_now`).
+                            if commit && state.append_now(rx.is_empty()) {
+                                state.flush(&mut writer).await?;
+                            }
                         }
                     }
                     if reread.is_none() && !state.rereads.queue.is_empty() {

@@ -57,6 +57,8 @@ pub(super) struct Streaming<'a> {
     pub(super) rereads: KeyRereads,
     /// The slot hold of the re-read that is running.
     pub(super) reread_running: Option<Lsn>,
+    /// How long the last append took.
+    pub(super) last_append: std::time::Duration,
 }
 
 impl Streaming<'_> {
@@ -84,6 +86,17 @@ impl Streaming<'_> {
             self.source.status(|s| s.confirmed = c);
         }
         Ok(())
+    }
+
+    /// Whether a transaction just committed is appended now rather than with the next ones:
+    /// when nothing more is queued behind it, or when what is pending has waited as long as
+    /// an append takes (under a steady flow of commits the queue is never empty, and waiting
+    /// longer would only add latency: group commit, paced by the stream itself).
+    pub(super) fn append_now(&self, queue_empty: bool) -> bool {
+        queue_empty
+            || self
+                .pending_since
+                .is_some_and(|since| since.elapsed() >= self.last_append)
     }
 
     pub(super) fn push(&mut self, record: Record) {
@@ -181,7 +194,9 @@ impl Streaming<'_> {
         if !self.pending.is_empty() {
             let records = std::mem::take(&mut self.pending);
             let n = records.len() as u64;
+            let started = Instant::now();
             self.source.inner.stream.append(records).await?;
+            self.last_append = started.elapsed();
             self.source
                 .inner
                 .streamed

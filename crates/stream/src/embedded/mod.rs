@@ -77,8 +77,9 @@ insert or ignore into meta (key, value) values ('head', 0);
 const COLUMNS: &str = "seq, provider, sync_id, collection_id, upstream_id, version_major, version_minor, \
                        upstream_updated_at_ns, deleted, payload";
 
-/// Rows per multi-row insert (11 parameters each; SQLite allows 32,766 per statement).
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows per multi-row insert, largest first (11 parameters each; SQLite allows 32,766 per
+/// statement): see [`write::statement_rows`].
+const STATEMENT_ROWS: [usize; 5] = [500, 100, 20, 5, 1];
 
 /// The embedded records stream: one SQLite file in WAL mode.
 ///

@@ -179,13 +179,15 @@ pub(super) async fn insert(
     appended_at: i64,
 ) -> Result<u64> {
     let mut appended = 0;
-    for (chunk, texts) in records
-        .chunks(ROWS_PER_STATEMENT)
-        .zip(texts.chunks(ROWS_PER_STATEMENT))
-    {
-        let mut query = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
+    let (mut records, mut texts) = (records, texts);
+    while !records.is_empty() {
+        let rows = statement_rows(records.len());
+        let (chunk, rest) = records.split_at(rows);
+        let (chunk_texts, rest_texts) = texts.split_at(rows);
+        (records, texts) = (rest, rest_texts);
+        let mut query = sqlx::query(AssertSqlSafe(insert_sql(rows)));
         // Everything bound is borrowed from `records` and `texts`: no per-record copies.
-        for (record, text) in chunk.iter().zip(texts) {
+        for (record, text) in chunk.iter().zip(chunk_texts) {
             *next += 1;
             query = query
                 .bind(*next)
@@ -207,6 +209,17 @@ pub(super) async fn insert(
             .rows_affected();
     }
     Ok(appended)
+}
+
+/// How many of `left` records the next insert statement takes: one of a few sizes, so every
+/// statement is prepared once and then found in the connection's statement cache (an append
+/// of any other size would prepare a statement of that size, which costs more than the
+/// insert itself for the small appends a source makes when caught up).
+pub(super) fn statement_rows(left: usize) -> usize {
+    STATEMENT_ROWS
+        .into_iter()
+        .find(|&rows| rows <= left)
+        .unwrap_or(1)
 }
 
 /// The record as a read from the file returns it: its time at nanosecond precision in UTC.
