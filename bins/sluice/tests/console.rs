@@ -96,7 +96,7 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     browser
         .click("form[action='/targets/new'] button[type=submit]")
         .await;
-    let page = browser.text().await;
+    let page = browser.text_showing("Target saved", 10).await;
     assert!(
         page.contains("Target shop") && page.contains("Target saved"),
         "{page}"
@@ -125,7 +125,7 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     browser
         .click("form[action='/targets/shop/check'] button")
         .await;
-    let checked = browser.text().await;
+    let checked = browser.text_showing("Setup check:", 10).await;
     assert!(checked.contains("Setup check: all good"), "{checked}");
     browser.screenshot("04-target-checked").await;
 
@@ -142,7 +142,7 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     browser
         .click("form[action='/consumers/new'] button[type=submit]")
         .await;
-    let page = browser.text().await;
+    let page = browser.text_showing("create table", 10).await;
     assert!(page.contains("Consumer shop-events"), "{page}");
     assert!(page.contains("create table \"shop\".\"events\""), "{page}");
     let (status, body) = api
@@ -171,14 +171,14 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     browser
         .click("form[action='/consumers/shop-events/verify'] button")
         .await;
-    let verified = browser.text().await;
+    let verified = browser.text_showing("Verification:", 10).await;
     assert!(verified.contains("Verification: all good"), "{verified}");
     browser.screenshot("06-consumer-healthy").await;
 
     // Pause with a reason, then resume, with the buttons.
     browser.fill("#reason", "checking the shop table").await;
     browser.click("button[value=pause]").await;
-    let paused = browser.text().await;
+    let paused = browser.text_showing("Paused.", 10).await;
     assert!(
         paused.contains("Paused.") && paused.contains("checking the shop table"),
         "{paused}"

@@ -181,6 +181,19 @@ impl Browser {
             .to_owned()
     }
 
+    /// The page's visible text once it contains `needle`, or what it shows after `secs`. A
+    /// click that submits a form can return before the page it leads to has loaded.
+    pub async fn text_showing(&self, needle: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let text = self.text().await;
+            if text.contains(needle) || Instant::now() >= deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The page's HTML.
     pub async fn source(&self) -> String {
         self.command("GET", "/source", None)
