@@ -40,7 +40,7 @@ async fn a_batch_writes_upserts_deletes_and_the_checkpoint_together() {
         vec![delete(4, "b", 2), upsert(5, "c", 2, json!({"n": 33}))],
     );
     // The first batch found no existing key, so this one is first copied straight in: "c"
-    // exists, that COPY is undone, and the key lookup path writes the batch.
+    // exists, so that transaction fails, and the batch is applied again with the key lookup.
     target.apply(&consumer(), &second).await.unwrap();
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(7));
     assert_eq!(
