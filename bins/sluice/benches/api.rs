@@ -14,7 +14,6 @@
 //!
 //! Peak memory is `sluice serve`'s peak resident set (`VmHWM`), read at the end.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_localpg::Cluster;
@@ -51,14 +50,7 @@ async fn run() {
     let rate = env_usize("SLUICE_BENCH_RATE", 25) as f64;
     let changes = env_usize("SLUICE_BENCH_CHANGES", 2_000);
     let target = Cluster::start_default().unwrap();
-    target
-        .execute(
-            "postgres",
-            "create role sluice_sync login password 'sync-pw';
-             grant connect, create on database postgres to sluice_sync;",
-        )
-        .await
-        .unwrap();
+    prepare_target(&target).await;
     let stripe = Emulator::start(KEY).await;
     let made = Instant::now();
     let mut ids = Vec::with_capacity(objects);
@@ -109,28 +101,8 @@ async fn run() {
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("stripe.key"), KEY).unwrap();
-    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let config = format!(
-        r#"
-data_dir = "{data}"
-[api]
-listen = "127.0.0.1:{api_port}"
-token = {{ env = "BENCH_TOKEN" }}
-
-[[target]]
-name = "warehouse"
-[target.connection]
-host = "127.0.0.1"
-port = {tport}
-database = "postgres"
-user = "sluice_sync"
-password = {{ env = "BENCH_TARGET_PASSWORD" }}
-ssl = {{ mode = "disable" }}
-
+        r#"{head}
 [[sync]]
 name = "stripe"
 id = "0c3f5e7a-9b1d-4f2e-8a6c-4d5e6f7a8b9c"
@@ -148,23 +120,11 @@ target = "warehouse"
 filter = {{ provider = "stripe" }}
 layout = {{ kind = "consumer_table", schema = "sluice", table = "stripe_records" }}
 "#,
-        data = dir.path().join("data").display(),
-        tport = target.port(),
+        head = config_head(dir.path(), &target),
         key = dir.path().join("stripe.key").display(),
         stripe = stripe.url(),
     );
-    let path = dir.path().join("sluice.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("BENCH_TOKEN", "bench")
-        .env("BENCH_TARGET_PASSWORD", "sync-pw")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut serve = serve(dir.path(), &config, &[("RUST_LOG", "warn")]);
     let pid = serve.id();
 
     let count = "select count(*) from sluice.stripe_records";

@@ -13,7 +13,7 @@
 //! reader today; the 1-, 2- and 4-reader figures the issue asks for come with parallel readers.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sluice_localpg::Cluster;
@@ -80,22 +80,7 @@ async fn sluice(
 ) -> (f64, f64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        r#"
-data_dir = "{data}"
-[api]
-listen = "127.0.0.1:{api}"
-token = {{ env = "BENCH_TOKEN" }}
-
-[[target]]
-name = "warehouse"
-[target.connection]
-host = "127.0.0.1"
-port = {tport}
-database = "postgres"
-user = "sluice_sync"
-password = {{ env = "BENCH_TARGET_PASSWORD" }}
-ssl = {{ mode = "disable" }}
-
+        r#"{head}
 [[sync]]
 name = "src"
 id = "{id}"
@@ -112,25 +97,16 @@ target = "warehouse"
 filter = {{ sync = {{ name = "src" }} }}
 layout = {layout}
 "#,
-        data = dir.path().join("data").display(),
-        api = free_port(),
-        tport = target.port(),
+        head = config_head(dir.path(), target),
         sport = source.port(),
         id = uuid::Uuid::new_v4(),
     );
-    let path = dir.path().join("sluice.toml");
-    std::fs::write(&path, config).unwrap();
     let started = Instant::now();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("BENCH_TOKEN", "t")
-        .env("BENCH_TARGET_PASSWORD", "sync-pw")
-        .env("BENCH_SOURCE_PASSWORD", source.superuser_password())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut serve = serve(
+        dir.path(),
+        &config,
+        &[("BENCH_SOURCE_PASSWORD", source.superuser_password())],
+    );
     let seconds = until(target, "postgres", count_sql, rows, started, name).await;
     let peak = peak_rss_mb(serve.id());
     let stream = bytes_under(&dir.path().join("data"));
@@ -172,15 +148,7 @@ async fn run() {
         "select avg(pg_column_size(i.*))::bigint from public.items i",
     )
     .await;
-    target
-        .execute(
-            "postgres",
-            "create role sluice_sync login password 'sync-pw';
-             grant connect, create on database postgres to sluice_sync;
-             create role sluice_read;",
-        )
-        .await
-        .unwrap();
+    prepare_target(&target).await;
     println!(
         "initial load: {rows} rows of ~{row_bytes} bytes, source table {:.0} MB on disk",
         source_bytes as f64 / 1e6

@@ -13,7 +13,7 @@
 //!     beside that ceiling (one request per row).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sluice_localpg::Cluster;
@@ -177,15 +177,7 @@ async fn run() {
     let rate = env_usize("SLUICE_BENCH_RATE", 100);
 
     let target = Cluster::start_default().unwrap();
-    target
-        .execute(
-            "postgres",
-            "create role sluice_sync login password 'sync-pw';
-             grant connect, create on database postgres to sluice_sync;
-             create role sluice_read;",
-        )
-        .await
-        .unwrap();
+    prepare_target(&target).await;
     let init = Command::new("pgbench")
         .args([
             "-i",
@@ -219,22 +211,7 @@ async fn run() {
     std::fs::write(dir.path().join("stripe.key"), KEY).unwrap();
     let proxy = free_port();
     let config = format!(
-        r#"
-data_dir = "{data}"
-[api]
-listen = "127.0.0.1:{api}"
-token = {{ env = "BENCH_TOKEN" }}
-
-[[target]]
-name = "warehouse"
-[target.connection]
-host = "127.0.0.1"
-port = {tport}
-database = "postgres"
-user = "sluice_sync"
-password = {{ env = "BENCH_TARGET_PASSWORD" }}
-ssl = {{ mode = "disable" }}
-
+        r#"{head}
 [[sync]]
 name = "stripe"
 id = "2c3f5e7a-9b1d-4f2e-8a6c-4d5e6f7a8b9c"
@@ -257,23 +234,11 @@ listen = "127.0.0.1:{proxy}"
 target = "warehouse"
 max_rows_per_statement = {rows}
 "#,
-        data = dir.path().join("data").display(),
-        api = free_port(),
-        tport = target.port(),
+        head = config_head(dir.path(), &target),
         key = dir.path().join("stripe.key").display(),
         base = stripe.url(),
     );
-    let path = dir.path().join("sluice.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("BENCH_TOKEN", "t")
-        .env("BENCH_TARGET_PASSWORD", "sync-pw")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut serve = serve(dir.path(), &config, &[]);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut admin = target.admin("postgres").await.unwrap();

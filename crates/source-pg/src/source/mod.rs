@@ -407,13 +407,9 @@ impl PostgresSource {
                             state.relation(rel, table);
                         }
                         Incoming::Message(message) => {
-                            let commit = matches!(message, Message::Commit { .. });
-                            state.handle(message, &types, &mut writer).await?;
                             // A committed transaction is appended at once, or with the ones
                             // queued right behind it (see `Streaming::append_now`).
-                            if commit && state.append_now(rx.is_empty()) {
-                                state.flush(&mut writer).await?;
-                            }
+                            state.handle(message, &types, &mut writer, rx.is_empty()).await?;
                         }
                     }
                     if reread.is_none() && !state.rereads.queue.is_empty() {

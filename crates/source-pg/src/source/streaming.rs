@@ -92,7 +92,7 @@ impl Streaming<'_> {
     /// when nothing more is queued behind it, or when what is pending has waited as long as
     /// an append takes (under a steady flow of commits the queue is never empty, and waiting
     /// longer would only add latency: group commit, paced by the stream itself).
-    pub(super) fn append_now(&self, queue_empty: bool) -> bool {
+    fn append_now(&self, queue_empty: bool) -> bool {
         queue_empty
             || self
                 .pending_since
@@ -113,11 +113,13 @@ impl Streaming<'_> {
         self.pending.push(record);
     }
 
+    /// Handles one message; `queue_empty` says whether nothing more has arrived behind it.
     pub(super) async fn handle(
         &mut self,
         message: Message,
         types: &TypeMap,
         writer: &mut StatusWriter,
+        queue_empty: bool,
     ) -> Result<(), Error> {
         let batch_max = self.source.inner.options.batch_max;
         match message {
@@ -143,7 +145,7 @@ impl Streaming<'_> {
                 self.committed = Some(end_lsn);
                 self.source
                     .status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
-                if self.pending.len() >= batch_max {
+                if self.pending.len() >= batch_max || self.append_now(queue_empty) {
                     self.flush(writer).await?;
                 }
             }

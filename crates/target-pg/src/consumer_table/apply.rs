@@ -149,15 +149,13 @@ pub(crate) async fn apply_partition(
             && !e.to_string().contains(CHECKPOINT_TABLE)
     };
     let guessed_all_new = write.all_new.load(Ordering::Relaxed);
-    match try_apply(conn, sql, write, true).await {
+    let mut applied = try_apply(conn, sql, write, true).await;
+    if guessed_all_new && applied.as_ref().is_err_and(duplicate) {
         // The rows were copied straight in as all new, and one was not: look the keys up.
-        Err(e) if duplicate(&e) && guessed_all_new => {
-            write.all_new.store(false, Ordering::Relaxed);
-            match try_apply(conn, sql, write, true).await {
-                Err(e) if duplicate(&e) => try_apply(conn, sql, write, false).await,
-                other => other,
-            }
-        }
+        write.all_new.store(false, Ordering::Relaxed);
+        applied = try_apply(conn, sql, write, true).await;
+    }
+    match applied {
         // Someone else inserted a key between our lookup and our COPY: take the safe path.
         Err(e) if duplicate(&e) => try_apply(conn, sql, write, false).await,
         other => other,
@@ -191,13 +189,12 @@ async fn try_apply(
         return Ok(outcome);
     }
 
-    let mut copied = false;
-    if direct_inserts && !encoded.lines.is_empty() && all_new.load(Ordering::Relaxed) {
+    let copied = direct_inserts && !encoded.lines.is_empty() && all_new.load(Ordering::Relaxed);
+    if copied {
         // Straight in, with no savepoint (two round trips fewer, which is most of a small
         // batch's time): a key that exists fails the whole transaction, and
         // `apply_partition` applies the batch again with a lookup.
         outcome.upserted += copy(&mut tx, &sql.copy_direct, &encoded.rows).await?;
-        copied = true;
     }
     if !encoded.lines.is_empty() && !copied {
         let existing: HashSet<Uuid> = if direct_inserts {
