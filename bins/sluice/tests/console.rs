@@ -178,7 +178,12 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     // Pause with a reason, then resume, with the buttons.
     browser.fill("#reason", "checking the shop table").await;
     browser.click("button[value=pause]").await;
-    let paused = browser.text_showing("Paused.", 10).await;
+    browser.text_showing("Paused.", 10).await;
+    // The page can render before the consumer has taken the pause in; its address keeps the
+    // note, so reload it until it has.
+    let paused = browser
+        .wait_for_text(&browser.url().await, "Consumer shop-events paused", 10)
+        .await;
     assert!(
         paused.contains("Paused.") && paused.contains("checking the shop table"),
         "{paused}"
