@@ -134,21 +134,22 @@ async fn latency(conn: &mut PgConnection, table: &str, created: &str) -> (f64, f
 /// p50 and p99, in ms, from each row's insert on the source to the start of the stream append
 /// that holds it (the stream stores when each append began).
 async fn latency_to_stream(stream: &EmbeddedStream, from: usize) -> (f64, f64) {
-    use sqlx::Connection as _;
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(stream.path())
-        .read_only(true);
-    let mut conn = sqlx::SqliteConnection::connect_with(&options)
-        .await
-        .unwrap();
-    let mut ms: Vec<f64> = sqlx::query_scalar(
-        "select appended_at_ns / 1e6 - (julianday(json_extract(payload, '$.created_at')) - 2440587.5) * 86400000.0
-         from records where collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
+    let conn = rusqlite::Connection::open_with_flags(
+        stream.path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
-    .bind(from as i64)
-    .fetch_all(&mut conn)
-    .await
     .unwrap();
+    let mut statement = conn
+        .prepare(
+            "select appended_at_ns / 1e6 - (julianday(json_extract(payload, '$.created_at')) - 2440587.5) * 86400000.0
+             from records where collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
+        )
+        .unwrap();
+    let mut ms: Vec<f64> = statement
+        .query_map([from as i64], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| {
         ms.get(((ms.len() as f64 - 1.0) * q) as usize)

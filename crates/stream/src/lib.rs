@@ -2,7 +2,7 @@
 //!
 //! `sluice-stream` owns the durable, compacted, ordered log of records between sources and
 //! consumers, implementing [`sluice_core::RecordStream`]. The default store, [`EmbeddedStream`],
-//! is one SQLite file under the data directory (`stream.sqlite3`, WAL mode, through sqlx). A
+//! is one SQLite file under the data directory (`stream.sqlite3`, WAL mode, through rusqlite). A
 //! networked engine (PostgreSQL, NATS JetStream) can replace it behind the same trait when one
 //! machine is outgrown.
 //!

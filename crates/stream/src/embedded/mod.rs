@@ -1,8 +1,8 @@
-//! The embedded store: one SQLite file.
+//! The embedded store: one SQLite file, through rusqlite.
 //!
-//! Queries here use `sqlx::query` with static SQL rather than the compile-checked macros: the
-//! workspace's offline data is generated against PostgreSQL, and these statements are
-//! exercised by this crate's tests instead.
+//! Statements run on the calling thread with cached prepared statements (a multi-threaded
+//! runtime is told with `block_in_place`, so its other tasks move to another thread while
+//! SQLite reads or syncs the file). SQL here is static text exercised by this crate's tests.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -11,15 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use sluice_core::{
     AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, PayloadText,
     Provider, Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
     StreamRead, SyncId, UpstreamId, Version,
 };
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqlitePool};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
@@ -31,7 +28,7 @@ mod write;
 
 pub(crate) use read::Form;
 use read::{bind_filter, decode, filter_sql, nanos};
-use write::check_version;
+use write::{begin_write, check_version};
 
 /// The stream's file name inside the data directory.
 pub const FILE_NAME: &str = "stream.sqlite3";
@@ -83,20 +80,21 @@ const STATEMENT_ROWS: [usize; 5] = [500, 100, 20, 5, 1];
 
 /// The embedded records stream: one SQLite file in WAL mode.
 ///
-/// Appends are serialised inside the process (one writer) and wake readers waiting in
-/// [`RecordStream::wait_past`] at once. Appends made by *another* process on the same file are
-/// noticed by a `PRAGMA data_version` check every [`CROSS_PROCESS_CHECK`]; in-process appends
+/// Appends are serialised inside the process (one writing connection) and wake readers waiting
+/// in [`RecordStream::wait_past`] at once. Appends made by *another* process on the same file
+/// are noticed by a check of the file's head every [`CROSS_PROCESS_CHECK`]; in-process appends
 /// never wait for it.
 pub struct EmbeddedStream {
-    pool: SqlitePool,
-    /// The one connection that writes (appends, truncates, acknowledgements).
-    writes: SqlitePool,
+    /// The one connection that writes (appends, truncates, acknowledgements, schemas); its
+    /// lock serialises writers in the order they came.
+    writer: Mutex<Connection>,
+    /// Connections for reads, idle between them (one more is opened when none is idle).
+    readers: std::sync::Mutex<Vec<Connection>>,
     path: PathBuf,
-    writer: Mutex<()>,
     head: watch::Sender<Seq>,
     /// The newest entries, for readers right behind the writers. Writers hold it across their
     /// commit, and readers while they compare it with the file's head, so the two always agree.
-    tail: Mutex<Tail>,
+    tail: std::sync::Mutex<Tail>,
     /// Reads answered from the tail (see [`EmbeddedStream::reads_from_memory`]).
     tail_reads: std::sync::atomic::AtomicU64,
     /// Syncs whose source is backfilling (see `RecordStream::set_backfilling`).
@@ -106,6 +104,20 @@ pub struct EmbeddedStream {
 /// How often a waiting reader checks for appends made by another process.
 pub const CROSS_PROCESS_CHECK: Duration = Duration::from_millis(500);
 
+/// Read connections kept open between reads.
+const IDLE_READERS: usize = 4;
+
+/// Every connection's settings. `page_size` applies when the file is created: 16 KiB pages
+/// pack ~1 KB records better, and appends measured 35% faster than with 4 KiB
+/// (crates/stream/benches/stream.rs).
+const SETTINGS: &str = "pragma page_size = 16384; pragma journal_mode = wal; \
+                        pragma synchronous = full; pragma cache_size = -16384;";
+
+/// The writing connection keeps a larger page cache (32 MiB): every write goes through it.
+const WRITER_CACHE: &str = "pragma cache_size = -32768;";
+
+const HEAD: &str = "select value from meta where key = 'head'";
+
 impl std::fmt::Debug for EmbeddedStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedStream")
@@ -114,8 +126,52 @@ impl std::fmt::Debug for EmbeddedStream {
     }
 }
 
-fn storage(what: &str, error: sqlx::Error) -> Error {
+fn storage(what: &str, error: rusqlite::Error) -> Error {
     Error::unavailable(format!("records stream: {what}"), error)
+}
+
+/// A SQLite result as the stream's: a failure is the store being unavailable for `what`.
+trait OrStorage<T> {
+    fn or_storage(self, what: &str) -> Result<T>;
+}
+
+impl<T> OrStorage<T> for rusqlite::Result<T> {
+    fn or_storage(self, what: &str) -> Result<T> {
+        self.map_err(|e| storage(what, e))
+    }
+}
+
+/// Runs `f`, which reads or syncs the file. On a multi-threaded runtime the worker's other
+/// tasks move to another thread meanwhile (`block_in_place`); elsewhere `f` just runs.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Opens a connection to the file, creating it if needed, with [`SETTINGS`] and `extra`.
+fn connect(path: &Path, extra: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    conn.execute_batch(SETTINGS)?;
+    conn.execute_batch(extra)?;
+    Ok(conn)
+}
+
+fn read_head(conn: &Connection) -> Result<i64> {
+    conn.prepare_cached(HEAD)
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .or_storage("reading the head")
 }
 
 impl EmbeddedStream {
@@ -129,46 +185,20 @@ impl EmbeddedStream {
             )
         })?;
         let path = dir.join(FILE_NAME);
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|e| storage("options", e))?
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(30))
-            // 16 KiB pages: ~1 KB records pack better, and appends measured 35% faster than
-            // with 4 KiB (crates/stream/benches/stream.rs).
-            .page_size(16384)
-            .pragma("cache_size", "-16384")
-            .disable_statement_logging();
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.clone())
-            .await
-            .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
-        // Every write goes through one connection (32 MiB cache), so its page cache stays warm.
-        let writes = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(options.pragma("cache_size", "-32768"))
-            .await
-            .map_err(|e| storage(&format!("opening {}", path.display()), e))?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&pool)
-            .await
-            .map_err(|e| storage("creating tables", e))?;
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&pool)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
+        let (writer, head) = blocking(|| {
+            let conn =
+                connect(&path, WRITER_CACHE).or_storage(&format!("opening {}", path.display()))?;
+            conn.execute_batch(SCHEMA).or_storage("creating tables")?;
+            let head = read_head(&conn)?;
+            Ok::<_, Error>((conn, head))
+        })?;
         let head = Seq(head as u64);
         Ok(Self {
-            pool,
-            writes,
+            writer: Mutex::new(writer),
+            readers: Default::default(),
             path,
-            writer: Mutex::new(()),
             head: watch::channel(head).0,
-            tail: Mutex::new(Tail::new(head, TailLimits::default())),
+            tail: std::sync::Mutex::new(Tail::new(head, TailLimits::default())),
             tail_reads: std::sync::atomic::AtomicU64::new(0),
             backfilling: Default::default(),
         })
@@ -190,20 +220,30 @@ impl EmbeddedStream {
         let sql = format!(
             "select {COLUMNS} from records where deleted = 0 order by sync_id, collection_id, upstream_id"
         );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| storage("reading", e))?;
-        rows.iter().map(|r| decode(r, Form::Parsed)).collect()
+        blocking(|| {
+            self.with_reader(|conn| {
+                let mut statement = conn.prepare(&sql).or_storage("reading")?;
+                let mut rows = statement.query([]).or_storage("reading")?;
+                let mut entries = Vec::new();
+                while let Some(row) = rows.next().or_storage("reading")? {
+                    entries.push(decode(row, Form::Parsed)?);
+                }
+                Ok(entries)
+            })
+        })
     }
 
     /// How many tombstones the stream holds (for tests and status).
     pub async fn tombstones(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("select count(*) from records where deleted = 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| storage("counting tombstones", e))?;
-        Ok(n as u64)
+        blocking(|| {
+            self.with_reader(|conn| {
+                conn.query_row("select count(*) from records where deleted = 1", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .or_storage("counting tombstones")
+            })
+        })
+        .map(|n| n as u64)
     }
 
     /// Appends the records `chunks` yields, in one transaction: atomic like one
@@ -215,6 +255,34 @@ impl EmbeddedStream {
         chunks: impl Iterator<Item = Vec<Record>> + Send,
     ) -> Result<AppendOutcome> {
         self.write_records(chunks, None).await
+    }
+
+    /// Runs `f` on an idle read connection (opening one when none is idle). A connection whose
+    /// work failed is closed rather than kept.
+    fn with_reader<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let idle = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => connect(&self.path, "").or_storage("opening a reader")?,
+        };
+        let result = f(&mut conn);
+        if result.is_ok() {
+            let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+
+    /// Runs `f` on the writing connection, in order with the other writers.
+    async fn with_writer<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self.writer.lock().await;
+        blocking(|| f(&mut conn))
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -243,29 +311,43 @@ impl RecordStream for EmbeddedStream {
     }
 
     async fn lag(&self, filter: &RecordFilter, after: Seq, cap: u64) -> Result<Lag> {
-        let sql = format!(
+        let count = format!(
             "select count(*) from (select 1 from records where seq > ?{} limit ?)",
             filter_sql(filter)
         );
-        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter)
-            .bind(cap as i64);
-        let records: i64 = query
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| storage("measuring lag", e))?
-            .get(0);
-        let sql = format!(
+        let oldest = format!(
             "select appended_at_ns from records where seq > ?{} order by seq limit 1",
             filter_sql(filter)
         );
-        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter);
-        let oldest = query
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| storage("measuring lag", e))?;
-        let oldest_appended_at = oldest
-            .map(|row| row.get::<i64, _>(0))
-            .and_then(|ns| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok());
+        let (records, oldest) = blocking(|| {
+            self.with_reader(|conn| {
+                let mut statement = conn.prepare_cached(&count).or_storage("measuring lag")?;
+                statement
+                    .raw_bind_parameter(1, after.0 as i64)
+                    .or_storage("measuring lag")?;
+                let next = bind_filter(&mut statement, 2, filter).or_storage("measuring lag")?;
+                statement
+                    .raw_bind_parameter(next, cap as i64)
+                    .or_storage("measuring lag")?;
+                let records: i64 = match statement.raw_query().next().or_storage("measuring lag")? {
+                    Some(row) => row.get(0).or_storage("measuring lag")?,
+                    None => 0,
+                };
+                let mut statement = conn.prepare_cached(&oldest).or_storage("measuring lag")?;
+                statement
+                    .raw_bind_parameter(1, after.0 as i64)
+                    .or_storage("measuring lag")?;
+                bind_filter(&mut statement, 2, filter).or_storage("measuring lag")?;
+                let oldest: Option<i64> =
+                    match statement.raw_query().next().or_storage("measuring lag")? {
+                        Some(row) => Some(row.get(0).or_storage("measuring lag")?),
+                        None => None,
+                    };
+                Ok((records, oldest))
+            })
+        })?;
+        let oldest_appended_at =
+            oldest.and_then(|ns| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok());
         Ok(Lag {
             records: records as u64,
             oldest_appended_at,
@@ -276,23 +358,32 @@ impl RecordStream for EmbeddedStream {
         let sql = format!(
             "select {COLUMNS} from records where sync_id = ? and collection_id = ? and upstream_id = ?"
         );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(key.sync_id.0.as_bytes().to_vec())
-            .bind(&key.collection_id.0)
-            .bind(&key.upstream_id.0)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| storage("reading a record", e))?;
-        row.as_ref().map(|r| decode(r, Form::Parsed)).transpose()
+        blocking(|| {
+            self.with_reader(|conn| {
+                let mut statement = conn.prepare_cached(&sql).or_storage("reading a record")?;
+                let mut rows = statement
+                    .query((
+                        key.sync_id.0.as_bytes().as_slice(),
+                        key.collection_id.0.as_str(),
+                        key.upstream_id.0.as_str(),
+                    ))
+                    .or_storage("reading a record")?;
+                rows.next()
+                    .or_storage("reading a record")?
+                    .map(|row| decode(row, Form::Parsed))
+                    .transpose()
+            })
+        })
     }
 
     async fn source_state(&self, owner: &str) -> Result<Option<serde_json::Value>> {
-        let text: Option<String> =
-            sqlx::query_scalar("select value from source_state where owner = ?")
-                .bind(owner)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| storage("reading source state", e))?;
+        let text: Option<String> = blocking(|| {
+            self.with_reader(|conn| {
+                conn.prepare_cached("select value from source_state where owner = ?")
+                    .and_then(|mut s| s.query_row([owner], |r| r.get(0)).optional())
+                    .or_storage("reading source state")
+            })
+        })?;
         text.map(|t| {
             serde_json::from_str(&t)
                 .map_err(|_| Error::invalid("records stream: corrupt source state"))
@@ -308,16 +399,17 @@ impl RecordStream for EmbeddedStream {
     ) -> Result<()> {
         let text = serde_json::to_string(schema)
             .map_err(|e| Error::invalid(format!("collection schema: {e}")))?;
-        sqlx::query(
-            "insert into collection_schemas (sync_id, collection_id, schema) values (?, ?, ?) \
-             on conflict (sync_id, collection_id) do update set schema = excluded.schema",
-        )
-        .bind(sync_id.0.as_bytes().as_slice())
-        .bind(collection.0.as_str())
-        .bind(text)
-        .execute(&self.writes)
-        .await
-        .map_err(|e| storage("storing a collection schema", e))?;
+        self.with_writer(|conn| {
+            conn.prepare_cached(
+                "insert into collection_schemas (sync_id, collection_id, schema) values (?, ?, ?) \
+                 on conflict (sync_id, collection_id) do update set schema = excluded.schema",
+            )
+            .and_then(|mut s| {
+                s.execute((sync_id.0.as_bytes().as_slice(), collection.0.as_str(), text))
+            })
+            .or_storage("storing a collection schema")
+        })
+        .await?;
         Ok(())
     }
 
@@ -326,14 +418,21 @@ impl RecordStream for EmbeddedStream {
         sync_id: SyncId,
         collection: &CollectionId,
     ) -> Result<Option<CollectionSchema>> {
-        let text: Option<String> = sqlx::query_scalar(
-            "select schema from collection_schemas where sync_id = ? and collection_id = ?",
-        )
-        .bind(sync_id.0.as_bytes().as_slice())
-        .bind(collection.0.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| storage("reading a collection schema", e))?;
+        let text: Option<String> = blocking(|| {
+            self.with_reader(|conn| {
+                conn.prepare_cached(
+                    "select schema from collection_schemas where sync_id = ? and collection_id = ?",
+                )
+                .and_then(|mut s| {
+                    s.query_row(
+                        (sync_id.0.as_bytes().as_slice(), collection.0.as_str()),
+                        |r| r.get(0),
+                    )
+                    .optional()
+                })
+                .or_storage("reading a collection schema")
+            })
+        })?;
         text.map(|t| {
             serde_json::from_str(&t)
                 .map_err(|_| Error::invalid("records stream: corrupt collection schema"))
@@ -355,39 +454,43 @@ impl RecordStream for EmbeddedStream {
             upstream_updated_at: at,
             change: Change::Delete,
         })?;
-        let (_writer, mut tx, head) = self.begin_write("a truncate").await?;
-        // One statement: every live record of the collection gets a tombstone with the next
-        // seq, where its stored version is older (the same guard as `append`).
-        let done = sqlx::query(
-            "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
-               version_minor, upstream_updated_at_ns, deleted, payload, appended_at_ns) \
-             select ?1 + row_number() over (order by seq), provider, sync_id, collection_id, upstream_id, \
-               ?4, ?5, ?6, 1, null, ?7 \
-             from records where sync_id = ?2 and collection_id = ?3 and deleted = 0 \
-               and (version_major < ?4 or (version_major = ?4 and version_minor < ?5)) \
-             on conflict (sync_id, collection_id, upstream_id) do update set \
-               seq = excluded.seq, version_major = excluded.version_major, \
-               version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
-               deleted = 1, payload = null, appended_at_ns = excluded.appended_at_ns",
-        )
-        .bind(head)
-        .bind(sync_id.0.as_bytes().as_slice())
-        .bind(collection.0.as_str())
-        .bind(version.major as i64)
-        .bind(version.minor as i64)
-        .bind(nanos(at))
-        .bind(nanos(OffsetDateTime::now_utc()))
-        .execute(&mut *tx)
+        self.with_writer(|conn| {
+            let (tx, head) = begin_write(conn, "a truncate")?;
+            // One statement: every live record of the collection gets a tombstone with the
+            // next seq, where its stored version is older (the same guard as `append`).
+            let done = tx
+                .prepare_cached(
+                    "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
+                       version_minor, upstream_updated_at_ns, deleted, payload, appended_at_ns) \
+                     select ?1 + row_number() over (order by seq), provider, sync_id, collection_id, upstream_id, \
+                       ?4, ?5, ?6, 1, null, ?7 \
+                     from records where sync_id = ?2 and collection_id = ?3 and deleted = 0 \
+                       and (version_major < ?4 or (version_major = ?4 and version_minor < ?5)) \
+                     on conflict (sync_id, collection_id, upstream_id) do update set \
+                       seq = excluded.seq, version_major = excluded.version_major, \
+                       version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
+                       deleted = 1, payload = null, appended_at_ns = excluded.appended_at_ns",
+                )
+                .and_then(|mut s| {
+                    s.execute((
+                        head,
+                        sync_id.0.as_bytes().as_slice(),
+                        collection.0.as_str(),
+                        version.major as i64,
+                        version.minor as i64,
+                        nanos(at),
+                        nanos(OffsetDateTime::now_utc()),
+                    ))
+                })
+                .or_storage("tombstoning a collection")?;
+            self.finish_write(tx, head, head + done as i64, "a truncate", None)?;
+            Ok(done as u64)
+        })
         .await
-        .map_err(|e| storage("tombstoning a collection", e))?
-        .rows_affected();
-        self.finish_write(tx, head, head + done as i64, "a truncate", None)
-            .await?;
-        Ok(done)
     }
 
     async fn head(&self) -> Result<Seq> {
-        Ok(Seq(self.head_in_file().await? as u64))
+        Ok(Seq(self.head_in_file()? as u64))
     }
 
     async fn wait_past(&self, seq: Seq) {
@@ -404,7 +507,7 @@ impl RecordStream for EmbeddedStream {
                 }
                 _ = tokio::time::sleep(CROSS_PROCESS_CHECK) => {
                     // Another process may have appended to the same file.
-                    if let Some(head) = self.head_in_file().await.ok()
+                    if let Some(head) = self.head_in_file().ok()
                         && head as u64 > seq.0
                     {
                         self.head.send_if_modified(|h| {
@@ -440,44 +543,41 @@ impl RecordStream for EmbeddedStream {
                     .map(|c| serde_json::to_string(c).unwrap_or_else(|_| "[]".into())),
             ),
         };
-        let _writer = self.writer.lock().await;
-        let mut tx = self
-            .writes
-            .begin()
-            .await
-            .map_err(|e| storage("beginning an acknowledgement", e))?;
-        sqlx::query(
-            "insert into cursors (consumer, provider, sync_id, collections, seq) values (?, ?, ?, ?, ?) \
-             on conflict (consumer) do update set provider = excluded.provider, sync_id = excluded.sync_id, \
-               collections = excluded.collections, seq = excluded.seq",
-        )
-        .bind(&consumer.0)
-        .bind(provider)
-        .bind(sync_id)
-        .bind(collections)
-        .bind(through.0 as i64)
-        .execute(&mut *tx)
+        self.with_writer(|conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .or_storage("beginning an acknowledgement")?;
+            tx.prepare_cached(
+                "insert into cursors (consumer, provider, sync_id, collections, seq) values (?, ?, ?, ?, ?) \
+                 on conflict (consumer) do update set provider = excluded.provider, sync_id = excluded.sync_id, \
+                   collections = excluded.collections, seq = excluded.seq",
+            )
+            .and_then(|mut s| {
+                s.execute((&consumer.0, provider, sync_id, collections, through.0 as i64))
+            })
+            .or_storage("storing a cursor")?;
+            // Purge tombstones that no registered consumer whose filter matches them still
+            // needs.
+            let purged = tx
+                .prepare_cached(
+                    "delete from records where deleted = 1 and seq <= ? and not exists (
+                         select 1 from cursors c where records.seq > c.seq
+                           and (c.provider is null or c.provider = records.provider)
+                           and (c.sync_id is null or c.sync_id = records.sync_id)
+                           and (c.collections is null or records.collection_id in (select value from json_each(c.collections))))
+                     returning seq",
+                )
+                .and_then(|mut s| {
+                    s.query_map([through.0 as i64], |r| r.get::<_, i64>(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()
+                })
+                .or_storage("purging tombstones")?;
+            let mut tail = self.tail();
+            tx.commit().or_storage("committing an acknowledgement")?;
+            tail.remove(purged.into_iter().map(|s| s as u64));
+            Ok(())
+        })
         .await
-        .map_err(|e| storage("storing a cursor", e))?;
-        // Purge tombstones that no registered consumer whose filter matches them still needs.
-        let purged: Vec<i64> = sqlx::query_scalar(
-            "delete from records where deleted = 1 and seq <= ? and not exists (
-                 select 1 from cursors c where records.seq > c.seq
-                   and (c.provider is null or c.provider = records.provider)
-                   and (c.sync_id is null or c.sync_id = records.sync_id)
-                   and (c.collections is null or records.collection_id in (select value from json_each(c.collections))))
-             returning seq",
-        )
-        .bind(through.0 as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| storage("purging tombstones", e))?;
-        let mut tail = self.tail.lock().await;
-        tx.commit()
-            .await
-            .map_err(|e| storage("committing an acknowledgement", e))?;
-        tail.remove(purged.into_iter().map(|s| s as u64));
-        Ok(())
     }
 
     fn set_backfilling(&self, sync_id: SyncId, provider: Provider, backfilling: bool) {
@@ -498,11 +598,12 @@ impl RecordStream for EmbeddedStream {
     }
 
     async fn forget(&self, consumer: &ConsumerId) -> Result<()> {
-        sqlx::query("delete from cursors where consumer = ?")
-            .bind(&consumer.0)
-            .execute(&self.writes)
-            .await
-            .map_err(|e| storage("forgetting a consumer", e))?;
+        self.with_writer(|conn| {
+            conn.prepare_cached("delete from cursors where consumer = ?")
+                .and_then(|mut s| s.execute([&consumer.0]))
+                .or_storage("forgetting a consumer")
+        })
+        .await?;
         Ok(())
     }
 }
@@ -511,6 +612,33 @@ impl RecordStream for EmbeddedStream {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    /// A new file gets 16 KiB pages and the WAL journal, and every connection syncs fully.
+    #[tokio::test]
+    async fn a_new_file_has_the_streams_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+        let settings = stream
+            .with_reader(|conn| {
+                let get = |pragma: &str| {
+                    conn.query_row(&format!("pragma {pragma}"), [], |r| {
+                        r.get::<_, rusqlite::types::Value>(0)
+                    })
+                    .or_storage("reading a setting")
+                };
+                Ok((get("page_size")?, get("journal_mode")?, get("synchronous")?))
+            })
+            .unwrap();
+        use rusqlite::types::Value;
+        assert_eq!(
+            settings,
+            (
+                Value::Integer(16384),
+                Value::Text("wal".into()),
+                Value::Integer(2)
+            )
+        );
+    }
 
     /// Every filtered read walks the table by seq: never every record of a sync by the key
     /// index followed by a sort.
@@ -541,18 +669,26 @@ mod tests {
                     filter_sql(filter)
                 ),
             ] {
-                let query = bind_filter(
-                    sqlx::query(AssertSqlSafe(format!("explain query plan {sql}"))).bind(0i64),
-                    filter,
-                )
-                .bind(10i64);
-                let plan: Vec<String> = query
-                    .fetch_all(&stream.pool)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get::<String, _>(3))
-                    .collect();
+                let plan = stream
+                    .with_reader(|conn| {
+                        let mut statement = conn
+                            .prepare(&format!("explain query plan {sql}"))
+                            .or_storage("explaining")?;
+                        statement
+                            .raw_bind_parameter(1, 0i64)
+                            .or_storage("binding")?;
+                        let next = bind_filter(&mut statement, 2, filter).or_storage("binding")?;
+                        statement
+                            .raw_bind_parameter(next, 10i64)
+                            .or_storage("binding")?;
+                        let mut rows = statement.raw_query();
+                        let mut plan = Vec::new();
+                        while let Some(row) = rows.next().or_storage("explaining")? {
+                            plan.push(row.get::<_, String>(3).or_storage("explaining")?);
+                        }
+                        Ok(plan)
+                    })
+                    .unwrap();
                 assert!(
                     plan.iter()
                         .any(|p| p.contains("INTEGER PRIMARY KEY (rowid>?)"))

@@ -13,9 +13,9 @@ impl EmbeddedStream {
         limit: usize,
         form: Form,
     ) -> Result<StreamRead> {
-        let (entries, head) = match self.read_tail(filter, after, limit, form).await? {
+        let (entries, head) = match self.read_tail(filter, after, limit, form)? {
             Some(read) => read,
-            None => self.read_file(filter, after, limit, form).await?,
+            None => blocking(|| self.read_file(filter, after, limit, form))?,
         };
         let through = match entries.last() {
             Some(last) if entries.len() >= limit => last.seq,
@@ -25,15 +25,15 @@ impl EmbeddedStream {
     }
 
     /// The entries from the tail and the head they go to, when the tail covers the position.
-    pub(super) async fn read_tail(
+    fn read_tail(
         &self,
         filter: &RecordFilter,
         after: Seq,
         limit: usize,
         form: Form,
     ) -> Result<Option<(Vec<StreamEntry>, Seq)>> {
-        let tail = self.tail.lock().await;
-        let head = Seq(self.head_in_file().await? as u64);
+        let tail = self.tail();
+        let head = Seq(self.head_in_file()? as u64);
         let entries = tail.read(filter, after, limit, head, form);
         if entries.is_some() {
             self.tail_reads
@@ -43,47 +43,44 @@ impl EmbeddedStream {
     }
 
     /// The entries from the file and the head they go to.
-    pub(super) async fn read_file(
+    fn read_file(
         &self,
         filter: &RecordFilter,
         after: Seq,
         limit: usize,
         form: Form,
     ) -> Result<(Vec<StreamEntry>, Seq)> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| storage("beginning a read", e))?;
-        // Head first, in the same snapshot: nothing appended after it can be missed.
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
         let sql = format!(
             "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
             filter_sql(filter)
         );
-        let query = bind_filter(sqlx::query(AssertSqlSafe(sql)).bind(after.0 as i64), filter)
-            .bind(limit as i64);
-        let rows = query
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| storage("reading", e))?;
-        tx.commit().await.map_err(|e| storage("ending a read", e))?;
-        let entries = rows
-            .iter()
-            .map(|row| decode(row, form))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((entries, Seq(head as u64)))
+        self.with_reader(|conn| {
+            let tx = conn.transaction().or_storage("beginning a read")?;
+            // Head first, in the same snapshot: nothing appended after it can be missed.
+            let head = read_head(&tx)?;
+            let mut statement = tx.prepare_cached(&sql).or_storage("reading")?;
+            statement
+                .raw_bind_parameter(1, after.0 as i64)
+                .or_storage("reading")?;
+            let next = bind_filter(&mut statement, 2, filter).or_storage("reading")?;
+            statement
+                .raw_bind_parameter(next, limit as i64)
+                .or_storage("reading")?;
+            let mut rows = statement.raw_query();
+            let mut entries = Vec::with_capacity(limit.min(4096));
+            while let Some(row) = rows.next().or_storage("reading")? {
+                entries.push(decode(row, form)?);
+            }
+            drop(rows);
+            drop(statement);
+            tx.commit().or_storage("ending a read")?;
+            Ok((entries, Seq(head as u64)))
+        })
     }
 
     /// The head as the file says now (another process may have moved it).
-    pub(super) async fn head_in_file(&self) -> Result<i64> {
-        sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| storage("reading the head", e))
+    pub(super) fn head_in_file(&self) -> Result<i64> {
+        self.with_reader(|conn| read_head(conn))
     }
 }
 
@@ -102,32 +99,47 @@ pub(crate) enum Form {
 
 /// One row of a `select {COLUMNS}`, by position (no name lookups, no copies of the
 /// provider and sync id).
-pub(super) fn decode(row: &SqliteRow, form: Form) -> Result<StreamEntry> {
+pub(super) fn decode(row: &rusqlite::Row<'_>, form: Form) -> Result<StreamEntry> {
     let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
-    let sync_id = SyncId(Uuid::from_slice(row.get::<&[u8], _>(2)).map_err(|_| bad("sync_id"))?);
+    let int = |at: usize, what: &str| row.get::<_, i64>(at).map_err(|_| bad(what));
+    let text = |at: usize, what: &str| {
+        row.get_ref(at)
+            .ok()
+            .and_then(|v| v.as_str().ok())
+            .ok_or_else(|| bad(what))
+    };
+    let sync_id = row
+        .get_ref(2)
+        .ok()
+        .and_then(|v| v.as_blob().ok())
+        .and_then(|b| Uuid::from_slice(b).ok())
+        .ok_or_else(|| bad("sync_id"))?;
     let mut payload_text = None;
-    let change = if row.get::<bool, _>(8) {
+    let change = if int(8, "deleted")? != 0 {
         Change::Delete
     } else if form == Form::Text {
-        payload_text = Some(PayloadText::whole(row.get(9)));
+        payload_text = Some(PayloadText::whole(text(9, "payload")?.to_owned()));
         Change::Upsert {
             payload: Default::default(),
         }
     } else {
-        let payload = serde_json::from_str(row.get::<&str, _>(9)).map_err(|_| bad("payload"))?;
+        let payload = serde_json::from_str(text(9, "payload")?).map_err(|_| bad("payload"))?;
         Change::Upsert { payload }
     };
-    let updated_ns: i64 = row.get(7);
+    let updated_ns = int(7, "upstream_updated_at")?;
     Ok(StreamEntry {
-        seq: Seq(row.get::<i64, _>(0) as u64),
+        seq: Seq(int(0, "seq")? as u64),
         record: Record {
             key: RecordKey {
-                sync_id,
-                collection_id: CollectionId(row.get(3)),
-                upstream_id: UpstreamId(row.get(4)),
+                sync_id: SyncId(sync_id),
+                collection_id: CollectionId(text(3, "collection_id")?.to_owned()),
+                upstream_id: UpstreamId(text(4, "upstream_id")?.to_owned()),
             },
-            provider: Provider::from_str(row.get::<&str, _>(1))?,
-            version: Version::new(row.get::<i64, _>(5) as u64, row.get::<i64, _>(6) as u64),
+            provider: Provider::from_str(text(1, "provider")?)?,
+            version: Version::new(
+                int(5, "version_major")? as u64,
+                int(6, "version_minor")? as u64,
+            ),
             upstream_updated_at: OffsetDateTime::from_unix_timestamp_nanos(updated_ns as i128)
                 .map_err(|_| bad("upstream_updated_at"))?,
             change,
@@ -152,19 +164,30 @@ pub(super) fn filter_sql(filter: &RecordFilter) -> &'static str {
     }
 }
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-pub(super) fn bind_filter<'q>(query: Query<'q>, filter: &RecordFilter) -> Query<'q> {
+/// Binds a filter's parameters (see [`filter_sql`]) from parameter `at` on; returns the next
+/// parameter's index.
+pub(super) fn bind_filter(
+    statement: &mut rusqlite::Statement<'_>,
+    at: usize,
+    filter: &RecordFilter,
+) -> rusqlite::Result<usize> {
     match filter {
-        RecordFilter::Provider(p) => query.bind(p.as_str()),
+        RecordFilter::Provider(p) => {
+            statement.raw_bind_parameter(at, p.as_str())?;
+            Ok(at + 1)
+        }
         RecordFilter::Sync {
             sync_id,
             collections,
         } => {
-            let query = query.bind(sync_id.0.as_bytes().to_vec());
+            statement.raw_bind_parameter(at, sync_id.0.as_bytes().as_slice())?;
             match collections {
-                None => query,
-                Some(c) => query.bind(serde_json::to_string(c).unwrap_or_else(|_| "[]".into())),
+                None => Ok(at + 1),
+                Some(c) => {
+                    let list = serde_json::to_string(c).unwrap_or_else(|_| "[]".into());
+                    statement.raw_bind_parameter(at + 1, list)?;
+                    Ok(at + 2)
+                }
             }
         }
     }

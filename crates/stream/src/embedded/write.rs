@@ -1,6 +1,10 @@
 //! Writing: the one transaction an append is (claimed seqs, multi-row upserts with the version
 //! guard, the resume state, the head), and the tail kept exact with what was written.
 
+use std::sync::LazyLock;
+
+use rusqlite::Transaction;
+
 use super::*;
 
 impl EmbeddedStream {
@@ -10,98 +14,70 @@ impl EmbeddedStream {
         chunks: impl Iterator<Item = Vec<Record>> + Send,
         state: Option<&SourceState>,
     ) -> Result<AppendOutcome> {
-        let (_writer, mut tx, head) = self.begin_write("an append").await?;
-        let appended_at = nanos(OffsetDateTime::now_utc());
-        let mut next = head;
-        let (mut appended, mut total) = (0u64, 0usize);
-        let mut landed = Some(Vec::new());
-        for mut records in chunks {
-            for record in &records {
-                check_version(record)?;
-            }
-            let texts = serialize_payloads(&records)?;
-            let n = insert(&mut tx, &records, &texts, &mut next, appended_at).await?;
-            appended += n;
-            total += records.len();
-            match &mut landed {
-                Some(landed) if n as usize == records.len() => {
-                    for record in &mut records {
-                        // The tail keeps the text; the parsed payload goes now.
-                        if let Change::Upsert { payload } = &mut record.change {
-                            *payload = Default::default();
-                        }
-                    }
-                    landed.extend(records.into_iter().map(as_stored).zip(texts));
+        self.with_writer(|conn| {
+            let (tx, head) = begin_write(conn, "an append")?;
+            let appended_at = nanos(OffsetDateTime::now_utc());
+            let mut next = head;
+            let (mut appended, mut total) = (0u64, 0usize);
+            let mut landed = Some(Vec::new());
+            for mut records in chunks {
+                for record in &records {
+                    check_version(record)?;
                 }
-                // A record skipped as stale is not in the file, and which one was skipped is
-                // not known here: the tail then starts over.
-                _ => landed = None,
+                let texts = serialize_payloads(&records)?;
+                let n = insert(&tx, &records, &texts, &mut next, appended_at)?;
+                appended += n;
+                total += records.len();
+                match &mut landed {
+                    Some(landed) if n as usize == records.len() => {
+                        for record in &mut records {
+                            // The tail keeps the text; the parsed payload goes now.
+                            if let Change::Upsert { payload } = &mut record.change {
+                                *payload = Default::default();
+                            }
+                        }
+                        landed.extend(records.into_iter().map(as_stored).zip(texts));
+                    }
+                    // A record skipped as stale is not in the file, and which one was skipped
+                    // is not known here: the tail then starts over.
+                    _ => landed = None,
+                }
             }
-        }
-        if let Some(state) = state {
-            sqlx::query(
-                "insert into source_state (owner, value) values (?, ?) \
-                 on conflict (owner) do update set value = excluded.value",
-            )
-            .bind(&state.owner)
-            .bind(state.value.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| storage("storing source state", e))?;
-        }
-        let head = self
-            .finish_write(tx, head, next, "an append", landed)
-            .await?;
-        Ok(AppendOutcome {
-            appended: appended as usize,
-            skipped_stale: total - appended as usize,
-            head,
+            if let Some(state) = state {
+                tx.prepare_cached(
+                    "insert into source_state (owner, value) values (?, ?) \
+                     on conflict (owner) do update set value = excluded.value",
+                )
+                .and_then(|mut s| s.execute((&state.owner, state.value.to_string())))
+                .or_storage("storing source state")?;
+            }
+            let head = self.finish_write(tx, head, next, "an append", landed)?;
+            Ok(AppendOutcome {
+                appended: appended as usize,
+                skipped_stale: total - appended as usize,
+                head,
+            })
         })
-    }
-
-    /// Starts a write: the writer lock, a transaction, and the head inside it.
-    pub(super) async fn begin_write(
-        &self,
-        what: &str,
-    ) -> Result<(
-        tokio::sync::MutexGuard<'_, ()>,
-        sqlx::Transaction<'static, sqlx::Sqlite>,
-        i64,
-    )> {
-        let writer = self.writer.lock().await;
-        let mut tx = self
-            .writes
-            .begin()
-            .await
-            .map_err(|e| storage(&format!("beginning {what}"), e))?;
-        let head: i64 = sqlx::query_scalar("select value from meta where key = 'head'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| storage("reading the head", e))?;
-        Ok((writer, tx, head))
+        .await
     }
 
     /// Ends a write that began at `from`: moves the head to `next`, commits, updates the
     /// tail and wakes readers. `landed` holds the entries of seqs `from + 1 ..= next` (with their
     /// payload's JSON text) when every one of them is in the file as given; `None` empties
     /// the tail instead.
-    pub(super) async fn finish_write(
+    pub(super) fn finish_write(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        tx: Transaction<'_>,
         from: i64,
         next: i64,
         what: &str,
         landed: Option<Vec<(Record, Option<PayloadText>)>>,
     ) -> Result<Seq> {
-        sqlx::query("update meta set value = ? where key = 'head'")
-            .bind(next)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| storage("moving the head", e))?;
-        let mut tail = self.tail.lock().await;
-        tx.commit()
-            .await
-            .map_err(|e| storage(&format!("committing {what}"), e))?;
+        tx.prepare_cached("update meta set value = ? where key = 'head'")
+            .and_then(|mut s| s.execute([next]))
+            .or_storage("moving the head")?;
+        let mut tail = self.tail();
+        tx.commit().or_storage(&format!("committing {what}"))?;
         let head = Seq(next as u64);
         match landed {
             Some(entries) if tail.end() == Seq(from as u64) => tail.extend(entries),
@@ -113,10 +89,31 @@ impl EmbeddedStream {
     }
 }
 
-/// The multi-row upsert for `rows` records. The version guard: a conflicting key is replaced
-/// only by a strictly newer version, and the replacement moves to the end of the stream with a
-/// new seq.
-pub(super) fn insert_sql(rows: usize) -> String {
+/// Starts a write on the writing connection: a transaction that holds the file's write lock
+/// from its start (another process's writer waits, rather than failing mid-way), and the head
+/// inside it.
+pub(super) fn begin_write<'c>(
+    conn: &'c mut Connection,
+    what: &str,
+) -> Result<(Transaction<'c>, i64)> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .or_storage(&format!("beginning {what}"))?;
+    let head = read_head(&tx)?;
+    Ok((tx, head))
+}
+
+/// The multi-row upsert for `rows` records (one of [`STATEMENT_ROWS`]), built once. The version
+/// guard: a conflicting key is replaced only by a strictly newer version, and the replacement
+/// moves to the end of the stream with a new seq.
+pub(super) fn insert_sql(rows: usize) -> &'static str {
+    static TEXTS: LazyLock<Vec<String>> =
+        LazyLock::new(|| STATEMENT_ROWS.iter().map(|&rows| upsert(rows)).collect());
+    let at = STATEMENT_ROWS.iter().position(|&r| r == rows);
+    &TEXTS[at.unwrap_or(STATEMENT_ROWS.len() - 1)]
+}
+
+fn upsert(rows: usize) -> String {
     let mut sql = String::with_capacity(600 + rows * 26);
     sql.push_str(
         "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
@@ -171,8 +168,8 @@ pub(super) fn serialize_payloads(records: &[Record]) -> Result<Vec<Option<Payloa
 
 /// Inserts `records` (with their payloads' `texts`) at the seqs after `next`, under the version
 /// guard, advancing `next`; returns how many landed (the others were stale).
-pub(super) async fn insert(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+pub(super) fn insert(
+    tx: &Connection,
     records: &[Record],
     texts: &[Option<PayloadText>],
     next: &mut i64,
@@ -185,30 +182,42 @@ pub(super) async fn insert(
         let (chunk, rest) = records.split_at(rows);
         let (chunk_texts, rest_texts) = texts.split_at(rows);
         (records, texts) = (rest, rest_texts);
-        let mut query = sqlx::query(AssertSqlSafe(insert_sql(rows)));
+        let mut statement = tx
+            .prepare_cached(insert_sql(rows))
+            .or_storage("appending")?;
         // Everything bound is borrowed from `records` and `texts`: no per-record copies.
+        let mut at = 1;
         for (record, text) in chunk.iter().zip(chunk_texts) {
             *next += 1;
-            query = query
-                .bind(*next)
-                .bind(record.provider.as_str())
-                .bind(record.key.sync_id.0.as_bytes().as_slice())
-                .bind(record.key.collection_id.0.as_str())
-                .bind(record.key.upstream_id.0.as_str())
-                .bind(record.version.major as i64)
-                .bind(record.version.minor as i64)
-                .bind(nanos(record.upstream_updated_at))
-                .bind(record.is_tombstone())
-                .bind(text.as_ref().map(PayloadText::as_str))
-                .bind(appended_at);
+            bind_record(&mut statement, at, *next, record, text, appended_at)
+                .or_storage("appending")?;
+            at += 11;
         }
-        appended += query
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| storage("appending", e))?
-            .rows_affected();
+        appended += statement.raw_execute().or_storage("appending")? as u64;
     }
     Ok(appended)
+}
+
+/// Binds one record's 11 values from parameter `at` on.
+fn bind_record(
+    statement: &mut rusqlite::Statement<'_>,
+    at: usize,
+    seq: i64,
+    record: &Record,
+    text: &Option<PayloadText>,
+    appended_at: i64,
+) -> rusqlite::Result<()> {
+    statement.raw_bind_parameter(at, seq)?;
+    statement.raw_bind_parameter(at + 1, record.provider.as_str())?;
+    statement.raw_bind_parameter(at + 2, record.key.sync_id.0.as_bytes().as_slice())?;
+    statement.raw_bind_parameter(at + 3, record.key.collection_id.0.as_str())?;
+    statement.raw_bind_parameter(at + 4, record.key.upstream_id.0.as_str())?;
+    statement.raw_bind_parameter(at + 5, record.version.major as i64)?;
+    statement.raw_bind_parameter(at + 6, record.version.minor as i64)?;
+    statement.raw_bind_parameter(at + 7, nanos(record.upstream_updated_at))?;
+    statement.raw_bind_parameter(at + 8, record.is_tombstone())?;
+    statement.raw_bind_parameter(at + 9, text.as_ref().map(PayloadText::as_str))?;
+    statement.raw_bind_parameter(at + 10, appended_at)
 }
 
 /// How many of `left` records the next insert statement takes: one of a few sizes, so every
