@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use sluice_core::{
     AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, PayloadText,
     Provider, Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
@@ -23,8 +23,11 @@ use uuid::Uuid;
 
 use crate::tail::{Tail, TailLimits};
 
+mod connection;
 mod read;
 mod write;
+
+use connection::{IDLE_READERS, OrStorage, WRITER_CACHE, blocking, connect, read_head};
 
 pub(crate) use read::Form;
 use read::{bind_filter, decode, filter_sql, nanos};
@@ -104,74 +107,12 @@ pub struct EmbeddedStream {
 /// How often a waiting reader checks for appends made by another process.
 pub const CROSS_PROCESS_CHECK: Duration = Duration::from_millis(500);
 
-/// Read connections kept open between reads.
-const IDLE_READERS: usize = 4;
-
-/// Every connection's settings. `page_size` applies when the file is created: 16 KiB pages
-/// pack ~1 KB records better, and appends measured 35% faster than with 4 KiB
-/// (crates/stream/benches/stream.rs).
-const SETTINGS: &str = "pragma page_size = 16384; pragma journal_mode = wal; \
-                        pragma synchronous = full; pragma cache_size = -16384;";
-
-/// The writing connection keeps a larger page cache (32 MiB): every write goes through it.
-const WRITER_CACHE: &str = "pragma cache_size = -32768;";
-
-const HEAD: &str = "select value from meta where key = 'head'";
-
 impl std::fmt::Debug for EmbeddedStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedStream")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-fn storage(what: &str, error: rusqlite::Error) -> Error {
-    Error::unavailable(format!("records stream: {what}"), error)
-}
-
-/// A SQLite result as the stream's: a failure is the store being unavailable for `what`.
-trait OrStorage<T> {
-    fn or_storage(self, what: &str) -> Result<T>;
-}
-
-impl<T> OrStorage<T> for rusqlite::Result<T> {
-    fn or_storage(self, what: &str) -> Result<T> {
-        self.map_err(|e| storage(what, e))
-    }
-}
-
-/// Runs `f`, which reads or syncs the file. On a multi-threaded runtime the worker's other
-/// tasks move to another thread meanwhile (`block_in_place`); elsewhere `f` just runs.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
-/// Opens a connection to the file, creating it if needed, with [`SETTINGS`] and `extra`.
-fn connect(path: &Path, extra: &str) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(30))?;
-    conn.set_prepared_statement_cache_capacity(32);
-    conn.execute_batch(SETTINGS)?;
-    conn.execute_batch(extra)?;
-    Ok(conn)
-}
-
-fn read_head(conn: &Connection) -> Result<i64> {
-    conn.prepare_cached(HEAD)
-        .and_then(|mut s| s.query_row([], |r| r.get(0)))
-        .or_storage("reading the head")
 }
 
 impl EmbeddedStream {
@@ -609,93 +550,4 @@ impl RecordStream for EmbeddedStream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeSet;
-
-    /// A new file gets 16 KiB pages and the WAL journal, and every connection syncs fully.
-    #[tokio::test]
-    async fn a_new_file_has_the_streams_settings() {
-        let dir = tempfile::tempdir().unwrap();
-        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-        let settings = stream
-            .with_reader(|conn| {
-                let get = |pragma: &str| {
-                    conn.query_row(&format!("pragma {pragma}"), [], |r| {
-                        r.get::<_, rusqlite::types::Value>(0)
-                    })
-                    .or_storage("reading a setting")
-                };
-                Ok((get("page_size")?, get("journal_mode")?, get("synchronous")?))
-            })
-            .unwrap();
-        use rusqlite::types::Value;
-        assert_eq!(
-            settings,
-            (
-                Value::Integer(16384),
-                Value::Text("wal".into()),
-                Value::Integer(2)
-            )
-        );
-    }
-
-    /// Every filtered read walks the table by seq: never every record of a sync by the key
-    /// index followed by a sort.
-    #[tokio::test]
-    async fn filtered_reads_walk_by_seq() {
-        let dir = tempfile::tempdir().unwrap();
-        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-        let sync_id = SyncId(Uuid::from_u128(1));
-        let filters = [
-            RecordFilter::Provider(Provider::Postgres),
-            RecordFilter::Sync {
-                sync_id,
-                collections: None,
-            },
-            RecordFilter::Sync {
-                sync_id,
-                collections: Some(BTreeSet::from([CollectionId("public.t".into())])),
-            },
-        ];
-        for filter in &filters {
-            for sql in [
-                format!(
-                    "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
-                    filter_sql(filter)
-                ),
-                format!(
-                    "select count(*) from (select 1 from records where seq > ?{} limit ?)",
-                    filter_sql(filter)
-                ),
-            ] {
-                let plan = stream
-                    .with_reader(|conn| {
-                        let mut statement = conn
-                            .prepare(&format!("explain query plan {sql}"))
-                            .or_storage("explaining")?;
-                        statement
-                            .raw_bind_parameter(1, 0i64)
-                            .or_storage("binding")?;
-                        let next = bind_filter(&mut statement, 2, filter).or_storage("binding")?;
-                        statement
-                            .raw_bind_parameter(next, 10i64)
-                            .or_storage("binding")?;
-                        let mut rows = statement.raw_query();
-                        let mut plan = Vec::new();
-                        while let Some(row) = rows.next().or_storage("explaining")? {
-                            plan.push(row.get::<_, String>(3).or_storage("explaining")?);
-                        }
-                        Ok(plan)
-                    })
-                    .unwrap();
-                assert!(
-                    plan.iter()
-                        .any(|p| p.contains("INTEGER PRIMARY KEY (rowid>?)"))
-                        && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
-                    "{sql}: {plan:?}"
-                );
-            }
-        }
-    }
-}
+mod tests;
