@@ -75,6 +75,7 @@ pub fn source_for(
             writer,
             failover_slot,
             slot_lag_warning_bytes,
+            backfill_readers,
         } => {
             let settings = settings.unwrap_or_else(|| failing_settings(connection));
             // The writer role reaches the source the way the sync does (tunnel included).
@@ -101,6 +102,7 @@ pub fn source_for(
                         create_missing: *create_missing,
                         slot_lag_warning_bytes: slot_lag_warning_bytes
                             .unwrap_or(defaults.slot_lag_warning_bytes),
+                        backfill_readers: backfill_readers.unwrap_or(defaults.backfill_readers),
                         writer,
                         ..defaults
                     }

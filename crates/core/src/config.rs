@@ -315,6 +315,10 @@ pub enum SourceConfig {
         /// WAL the slot may hold before the sync's health warns (and alerts); default 1 GiB.
         #[serde(default)]
         slot_lag_warning_bytes: Option<u64>,
+        /// Connections that read each table's backfill in parallel, one key range each
+        /// (1 to 16; default 1). Each is one more session on the source database.
+        #[serde(default)]
+        backfill_readers: Option<usize>,
     },
     /// Records pushed to sluice's HTTP API.
     Http {

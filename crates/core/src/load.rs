@@ -10,6 +10,9 @@ use std::path::Path;
 use crate::Config;
 use crate::text::{closest, suggestion};
 
+/// The most parallel backfill readers a Postgres source may ask for.
+pub const MAX_BACKFILL_READERS: usize = 16;
+
 /// A config file that cannot be used, located in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -271,6 +274,22 @@ impl Config {
                 problems.push(problem(
                     format!("two syncs are named {:?}", s.name),
                     "give each [[sync]] its own name",
+                ));
+            }
+            if let crate::SourceConfig::Postgres {
+                backfill_readers: Some(readers),
+                ..
+            } = &s.source
+                && !(1..=MAX_BACKFILL_READERS).contains(readers)
+            {
+                problems.push(problem(
+                    format!(
+                        "sync {:?} asks for {readers} backfill readers",
+                        s.name
+                    ),
+                    format!(
+                        "set backfill_readers between 1 and {MAX_BACKFILL_READERS} (each is one more connection to the source)"
+                    ),
                 ));
             }
             if !ids.insert(s.id) {
@@ -564,5 +583,29 @@ password = { env = "SLUICE_TARGET_PASSWORD" }
             !err.to_string().contains("warehouse"),
             "the file's text is not quoted: {err}"
         );
+    }
+
+    #[test]
+    fn backfill_readers_outside_1_to_16_is_a_problem_with_its_fix() {
+        let with = |readers: &str| {
+            let text = format!(
+                "{TEXT}\n[[sync]]\nname = \"app\"\nid = \"5f0c3c55-0a4e-4b7e-9d57-6c3f2a1e8b90\"\n\
+                 [sync.source]\nprovider = \"postgres\"\n{readers}\n\
+                 [sync.source.connection]\nhost = \"db\"\ndatabase = \"app\"\nuser = \"sluice\"\n"
+            );
+            Config::parse(&text, "sluice.toml", env).unwrap().problems()
+        };
+        assert!(with("").is_empty(), "{:?}", with(""));
+        assert!(with("backfill_readers = 16").is_empty());
+        for bad in ["0", "17"] {
+            let problems = with(&format!("backfill_readers = {bad}"));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            let text = problems[0].to_string();
+            assert!(
+                text.contains(&format!("asks for {bad} backfill readers"))
+                    && text.contains("between 1 and 16"),
+                "{text}"
+            );
+        }
     }
 }

@@ -240,16 +240,29 @@ async fn backfill_and_stream_map_every_type_identically_and_as_documented() {
 
 #[tokio::test]
 async fn a_backfill_racing_with_updates_ends_equal_to_the_source() {
+    backfill_racing_with_updates(1).await;
+}
+
+/// The same race with four readers, each its own key range and watermark: changes that race
+/// any reader's page win, whichever reader reconciles first.
+#[tokio::test]
+async fn a_parallel_backfill_racing_with_updates_ends_equal_to_the_source() {
+    backfill_racing_with_updates(4).await;
+}
+
+async fn backfill_racing_with_updates(readers: usize) {
     let s = setup(
-        "race",
+        &format!("race{readers}"),
         "create table public.items (id bigint primary key, n int not null, body text not null);
-         insert into public.items select i, 0, 'row ' || i from generate_series(1, 100000) i;",
+         insert into public.items select i, 0, 'row ' || i from generate_series(1, 100000) i;
+         analyze public.items;",
     )
     .await;
     let running = start(
         &s,
         SourceOptions {
             backfill_page: 2000,
+            backfill_readers: readers,
             ..options()
         },
     );
@@ -303,6 +316,55 @@ async fn a_backfill_racing_with_updates_ends_equal_to_the_source() {
     assert!(progress.done, "{progress:?}");
     // Rows deleted before the backfill reached them are never read.
     assert!(progress.total_rows >= 90_000, "{progress:?}");
+    assert_eq!(progress.collections["public.items"].readers, readers);
+    running.stop().await;
+}
+
+/// A parallel backfill stopped part-way resumes every range after its last appended page,
+/// even with fewer readers than ranges, and ends equal to the source. The table was never
+/// analysed: its ranges are planned from its size on disk.
+#[tokio::test]
+async fn a_parallel_backfill_resumes_each_range_where_it_stopped() {
+    let s = setup(
+        "resume",
+        "create table public.items (id bigint primary key, n int not null, body text not null);
+         insert into public.items select i, 0, 'row ' || i from generate_series(1, 30000) i;",
+    )
+    .await;
+    let parallel = |readers| SourceOptions {
+        backfill_page: 250,
+        backfill_readers: readers,
+        ..options()
+    };
+    let running = start(&s, parallel(4));
+    wait_until("a few pages of every range are in", 60, async || {
+        running.source.backfill_progress().total_rows >= 4_000
+    })
+    .await;
+    running.stop().await;
+    let progress = live(&s.stream, "public.items").await.len() as u64;
+    assert!(
+        progress < 30_000,
+        "stopped too late to test resuming: {progress}"
+    );
+    let before = s.stream.head().await.unwrap();
+    let running = start(&s, parallel(2));
+    let want = source_rows(&s.db, "public.items").await;
+    wait_until("the stream equals the source", 120, async || {
+        stream_rows(&live(&s.stream, "public.items").await) == want
+    })
+    .await;
+    wait_until("the backfill finishes", 60, async || {
+        running.source.backfill_progress().done
+    })
+    .await;
+    // Only what the first run had not appended was read again (a page per range at most
+    // twice: the one being appended when it stopped).
+    let appended = s.stream.head().await.unwrap().0 - before.0;
+    assert!(
+        appended <= 30_000 - progress + 4 * 250,
+        "the second run appended {appended} records after {progress} were in"
+    );
     running.stop().await;
 }
 
@@ -393,6 +455,9 @@ async fn composite_enum_and_text_keys_page_and_delete_by_the_same_id() {
         &s,
         SourceOptions {
             backfill_page: 7,
+            // Three readers split the composite key at sampled keys: the ranges' bounds are
+            // row comparisons on (enum, text, int) like the pages'.
+            backfill_readers: 3,
             ..options()
         },
     );
@@ -400,6 +465,10 @@ async fn composite_enum_and_text_keys_page_and_delete_by_the_same_id() {
         running.source.backfill_progress().done
     })
     .await;
+    assert_eq!(
+        running.source.backfill_progress().collections["public.scores"].readers,
+        3
+    );
     assert_eq!(live(&s.stream, "public.scores").await.len(), 500);
     // i = 3: tier index 1 + 3 % 3 = 1 → bronze.
     let key = serde_json::to_string(&["bronze", "nàme 3 \"q\"", "3"]).unwrap();

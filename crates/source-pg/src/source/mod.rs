@@ -28,6 +28,9 @@ mod streaming;
 
 use streaming::{KeyRereads, Streaming};
 
+/// Parallel backfill readers when the configuration does not say.
+pub const DEFAULT_BACKFILL_READERS: usize = 1;
+
 /// Tuning for a Postgres source; the defaults suit most databases.
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
@@ -37,6 +40,8 @@ pub struct SourceOptions {
     pub batch_wait: Duration,
     /// Rows per backfill page.
     pub backfill_page: usize,
+    /// Connections that read a table's backfill in parallel, each its own key range.
+    pub backfill_readers: usize,
     /// How often to emit a heartbeat into the source's WAL (and report position).
     pub heartbeat: Duration,
     /// Slot lag (bytes of WAL the slot holds) above which health is `warning`.
@@ -53,6 +58,7 @@ impl Default for SourceOptions {
             batch_max: 10_000,
             batch_wait: Duration::from_millis(20),
             backfill_page: 5_000,
+            backfill_readers: DEFAULT_BACKFILL_READERS,
             heartbeat: Duration::from_secs(10),
             slot_lag_warning_bytes: 1 << 30,
             create_missing: false,

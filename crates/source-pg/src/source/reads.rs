@@ -27,9 +27,18 @@ impl PostgresSource {
         let this = self.clone();
         Aborting(tokio::spawn(async move {
             let _backfilling = backfilling;
-            let mut conn = connect(&this.inner.settings).await?;
+            let mut conns = vec![connect(&this.inner.settings).await?];
+            for _ in 1..this.inner.options.backfill_readers.max(1) {
+                match connect(&this.inner.settings).await {
+                    Ok(conn) => conns.push(conn),
+                    Err(e) => {
+                        tracing::warn!(sync = %this.inner.name, readers = conns.len(), error = %e, "backfill: fewer parallel readers than configured (a connection failed)");
+                        break;
+                    }
+                }
+            }
             let _logging = logging;
-            this.backfill(&types).run(&mut conn, &tables).await
+            this.backfill(&types).run(&mut conns, &tables).await
         }))
     }
 

@@ -11,6 +11,7 @@ use sluice_core::{
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use time::OffsetDateTime;
 
+use super::ranges::{KeyRange, Reading, split};
 use super::watermarks::{Snapshot, Watermarks};
 use super::{Table, db, payload, upstream_id};
 use crate::values::TypeMap;
@@ -29,6 +30,11 @@ pub(crate) struct BackfillState {
     pub generation: u64,
     /// Rows appended so far, all tables.
     pub rows: u64,
+    /// The current collection's key ranges, each read by one of the parallel readers, with
+    /// how far each has come. Empty in a state stored by a single reader before ranges
+    /// existed: its position is then the key in `current`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<KeyRange>,
 }
 
 /// Tables to read again from their first row (a column added with a default), stored in the
@@ -137,6 +143,8 @@ pub struct CollectionProgress {
     pub estimate: u64,
     /// True once the whole table has been read.
     pub done: bool,
+    /// Connections reading it in parallel, each its own key range.
+    pub readers: usize,
 }
 
 /// Everything a backfill needs.
@@ -162,9 +170,13 @@ pub(crate) struct Backfill<'a> {
 
 /// Which rows of a table one consistent read takes.
 #[derive(Clone, Copy)]
-enum Rows<'k> {
-    /// The next keyset page after this key (from the first row when `None`).
-    After(Option<&'k [String]>),
+pub(super) enum Rows<'k> {
+    /// The next keyset page after `after` (from the first row when `None`), up to and
+    /// including `through` (to the last row when `None`).
+    After {
+        after: Option<&'k [String]>,
+        through: Option<&'k [String]>,
+    },
     /// The rows with exactly these keys (those that still exist).
     Keys(&'k [Vec<String>]),
 }
@@ -173,7 +185,10 @@ impl Backfill<'_> {
     /// Reads every table in `tables` that the stored state has not finished, or that was
     /// asked to be read again, in keyset pages. Each page is reconciled with the change
     /// stream (see [`Watermarks`]), so any change that races with it wins in the stream.
-    pub async fn run(&self, conn: &mut PgConnection, tables: &[Table]) -> Result<(), Error> {
+    ///
+    /// A table is split into key ranges, one per connection in `conns` (see [`split`]); each
+    /// range is read by one connection at a time, every page reconciled on its own.
+    pub async fn run(&self, conns: &mut [PgConnection], tables: &[Table]) -> Result<(), Error> {
         let mut state: BackfillState = match self.stream.source_state(&self.owner).await? {
             Some(v) => serde_json::from_value(v).unwrap_or_default(),
             None => BackfillState::default(),
@@ -193,17 +208,28 @@ impl Backfill<'_> {
             .collect();
         for (i, (table, generation)) in todo.iter().enumerate() {
             let collection = table.collection();
-            let mut after = match &state.current {
+            let resumed = match &state.current {
                 Some((c, key)) if *c == collection && state.generation == *generation => {
-                    Some(key.clone())
+                    match (state.ranges.is_empty(), key.is_empty()) {
+                        (false, _) => Some(std::mem::take(&mut state.ranges)),
+                        (true, false) => Some(vec![KeyRange::after(key.clone())]),
+                        (true, true) => None,
+                    }
                 }
                 _ => None,
             };
-            if after.is_none() {
-                state.done.remove(&collection);
-                state.generation = *generation;
-            }
-            let mut rows_here = 0u64;
+            let ranges = match resumed {
+                Some(ranges) => ranges,
+                None => {
+                    state.done.remove(&collection);
+                    state.generation = *generation;
+                    let readers = conns.len();
+                    split(&mut conns[0], table, readers, self.page).await
+                }
+            };
+            state.current = Some((collection.clone(), Vec::new()));
+            state.ranges = ranges;
+            let readers = conns.len().min(state.ranges.len());
             self.set_progress(|p| {
                 p.collection = Some(collection.clone());
                 p.rows = 0;
@@ -217,81 +243,37 @@ impl Backfill<'_> {
                         rows: 0,
                         estimate: table.estimate,
                         done: false,
+                        readers,
                     },
                 );
             });
-            tracing::info!(collection, estimate = table.estimate, "backfill: reading");
-            loop {
-                let read = self
-                    .read_consistent(conn, table, Rows::After(after.as_deref()))
-                    .await;
-                let (lsn, rows, raced) = match read {
-                    Ok(read) => read,
-                    Err(e) if e.class() == sluice_core::ErrorClass::FixConfiguration => {
-                        // This table alone waits for its fix; the others are read, and its
-                        // changes keep streaming. The next backfill tries it again.
-                        tracing::warn!(collection, error = %e, "backfill: cannot read this table");
-                        self.set_unreadable(&collection, Some(e));
-                        break;
-                    }
-                    Err(e) if e.class() == sluice_core::ErrorClass::GiveUp => {
-                        // The server refuses this data: asking again gets the same answer.
-                        // The table stops here, named with the rows it could not read; the
-                        // rows before them are in the stream and its changes keep streaming.
-                        let rows = match &after {
-                            None => "its first rows".to_owned(),
-                            Some(key) => format!(
-                                "the rows after key {}",
-                                upstream_id(&key.iter().map(String::as_str).collect::<Vec<_>>())
-                            ),
-                        };
-                        let stopped = Error::invalid(format!(
-                            "backfill of {collection} stopped at {rows} (a page of up to {} rows): {e}",
-                            self.page
-                        ));
-                        tracing::error!(collection, error = %stopped, "backfill: this table stops; the others continue");
-                        self.set_unreadable(&collection, Some(stopped));
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                };
-                let n = rows.len() as u64;
-                let last = rows.last().map(|(key, _)| key.clone());
-                let records = self.records(table, lsn, rows, &raced);
-                rows_here += n;
-                state.rows += n;
-                match last {
-                    Some(key) if n as usize >= self.page => {
-                        state.current = Some((collection.clone(), key.clone()));
-                        after = Some(key);
-                    }
-                    _ => {
-                        state.current = None;
-                        state.done.insert(collection.clone());
-                    }
+            tracing::info!(
+                collection,
+                estimate = table.estimate,
+                readers,
+                "backfill: reading"
+            );
+            let reading = Reading::new(state);
+            let unreadable = futures_util::future::try_join_all(
+                conns
+                    .iter_mut()
+                    .take(readers)
+                    .map(|conn| self.read_ranges(conn, table, &reading)),
+            )
+            .await?
+            .into_iter()
+            .flatten()
+            .next();
+            let rows_here;
+            (state, rows_here) = reading.finish();
+            match unreadable {
+                Some(e) => {
+                    self.set_unreadable(&collection, Some(e));
+                    continue;
                 }
-                self.stream
-                    .append_with_state(
-                        records,
-                        Some(SourceState {
-                            owner: self.owner.clone(),
-                            value: serde_json::to_value(&state).unwrap_or_default(),
-                        }),
-                    )
-                    .await?;
-                let finished = state.current.is_none();
-                self.set_progress(|p| {
-                    p.rows = rows_here;
-                    p.total_rows = state.rows;
-                    if let Some(c) = p.collections.get_mut(&collection) {
-                        c.rows = rows_here;
-                        c.done = finished;
-                    }
-                });
-                if state.current.is_none() {
+                None => {
                     tracing::info!(collection, rows = rows_here, "backfill: table done");
                     self.set_unreadable(&collection, None);
-                    break;
                 }
             }
             if *generation > 0 && state.done.contains(&collection) {
@@ -329,7 +311,7 @@ impl Backfill<'_> {
 
     /// Rows read at one point of the source's history, the LSN to stamp them with, and the
     /// ids a change the read could not see has touched since (their rows are dropped).
-    async fn read_consistent(
+    pub(super) async fn read_consistent(
         &self,
         conn: &mut PgConnection,
         table: &Table,
@@ -346,7 +328,7 @@ impl Backfill<'_> {
         rows: Rows<'_>,
     ) -> Result<Page, Error> {
         let sql = match rows {
-            Rows::After(after) => page_sql(table, after, self.page)?,
+            Rows::After { after, through } => page_sql(table, after, through, self.page)?,
             Rows::Keys([]) => return Ok(Vec::new()),
             Rows::Keys(keys) => keys_sql(table, keys)?,
         };
@@ -373,7 +355,7 @@ impl Backfill<'_> {
     }
 
     /// A page's rows as records stamped at `lsn`, without the rows that raced.
-    fn records(
+    pub(super) fn records(
         &self,
         table: &Table,
         lsn: Lsn,
@@ -436,6 +418,7 @@ impl Backfill<'_> {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| db("reading the snapshot", e))?;
+        let held = watermarks.hold(Snapshot::parse(&snapshot)?);
         let page = self.read_rows(&mut tx, table, rows).await?;
         tx.commit()
             .await
@@ -453,12 +436,12 @@ impl Backfill<'_> {
         watermarks
             .wait_past(mark, std::time::Duration::from_secs(120))
             .await?;
-        let raced = watermarks.raced(&Snapshot::parse(&snapshot)?, &table.collection());
+        let raced = watermarks.raced(held, &table.collection());
         Ok((mark, page, raced))
     }
 
     /// Tables whose data the server refused: not read again while the source runs.
-    fn stopped(&self) -> BTreeSet<String> {
+    pub(super) fn stopped(&self) -> BTreeSet<String> {
         self.unreadable
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -476,7 +459,7 @@ impl Backfill<'_> {
         };
     }
 
-    fn set_progress(&self, f: impl FnOnce(&mut BackfillProgress)) {
+    pub(super) fn set_progress(&self, f: impl FnOnce(&mut BackfillProgress)) {
         if let Ok(mut p) = self.progress.lock() {
             f(&mut p);
         }
@@ -486,13 +469,26 @@ impl Backfill<'_> {
 /// Rows of a page: `(key texts, every column's text)`.
 type Page = Vec<(Vec<String>, Vec<Option<String>>)>;
 
-/// The query for one keyset page: every column's text, in key order.
-fn page_sql(table: &Table, after: Option<&[String]>, limit: usize) -> Result<String, Error> {
+/// The query for one keyset page: every column's text, in key order, after `after` and up to
+/// `through` (each bound only when given).
+fn page_sql(
+    table: &Table,
+    after: Option<&[String]>,
+    through: Option<&[String]>,
+    limit: usize,
+) -> Result<String, Error> {
     let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
     let keys = keys.join(", ");
-    let condition = match after {
-        Some(after) => format!("where ({keys}) > ({})", key_literals(table, after)?),
-        None => String::new(),
+    let mut bounds = Vec::new();
+    if let Some(after) = after {
+        bounds.push(format!("({keys}) > ({})", key_literals(table, after)?));
+    }
+    if let Some(through) = through {
+        bounds.push(format!("({keys}) <= ({})", key_literals(table, through)?));
+    }
+    let condition = match bounds.is_empty() {
+        true => String::new(),
+        false => format!("where {}", bounds.join(" and ")),
     };
     Ok(format!(
         "select {} from {} {condition} order by {keys} limit {limit}",

@@ -1,7 +1,7 @@
 //! Published tables: what the catalog says about them and how a row becomes a record (shared
 //! by the backfill and the change stream, so both produce identical payloads and keys). The
-//! keyset-paged backfill is in `backfill`, its reconciliation with the change stream in
-//! `watermarks`.
+//! keyset-paged backfill is in `backfill`, its parallel readers (one key range each) in
+//! `ranges`, and its reconciliation with the change stream in `watermarks`.
 
 use sluice_core::sql::qualified;
 use sluice_core::{Error, Payload};
@@ -10,6 +10,7 @@ use sqlx::PgConnection;
 use crate::values::{Kind, TypeMap, to_json};
 
 mod backfill;
+mod ranges;
 mod watermarks;
 
 pub(crate) use backfill::{Backfill, TableRereads};

@@ -80,6 +80,26 @@ struct WatermarkState {
     users: usize,
     /// (xid, collection, upstream id or `*` for a truncate)
     changes: Vec<(u32, String, String)>,
+    /// Snapshots of reads still to be reconciled (parallel readers take theirs at different
+    /// times): a change is forgotten only once every one of them can see it.
+    held: Vec<(u64, Snapshot)>,
+    next_hold: u64,
+}
+
+/// A read's snapshot, held until the read is reconciled ([`Watermarks::raced`]) or dropped.
+pub(crate) struct Held<'w> {
+    watermarks: &'w Watermarks,
+    id: u64,
+    snapshot: Snapshot,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.watermarks
+            .state()
+            .held
+            .retain(|(id, _)| *id != self.id);
+    }
 }
 
 impl Watermarks {
@@ -152,23 +172,35 @@ impl Watermarks {
         }
     }
 
-    /// Ids of `collection` changed by transactions `snapshot` could not see (`*` when one of
-    /// them truncated it); forgets changes every later snapshot can see.
-    pub fn raced(
-        &self,
-        snapshot: &Snapshot,
-        collection: &str,
-    ) -> std::collections::HashSet<String> {
+    /// Holds a read's snapshot until the read is reconciled with [`raced`](Self::raced):
+    /// the changes it may not see are kept for it meanwhile.
+    pub fn hold(&self, snapshot: Snapshot) -> Held<'_> {
         let mut state = self.state();
-        state
-            .changes
-            .retain(|(xid, _, _)| !snapshot.before_horizon(*xid));
-        state
-            .changes
+        state.next_hold += 1;
+        let id = state.next_hold;
+        state.held.push((id, snapshot.clone()));
+        Held {
+            watermarks: self,
+            id,
+            snapshot,
+        }
+    }
+
+    /// Ids of `collection` changed by transactions the held snapshot could not see (`*` when
+    /// one of them truncated it); forgets changes every held snapshot can see.
+    pub fn raced(&self, held: Held<'_>, collection: &str) -> std::collections::HashSet<String> {
+        let mut state = self.state();
+        let WatermarkState {
+            changes, held: all, ..
+        } = &mut *state;
+        changes.retain(|(xid, _, _)| !all.iter().all(|(_, s)| s.before_horizon(*xid)));
+        let raced = changes
             .iter()
-            .filter(|(xid, c, _)| c == collection && snapshot.hides(*xid))
+            .filter(|(xid, c, _)| c == collection && held.snapshot.hides(*xid))
             .map(|(_, _, id)| id.clone())
-            .collect()
+            .collect();
+        drop(state);
+        raced
     }
 }
 
@@ -197,9 +229,28 @@ mod watermark_tests {
         w.record(120, "public.t", "3"); // started after
         w.record(120, "public.other", "4");
         let s = Snapshot::parse("100:110:105").unwrap();
-        let raced = w.raced(&s, "public.t");
+        let raced = w.raced(w.hold(s.clone()), "public.t");
         assert_eq!(raced, ["2".to_owned(), "3".to_owned()].into());
         w.release();
-        assert!(w.raced(&s, "public.t").is_empty());
+        assert!(w.raced(w.hold(s), "public.t").is_empty());
+    }
+
+    /// Parallel readers reconcile in any order: a reader whose snapshot is newer does not
+    /// forget a change that an older snapshot, still held, could not see.
+    #[test]
+    fn a_newer_snapshot_keeps_the_changes_an_older_held_one_needs() {
+        let w = Watermarks::default();
+        w.acquire();
+        w.record(105, "public.t", "2");
+        let older = w.hold(Snapshot::parse("100:110:105").unwrap());
+        let newer = w.hold(Snapshot::parse("120:130:").unwrap());
+        assert!(w.raced(newer, "public.t").is_empty());
+        assert_eq!(w.raced(older, "public.t"), ["2".to_owned()].into());
+        // With no snapshot held any more, the next read's horizon forgets it.
+        assert!(
+            w.raced(w.hold(Snapshot::parse("120:130:").unwrap()), "public.t")
+                .is_empty()
+        );
+        assert!(w.state().changes.is_empty());
     }
 }

@@ -1,0 +1,271 @@
+//! Parallel backfill readers: a table split into key ranges, each read in keyset pages by
+//! one connection at a time, with every page reconciled with the change stream on its own
+//! (its own snapshot and watermark), and one stored state covering every range.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use sluice_core::sql::{qualified, quote_ident};
+use sluice_core::{Error, ErrorClass, SourceState};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+
+use super::backfill::{Backfill, BackfillState, Rows};
+use super::{Table, upstream_id};
+
+/// One key range of a table and how far its reader has come.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct KeyRange {
+    /// The last key appended from this range (its lower bound, exclusive, before the first
+    /// page); `None`: from the table's first row.
+    pub after: Option<Vec<String>>,
+    /// The range's last key (inclusive); `None`: to the table's last row.
+    pub through: Option<Vec<String>>,
+    /// Every row of the range has been appended.
+    #[serde(default)]
+    pub done: bool,
+}
+
+impl KeyRange {
+    /// The rest of the table after `key`.
+    pub fn after(key: Vec<String>) -> Self {
+        Self {
+            after: Some(key),
+            ..Self::default()
+        }
+    }
+}
+
+/// Rows sampled per reader to place the split keys.
+const SAMPLE_PER_READER: u64 = 200;
+
+/// Key ranges for `readers` parallel readers of `table`, split at keys sampled from it
+/// (`TABLESAMPLE SYSTEM`, ordered like the pages are). One range, the whole table, when one
+/// reader is asked for, when the planner expects fewer rows than a page per reader, or when
+/// the sample cannot be taken (a reason is logged).
+pub(crate) async fn split(
+    conn: &mut PgConnection,
+    table: &Table,
+    readers: usize,
+    page: usize,
+) -> Vec<KeyRange> {
+    let whole = vec![KeyRange::default()];
+    if readers < 2 {
+        return whole;
+    }
+    let estimate = planned_rows(conn, table).await.max(table.estimate);
+    if estimate < (readers * page.max(1)) as u64 {
+        return whole;
+    }
+    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let keys = keys.join(", ");
+    let percent =
+        (100.0 * (SAMPLE_PER_READER * readers as u64) as f64 / estimate as f64).min(100.0);
+    let sql = format!(
+        "select {keys} from {} tablesample system ({percent:.6}) order by {keys}",
+        qualified(&table.schema, &table.name)
+    );
+    let sample = match sqlx::raw_sql(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|row| {
+                (0..table.key.len())
+                    .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
+                    .map(|v| v.map(Option::unwrap_or_default))
+                    .collect::<Result<Vec<String>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>(),
+        Err(e) => Err(e),
+    };
+    let sample = match sample {
+        Ok(sample) => sample,
+        Err(e) => {
+            tracing::warn!(collection = table.collection(), error = %e, "backfill: one reader for this table (its keys could not be sampled)");
+            return whole;
+        }
+    };
+    let mut splits: Vec<Vec<String>> = (1..readers)
+        .filter_map(|i| sample.get(sample.len() * i / readers).cloned())
+        .collect();
+    splits.dedup();
+    let mut ranges = Vec::with_capacity(splits.len() + 1);
+    let mut after = None;
+    for split in splits {
+        ranges.push(KeyRange {
+            after: after.replace(split.clone()),
+            through: Some(split),
+            done: false,
+        });
+    }
+    ranges.push(KeyRange {
+        after,
+        through: None,
+        done: false,
+    });
+    ranges
+}
+
+/// The planner's estimate of the table's rows: from its statistics, or, for a table never
+/// analysed (`reltuples` unknown), from its size on disk, as the planner extrapolates it.
+/// 0 when it cannot be had.
+async fn planned_rows(conn: &mut PgConnection, table: &Table) -> u64 {
+    let sql = format!(
+        "explain (format json) select 1 from {}",
+        qualified(&table.schema, &table.name)
+    );
+    let plan: Result<String, _> = sqlx::raw_sql(AssertSqlSafe(sql))
+        .fetch_one(&mut *conn)
+        .await
+        .and_then(|row| row.try_get_unchecked::<String, _>(0));
+    plan.ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|plan| plan[0]["Plan"]["Plan Rows"].as_f64())
+        .map_or(0, |rows| rows as u64)
+}
+
+/// The state shared by one table's readers: the stored backfill state (every range's
+/// position), the rows appended from the table, and the ranges no reader has taken yet.
+pub(crate) struct Reading {
+    inner: tokio::sync::Mutex<(BackfillState, u64)>,
+    waiting: std::sync::Mutex<VecDeque<usize>>,
+}
+
+impl Reading {
+    pub fn new(state: BackfillState) -> Self {
+        let waiting = (0..state.ranges.len())
+            .filter(|i| !state.ranges[*i].done)
+            .collect();
+        Self {
+            inner: tokio::sync::Mutex::new((state, 0)),
+            waiting: std::sync::Mutex::new(waiting),
+        }
+    }
+
+    /// The state, and the rows appended from the table.
+    pub fn finish(self) -> (BackfillState, u64) {
+        self.inner.into_inner()
+    }
+
+    fn next(&self) -> Option<usize> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+}
+
+impl Backfill<'_> {
+    /// One reader: takes ranges of `table` until none is left, and reads each to its end.
+    /// `Some(error)` when a range cannot be read (the table then waits, see `Backfill::run`).
+    pub(super) async fn read_ranges(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        reading: &Reading,
+    ) -> Result<Option<Error>, Error> {
+        while let Some(index) = reading.next() {
+            if let Some(unreadable) = self.read_range(conn, table, reading, index).await? {
+                return Ok(Some(unreadable));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn read_range(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        reading: &Reading,
+        index: usize,
+    ) -> Result<Option<Error>, Error> {
+        let collection = table.collection();
+        let (mut after, through) = {
+            let inner = reading.inner.lock().await;
+            let range = &inner.0.ranges[index];
+            (range.after.clone(), range.through.clone())
+        };
+        loop {
+            let rows = Rows::After {
+                after: after.as_deref(),
+                through: through.as_deref(),
+            };
+            let (lsn, rows, raced) = match self.read_consistent(conn, table, rows).await {
+                Ok(read) => read,
+                Err(e) if e.class() == ErrorClass::FixConfiguration => {
+                    // This table alone waits for its fix; the others are read, and its
+                    // changes keep streaming. The next backfill tries it again.
+                    tracing::warn!(collection, error = %e, "backfill: cannot read this table");
+                    return Ok(Some(e));
+                }
+                Err(e) if e.class() == ErrorClass::GiveUp => {
+                    // The server refuses this data: asking again gets the same answer. The
+                    // table stops here, named with the rows it could not read; the rows
+                    // before them are in the stream and its changes keep streaming.
+                    let rows = match &after {
+                        None => "its first rows".to_owned(),
+                        Some(key) => format!(
+                            "the rows after key {}",
+                            upstream_id(&key.iter().map(String::as_str).collect::<Vec<_>>())
+                        ),
+                    };
+                    let stopped = Error::invalid(format!(
+                        "backfill of {collection} stopped at {rows} (a page of up to {} rows): {e}",
+                        self.page
+                    ));
+                    tracing::error!(collection, error = %stopped, "backfill: this table stops; the others continue");
+                    return Ok(Some(stopped));
+                }
+                Err(e) => return Err(e),
+            };
+            let n = rows.len() as u64;
+            let last = rows.last().map(|(key, _)| key.clone());
+            let records = self.records(table, lsn, rows, &raced);
+            // Appends take turns, each storing every range's position as of the pages
+            // appended so far: a restart resumes each range after its last appended page.
+            let mut inner = reading.inner.lock().await;
+            let (state, rows_here) = &mut *inner;
+            *rows_here += n;
+            state.rows += n;
+            let finished = match last {
+                Some(key) if n as usize >= self.page => {
+                    state.ranges[index].after = Some(key.clone());
+                    after = Some(key);
+                    false
+                }
+                _ => {
+                    state.ranges[index].done = true;
+                    true
+                }
+            };
+            if state.ranges.iter().all(|r| r.done) {
+                state.current = None;
+                state.ranges.clear();
+                state.done.insert(collection.clone());
+            }
+            self.stream
+                .append_with_state(
+                    records,
+                    Some(SourceState {
+                        owner: self.owner.clone(),
+                        value: serde_json::to_value(&*state).unwrap_or_default(),
+                    }),
+                )
+                .await?;
+            let (rows_here, total, table_done) = (*rows_here, state.rows, state.current.is_none());
+            drop(inner);
+            self.set_progress(|p| {
+                p.rows = rows_here;
+                p.total_rows = total;
+                if let Some(c) = p.collections.get_mut(&collection) {
+                    c.rows = rows_here;
+                    c.done = table_done;
+                }
+            });
+            if finished {
+                return Ok(None);
+            }
+        }
+    }
+}
