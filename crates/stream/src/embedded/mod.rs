@@ -30,7 +30,7 @@ mod write;
 use connection::{IDLE_READERS, OrStorage, WRITER_CACHE, blocking, connect, read_head};
 
 pub(crate) use read::Form;
-use read::{bind_filter, decode, filter_sql, nanos};
+use read::{decode, filter_sql, nanos, positioned};
 use write::{begin_write, check_version};
 
 /// The stream's file name inside the data directory.
@@ -262,28 +262,18 @@ impl RecordStream for EmbeddedStream {
         );
         let (records, oldest) = blocking(|| {
             self.with_reader(|conn| {
-                let mut statement = conn.prepare_cached(&count).or_storage("measuring lag")?;
-                statement
-                    .raw_bind_parameter(1, after.0 as i64)
-                    .or_storage("measuring lag")?;
-                let next = bind_filter(&mut statement, 2, filter).or_storage("measuring lag")?;
-                statement
-                    .raw_bind_parameter(next, cap as i64)
-                    .or_storage("measuring lag")?;
-                let records: i64 = match statement.raw_query().next().or_storage("measuring lag")? {
-                    Some(row) => row.get(0).or_storage("measuring lag")?,
+                let lag = "measuring lag";
+                let mut count =
+                    positioned(conn, &count, after, filter, Some(cap)).or_storage(lag)?;
+                let records: i64 = match count.raw_query().next().or_storage(lag)? {
+                    Some(row) => row.get(0).or_storage(lag)?,
                     None => 0,
                 };
-                let mut statement = conn.prepare_cached(&oldest).or_storage("measuring lag")?;
-                statement
-                    .raw_bind_parameter(1, after.0 as i64)
-                    .or_storage("measuring lag")?;
-                bind_filter(&mut statement, 2, filter).or_storage("measuring lag")?;
-                let oldest: Option<i64> =
-                    match statement.raw_query().next().or_storage("measuring lag")? {
-                        Some(row) => Some(row.get(0).or_storage("measuring lag")?),
-                        None => None,
-                    };
+                let mut oldest = positioned(conn, &oldest, after, filter, None).or_storage(lag)?;
+                let oldest: Option<i64> = match oldest.raw_query().next().or_storage(lag)? {
+                    Some(row) => Some(row.get(0).or_storage(lag)?),
+                    None => None,
+                };
                 Ok((records, oldest))
             })
         })?;

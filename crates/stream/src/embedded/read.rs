@@ -58,14 +58,8 @@ impl EmbeddedStream {
             let tx = conn.transaction().or_storage("beginning a read")?;
             // Head first, in the same snapshot: nothing appended after it can be missed.
             let head = read_head(&tx)?;
-            let mut statement = tx.prepare_cached(&sql).or_storage("reading")?;
-            statement
-                .raw_bind_parameter(1, after.0 as i64)
-                .or_storage("reading")?;
-            let next = bind_filter(&mut statement, 2, filter).or_storage("reading")?;
-            statement
-                .raw_bind_parameter(next, limit as i64)
-                .or_storage("reading")?;
+            let mut statement =
+                positioned(&tx, &sql, after, filter, Some(limit as u64)).or_storage("reading")?;
             let mut rows = statement.raw_query();
             let mut entries = Vec::with_capacity(limit.min(4096));
             while let Some(row) = rows.next().or_storage("reading")? {
@@ -162,6 +156,24 @@ pub(super) fn filter_sql(filter: &RecordFilter) -> &'static str {
             ..
         } => " and +sync_id = ? and +collection_id in (select value from json_each(?))",
     }
+}
+
+/// `sql` (`… seq > ?{filter_sql} … [limit ?]`) prepared with its position, filter and limit
+/// bound.
+pub(super) fn positioned<'c>(
+    conn: &'c Connection,
+    sql: &str,
+    after: Seq,
+    filter: &RecordFilter,
+    limit: Option<u64>,
+) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+    let mut statement = conn.prepare_cached(sql)?;
+    statement.raw_bind_parameter(1, after.0 as i64)?;
+    let next = bind_filter(&mut statement, 2, filter)?;
+    if let Some(limit) = limit {
+        statement.raw_bind_parameter(next, limit as i64)?;
+    }
+    Ok(statement)
 }
 
 /// Binds a filter's parameters (see [`filter_sql`]) from parameter `at` on; returns the next

@@ -59,16 +59,9 @@ async fn filtered_reads_walk_by_seq() {
         ] {
             let plan = stream
                 .with_reader(|conn| {
-                    let mut statement = conn
-                        .prepare(&format!("explain query plan {sql}"))
+                    let explain = format!("explain query plan {sql}");
+                    let mut statement = positioned(conn, &explain, Seq(0), filter, Some(10))
                         .or_storage("explaining")?;
-                    statement
-                        .raw_bind_parameter(1, 0i64)
-                        .or_storage("binding")?;
-                    let next = bind_filter(&mut statement, 2, filter).or_storage("binding")?;
-                    statement
-                        .raw_bind_parameter(next, 10i64)
-                        .or_storage("binding")?;
                     let mut rows = statement.raw_query();
                     let mut plan = Vec::new();
                     while let Some(row) = rows.next().or_storage("explaining")? {
