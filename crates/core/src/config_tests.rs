@@ -105,3 +105,26 @@ fn unknown_sync_in_a_filter_names_the_known_ones() {
         "{err}"
     );
 }
+
+#[test]
+fn backfill_readers_outside_1_to_16_is_a_problem_with_its_fix() {
+    let with = |readers: &str| {
+        let text = EXAMPLE.replace(
+            "create_missing = true,",
+            &format!("create_missing = true, {readers}"),
+        );
+        toml::from_str::<Config>(&text).unwrap().problems()
+    };
+    assert!(with("").is_empty(), "{:?}", with(""));
+    assert!(with("backfill_readers = 16,").is_empty());
+    for bad in ["0", "17"] {
+        let problems = with(&format!("backfill_readers = {bad},"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let text = problems[0].to_string();
+        assert!(
+            text.contains(&format!("asks for {bad} backfill readers"))
+                && text.contains("between 1 and 16"),
+            "{text}"
+        );
+    }
+}

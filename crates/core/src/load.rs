@@ -584,28 +584,4 @@ password = { env = "SLUICE_TARGET_PASSWORD" }
             "the file's text is not quoted: {err}"
         );
     }
-
-    #[test]
-    fn backfill_readers_outside_1_to_16_is_a_problem_with_its_fix() {
-        let with = |readers: &str| {
-            let text = format!(
-                "{TEXT}\n[[sync]]\nname = \"app\"\nid = \"5f0c3c55-0a4e-4b7e-9d57-6c3f2a1e8b90\"\n\
-                 [sync.source]\nprovider = \"postgres\"\n{readers}\n\
-                 [sync.source.connection]\nhost = \"db\"\ndatabase = \"app\"\nuser = \"sluice\"\n"
-            );
-            Config::parse(&text, "sluice.toml", env).unwrap().problems()
-        };
-        assert!(with("").is_empty(), "{:?}", with(""));
-        assert!(with("backfill_readers = 16").is_empty());
-        for bad in ["0", "17"] {
-            let problems = with(&format!("backfill_readers = {bad}"));
-            assert_eq!(problems.len(), 1, "{problems:?}");
-            let text = problems[0].to_string();
-            assert!(
-                text.contains(&format!("asks for {bad} backfill readers"))
-                    && text.contains("between 1 and 16"),
-                "{text}"
-            );
-        }
-    }
 }
