@@ -12,6 +12,8 @@
 //! on disk beside the source table's size (`pg_total_relation_size`). The schema mirror is loaded
 //! with 1, 2 and 4 parallel backfill readers (`backfill_readers`), the consumer table with the
 //! default. The source table is not analysed, as right after a bulk load.
+//! `SLUICE_BENCH_READERS` (default `1,2,4`) picks the reader counts, `SLUICE_BENCH_BATCH`
+//! (default 5000, the consumers' default) the consumers' `max_records`.
 
 use std::path::Path;
 use std::process::Command;
@@ -99,10 +101,12 @@ name = "{name}"
 target = "warehouse"
 filter = {{ sync = {{ name = "src" }} }}
 layout = {layout}
+batch = {{ max_records = {batch}, max_wait_ms = 50 }}
 "#,
         head = config_head(dir.path(), target),
         sport = source.port(),
         id = uuid::Uuid::new_v4(),
+        batch = env_usize("SLUICE_BENCH_BATCH", 5000),
     );
     let started = Instant::now();
     let mut serve = serve(
@@ -204,7 +208,12 @@ async fn run() {
     assert_eq!(copied, rows, "pg_dump | psql copied every row");
 
     let mut mirrors = Vec::new();
-    for readers in [1, 2, 4] {
+    let readers: Vec<usize> = std::env::var("SLUICE_BENCH_READERS")
+        .unwrap_or_else(|_| "1,2,4".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    for readers in readers {
         let name = format!("mirror{readers}");
         let run = sluice(
             &source,

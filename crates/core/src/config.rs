@@ -453,7 +453,8 @@ pub struct JsonCollectionConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// At most this many records per batch (default 1000).
+    /// At most this many records per batch (default 5000). A batch and the next one, read
+    /// while it is written, are in memory together: lower it for records of hundreds of KB.
     pub max_records: usize,
     /// While a source this consumer reads is backfilling, a batch that is not full waits at
     /// most this long after its first record for more (default 50 ms). A consumer that has
@@ -464,7 +465,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_records: 1000,
+            max_records: 5000,
             max_wait_ms: 50,
         }
     }
