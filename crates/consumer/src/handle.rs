@@ -5,11 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use sluice_core::{Consumer, ConsumerId, Error, Health, HealthReport, RecordFilter, Seq};
+use sluice_core::{Consumer, ConsumerId, Error, Health, HealthReport, RecordFilter, Seq, Status};
 use time::OffsetDateTime;
 
 use crate::histogram::HistogramSnapshot;
 use crate::runtime::{Control, Shared};
+
+/// How long a pause request waits for the consumer to take it in (a batch being written
+/// finishes first).
+const PAUSE_TAKES_EFFECT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What a consumer has done since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -95,10 +99,32 @@ impl Consumer for ConsumerHandle {
         &self.shared.filter
     }
 
+    /// Asks the consumer to pause and waits, up to [`PAUSE_TAKES_EFFECT`], until it has (after
+    /// the batch it may be writing): its health says paused when this returns, so a status
+    /// read right after the request shows it.
     async fn pause(&self, reason: String) -> Result<(), Error> {
+        let reason = format!("by user: {reason}");
         self.shared
             .control
-            .send_replace(Control::Pause(format!("by user: {reason}")));
+            .send_replace(Control::Pause(reason.clone()));
+        let paused = format!("paused {reason}");
+        let deadline = tokio::time::Instant::now() + PAUSE_TAKES_EFFECT;
+        while tokio::time::Instant::now() < deadline {
+            let report = self
+                .shared
+                .health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .report();
+            if report
+                .checks
+                .iter()
+                .any(|c| c.name == "state" && c.status == Status::Paused && c.message == paused)
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         Ok(())
     }
 

@@ -414,6 +414,15 @@ async fn status_transitions_reach_the_alert_sink() {
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(runtime.run(stopped));
     handle.pause("testing alerts".into()).await.unwrap();
+    // The request returns once the consumer has taken it in: its health says so at once.
+    let state = handle.health().await;
+    assert!(
+        state
+            .checks
+            .iter()
+            .any(|c| c.name == "state" && c.status == Status::Paused),
+        "{state:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let paused = loop {
         let seen = alerts.0.lock().unwrap().clone();
