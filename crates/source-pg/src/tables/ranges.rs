@@ -64,21 +64,19 @@ pub(crate) async fn split(
         "select {keys} from {} tablesample system ({percent:.6}) order by {keys}",
         qualified(&table.schema, &table.name)
     );
-    let sample = match sqlx::raw_sql(AssertSqlSafe(sql))
+    let sample = sqlx::raw_sql(AssertSqlSafe(sql))
         .fetch_all(&mut *conn)
         .await
-    {
-        Ok(rows) => rows
-            .iter()
-            .map(|row| {
-                (0..table.key.len())
-                    .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
-                    .map(|v| v.map(Option::unwrap_or_default))
-                    .collect::<Result<Vec<String>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>(),
-        Err(e) => Err(e),
-    };
+        .and_then(|rows| {
+            rows.iter()
+                .map(|row| {
+                    (0..table.key.len())
+                        .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
+                        .map(|v| v.map(Option::unwrap_or_default))
+                        .collect::<Result<Vec<String>, _>>()
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
     let sample = match sample {
         Ok(sample) => sample,
         Err(e) => {
