@@ -132,24 +132,36 @@ async fn latency(conn: &mut PgConnection, table: &str, created: &str) -> (f64, f
 }
 
 /// p50 and p99, in ms, from each row's insert on the source to the start of the stream append
-/// that holds it (the stream stores when each append began).
-async fn latency_to_stream(stream: &EmbeddedStream, from: usize) -> (f64, f64) {
+/// that holds it (the stream stores when each append began; the source, when each row was
+/// inserted).
+async fn latency_to_stream(setup: &Setup, stream: &EmbeddedStream, from: usize) -> (f64, f64) {
     let conn = rusqlite::Connection::open_with_flags(
         stream.path(),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    let mut statement = conn
+    let appended: BTreeMap<i64, f64> = conn
         .prepare(
-            "select appended_at_ns / 1e6 - (julianday(json_extract(payload, '$.created_at')) - 2440587.5) * 86400000.0
-             from records where collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
+            "select cast(upstream_id as integer), appended_at_ns / 1e6 from records \
+             where collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
         )
-        .unwrap();
-    let mut ms: Vec<f64> = statement
-        .query_map([from as i64], |r| r.get(0))
+        .unwrap()
+        .query_map([from as i64], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<rusqlite::Result<_>>()
         .unwrap();
+    let created: Vec<(i64, f64)> = sqlx::query_as(
+        "select id::int8, (extract(epoch from created_at) * 1000)::float8 \
+         from public.sluice_items where id >= $1",
+    )
+    .bind(from as i64)
+    .fetch_all(&mut setup.source_conn().await)
+    .await
+    .unwrap();
+    let mut ms: Vec<f64> = created
+        .iter()
+        .filter_map(|(id, at)| appended.get(id).map(|appended| appended - at))
+        .collect();
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| {
         ms.get(((ms.len() as f64 - 1.0) * q) as usize)
@@ -585,7 +597,7 @@ async fn run() {
         / (wait_for(&mut target, "public.sluice_items", 2 * n, 2 * n as i64 + 1).await - started)
             .as_secs_f64();
     let memory_b = peak_memory_mb();
-    let (stream_p50, stream_p99) = latency_to_stream(&sluice.stream, from).await;
+    let (stream_p50, stream_p99) = latency_to_stream(&setup, &sluice.stream, from).await;
     let stats = sluice.consumer.stats();
     let batches_b = stats.batches - stats_before.batches;
     let batch_ms_b =

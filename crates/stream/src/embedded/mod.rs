@@ -25,59 +25,24 @@ use crate::tail::{Tail, TailLimits};
 
 mod connection;
 mod read;
+mod schema;
+mod segment;
 mod write;
 
 use connection::{IDLE_READERS, OrStorage, WRITER_CACHE, blocking, connect, read_head};
 
 pub(crate) use read::Form;
 use read::{decode, filter_sql, nanos, positioned};
+use segment::Segments;
 use write::{begin_write, check_version};
 
 /// The stream's file name inside the data directory.
 pub const FILE_NAME: &str = "stream.sqlite3";
 
-const SCHEMA: &str = "
-create table if not exists records (
-    seq integer primary key,
-    provider text not null,
-    sync_id blob not null,
-    collection_id text not null,
-    upstream_id text not null,
-    version_major integer not null,
-    version_minor integer not null,
-    upstream_updated_at_ns integer not null,
-    deleted integer not null,
-    payload text,
-    appended_at_ns integer not null,
-    unique (sync_id, collection_id, upstream_id)
-);
--- Reads by provider or sync scan by seq from the reader's position: an index per filter cost
--- every append two more b-tree inserts (dropped from files made before).
-drop index if exists records_by_provider;
-drop index if exists records_by_sync;
-create index if not exists tombstones on records (seq) where deleted = 1;
-create table if not exists cursors (
-    consumer text primary key,
-    provider text,
-    sync_id blob,
-    collections text,
-    seq integer not null
-);
-create table if not exists meta (key text primary key, value integer not null);
-create table if not exists source_state (owner text primary key, value text not null);
-create table if not exists collection_schemas (
-    sync_id blob not null,
-    collection_id text not null,
-    schema text not null,
-    primary key (sync_id, collection_id)
-);
-insert or ignore into meta (key, value) values ('head', 0);
-";
-
 const COLUMNS: &str = "seq, provider, sync_id, collection_id, upstream_id, version_major, version_minor, \
-                       upstream_updated_at_ns, deleted, payload";
+                       upstream_updated_at_ns, deleted, segment, slot";
 
-/// Rows per multi-row insert, largest first (11 parameters each; SQLite allows 32,766 per
+/// Rows per multi-row insert, largest first (12 parameters each; SQLite allows 32,766 per
 /// statement): see [`write::statement_rows`].
 const STATEMENT_ROWS: [usize; 5] = [500, 100, 20, 5, 1];
 
@@ -127,9 +92,9 @@ impl EmbeddedStream {
         })?;
         let path = dir.join(FILE_NAME);
         let (writer, head) = blocking(|| {
-            let conn =
+            let mut conn =
                 connect(&path, WRITER_CACHE).or_storage(&format!("opening {}", path.display()))?;
-            conn.execute_batch(SCHEMA).or_storage("creating tables")?;
+            schema::prepare(&mut conn)?;
             let head = read_head(&conn)?;
             Ok::<_, Error>((conn, head))
         })?;
@@ -165,9 +130,10 @@ impl EmbeddedStream {
             self.with_reader(|conn| {
                 let mut statement = conn.prepare(&sql).or_storage("reading")?;
                 let mut rows = statement.query([]).or_storage("reading")?;
+                let mut segments = Segments::new(conn);
                 let mut entries = Vec::new();
                 while let Some(row) = rows.next().or_storage("reading")? {
-                    entries.push(decode(row, Form::Parsed)?);
+                    entries.push(decode(row, Form::Parsed, &mut segments)?);
                 }
                 Ok(entries)
             })
@@ -299,9 +265,10 @@ impl RecordStream for EmbeddedStream {
                         key.upstream_id.0.as_str(),
                     ))
                     .or_storage("reading a record")?;
+                let mut segments = Segments::new(conn);
                 rows.next()
                     .or_storage("reading a record")?
-                    .map(|row| decode(row, Form::Parsed))
+                    .map(|row| decode(row, Form::Parsed, &mut segments))
                     .transpose()
             })
         })
@@ -392,15 +359,15 @@ impl RecordStream for EmbeddedStream {
             let done = tx
                 .prepare_cached(
                     "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
-                       version_minor, upstream_updated_at_ns, deleted, payload, appended_at_ns) \
+                       version_minor, upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) \
                      select ?1 + row_number() over (order by seq), provider, sync_id, collection_id, upstream_id, \
-                       ?4, ?5, ?6, 1, null, ?7 \
+                       ?4, ?5, ?6, 1, null, null, ?7 \
                      from records where sync_id = ?2 and collection_id = ?3 and deleted = 0 \
                        and (version_major < ?4 or (version_major = ?4 and version_minor < ?5)) \
                      on conflict (sync_id, collection_id, upstream_id) do update set \
                        seq = excluded.seq, version_major = excluded.version_major, \
                        version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
-                       deleted = 1, payload = null, appended_at_ns = excluded.appended_at_ns",
+                       deleted = 1, segment = null, slot = null, appended_at_ns = excluded.appended_at_ns",
                 )
                 .and_then(|mut s| {
                     s.execute((
@@ -414,6 +381,7 @@ impl RecordStream for EmbeddedStream {
                     ))
                 })
                 .or_storage("tombstoning a collection")?;
+            segment::drop_unused(&tx)?;
             self.finish_write(tx, head, head + done as i64, "a truncate", None)?;
             Ok(done as u64)
         })

@@ -61,10 +61,12 @@ impl EmbeddedStream {
             let mut statement =
                 positioned(&tx, &sql, after, filter, Some(limit as u64)).or_storage("reading")?;
             let mut rows = statement.raw_query();
+            let mut segments = Segments::new(&tx);
             let mut entries = Vec::with_capacity(limit.min(4096));
             while let Some(row) = rows.next().or_storage("reading")? {
-                entries.push(decode(row, form)?);
+                entries.push(decode(row, form, &mut segments)?);
             }
+            drop(segments);
             drop(rows);
             drop(statement);
             tx.commit().or_storage("ending a read")?;
@@ -92,8 +94,12 @@ pub(crate) enum Form {
 }
 
 /// One row of a `select {COLUMNS}`, by position (no name lookups, no copies of the
-/// provider and sync id).
-pub(super) fn decode(row: &rusqlite::Row<'_>, form: Form) -> Result<StreamEntry> {
+/// provider and sync id), with its payload from `segments`.
+pub(super) fn decode(
+    row: &rusqlite::Row<'_>,
+    form: Form,
+    segments: &mut Segments<'_>,
+) -> Result<StreamEntry> {
     let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
     let int = |at: usize, what: &str| row.get::<_, i64>(at).map_err(|_| bad(what));
     let text = |at: usize, what: &str| {
@@ -111,14 +117,17 @@ pub(super) fn decode(row: &rusqlite::Row<'_>, form: Form) -> Result<StreamEntry>
     let mut payload_text = None;
     let change = if int(8, "deleted")? != 0 {
         Change::Delete
-    } else if form == Form::Text {
-        payload_text = Some(PayloadText::whole(text(9, "payload")?.to_owned()));
-        Change::Upsert {
-            payload: Default::default(),
-        }
     } else {
-        let payload = serde_json::from_str(text(9, "payload")?).map_err(|_| bad("payload"))?;
-        Change::Upsert { payload }
+        let text = segments.payload(int(9, "segment")?, int(10, "slot")?)?;
+        if form == Form::Text {
+            payload_text = Some(text);
+            Change::Upsert {
+                payload: Default::default(),
+            }
+        } else {
+            let payload = serde_json::from_str(text.as_str()).map_err(|_| bad("payload"))?;
+            Change::Upsert { payload }
+        }
     };
     let updated_ns = int(7, "upstream_updated_at")?;
     Ok(StreamEntry {

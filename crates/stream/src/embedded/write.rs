@@ -43,6 +43,7 @@ impl EmbeddedStream {
                     _ => landed = None,
                 }
             }
+            segment::compact(&tx)?;
             if let Some(state) = state {
                 tx.prepare_cached(
                     "insert into source_state (owner, value) values (?, ?) \
@@ -117,20 +118,20 @@ fn upsert(rows: usize) -> String {
     let mut sql = String::with_capacity(600 + rows * 26);
     sql.push_str(
         "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
-         version_minor, upstream_updated_at_ns, deleted, payload, appended_at_ns) values ",
+         version_minor, upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) values ",
     );
     for i in 0..rows {
         sql.push_str(if i == 0 {
-            "(?,?,?,?,?,?,?,?,?,?,?)"
+            "(?,?,?,?,?,?,?,?,?,?,?,?)"
         } else {
-            ",(?,?,?,?,?,?,?,?,?,?,?)"
+            ",(?,?,?,?,?,?,?,?,?,?,?,?)"
         });
     }
     sql.push_str(
         " on conflict (sync_id, collection_id, upstream_id) do update set \
            seq = excluded.seq, provider = excluded.provider, version_major = excluded.version_major, \
            version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
-           deleted = excluded.deleted, payload = excluded.payload, appended_at_ns = excluded.appended_at_ns \
+           deleted = excluded.deleted, segment = excluded.segment, slot = excluded.slot, appended_at_ns = excluded.appended_at_ns \
          where excluded.version_major > records.version_major \
             or (excluded.version_major = records.version_major and excluded.version_minor > records.version_minor)",
     );
@@ -166,8 +167,9 @@ pub(super) fn serialize_payloads(records: &[Record]) -> Result<Vec<Option<Payloa
         .collect()
 }
 
-/// Inserts `records` (with their payloads' `texts`) at the seqs after `next`, under the version
-/// guard, advancing `next`; returns how many landed (the others were stale).
+/// Inserts `records` (with their payloads' `texts`, stored in segments first) at the seqs
+/// after `next`, under the version guard, advancing `next`; returns how many landed (the
+/// others were stale).
 pub(super) fn insert(
     tx: &Connection,
     records: &[Record],
@@ -175,36 +177,43 @@ pub(super) fn insert(
     next: &mut i64,
     appended_at: i64,
 ) -> Result<u64> {
+    let first = *next;
+    let stored = segment::store(tx, texts, first)?;
     let mut appended = 0;
-    let (mut records, mut texts) = (records, texts);
+    let (mut records, mut places) = (records, stored.places.as_slice());
     while !records.is_empty() {
         let rows = statement_rows(records.len());
         let (chunk, rest) = records.split_at(rows);
-        let (chunk_texts, rest_texts) = texts.split_at(rows);
-        (records, texts) = (rest, rest_texts);
+        let (chunk_places, rest_places) = places.split_at(rows);
+        (records, places) = (rest, rest_places);
         let mut statement = tx
             .prepare_cached(insert_sql(rows))
             .or_storage("appending")?;
-        // Everything bound is borrowed from `records` and `texts`: no per-record copies.
+        // Everything bound is borrowed from `records`: no per-record copies.
         let mut at = 1;
-        for (record, text) in chunk.iter().zip(chunk_texts) {
+        for (record, place) in chunk.iter().zip(chunk_places) {
             *next += 1;
-            bind_record(&mut statement, at, *next, record, text, appended_at)
+            bind_record(&mut statement, at, *next, record, *place, appended_at)
                 .or_storage("appending")?;
-            at += 11;
+            at += 12;
         }
         appended += statement.raw_execute().or_storage("appending")? as u64;
+    }
+    if (appended as usize) < texts.len() {
+        // Stale records were not stored; neither are their payloads live.
+        segment::recount(tx, &stored.segments, first, *next)?;
     }
     Ok(appended)
 }
 
-/// Binds one record's 11 values from parameter `at` on.
+/// Binds one record's 12 values from parameter `at` on; `place` is its payload's segment and
+/// slot.
 fn bind_record(
     statement: &mut rusqlite::Statement<'_>,
     at: usize,
     seq: i64,
     record: &Record,
-    text: &Option<PayloadText>,
+    place: Option<(i64, i64)>,
     appended_at: i64,
 ) -> rusqlite::Result<()> {
     statement.raw_bind_parameter(at, seq)?;
@@ -216,8 +225,9 @@ fn bind_record(
     statement.raw_bind_parameter(at + 6, record.version.minor as i64)?;
     statement.raw_bind_parameter(at + 7, nanos(record.upstream_updated_at))?;
     statement.raw_bind_parameter(at + 8, record.is_tombstone())?;
-    statement.raw_bind_parameter(at + 9, text.as_ref().map(PayloadText::as_str))?;
-    statement.raw_bind_parameter(at + 10, appended_at)
+    statement.raw_bind_parameter(at + 9, place.map(|(segment, _)| segment))?;
+    statement.raw_bind_parameter(at + 10, place.map(|(_, slot)| slot))?;
+    statement.raw_bind_parameter(at + 11, appended_at)
 }
 
 /// How many of `left` records the next insert statement takes: one of a few sizes, so every
