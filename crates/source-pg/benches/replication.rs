@@ -142,8 +142,9 @@ async fn latency_to_stream(setup: &Setup, stream: &EmbeddedStream, from: usize) 
     .unwrap();
     let appended: BTreeMap<i64, f64> = conn
         .prepare(
-            "select cast(upstream_id as integer), appended_at_ns / 1e6 from records \
-             where collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
+            "select cast(upstream_id as integer), appended_at_ns / 1e6 \
+             from records join collections k on k.id = records.collection \
+             where k.collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
         )
         .unwrap()
         .query_map([from as i64], |r| Ok((r.get(0)?, r.get(1)?)))

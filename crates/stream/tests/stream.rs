@@ -590,3 +590,80 @@ async fn reads_from_memory_equal_reads_from_the_file() {
         stream.reads_from_memory()
     );
 }
+
+/// A write that fails after creating a collection leaves no trace of it: a collection created
+/// next (which the file may give the same number) reads back under its own name, and so does
+/// the first once it is written.
+#[tokio::test]
+async fn a_failed_write_leaves_no_collection_behind() {
+    let (_dir, stream) = open().await;
+    let mut too_new = up(SYNC_A, "2", 1);
+    too_new.version = Version::new(u64::MAX, 0);
+    let first = vec![record(
+        SYNC_A,
+        "public.first",
+        "1",
+        1,
+        Change::upsert(json!({"id": 1})).unwrap(),
+    )];
+    let failed = stream
+        .append_chunks(vec![first.clone(), vec![too_new]].into_iter())
+        .await;
+    assert!(failed.is_err());
+    let second = record(
+        SYNC_A,
+        "public.second",
+        "1",
+        1,
+        Change::upsert(json!({"id": 1})).unwrap(),
+    );
+    stream.append(vec![second]).await.unwrap();
+    stream.append(first).await.unwrap();
+    let read = stream.read(&all(), Seq::START, 10).await.unwrap();
+    let names: Vec<&str> = read
+        .entries
+        .iter()
+        .map(|e| e.record.key.collection_id.0.as_str())
+        .collect();
+    assert_eq!(names, ["public.second", "public.first"]);
+    let only_first = RecordFilter::Sync {
+        sync_id: SYNC_A,
+        collections: Some(BTreeSet::from([CollectionId("public.first".into())])),
+    };
+    let read = stream.read(&only_first, Seq::START, 10).await.unwrap();
+    assert_eq!(read.entries.len(), 1);
+    assert_eq!(read.entries[0].record.key.collection_id.0, "public.first");
+}
+
+/// Two processes on one file: collections one creates are named right when the other reads
+/// them, and the other writing to the same collection keeps one record per key.
+#[tokio::test]
+async fn collections_created_by_another_writer_read_back_by_name() {
+    let (dir, stream) = open().await;
+    let other = EmbeddedStream::open(dir.path()).await.unwrap();
+    other
+        .append(vec![up(SYNC_A, "1", 1), up(SYNC_B, "1", 1)])
+        .await
+        .unwrap();
+    stream.append(vec![up(SYNC_A, "1", 2)]).await.unwrap();
+    let read = stream.read(&all(), Seq::START, 10).await.unwrap();
+    let keys: Vec<(SyncId, &str, &str, u64)> = read
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.record.key.sync_id,
+                e.record.key.collection_id.0.as_str(),
+                e.record.key.upstream_id.0.as_str(),
+                e.record.version.major,
+            )
+        })
+        .collect();
+    assert_eq!(keys, [(SYNC_A, "public.orders", "1", 2)]);
+    let http = other
+        .read(&RecordFilter::Provider(Provider::Http), Seq::START, 10)
+        .await
+        .unwrap();
+    assert_eq!(http.entries.len(), 1);
+    assert_eq!(http.entries[0].record.key.sync_id, SYNC_B);
+}

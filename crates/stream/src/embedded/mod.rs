@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::tail::{Tail, TailLimits};
 
+mod collections;
 mod connection;
 mod read;
 mod schema;
@@ -31,6 +32,7 @@ mod write;
 
 use connection::{IDLE_READERS, OrStorage, WRITER_CACHE, blocking, connect, read_head};
 
+use collections::Names;
 pub(crate) use read::Form;
 use read::{decode, filter_sql, nanos, positioned};
 use segment::Segments;
@@ -39,10 +41,10 @@ use write::{begin_write, check_version};
 /// The stream's file name inside the data directory.
 pub const FILE_NAME: &str = "stream.sqlite3";
 
-const COLUMNS: &str = "seq, provider, sync_id, collection_id, upstream_id, version_major, version_minor, \
+const COLUMNS: &str = "seq, collection, upstream_id, version_major, version_minor, \
                        upstream_updated_at_ns, deleted, segment, slot";
 
-/// Rows per multi-row insert, largest first (12 parameters each; SQLite allows 32,766 per
+/// Rows per multi-row insert, largest first (10 parameters each; SQLite allows 32,766 per
 /// statement): see [`write::statement_rows`].
 const STATEMENT_ROWS: [usize; 5] = [500, 100, 20, 5, 1];
 
@@ -67,6 +69,8 @@ pub struct EmbeddedStream {
     tail_reads: std::sync::atomic::AtomicU64,
     /// Syncs whose source is backfilling (see `RecordStream::set_backfilling`).
     backfilling: std::sync::Mutex<std::collections::HashMap<SyncId, Provider>>,
+    /// The collection ids known to be in the file.
+    collections: collections::Shared,
 }
 
 /// How often a waiting reader checks for appends made by another process.
@@ -107,6 +111,7 @@ impl EmbeddedStream {
             tail: std::sync::Mutex::new(Tail::new(head, TailLimits::default())),
             tail_reads: std::sync::atomic::AtomicU64::new(0),
             backfilling: Default::default(),
+            collections: Default::default(),
         })
     }
 
@@ -124,16 +129,18 @@ impl EmbeddedStream {
     /// Every live (non-tombstone) record, ordered by key: for comparing with a target.
     pub async fn live_records(&self) -> Result<Vec<StreamEntry>> {
         let sql = format!(
-            "select {COLUMNS} from records where deleted = 0 order by sync_id, collection_id, upstream_id"
+            "select {COLUMNS} from records join collections k on k.id = records.collection \
+             where deleted = 0 order by k.sync_id, k.collection_id, upstream_id"
         );
         blocking(|| {
             self.with_reader(|conn| {
                 let mut statement = conn.prepare(&sql).or_storage("reading")?;
                 let mut rows = statement.query([]).or_storage("reading")?;
                 let mut segments = Segments::new(conn);
+                let mut names = Names::new(&self.collections, conn);
                 let mut entries = Vec::new();
                 while let Some(row) = rows.next().or_storage("reading")? {
-                    entries.push(decode(row, Form::Parsed, &mut segments)?);
+                    entries.push(decode(row, Form::Parsed, &mut segments, &mut names)?);
                 }
                 Ok(entries)
             })
@@ -252,23 +259,24 @@ impl RecordStream for EmbeddedStream {
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<StreamEntry>> {
-        let sql = format!(
-            "select {COLUMNS} from records where sync_id = ? and collection_id = ? and upstream_id = ?"
-        );
+        let sql = format!("select {COLUMNS} from records where collection = ? and upstream_id = ?");
         blocking(|| {
             self.with_reader(|conn| {
-                let mut statement = conn.prepare_cached(&sql).or_storage("reading a record")?;
+                let what = "reading a record";
+                let found =
+                    collections::find(&self.collections, conn, key.sync_id, &key.collection_id.0)?;
+                let Some(collection) = found else {
+                    return Ok(None);
+                };
+                let mut statement = conn.prepare_cached(&sql).or_storage(what)?;
                 let mut rows = statement
-                    .query((
-                        key.sync_id.0.as_bytes().as_slice(),
-                        key.collection_id.0.as_str(),
-                        key.upstream_id.0.as_str(),
-                    ))
-                    .or_storage("reading a record")?;
+                    .query((collection, key.upstream_id.0.as_str()))
+                    .or_storage(what)?;
                 let mut segments = Segments::new(conn);
+                let mut names = Names::new(&self.collections, conn);
                 rows.next()
-                    .or_storage("reading a record")?
-                    .map(|row| decode(row, Form::Parsed, &mut segments))
+                    .or_storage(what)?
+                    .map(|row| decode(row, Form::Parsed, &mut segments, &mut names))
                     .transpose()
             })
         })
@@ -354,17 +362,21 @@ impl RecordStream for EmbeddedStream {
         })?;
         self.with_writer(|conn| {
             let (tx, head) = begin_write(conn, "a truncate")?;
+            let found = collections::find(&self.collections, &tx, sync_id, &collection.0)?;
+            let Some(collection) = found else {
+                return Ok(0); // never written to: nothing to tombstone
+            };
             // One statement: every live record of the collection gets a tombstone with the
             // next seq, where its stored version is older (the same guard as `append`).
             let done = tx
                 .prepare_cached(
-                    "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
+                    "insert into records (seq, collection, upstream_id, version_major, \
                        version_minor, upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) \
-                     select ?1 + row_number() over (order by seq), provider, sync_id, collection_id, upstream_id, \
-                       ?4, ?5, ?6, 1, null, null, ?7 \
-                     from records where sync_id = ?2 and collection_id = ?3 and deleted = 0 \
-                       and (version_major < ?4 or (version_major = ?4 and version_minor < ?5)) \
-                     on conflict (sync_id, collection_id, upstream_id) do update set \
+                     select ?1 + row_number() over (order by seq), collection, upstream_id, \
+                       ?3, ?4, ?5, 1, null, null, ?6 \
+                     from records where collection = ?2 and deleted = 0 \
+                       and (version_major < ?3 or (version_major = ?3 and version_minor < ?4)) \
+                     on conflict (collection, upstream_id) do update set \
                        seq = excluded.seq, version_major = excluded.version_major, \
                        version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
                        deleted = 1, segment = null, slot = null, appended_at_ns = excluded.appended_at_ns",
@@ -372,8 +384,7 @@ impl RecordStream for EmbeddedStream {
                 .and_then(|mut s| {
                     s.execute((
                         head,
-                        sync_id.0.as_bytes().as_slice(),
-                        collection.0.as_str(),
+                        collection,
                         version.major as i64,
                         version.minor as i64,
                         nanos(at),
@@ -460,10 +471,11 @@ impl RecordStream for EmbeddedStream {
             let purged = tx
                 .prepare_cached(
                     "delete from records where deleted = 1 and seq <= ? and not exists (
-                         select 1 from cursors c where records.seq > c.seq
-                           and (c.provider is null or c.provider = records.provider)
-                           and (c.sync_id is null or c.sync_id = records.sync_id)
-                           and (c.collections is null or records.collection_id in (select value from json_each(c.collections))))
+                         select 1 from cursors c, collections k
+                         where k.id = records.collection and records.seq > c.seq
+                           and (c.provider is null or c.provider = k.provider)
+                           and (c.sync_id is null or c.sync_id = k.sync_id)
+                           and (c.collections is null or k.collection_id in (select value from json_each(c.collections))))
                      returning seq",
                 )
                 .and_then(|mut s| {

@@ -62,11 +62,12 @@ impl EmbeddedStream {
                 positioned(&tx, &sql, after, filter, Some(limit as u64)).or_storage("reading")?;
             let mut rows = statement.raw_query();
             let mut segments = Segments::new(&tx);
+            let mut names = Names::new(&self.collections, &tx);
             let mut entries = Vec::with_capacity(limit.min(4096));
             while let Some(row) = rows.next().or_storage("reading")? {
-                entries.push(decode(row, form, &mut segments)?);
+                entries.push(decode(row, form, &mut segments, &mut names)?);
             }
-            drop(segments);
+            drop((segments, names));
             drop(rows);
             drop(statement);
             tx.commit().or_storage("ending a read")?;
@@ -93,12 +94,13 @@ pub(crate) enum Form {
     Text,
 }
 
-/// One row of a `select {COLUMNS}`, by position (no name lookups, no copies of the
-/// provider and sync id), with its payload from `segments`.
+/// One row of a `select {COLUMNS}`, by position (no name lookups), with its collection from
+/// `names` and its payload from `segments`.
 pub(super) fn decode(
     row: &rusqlite::Row<'_>,
     form: Form,
     segments: &mut Segments<'_>,
+    names: &mut Names<'_>,
 ) -> Result<StreamEntry> {
     let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
     let int = |at: usize, what: &str| row.get::<_, i64>(at).map_err(|_| bad(what));
@@ -108,17 +110,11 @@ pub(super) fn decode(
             .and_then(|v| v.as_str().ok())
             .ok_or_else(|| bad(what))
     };
-    let sync_id = row
-        .get_ref(2)
-        .ok()
-        .and_then(|v| v.as_blob().ok())
-        .and_then(|b| Uuid::from_slice(b).ok())
-        .ok_or_else(|| bad("sync_id"))?;
     let mut payload_text = None;
-    let change = if int(8, "deleted")? != 0 {
+    let change = if int(6, "deleted")? != 0 {
         Change::Delete
     } else {
-        let text = segments.payload(int(9, "segment")?, int(10, "slot")?)?;
+        let text = segments.payload(int(7, "segment")?, int(8, "slot")?)?;
         if form == Form::Text {
             payload_text = Some(text);
             Change::Upsert {
@@ -129,19 +125,20 @@ pub(super) fn decode(
             Change::Upsert { payload }
         }
     };
-    let updated_ns = int(7, "upstream_updated_at")?;
+    let updated_ns = int(5, "upstream_updated_at")?;
+    let collection = names.name(int(1, "collection")?)?;
     Ok(StreamEntry {
         seq: Seq(int(0, "seq")? as u64),
         record: Record {
             key: RecordKey {
-                sync_id: SyncId(sync_id),
-                collection_id: CollectionId(text(3, "collection_id")?.to_owned()),
-                upstream_id: UpstreamId(text(4, "upstream_id")?.to_owned()),
+                sync_id: collection.sync_id,
+                collection_id: collection.collection_id.clone(),
+                upstream_id: UpstreamId(text(2, "upstream_id")?.to_owned()),
             },
-            provider: Provider::from_str(text(1, "provider")?)?,
+            provider: collection.provider,
             version: Version::new(
-                int(5, "version_major")? as u64,
-                int(6, "version_minor")? as u64,
+                int(3, "version_major")? as u64,
+                int(4, "version_minor")? as u64,
             ),
             upstream_updated_at: OffsetDateTime::from_unix_timestamp_nanos(updated_ns as i128)
                 .map_err(|_| bad("upstream_updated_at"))?,
@@ -151,19 +148,25 @@ pub(super) fn decode(
     })
 }
 
-/// The `and …` clause for a filter, with its parameters appended by [`bind_filter`]. The unary
-/// `+` keeps SQLite from answering by the key index (every record of a sync, then sorted):
-/// reads walk the table by seq from the reader's position, which stops at the limit.
+/// The `and …` clause for a filter, with its parameters appended by [`bind_filter`]: the
+/// collection ids it matches, found once per statement. The unary `+` keeps SQLite from
+/// answering by the key index (every record of a sync, then sorted): reads walk the table by
+/// seq from the reader's position, which stops at the limit.
 pub(super) fn filter_sql(filter: &RecordFilter) -> &'static str {
     match filter {
-        RecordFilter::Provider(_) => " and +provider = ?",
+        RecordFilter::Provider(_) => {
+            " and +collection in (select id from collections where provider = ?)"
+        }
         RecordFilter::Sync {
             collections: None, ..
-        } => " and +sync_id = ?",
+        } => " and +collection in (select id from collections where sync_id = ?)",
         RecordFilter::Sync {
             collections: Some(_),
             ..
-        } => " and +sync_id = ? and +collection_id in (select value from json_each(?))",
+        } => {
+            " and +collection in (select id from collections where sync_id = ? \
+               and collection_id in (select value from json_each(?)))"
+        }
     }
 }
 

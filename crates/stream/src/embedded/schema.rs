@@ -20,17 +20,23 @@ create table if not exists collection_schemas (
     primary key (sync_id, collection_id)
 );
 insert or ignore into meta (key, value) values ('head', 0);
+create table if not exists collections (
+    id integer primary key,
+    provider text not null,
+    sync_id blob not null,
+    collection_id text not null,
+    unique (sync_id, collection_id)
+);
 ";
 
-/// The records, one row each (its payload in a segment: `segment.rs`), and the segments with
+/// The records, one row each (its collection by id: `collections.rs`; its payload in a
+/// segment: `segment.rs`), and the segments with
 /// the triggers that keep each one's count of records naming it (a segment named by none is
 /// deleted at the end of the write: `segment::drop_unused`).
 const RECORDS: &str = "
 create table if not exists records (
     seq integer primary key,
-    provider text not null,
-    sync_id blob not null,
-    collection_id text not null,
+    collection integer not null,
     upstream_id text not null,
     version_major integer not null,
     version_minor integer not null,
@@ -39,7 +45,7 @@ create table if not exists records (
     segment integer,
     slot integer,
     appended_at_ns integer not null,
-    unique (sync_id, collection_id, upstream_id)
+    unique (collection, upstream_id)
 );
 -- Reads by provider or sync scan by seq from the reader's position: an index per filter cost
 -- every append two more b-tree inserts (dropped from files made before).
@@ -96,15 +102,24 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<()> {
     tx.commit().or_storage("committing the file's tables")
 }
 
-/// Copies `records_inline` (the old table) into `records`, payloads into segments.
+/// Copies `records_inline` (the old table) into `records`: collections named by id, payloads
+/// into segments.
 fn migrate(tx: &Connection) -> Result<()> {
     let what = "migrating the records table to payload segments";
+    tx.execute(
+        "insert into collections (provider, sync_id, collection_id) \
+         select max(provider), sync_id, collection_id from records_inline group by sync_id, collection_id",
+        [],
+    )
+    .or_storage(what)?;
     let moved = tx
         .execute(
-            "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
-               version_minor, upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) \
-             select seq, provider, sync_id, collection_id, upstream_id, version_major, version_minor, \
-               upstream_updated_at_ns, deleted, null, null, appended_at_ns from records_inline",
+            "insert into records (seq, collection, upstream_id, version_major, version_minor, \
+               upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) \
+             select r.seq, k.id, r.upstream_id, r.version_major, r.version_minor, \
+               r.upstream_updated_at_ns, r.deleted, null, null, r.appended_at_ns \
+             from records_inline r join collections k \
+               on k.sync_id = r.sync_id and k.collection_id = r.collection_id",
             [],
         )
         .or_storage(what)?;

@@ -5,6 +5,7 @@ use std::sync::LazyLock;
 
 use rusqlite::Transaction;
 
+use super::collections::Ids;
 use super::*;
 
 impl EmbeddedStream {
@@ -20,12 +21,13 @@ impl EmbeddedStream {
             let mut next = head;
             let (mut appended, mut total) = (0u64, 0usize);
             let mut landed = Some(Vec::new());
+            let mut ids = Ids::new(&self.collections);
             for mut records in chunks {
                 for record in &records {
                     check_version(record)?;
                 }
                 let texts = serialize_payloads(&records)?;
-                let n = insert(&tx, &records, &texts, &mut next, appended_at)?;
+                let n = insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
                 appended += n;
                 total += records.len();
                 match &mut landed {
@@ -53,6 +55,7 @@ impl EmbeddedStream {
                 .or_storage("storing source state")?;
             }
             let head = self.finish_write(tx, head, next, "an append", landed)?;
+            ids.commit();
             Ok(AppendOutcome {
                 appended: appended as usize,
                 skipped_stale: total - appended as usize,
@@ -117,19 +120,19 @@ pub(super) fn insert_sql(rows: usize) -> &'static str {
 fn upsert(rows: usize) -> String {
     let mut sql = String::with_capacity(600 + rows * 26);
     sql.push_str(
-        "insert into records (seq, provider, sync_id, collection_id, upstream_id, version_major, \
-         version_minor, upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) values ",
+        "insert into records (seq, collection, upstream_id, version_major, version_minor, \
+         upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) values ",
     );
     for i in 0..rows {
         sql.push_str(if i == 0 {
-            "(?,?,?,?,?,?,?,?,?,?,?,?)"
+            "(?,?,?,?,?,?,?,?,?,?)"
         } else {
-            ",(?,?,?,?,?,?,?,?,?,?,?,?)"
+            ",(?,?,?,?,?,?,?,?,?,?)"
         });
     }
     sql.push_str(
-        " on conflict (sync_id, collection_id, upstream_id) do update set \
-           seq = excluded.seq, provider = excluded.provider, version_major = excluded.version_major, \
+        " on conflict (collection, upstream_id) do update set \
+           seq = excluded.seq, version_major = excluded.version_major, \
            version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
            deleted = excluded.deleted, segment = excluded.segment, slot = excluded.slot, appended_at_ns = excluded.appended_at_ns \
          where excluded.version_major > records.version_major \
@@ -172,6 +175,7 @@ pub(super) fn serialize_payloads(records: &[Record]) -> Result<Vec<Option<Payloa
 /// others were stale).
 pub(super) fn insert(
     tx: &Connection,
+    ids: &mut Ids<'_>,
     records: &[Record],
     texts: &[Option<PayloadText>],
     next: &mut i64,
@@ -193,9 +197,18 @@ pub(super) fn insert(
         let mut at = 1;
         for (record, place) in chunk.iter().zip(chunk_places) {
             *next += 1;
-            bind_record(&mut statement, at, *next, record, *place, appended_at)
-                .or_storage("appending")?;
-            at += 12;
+            let collection = ids.of(tx, record)?;
+            bind_record(
+                &mut statement,
+                at,
+                *next,
+                collection,
+                record,
+                *place,
+                appended_at,
+            )
+            .or_storage("appending")?;
+            at += 10;
         }
         appended += statement.raw_execute().or_storage("appending")? as u64;
     }
@@ -206,28 +219,27 @@ pub(super) fn insert(
     Ok(appended)
 }
 
-/// Binds one record's 12 values from parameter `at` on; `place` is its payload's segment and
-/// slot.
+/// Binds one record's 10 values from parameter `at` on; `collection` is its collection's id,
+/// `place` its payload's segment and slot.
 fn bind_record(
     statement: &mut rusqlite::Statement<'_>,
     at: usize,
     seq: i64,
+    collection: i64,
     record: &Record,
     place: Option<(i64, i64)>,
     appended_at: i64,
 ) -> rusqlite::Result<()> {
     statement.raw_bind_parameter(at, seq)?;
-    statement.raw_bind_parameter(at + 1, record.provider.as_str())?;
-    statement.raw_bind_parameter(at + 2, record.key.sync_id.0.as_bytes().as_slice())?;
-    statement.raw_bind_parameter(at + 3, record.key.collection_id.0.as_str())?;
-    statement.raw_bind_parameter(at + 4, record.key.upstream_id.0.as_str())?;
-    statement.raw_bind_parameter(at + 5, record.version.major as i64)?;
-    statement.raw_bind_parameter(at + 6, record.version.minor as i64)?;
-    statement.raw_bind_parameter(at + 7, nanos(record.upstream_updated_at))?;
-    statement.raw_bind_parameter(at + 8, record.is_tombstone())?;
-    statement.raw_bind_parameter(at + 9, place.map(|(segment, _)| segment))?;
-    statement.raw_bind_parameter(at + 10, place.map(|(_, slot)| slot))?;
-    statement.raw_bind_parameter(at + 11, appended_at)
+    statement.raw_bind_parameter(at + 1, collection)?;
+    statement.raw_bind_parameter(at + 2, record.key.upstream_id.0.as_str())?;
+    statement.raw_bind_parameter(at + 3, record.version.major as i64)?;
+    statement.raw_bind_parameter(at + 4, record.version.minor as i64)?;
+    statement.raw_bind_parameter(at + 5, nanos(record.upstream_updated_at))?;
+    statement.raw_bind_parameter(at + 6, record.is_tombstone())?;
+    statement.raw_bind_parameter(at + 7, place.map(|(segment, _)| segment))?;
+    statement.raw_bind_parameter(at + 8, place.map(|(_, slot)| slot))?;
+    statement.raw_bind_parameter(at + 9, appended_at)
 }
 
 /// How many of `left` records the next insert statement takes: one of a few sizes, so every
