@@ -38,8 +38,15 @@ impl KeyRange {
 /// Rows sampled per reader to place the split keys.
 const SAMPLE_PER_READER: u64 = 200;
 
+/// Fewer sampled rows per reader than this, and the sample is taken again at 8 times the
+/// rate (up to the whole table): `TABLESAMPLE SYSTEM` picks whole pages, so on a table of a
+/// few hundred pages a small rate can pick one page or none.
+const SAMPLE_AT_LEAST_PER_READER: usize = 50;
+
 /// Key ranges for `readers` parallel readers of `table`, split at keys sampled from it
-/// (`TABLESAMPLE SYSTEM`, ordered like the pages are). One range, the whole table, when one
+/// (`TABLESAMPLE SYSTEM`, ordered like the pages are; at least
+/// [`SAMPLE_AT_LEAST_PER_READER`] keys per reader unless the table has fewer rows, so a table
+/// of more rows than that gets one range per reader). One range, the whole table, when one
 /// reader is asked for, when the planner expects fewer rows than a page per reader, or when
 /// the sample cannot be taken (a reason is logged).
 pub(crate) async fn split(
@@ -58,30 +65,20 @@ pub(crate) async fn split(
     }
     let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
     let keys = keys.join(", ");
-    let percent =
+    let mut percent =
         (100.0 * (SAMPLE_PER_READER * readers as u64) as f64 / estimate as f64).min(100.0);
-    let sql = format!(
-        "select {keys} from {} tablesample system ({percent:.6}) order by {keys}",
-        qualified(&table.schema, &table.name)
-    );
-    let sample = sqlx::raw_sql(AssertSqlSafe(sql))
-        .fetch_all(&mut *conn)
-        .await
-        .and_then(|rows| {
-            rows.iter()
-                .map(|row| {
-                    (0..table.key.len())
-                        .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
-                        .map(|v| v.map(Option::unwrap_or_default))
-                        .collect::<Result<Vec<String>, _>>()
-                })
-                .collect::<Result<Vec<_>, _>>()
-        });
-    let sample = match sample {
-        Ok(sample) => sample,
-        Err(e) => {
-            tracing::warn!(collection = table.collection(), error = %e, "backfill: one reader for this table (its keys could not be sampled)");
-            return whole;
+    let sample = loop {
+        match sample_keys(conn, table, &keys, percent).await {
+            Ok(sample)
+                if sample.len() >= readers * SAMPLE_AT_LEAST_PER_READER || percent >= 100.0 =>
+            {
+                break sample;
+            }
+            Ok(_) => percent = (percent * 8.0).min(100.0),
+            Err(e) => {
+                tracing::warn!(collection = table.collection(), error = %e, "backfill: one reader for this table (its keys could not be sampled)");
+                return whole;
+            }
         }
     };
     let mut splits: Vec<Vec<String>> = (1..readers)
@@ -103,6 +100,30 @@ pub(crate) async fn split(
         done: false,
     });
     ranges
+}
+
+/// The keys (as text, in key order) of the rows in `percent` of the table's pages.
+async fn sample_keys(
+    conn: &mut PgConnection,
+    table: &Table,
+    keys: &str,
+    percent: f64,
+) -> Result<Vec<Vec<String>>, sqlx::Error> {
+    let sql = format!(
+        "select {keys} from {} tablesample system ({percent:.6}) order by {keys}",
+        qualified(&table.schema, &table.name)
+    );
+    let rows = sqlx::raw_sql(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            (0..table.key.len())
+                .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
+                .map(|v| v.map(Option::unwrap_or_default))
+                .collect()
+        })
+        .collect()
 }
 
 /// The planner's estimate of the table's rows: from its statistics, or, for a table never
