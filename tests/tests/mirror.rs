@@ -603,8 +603,11 @@ async fn dropped_and_retyped_columns_never_break_what_the_user_owns() {
         }
         assert!(
             Instant::now() < deadline,
-            "no message naming the view: {text}\n{:?}\nthe stream's t_text: {:?}",
+            "no message naming the view: {text}\n{:?}\nthe stream's schema of t_text: {:?}\nthe stream's t_text: {:?}",
             target.health().await,
+            w.stream
+                .collection_schema(SYNC, &sluice_core::CollectionId("public.t_text".into()))
+                .await,
             w.stream
                 .live_records()
                 .await

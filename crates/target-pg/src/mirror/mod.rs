@@ -30,6 +30,7 @@ use sluice_pg::ConnectionSettings;
 use crate::copy::NulReplacements;
 
 mod ddl;
+mod fields;
 mod shape;
 mod write;
 
@@ -237,6 +238,12 @@ impl SchemaMirrorTarget {
 impl Target for SchemaMirrorTarget {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Typed tables take each field from the payload's stored text (`fields.rs`), with no
+    /// parsed payload in between.
+    fn takes_payload_text(&self) -> bool {
+        true
     }
 
     async fn checkpoint(&self, consumer: &ConsumerId) -> Result<Seq, Error> {

@@ -3,12 +3,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sluice_core::sql::{qualified, quote_ident as q};
-use sluice_core::{Batch, ConsumerId, Error, RecordKey, StreamEntry, SyncId};
+use sluice_core::{Batch, Change, ConsumerId, Error, Payload, RecordKey, StreamEntry, SyncId};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::copy::{copy, copy_if_all_new, map_in_parallel, push_text};
 
+use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
 use super::{SchemaMirrorTarget, db};
 
@@ -103,7 +105,7 @@ impl SchemaMirrorTarget {
                 .get(&def.name)
                 .unwrap_or(&true);
         if optimistic {
-            let (data, sanitized) = encode_rows(def, &upserts);
+            let (data, sanitized) = encode_rows(def, &upserts)?;
             match copy_if_all_new(conn, &copy_in, &data).await {
                 Ok(Some(_)) => {
                     self.sanitized_in_batch(&sanitized);
@@ -153,7 +155,7 @@ impl SchemaMirrorTarget {
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
         }
         if !fresh.is_empty() {
-            let (data, sanitized) = encode_rows(def, &fresh);
+            let (data, sanitized) = encode_rows(def, &fresh)?;
             copy(conn, &copy_in, &data)
                 .await
                 .map_err(|e| fail("copying into", e))?;
@@ -171,7 +173,7 @@ impl SchemaMirrorTarget {
         .map_err(|e| fail("staging", e))?;
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            let (data, sanitized) = encode_rows(def, &upserts);
+            let (data, sanitized) = encode_rows(def, &upserts)?;
             self.sanitized_in_batch(&sanitized);
             copy(
                 conn,
@@ -281,34 +283,82 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
 
 /// COPY text for `entries`; large batches are encoded on two threads.
 /// Also returns the records whose text had NUL characters replaced (the target's NUL policy).
-fn encode_rows(def: &TableDef, entries: &[&StreamEntry]) -> (Vec<u8>, Vec<RecordKey>) {
+fn encode_rows(
+    def: &TableDef,
+    entries: &[&StreamEntry],
+) -> Result<(Vec<u8>, Vec<RecordKey>), Error> {
+    let columns = Columns::new(def);
     let encode = |part: &[&StreamEntry]| {
         let mut data = Vec::with_capacity(part.len() * 512);
         let mut sanitized = Vec::new();
+        let mut slots = Vec::new();
         for e in part {
-            if encode_row(&mut data, def, e) {
-                sanitized.push(e.record.key.clone());
+            match encode_row(&mut data, def, &columns, e, &mut slots) {
+                Ok(true) => sanitized.push(e.record.key.clone()),
+                Ok(false) => {}
+                Err(error) => return (data, sanitized, Some(error)),
             }
         }
-        (data, sanitized)
+        (data, sanitized, None)
     };
-    if entries.len() < 1000 {
-        return encode(entries);
-    }
-    let halves: Vec<&[&StreamEntry]> = entries.chunks(entries.len().div_ceil(2)).collect();
-    let (data, sanitized): (Vec<Vec<u8>>, Vec<Vec<RecordKey>>) =
+    let parts: Vec<(Vec<u8>, Vec<RecordKey>, Option<Error>)> = if entries.len() < 1000 {
+        vec![encode(entries)]
+    } else {
+        let halves: Vec<&[&StreamEntry]> = entries.chunks(entries.len().div_ceil(2)).collect();
         map_in_parallel(&halves, |part| encode(part))
-            .into_iter()
-            .unzip();
-    (data.concat(), sanitized.concat())
+    };
+    let (mut data, mut sanitized) = (Vec::new(), Vec::new());
+    for (part, keys, error) in parts {
+        if let Some(error) = error {
+            return Err(error);
+        }
+        if data.is_empty() {
+            data = part;
+        } else {
+            data.extend_from_slice(&part);
+        }
+        sanitized.extend(keys);
+    }
+    Ok((data, sanitized))
 }
 
-/// One COPY text line for an upsert, in the table's column order. Returns whether a NUL
-/// character had to be replaced.
-fn encode_row(out: &mut Vec<u8>, def: &TableDef, entry: &StreamEntry) -> bool {
-    let Some(payload) = entry.record.change.payload() else {
-        return false;
+/// One COPY text line for an upsert, in the table's column order: from the payload's stored
+/// text when the entry has it (a typed table: see `fields.rs`), else from the parsed payload.
+/// Returns whether a NUL character had to be replaced.
+fn encode_row<'a>(
+    out: &mut Vec<u8>,
+    def: &TableDef,
+    columns: &Columns<'_>,
+    entry: &'a StreamEntry,
+    slots: &mut Vec<Option<&'a RawValue>>,
+) -> Result<bool, Error> {
+    let corrupt = |e: serde_json::Error| {
+        Error::invalid(format!(
+            "record {}/{}: its stored payload is not a JSON object ({e})",
+            entry.record.key.collection_id, entry.record.key.upstream_id
+        ))
     };
+    match (&entry.record.change, &entry.payload_text) {
+        (Change::Delete, _) => Ok(false),
+        (_, Some(text)) if !def.json => {
+            fields::encode_row(out, def, columns, text.as_str(), slots).map_err(corrupt)
+        }
+        (_, Some(text)) => {
+            let payload: Payload = serde_json::from_str(text.as_str()).map_err(corrupt)?;
+            Ok(encode_parsed(out, def, entry, &payload))
+        }
+        (Change::Upsert { payload }, None) => Ok(encode_parsed(out, def, entry, payload)),
+    }
+}
+
+/// One COPY text line from a parsed payload. Returns whether a NUL character had to be
+/// replaced.
+fn encode_parsed(
+    out: &mut Vec<u8>,
+    def: &TableDef,
+    entry: &StreamEntry,
+    payload: &Payload,
+) -> bool {
     let mut sanitized = false;
     for (i, column) in def.columns.iter().enumerate() {
         if i > 0 {
@@ -382,7 +432,7 @@ fn pg_text(value: &Value, kind: Kind) -> String {
 
 /// A timestamp column's value given as Unix seconds (`1700000000`, as APIs send `created`),
 /// as PostgreSQL input text in UTC; `None` for anything else (written as is).
-fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
+pub(super) fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
     if kind != Kind::Timestamp || text.is_empty() || text.len() > 12 {
         return None;
     }
@@ -397,7 +447,7 @@ fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
 }
 
 /// `{1,NULL,"a b"}` from a JSON array (nested arrays for more dimensions).
-fn array_literal(items: &[Value]) -> String {
+pub(super) fn array_literal(items: &[Value]) -> String {
     let parts: Vec<String> = items
         .iter()
         .map(|v| match v {
@@ -417,9 +467,18 @@ fn quote_element(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The parsed path, for `fields.rs`'s test to compare with.
+    pub(in super::super) fn encode_parsed_for_test(
+        out: &mut Vec<u8>,
+        def: &TableDef,
+        entry: &StreamEntry,
+    ) -> bool {
+        encode_parsed(out, def, entry, entry.record.change.payload().unwrap())
+    }
 
     #[test]
     fn json_values_become_postgres_input_text() {

@@ -1,0 +1,266 @@
+//! A payload's fields read straight from the JSON text the stream stores into COPY text: no
+//! `serde_json::Value` per row, no allocation per field (a string without escapes, and every
+//! number, object and array, is used as a slice of the text).
+//!
+//! The stream stores every payload as `serde_json` writes it, so a field's text here is exactly
+//! what the parsed value would print: the output is the same as [`super::write`]'s path from a
+//! parsed payload (a unit test holds the two equal).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::copy::push_text;
+
+use super::shape::{Kind, TableDef};
+use super::write::{array_literal, unix_seconds};
+
+/// Each column's index by name, for one table.
+pub(super) struct Columns<'d>(HashMap<&'d str, usize>);
+
+impl<'d> Columns<'d> {
+    pub(super) fn new(def: &'d TableDef) -> Self {
+        Self(
+            def.columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.as_str(), i))
+                .collect(),
+        )
+    }
+}
+
+/// Text borrowed from the payload when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// Puts each field of a payload object into its column's slot.
+struct Fill<'s, 'c, 'a> {
+    columns: &'c Columns<'c>,
+    slots: &'s mut [Option<&'a RawValue>],
+}
+
+impl<'de, 's, 'c> DeserializeSeed<'de> for Fill<'s, 'c, 'de> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, 's, 'c> Visitor<'de> for Fill<'s, 'c, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            if let Some(&at) = self.columns.0.get(key.0.as_ref()) {
+                self.slots[at] = Some(value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One COPY text line for the payload `text`, in the table's column order (`slots` is scratch
+/// space, one per column). Returns whether a NUL character had to be replaced.
+pub(super) fn encode_row<'a>(
+    out: &mut Vec<u8>,
+    def: &TableDef,
+    columns: &Columns<'_>,
+    text: &'a str,
+    slots: &mut Vec<Option<&'a RawValue>>,
+) -> Result<bool, serde_json::Error> {
+    slots.clear();
+    slots.resize(def.columns.len(), None);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    Fill { columns, slots }.deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    let mut sanitized = false;
+    for (i, (column, value)) in def.columns.iter().zip(slots.iter()).enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        sanitized |= push_field(out, column.kind, *value)?;
+    }
+    out.push(b'\n');
+    Ok(sanitized)
+}
+
+/// One field as PostgreSQL input text for a column of `kind`, as `write::encode_row` writes
+/// the parsed value.
+fn push_field(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    value: Option<&RawValue>,
+) -> Result<bool, serde_json::Error> {
+    let Some(value) = value else {
+        out.extend_from_slice(b"\\N");
+        return Ok(false);
+    };
+    let text = value.get();
+    Ok(match text.as_bytes().first() {
+        Some(b'n') => {
+            out.extend_from_slice(b"\\N");
+            false
+        }
+        Some(b'"') if kind != Kind::Json => {
+            let Text(s) = serde_json::from_str(text)?;
+            match unix_seconds(kind, &s) {
+                Some(t) => push_text(out, &t),
+                None => push_text(out, &s),
+            }
+        }
+        // `jsonb` refuses `\u0000`: it becomes U+FFFD.
+        _ if kind == Kind::Json && text.contains("\\u0000") => {
+            push_text(out, &text.replace("\\u0000", "\u{FFFD}"));
+            true
+        }
+        Some(b't' | b'f') if kind == Kind::Bool => {
+            out.push(text.as_bytes()[0]);
+            false
+        }
+        Some(b'[') if kind == Kind::Array => {
+            let items: Vec<serde_json::Value> = serde_json::from_str(text)?;
+            push_text(out, &array_literal(&items))
+        }
+        Some(b'-' | b'0'..=b'9') if kind == Kind::Timestamp => match unix_seconds(kind, text) {
+            Some(t) => push_text(out, &t),
+            None => push_text(out, text),
+        },
+        _ => push_text(out, text),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sluice_core::{
+        Change, PayloadText, Provider, Record, RecordKey, Seq, StreamEntry, SyncId, Version,
+    };
+
+    use super::super::shape::ColumnDef;
+    use super::super::write::tests::encode_parsed_for_test;
+    use super::*;
+
+    fn table() -> TableDef {
+        let column = |name: &str, sql_type: &str, kind: Kind| ColumnDef {
+            name: name.into(),
+            sql_type: sql_type.into(),
+            kind,
+        };
+        TableDef {
+            name: "t".into(),
+            columns: vec![
+                column("plain", "text", Kind::Plain),
+                column("flag", "boolean", Kind::Bool),
+                column("at", "timestamp with time zone", Kind::Timestamp),
+                column("doc", "jsonb", Kind::Json),
+                column("list", "text[]", Kind::Array),
+                column("n", "numeric", Kind::Plain),
+                column("missing", "text", Kind::Plain),
+            ],
+            key: vec!["plain".into()],
+            json: false,
+            enums: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+
+    /// Every kind of JSON value in every kind of column: the row from the stored text is the
+    /// row from the parsed payload, byte for byte, NUL replacements included.
+    #[test]
+    fn the_text_path_writes_what_the_parsed_path_writes() {
+        let values = [
+            json!(null),
+            json!("tab\there, new\nline, back\\slash, \"quoted\", é ☃ 𝄞"),
+            json!("nul \u{0} inside"),
+            json!("\u{1} control"),
+            json!(""),
+            json!(true),
+            json!(false),
+            json!(0),
+            json!(-17),
+            json!(1700000000),
+            json!(-1),
+            json!(123456789012345678901234567890u128.to_string()),
+            serde_json::from_str::<serde_json::Value>("1e400").unwrap(),
+            serde_json::from_str::<serde_json::Value>("-0.000").unwrap(),
+            serde_json::from_str::<serde_json::Value>("99.290").unwrap(),
+            json!("2024-05-01T12:00:00.5+00:00"),
+            json!("1700000000"),
+            json!([1, null, [2, 3], "a b", "c\"d", true]),
+            json!(["nul \u{0}"]),
+            json!({"b": {"c": [1, "x\u{0}y"]}, "a": null}),
+            json!([]),
+            json!({}),
+        ];
+        let def = table();
+        let columns = Columns::new(&def);
+        for value in &values {
+            let mut payload = serde_json::Map::new();
+            for name in ["plain", "flag", "at", "doc", "list", "n"] {
+                payload.insert(name.into(), value.clone());
+            }
+            payload.insert("unmapped".into(), json!({"x": 1}));
+            let text = serde_json::to_string(&payload).unwrap();
+            let entry = StreamEntry {
+                seq: Seq(1),
+                record: Record {
+                    key: RecordKey::new(SyncId(uuid::Uuid::nil()), "public.t", "1"),
+                    provider: Provider::Postgres,
+                    version: Version::new(1, 0),
+                    upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
+                    change: Change::Upsert { payload },
+                },
+                payload_text: Some(PayloadText::whole(text.clone())),
+            };
+            let (mut parsed, mut raw) = (Vec::new(), Vec::new());
+            let parsed_nul = encode_parsed_for_test(&mut parsed, &def, &entry);
+            let mut slots = Vec::new();
+            let raw_nul = encode_row(&mut raw, &def, &columns, &text, &mut slots).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&raw),
+                String::from_utf8_lossy(&parsed),
+                "{value}"
+            );
+            assert_eq!(raw_nul, parsed_nul, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_payload_that_is_not_an_object_is_an_error() {
+        let def = table();
+        let columns = Columns::new(&def);
+        for text in ["[]", "1", "{\"plain\": 1", "{} {}", ""] {
+            let mut slots = Vec::new();
+            assert!(encode_row(&mut Vec::new(), &def, &columns, text, &mut slots).is_err());
+        }
+    }
+}
