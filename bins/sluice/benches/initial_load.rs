@@ -8,8 +8,9 @@
 //!   the table's state is `r`eady);
 //! - `pg_dump -t | psql`.
 //!
-//! For sluice it also prints the peak resident memory (`VmHWM`) and the records stream's bytes
-//! on disk beside the source table's size (`pg_total_relation_size`). The schema mirror is loaded
+//! For sluice it also prints the process's own CPU time per row, its peak resident memory
+//! (`VmHWM`) and the records stream's bytes on disk beside the source table's size
+//! (`pg_total_relation_size`). The schema mirror is loaded
 //! with 1, 2 and 4 parallel backfill readers (`backfill_readers`), the consumer table with the
 //! default. The source table is not analysed, as right after a bulk load.
 //! `SLUICE_BENCH_READERS` (default `1,2,4`) picks the reader counts, `SLUICE_BENCH_BATCH`
@@ -72,7 +73,16 @@ fn bytes_under(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// One `sluice serve` run with `layout`; (seconds, peak MB, stream bytes).
+/// What one `sluice serve` run measured.
+struct Run {
+    seconds: f64,
+    /// The process's own CPU time (user and system) until the last row was in the target.
+    cpu_seconds: f64,
+    peak_mb: f64,
+    stream_bytes: u64,
+}
+
+/// One `sluice serve` run with `layout`.
 async fn sluice(
     source: &Cluster,
     target: &Cluster,
@@ -81,7 +91,7 @@ async fn sluice(
     layout: &str,
     count_sql: &str,
     readers: usize,
-) -> (f64, f64, u64) {
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"{head}
@@ -115,11 +125,15 @@ batch = {{ max_records = {batch}, max_wait_ms = 50 }}
         &[("BENCH_SOURCE_PASSWORD", source.superuser_password())],
     );
     let seconds = until(target, "postgres", count_sql, rows, started, name).await;
-    let peak = peak_rss_mb(serve.id());
-    let stream = bytes_under(&dir.path().join("data"));
+    let run = Run {
+        seconds,
+        cpu_seconds: cpu_seconds(serve.id()),
+        peak_mb: peak_rss_mb(serve.id()),
+        stream_bytes: bytes_under(&dir.path().join("data")),
+    };
     let _ = serve.kill();
     let _ = serve.wait();
-    (seconds, peak, stream)
+    run
 }
 
 async fn run() {
@@ -227,7 +241,7 @@ async fn run() {
         .await;
         mirrors.push((readers, run));
     }
-    let (table_s, table_mb, table_stream) = sluice(
+    let table = sluice(
         &source,
         &target,
         rows,
@@ -248,21 +262,32 @@ async fn run() {
         per(dumped),
         native / dumped
     );
-    for (readers, (mirror, mirror_mb, mirror_stream)) in mirrors {
+    // sluice's own CPU per row, and the stream's size beside the source table's.
+    let costs = |run: &Run| {
+        format!(
+            "sluice CPU {:.1} s = {:.1} us/row; peak {:.0} MB (goal < 256); stream {:.0} MB = {:.2}x the source table (goal <= 1.0x)",
+            run.cpu_seconds,
+            run.cpu_seconds * 1e6 / rows as f64,
+            run.peak_mb,
+            run.stream_bytes as f64 / 1e6,
+            run.stream_bytes as f64 / source_bytes as f64
+        )
+    };
+    for (readers, run) in &mirrors {
         println!(
-            "  sluice, schema mirror, {readers} reader{}: {mirror:>6.1} s  {:>9.0} rows/s  = {:.2}x native (goal >= 0.7x); peak {mirror_mb:.0} MB (goal < 256); stream {:.0} MB = {:.2}x the source table (goal <= 1.0x)",
-            if readers == 1 { " " } else { "s" },
-            per(mirror),
-            native / mirror,
-            mirror_stream as f64 / 1e6,
-            mirror_stream as f64 / source_bytes as f64
+            "  sluice, schema mirror, {readers} reader{}: {:>6.1} s  {:>9.0} rows/s  = {:.2}x native (goal >= 0.7x); {}",
+            if *readers == 1 { " " } else { "s" },
+            run.seconds,
+            per(run.seconds),
+            native / run.seconds,
+            costs(run)
         );
     }
     println!(
-        "  sluice, consumer table, 1 reader: {table_s:>6.1} s  {:>9.0} rows/s  = {:.2}x native; peak {table_mb:.0} MB; stream {:.0} MB = {:.2}x the source table",
-        per(table_s),
-        native / table_s,
-        table_stream as f64 / 1e6,
-        table_stream as f64 / source_bytes as f64
+        "  sluice, consumer table, 1 reader: {:>6.1} s  {:>9.0} rows/s  = {:.2}x native; {}",
+        table.seconds,
+        per(table.seconds),
+        native / table.seconds,
+        costs(&table)
     );
 }
