@@ -49,17 +49,23 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     browser.screenshot("01-login").await;
     browser.fill("#secret", "not-the-password").await;
     browser.keys(ENTER).await;
+    let refused = browser
+        .text_showing("neither the API token nor the console password", 30)
+        .await;
     assert!(
-        browser
-            .text()
-            .await
-            .contains("neither the API token nor the console password"),
-        "{}",
-        browser.text().await
+        refused.contains("neither the API token nor the console password"),
+        "{refused}"
     );
     browser.fill("#secret", CONSOLE_PASSWORD).await;
     // Tab to the button, Enter presses it.
     browser.keys(&format!("{TAB}{ENTER}")).await;
+    // The login's answer sets the session cookie and leads to the overview: wait for it here,
+    // since going to another page while the form is in flight would abandon the login.
+    let landed = browser.text_showing("app-records", 30).await;
+    assert!(
+        landed.contains("app-records"),
+        "logging in led to: {landed}"
+    );
     let overview = browser
         .wait_for_text(&format!("{base}/"), "app-records", 30)
         .await;
@@ -178,7 +184,10 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     // Pause with a reason, then resume, with the buttons.
     browser.fill("#reason", "checking the shop table").await;
     browser.click("button[value=pause]").await;
-    browser.text_showing("Paused.", 10).await;
+    // Each form's answer is waited for before the next page: going to another page while a
+    // form is in flight would abandon it.
+    let answer = browser.text_showing("Paused.", 30).await;
+    assert!(answer.contains("Paused."), "pausing led to: {answer}");
     // The page can render before the consumer has taken the pause in; its address keeps the
     // note, so reload it until it has.
     let paused = browser
@@ -191,6 +200,8 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
     assert!(paused.contains("Consumer shop-events paused"), "{paused}");
     browser.screenshot("07-consumer-paused").await;
     browser.click("button[value=resume]").await;
+    let answer = browser.text_showing("Resumed.", 30).await;
+    assert!(answer.contains("Resumed."), "resuming led to: {answer}");
     browser
         .wait_for_text(
             &format!("{base}/consumers/shop-events"),
