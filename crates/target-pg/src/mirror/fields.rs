@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use crate::copy::push_text;
 
 use super::shape::{Kind, TableDef};
-use super::write::{array_literal, unix_seconds};
+use super::write::{array_literal, unix_seconds, without_nul};
 
 /// Each column's index by name, for one table.
 pub(super) struct Columns<'d>(HashMap<&'d str, usize>);
@@ -137,9 +137,10 @@ fn push_field(
                 None => push_text(out, &s),
             }
         }
-        // `jsonb` refuses `\u0000`: it becomes U+FFFD.
-        _ if kind == Kind::Json && text.contains("\\u0000") => {
-            push_text(out, &text.replace("\\u0000", "\u{FFFD}"));
+        _ if kind == Kind::Json
+            && let Some(replaced) = without_nul(text) =>
+        {
+            push_text(out, &replaced);
             true
         }
         Some(b't' | b'f') if kind == Kind::Bool => {

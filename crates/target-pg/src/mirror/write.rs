@@ -408,11 +408,17 @@ fn encode_parsed(
 /// JSON text `jsonb` accepts: `\u0000` (which it refuses) becomes U+FFFD. Returns whether it did.
 fn json_text(value: &Value) -> (String, bool) {
     let text = value.to_string();
-    if text.contains("\\u0000") {
-        (text.replace("\\u0000", "\u{FFFD}"), true)
-    } else {
-        (text, false)
+    match without_nul(&text) {
+        Some(replaced) => (replaced, true),
+        None => (text, false),
     }
+}
+
+/// JSON text for a `jsonb` column, which refuses `\u0000`: with each one as U+FFFD, or `None`
+/// when it has none.
+pub(super) fn without_nul(json: &str) -> Option<String> {
+    json.contains("\\u0000")
+        .then(|| json.replace("\\u0000", "\u{FFFD}"))
 }
 
 /// A JSON value as PostgreSQL input text for a column of `kind`.
