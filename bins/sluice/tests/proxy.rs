@@ -14,14 +14,9 @@ use support::*;
 
 struct Proxied {
     env: Env,
-    child: std::process::Child,
+    /// Killed when the test ends, passing or not.
+    _child: Serving,
     proxy: u16,
-}
-
-impl Drop for Proxied {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
 }
 
 async fn start(extra_proxy: &str) -> Proxied {
@@ -114,7 +109,11 @@ target = "warehouse"
         )
         .await
         .unwrap();
-    Proxied { env, child, proxy }
+    Proxied {
+        env,
+        _child: child,
+        proxy,
+    }
 }
 
 fn options(p: &Proxied, user: &str, password: &str) -> PgConnectOptions {

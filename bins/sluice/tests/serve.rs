@@ -334,6 +334,22 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
     );
 }
 
+/// The tests' own harness: a `sluice serve` a test started is gone when the test ends, even
+/// when it ends by panicking, so a failed run leaves nothing retrying its vanished databases.
+#[tokio::test]
+async fn a_serve_process_ends_with_the_test_that_started_it() {
+    let env = env().await;
+    let path = write_config(&env, "");
+    let pid = {
+        let (child, _api) = serve_ready(&env, &path).await;
+        child.id()
+    };
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "sluice serve (pid {pid}) is still running after its test dropped it"
+    );
+}
+
 #[tokio::test]
 async fn serve_refuses_an_invalid_config_with_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,11 +2,14 @@
 //! user queries, one consumer table for connected accounts, `kill -9` in the middle.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use sluice_localpg::Cluster;
 use sluice_stripe_emulator::Emulator;
+
+mod support;
+use support::{Serving, spawn_serve};
 
 const TOKEN: &str = "test-token-stripe";
 const KEY: &str = "sk_test_51serveKey00000000000";
@@ -100,21 +103,13 @@ batch = {{ max_records = 1000, max_wait_ms = 20 }}
     path
 }
 
-fn serve(env: &Env, path: &Path) -> Child {
+fn serve(env: &Env, path: &Path) -> Serving {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(env.dir.path().join("serve.log"))
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config"])
-        .arg(path)
-        .env("TEST_API_TOKEN", TOKEN)
-        .env("TEST_TARGET_PASSWORD", "sync-pw")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    spawn_serve(path, log, &[("TEST_API_TOKEN", TOKEN)])
 }
 
 fn log(env: &Env) -> String {

@@ -116,22 +116,62 @@ pub fn write_config(env: &Env, extra: &str) -> PathBuf {
     path
 }
 
-pub fn serve(env: &Env, path: &Path) -> Child {
+/// A running `sluice serve`, killed when dropped: a test that fails (panics) part-way leaves
+/// no process behind, retrying databases that are gone.
+pub struct Serving(pub Child);
+
+impl std::ops::Deref for Serving {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Serving {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn serve(env: &Env, path: &Path) -> Serving {
     let log = std::fs::File::create(env.dir.path().join("serve.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config"])
-        .arg(path)
-        .env("TEST_API_TOKEN", TOKEN)
-        .env("TEST_TARGET_PASSWORD", "sync-pw")
-        .env("TEST_SOURCE_PASSWORD", env.source.superuser_password())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    spawn_serve(
+        path,
+        log,
+        &[
+            ("TEST_API_TOKEN", TOKEN),
+            ("TEST_SOURCE_PASSWORD", env.source.superuser_password()),
+        ],
+    )
+}
+
+/// Starts `sluice serve --config path`, its stderr into `log`, with the sync user's password
+/// in `TEST_TARGET_PASSWORD` and `vars` in its environment.
+pub fn spawn_serve(path: &Path, log: std::fs::File, vars: &[(&str, &str)]) -> Serving {
+    Serving(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config"])
+            .arg(path)
+            .env("TEST_TARGET_PASSWORD", "sync-pw")
+            .envs(vars.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Starts `serve` with `path` and waits until its API answers.
-pub async fn serve_ready(env: &Env, path: &Path) -> (Child, Api) {
+pub async fn serve_ready(env: &Env, path: &Path) -> (Serving, Api) {
     let child = serve(env, path);
     let api = Api::new(env);
     wait_until("the API answers", env, 60, async || {
