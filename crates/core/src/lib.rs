@@ -47,6 +47,7 @@ pub mod sql;
 mod stream;
 mod target;
 pub mod text;
+mod text_batch;
 mod writer;
 
 pub use alerts_config::{AlertsConfig, EmailConfig, SmtpSecurity, WebhookConfig};
@@ -75,6 +76,7 @@ pub use stream::{
     Seq, SourceState, StreamEntry, StreamRead,
 };
 pub use target::{Batch, Target};
+pub use text_batch::TextBatch;
 pub use writer::{
     Column, Columns, RefusalKind, UpstreamChange, WriteOutcome, WriteRefused, Writer, Written,
 };

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use time::OffsetDateTime;
 
-use crate::{CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncId, Version};
+use crate::{
+    CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncId, TextBatch, Version,
+};
 
 /// A position in the records stream. Positions strictly increase over the whole stream;
 /// [`Seq::START`] is before every entry, so reading after it is the backfill.
@@ -94,6 +96,16 @@ impl PayloadText {
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         &self.buffer[self.range.clone()]
+    }
+
+    /// The text's length in bytes.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// True when the text is empty (a stored payload never is).
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
     }
 }
 
@@ -250,6 +262,17 @@ pub trait RecordStream: Send + Sync {
         records: Vec<Record>,
         state: Option<SourceState>,
     ) -> Result<AppendOutcome>;
+
+    /// Like [`append_with_state`](RecordStream::append_with_state), for records whose
+    /// payloads the source wrote as JSON text ([`TextBatch`]). A store that keeps payloads as
+    /// text stores each one as it is, never parsing it; the default parses them into maps.
+    async fn append_texts(
+        &self,
+        batch: TextBatch,
+        state: Option<SourceState>,
+    ) -> Result<AppendOutcome> {
+        self.append_with_state(batch.into_records()?, state).await
+    }
 
     /// The resume state last stored for `owner` by [`append_with_state`](RecordStream::append_with_state).
     async fn source_state(&self, owner: &str) -> Result<Option<serde_json::Value>>;

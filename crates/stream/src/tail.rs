@@ -125,7 +125,7 @@ impl<S: BuildHasher> Tail<S> {
                 // Held as text instead (dropped here, while it is still in the cache).
                 *payload = Default::default();
             }
-            let bytes = ENTRY_OVERHEAD + text.as_ref().map_or(0, |t| t.as_str().len());
+            let bytes = ENTRY_OVERHEAD + text.as_ref().map_or(0, PayloadText::len);
             self.bytes += bytes;
             self.slots.push_back(Slot {
                 entry: Some(StreamEntry {

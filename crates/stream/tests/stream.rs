@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use sluice_core::{
     Change, CollectionId, ConsumerId, Provider, Record, RecordFilter, RecordKey, RecordStream, Seq,
-    SyncId, Version,
+    SourceState, SyncId, TextBatch, Version,
 };
 use sluice_stream::EmbeddedStream;
 use time::OffsetDateTime;
@@ -455,7 +455,7 @@ async fn source_state_commits_with_its_append_and_survives_reopening() {
         stream
             .append_with_state(
                 vec![up(SYNC_A, "1", 1)],
-                Some(sluice_core::SourceState {
+                Some(SourceState {
                     owner: owner.into(),
                     value: json!({"after": "1"}),
                 }),
@@ -466,7 +466,7 @@ async fn source_state_commits_with_its_append_and_survives_reopening() {
         let bad = stream
             .append_with_state(
                 vec![up(SYNC_A, "2", u64::MAX)],
-                Some(sluice_core::SourceState {
+                Some(SourceState {
                     owner: owner.into(),
                     value: json!({"after": "2"}),
                 }),
@@ -548,6 +548,12 @@ async fn reads_from_memory_equal_reads_from_the_file() {
                     .await
                     .unwrap();
             }
+            // Half the writes with payloads as text, as the PostgreSQL source writes them.
+            2..10 => {
+                let mut texts = TextBatch::default();
+                batch.into_iter().for_each(|record| texts.push(record));
+                stream.append_texts(texts, None).await.unwrap();
+            }
             _ => {
                 stream.append(batch).await.unwrap();
             }
@@ -588,6 +594,56 @@ async fn reads_from_memory_equal_reads_from_the_file() {
         stream.reads_from_memory() > 500,
         "most reads should come from memory: {}",
         stream.reads_from_memory()
+    );
+}
+
+/// Payloads a source wrote as text are stored as that text, byte for byte (never parsed and
+/// written again), under the same version guard, with the source's state in the same
+/// transaction; a parsed read gives their maps.
+#[tokio::test]
+async fn payload_texts_are_stored_as_written_under_the_version_guard() {
+    let (_dir, stream) = open().await;
+    let written = r#"{"z":1,"a":2.50,"s":"\u00e9\u0000"}"#;
+    let mut batch = TextBatch::default();
+    let empty = || Change::upsert(json!({})).unwrap();
+    batch.push_text(record(SYNC_A, "public.orders", "1", 5, empty()), |b| {
+        b.push_str(written)
+    });
+    batch.push(del(SYNC_A, "2", 5));
+    let state = SourceState {
+        owner: "backfill".into(),
+        value: json!({"page": 1}),
+    };
+    let outcome = stream.append_texts(batch, Some(state)).await.unwrap();
+    assert_eq!((outcome.appended, outcome.skipped_stale), (2, 0));
+    assert_eq!(
+        stream.source_state("backfill").await.unwrap(),
+        Some(json!({"page": 1}))
+    );
+    let fresh = EmbeddedStream::open(_dir.path()).await.unwrap();
+    for reader in [&stream, &fresh] {
+        let read = reader.read_text(&all(), Seq::START, 10).await.unwrap();
+        assert_eq!(read.entries.len(), 2);
+        let text = read.entries[0].payload_text.as_ref().unwrap();
+        assert_eq!(text.as_str(), written);
+        assert!(read.entries[1].record.is_tombstone());
+        let parsed = reader.read(&all(), Seq::START, 10).await.unwrap();
+        assert_eq!(
+            parsed.entries[0].record.change,
+            Change::upsert(serde_json::from_str(written).unwrap()).unwrap()
+        );
+    }
+    // An older version as text is stale, as it is as a map.
+    let mut stale = TextBatch::default();
+    stale.push_text(record(SYNC_A, "public.orders", "1", 4, empty()), |b| {
+        b.push_str(r#"{"old":true}"#)
+    });
+    let outcome = stream.append_texts(stale, None).await.unwrap();
+    assert_eq!((outcome.appended, outcome.skipped_stale), (0, 1));
+    let read = stream.read_text(&all(), Seq::START, 10).await.unwrap();
+    assert_eq!(
+        read.entries[0].payload_text.as_ref().unwrap().as_str(),
+        written
     );
 }
 

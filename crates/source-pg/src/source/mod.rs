@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sluice_core::{
     Backoff, CollectionId, EntityKind, EntityRef, Error, ErrorClass, HealthState, RecordStream,
-    SyncId,
+    SyncId, TextBatch,
 };
 use sluice_pg::ConnectionSettings;
 use sqlx::PgConnection;
@@ -308,7 +308,7 @@ impl PostgresSource {
             source: self,
             relations: HashMap::new(),
             tables: tables.iter().map(|t| (t.oid, t.clone())).collect(),
-            pending: Vec::new(),
+            pending: TextBatch::default(),
             pending_since: None,
             txn: None,
             committed: None,

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sluice_core::{Change, CollectionId, Error, Payload, Provider, Record, RecordKey, Version};
+use sluice_core::{
+    Change, CollectionId, Error, Payload, Provider, Record, RecordKey, TextBatch, Version,
+};
 use time::OffsetDateTime;
 
 use super::PostgresSource;
@@ -44,7 +46,7 @@ pub(super) struct Streaming<'a> {
     pub(super) source: &'a PostgresSource,
     pub(super) relations: HashMap<u32, (Arc<Relation>, Option<Arc<Table>>)>,
     pub(super) tables: HashMap<u32, Table>,
-    pub(super) pending: Vec<Record>,
+    pub(super) pending: TextBatch,
     pub(super) pending_since: Option<Instant>,
     pub(super) txn: Option<Txn>,
     /// The end of the last transaction whose changes are all pending or appended.
@@ -99,18 +101,29 @@ impl Streaming<'_> {
                 .is_some_and(|since| since.elapsed() >= self.last_append)
     }
 
+    /// Queues `record` (a tombstone, or an upsert with its payload map).
     pub(super) fn push(&mut self, record: Record) {
+        self.queueing(&record.key);
+        self.pending.push(record);
+    }
+
+    /// Queues an upsert `record` whose payload is the JSON text `payload`.
+    fn push_text(&mut self, record: Record, payload: &str) {
+        self.queueing(&record.key);
+        self.pending.push_text(record, |out| out.push_str(payload));
+    }
+
+    /// A change to `key` is about to be queued.
+    fn queueing(&mut self, key: &RecordKey) {
         if let Some(txn) = &self.txn {
-            self.source.inner.watermarks.record(
-                txn.xid,
-                &record.key.collection_id.0,
-                &record.key.upstream_id.0,
-            );
+            self.source
+                .inner
+                .watermarks
+                .record(txn.xid, &key.collection_id.0, &key.upstream_id.0);
         }
         if self.pending.is_empty() {
             self.pending_since = Some(Instant::now());
         }
-        self.pending.push(record);
     }
 
     /// Handles one message; `queue_empty` says whether nothing more has arrived behind it.
@@ -197,7 +210,7 @@ impl Streaming<'_> {
             let records = std::mem::take(&mut self.pending);
             let n = records.len() as u64;
             let started = Instant::now();
-            self.source.inner.stream.append(records).await?;
+            self.source.inner.stream.append_texts(records, None).await?;
             self.last_append = started.elapsed();
             self.source
                 .inner
@@ -239,7 +252,7 @@ impl Streaming<'_> {
             old.as_deref(),
             new.as_deref(),
         )?;
-        let (key, key_text, mut payload, unchanged, moved_from) = match decoded {
+        let (key, key_text, payload, unchanged, moved_from) = match decoded {
             Decoded::Skipped(notice) => {
                 self.source.notice(notice);
                 return Ok(());
@@ -264,37 +277,49 @@ impl Streaming<'_> {
             } => (key, key_text, payload, unchanged, moved_from),
         };
         let (version, at) = self.next_version()?;
-        let unchanged: Vec<&str> = unchanged.iter().map(String::as_str).collect();
-        let complete = unchanged.is_empty()
-            || self
-                .fill_unchanged(
-                    moved_from.as_ref().unwrap_or(&key),
-                    &unchanged,
-                    &mut payload,
-                )
-                .await?;
-        if let Some(old) = moved_from {
-            self.push(Record {
-                key: old,
-                provider: Provider::Postgres,
-                version,
-                upstream_updated_at: at,
-                change: Change::Delete,
-            });
-        }
-        if !complete {
-            if let Some(table) = &table {
-                self.reread(table, key_text, &key);
-            }
-            return Ok(());
-        }
-        self.push(Record {
+        let record = |key, change| Record {
             key,
             provider: Provider::Postgres,
             version,
             upstream_updated_at: at,
-            change: Change::Upsert { payload },
-        });
+            change,
+        };
+        // With every value sent, the payload text goes to the stream as it is; an unchanged
+        // TOAST value is filled in on the payload's map.
+        let filled = if unchanged.is_empty() {
+            None
+        } else {
+            let mut map: Payload = serde_json::from_str(&payload).map_err(|e| {
+                Error::invalid(format!(
+                    "pgoutput: a change to {} as JSON: {e}",
+                    key.collection_id
+                ))
+            })?;
+            let unchanged: Vec<&str> = unchanged.iter().map(String::as_str).collect();
+            let from = moved_from.as_ref().unwrap_or(&key);
+            let complete = self.fill_unchanged(from, &unchanged, &mut map).await?;
+            Some(complete.then_some(map))
+        };
+        if let Some(old) = moved_from {
+            self.push(record(old, Change::Delete));
+        }
+        match filled {
+            None => self.push_text(
+                record(
+                    key,
+                    Change::Upsert {
+                        payload: Payload::new(),
+                    },
+                ),
+                &payload,
+            ),
+            Some(Some(payload)) => self.push(record(key, Change::Upsert { payload })),
+            Some(None) => {
+                if let Some(table) = &table {
+                    self.reread(table, key_text, &key);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -308,10 +333,13 @@ impl Streaming<'_> {
         unchanged: &[&str],
         payload: &mut Payload,
     ) -> Result<bool, Error> {
-        let pending = self.pending.iter().rev().find(|r| &r.key == from);
-        let stored;
+        let pending = self.pending.records().iter().rposition(|r| &r.key == from);
+        let (stored, parsed);
         let previous = match pending {
-            Some(r) => r.change.payload(),
+            Some(i) => {
+                parsed = self.pending.payload(i).transpose()?;
+                parsed.as_ref()
+            }
             None => {
                 stored = self.source.inner.stream.get(from).await?;
                 stored.as_ref().and_then(|e| e.record.change.payload())

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sluice_core::sql::{qualified, quote_ident, quote_literal};
 use sluice_core::{
-    Change, Error, Provider, Record, RecordKey, RecordStream, SourceState, SyncId, Version,
+    Change, Error, Provider, Record, RecordKey, RecordStream, SourceState, SyncId, TextBatch,
+    Version,
 };
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use time::OffsetDateTime;
 
 use super::ranges::{KeyRange, Reading, split};
 use super::watermarks::{Snapshot, Watermarks};
-use super::{Table, db, payload, upstream_id};
+use super::{Table, by_name, db, upstream_id, write_payload};
 use crate::values::TypeMap;
 use crate::wire::Lsn;
 
@@ -304,7 +305,7 @@ impl Backfill<'_> {
             let (lsn, rows, raced) = self.read_consistent(conn, table, Rows::Keys(chunk)).await?;
             let records = self.records(table, lsn, rows, &raced);
             appended += records.len();
-            self.stream.append(records).await?;
+            self.stream.append_texts(records, None).await?;
         }
         Ok(appended)
     }
@@ -354,43 +355,56 @@ impl Backfill<'_> {
         })
     }
 
-    /// A page's rows as records stamped at `lsn`, without the rows that raced.
+    /// A page's rows as records stamped at `lsn`, without the rows that raced, their payloads
+    /// written as JSON text into one buffer.
     pub(super) fn records(
         &self,
         table: &Table,
         lsn: Lsn,
         rows: Page,
         raced: &std::collections::HashSet<String>,
-    ) -> Vec<Record> {
+    ) -> TextBatch {
         let collection = table.collection();
         let everything_raced = raced.contains("*");
-        rows.into_iter()
-            .filter_map(|(key, row)| {
-                let keys: Vec<&str> = key.iter().map(String::as_str).collect();
-                let id = upstream_id(&keys);
-                // The change stream holds a newer state of a raced row.
-                if everything_raced || raced.contains(&id) {
-                    return None;
-                }
-                Some((id, row))
-            })
-            .map(|(id, row)| Record {
+        let order = by_name(table.columns.iter().map(|c| c.name.as_str()));
+        let bytes = rows.first().map_or(0, |(_, row)| {
+            row.iter().flatten().map(|v| v.len() + 24).sum()
+        });
+        let mut batch = TextBatch::with_capacity(rows.len(), (bytes + 64) * rows.len());
+        let updated_at = OffsetDateTime::now_utc();
+        for (key, row) in &rows {
+            let keys: Vec<&str> = key.iter().map(String::as_str).collect();
+            let id = upstream_id(&keys);
+            // The change stream holds a newer state of a raced row.
+            if everything_raced || raced.contains(&id) {
+                continue;
+            }
+            let record = Record {
                 key: RecordKey::new(self.sync_id, collection.as_str(), id),
                 provider: Provider::Postgres,
                 version: Version::new(lsn.0, 0),
-                upstream_updated_at: OffsetDateTime::now_utc(),
+                upstream_updated_at: updated_at,
                 change: Change::Upsert {
-                    payload: payload(
-                        self.types,
-                        table
-                            .columns
-                            .iter()
-                            .zip(&row)
-                            .map(|(c, v)| (c.name.as_str(), c.type_oid, v.as_deref())),
-                    ),
+                    payload: Default::default(),
                 },
-            })
-            .collect()
+            };
+            batch.push_text(record, |out| {
+                write_payload(
+                    self.types,
+                    &order,
+                    |i| {
+                        let column = &table.columns[i];
+                        Some((
+                            column.name.as_str(),
+                            column.type_oid,
+                            row.get(i)?.as_deref(),
+                        ))
+                    },
+                    out,
+                )
+            });
+        }
+        batch
     }
 
     /// One read in a snapshot, reconciled with the change stream through a watermark

@@ -3,11 +3,11 @@
 //! keyset-paged backfill is in `backfill`, its parallel readers (one key range each) in
 //! `ranges`, and its reconciliation with the change stream in `watermarks`.
 
+use sluice_core::Error;
 use sluice_core::sql::qualified;
-use sluice_core::{Error, Payload};
 use sqlx::PgConnection;
 
-use crate::values::{Kind, TypeMap, to_json};
+use crate::values::{Kind, TypeMap, json_string, write_json};
 
 mod backfill;
 mod ranges;
@@ -174,20 +174,41 @@ pub(crate) fn upstream_id(key: &[&str]) -> String {
     sluice_core::UpstreamId::from_key(key).0
 }
 
-/// A row (column name, type, text) as a record payload.
-pub(crate) fn payload<'a>(
+/// The indices of `names` in the order a payload's keys are in (sorted, as a [`sluice_core::Payload`]
+/// map holds them), so that [`write_payload`] writes the bytes serialising that map would.
+pub(crate) fn by_name<'a>(names: impl Iterator<Item = &'a str>) -> Vec<usize> {
+    let names: Vec<&str> = names.collect();
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&i| names[i]);
+    order
+}
+
+/// Appends a row's payload to `out` as JSON text: for each index in `order` (see [`by_name`]),
+/// `column(i)`'s name, type and text (`None`: NULL), or `None` to leave column `i` out. The
+/// same bytes as serialising the row's map of
+/// [`crate::values::to_json`] values, with no map and no value
+/// per field.
+pub(crate) fn write_payload<'a>(
     types: &TypeMap,
-    values: impl Iterator<Item = (&'a str, u32, Option<&'a str>)>,
-) -> Payload {
-    values
-        .map(|(name, oid, text)| {
-            let value = match text {
-                None => serde_json::Value::Null,
-                Some(t) => to_json(types.get(oid).unwrap_or(&Kind::Text), t),
-            };
-            (name.to_owned(), value)
-        })
-        .collect()
+    order: &[usize],
+    column: impl Fn(usize) -> Option<(&'a str, u32, Option<&'a str>)>,
+    out: &mut String,
+) {
+    out.push('{');
+    let mut first = true;
+    for (name, oid, text) in order.iter().filter_map(|&i| column(i)) {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        json_string(name, out);
+        out.push(':');
+        match text {
+            None => out.push_str("null"),
+            Some(t) => write_json(types.get(oid).unwrap_or(&Kind::Text), t, out),
+        }
+    }
+    out.push('}');
 }
 
 /// The table's shape for layouts that mirror it: each column's type as SQL (built-in types as
@@ -251,4 +272,50 @@ pub(crate) async fn collection_schema(
         columns,
         key: table.key.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::values::to_json;
+    use sluice_core::Payload;
+
+    /// A row written as text is the serialised map of its values: keys sorted as the map
+    /// sorts them (bytes, not characters), names that need escaping, NULLs, columns left out.
+    #[test]
+    fn a_written_payload_is_the_serialised_map_of_its_values() {
+        let types = TypeMap::builtin();
+        let columns: [(&str, u32, Option<&str>); 8] = [
+            ("zeta", 20, Some("-12")),
+            ("Alpha", 1700, Some("1.50")),
+            ("é", 25, Some("x\"y")),
+            ("a\"b\n", 16, Some("t")),
+            ("alpha", 701, Some("1e+30")),
+            ("note", 25, None),
+            ("gone", 25, Some("left out")),
+            ("j", 3802, Some(r#"{"b": 1, "a": [true]}"#)),
+        ];
+        let order = by_name(columns.iter().map(|c| c.0));
+        let mut written = String::new();
+        write_payload(
+            &types,
+            &order,
+            |i| Some(columns[i]).filter(|c| c.0 != "gone"),
+            &mut written,
+        );
+        let map: Payload = columns
+            .iter()
+            .filter(|c| c.0 != "gone")
+            .map(|&(name, oid, text)| {
+                let value = text.map_or(serde_json::Value::Null, |t| {
+                    to_json(types.get(oid).unwrap_or(&Kind::Text), t)
+                });
+                (name.to_owned(), value)
+            })
+            .collect();
+        assert_eq!(written, serde_json::to_string(&map).unwrap());
+        let mut empty = String::new();
+        write_payload(&types, &[], |_| None, &mut empty);
+        assert_eq!(empty, "{}");
+    }
 }

@@ -264,7 +264,7 @@ impl Backfill<'_> {
                 state.done.insert(collection.clone());
             }
             self.stream
-                .append_with_state(
+                .append_texts(
                     records,
                     Some(SourceState {
                         owner: self.owner.clone(),

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use sluice_core::{
     AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, PayloadText,
     Provider, Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
-    StreamRead, SyncId, UpstreamId, Version,
+    StreamRead, SyncId, TextBatch, UpstreamId, Version,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
@@ -168,7 +168,8 @@ impl EmbeddedStream {
         &self,
         chunks: impl Iterator<Item = Vec<Record>> + Send,
     ) -> Result<AppendOutcome> {
-        self.write_records(chunks, None).await
+        self.write_records(chunks.map(|records| (records, None)), None)
+            .await
     }
 
     /// Runs `f` on an idle read connection (opening one when none is idle). A connection whose
@@ -207,7 +208,17 @@ impl RecordStream for EmbeddedStream {
         records: Vec<Record>,
         state: Option<SourceState>,
     ) -> Result<AppendOutcome> {
-        self.write_records(std::iter::once(records), state.as_ref())
+        self.write_records(std::iter::once((records, None)), state.as_ref())
+            .await
+    }
+
+    async fn append_texts(
+        &self,
+        batch: TextBatch,
+        state: Option<SourceState>,
+    ) -> Result<AppendOutcome> {
+        let (records, texts) = batch.into_parts();
+        self.write_records(std::iter::once((records, Some(texts))), state.as_ref())
             .await
     }
 

@@ -141,7 +141,7 @@ pub(super) fn store(tx: &Connection, texts: &[Option<PayloadText>], first: i64) 
     for (at, text) in texts.iter().enumerate() {
         if let Some(text) = text {
             pending.push(at);
-            bytes += text.as_str().len();
+            bytes += text.len();
         }
         let last = at + 1 == texts.len();
         if !pending.is_empty()

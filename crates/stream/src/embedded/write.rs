@@ -9,10 +9,12 @@ use super::collections::Ids;
 use super::*;
 
 impl EmbeddedStream {
-    /// One append: every chunk's records, then `state`, in one transaction.
+    /// One append: every chunk's records, then `state`, in one transaction. A chunk's
+    /// payload texts come with it when its source wrote them (a [`TextBatch`]); otherwise its
+    /// payload maps are serialised here.
     pub(super) async fn write_records(
         &self,
-        chunks: impl Iterator<Item = Vec<Record>> + Send,
+        chunks: impl Iterator<Item = (Vec<Record>, Option<Vec<Option<PayloadText>>>)> + Send,
         state: Option<&SourceState>,
     ) -> Result<AppendOutcome> {
         self.with_writer(|conn| {
@@ -22,11 +24,14 @@ impl EmbeddedStream {
             let (mut appended, mut total) = (0u64, 0usize);
             let mut landed = Some(Vec::new());
             let mut ids = Ids::new(&self.collections);
-            for mut records in chunks {
+            for (mut records, texts) in chunks {
                 for record in &records {
                     check_version(record)?;
                 }
-                let texts = serialize_payloads(&records)?;
+                let texts = match texts {
+                    Some(texts) => texts,
+                    None => serialize_payloads(&records)?,
+                };
                 let n = insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
                 appended += n;
                 total += records.len();

@@ -1,0 +1,167 @@
+//! Records whose payloads a source wrote as JSON text, for an append that stores that text
+//! as it is ([`crate::RecordStream::append_texts`]).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::{Change, Error, Payload, PayloadText, Record, RecordKey, Result};
+
+/// A batch of records whose upserts carry their payload as JSON text written into one
+/// buffer, rather than as a [`Payload`] map: a source that reads rows as text (PostgreSQL's)
+/// writes each row's JSON straight into the buffer, with no map, no value per field and no
+/// allocation per row, and the stream stores that text as it is.
+///
+/// Each upsert's text is a JSON object; an upsert record's own `payload` map stays empty.
+#[derive(Default)]
+pub struct TextBatch {
+    records: Vec<Record>,
+    buffer: String,
+    ranges: Vec<Option<Range<usize>>>,
+}
+
+impl TextBatch {
+    /// An empty batch with room for about `records` records of `bytes` of text in all.
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        Self {
+            records: Vec::with_capacity(records),
+            buffer: String::with_capacity(bytes),
+            ranges: Vec::with_capacity(records),
+        }
+    }
+
+    /// Adds `record` as it is: a tombstone, or an upsert whose map is written out as its text.
+    pub fn push(&mut self, mut record: Record) {
+        let range = match &mut record.change {
+            Change::Upsert { payload } => {
+                let start = self.buffer.len();
+                // A map of JSON values always serialises (its keys are strings).
+                let text = serde_json::to_string(payload).unwrap_or_else(|_| "{}".into());
+                self.buffer.push_str(&text);
+                *payload = Payload::new();
+                Some(start..self.buffer.len())
+            }
+            Change::Delete => None,
+        };
+        self.records.push(record);
+        self.ranges.push(range);
+    }
+
+    /// Adds an upsert `record` (its `payload` map empty) whose payload `write` appends to the
+    /// buffer it is given, as one JSON object.
+    pub fn push_text(&mut self, record: Record, write: impl FnOnce(&mut String)) {
+        let start = self.buffer.len();
+        write(&mut self.buffer);
+        self.records.push(record);
+        self.ranges.push(Some(start..self.buffer.len()));
+    }
+
+    /// How many records the batch holds.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// True when the batch holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The records, in order (upserts with empty maps).
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// The payload text of record `i`; `None` for a tombstone.
+    pub fn text(&self, i: usize) -> Option<&str> {
+        let range = self.ranges.get(i)?.clone()?;
+        self.buffer.get(range)
+    }
+
+    /// The payload of record `i` as a map, parsed from its text; `None` for a tombstone.
+    pub fn payload(&self, i: usize) -> Option<Result<Payload>> {
+        let text = self.text(i)?;
+        Some(parse(&self.records[i].key, text))
+    }
+
+    /// The records and their texts, the texts sharing one buffer.
+    pub fn into_parts(self) -> (Vec<Record>, Vec<Option<PayloadText>>) {
+        let buffer = Arc::new(self.buffer);
+        let texts = self
+            .ranges
+            .into_iter()
+            .map(|range| range.and_then(|r| PayloadText::new(buffer.clone(), r)))
+            .collect();
+        (self.records, texts)
+    }
+
+    /// The records with their payloads parsed back into maps (for a stream that stores maps).
+    pub fn into_records(self) -> Result<Vec<Record>> {
+        let (mut records, texts) = self.into_parts();
+        for (record, text) in records.iter_mut().zip(texts) {
+            if let (Change::Upsert { payload }, Some(text)) = (&mut record.change, text) {
+                *payload = parse(&record.key, text.as_str())?;
+            }
+        }
+        Ok(records)
+    }
+}
+
+fn parse(key: &RecordKey, text: &str) -> Result<Payload> {
+    serde_json::from_str(text).map_err(|e| {
+        Error::invalid(format!(
+            "record {}/{}: its payload text is not a JSON object: {e}",
+            key.collection_id, key.upstream_id
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Provider, SyncId, Version};
+    use serde_json::json;
+
+    fn record(id: &str, change: Change) -> Record {
+        Record {
+            key: RecordKey::new(SyncId(uuid::Uuid::nil()), "public.t", id),
+            provider: Provider::Postgres,
+            version: Version::new(1, 0),
+            upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
+            change,
+        }
+    }
+
+    #[test]
+    fn texts_maps_and_tombstones_come_back_in_order() {
+        let mut batch = TextBatch::default();
+        batch.push_text(record("1", Change::upsert(json!({})).unwrap()), |b| {
+            b.push_str(r#"{"a":1}"#)
+        });
+        batch.push(record("2", Change::Delete));
+        batch.push(record("3", Change::upsert(json!({"b": "x"})).unwrap()));
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.text(0), Some(r#"{"a":1}"#));
+        assert_eq!(batch.text(1), None);
+        assert_eq!(batch.text(2), Some(r#"{"b":"x"}"#));
+        assert_eq!(
+            batch.payload(2).unwrap().unwrap(),
+            json!({"b": "x"}).as_object().cloned().unwrap()
+        );
+        let records = batch.into_records().unwrap();
+        assert_eq!(records[0].change, Change::upsert(json!({"a": 1})).unwrap());
+        assert_eq!(records[1].change, Change::Delete);
+        assert_eq!(
+            records[2].change,
+            Change::upsert(json!({"b": "x"})).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_text_that_is_not_an_object_is_an_error_naming_the_record() {
+        let mut batch = TextBatch::default();
+        batch.push_text(record("7", Change::upsert(json!({})).unwrap()), |b| {
+            b.push_str("[1]")
+        });
+        let error = batch.into_records().unwrap_err().to_string();
+        assert!(error.contains("public.t/7"), "{error}");
+    }
+}
