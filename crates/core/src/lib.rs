@@ -32,6 +32,7 @@
 
 mod alerts_config;
 mod api_config;
+pub mod bytes;
 mod config;
 mod consumer;
 mod error;

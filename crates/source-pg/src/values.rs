@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 
 use serde_json::Value as Json;
+use sluice_core::bytes::ByteSet;
 use sqlx::PgConnection;
 
 /// How a type's text becomes JSON.
@@ -207,27 +208,16 @@ pub(crate) fn json_string(text: &str, out: &mut String) {
 /// The inside of a JSON string: `"` and `\\` escaped, control characters as serde_json
 /// writes them (`\n`, `\t`, `\r`, `\b`, `\f`, else `\u00XX`), everything else as it is.
 fn json_string_body(text: &str, out: &mut String) {
-    // Which bytes need escaping, by byte: a table lookup per byte, as serde_json does it.
-    const ESCAPED: [bool; 256] = {
-        let mut table = [false; 256];
-        let mut b = 0;
-        while b < 0x20 {
-            table[b] = true;
-            b += 1;
-        }
-        table[b'"' as usize] = true;
-        table[b'\\' as usize] = true;
-        table
-    };
+    static ESCAPED: ByteSet = ByteSet::new(&[
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
+        25, 26, 27, 28, 29, 30, 31, b'"', b'\\',
+    ]);
     let bytes = text.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !ESCAPED[b as usize] {
-            continue;
-        }
+    while let Some(i) = ESCAPED.find(bytes, start) {
         // Every escaped byte is ASCII, so `i` is on a character boundary.
         out.push_str(&text[start..i]);
-        match b {
+        match bytes[i] {
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
             b'\n' => out.push_str("\\n"),
@@ -235,7 +225,7 @@ fn json_string_body(text: &str, out: &mut String) {
             b'\r' => out.push_str("\\r"),
             0x08 => out.push_str("\\b"),
             0x0c => out.push_str("\\f"),
-            _ => {
+            b => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
                 out.push_str("\\u00");
                 out.push(HEX[(b >> 4) as usize] as char);

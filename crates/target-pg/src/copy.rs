@@ -2,6 +2,7 @@
 //! a savepoint for rows assumed new, encoding on several threads, and the count of records
 //! whose NUL characters had to be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
 
+use sluice_core::bytes::ByteSet;
 use sluice_core::{RecordKey, Status};
 use sluice_pg::Condition;
 use sqlx::PgConnection;
@@ -120,17 +121,16 @@ pub(crate) fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
 
 /// COPY text format: backslash, newline, carriage return and tab are escaped.
 pub(crate) fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    static SPECIAL: ByteSet = ByteSet::new(b"\\\n\r\t");
     let mut start = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match b {
+    while let Some(i) = SPECIAL.find(bytes, start) {
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(match bytes[i] {
             b'\\' => b"\\\\",
             b'\n' => b"\\n",
             b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escaped);
+            _ => b"\\t",
+        });
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
