@@ -24,7 +24,7 @@ impl EmbeddedStream {
             let (mut appended, mut total) = (0u64, 0usize);
             let mut landed = Some(Vec::new());
             let mut ids = Ids::new(&self.collections);
-            for (mut records, texts) in chunks {
+            for (records, texts) in chunks {
                 for record in &records {
                     check_version(record)?;
                 }
@@ -36,15 +36,8 @@ impl EmbeddedStream {
                 appended += n;
                 total += records.len();
                 match &mut landed {
-                    Some(landed) if n as usize == records.len() => {
-                        for record in &mut records {
-                            // The tail keeps the text; the parsed payload goes now.
-                            if let Change::Upsert { payload } = &mut record.change {
-                                *payload = Default::default();
-                            }
-                        }
-                        landed.extend(records.into_iter().map(as_stored).zip(texts));
-                    }
+                    // Whole chunks: each record moves once more, into the tail.
+                    Some(landed) if n as usize == records.len() => landed.push((records, texts)),
                     // A record skipped as stale is not in the file, and which one was skipped
                     // is not known here: the tail then starts over.
                     _ => landed = None,
@@ -71,16 +64,16 @@ impl EmbeddedStream {
     }
 
     /// Ends a write that began at `from`: moves the head to `next`, commits, updates the
-    /// tail and wakes readers. `landed` holds the entries of seqs `from + 1 ..= next` (with their
-    /// payload's JSON text) when every one of them is in the file as given; `None` empties
-    /// the tail instead.
+    /// tail and wakes readers. `landed` holds the records of seqs `from + 1 ..= next`, in
+    /// chunks, with their payloads' JSON text, when every one of them is in the file as given;
+    /// `None` empties the tail instead.
     pub(super) fn finish_write(
         &self,
         tx: Transaction<'_>,
         from: i64,
         next: i64,
         what: &str,
-        landed: Option<Vec<(Record, Option<PayloadText>)>>,
+        landed: Option<Vec<Landed>>,
     ) -> Result<Seq> {
         tx.prepare_cached("update meta set value = ? where key = 'head'")
             .and_then(|mut s| s.execute([next]))
@@ -89,7 +82,11 @@ impl EmbeddedStream {
         tx.commit().or_storage(&format!("committing {what}"))?;
         let head = Seq(next as u64);
         match landed {
-            Some(entries) if tail.end() == Seq(from as u64) => tail.extend(entries),
+            Some(chunks) if tail.end() == Seq(from as u64) => tail.extend(
+                chunks
+                    .into_iter()
+                    .flat_map(|(records, texts)| records.into_iter().map(as_stored).zip(texts)),
+            ),
             _ => tail.reset(head),
         }
         drop(tail);
@@ -97,6 +94,9 @@ impl EmbeddedStream {
         Ok(head)
     }
 }
+
+/// A chunk of records that landed in the file as given, with their payloads' text.
+pub(super) type Landed = (Vec<Record>, Vec<Option<PayloadText>>);
 
 /// Starts a write on the writing connection: a transaction that holds the file's write lock
 /// from its start (another process's writer waits, rather than failing mid-way), and the head
