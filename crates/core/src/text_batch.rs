@@ -29,6 +29,36 @@ impl TextBatch {
         }
     }
 
+    /// `records` with every upsert's map written out as its text, all in one buffer (one
+    /// allocation, not one per record).
+    pub fn from_records(mut records: Vec<Record>) -> Result<Self> {
+        let mut buffer = Vec::with_capacity(records.len() * 256);
+        let ranges = records
+            .iter_mut()
+            .map(|r| match &mut r.change {
+                Change::Upsert { payload } => {
+                    let start = buffer.len();
+                    // A map of JSON values always serialises (its keys are strings).
+                    if serde_json::to_writer(&mut buffer, payload).is_err() {
+                        buffer.truncate(start);
+                        buffer.extend_from_slice(b"{}");
+                    }
+                    *payload = Payload::new();
+                    Some(start..buffer.len())
+                }
+                Change::Delete => None,
+            })
+            .collect();
+        // serde_json writes UTF-8 only, so this cannot fail.
+        let buffer = String::from_utf8(buffer)
+            .map_err(|_| Error::invalid("a record payload serialised to invalid UTF-8"))?;
+        Ok(Self {
+            records,
+            buffer,
+            ranges,
+        })
+    }
+
     /// Adds `record` as it is: a tombstone, or an upsert whose map is written out as its text.
     pub fn push(&mut self, mut record: Record) {
         let range = match &mut record.change {
@@ -153,6 +183,25 @@ mod tests {
             records[2].change,
             Change::upsert(json!({"b": "x"})).unwrap()
         );
+    }
+
+    #[test]
+    fn records_with_maps_become_texts_in_one_buffer() {
+        let records = vec![
+            record(
+                "1",
+                Change::upsert(json!({"b": 2.50, "a": "é\u{0}"})).unwrap(),
+            ),
+            record("2", Change::Delete),
+        ];
+        let batch = TextBatch::from_records(records.clone()).unwrap();
+        assert_eq!(batch.text(0), Some(r#"{"a":"é\u0000","b":2.5}"#));
+        assert_eq!(batch.text(1), None);
+        assert_eq!(
+            batch.records()[0].change,
+            Change::upsert(json!({})).unwrap()
+        );
+        assert_eq!(batch.into_records().unwrap(), records);
     }
 
     #[test]

@@ -163,19 +163,12 @@ pub(crate) fn write_json(kind: &Kind, text: &str, out: &mut String) {
         },
         Kind::Int | Kind::Float if text != "-0" && plain_decimal(text) => out.push_str(text),
         Kind::Numeric | Kind::Text => json_string(text, out),
-        Kind::Timestamp | Kind::TimestampTz => match text.split_once(' ') {
-            Some((date, rest)) if !rest.ends_with("BC") => {
-                out.push('"');
-                json_string_body(date, out);
-                out.push('T');
-                json_string_body(rest, out);
-                if matches!(kind, Kind::TimestampTz) && short_offset(rest) {
-                    out.push_str(":00");
-                }
-                out.push('"');
-            }
-            _ => json_string(text, out),
-        },
+        // The ISO form adds only `T` and `:00`: text that needs no escaping gives none.
+        Kind::Timestamp | Kind::TimestampTz if JSON_ESCAPED.find(text.as_bytes(), 0).is_none() => {
+            out.push('"');
+            push_iso_timestamp(text, matches!(kind, Kind::TimestampTz), out);
+            out.push('"');
+        }
         _ => out.push_str(&to_json(kind, text).to_string()),
     }
 }
@@ -192,29 +185,19 @@ fn plain_decimal(text: &str) -> bool {
     all_digits(int) && (int == "0" || !int.starts_with('0')) && frac.is_none_or(all_digits)
 }
 
-/// True when a `timestamptz`'s time part `rest` ends in an offset of hours only (`+05`),
-/// which [`iso_timestamp`] completes to `+05:00`.
-fn short_offset(rest: &str) -> bool {
-    rest.rfind(['+', '-']).is_some_and(|p| rest.len() - p == 3)
-}
+/// The bytes a JSON string escapes: control characters, `"` and `\\`.
+static JSON_ESCAPED: ByteSet = ByteSet::new(&[
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    26, 27, 28, 29, 30, 31, b'"', b'\\',
+]);
 
-/// Appends `text` as a JSON string, escaped as serde_json escapes it.
+/// Appends `text` as a JSON string, escaped as serde_json escapes it: `"` and `\\`, control
+/// characters as `\n`, `\t`, `\r`, `\b`, `\f`, else `\u00XX`, everything else as it is.
 pub(crate) fn json_string(text: &str, out: &mut String) {
     out.push('"');
-    json_string_body(text, out);
-    out.push('"');
-}
-
-/// The inside of a JSON string: `"` and `\\` escaped, control characters as serde_json
-/// writes them (`\n`, `\t`, `\r`, `\b`, `\f`, else `\u00XX`), everything else as it is.
-fn json_string_body(text: &str, out: &mut String) {
-    static ESCAPED: ByteSet = ByteSet::new(&[
-        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
-        25, 26, 27, 28, 29, 30, 31, b'"', b'\\',
-    ]);
     let bytes = text.as_bytes();
     let mut start = 0;
-    while let Some(i) = ESCAPED.find(bytes, start) {
+    while let Some(i) = JSON_ESCAPED.find(bytes, start) {
         // Every escaped byte is ASCII, so `i` is on a character boundary.
         out.push_str(&text[start..i]);
         match bytes[i] {
@@ -235,6 +218,7 @@ fn json_string_body(text: &str, out: &mut String) {
         start = i + 1;
     }
     out.push_str(&text[start..]);
+    out.push('"');
 }
 
 /// `text` as a JSON number with exactly these digits, if it is one in JSON's grammar.
@@ -248,22 +232,26 @@ fn exact_number(text: &str) -> Option<serde_json::Number> {
 
 /// `2024-05-01 12:00:00.5+00` → `2024-05-01T12:00:00.5+00:00` (ISO DateStyle in, ISO 8601 out).
 fn iso_timestamp(text: &str, zoned: bool) -> String {
-    let Some((date, rest)) = text.split_once(' ') else {
-        return text.to_owned(); // infinity, -infinity
-    };
-    if rest.ends_with("BC") {
-        return text.to_owned();
-    }
-    let mut out = format!("{date}T{rest}");
-    if zoned {
-        // The offset is `+HH`, `+HH:MM` or `+HH:MM:SS`; ISO 8601 wants at least `+HH:MM`.
-        if let Some(pos) = out.rfind(['+', '-']).filter(|p| *p > date.len())
-            && out.len() - pos == 3
-        {
-            out.push_str(":00");
-        }
-    }
+    let mut out = String::with_capacity(text.len() + 3);
+    push_iso_timestamp(text, zoned, &mut out);
     out
+}
+
+/// Appends [`iso_timestamp`]'s text to `out`: the date and time joined by `T`, an offset of
+/// hours only completed with minutes; `infinity`, `-infinity` and BC dates as they are.
+fn push_iso_timestamp(text: &str, zoned: bool, out: &mut String) {
+    match text.split_once(' ') {
+        Some((date, rest)) if !rest.ends_with("BC") => {
+            out.push_str(date);
+            out.push('T');
+            out.push_str(rest);
+            // The offset is `+HH`, `+HH:MM` or `+HH:MM:SS`; ISO 8601 wants at least `+HH:MM`.
+            if zoned && rest.rfind(['+', '-']).is_some_and(|p| rest.len() - p == 3) {
+                out.push_str(":00");
+            }
+        }
+        _ => out.push_str(text),
+    }
 }
 
 /// Parses an array literal (`{1,2,NULL}`, `{{1,2},{3,4}}`, `{"a b","c\"d"}`, `[0:1]={1,2}`).

@@ -80,7 +80,10 @@ pub(crate) fn decode(
         )));
     };
     let order = tables::by_name(relation.columns.iter().map(|c| c.name.as_str()));
-    let mut payload = String::with_capacity(64 + new.iter().map(text_len).sum::<usize>());
+    let mut payload = String::with_capacity(tables::payload_room(new.iter().map(|v| match v {
+        Value::Text(t) => t.len(),
+        Value::Null | Value::Unchanged => 0,
+    })));
     tables::write_payload(
         types,
         &order,
@@ -109,14 +112,6 @@ pub(crate) fn decode(
         unchanged,
         moved_from,
     })
-}
-
-/// Room a column's text takes in the payload: its text, its name, quotes and separators.
-fn text_len(value: &Value) -> usize {
-    match value {
-        Value::Text(t) => t.len() + 24,
-        Value::Null | Value::Unchanged => 24,
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use super::ranges::{KeyRange, Reading, split};
 use super::watermarks::{Snapshot, Watermarks};
-use super::{Table, by_name, db, upstream_id, write_payload};
+use super::{Table, by_name, db, payload_room, upstream_id, write_payload};
 use crate::values::TypeMap;
 use crate::wire::Lsn;
 
@@ -367,10 +367,10 @@ impl Backfill<'_> {
         let collection = table.collection();
         let everything_raced = raced.contains("*");
         let order = by_name(table.columns.iter().map(|c| c.name.as_str()));
-        let bytes = rows.first().map_or(0, |(_, row)| {
-            row.iter().flatten().map(|v| v.len() + 24).sum()
+        let room = rows.first().map_or(0, |(_, row)| {
+            payload_room(row.iter().map(|v| v.as_deref().map_or(0, str::len)))
         });
-        let mut batch = TextBatch::with_capacity(rows.len(), (bytes + 64) * rows.len());
+        let mut batch = TextBatch::with_capacity(rows.len(), room * rows.len());
         let updated_at = OffsetDateTime::now_utc();
         for (key, row) in &rows {
             let keys: Vec<&str> = key.iter().map(String::as_str).collect();

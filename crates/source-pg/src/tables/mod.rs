@@ -183,6 +183,12 @@ pub(crate) fn by_name<'a>(names: impl Iterator<Item = &'a str>) -> Vec<usize> {
     order
 }
 
+/// Room to reserve for a row's payload text, from its columns' text lengths: each with its
+/// name, quotes and separators (a guess; the buffer grows if it is short).
+pub(crate) fn payload_room(text_lengths: impl Iterator<Item = usize>) -> usize {
+    64 + text_lengths.map(|n| n + 24).sum::<usize>()
+}
+
 /// Appends a row's payload to `out` as JSON text: for each index in `order` (see [`by_name`]),
 /// `column(i)`'s name, type and text (`None`: NULL), or `None` to leave column `i` out. The
 /// same bytes as serialising the row's map of

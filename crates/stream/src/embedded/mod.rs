@@ -168,7 +168,7 @@ impl EmbeddedStream {
         &self,
         chunks: impl Iterator<Item = Vec<Record>> + Send,
     ) -> Result<AppendOutcome> {
-        self.write_records(chunks.map(|records| (records, None)), None)
+        self.write_records(chunks.map(TextBatch::from_records), None)
             .await
     }
 
@@ -208,7 +208,8 @@ impl RecordStream for EmbeddedStream {
         records: Vec<Record>,
         state: Option<SourceState>,
     ) -> Result<AppendOutcome> {
-        self.write_records(std::iter::once((records, None)), state.as_ref())
+        let batch = TextBatch::from_records(records);
+        self.write_records(std::iter::once(batch), state.as_ref())
             .await
     }
 
@@ -217,8 +218,7 @@ impl RecordStream for EmbeddedStream {
         batch: TextBatch,
         state: Option<SourceState>,
     ) -> Result<AppendOutcome> {
-        let (records, texts) = batch.into_parts();
-        self.write_records(std::iter::once((records, Some(texts))), state.as_ref())
+        self.write_records(std::iter::once(Ok(batch)), state.as_ref())
             .await
     }
 

@@ -9,12 +9,11 @@ use super::collections::Ids;
 use super::*;
 
 impl EmbeddedStream {
-    /// One append: every chunk's records, then `state`, in one transaction. A chunk's
-    /// payload texts come with it when its source wrote them (a [`TextBatch`]); otherwise its
-    /// payload maps are serialised here.
+    /// One append: every chunk's records with their payloads' text, then `state`, in one
+    /// transaction.
     pub(super) async fn write_records(
         &self,
-        chunks: impl Iterator<Item = (Vec<Record>, Option<Vec<Option<PayloadText>>>)> + Send,
+        chunks: impl Iterator<Item = Result<TextBatch>> + Send,
         state: Option<&SourceState>,
     ) -> Result<AppendOutcome> {
         self.with_writer(|conn| {
@@ -24,14 +23,11 @@ impl EmbeddedStream {
             let (mut appended, mut total) = (0u64, 0usize);
             let mut landed = Some(Vec::new());
             let mut ids = Ids::new(&self.collections);
-            for (records, texts) in chunks {
+            for batch in chunks {
+                let (records, texts) = batch?.into_parts();
                 for record in &records {
                     check_version(record)?;
                 }
-                let texts = match texts {
-                    Some(texts) => texts,
-                    None => serialize_payloads(&records)?,
-                };
                 let n = insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
                 appended += n;
                 total += records.len();
@@ -144,35 +140,6 @@ fn upsert(rows: usize) -> String {
             or (excluded.version_major = records.version_major and excluded.version_minor > records.version_minor)",
     );
     sql
-}
-
-/// Every payload of an append as JSON text, all in one buffer (one allocation, not one per
-/// record); `None` for a tombstone.
-pub(super) fn serialize_payloads(records: &[Record]) -> Result<Vec<Option<PayloadText>>> {
-    let mut buffer = Vec::with_capacity(records.len() * 256);
-    let ranges: Vec<Option<Range<usize>>> = records
-        .iter()
-        .map(|r| {
-            r.change.payload().map(|p| {
-                let start = buffer.len();
-                if serde_json::to_writer(&mut buffer, p).is_err() {
-                    buffer.truncate(start);
-                    buffer.extend_from_slice(b"{}");
-                }
-                start..buffer.len()
-            })
-        })
-        .collect();
-    // serde_json writes UTF-8 only, so neither error can happen.
-    let not_utf8 = || Error::invalid("records stream: a payload serialised to invalid UTF-8");
-    let buffer = Arc::new(String::from_utf8(buffer).map_err(|_| not_utf8())?);
-    ranges
-        .into_iter()
-        .map(|r| {
-            r.map(|r| PayloadText::new(buffer.clone(), r).ok_or_else(not_utf8))
-                .transpose()
-        })
-        .collect()
 }
 
 /// Inserts `records` (with their payloads' `texts`, stored in segments first) at the seqs
