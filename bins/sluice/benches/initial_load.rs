@@ -10,7 +10,9 @@
 //!
 //! For sluice it also prints the process's own CPU time per row, its peak resident memory
 //! (`VmHWM`) and the records stream's bytes on disk beside the source table's size
-//! (`pg_total_relation_size`). The schema mirror is loaded
+//! (`pg_total_relation_size`), and every tool's CPU time per process: sluice and both
+//! servers (postmaster, backends and reaped backends, from `/proc`), beside what that CPU
+//! spread over every core would take. The schema mirror is loaded
 //! with 1, 2 and 4 parallel backfill readers (`backfill_readers`), the consumer table with the
 //! default. The source table is not analysed, as right after a bulk load.
 //! `SLUICE_BENCH_READERS` (default `1,2,4`) picks the reader counts, `SLUICE_BENCH_BATCH`
@@ -20,7 +22,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sluice_localpg::Cluster;
+use sluice_core::{RecordKey, SyncId, UpstreamId};
+use sluice_localpg::{Cluster, process_cpu_seconds};
 
 mod support;
 use support::*;
@@ -41,7 +44,11 @@ async fn scalar(cluster: &Cluster, database: &str, sql: &str) -> i64 {
         .unwrap_or(-1)
 }
 
-/// Waits until `sql` on `database` gives `rows`; the time it took from `started`.
+/// Waits until `sql` on `database` gives `rows`; the time it took from `started`. `sql` must
+/// be cheap until the load is nearly done ([`probe`]: it looks rows spread over the table up
+/// by their keys, and counts only once they are all there): a `count(*)` every 50 ms would scan the growing table each
+/// time and take CPU from the run being measured (5 of the target's 16 CPU seconds in a
+/// 1,000,000-row mirror load, measured with `pg_stat_statements`).
 async fn until(
     cluster: &Cluster,
     database: &str,
@@ -56,6 +63,23 @@ async fn until(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     started.elapsed().as_secs_f64()
+}
+
+/// Ids spread evenly over `1..=rows`, the last one included: every key range a reader takes
+/// ends within 1/64 of the table after one of them.
+fn checkpoints(rows: i64) -> impl Iterator<Item = i64> {
+    (1..=64).map(move |k| (rows * k / 64).max(1))
+}
+
+/// A cheap wait condition for [`until`]: the table's row count once every one of `keys`
+/// (SQL literals of column `key`, its primary key) is in it, else -1.
+fn probe(table: &str, key: &str, keys: &[String]) -> String {
+    format!(
+        "select case when (select count(*) from {table} where {key} in ({})) = {} \
+         then (select count(*) from {table}) else -1 end",
+        keys.join(", "),
+        keys.iter().collect::<std::collections::BTreeSet<_>>().len()
+    )
 }
 
 fn bytes_under(dir: &Path) -> u64 {
@@ -73,11 +97,44 @@ fn bytes_under(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds used by the source's and the target's servers (so far, or over a span).
+#[derive(Clone, Copy)]
+struct Servers {
+    source: f64,
+    target: f64,
+}
+
+impl Servers {
+    fn now(source: &Cluster, target: &Cluster) -> Self {
+        Self {
+            source: source.cpu_seconds(),
+            target: target.cpu_seconds(),
+        }
+    }
+
+    /// As [`Servers::now`], once the backends of clients that just left have exited: a
+    /// backend's CPU is counted while it runs and once the postmaster has reaped it, and is
+    /// missed in between.
+    async fn settled(source: &Cluster, target: &Cluster) -> Self {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Self::now(source, target)
+    }
+
+    fn since(self, start: Servers) -> Self {
+        Self {
+            source: self.source - start.source,
+            target: self.target - start.target,
+        }
+    }
+}
+
 /// What one `sluice serve` run measured.
 struct Run {
     seconds: f64,
     /// The process's own CPU time (user and system) until the last row was in the target.
     cpu_seconds: f64,
+    /// The source's and the target's servers' CPU time over the same span.
+    servers: Servers,
     peak_mb: f64,
     stream_bytes: u64,
 }
@@ -89,10 +146,11 @@ async fn sluice(
     rows: i64,
     name: &str,
     layout: &str,
-    count_sql: &str,
+    probe: &dyn Fn(uuid::Uuid) -> String,
     readers: usize,
 ) -> Run {
     let dir = tempfile::tempdir().unwrap();
+    let id = uuid::Uuid::new_v4();
     let config = format!(
         r#"{head}
 [[sync]]
@@ -115,19 +173,21 @@ batch = {{ max_records = {batch}, max_wait_ms = 50 }}
 "#,
         head = config_head(dir.path(), target),
         sport = source.port(),
-        id = uuid::Uuid::new_v4(),
+        id = id,
         batch = env_usize("SLUICE_BENCH_BATCH", 5000),
     );
+    let servers = Servers::now(source, target);
     let started = Instant::now();
     let mut serve = serve(
         dir.path(),
         &config,
         &[("BENCH_SOURCE_PASSWORD", source.superuser_password())],
     );
-    let seconds = until(target, "postgres", count_sql, rows, started, name).await;
+    let seconds = until(target, "postgres", &probe(id), rows, started, name).await;
     let run = Run {
         seconds,
-        cpu_seconds: cpu_seconds(serve.id()),
+        cpu_seconds: process_cpu_seconds(&serve.id().to_string()),
+        servers: Servers::now(source, target).since(servers),
         peak_mb: peak_rss_mb(serve.id()),
         stream_bytes: bytes_under(&dir.path().join("data")),
     };
@@ -178,6 +238,7 @@ async fn run() {
     // Native logical replication's initial sync.
     target.create_database("native").await.unwrap();
     target.execute("native", table).await.unwrap();
+    let native_servers = Servers::now(&source, &target);
     let started = Instant::now();
     target
         .execute(
@@ -193,16 +254,21 @@ async fn run() {
     let native = until(
         &target,
         "native",
-        "select case when not exists (select 1 from pg_subscription_rel where srsubstate <> 'r') then count(*) else -1 end from public.items",
+        "select case when not exists (select 1 from pg_subscription_rel where srsubstate <> 'r') \
+         then (select count(*) from public.items) else -1 end",
         rows,
         started,
         "native initial sync",
     )
     .await;
+    let native_servers = Servers::settled(&source, &target)
+        .await
+        .since(native_servers);
     target.execute("native", "alter subscription native_sub disable; alter subscription native_sub set (slot_name = none); drop subscription native_sub;").await.unwrap();
 
     // pg_dump | psql.
     target.create_database("dumped").await.unwrap();
+    let dump_servers = Servers::now(&source, &target);
     let started = Instant::now();
     let status = Command::new("sh")
         .arg("-c")
@@ -218,6 +284,7 @@ async fn run() {
         .unwrap();
     assert!(status.success(), "pg_dump | psql failed");
     let dumped = started.elapsed().as_secs_f64();
+    let dump_servers = Servers::settled(&source, &target).await.since(dump_servers);
     let copied = scalar(&target, "dumped", "select count(*) from public.items").await;
     assert_eq!(copied, rows, "pg_dump | psql copied every row");
 
@@ -235,7 +302,15 @@ async fn run() {
             rows,
             &name,
             &format!(r#"{{ kind = "schema_mirror", schema = "{name}" }}"#),
-            &format!("select count(*) from {name}.items"),
+            &|_| {
+                probe(
+                    &format!("{name}.items"),
+                    "id",
+                    &checkpoints(rows)
+                        .map(|id| id.to_string())
+                        .collect::<Vec<_>>(),
+                )
+            },
             readers,
         )
         .await;
@@ -247,7 +322,16 @@ async fn run() {
         rows,
         "records",
         r#"{ kind = "consumer_table", schema = "sluice", table = "records" }"#,
-        "select count(*) from sluice.records",
+        &|sync| {
+            let ids: Vec<String> = checkpoints(rows)
+                .map(|id| {
+                    let upstream = UpstreamId::from_key(&[&id.to_string()]).0;
+                    let key = RecordKey::new(SyncId(sync), "public.items", upstream);
+                    format!("'{}'", key.row_id())
+                })
+                .collect();
+            probe("sluice.records", "sequin_id", &ids)
+        },
         1,
     )
     .await;
@@ -289,5 +373,44 @@ async fn run() {
         per(table.seconds),
         native / table.seconds,
         costs(&table)
+    );
+    // Where the CPU went: a run can take no less than its total CPU spread over every core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "CPU seconds until the last row was in:     sluice  source server  target server   total  total / {cores} cores"
+    );
+    let line = |what: &str, own: Option<f64>, servers: Servers, wall: f64| {
+        let total = own.unwrap_or(0.0) + servers.source + servers.target;
+        println!(
+            "  {what:<38} {:>7}  {:>13.1}  {:>13.1}  {total:>6.1}  {:>5.1} s of {wall:.1} s",
+            own.map_or("-".to_owned(), |c| format!("{c:.1}")),
+            servers.source,
+            servers.target,
+            total / cores,
+        );
+    };
+    line("native initial sync", None, native_servers, native);
+    line(
+        "pg_dump | psql (its clients not counted)",
+        None,
+        dump_servers,
+        dumped,
+    );
+    for (readers, run) in &mirrors {
+        line(
+            &format!(
+                "sluice, schema mirror, {readers} reader{}",
+                if *readers == 1 { "" } else { "s" }
+            ),
+            Some(run.cpu_seconds),
+            run.servers,
+            run.seconds,
+        );
+    }
+    line(
+        "sluice, consumer table, 1 reader",
+        Some(table.cpu_seconds),
+        table.servers,
+        table.seconds,
     );
 }

@@ -27,6 +27,7 @@
 //! ```
 
 mod binaries;
+mod cpu;
 mod files;
 mod sql;
 mod standby;
@@ -45,6 +46,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
 pub use binaries::{Binaries, OsUser};
+pub use cpu::process_cpu_seconds;
 pub use standby::StandbyOptions;
 pub use supervisor::stop_kept;
 pub use tls::{Authority, ClientCert, write_private};

@@ -208,6 +208,24 @@ async fn fresh_databases_are_distinct_and_roles_and_odd_names_work() {
 }
 
 #[tokio::test]
+async fn a_cluster_counts_the_cpu_its_backends_spend_and_none_once_stopped() {
+    let pg = Cluster::start_default().unwrap();
+    let before = pg.cpu_seconds();
+    assert!(before.is_finite(), "{before}");
+    // A backend busy for a while, then gone (reaped by the postmaster).
+    pg.execute(
+        "postgres",
+        "select count(*) from generate_series(1, 3000000) a, lateral (select md5(a::text)) m",
+    )
+    .await
+    .unwrap();
+    let after = pg.cpu_seconds();
+    assert!(after >= before + 0.2, "{before} -> {after}");
+    pg.stop().unwrap();
+    assert!(pg.cpu_seconds().is_nan());
+}
+
+#[tokio::test]
 async fn stop_and_start_keep_data_and_port() {
     let pg = Cluster::start_default().unwrap();
     let db = pg.fresh_database("restart").await.unwrap();

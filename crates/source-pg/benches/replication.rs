@@ -40,6 +40,11 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+/// The allocator `sluice serve` runs with (bins/sluice/src/main.rs), so that sluice's CPU here
+/// is what the binary spends.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -241,45 +246,11 @@ impl std::ops::Sub for Cpu {
     }
 }
 
-/// `(ppid, utime + stime, cutime + cstime)` in clock ticks, from `/proc/<pid>/stat`.
-fn proc_times(pid: &str) -> Option<(u32, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces: the fields start after its closing parenthesis.
-    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
-    Some((n(1)? as u32, n(11)? + n(12)?, n(13)? + n(14)?))
-}
-
-const TICKS_PER_SECOND: f64 = 100.0;
-
-fn cluster_cpu(cluster: &Cluster) -> f64 {
-    let Some(postmaster) = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
-    else {
-        return f64::NAN;
-    };
-    let mut ticks = proc_times(&postmaster.to_string()).map_or(0, |(_, own, reaped)| own + reaped);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if let Some((_, own, _)) = proc_times(pid).filter(|(ppid, ..)| *ppid == postmaster) {
-            ticks += own;
-        }
-    }
-    ticks as f64 / TICKS_PER_SECOND
-}
-
 fn cpu(setup: &Setup) -> Cpu {
     Cpu {
-        sluice: proc_times("self").map_or(f64::NAN, |(_, own, _)| own as f64 / TICKS_PER_SECOND),
-        source: cluster_cpu(&setup.source),
-        target: cluster_cpu(&setup.target),
+        sluice: sluice_localpg::process_cpu_seconds("self"),
+        source: setup.source.cpu_seconds(),
+        target: setup.target.cpu_seconds(),
     }
 }
 

@@ -48,6 +48,29 @@ struct Slot {
     /// What the slot was charged when recorded. Kept until the slot leaves the front, even
     /// when its entry is replaced: its text may keep its append's buffer alive until then.
     bytes: usize,
+    /// The hash of the entry's key (its key in [`Tail::newest`]), kept so that the slot is
+    /// not hashed again when it leaves.
+    hash: u64,
+}
+
+/// A hasher for keys that are hashes already: [`Tail::newest`]'s are used as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 pub(crate) struct Tail<S = foldhash::fast::RandomState> {
@@ -58,7 +81,7 @@ pub(crate) struct Tail<S = foldhash::fast::RandomState> {
     /// Each key's newest seq in the tail, by a 64-bit hash of the key (no copy of the key
     /// per entry). Two keys with the same hash are told apart by the slot's own key, and then
     /// the tail starts over (see [`Tail::extend`]).
-    newest: HashMap<u64, u64>,
+    newest: HashMap<u64, u64, std::hash::BuildHasherDefault<Prehashed>>,
     hasher: S,
     bytes: usize,
 }
@@ -76,7 +99,7 @@ impl<S: BuildHasher> Tail<S> {
             limits,
             first: head.0 + 1,
             slots: VecDeque::new(),
-            newest: HashMap::new(),
+            newest: HashMap::default(),
             hasher,
             bytes: 0,
         }
@@ -134,6 +157,7 @@ impl<S: BuildHasher> Tail<S> {
                     payload_text: text,
                 }),
                 bytes,
+                hash,
             });
         }
         while self.slots.len() > self.limits.entries
@@ -146,11 +170,10 @@ impl<S: BuildHasher> Tail<S> {
     fn pop_front(&mut self) {
         if let Some(slot) = self.slots.pop_front() {
             self.bytes -= slot.bytes;
-            if let Some(entry) = slot.entry {
-                let hash = self.hasher.hash_one(&entry.record.key);
-                if self.newest.get(&hash) == Some(&entry.seq.0) {
-                    self.newest.remove(&hash);
-                }
+            if let Some(entry) = slot.entry
+                && self.newest.get(&slot.hash) == Some(&entry.seq.0)
+            {
+                self.newest.remove(&slot.hash);
             }
         }
         self.first += 1;
@@ -163,12 +186,10 @@ impl<S: BuildHasher> Tail<S> {
                 continue;
             };
             if let Some(slot) = self.slots.get_mut(i as usize)
-                && let Some(entry) = slot.entry.take()
+                && slot.entry.take().is_some()
+                && self.newest.get(&slot.hash) == Some(&seq)
             {
-                let hash = self.hasher.hash_one(&entry.record.key);
-                if self.newest.get(&hash) == Some(&seq) {
-                    self.newest.remove(&hash);
-                }
+                self.newest.remove(&slot.hash);
             }
         }
     }

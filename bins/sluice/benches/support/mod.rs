@@ -93,17 +93,3 @@ pub fn peak_rss_mb(pid: u32) -> f64 {
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
-
-/// CPU seconds process `pid` has used so far (user and system, `/proc/<pid>/stat`).
-pub fn cpu_seconds(pid: u32) -> f64 {
-    const TICKS_PER_SECOND: f64 = 100.0;
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The command name may hold spaces: the fields start after its closing parenthesis.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-            Some(ticks(11)? + ticks(12)?)
-        })
-        .map_or(f64::NAN, |ticks| ticks as f64 / TICKS_PER_SECOND)
-}

@@ -4,14 +4,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sluice_core::sql::{qualified, quote_ident, quote_literal};
+use sluice_core::sql::{qualified, quote_ident};
 use sluice_core::{
     Change, Error, Provider, Record, RecordKey, RecordStream, SourceState, SyncId, TextBatch,
     Version,
 };
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use sqlx::PgConnection;
 use time::OffsetDateTime;
 
+use super::page::{Page, fetch_rows, keys_sql, page_sql};
 use super::ranges::{KeyRange, Reading, split};
 use super::watermarks::{Snapshot, Watermarks};
 use super::{Table, by_name, db, payload_room, upstream_id, write_payload};
@@ -330,7 +331,9 @@ impl Backfill<'_> {
     ) -> Result<Page, Error> {
         let sql = match rows {
             Rows::After { after, through } => page_sql(table, after, through, self.page)?,
-            Rows::Keys([]) => return Ok(Vec::new()),
+            Rows::Keys([]) => {
+                return Ok(Page::empty());
+            }
             Rows::Keys(keys) => keys_sql(table, keys)?,
         };
         let what = format!("source: reading {}", table.collection());
@@ -367,14 +370,16 @@ impl Backfill<'_> {
         let collection = table.collection();
         let everything_raced = raced.contains("*");
         let order = by_name(table.columns.iter().map(|c| c.name.as_str()));
-        let room = rows.first().map_or(0, |(_, row)| {
-            payload_room(row.iter().map(|v| v.as_deref().map_or(0, str::len)))
-        });
+        let room = match rows.len() {
+            0 => 0,
+            _ => {
+                payload_room((0..table.columns.len()).map(|i| rows.value(0, i).map_or(0, str::len)))
+            }
+        };
         let mut batch = TextBatch::with_capacity(rows.len(), room * rows.len());
         let updated_at = OffsetDateTime::now_utc();
-        for (key, row) in &rows {
-            let keys: Vec<&str> = key.iter().map(String::as_str).collect();
-            let id = upstream_id(&keys);
+        for r in 0..rows.len() {
+            let id = upstream_id(&rows.key(r));
             // The change stream holds a newer state of a raced row.
             if everything_raced || raced.contains(&id) {
                 continue;
@@ -393,12 +398,8 @@ impl Backfill<'_> {
                     self.types,
                     &order,
                     |i| {
-                        let column = &table.columns[i];
-                        Some((
-                            column.name.as_str(),
-                            column.type_oid,
-                            row.get(i)?.as_deref(),
-                        ))
+                        let column = table.columns.get(i)?;
+                        Some((column.name.as_str(), column.type_oid, rows.value(r, i)))
                     },
                     out,
                 )
@@ -478,111 +479,4 @@ impl Backfill<'_> {
             f(&mut p);
         }
     }
-}
-
-/// Rows of a page: `(key texts, every column's text)`.
-type Page = Vec<(Vec<String>, Vec<Option<String>>)>;
-
-/// The query for one keyset page: every column's text, in key order, after `after` and up to
-/// `through` (each bound only when given).
-fn page_sql(
-    table: &Table,
-    after: Option<&[String]>,
-    through: Option<&[String]>,
-    limit: usize,
-) -> Result<String, Error> {
-    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
-    let keys = keys.join(", ");
-    let mut bounds = Vec::new();
-    if let Some(after) = after {
-        bounds.push(format!("({keys}) > ({})", key_literals(table, after)?));
-    }
-    if let Some(through) = through {
-        bounds.push(format!("({keys}) <= ({})", key_literals(table, through)?));
-    }
-    let condition = match bounds.is_empty() {
-        true => String::new(),
-        false => format!("where {}", bounds.join(" and ")),
-    };
-    Ok(format!(
-        "select {} from {} {condition} order by {keys} limit {limit}",
-        select_list(table),
-        qualified(&table.schema, &table.name),
-    ))
-}
-
-/// The query for the rows with these keys (those that still exist); `keys` is not empty.
-fn keys_sql(table: &Table, keys: &[Vec<String>]) -> Result<String, Error> {
-    let columns: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
-    let wanted = keys
-        .iter()
-        .map(|key| key_literals(table, key).map(|l| format!("({l})")))
-        .collect::<Result<Vec<_>, Error>>()?;
-    Ok(format!(
-        "select {} from {} where ({}) in ({})",
-        select_list(table),
-        qualified(&table.schema, &table.name),
-        columns.join(", "),
-        wanted.join(", ")
-    ))
-}
-
-fn select_list(table: &Table) -> String {
-    table
-        .columns
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn key_literals(table: &Table, key: &[String]) -> Result<String, Error> {
-    table
-        .key
-        .iter()
-        .zip(key)
-        .map(|(name, value)| {
-            let column = table
-                .columns
-                .iter()
-                .find(|c| &c.name == name)
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "key column {name} is not a column of {}",
-                        table.collection()
-                    ))
-                })?;
-            Ok(format!("{}::{}", quote_literal(value), column.sql_type))
-        })
-        .collect::<Result<Vec<_>, Error>>()
-        .map(|l| l.join(", "))
-}
-
-/// Runs `sql` as a simple query, so every value arrives as its type's output text: exactly
-/// what pgoutput sends for the same value.
-async fn fetch_rows(
-    conn: &mut PgConnection,
-    table: &Table,
-    sql: &str,
-) -> Result<Page, sqlx::Error> {
-    let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-        .fetch_all(&mut *conn)
-        .await?;
-    let positions: Vec<usize> = table
-        .key
-        .iter()
-        .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
-        .collect();
-    rows.iter()
-        .map(|row| {
-            let values = (0..table.columns.len())
-                .map(|i| row.try_get_unchecked::<Option<String>, _>(i))
-                .collect::<Result<Vec<_>, _>>()?;
-            let key = positions
-                .iter()
-                .map(|p| values[*p].clone().unwrap_or_default())
-                .collect();
-            Ok((key, values))
-        })
-        .collect()
 }

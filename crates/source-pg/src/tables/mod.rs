@@ -10,6 +10,7 @@ use sqlx::PgConnection;
 use crate::values::{Kind, TypeMap, json_string, write_json};
 
 mod backfill;
+mod page;
 mod ranges;
 mod watermarks;
 

@@ -1,0 +1,146 @@
+//! One read's SQL (a keyset page, or rows by key) and its rows, as the server sent them.
+
+use sluice_core::Error;
+use sluice_core::sql::{qualified, quote_ident, quote_literal};
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+
+use super::Table;
+
+/// The rows of one read as the server sent them, every column as text, read in place (no
+/// copy of each value before it is written into its payload).
+pub(super) struct Page {
+    rows: Vec<PgRow>,
+    /// The positions of the key's columns.
+    key: Vec<usize>,
+}
+
+impl Page {
+    /// A page of no rows.
+    pub fn empty() -> Self {
+        Self {
+            rows: Vec::new(),
+            key: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Column `column` of row `row`; `None` for SQL NULL. Every value was read when the page
+    /// was fetched ([`fetch_rows`]), so none fails here.
+    pub fn value(&self, row: usize, column: usize) -> Option<&str> {
+        self.rows[row]
+            .try_get_unchecked::<Option<&str>, _>(column)
+            .ok()
+            .flatten()
+    }
+
+    /// Row `row`'s key, a text per key column.
+    pub fn key(&self, row: usize) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|&i| self.value(row, i).unwrap_or_default())
+            .collect()
+    }
+}
+
+/// The query for one keyset page: every column's text, in key order, after `after` and up to
+/// `through` (each bound only when given).
+pub(super) fn page_sql(
+    table: &Table,
+    after: Option<&[String]>,
+    through: Option<&[String]>,
+    limit: usize,
+) -> Result<String, Error> {
+    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let keys = keys.join(", ");
+    let mut bounds = Vec::new();
+    if let Some(after) = after {
+        bounds.push(format!("({keys}) > ({})", key_literals(table, after)?));
+    }
+    if let Some(through) = through {
+        bounds.push(format!("({keys}) <= ({})", key_literals(table, through)?));
+    }
+    let condition = match bounds.is_empty() {
+        true => String::new(),
+        false => format!("where {}", bounds.join(" and ")),
+    };
+    Ok(format!(
+        "select {} from {} {condition} order by {keys} limit {limit}",
+        select_list(table),
+        qualified(&table.schema, &table.name),
+    ))
+}
+
+/// The query for the rows with these keys (those that still exist); `keys` is not empty.
+pub(super) fn keys_sql(table: &Table, keys: &[Vec<String>]) -> Result<String, Error> {
+    let columns: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let wanted = keys
+        .iter()
+        .map(|key| key_literals(table, key).map(|l| format!("({l})")))
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(format!(
+        "select {} from {} where ({}) in ({})",
+        select_list(table),
+        qualified(&table.schema, &table.name),
+        columns.join(", "),
+        wanted.join(", ")
+    ))
+}
+
+fn select_list(table: &Table) -> String {
+    table
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn key_literals(table: &Table, key: &[String]) -> Result<String, Error> {
+    table
+        .key
+        .iter()
+        .zip(key)
+        .map(|(name, value)| {
+            let column = table
+                .columns
+                .iter()
+                .find(|c| &c.name == name)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "key column {name} is not a column of {}",
+                        table.collection()
+                    ))
+                })?;
+            Ok(format!("{}::{}", quote_literal(value), column.sql_type))
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map(|l| l.join(", "))
+}
+
+/// Runs `sql` as a simple query, so every value arrives as its type's output text: exactly
+/// what pgoutput sends for the same value.
+pub(super) async fn fetch_rows(
+    conn: &mut PgConnection,
+    table: &Table,
+    sql: &str,
+) -> Result<Page, sqlx::Error> {
+    let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+        .fetch_all(&mut *conn)
+        .await?;
+    // Every value is read once here, so a page that cannot be read fails as a whole.
+    for row in &rows {
+        for i in 0..table.columns.len() {
+            row.try_get_unchecked::<Option<&str>, _>(i)?;
+        }
+    }
+    let key = table
+        .key
+        .iter()
+        .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
+        .collect();
+    Ok(Page { rows, key })
+}
