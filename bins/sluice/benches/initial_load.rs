@@ -51,9 +51,10 @@ async fn query(conn: &mut sqlx::PgConnection, sql: &str) -> i64 {
 
 /// Waits until `sql` on `database` gives `rows`; the time it took from `started`. `sql` must
 /// be cheap until the load is nearly done ([`probe`]: it looks rows spread over the table up
-/// by their keys, and counts only once they are all there): a `count(*)` every 50 ms would scan the growing table each
-/// time and take CPU from the run being measured (5 of the target's 16 CPU seconds in a
-/// 1,000,000-row mirror load, measured with `pg_stat_statements`).
+/// by their keys, and counts only once they are all there). A `count(*)` every 50 ms would
+/// scan the growing table each time and take CPU from the run being measured (5 of the
+/// target's 16 CPU seconds in a 1,000,000-row mirror load, measured with
+/// `pg_stat_statements`).
 async fn until(
     cluster: &Cluster,
     database: &str,

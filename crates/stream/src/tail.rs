@@ -53,26 +53,6 @@ struct Slot {
     hash: u64,
 }
 
-/// A hasher for keys that are hashes already: [`Tail::newest`]'s are used as they are.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 pub(crate) struct Tail<S = foldhash::fast::RandomState> {
     limits: TailLimits,
     /// The seq of `slots[0]`; the tail covers `first ..= first + slots.len() - 1`.
@@ -81,7 +61,7 @@ pub(crate) struct Tail<S = foldhash::fast::RandomState> {
     /// Each key's newest seq in the tail, by a 64-bit hash of the key (no copy of the key
     /// per entry). Two keys with the same hash are told apart by the slot's own key, and then
     /// the tail starts over (see [`Tail::extend`]).
-    newest: HashMap<u64, u64, std::hash::BuildHasherDefault<Prehashed>>,
+    newest: HashMap<u64, u64, foldhash::fast::RandomState>,
     hasher: S,
     bytes: usize,
 }

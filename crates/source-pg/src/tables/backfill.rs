@@ -331,9 +331,7 @@ impl Backfill<'_> {
     ) -> Result<Page, Error> {
         let sql = match rows {
             Rows::After { after, through } => page_sql(table, after, through, self.page)?,
-            Rows::Keys([]) => {
-                return Ok(Page::empty());
-            }
+            Rows::Keys([]) => return Ok(Page::default()),
             Rows::Keys(keys) => keys_sql(table, keys)?,
         };
         let what = format!("source: reading {}", table.collection());

@@ -9,6 +9,7 @@ use super::Table;
 
 /// The rows of one read as the server sent them, every column as text, read in place (no
 /// copy of each value before it is written into its payload).
+#[derive(Default)]
 pub(super) struct Page {
     rows: Vec<PgRow>,
     /// The positions of the key's columns.
@@ -16,14 +17,6 @@ pub(super) struct Page {
 }
 
 impl Page {
-    /// A page of no rows.
-    pub fn empty() -> Self {
-        Self {
-            rows: Vec::new(),
-            key: Vec::new(),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.rows.len()
     }
@@ -43,6 +36,12 @@ impl Page {
             .iter()
             .map(|&i| self.value(row, i).unwrap_or_default())
             .collect()
+    }
+
+    /// The last row's key, owned (where the next page starts); `None` for no rows.
+    pub fn last_key(&self) -> Option<Vec<String>> {
+        let last = self.len().checked_sub(1)?;
+        Some(self.key(last).into_iter().map(str::to_owned).collect())
     }
 }
 

@@ -239,10 +239,7 @@ impl Backfill<'_> {
                 Err(e) => return Err(e),
             };
             let n = rows.len() as u64;
-            let last = (n > 0).then(|| {
-                let key = rows.key(rows.len() - 1);
-                key.into_iter().map(str::to_owned).collect::<Vec<_>>()
-            });
+            let last = rows.last_key();
             let records = self.records(table, lsn, rows, &raced);
             // Appends take turns, each storing every range's position as of the pages
             // appended so far: a restart resumes each range after its last appended page.
