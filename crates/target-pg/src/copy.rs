@@ -46,6 +46,25 @@ pub(crate) async fn copy_if_all_new(
     }
 }
 
+/// `statement`, a join of a staging table with its target on the target's key, run so that it
+/// probes the key's index once per staged row: hash and merge joins off, and JIT off, for
+/// this statement only (`set local`, then `reset`, in one round trip; run it with `raw_sql`).
+/// Only for a target whose key has a unique index: without one, a forced nested loop would
+/// scan the table once per staged row.
+///
+/// Why: a staging table is new in every transaction and never analysed, so the planner guesses
+/// its size from its pages (tens of thousands of rows for 5,000) and, on a target of any size,
+/// hashes the whole target: a sequential scan of every row the table holds, per batch.
+/// Measured on PostgreSQL 15, 5,000 staged rows merged into a 200,000-row table: 306 ms
+/// hashing, 55–70 ms probing; the gap grows with the table. The over-estimate also lifts the
+/// probing plan's cost over `jit_above_cost`, and compiling it cost about 10 ms per batch.
+pub(crate) fn probing_key_index(statement: &str) -> String {
+    format!(
+        "set local enable_hashjoin = off; set local enable_mergejoin = off; set local jit = off; \
+         {statement}; reset enable_hashjoin; reset enable_mergejoin; reset jit"
+    )
+}
+
 /// `f` over every item, one thread each (CPU-bound encoding). On a multi-threaded runtime the
 /// calling worker is marked busy, so other tasks move elsewhere meanwhile.
 pub(crate) fn map_in_parallel<I: Sync, T: Send + Default>(

@@ -235,7 +235,7 @@ async fn try_apply(
             } else {
                 &sql.merge
             };
-            outcome.upserted += sqlx::query(AssertSqlSafe(merge.clone()))
+            outcome.upserted += sqlx::raw_sql(AssertSqlSafe(merge.clone()))
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();

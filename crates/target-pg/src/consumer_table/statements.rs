@@ -4,6 +4,7 @@ use sluice_core::sql::qualified;
 
 use super::ConsumerTable;
 use super::apply::CHECKPOINT_TABLE;
+use crate::copy::probing_key_index;
 
 /// The SQL for one consumer table, built once with every identifier quoted.
 #[derive(Clone, Debug)]
@@ -21,7 +22,9 @@ pub(crate) struct Statements {
     pub(super) existing: String,
     pub(super) merge: String,
     /// The same as `merge` with `MERGE` (PostgreSQL 15+), for rows the transaction has seen
-    /// exist; a concurrent writer's insert cannot make it fail (it updates those rows).
+    /// exist; a concurrent writer's insert cannot make it fail (it updates those rows). It
+    /// probes `sequin_id`'s primary key row by row ([`probing_key_index`]): several
+    /// statements, for `raw_sql`.
     pub(super) merge_existing: String,
     pub(super) delete: String,
 }
@@ -79,7 +82,7 @@ impl Statements {
                    is distinct from (excluded.sync_id, excluded.collection_id, excluded.upstream_id, \
                    excluded.upstream_updated_at, excluded.payload)"
             ),
-            merge_existing: format!(
+            merge_existing: probing_key_index(&format!(
                 "merge into {target} as t using pg_temp._sluice_stage as s on t.sequin_id = s.sequin_id \
                  when matched and (t.sync_id, t.collection_id, t.upstream_id, t.upstream_updated_at, t.payload) \
                    is distinct from (s.sync_id, s.collection_id, s.upstream_id, s.upstream_updated_at, s.payload) \
@@ -90,7 +93,7 @@ impl Statements {
                    upstream_updated_at, inserted_at, updated_at) \
                    values (s.sequin_id, s.sync_id, s.collection_id, s.upstream_id, s.payload, \
                    s.upstream_updated_at, s.inserted_at, s.updated_at)"
-            ),
+            )),
             delete: format!("delete from {target} where sequin_id = any($1)"),
         }
     }

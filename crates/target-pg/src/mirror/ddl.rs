@@ -133,6 +133,13 @@ impl SchemaMirrorTarget {
             ));
         }
         self.reconcile_table(conn, &def).await?;
+        let indexed = key_indexed(conn, &qualified(&self.schema, &def.name), &def.key)
+            .await
+            .map_err(|e| db(&self.name, "reading a table's indexes", e))?;
+        self.key_indexed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(def.name.clone(), indexed);
         for notice in &def.notices {
             self.observe(
                 &format!("column {}", def.name),
@@ -318,4 +325,25 @@ fn same_type(have: &str, want: &str, schema: &str) -> bool {
             .to_owned()
     };
     norm(have) == norm(want)
+}
+
+/// Whether `table` has a valid unique index on key columns alone (the primary key sluice
+/// creates, or one of the user's): a staged row then matches at most one row, found through it.
+async fn key_indexed(
+    conn: &mut PgConnection,
+    table: &str,
+    key: &[String],
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_index i
+           where i.indrelid = $1::regclass and i.indisunique and i.indisvalid
+             and i.indpred is null and i.indexprs is null
+             and not exists (select 1 from unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) k
+                             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k
+                             where a.attname <> all($2::text[])))",
+    )
+    .bind(table)
+    .bind(key)
+    .fetch_one(conn)
+    .await
 }

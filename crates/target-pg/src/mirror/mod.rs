@@ -50,6 +50,9 @@ pub struct SchemaMirrorTarget {
     applied: Mutex<HashMap<(SyncId, String), TableDef>>,
     /// Tables whose last batch had only new keys (see `write_table`).
     optimistic: Mutex<HashMap<String, bool>>,
+    /// Tables whose key has a unique index, found when the table was last made to match:
+    /// their staged merges and deletes probe it (`copy::probing_key_index`).
+    key_indexed: Mutex<HashMap<String, bool>>,
     /// NUL replacements: how many records so far, those of the batch being written, the
     /// latest record's key.
     sanitized: Mutex<NulReplacements>,
@@ -141,6 +144,7 @@ impl SchemaMirrorTarget {
             connection: tokio::sync::Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
             optimistic: Mutex::new(HashMap::new()),
+            key_indexed: Mutex::new(HashMap::new()),
             sanitized: Mutex::new(NulReplacements::default()),
             sanitized_in_batch: Mutex::new(NulReplacements::default()),
         }

@@ -8,7 +8,7 @@ use sluice_core::sql::{qualified, quote_ident as q};
 use sluice_core::{Batch, Change, ConsumerId, Error, Payload, RecordKey, StreamEntry, SyncId};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-use crate::copy::{copy, copy_if_all_new, map_in_parallel, push_text};
+use crate::copy::{copy, copy_if_all_new, map_in_parallel, probing_key_index, push_text};
 
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
@@ -164,6 +164,20 @@ impl SchemaMirrorTarget {
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
         }
+        let joined = |statement: String| {
+            let indexed = self
+                .key_indexed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&def.name)
+                .copied()
+                .unwrap_or(false);
+            if indexed {
+                probing_key_index(&statement)
+            } else {
+                statement
+            }
+        };
         sqlx::raw_sql(AssertSqlSafe(format!(
             "create temp table if not exists _sluice_mirror_stage (like {table}) on commit drop;
              truncate _sluice_mirror_stage;"
@@ -201,7 +215,7 @@ impl SchemaMirrorTarget {
                     .map(|c| format!("{n} = s.{n}", n = q(c)))
                     .collect();
                 let values: Vec<String> = columns.iter().map(|c| format!("s.{c}")).collect();
-                format!(
+                joined(format!(
                     "merge into {table} as t using _sluice_mirror_stage as s on {on} {matched}when not matched then insert ({cols}) values ({values})",
                     on = on.join(" and "),
                     matched = if set.is_empty() {
@@ -210,7 +224,7 @@ impl SchemaMirrorTarget {
                         format!("when matched then update set {} ", set.join(", "))
                     },
                     values = values.join(", ")
-                )
+                ))
             } else {
                 let set: Vec<String> = non_key
                     .iter()
@@ -255,10 +269,10 @@ impl SchemaMirrorTarget {
             .await
             .map_err(|e| fail("copying deletes for", e))?;
             let on: Vec<String> = key.iter().map(|k| format!("t.{k} = s.{k}")).collect();
-            sqlx::raw_sql(AssertSqlSafe(format!(
+            sqlx::raw_sql(AssertSqlSafe(joined(format!(
                 "delete from {table} t using _sluice_mirror_stage s where {}",
                 on.join(" and ")
-            )))
+            ))))
             .execute(&mut *conn)
             .await
             .map_err(|e| fail("deleting from", e))?;

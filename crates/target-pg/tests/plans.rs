@@ -1,0 +1,171 @@
+//! The plans the server chooses for a batch of updates and deletes, read from its log through
+//! `auto_explain`: in both layouts, staged rows find theirs through the key's index, and no
+//! statement scans the whole table (which a batch would otherwise do once per batch, on a
+//! table of any size).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::{batch_to, delete, provision, upsert};
+use serde_json::json;
+use sluice_core::{ConsumerId, Seq, Target};
+use sluice_localpg::Cluster;
+use sluice_stream::EmbeddedStream;
+use sluice_target_pg::{ConsumerTableTarget, JsonCollection, SchemaMirrorTarget};
+
+/// Rows in the table before the batch that is looked at.
+const ROWS: u64 = 20_000;
+
+/// A server that logs the plan of every statement it runs.
+fn explaining_server() -> Cluster {
+    Cluster::options()
+        .setting("session_preload_libraries", "'auto_explain'")
+        .setting("auto_explain.log_min_duration", "0")
+        .start()
+        .expect("start PostgreSQL")
+}
+
+/// `ROWS` new rows (seqs 1..=ROWS), then one batch that updates 1,000 of them and deletes 200
+/// (through `ROWS + 1_200`), each key's newest version last.
+fn batches() -> (sluice_core::Batch, sluice_core::Batch) {
+    let pad = "x".repeat(300);
+    let load = (1..=ROWS)
+        .map(|i| upsert(i, &format!("r{i}"), 1, json!({"n": i, "pad": pad})))
+        .collect();
+    let mut churn: Vec<_> = (1..=1_000)
+        .map(|i| {
+            upsert(
+                ROWS + i,
+                &format!("r{}", i * 7),
+                2,
+                json!({"n": -1, "pad": pad}),
+            )
+        })
+        .collect();
+    churn.extend((1..=200).map(|i| delete(ROWS + 1_000 + i, &format!("r{}", i * 11), 3)));
+    (batch_to(ROWS, load), batch_to(ROWS + 1_200, churn))
+}
+
+/// What the server logged while `apply` ran.
+async fn logged_during<F: Future<Output = ()>>(pg: &Cluster, apply: F) -> String {
+    let before = pg.log_tail(usize::MAX).len();
+    apply.await;
+    pg.log_tail(usize::MAX)[before..].to_owned()
+}
+
+/// Every plan in `log` that reads `table`, for the failure message.
+fn plans_of(log: &str, table: &str) -> String {
+    log.split("LOG:")
+        .filter(|plan| plan.contains(table))
+        .collect::<Vec<_>>()
+        .join("\n---")
+}
+
+#[tokio::test]
+async fn a_consumer_tables_updates_and_deletes_probe_its_key_and_never_scan_it() {
+    let pg = explaining_server();
+    let p = provision(&pg, "plans", "sluice", "records").await;
+    let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
+    let consumer = ConsumerId::from("orders");
+    assert_eq!(target.checkpoint(&consumer).await.unwrap(), Seq::START);
+    let (load, churn) = batches();
+    target.apply(&consumer, &load).await.unwrap();
+
+    let log = logged_during(&pg, async {
+        target.apply(&consumer, &churn).await.unwrap();
+    })
+    .await;
+    let plans = plans_of(&log, "records");
+    assert!(
+        log.contains("Seq Scan on _sluice_stage"),
+        "the batch's plans were logged: {log}"
+    );
+    assert!(
+        !log.contains("Seq Scan on records"),
+        "a statement scanned the whole table: {plans}"
+    );
+    if log.contains("Merge on records") {
+        // PostgreSQL 15+: the staged rows meet the table through a nested loop on its key.
+        assert!(
+            log.contains("Nested Loop") && log.contains("Index Scan using records_pkey on records"),
+            "{plans}"
+        );
+    }
+    assert_eq!(
+        target.checkpoint(&consumer).await.unwrap(),
+        Seq(ROWS + 1_200)
+    );
+    let mut conn = pg.admin(&p.db).await.unwrap();
+    let (rows, updated): (i64, i64) = sqlx::query_as(
+        "select count(*), count(*) filter (where (payload->>'n')::int = -1) from sluice.records",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    // r7·k for k in 1..=1000 updated; r11·k for k in 1..=200 deleted, 28 of which (r77·j)
+    // were among the updated.
+    assert_eq!((rows, updated), (ROWS as i64 - 200, 1_000 - 28));
+}
+
+#[tokio::test]
+async fn a_mirrors_updates_and_deletes_probe_its_key_and_never_scan_it() {
+    let pg = explaining_server();
+    pg.execute(
+        "postgres",
+        "create role sluice login password 'pw'; grant connect, create on database postgres to sluice;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    let mut settings =
+        sluice_target_pg::ConnectionSettings::new("127.0.0.1", pg.port(), "postgres", "sluice");
+    settings.password = Some(secrecy::SecretString::from("pw".to_owned()));
+    settings.ssl_mode = sluice_core::SslMode::Disable;
+    let mirror = SchemaMirrorTarget::new(
+        "warehouse",
+        settings,
+        "mirror",
+        "sluice",
+        stream,
+        BTreeMap::from([(
+            "public.orders".to_owned(),
+            JsonCollection {
+                table: None,
+                schema: json!({"type": "object", "properties": {
+                    "n": {"type": "integer"}, "pad": {"type": "string"}}}),
+            },
+        )]),
+    );
+    let consumer = ConsumerId::from("orders");
+    mirror.checkpoint(&consumer).await.unwrap();
+    let (load, churn) = batches();
+    mirror.apply(&consumer, &load).await.unwrap();
+
+    let log = logged_during(&pg, async {
+        mirror.apply(&consumer, &churn).await.unwrap();
+    })
+    .await;
+    let plans = plans_of(&log, "orders");
+    assert!(
+        log.contains("Seq Scan on _sluice_mirror_stage"),
+        "the batch's plans were logged: {log}"
+    );
+    assert!(
+        !log.contains("Seq Scan on orders"),
+        "a statement scanned the whole table: {plans}"
+    );
+    assert!(
+        log.contains("Index Scan using orders_pkey on orders"),
+        "the deletes (and the merge, on 15+) probe the key: {plans}"
+    );
+    let mut conn = pg.admin("postgres").await.unwrap();
+    let (rows, updated): (i64, i64) =
+        sqlx::query_as("select count(*), count(*) filter (where n = -1) from mirror.orders")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!((rows, updated), (ROWS as i64 - 200, 1_000 - 28));
+}
