@@ -9,7 +9,7 @@
 mod support;
 
 use sluice_core::StreamEntry;
-use support::{Bench, env_usize, record, report};
+use support::{Bench, env_usize, record, report, report_server, server_header};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -56,12 +56,18 @@ async fn run() {
     bench.sluice(&table, &all_new, 1).await;
 
     // (a) all new: best of two alternating runs per side.
+    // sluice's server CPU is that of its faster run.
     let mut copy_a: f64 = 0.0;
-    let mut sluice_a: f64 = 0.0;
+    let (mut sluice_a, mut sluice_a_cpu) = (0.0, 0.0);
     for _ in 0..2 {
         copy_a = copy_a.max(bench.raw_copy(&all_new).await);
         let table = bench.fresh_table("a").await;
-        sluice_a = sluice_a.max(bench.sluice(&table, &all_new, 1).await);
+        let (rate, cpu) = bench
+            .with_server_cpu(bench.sluice(&table, &all_new, 1))
+            .await;
+        if rate > sluice_a {
+            (sluice_a, sluice_a_cpu) = (rate, cpu);
+        }
     }
     report("(a) all new, 1 connection", sluice_a, copy_a, Some(0.85));
 
@@ -84,7 +90,7 @@ async fn run() {
         })
         .collect();
     let copy_b = bench.raw_copy(&mixed).await;
-    let sluice_b = bench.sluice(&table, &mixed, 1).await;
+    let (sluice_b, sluice_b_cpu) = bench.with_server_cpu(bench.sluice(&table, &mixed, 1)).await;
     report(
         "(b) 50% new, 50% updates, 1 connection",
         sluice_b,
@@ -102,7 +108,7 @@ async fn run() {
         .map(|i| record(base * 3 + i as u64 + 1, i, 2, false))
         .collect();
     let copy_c = bench.raw_copy(&copy_c_rows).await;
-    let sluice_c = bench.sluice(&table, &churn, 1).await;
+    let (sluice_c, sluice_c_cpu) = bench.with_server_cpu(bench.sluice(&table, &churn, 1)).await;
     report(
         "(c) 20% deletes, 80% updates, 1 connection",
         sluice_c,
@@ -117,4 +123,19 @@ async fn run() {
         sluice_a2 = sluice_a2.max(bench.sluice(&table, &all_new, 2).await);
     }
     report("(a) all new, 2 connections", sluice_a2, copy_a, Some(1.3));
+
+    server_header();
+    report_server("(a) all new, 1 connection", n, sluice_a_cpu, copy_a);
+    report_server(
+        "(b) 50% new, 50% updates, 1 connection",
+        n,
+        sluice_b_cpu,
+        copy_b,
+    );
+    report_server(
+        "(c) 20% deletes, 80% updates, 1 connection",
+        n,
+        sluice_c_cpu,
+        copy_c,
+    );
 }

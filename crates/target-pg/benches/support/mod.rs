@@ -182,6 +182,40 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// `work`'s result, and the CPU seconds the server spent while it ran (its backends and
+    /// its background processes, the checkpointer's writes included).
+    pub async fn with_server_cpu<T>(&self, work: impl Future<Output = T>) -> (T, f64) {
+        let before = self.pg.cpu_seconds();
+        let out = work.await;
+        (out, self.pg.cpu_seconds() - before)
+    }
+}
+
+/// The heading of the table [`report_server`] prints lines of.
+pub fn server_header() {
+    println!(
+        "\nthe same runs, µs per row: the server's CPU for sluice's statements, beside COPY's whole time;\ntheir ratio is what sluice would reach if its server work were all the time it took\n"
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>7}",
+        "case", "sluice's SQL", "COPY", "ceiling"
+    );
+}
+
+/// One case's ceiling on the server's side: the CPU seconds the server spent on sluice's
+/// statements (`sluice_cpu_s`, for `rows` rows), beside COPY's wall time (at `copy_rate` rows
+/// per second). With one connection the server runs one statement at a time, so no client,
+/// however fast, beats COPY by more than their ratio.
+pub fn report_server(case: &str, rows: usize, sluice_cpu_s: f64, copy_rate: f64) {
+    let sluice = sluice_cpu_s * 1e6 / rows as f64;
+    let copy = 1e6 / copy_rate;
+    println!(
+        "{case:<44} {sluice:>12.1} {copy:>12.1} {:>6.2}x",
+        copy / sluice
+    );
+}
+
 pub fn report(case: &str, sluice: f64, copy: f64, goal: Option<f64>) {
     let ratio = sluice / copy;
     let goal_text = goal
