@@ -103,6 +103,12 @@ impl PayloadText {
         self.range.len()
     }
 
+    /// The bytes the shared buffer holds on to (tests of what a batch gives back).
+    #[cfg(test)]
+    pub(crate) fn buffer_capacity(&self) -> usize {
+        self.buffer.capacity()
+    }
+
     /// True when the text is empty (a stored payload never is).
     pub fn is_empty(&self) -> bool {
         self.range.is_empty()

@@ -90,6 +90,12 @@ impl TextBatch {
         self.records.len()
     }
 
+    /// An empty batch with room for as many records and as much text as this one holds: for
+    /// the next batch of a source whose batches are alike, which then grows no buffer.
+    pub fn like(&self) -> Self {
+        Self::with_capacity(self.records.len(), self.buffer.len())
+    }
+
     /// True when the batch holds no record.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
@@ -113,7 +119,12 @@ impl TextBatch {
     }
 
     /// The records and their texts, the texts sharing one buffer.
-    pub fn into_parts(self) -> (Vec<Record>, Vec<Option<PayloadText>>) {
+    pub fn into_parts(mut self) -> (Vec<Record>, Vec<Option<PayloadText>>) {
+        // The text outlives the batch (in the stream's tail, which counts its length): room
+        // made for a bigger batch ([`Self::like`]) is given back.
+        if self.buffer.capacity() > 2 * self.buffer.len() + 4096 {
+            self.buffer.shrink_to_fit();
+        }
         let buffer = Arc::new(self.buffer);
         let texts = self
             .ranges
@@ -158,6 +169,33 @@ mod tests {
             upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
             change,
         }
+    }
+
+    #[test]
+    fn a_batch_like_another_has_room_for_it_and_gives_back_what_it_did_not_use() {
+        let mut big = TextBatch::default();
+        for i in 0..100 {
+            big.push(record(
+                &i.to_string(),
+                Change::upsert(json!({"n": i})).unwrap(),
+            ));
+        }
+        let next = big.like();
+        assert!(next.records.capacity() >= 100 && next.ranges.capacity() >= 100);
+        assert!(
+            next.buffer.capacity() >= big.buffer.len(),
+            "{}",
+            big.buffer.len()
+        );
+
+        let mut roomy = TextBatch::with_capacity(1, 1 << 20);
+        roomy.push_text(record("1", Change::upsert(json!({})).unwrap()), |b| {
+            b.push_str(r#"{"a":1}"#)
+        });
+        let (_, texts) = roomy.into_parts();
+        let text = texts[0].as_ref().unwrap();
+        assert_eq!(text.as_str(), r#"{"a":1}"#);
+        assert!(text.buffer_capacity() < 4096, "{}", text.buffer_capacity());
     }
 
     #[test]

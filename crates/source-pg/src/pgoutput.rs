@@ -20,6 +20,8 @@ pub(crate) struct Relation {
     pub id: u32,
     pub schema: String,
     pub name: String,
+    /// `schema.name`, the id of the collection its rows become (made once, not per change).
+    pub collection: String,
     pub columns: Vec<Column>,
 }
 
@@ -110,6 +112,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Message, Error> {
             }
             Message::Relation(Relation {
                 id,
+                collection: format!("{schema}.{name}"),
                 schema,
                 name,
                 columns,
@@ -254,8 +257,12 @@ mod tests {
             panic!("a relation")
         };
         assert_eq!(
-            (rel.schema.as_str(), rel.name.as_str()),
-            ("my schema", "we\"ird")
+            (
+                rel.schema.as_str(),
+                rel.name.as_str(),
+                rel.collection.as_str()
+            ),
+            ("my schema", "we\"ird", "my schema.we\"ird")
         );
         assert_eq!(rel.columns[1].type_oid, 25);
 

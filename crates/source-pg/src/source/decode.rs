@@ -44,7 +44,7 @@ pub(crate) fn decode(
     old: Option<&[Value]>,
     new: Option<&[Value]>,
 ) -> Result<Decoded, Error> {
-    let collection = format!("{}.{}", relation.schema, relation.name);
+    let collection = &relation.collection;
     if key.is_empty() {
         return Ok(Decoded::Skipped(format!(
             "{collection} has no primary key or replica identity index: its changes are skipped (add a primary key)"
@@ -80,10 +80,13 @@ pub(crate) fn decode(
         )));
     };
     let order = tables::by_name(relation.columns.iter().map(|c| c.name.as_str()));
-    let mut payload = String::with_capacity(tables::payload_room(new.iter().map(|v| match v {
-        Value::Text(t) => t.len(),
-        Value::Null | Value::Unchanged => 0,
-    })));
+    let mut payload = String::with_capacity(tables::payload_room(
+        relation.columns.iter().zip(new).map(|(c, v)| match v {
+            Value::Text(t) => (c.name.len(), t.len()),
+            Value::Null => (c.name.len(), 4),
+            Value::Unchanged => (0, 0),
+        }),
+    ));
     tables::write_payload(
         types,
         &order,
@@ -132,6 +135,7 @@ mod tests {
             id: 16384,
             schema: "public".into(),
             name: "orders".into(),
+            collection: "public.orders".into(),
             columns: vec![
                 column("id", 20),
                 column("total", 1700),

@@ -178,7 +178,7 @@ impl Streaming<'_> {
                     let Some((rel, _)) = self.relations.get(&id) else {
                         continue;
                     };
-                    let collection = CollectionId(format!("{}.{}", rel.schema, rel.name));
+                    let collection = CollectionId(rel.collection.clone());
                     let (version, at) = self.next_version()?;
                     if let Some(txn) = &self.txn {
                         self.source
@@ -207,7 +207,8 @@ impl Streaming<'_> {
 
     pub(super) async fn flush_records(&mut self) -> Result<(), Error> {
         if !self.pending.is_empty() {
-            let records = std::mem::take(&mut self.pending);
+            let next = self.pending.like();
+            let records = std::mem::replace(&mut self.pending, next);
             let n = records.len() as u64;
             let started = Instant::now();
             self.source.inner.stream.append_texts(records, None).await?;

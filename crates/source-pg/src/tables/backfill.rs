@@ -370,9 +370,13 @@ impl Backfill<'_> {
         let order = by_name(table.columns.iter().map(|c| c.name.as_str()));
         let room = match rows.len() {
             0 => 0,
-            _ => {
-                payload_room((0..table.columns.len()).map(|i| rows.value(0, i).map_or(0, str::len)))
-            }
+            _ => payload_room(
+                table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name.len(), rows.value(0, i).map_or(0, str::len))),
+            ),
         };
         let mut batch = TextBatch::with_capacity(rows.len(), room * rows.len());
         let updated_at = OffsetDateTime::now_utc();

@@ -184,10 +184,10 @@ pub(crate) fn by_name<'a>(names: impl Iterator<Item = &'a str>) -> Vec<usize> {
     order
 }
 
-/// Room to reserve for a row's payload text, from its columns' text lengths: each with its
-/// name, quotes and separators (a guess; the buffer grows if it is short).
-pub(crate) fn payload_room(text_lengths: impl Iterator<Item = usize>) -> usize {
-    64 + text_lengths.map(|n| n + 24).sum::<usize>()
+/// Room to reserve for a row's payload text, from each column's name and text lengths, with
+/// quotes and separators (a guess; the buffer grows if it is short).
+pub(crate) fn payload_room(lengths: impl Iterator<Item = (usize, usize)>) -> usize {
+    64 + lengths.map(|(name, text)| name + text + 8).sum::<usize>()
 }
 
 /// Appends a row's payload to `out` as JSON text: for each index in `order` (see [`by_name`]),
@@ -324,5 +324,32 @@ mod tests {
         let mut empty = String::new();
         write_payload(&types, &[], |_| None, &mut empty);
         assert_eq!(empty, "{}");
+    }
+
+    /// The room reserved for a row holds it when its values need no escaping, long column
+    /// names included (the guess once left names out, and every such row's buffer grew).
+    #[test]
+    fn the_room_reserved_for_a_row_holds_it() {
+        let types = TypeMap::builtin();
+        let name = "a_rather_long_column_name_as_real_schemas_have";
+        let columns: Vec<(String, u32, Option<&str>)> = (0..30)
+            .map(|i| {
+                (
+                    format!("{name}_{i}"),
+                    if i % 2 == 0 { 25 } else { 20 },
+                    Some("1234"),
+                )
+            })
+            .collect();
+        let order = by_name(columns.iter().map(|c| c.0.as_str()));
+        let mut written = String::new();
+        write_payload(
+            &types,
+            &order,
+            |i| columns.get(i).map(|c| (c.0.as_str(), c.1, c.2)),
+            &mut written,
+        );
+        let room = payload_room(columns.iter().map(|c| (c.0.len(), 4)));
+        assert!(written.len() <= room, "{} > {room}", written.len());
     }
 }
