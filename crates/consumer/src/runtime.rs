@@ -124,6 +124,12 @@ impl Shared {
     }
 
     pub(crate) async fn lag_check(&self) {
+        if self.stream.backfilling(&self.filter) {
+            // A backfill that began after this consumer reached the head (it found the stream
+            // empty before its source started, or a table is being read again): its backlog is
+            // initial state as well, not lag.
+            self.caught_up.store(false, Ordering::Release);
+        }
         let cursor = Seq(self.cursor.load(Ordering::Acquire));
         if !self.caught_up.load(Ordering::Acquire) {
             // The first backfill is `initializing` whatever the count: estimate it from the

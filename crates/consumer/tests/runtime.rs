@@ -714,6 +714,78 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
     task.await.unwrap();
 }
 
+/// `sluice serve` starts a consumer and a source together: the consumer may find the stream
+/// empty, and so at its head, before the source has said it is backfilling. The backfill's
+/// backlog is still not lag: the consumer is `initializing` again, and no warning comes and
+/// goes, not even when the backfill ends with a backlog left to apply.
+#[tokio::test]
+async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_alert() {
+    let s = setup(&PG, "lateload").await;
+    let alerts = Arc::new(Collect::default());
+    let target = Arc::new(ConsumerTableTarget::new(
+        "warehouse",
+        s.settings.clone(),
+        s.table.clone(),
+        1,
+    ));
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from("lateload"),
+        RecordFilter::Provider(Provider::Postgres),
+        s.stream.clone(),
+        target,
+        BatchConfig {
+            max_records: 500,
+            max_wait_ms: 20,
+        },
+        LagThresholds {
+            warn_records: 200,
+            ..LagThresholds::default()
+        },
+    )
+    .with_alert_sink(alerts.clone());
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    // At the head of an empty stream, with no backfill announced: caught up.
+    wait_until("healthy on an empty stream", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    for page in 0..30 {
+        fill(&s, page * 2000..(page + 1) * 2000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until("initializing again", 20, async || {
+        handle.health().await.checks.iter().any(|c| {
+            c.name == "lag"
+                && c.status == Status::Initializing
+                && c.message.starts_with("backfilling")
+        })
+    })
+    .await;
+    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
+    wait_until("caught up", 60, async || caught_up(&handle, &s).await).await;
+    wait_until("healthy", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    let seen: Vec<String> = alerts
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| format!("{} -> {}: {}", t.from, t.to, t.reason))
+        .collect();
+    assert!(
+        seen.iter()
+            .all(|t| !t.contains("-> warning") && !t.contains("-> error")),
+        "{seen:#?}"
+    );
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
 /// A record the target refuses for good (a data error: `GiveUp`) is found by halving its
 /// batch: the records before it are written, the consumer pauses naming it, and nothing is
 /// resent in a loop. Resumed after the fix, it carries on from that record.
