@@ -636,6 +636,24 @@ async fn a_consumer_with_nothing_to_apply_is_healthy() {
 #[derive(Default)]
 struct Collect(std::sync::Mutex<Vec<Transition>>);
 
+impl Collect {
+    /// No transition it was sent went to `warning` or `error`.
+    fn assert_no_warning_or_error(&self) {
+        let seen: Vec<String> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| format!("{} -> {}: {}", t.from, t.to, t.reason))
+            .collect();
+        assert!(
+            seen.iter()
+                .all(|t| !t.contains("-> warning") && !t.contains("-> error")),
+            "{seen:#?}"
+        );
+    }
+}
+
 #[async_trait::async_trait]
 impl AlertSink for Collect {
     async fn send(&self, t: &Transition) -> Result<(), sluice_core::Error> {
@@ -644,21 +662,17 @@ impl AlertSink for Collect {
     }
 }
 
-#[tokio::test]
-async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
-    let s = setup(&PG, "firstload").await;
-    let alerts = Arc::new(Collect::default());
+/// A consumer of every PostgreSQL record into the consumer table, in batches of up to 500,
+/// warning past 200 records behind, with its transitions sent to `alerts`.
+fn alerting_consumer(s: &Setup, name: &str, alerts: &Arc<Collect>) -> ConsumerRuntime {
     let target = Arc::new(ConsumerTableTarget::new(
         "warehouse",
         s.settings.clone(),
         s.table.clone(),
         1,
     ));
-    // The source starts its backfill before the consumer has anything to read (as when
-    // `sluice serve` starts both), and appends faster than the consumer writes.
-    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
-    let runtime = ConsumerRuntime::new(
-        ConsumerId::from("firstload"),
+    ConsumerRuntime::new(
+        ConsumerId::from(name),
         RecordFilter::Provider(Provider::Postgres),
         s.stream.clone(),
         target,
@@ -671,7 +685,17 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
             ..LagThresholds::default()
         },
     )
-    .with_alert_sink(alerts.clone());
+    .with_alert_sink(alerts.clone())
+}
+
+#[tokio::test]
+async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
+    let s = setup(&PG, "firstload").await;
+    let alerts = Arc::new(Collect::default());
+    // The source starts its backfill before the consumer has anything to read (as when
+    // `sluice serve` starts both), and appends faster than the consumer writes.
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    let runtime = alerting_consumer(&s, "firstload", &alerts);
     let handle = runtime.handle();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(runtime.run(stopped));
@@ -686,18 +710,7 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
         handle.health().await.status == Status::Healthy
     })
     .await;
-    let seen: Vec<String> = alerts
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| format!("{} -> {}: {}", t.from, t.to, t.reason))
-        .collect();
-    assert!(
-        seen.iter()
-            .all(|t| !t.contains("-> warning") && !t.contains("-> error")),
-        "{seen:#?}"
-    );
+    alerts.assert_no_warning_or_error();
 
     // Once it has caught up, falling behind is lag again.
     handle.pause("holding back".into()).await.unwrap();
@@ -722,27 +735,7 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
 async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_alert() {
     let s = setup(&PG, "lateload").await;
     let alerts = Arc::new(Collect::default());
-    let target = Arc::new(ConsumerTableTarget::new(
-        "warehouse",
-        s.settings.clone(),
-        s.table.clone(),
-        1,
-    ));
-    let runtime = ConsumerRuntime::new(
-        ConsumerId::from("lateload"),
-        RecordFilter::Provider(Provider::Postgres),
-        s.stream.clone(),
-        target,
-        BatchConfig {
-            max_records: 500,
-            max_wait_ms: 20,
-        },
-        LagThresholds {
-            warn_records: 200,
-            ..LagThresholds::default()
-        },
-    )
-    .with_alert_sink(alerts.clone());
+    let runtime = alerting_consumer(&s, "lateload", &alerts);
     let handle = runtime.handle();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(runtime.run(stopped));
@@ -770,18 +763,7 @@ async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_ale
         handle.health().await.status == Status::Healthy
     })
     .await;
-    let seen: Vec<String> = alerts
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| format!("{} -> {}: {}", t.from, t.to, t.reason))
-        .collect();
-    assert!(
-        seen.iter()
-            .all(|t| !t.contains("-> warning") && !t.contains("-> error")),
-        "{seen:#?}"
-    );
+    alerts.assert_no_warning_or_error();
     stop.send_replace(true);
     task.await.unwrap();
 }

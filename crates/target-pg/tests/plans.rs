@@ -48,19 +48,41 @@ fn batches() -> (sluice_core::Batch, sluice_core::Batch) {
     (batch_to(ROWS, load), batch_to(ROWS + 1_200, churn))
 }
 
-/// What the server logged while `apply` ran.
-async fn logged_during<F: Future<Output = ()>>(pg: &Cluster, apply: F) -> String {
+/// Applies [`batches`] through `target`, and checks the plans the server logged while the
+/// second batch was written: the staging table `stage` was read (so the batch's plans are in
+/// the log), `table` never scanned whole. Returns that part of the log, and its plans that
+/// read `table` (for failure messages).
+async fn churn_plans(
+    pg: &Cluster,
+    target: &dyn Target,
+    stage: &str,
+    table: &str,
+) -> (String, String) {
+    let consumer = ConsumerId::from("orders");
+    assert_eq!(target.checkpoint(&consumer).await.unwrap(), Seq::START);
+    let (load, churn) = batches();
+    target.apply(&consumer, &load).await.unwrap();
     let before = pg.log_tail(usize::MAX).len();
-    apply.await;
-    pg.log_tail(usize::MAX)[before..].to_owned()
-}
-
-/// Every plan in `log` that reads `table`, for the failure message.
-fn plans_of(log: &str, table: &str) -> String {
-    log.split("LOG:")
+    target.apply(&consumer, &churn).await.unwrap();
+    let log = pg.log_tail(usize::MAX)[before..].to_owned();
+    assert_eq!(
+        target.checkpoint(&consumer).await.unwrap(),
+        Seq(ROWS + 1_200)
+    );
+    let plans = log
+        .split("LOG:")
         .filter(|plan| plan.contains(table))
         .collect::<Vec<_>>()
-        .join("\n---")
+        .join("\n---");
+    assert!(
+        log.contains(&format!("Seq Scan on {stage}")),
+        "the batch's plans were logged: {log}"
+    );
+    assert!(
+        !log.contains(&format!("Seq Scan on {table}")),
+        "a statement scanned the whole table: {plans}"
+    );
+    (log, plans)
 }
 
 #[tokio::test]
@@ -68,24 +90,7 @@ async fn a_consumer_tables_updates_and_deletes_probe_its_key_and_never_scan_it()
     let pg = explaining_server();
     let p = provision(&pg, "plans", "sluice", "records").await;
     let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
-    let consumer = ConsumerId::from("orders");
-    assert_eq!(target.checkpoint(&consumer).await.unwrap(), Seq::START);
-    let (load, churn) = batches();
-    target.apply(&consumer, &load).await.unwrap();
-
-    let log = logged_during(&pg, async {
-        target.apply(&consumer, &churn).await.unwrap();
-    })
-    .await;
-    let plans = plans_of(&log, "records");
-    assert!(
-        log.contains("Seq Scan on _sluice_stage"),
-        "the batch's plans were logged: {log}"
-    );
-    assert!(
-        !log.contains("Seq Scan on records"),
-        "a statement scanned the whole table: {plans}"
-    );
+    let (log, plans) = churn_plans(&pg, &target, "_sluice_stage", "records").await;
     if log.contains("Merge on records") {
         // PostgreSQL 15+: the staged rows meet the table through a nested loop on its key.
         assert!(
@@ -93,10 +98,6 @@ async fn a_consumer_tables_updates_and_deletes_probe_its_key_and_never_scan_it()
             "{plans}"
         );
     }
-    assert_eq!(
-        target.checkpoint(&consumer).await.unwrap(),
-        Seq(ROWS + 1_200)
-    );
     let mut conn = pg.admin(&p.db).await.unwrap();
     let (rows, updated): (i64, i64) = sqlx::query_as(
         "select count(*), count(*) filter (where (payload->>'n')::int = -1) from sluice.records",
@@ -109,22 +110,21 @@ async fn a_consumer_tables_updates_and_deletes_probe_its_key_and_never_scan_it()
     assert_eq!((rows, updated), (ROWS as i64 - 200, 1_000 - 28));
 }
 
-#[tokio::test]
-async fn a_mirrors_updates_and_deletes_probe_its_key_and_never_scan_it() {
-    let pg = explaining_server();
+/// A schema mirror into schema `mirror` as the role `sluice` (created here), collection
+/// `public.orders` typed `{n: integer, pad: string}`, its stream in `dir`.
+async fn mirror_on(pg: &Cluster, dir: &std::path::Path) -> SchemaMirrorTarget {
     pg.execute(
         "postgres",
         "create role sluice login password 'pw'; grant connect, create on database postgres to sluice;",
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    let stream = Arc::new(EmbeddedStream::open(dir).await.unwrap());
     let mut settings =
         sluice_target_pg::ConnectionSettings::new("127.0.0.1", pg.port(), "postgres", "sluice");
     settings.password = Some(secrecy::SecretString::from("pw".to_owned()));
     settings.ssl_mode = sluice_core::SslMode::Disable;
-    let mirror = SchemaMirrorTarget::new(
+    SchemaMirrorTarget::new(
         "warehouse",
         settings,
         "mirror",
@@ -138,25 +138,15 @@ async fn a_mirrors_updates_and_deletes_probe_its_key_and_never_scan_it() {
                     "n": {"type": "integer"}, "pad": {"type": "string"}}}),
             },
         )]),
-    );
-    let consumer = ConsumerId::from("orders");
-    mirror.checkpoint(&consumer).await.unwrap();
-    let (load, churn) = batches();
-    mirror.apply(&consumer, &load).await.unwrap();
+    )
+}
 
-    let log = logged_during(&pg, async {
-        mirror.apply(&consumer, &churn).await.unwrap();
-    })
-    .await;
-    let plans = plans_of(&log, "orders");
-    assert!(
-        log.contains("Seq Scan on _sluice_mirror_stage"),
-        "the batch's plans were logged: {log}"
-    );
-    assert!(
-        !log.contains("Seq Scan on orders"),
-        "a statement scanned the whole table: {plans}"
-    );
+#[tokio::test]
+async fn a_mirrors_updates_and_deletes_probe_its_key_and_never_scan_it() {
+    let pg = explaining_server();
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = mirror_on(&pg, dir.path()).await;
+    let (log, plans) = churn_plans(&pg, &mirror, "_sluice_mirror_stage", "orders").await;
     assert!(
         log.contains("Index Scan using orders_pkey on orders"),
         "the deletes (and the merge, on 15+) probe the key: {plans}"
@@ -168,4 +158,41 @@ async fn a_mirrors_updates_and_deletes_probe_its_key_and_never_scan_it() {
             .await
             .unwrap();
     assert_eq!((rows, updated), (ROWS as i64 - 200, 1_000 - 28));
+}
+
+/// A mirror table the sync user made itself, with no index on the key: the planner keeps its
+/// own join for the staged deletes (a forced nested loop would scan the table once per
+/// deleted row), and they are applied.
+#[tokio::test]
+async fn a_mirror_table_without_a_key_index_keeps_the_planners_join() {
+    let pg = explaining_server();
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = mirror_on(&pg, dir.path()).await;
+    pg.execute(
+        "postgres",
+        "set role sluice; create schema mirror; create table mirror.orders (id text);",
+    )
+    .await
+    .unwrap();
+    let consumer = ConsumerId::from("orders");
+    mirror.checkpoint(&consumer).await.unwrap();
+    let (load, _) = batches();
+    mirror.apply(&consumer, &load).await.unwrap();
+    let deletes = (1..=200)
+        .map(|i| delete(ROWS + i, &format!("r{}", i * 11), 3))
+        .collect();
+    let before = pg.log_tail(usize::MAX).len();
+    mirror
+        .apply(&consumer, &batch_to(ROWS + 200, deletes))
+        .await
+        .unwrap();
+    let log = pg.log_tail(usize::MAX)[before..].to_owned();
+    assert!(log.contains("Delete on orders"), "{log}");
+    assert!(!log.contains("Nested Loop"), "{log}");
+    let mut conn = pg.admin("postgres").await.unwrap();
+    let rows: i64 = sqlx::query_scalar("select count(*) from mirror.orders")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, ROWS as i64 - 200);
 }
