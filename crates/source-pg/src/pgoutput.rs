@@ -23,6 +23,22 @@ pub(crate) struct Relation {
     /// `schema.name`, the id of the collection its rows become (made once, not per change).
     pub collection: String,
     pub columns: Vec<Column>,
+    /// The columns' indices in the order a payload's keys are written in
+    /// ([`crate::tables::by_name`]), sorted once rather than for every change.
+    pub by_name: Vec<usize>,
+}
+
+impl Relation {
+    pub(crate) fn new(id: u32, schema: String, name: String, columns: Vec<Column>) -> Self {
+        Self {
+            id,
+            collection: format!("{schema}.{name}"),
+            by_name: crate::tables::by_name(columns.iter().map(|c| c.name.as_str())),
+            schema,
+            name,
+            columns,
+        }
+    }
 }
 
 /// One column value of a tuple.
@@ -110,13 +126,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Message, Error> {
                 let _typmod = r.i32()?;
                 columns.push(Column { name, type_oid });
             }
-            Message::Relation(Relation {
-                id,
-                collection: format!("{schema}.{name}"),
-                schema,
-                name,
-                columns,
-            })
+            Message::Relation(Relation::new(id, schema, name, columns))
         }
         b'I' => {
             let relation = r.i32()? as u32;
@@ -264,6 +274,7 @@ mod tests {
             ),
             ("my schema", "we\"ird", "my schema.we\"ird")
         );
+        assert_eq!(rel.by_name, [1, 0], "body before id");
         assert_eq!(rel.columns[1].type_oid, 25);
 
         let mut u = vec![b'U'];

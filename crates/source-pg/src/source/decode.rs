@@ -79,7 +79,6 @@ pub(crate) fn decode(
             "{collection}: a change whose key was not sent was skipped"
         )));
     };
-    let order = tables::by_name(relation.columns.iter().map(|c| c.name.as_str()));
     let mut payload = String::with_capacity(tables::payload_room(
         relation.columns.iter().zip(new).map(|(c, v)| match v {
             Value::Text(t) => (c.name.len(), t.len()),
@@ -89,7 +88,7 @@ pub(crate) fn decode(
     ));
     tables::write_payload(
         types,
-        &order,
+        &relation.by_name,
         |i| {
             let c = relation.columns.get(i)?;
             match new.get(i)? {
@@ -131,18 +130,17 @@ mod tests {
             name: name.into(),
             type_oid,
         };
-        Relation {
-            id: 16384,
-            schema: "public".into(),
-            name: "orders".into(),
-            collection: "public.orders".into(),
-            columns: vec![
+        Relation::new(
+            16384,
+            "public".into(),
+            "orders".into(),
+            vec![
                 column("id", 20),
                 column("total", 1700),
                 column("note", 25),
                 column("ok", 16),
             ],
-        }
+        )
     }
 
     fn text(s: &str) -> Value {
