@@ -688,6 +688,26 @@ fn alerting_consumer(s: &Setup, name: &str, alerts: &Arc<Collect>) -> ConsumerRu
     .with_alert_sink(alerts.clone())
 }
 
+/// 60,000 records in 30 pages, appended faster than the consumer writes them (a backfill).
+async fn backfill_pages(s: &Setup) {
+    for page in 0..30 {
+        fill(s, page * 2000..(page + 1) * 2000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The source's backfill ends; the consumer catches up and turns healthy, and no transition
+/// on the way went to `warning` or `error`.
+async fn end_backfill_without_alerts(s: &Setup, handle: &ConsumerHandle, alerts: &Collect) {
+    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
+    wait_until("caught up", 60, async || caught_up(handle, s).await).await;
+    wait_until("healthy", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    alerts.assert_no_warning_or_error();
+}
+
 #[tokio::test]
 async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
     let s = setup(&PG, "firstload").await;
@@ -700,17 +720,8 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(runtime.run(stopped));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for page in 0..30 {
-        fill(&s, page * 2000..(page + 1) * 2000).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
-    wait_until("caught up", 60, async || caught_up(&handle, &s).await).await;
-    wait_until("healthy", 20, async || {
-        handle.health().await.status == Status::Healthy
-    })
-    .await;
-    alerts.assert_no_warning_or_error();
+    backfill_pages(&s).await;
+    end_backfill_without_alerts(&s, &handle, &alerts).await;
 
     // Once it has caught up, falling behind is lag again.
     handle.pause("holding back".into()).await.unwrap();
@@ -745,10 +756,7 @@ async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_ale
     })
     .await;
     s.stream.set_backfilling(SYNC, Provider::Postgres, true);
-    for page in 0..30 {
-        fill(&s, page * 2000..(page + 1) * 2000).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    backfill_pages(&s).await;
     wait_until("initializing again", 20, async || {
         handle.health().await.checks.iter().any(|c| {
             c.name == "lag"
@@ -757,13 +765,7 @@ async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_ale
         })
     })
     .await;
-    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
-    wait_until("caught up", 60, async || caught_up(&handle, &s).await).await;
-    wait_until("healthy", 20, async || {
-        handle.health().await.status == Status::Healthy
-    })
-    .await;
-    alerts.assert_no_warning_or_error();
+    end_backfill_without_alerts(&s, &handle, &alerts).await;
     stop.send_replace(true);
     task.await.unwrap();
 }

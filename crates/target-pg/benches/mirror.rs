@@ -127,14 +127,14 @@ async fn mirror(
             })
             .collect();
         let started = Instant::now();
-        let cpu = bench.pg.cpu_seconds();
-        for batch in &batches {
-            target.apply(&consumer, batch).await.unwrap();
-        }
-        rates.push((
-            entries.len() as f64 / started.elapsed().as_secs_f64(),
-            bench.pg.cpu_seconds() - cpu,
-        ));
+        let ((), cpu) = bench
+            .with_server_cpu(async {
+                for batch in &batches {
+                    target.apply(&consumer, batch).await.unwrap();
+                }
+            })
+            .await;
+        rates.push((entries.len() as f64 / started.elapsed().as_secs_f64(), cpu));
     }
     rates
 }

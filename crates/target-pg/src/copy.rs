@@ -1,6 +1,7 @@
 //! Writing rows with `COPY`, shared by both layouts: the text format's escaping, `COPY` with
-//! a savepoint for rows assumed new, encoding on several threads, and the count of records
-//! whose NUL characters had to be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
+//! a savepoint for rows assumed new, the plan of a statement that joins staged rows to their
+//! table, encoding on several threads, and the count of records whose NUL characters had to
+//! be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
 
 use sluice_core::bytes::ByteSet;
 use sluice_core::{RecordKey, Status};
