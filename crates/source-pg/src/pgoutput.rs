@@ -42,12 +42,73 @@ impl Relation {
 }
 
 /// One column value of a tuple.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Value {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Value<'a> {
     Null,
     /// A TOASTed value that did not change; pgoutput does not resend it.
     Unchanged,
-    Text(String),
+    Text(&'a str),
+}
+
+/// A row as pgoutput sends it: every column's value in the relation's column order. The
+/// values' text is held in one buffer, so a change costs two allocations, not one per column.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Tuple {
+    text: String,
+    parts: Vec<Part>,
+}
+
+/// Where one column's value is: a text value is `text[start..end]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Part {
+    Null,
+    Unchanged,
+    Text { start: usize, end: usize },
+}
+
+impl Tuple {
+    /// Column `i`'s value, if the tuple has that many columns.
+    pub(crate) fn get(&self, i: usize) -> Option<Value<'_>> {
+        self.parts.get(i).map(|&part| self.value(part))
+    }
+
+    /// The values in column order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = Value<'_>> {
+        self.parts.iter().map(|&part| self.value(part))
+    }
+
+    fn value(&self, part: Part) -> Value<'_> {
+        match part {
+            Part::Null => Value::Null,
+            Part::Unchanged => Value::Unchanged,
+            Part::Text { start, end } => Value::Text(&self.text[start..end]),
+        }
+    }
+
+    fn push(&mut self, value: Value<'_>) {
+        self.parts.push(match value {
+            Value::Null => Part::Null,
+            Value::Unchanged => Part::Unchanged,
+            Value::Text(t) => {
+                let start = self.text.len();
+                self.text.push_str(t);
+                Part::Text {
+                    start,
+                    end: self.text.len(),
+                }
+            }
+        });
+    }
+}
+
+impl<'a> FromIterator<Value<'a>> for Tuple {
+    fn from_iter<I: IntoIterator<Item = Value<'a>>>(values: I) -> Self {
+        let mut tuple = Tuple::default();
+        for value in values {
+            tuple.push(value);
+        }
+        tuple
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -68,16 +129,16 @@ pub(crate) enum Message {
     Relation(Relation),
     Insert {
         relation: u32,
-        new: Vec<Value>,
+        new: Tuple,
     },
     Update {
         relation: u32,
-        old: Option<Vec<Value>>,
-        new: Vec<Value>,
+        old: Option<Tuple>,
+        new: Tuple,
     },
     Delete {
         relation: u32,
-        old: Vec<Value>,
+        old: Tuple,
     },
     Truncate {
         relations: Vec<u32>,
@@ -201,18 +262,23 @@ fn expect(tag: u8, want: u8) -> Result<(), Error> {
     }
 }
 
-fn tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, Error> {
+/// Reads a tuple's columns. Its text is sized by what is left of the message, which holds
+/// every value's text and a few bytes more.
+fn tuple(r: &mut Reader<'_>) -> Result<Tuple, Error> {
     let n = r.i16()?;
-    let mut values = Vec::with_capacity(n.max(0) as usize);
+    let mut tuple = Tuple {
+        text: String::with_capacity(r.remaining()),
+        parts: Vec::with_capacity(n.max(0) as usize),
+    };
     for _ in 0..n {
-        values.push(match r.u8()? {
+        let value = match r.u8()? {
             b'n' => Value::Null,
             b'u' => Value::Unchanged,
             b't' => {
                 let len = r.i32()?;
                 let bytes = r.bytes(len.max(0) as usize)?;
                 Value::Text(
-                    String::from_utf8(bytes.to_vec())
+                    std::str::from_utf8(bytes)
                         .map_err(|_| Error::invalid("pgoutput: a text value is not UTF-8"))?,
                 )
             }
@@ -222,9 +288,10 @@ fn tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, Error> {
                     other as char
                 )));
             }
-        });
+        };
+        tuple.push(value);
     }
-    Ok(values)
+    Ok(tuple)
 }
 
 #[cfg(test)]
@@ -289,7 +356,9 @@ mod tests {
             Message::Update {
                 relation: 16384,
                 old: None,
-                new: vec![Value::Text("42".into()), Value::Unchanged, Value::Null],
+                new: [Value::Text("42"), Value::Unchanged, Value::Null]
+                    .into_iter()
+                    .collect(),
             }
         );
 
@@ -319,5 +388,43 @@ mod tests {
         u.extend_from_slice(&100i32.to_be_bytes());
         u.extend_from_slice(b"short");
         assert!(decode(&u).is_err());
+    }
+
+    #[test]
+    fn a_tuples_values_keep_their_text_exactly_and_bad_utf8_is_refused() {
+        let values = ["", "é€😀", "line\nbreak", "a\\b", "x".repeat(70_000).leak()];
+        let mut m = vec![b'U'];
+        m.extend_from_slice(&7i32.to_be_bytes());
+        m.push(b'K');
+        m.extend_from_slice(&1i16.to_be_bytes());
+        text(&mut m, "old");
+        m.push(b'N');
+        m.extend_from_slice(&(values.len() as i16 + 2).to_be_bytes());
+        for v in values {
+            text(&mut m, v);
+        }
+        m.push(b'n');
+        m.push(b'u');
+        let Message::Update { old, new, .. } = decode(&m).unwrap() else {
+            panic!("an update")
+        };
+        assert_eq!(
+            old.unwrap().values().collect::<Vec<_>>(),
+            [Value::Text("old")]
+        );
+        let mut want: Vec<Value> = values.iter().map(|v| Value::Text(v)).collect();
+        want.extend([Value::Null, Value::Unchanged]);
+        assert_eq!(new.values().collect::<Vec<_>>(), want);
+        assert_eq!(new.get(1), Some(Value::Text("é€😀")));
+        assert_eq!(new.get(values.len() + 2), None);
+
+        let mut bad = vec![b'I'];
+        bad.extend_from_slice(&7i32.to_be_bytes());
+        bad.push(b'N');
+        bad.extend_from_slice(&1i16.to_be_bytes());
+        bad.push(b't');
+        bad.extend_from_slice(&2i32.to_be_bytes());
+        bad.extend_from_slice(&[0xc3, 0x28]);
+        assert!(decode(&bad).is_err_and(|e| e.to_string().contains("not UTF-8")));
     }
 }

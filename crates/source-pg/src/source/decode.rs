@@ -3,7 +3,7 @@
 
 use sluice_core::{Error, RecordKey, SyncId};
 
-use crate::pgoutput::{Relation, Value};
+use crate::pgoutput::{Relation, Tuple, Value};
 use crate::tables;
 use crate::values::TypeMap;
 
@@ -41,8 +41,8 @@ pub(crate) fn decode(
     relation: &Relation,
     key: &[String],
     types: &TypeMap,
-    old: Option<&[Value]>,
-    new: Option<&[Value]>,
+    old: Option<&Tuple>,
+    new: Option<&Tuple>,
 ) -> Result<Decoded, Error> {
     let collection = &relation.collection;
     if key.is_empty() {
@@ -50,12 +50,12 @@ pub(crate) fn decode(
             "{collection} has no primary key or replica identity index: its changes are skipped (add a primary key)"
         )));
     }
-    let key_of = |values: &[Value]| -> Option<Vec<String>> {
+    let key_of = |values: &Tuple| -> Option<Vec<String>> {
         key.iter()
             .map(|k| {
                 let i = relation.columns.iter().position(|c| &c.name == k)?;
                 match values.get(i)? {
-                    Value::Text(t) => Some(t.clone()),
+                    Value::Text(t) => Some(t.to_owned()),
                     _ => None,
                 }
             })
@@ -80,11 +80,15 @@ pub(crate) fn decode(
         )));
     };
     let mut payload = String::with_capacity(tables::payload_room(
-        relation.columns.iter().zip(new).map(|(c, v)| match v {
-            Value::Text(t) => (c.name.len(), t.len()),
-            Value::Null => (c.name.len(), 4),
-            Value::Unchanged => (0, 0),
-        }),
+        relation
+            .columns
+            .iter()
+            .zip(new.values())
+            .map(|(c, v)| match v {
+                Value::Text(t) => (c.name.len(), t.len()),
+                Value::Null => (c.name.len(), 4),
+                Value::Unchanged => (0, 0),
+            }),
     ));
     tables::write_payload(
         types,
@@ -93,7 +97,7 @@ pub(crate) fn decode(
             let c = relation.columns.get(i)?;
             match new.get(i)? {
                 Value::Null => Some((c.name.as_str(), c.type_oid, None)),
-                Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t.as_str()))),
+                Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t))),
                 Value::Unchanged => None,
             }
         },
@@ -102,8 +106,8 @@ pub(crate) fn decode(
     let unchanged = relation
         .columns
         .iter()
-        .zip(new)
-        .filter(|(_, v)| **v == Value::Unchanged)
+        .zip(new.values())
+        .filter(|(_, v)| *v == Value::Unchanged)
         .map(|(c, _)| c.name.clone())
         .collect();
     let moved_from = old_key.filter(|k| *k != key_text).map(|k| record_key(&k));
@@ -143,15 +147,19 @@ mod tests {
         )
     }
 
-    fn text(s: &str) -> Value {
-        Value::Text(s.into())
+    fn text(s: &str) -> Value<'_> {
+        Value::Text(s)
+    }
+
+    fn tuple<'a>(values: impl IntoIterator<Item = Value<'a>>) -> Tuple {
+        values.into_iter().collect()
     }
 
     fn key(id: &str) -> RecordKey {
         RecordKey::new(SYNC, "public.orders", id)
     }
 
-    fn run(old: Option<&[Value]>, new: Option<&[Value]>) -> Decoded {
+    fn run(old: Option<&Tuple>, new: Option<&Tuple>) -> Decoded {
         decode(
             SYNC,
             &orders(),
@@ -165,7 +173,7 @@ mod tests {
 
     #[test]
     fn an_insert_is_an_upsert_with_every_column_typed() {
-        let row = [text("7"), text("9.90"), Value::Null, text("t")];
+        let row = tuple([text("7"), text("9.90"), Value::Null, text("t")]);
         let Decoded::Upsert {
             key: k,
             key_text,
@@ -188,7 +196,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_toast_value_is_left_out_and_named() {
-        let row = [text("7"), text("1"), Value::Unchanged, text("f")];
+        let row = tuple([text("7"), text("1"), Value::Unchanged, text("f")]);
         let Decoded::Upsert {
             payload, unchanged, ..
         } = run(None, Some(&row))
@@ -204,8 +212,8 @@ mod tests {
 
     #[test]
     fn a_key_change_names_the_old_record() {
-        let old = [text("7"), Value::Null, Value::Null, Value::Null];
-        let new = [text("8"), text("1"), Value::Unchanged, text("t")];
+        let old = tuple([text("7"), Value::Null, Value::Null, Value::Null]);
+        let new = tuple([text("8"), text("1"), Value::Unchanged, text("t")]);
         let Decoded::Upsert {
             key: k, moved_from, ..
         } = run(Some(&old), Some(&new))
@@ -215,7 +223,7 @@ mod tests {
         assert_eq!(k, key("8"));
         assert_eq!(moved_from, Some(key("7")));
         // The same key sent as the old key is no move.
-        let same = [text("8"), Value::Null, Value::Null, Value::Null];
+        let same = tuple([text("8"), Value::Null, Value::Null, Value::Null]);
         let Decoded::Upsert { moved_from, .. } = run(Some(&same), Some(&new)) else {
             panic!()
         };
@@ -224,9 +232,9 @@ mod tests {
 
     #[test]
     fn a_delete_is_by_the_old_key_and_a_missing_key_is_refused_or_skipped_with_a_notice() {
-        let old = [text("7"), Value::Null, Value::Null, Value::Null];
+        let old = tuple([text("7"), Value::Null, Value::Null, Value::Null]);
         assert_eq!(run(Some(&old), None), Decoded::Delete(key("7")));
-        let no_key = [Value::Null, Value::Null, Value::Null, Value::Null];
+        let no_key = tuple([Value::Null, Value::Null, Value::Null, Value::Null]);
         let refused = decode(
             SYNC,
             &orders(),
@@ -253,7 +261,7 @@ mod tests {
 
     #[test]
     fn a_composite_key_is_one_json_array_id() {
-        let row = [text("7"), text("a\"b"), Value::Null, Value::Null];
+        let row = tuple([text("7"), text("a\"b"), Value::Null, Value::Null]);
         let Decoded::Upsert { key: k, .. } = decode(
             SYNC,
             &orders(),

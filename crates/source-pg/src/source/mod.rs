@@ -287,7 +287,7 @@ impl PostgresSource {
                         Ok(Incoming::Keepalive { end, reply })
                     }
                     Ok(Ok(Some(Replication::Data { payload }))) => {
-                        pgoutput::decode(&payload).map(Incoming::Message)
+                        pgoutput::decode(payload).map(Incoming::Message)
                     }
                     Ok(Err(e)) => Err(e),
                 };

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use super::PostgresSource;
 use super::decode::{Decoded, decode};
 use super::reads::WatermarkUse;
-use crate::pgoutput::{Message, Relation, Value};
+use crate::pgoutput::{Message, Relation, Tuple};
 use crate::tables::Table;
 use crate::values::TypeMap;
 use crate::wire::{Lsn, StatusWriter};
@@ -234,8 +234,8 @@ impl Streaming<'_> {
     pub(super) async fn change(
         &mut self,
         relation: u32,
-        old: Option<Vec<Value>>,
-        new: Option<Vec<Value>>,
+        old: Option<Tuple>,
+        new: Option<Tuple>,
         types: &TypeMap,
     ) -> Result<(), Error> {
         let Some((rel, table)) = self.relations.get(&relation) else {
@@ -250,8 +250,8 @@ impl Streaming<'_> {
             rel,
             key,
             types,
-            old.as_deref(),
-            new.as_deref(),
+            old.as_ref(),
+            new.as_ref(),
         )?;
         let (key, key_text, payload, unchanged, moved_from) = match decoded {
             Decoded::Skipped(notice) => {

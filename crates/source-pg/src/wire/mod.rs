@@ -46,10 +46,11 @@ pub(crate) struct Message {
     pub body: Vec<u8>,
 }
 
-/// What the server sent while streaming.
-pub(crate) enum Replication {
+/// What the server sent while streaming. A message's data is lent from the reader's buffer,
+/// which the next message reuses: no allocation per change.
+pub(crate) enum Replication<'a> {
     /// WAL data: one pgoutput message.
-    Data { payload: Vec<u8> },
+    Data { payload: &'a [u8] },
     /// A keepalive: the server has sent everything up to `end`; `reply` asks for a status now.
     Keepalive { end: Lsn, reply: bool },
 }
@@ -240,7 +241,13 @@ impl ReplicationConnection {
     /// are written on the other (a read must never be cancelled half-way).
     pub fn split(self) -> (ReplicationReader, StatusWriter) {
         let (read, write) = tokio::io::split(self.io);
-        (ReplicationReader { io: read }, StatusWriter { io: write })
+        (
+            ReplicationReader {
+                io: read,
+                body: Vec::new(),
+            },
+            StatusWriter { io: write },
+        )
     }
 
     async fn send(&mut self, kind: u8, body: &[u8]) -> Result<(), Error> {
@@ -267,6 +274,16 @@ async fn write_frame(io: &mut (impl AsyncWrite + Unpin), frame: &[u8]) -> Result
 }
 
 async fn read_message(io: &mut (impl AsyncRead + Unpin)) -> Result<Message, Error> {
+    let mut body = Vec::new();
+    let kind = read_message_into(io, &mut body).await?;
+    Ok(Message { kind, body })
+}
+
+/// Reads one message into `body` (its buffer reused); returns the message's type byte.
+async fn read_message_into(
+    io: &mut (impl AsyncRead + Unpin),
+    body: &mut Vec<u8>,
+) -> Result<u8, Error> {
     let kind = io
         .read_u8()
         .await
@@ -277,38 +294,35 @@ async fn read_message(io: &mut (impl AsyncRead + Unpin)) -> Result<Message, Erro
             "replication connection: bad message length {len}"
         )));
     }
-    let mut body = vec![0; len as usize - 4];
-    io.read_exact(&mut body)
-        .await
-        .map_err(|e| lost("reading", e))?;
-    Ok(Message { kind, body })
+    body.clear();
+    body.resize(len as usize - 4, 0);
+    io.read_exact(body).await.map_err(|e| lost("reading", e))?;
+    Ok(kind)
 }
 
 /// The reading side of a streaming replication connection.
 pub(crate) struct ReplicationReader {
     io: tokio::io::ReadHalf<BufStream<Box<dyn Io>>>,
+    /// The last message's body, its buffer kept for the next.
+    body: Vec<u8>,
 }
 
 impl ReplicationReader {
-    async fn read(&mut self) -> Result<Message, Error> {
-        read_message(&mut self.io).await
-    }
-
     /// The next replication message; `None` when the server ended the stream.
-    pub async fn next(&mut self) -> Result<Option<Replication>, Error> {
+    pub async fn next(&mut self) -> Result<Option<Replication<'_>>, Error> {
+        // XLogData's header: its type byte, the start and end of its WAL and the server's time.
+        const DATA_HEADER: usize = 1 + 8 + 8 + 8;
         loop {
-            let m = self.read().await?;
-            match m.kind {
+            let kind = read_message_into(&mut self.io, &mut self.body).await?;
+            match kind {
                 b'd' => {
-                    let mut r = Reader::new(&m.body);
+                    let mut r = Reader::new(&self.body);
                     match r.u8()? {
+                        b'w' if self.body.len() >= DATA_HEADER => break,
                         b'w' => {
-                            let _start = r.i64()?;
-                            let _end = r.i64()?;
-                            let _time = r.i64()?;
-                            return Ok(Some(Replication::Data {
-                                payload: r.rest().to_vec(),
-                            }));
+                            return Err(Error::invalid(
+                                "replication connection: a WAL data message cut short",
+                            ));
                         }
                         b'k' => {
                             let end = Lsn(r.i64()? as u64);
@@ -320,10 +334,13 @@ impl ReplicationReader {
                     }
                 }
                 b'c' | b'C' | b'Z' => return Ok(None),
-                b'E' => return Err(query_error(&m.body)),
+                b'E' => return Err(query_error(&self.body)),
                 _ => {}
             }
         }
+        Ok(Some(Replication::Data {
+            payload: &self.body[DATA_HEADER..],
+        }))
     }
 }
 
@@ -489,6 +506,11 @@ impl<'a> Reader<'a> {
         let s = String::from_utf8_lossy(&self.buf[..end]).into_owned();
         self.buf = &self.buf[end + 1..];
         Ok(s)
+    }
+
+    /// How many bytes are left to read.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
     }
 
     pub fn rest(&mut self) -> &'a [u8] {
