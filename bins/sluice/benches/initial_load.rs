@@ -14,9 +14,11 @@
 //! servers (postmaster, backends and reaped backends, from `/proc`), beside what that CPU
 //! spread over every core would take. The schema mirror is loaded
 //! with 1, 2 and 4 parallel backfill readers (`backfill_readers`), the consumer table with the
-//! default. The source table is not analysed, as right after a bulk load.
-//! `SLUICE_BENCH_READERS` (default `1,2,4`) picks the reader counts, `SLUICE_BENCH_BATCH`
-//! (default 5000, the consumers' default) the consumers' `max_records`.
+//! default reader, written through 1 and 2 connections (the layout's `connections`). The
+//! source table is not analysed, as right after a bulk load. `SLUICE_BENCH_READERS` (default
+//! `1,2,4`) picks the mirror's reader counts, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the
+//! consumer table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
+//! default) the consumers' `max_records`.
 
 use std::path::Path;
 use std::process::Command;
@@ -303,12 +305,7 @@ async fn run() {
     assert_eq!(copied, rows, "pg_dump | psql copied every row");
 
     let mut mirrors = Vec::new();
-    let readers: Vec<usize> = std::env::var("SLUICE_BENCH_READERS")
-        .unwrap_or_else(|_| "1,2,4".into())
-        .split(',')
-        .filter_map(|r| r.trim().parse().ok())
-        .collect();
-    for readers in readers {
+    for readers in env_counts("SLUICE_BENCH_READERS", "1,2,4") {
         let name = format!("mirror{readers}");
         let run = sluice(
             &source,
@@ -330,25 +327,32 @@ async fn run() {
         .await;
         mirrors.push((readers, run));
     }
-    let table = sluice(
-        &source,
-        &target,
-        rows,
-        "records",
-        r#"{ kind = "consumer_table", schema = "sluice", table = "records" }"#,
-        &|sync| {
-            let ids: Vec<String> = checkpoints(rows)
-                .map(|id| {
-                    let upstream = UpstreamId::from_key(&[&id.to_string()]).0;
-                    let key = RecordKey::new(SyncId(sync), "public.items", upstream);
-                    format!("'{}'", key.row_id())
-                })
-                .collect();
-            probe("sluice.records", "sequin_id", &ids)
-        },
-        1,
-    )
-    .await;
+    let mut tables = Vec::new();
+    for connections in env_counts("SLUICE_BENCH_CONNECTIONS", "1,2") {
+        let name = format!("records{connections}");
+        let run = sluice(
+            &source,
+            &target,
+            rows,
+            &name,
+            &format!(
+                r#"{{ kind = "consumer_table", schema = "sluice", table = "{name}", connections = {connections} }}"#
+            ),
+            &|sync| {
+                let ids: Vec<String> = checkpoints(rows)
+                    .map(|id| {
+                        let upstream = UpstreamId::from_key(&[&id.to_string()]).0;
+                        let key = RecordKey::new(SyncId(sync), "public.items", upstream);
+                        format!("'{}'", key.row_id())
+                    })
+                    .collect();
+                probe(&format!("sluice.{name}"), "sequin_id", &ids)
+            },
+            1,
+        )
+        .await;
+        tables.push((connections, run));
+    }
 
     let per = |s: f64| rows as f64 / s;
     println!(
@@ -381,13 +385,15 @@ async fn run() {
             costs(run)
         );
     }
-    println!(
-        "  sluice, consumer table, 1 reader: {:>6.1} s  {:>9.0} rows/s  = {:.2}x native; {}",
-        table.seconds,
-        per(table.seconds),
-        native / table.seconds,
-        costs(&table)
-    );
+    for (connections, run) in &tables {
+        println!(
+            "  sluice, consumer table, {connections} conn.:  {:>6.1} s  {:>9.0} rows/s  = {:.2}x native; {}",
+            run.seconds,
+            per(run.seconds),
+            native / run.seconds,
+            costs(run)
+        );
+    }
     // Where the CPU went: a run can take no less than its total CPU spread over every core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!(
@@ -421,10 +427,15 @@ async fn run() {
             run.seconds,
         );
     }
-    line(
-        "sluice, consumer table, 1 reader",
-        Some(table.cpu_seconds),
-        table.servers,
-        table.seconds,
-    );
+    for (connections, run) in &tables {
+        line(
+            &format!(
+                "sluice, consumer table, {connections} connection{}",
+                if *connections == 1 { "" } else { "s" }
+            ),
+            Some(run.cpu_seconds),
+            run.servers,
+            run.seconds,
+        );
+    }
 }

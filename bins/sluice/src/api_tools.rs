@@ -222,7 +222,7 @@ pub(crate) async fn revoke(
 /// tables are created by the sync user itself.
 pub(crate) fn create_table_of(consumer: &ConsumerConfig) -> Value {
     match &consumer.layout {
-        LayoutConfig::ConsumerTable { schema, table } => json!({
+        LayoutConfig::ConsumerTable { schema, table, .. } => json!({
             "layout": "consumer_table",
             "sql": ConsumerTable::new(schema, table).ddl(),
             "note": "sluice creates it if missing, as the sync user; or run this yourself in a schema you own and grant the sync user insert, update, delete and select on it",
@@ -254,7 +254,7 @@ pub(crate) async fn verify_consumer(
     let config = applied(server)?;
     let consumer = find_consumer(&config, name)?;
     let target = find_target(&config, &consumer.target)?;
-    let LayoutConfig::ConsumerTable { schema, table } = &consumer.layout else {
+    let LayoutConfig::ConsumerTable { schema, table, .. } = &consumer.layout else {
         return Err(refuse(
             StatusCode::CONFLICT,
             "a schema mirror has no consumer table to verify; its target's setup check covers its schema",

@@ -44,7 +44,7 @@ pub async fn plan(config: &Config) -> (Vec<String>, bool) {
             }
         };
         let report = match &consumer.layout {
-            LayoutConfig::ConsumerTable { schema, table } => {
+            LayoutConfig::ConsumerTable { schema, table, .. } => {
                 ConsumerTable::new(schema, table)
                     .plan(&settings, &target.read_role)
                     .await

@@ -63,7 +63,7 @@ impl Catalog for ServeCatalog {
         };
         for (consumer, filter, layout, syncs) in layouts {
             let (schema, json) = match layout {
-                LayoutConfig::ConsumerTable { schema, table } => {
+                LayoutConfig::ConsumerTable { schema, table, .. } => {
                     add(SyncedTable {
                         schema,
                         table,

@@ -316,12 +316,16 @@ impl Server {
         let filter = consumer.filter.resolve(&config.syncs)?;
         let (settings, tunnels) = settings_for(&target.connection, self.reverse.as_ref()).await?;
         let target_impl: Arc<dyn Target> = match &consumer.layout {
-            LayoutConfig::ConsumerTable { schema, table } => Arc::new(
+            LayoutConfig::ConsumerTable {
+                schema,
+                table,
+                connections,
+            } => Arc::new(
                 ConsumerTableTarget::new(
                     target.name.clone(),
                     settings,
                     ConsumerTable::new(schema, table),
-                    1,
+                    connections.unwrap_or(1),
                 )
                 .create_if_missing(&target.read_role),
             ),

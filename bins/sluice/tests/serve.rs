@@ -17,6 +17,31 @@ mod smtp;
 mod support;
 use support::*;
 
+/// Waits for the 500 rows of `public.orders` in `sluice.records`, then updates, deletes and
+/// inserts one row on the source and waits for those changes there.
+async fn backfill_then_live_changes(env: &Env) {
+    wait_until("the backfill is in the target", env, 60, async || {
+        target_count(env, "sluice.records", "true").await == 500
+    })
+    .await;
+    env.source
+        .execute("postgres", "update public.orders set qty = 1000 where id = 7; delete from public.orders where id = 8; insert into public.orders values (501, 'new', 1);")
+        .await
+        .unwrap();
+    wait_until("live changes are in the target", env, 30, async || {
+        target_count(
+            env,
+            "sluice.records",
+            "upstream_id = '7' and payload->>'qty' = '1000'",
+        )
+        .await
+            == 1
+            && target_count(env, "sluice.records", "upstream_id = '8'").await == 0
+            && target_count(env, "sluice.records", "upstream_id = '501'").await == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() {
     let env = env().await;
@@ -59,27 +84,7 @@ async fn serve_syncs_postgres_and_pushed_records_and_is_driven_by_api_and_cli() 
         }
     }
 
-    // The backfill arrives, then live changes.
-    wait_until("the backfill is in the target", &env, 60, async || {
-        target_count(&env, "sluice.records", "true").await == 500
-    })
-    .await;
-    env.source
-        .execute("postgres", "update public.orders set qty = 1000 where id = 7; delete from public.orders where id = 8; insert into public.orders values (501, 'new', 1);")
-        .await
-        .unwrap();
-    wait_until("live changes are in the target", &env, 30, async || {
-        target_count(
-            &env,
-            "sluice.records",
-            "upstream_id = '7' and payload->>'qty' = '1000'",
-        )
-        .await
-            == 1
-            && target_count(&env, "sluice.records", "upstream_id = '8'").await == 0
-            && target_count(&env, "sluice.records", "upstream_id = '501'").await == 1
-    })
-    .await;
+    backfill_then_live_changes(&env).await;
 
     // Push: good records in, bad ones named; a malformed body is 400; a huge one 413.
     let (status, body) = api
@@ -567,6 +572,72 @@ async fn a_target_reached_only_through_an_agent_receives_the_consumers_writes() 
     stop_agent.send_replace(true);
     agent.await.unwrap().unwrap();
     assert!(terminate(&mut child).success(), "{}", log(&env));
+}
+
+/// A consumer table written through several connections (`connections` in its layout): every
+/// record lands, each connection keeps its own checkpoint row, and changing the count in a
+/// running server's config re-plans the checkpoints without losing a change.
+#[tokio::test]
+async fn a_consumer_table_written_through_several_connections_gets_every_record() {
+    let env = env().await;
+    let with = |connections: usize| {
+        config(&env, "").replace(
+            r#"layout = { kind = "consumer_table", schema = "sluice", table = "records" }"#,
+            &format!(
+                r#"layout = {{ kind = "consumer_table", schema = "sluice", table = "records", connections = {connections} }}"#
+            ),
+        )
+    };
+    let path = env.dir.path().join("sluice.toml");
+    std::fs::write(&path, with(3)).unwrap();
+    let (mut child, _api) = serve_ready(&env, &path).await;
+    let partitions = async || {
+        target_count(
+            &env,
+            "sluice._sluice_checkpoint",
+            "consumer = 'app-records'",
+        )
+        .await
+    };
+    backfill_then_live_changes(&env).await;
+    assert_eq!(partitions().await, 3, "a checkpoint row per connection");
+    let sessions = target_count(
+        &env,
+        "pg_stat_activity",
+        "usename = 'sluice_sync' and datname = 'postgres'",
+    )
+    .await;
+    assert!(sessions >= 3, "{sessions} sessions of the sync user");
+
+    // Down to one connection: the consumer restarts, its checkpoints become one row, and
+    // changes made meanwhile arrive.
+    std::fs::write(&path, with(1)).unwrap();
+    env.source
+        .execute("postgres", "insert into public.orders values (502, 'after', 2); update public.orders set qty = 2000 where id = 9;")
+        .await
+        .unwrap();
+    wait_until(
+        "the changes after the reload are in the target",
+        &env,
+        60,
+        async || {
+            target_count(&env, "sluice.records", "upstream_id = '502'").await == 1
+                && target_count(
+                    &env,
+                    "sluice.records",
+                    "upstream_id = '9' and payload->>'qty' = '2000'",
+                )
+                .await
+                    == 1
+        },
+    )
+    .await;
+    wait_until("one checkpoint row is left", &env, 30, async || {
+        partitions().await == 1
+    })
+    .await;
+    assert_eq!(target_count(&env, "sluice.records", "true").await, 501);
+    assert!(terminate(&mut child).success());
 }
 
 #[tokio::test]

@@ -426,6 +426,11 @@ pub enum LayoutConfig {
         schema: String,
         /// The table's name.
         table: String,
+        /// Connections that write each batch in parallel (1 to 16; default 1). Records are
+        /// split by a hash of their identity, so a record always goes through the same
+        /// connection and keeps its order. Each is one more session on the target.
+        #[serde(default)]
+        connections: Option<usize>,
     },
     /// One schema per sync, one typed table per collection.
     SchemaMirror {

@@ -128,3 +128,45 @@ fn backfill_readers_outside_1_to_16_is_a_problem_with_its_fix() {
         );
     }
 }
+
+#[test]
+fn write_connections_outside_1_to_16_is_a_problem_with_its_fix() {
+    let with = |connections: &str| {
+        let text = EXAMPLE.replace(
+            r#"table = "records" }"#,
+            &format!(r#"table = "records"{connections} }}"#),
+        );
+        toml::from_str::<Config>(&text).unwrap().problems()
+    };
+    assert!(with("").is_empty(), "{:?}", with(""));
+    assert!(with(", connections = 16").is_empty());
+    let parsed: Config = toml::from_str(&EXAMPLE.replace(
+        r#"table = "records" }"#,
+        r#"table = "records", connections = 4 }"#,
+    ))
+    .unwrap();
+    assert!(matches!(
+        parsed.consumers[0].layout,
+        LayoutConfig::ConsumerTable {
+            connections: Some(4),
+            ..
+        }
+    ));
+    for bad in ["0", "17"] {
+        let problems = with(&format!(", connections = {bad}"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let text = problems[0].to_string();
+        assert!(
+            text.contains(&format!("\"orders\" asks for {bad} connections"))
+                && text.contains("between 1 and 16"),
+            "{text}"
+        );
+    }
+    // The schema mirror has no such setting: a typo'd or misplaced key is refused.
+    let mirror = EXAMPLE.replace(
+        r#"{ kind = "consumer_table", schema = "sluice", table = "records" }"#,
+        r#"{ kind = "schema_mirror", schema = "app", connections = 2 }"#,
+    );
+    let err = toml::from_str::<Config>(&mirror).unwrap_err().to_string();
+    assert!(err.contains("connections"), "{err}");
+}

@@ -13,6 +13,9 @@ use crate::text::{closest, suggestion};
 /// The most parallel backfill readers a Postgres source may ask for.
 pub const MAX_BACKFILL_READERS: usize = 16;
 
+/// The most connections a consumer table may be written through.
+pub const MAX_WRITE_CONNECTIONS: usize = 16;
+
 /// A config file that cannot be used, located in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -319,6 +322,22 @@ impl Config {
                         "target",
                         &c.target,
                         self.targets.iter().map(|t| t.name.as_str()),
+                    ),
+                ));
+            }
+            if let crate::LayoutConfig::ConsumerTable {
+                connections: Some(connections),
+                ..
+            } = &c.layout
+                && !(1..=MAX_WRITE_CONNECTIONS).contains(connections)
+            {
+                problems.push(problem(
+                    format!(
+                        "consumer {:?} asks for {connections} connections",
+                        c.name.0
+                    ),
+                    format!(
+                        "set connections between 1 and {MAX_WRITE_CONNECTIONS} (each is one more session on the target)"
                     ),
                 ));
             }

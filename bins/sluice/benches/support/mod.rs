@@ -65,6 +65,15 @@ pub fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Child {
 }
 
 /// `name` from the environment as a number, else `default`.
+/// A comma-separated list of counts in `name`, or `default` (the same form) when unset.
+pub fn env_counts(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect()
+}
+
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
