@@ -305,8 +305,12 @@ async fn run() {
     assert_eq!(copied, rows, "pg_dump | psql copied every row");
 
     let mut mirrors = Vec::new();
-    for readers in env_counts("SLUICE_BENCH_READERS", "1,2,4") {
-        let name = format!("mirror{readers}");
+    // Each run its own schema and table, also when a count is repeated to measure it twice.
+    for (run, readers) in env_counts("SLUICE_BENCH_READERS", "1,2,4")
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("mirror{run}_{readers}");
         let run = sluice(
             &source,
             &target,
@@ -328,8 +332,11 @@ async fn run() {
         mirrors.push((readers, run));
     }
     let mut tables = Vec::new();
-    for connections in env_counts("SLUICE_BENCH_CONNECTIONS", "1,2") {
-        let name = format!("records{connections}");
+    for (run, connections) in env_counts("SLUICE_BENCH_CONNECTIONS", "1,2")
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("records{run}_{connections}");
         let run = sluice(
             &source,
             &target,

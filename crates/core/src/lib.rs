@@ -39,6 +39,7 @@ mod error;
 mod health;
 mod load;
 mod managed;
+mod problems;
 mod proxy_config;
 mod record;
 mod report;
@@ -63,8 +64,9 @@ pub use error::{Error, ErrorClass, Result};
 pub use health::{
     Check, EntityKind, EntityRef, Health, HealthReport, HealthState, Status, Transition,
 };
-pub use load::{ConfigError, Problem};
+pub use load::ConfigError;
 pub use managed::{MANAGED_FILE, Managed, ManagedKind};
+pub use problems::Problem;
 pub use proxy_config::{ProxyConfig, WebhookWriterConfig, WriterLogin};
 pub use record::{
     Change, CollectionId, Payload, Provider, Record, RecordKey, SyncId, UpstreamId, Version,

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{ConfigError, Problem, line_column};
+use crate::load::{ConfigError, line_column};
+use crate::problems::Problem;
 use crate::{Config, ConsumerConfig, SyncConfig, TargetConfig};
 
 /// The managed entities' file name, inside the data directory.
