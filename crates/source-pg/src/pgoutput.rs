@@ -262,12 +262,11 @@ fn expect(tag: u8, want: u8) -> Result<(), Error> {
     }
 }
 
-/// Reads a tuple's columns. Its text is sized by what is left of the message, which holds
-/// every value's text and a few bytes more.
+/// Reads a tuple's columns, into text allocated once at its size.
 fn tuple(r: &mut Reader<'_>) -> Result<Tuple, Error> {
     let n = r.i16()?;
     let mut tuple = Tuple {
-        text: String::with_capacity(r.remaining()),
+        text: String::with_capacity(text_len(r.clone(), n)),
         parts: Vec::with_capacity(n.max(0) as usize),
     };
     for _ in 0..n {
@@ -292,6 +291,27 @@ fn tuple(r: &mut Reader<'_>) -> Result<Tuple, Error> {
         tuple.push(value);
     }
     Ok(tuple)
+}
+
+/// The length of the text of the `n` columns `r` is at, read ahead without copying (a message
+/// cut short stops the count; [`tuple`] then reports it).
+fn text_len(mut r: Reader<'_>, n: i16) -> usize {
+    let mut total = 0;
+    for _ in 0..n {
+        match r.u8() {
+            Ok(b't') => {
+                let Ok(len) = r.i32() else { break };
+                let len = len.max(0) as usize;
+                if r.bytes(len).is_err() {
+                    break;
+                }
+                total += len;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -408,10 +428,11 @@ mod tests {
         let Message::Update { old, new, .. } = decode(&m).unwrap() else {
             panic!("an update")
         };
-        assert_eq!(
-            old.unwrap().values().collect::<Vec<_>>(),
-            [Value::Text("old")]
-        );
+        let old = old.unwrap();
+        assert_eq!(old.values().collect::<Vec<_>>(), [Value::Text("old")]);
+        // Each tuple's text is allocated once, at its size (the old key's not at the message's).
+        assert_eq!((old.text.len(), old.text.capacity()), (3, 3));
+        assert_eq!(new.text.capacity(), new.text.len());
         let mut want: Vec<Value> = values.iter().map(|v| Value::Text(v)).collect();
         want.extend([Value::Null, Value::Unchanged]);
         assert_eq!(new.values().collect::<Vec<_>>(), want);

@@ -400,7 +400,7 @@ impl PostgresSource {
                             if rel.columns.iter().any(|c| types.get(c.type_oid).is_none()) {
                                 types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
                             }
-                            let table = tables::describe(&mut conn, Some(rel.id), &rel.schema, &rel.name).await?;
+                            let table = tables::describe_sent(&mut conn, &rel).await?;
                             if let Some(t) = table.as_ref().filter(|t| !t.key.is_empty()) {
                                 // Before any change that uses the new shape is appended.
                                 state.flush_records().await?;

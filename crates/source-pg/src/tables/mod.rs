@@ -81,6 +81,42 @@ pub(crate) async fn published(
     Ok(rows.into_iter().map(|r| (r.schema, r.name)).collect())
 }
 
+/// How long a relation message waits for the catalog to show the transaction that sent it.
+const CATALOG_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Describes the table a relation message is about, as the transaction being decoded left it.
+///
+/// The server sends a transaction as soon as its commit is in the WAL, which can be a moment
+/// before other sessions see it committed: until then the catalog still shows the columns as
+/// they were (a column retyped or added in that transaction, its old shape stored for the
+/// mirror). So the catalog is read again until it shows every column the message lists, with
+/// the type it was sent with, for at most [`CATALOG_CATCH_UP`]; after that (a later
+/// transaction already changed the table again) the catalog's description is taken as it is.
+/// A column the catalog has and the message does not (dropped since, or outside the
+/// publication's column list) does not make it wait.
+pub(crate) async fn describe_sent(
+    conn: &mut PgConnection,
+    sent: &crate::pgoutput::Relation,
+) -> Result<Option<Table>, Error> {
+    let deadline = std::time::Instant::now() + CATALOG_CATCH_UP;
+    loop {
+        let table = describe(conn, Some(sent.id), &sent.schema, &sent.name).await?;
+        let shows_sent = |t: &Table| {
+            sent.columns.iter().all(|c| {
+                t.columns
+                    .iter()
+                    .any(|k| k.name == c.name && k.type_oid == c.type_oid)
+            })
+        };
+        match &table {
+            Some(t) if !shows_sent(t) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            _ => return Ok(table),
+        }
+    }
+}
+
 /// Describes one table by OID, or by schema and name when `oid` is `None`.
 pub(crate) async fn describe(
     conn: &mut PgConnection,
@@ -351,5 +387,90 @@ mod tests {
         );
         let room = payload_room(columns.iter().map(|c| (c.0.len(), 4)));
         assert!(written.len() <= room, "{} > {room}", written.len());
+    }
+
+    /// A relation message whose columns the catalog does not show yet (its transaction's
+    /// commit not yet visible to other sessions) waits until it does; one that lists fewer
+    /// columns does not wait; one the catalog never catches up with gets the catalog's shape
+    /// after the bound.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_relation_message_waits_for_the_catalog_to_show_its_columns() {
+        use crate::pgoutput::{Column, Relation};
+        use std::time::{Duration, Instant};
+
+        let pg = std::sync::Arc::new(sluice_localpg::Cluster::options().start().unwrap());
+        let mut conn = pg.admin("postgres").await.unwrap();
+        sqlx::raw_sql("create table t (id int primary key, v varchar(20), w text)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let oid: i64 = sqlx::query_scalar("select 'public.t'::regclass::oid::int8")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let sent = |columns: &[(&str, u32)]| {
+            Relation::new(
+                oid as u32,
+                "public".into(),
+                "t".into(),
+                columns
+                    .iter()
+                    .map(|&(name, type_oid)| Column {
+                        name: name.into(),
+                        type_oid,
+                    })
+                    .collect(),
+            )
+        };
+        let v_type = |t: &Table| {
+            t.columns
+                .iter()
+                .find(|c| c.name == "v")
+                .map(|c| c.sql_type.clone())
+        };
+
+        // Fewer columns than the catalog, with their types: at once.
+        let started = Instant::now();
+        let table = describe_sent(&mut conn, &sent(&[("id", 23), ("v", 1043)]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v_type(&table).as_deref(), Some("character varying(20)"));
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        // `v` sent as integer, which the catalog shows 300 ms later.
+        let alter = tokio::spawn({
+            let pg = pg.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                pg.execute(
+                    "postgres",
+                    "alter table t alter column v type int using length(v)",
+                )
+                .await
+                .unwrap();
+            }
+        });
+        let started = Instant::now();
+        let table = describe_sent(&mut conn, &sent(&[("id", 23), ("v", 23), ("w", 25)]))
+            .await
+            .unwrap()
+            .unwrap();
+        alter.await.unwrap();
+        assert_eq!(v_type(&table).as_deref(), Some("integer"));
+        assert!(started.elapsed() >= Duration::from_millis(250));
+
+        // Sent as text, but the table has changed again since: the catalog's shape, in time.
+        let started = Instant::now();
+        let table = describe_sent(&mut conn, &sent(&[("id", 23), ("v", 25)]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v_type(&table).as_deref(), Some("integer"));
+        let waited = started.elapsed();
+        assert!(
+            waited >= CATALOG_CATCH_UP && waited < CATALOG_CATCH_UP + Duration::from_secs(2),
+            "{waited:?}"
+        );
     }
 }

@@ -279,6 +279,9 @@ async fn read_message(io: &mut (impl AsyncRead + Unpin)) -> Result<Message, Erro
     Ok(Message { kind, body })
 }
 
+/// The most buffer a reader keeps between messages (a larger one is freed after its message).
+const KEPT_BODY: usize = 1 << 20;
+
 /// Reads one message into `body` (its buffer reused); returns the message's type byte.
 async fn read_message_into(
     io: &mut (impl AsyncRead + Unpin),
@@ -294,8 +297,13 @@ async fn read_message_into(
             "replication connection: bad message length {len}"
         )));
     }
+    let needed = len as usize - 4;
+    if body.capacity() > KEPT_BODY && needed <= KEPT_BODY {
+        // A large message's buffer is not kept for the small ones after it.
+        *body = Vec::new();
+    }
     body.clear();
-    body.resize(len as usize - 4, 0);
+    body.resize(needed, 0);
     io.read_exact(body).await.map_err(|e| lost("reading", e))?;
     Ok(kind)
 }
@@ -453,6 +461,7 @@ fn unexpected(kind: u8, when: &str) -> Error {
 }
 
 /// A cursor over a message body; every read checks the length.
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
 }
@@ -506,11 +515,6 @@ impl<'a> Reader<'a> {
         let s = String::from_utf8_lossy(&self.buf[..end]).into_owned();
         self.buf = &self.buf[end + 1..];
         Ok(s)
-    }
-
-    /// How many bytes are left to read.
-    pub fn remaining(&self) -> usize {
-        self.buf.len()
     }
 
     pub fn rest(&mut self) -> &'a [u8] {
