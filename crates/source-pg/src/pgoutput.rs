@@ -318,6 +318,15 @@ fn text_len(mut r: Reader<'_>, n: i16) -> usize {
 mod tests {
     use super::*;
 
+    /// A change message's start: its kind, relation, the tuple's tag and column count.
+    fn change(kind: u8, relation: i32, tag: u8, columns: i16) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&relation.to_be_bytes());
+        m.push(tag);
+        m.extend_from_slice(&columns.to_be_bytes());
+        m
+    }
+
     fn text(buf: &mut Vec<u8>, s: &str) {
         buf.push(b't');
         buf.extend_from_slice(&(s.len() as i32).to_be_bytes());
@@ -364,10 +373,7 @@ mod tests {
         assert_eq!(rel.by_name, [1, 0], "body before id");
         assert_eq!(rel.columns[1].type_oid, 25);
 
-        let mut u = vec![b'U'];
-        u.extend_from_slice(&16384i32.to_be_bytes());
-        u.push(b'N');
-        u.extend_from_slice(&3i16.to_be_bytes());
+        let mut u = change(b'U', 16384, b'N', 3);
         text(&mut u, "42");
         u.push(b'u');
         u.push(b'n');
@@ -400,10 +406,7 @@ mod tests {
         assert!(decode(b"").is_err());
         assert!(decode(b"I\0\0").is_err());
         assert!(decode(b"Z").is_err());
-        let mut u = vec![b'I'];
-        u.extend_from_slice(&1i32.to_be_bytes());
-        u.push(b'N');
-        u.extend_from_slice(&1i16.to_be_bytes());
+        let mut u = change(b'I', 1, b'N', 1);
         u.push(b't');
         u.extend_from_slice(&100i32.to_be_bytes());
         u.extend_from_slice(b"short");
@@ -413,10 +416,7 @@ mod tests {
     #[test]
     fn a_tuples_values_keep_their_text_exactly_and_bad_utf8_is_refused() {
         let values = ["", "é€😀", "line\nbreak", "a\\b", "x".repeat(70_000).leak()];
-        let mut m = vec![b'U'];
-        m.extend_from_slice(&7i32.to_be_bytes());
-        m.push(b'K');
-        m.extend_from_slice(&1i16.to_be_bytes());
+        let mut m = change(b'U', 7, b'K', 1);
         text(&mut m, "old");
         m.push(b'N');
         m.extend_from_slice(&(values.len() as i16 + 2).to_be_bytes());
@@ -439,10 +439,7 @@ mod tests {
         assert_eq!(new.get(1), Some(Value::Text("é€😀")));
         assert_eq!(new.get(values.len() + 2), None);
 
-        let mut bad = vec![b'I'];
-        bad.extend_from_slice(&7i32.to_be_bytes());
-        bad.push(b'N');
-        bad.extend_from_slice(&1i16.to_be_bytes());
+        let mut bad = change(b'I', 7, b'N', 1);
         bad.push(b't');
         bad.extend_from_slice(&2i32.to_be_bytes());
         bad.extend_from_slice(&[0xc3, 0x28]);
