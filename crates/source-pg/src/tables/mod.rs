@@ -93,28 +93,40 @@ const CATALOG_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 /// the type it was sent with, for at most [`CATALOG_CATCH_UP`]; after that (a later
 /// transaction already changed the table again) the catalog's description is taken as it is.
 /// A column the catalog has and the message does not (dropped since, or outside the
-/// publication's column list) does not make it wait.
+/// publication's column list) does not make it wait; nor does a table dropped since.
 pub(crate) async fn describe_sent(
     conn: &mut PgConnection,
     sent: &crate::pgoutput::Relation,
 ) -> Result<Option<Table>, Error> {
     let deadline = std::time::Instant::now() + CATALOG_CATCH_UP;
-    loop {
-        let table = describe(conn, Some(sent.id), &sent.schema, &sent.name).await?;
-        let shows_sent = |t: &Table| {
-            sent.columns.iter().all(|c| {
-                t.columns
-                    .iter()
-                    .any(|k| k.name == c.name && k.type_oid == c.type_oid)
-            })
-        };
-        match &table {
-            Some(t) if !shows_sent(t) && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            _ => return Ok(table),
-        }
+    while !shows_sent(conn, sent).await? && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    describe(conn, Some(sent.id), &sent.schema, &sent.name).await
+}
+
+/// Whether the catalog shows every column of `sent` at the type it was sent with (generated
+/// columns included: a publication may send them, though sluice does not read them), or no
+/// longer has the table.
+async fn shows_sent(
+    conn: &mut PgConnection,
+    sent: &crate::pgoutput::Relation,
+) -> Result<bool, Error> {
+    let columns = sqlx::query!(
+        r#"select attname::text as "name!", atttypid::int8 as "type_oid!"
+           from pg_attribute
+           where attrelid = $1::int8::oid and attnum > 0 and not attisdropped"#,
+        i64::from(sent.id)
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db("reading a table's columns", e))?;
+    Ok(columns.is_empty()
+        || sent.columns.iter().all(|c| {
+            columns
+                .iter()
+                .any(|k| k.name == c.name && k.type_oid == i64::from(c.type_oid))
+        }))
 }
 
 /// Describes one table by OID, or by schema and name when `oid` is `None`.
@@ -400,7 +412,9 @@ mod tests {
 
         let pg = std::sync::Arc::new(sluice_localpg::Cluster::options().start().unwrap());
         let mut conn = pg.admin("postgres").await.unwrap();
-        sqlx::raw_sql("create table t (id int primary key, v varchar(20), w text)")
+        sqlx::raw_sql(
+            "create table t (id int primary key, v varchar(20), w text, g int generated always as (id * 2) stored)",
+        )
             .execute(&mut conn)
             .await
             .unwrap();
@@ -429,9 +443,10 @@ mod tests {
                 .map(|c| c.sql_type.clone())
         };
 
-        // Fewer columns than the catalog, with their types: at once.
+        // Fewer columns than the catalog, with their types, and a generated column (which
+        // sluice does not read): at once.
         let started = Instant::now();
-        let table = describe_sent(&mut conn, &sent(&[("id", 23), ("v", 1043)]))
+        let table = describe_sent(&mut conn, &sent(&[("id", 23), ("v", 1043), ("g", 23)]))
             .await
             .unwrap()
             .unwrap();
