@@ -262,56 +262,58 @@ fn expect(tag: u8, want: u8) -> Result<(), Error> {
     }
 }
 
-/// Reads a tuple's columns, into text allocated once at its size.
+/// One column of a tuple as sent, its text not yet checked.
+enum Sent<'a> {
+    Null,
+    Unchanged,
+    Text(&'a [u8]),
+}
+
+/// Reads one column of a tuple.
+fn column<'a>(r: &mut Reader<'a>) -> Result<Sent<'a>, Error> {
+    Ok(match r.u8()? {
+        b'n' => Sent::Null,
+        b'u' => Sent::Unchanged,
+        b't' => {
+            let len = r.i32()?;
+            Sent::Text(r.bytes(len.max(0) as usize)?)
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "pgoutput: unsupported value kind {:?}",
+                other as char
+            )));
+        }
+    })
+}
+
+/// Reads a tuple's columns, into text allocated once at its size (the columns' lengths read
+/// ahead first, without copying).
 fn tuple(r: &mut Reader<'_>) -> Result<Tuple, Error> {
     let n = r.i16()?;
+    let mut ahead = r.clone();
+    let text_len = (0..n)
+        .map_while(|_| column(&mut ahead).ok())
+        .map(|c| match c {
+            Sent::Text(bytes) => bytes.len(),
+            Sent::Null | Sent::Unchanged => 0,
+        })
+        .sum();
     let mut tuple = Tuple {
-        text: String::with_capacity(text_len(r.clone(), n)),
+        text: String::with_capacity(text_len),
         parts: Vec::with_capacity(n.max(0) as usize),
     };
     for _ in 0..n {
-        let value = match r.u8()? {
-            b'n' => Value::Null,
-            b'u' => Value::Unchanged,
-            b't' => {
-                let len = r.i32()?;
-                let bytes = r.bytes(len.max(0) as usize)?;
-                Value::Text(
-                    std::str::from_utf8(bytes)
-                        .map_err(|_| Error::invalid("pgoutput: a text value is not UTF-8"))?,
-                )
-            }
-            other => {
-                return Err(Error::invalid(format!(
-                    "pgoutput: unsupported value kind {:?}",
-                    other as char
-                )));
-            }
-        };
-        tuple.push(value);
+        tuple.push(match column(r)? {
+            Sent::Null => Value::Null,
+            Sent::Unchanged => Value::Unchanged,
+            Sent::Text(bytes) => Value::Text(
+                std::str::from_utf8(bytes)
+                    .map_err(|_| Error::invalid("pgoutput: a text value is not UTF-8"))?,
+            ),
+        });
     }
     Ok(tuple)
-}
-
-/// The length of the text of the `n` columns `r` is at, read ahead without copying (a message
-/// cut short stops the count; [`tuple`] then reports it).
-fn text_len(mut r: Reader<'_>, n: i16) -> usize {
-    let mut total = 0;
-    for _ in 0..n {
-        match r.u8() {
-            Ok(b't') => {
-                let Ok(len) = r.i32() else { break };
-                let len = len.max(0) as usize;
-                if r.bytes(len).is_err() {
-                    break;
-                }
-                total += len;
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    total
 }
 
 #[cfg(test)]

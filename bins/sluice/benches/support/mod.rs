@@ -64,7 +64,6 @@ pub fn serve(dir: &Path, config: &str, env: &[(&str, &str)]) -> Child {
         .unwrap()
 }
 
-/// `name` from the environment as a number, else `default`.
 /// A comma-separated list of counts in `name`, or `default` (the same form) when unset.
 pub fn env_counts(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -74,6 +73,7 @@ pub fn env_counts(name: &str, default: &str) -> Vec<usize> {
         .collect()
 }
 
+/// `name` from the environment as a number, else `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
