@@ -13,11 +13,13 @@
 //! (`pg_total_relation_size`), and every tool's CPU time per process: sluice and both
 //! servers (postmaster, backends and reaped backends, from `/proc`), beside what that CPU
 //! spread over every core would take. The schema mirror is loaded
-//! with 1, 2 and 4 parallel backfill readers (`backfill_readers`), the consumer table with the
-//! default reader, written through 1 and 2 connections (the layout's `connections`). The
-//! source table is not analysed, as right after a bulk load. `SLUICE_BENCH_READERS` (default
-//! `1,2,4`) picks the mirror's reader counts, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the
-//! consumer table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
+//! with 1, 2 and 4 parallel backfill readers (`backfill_readers`) through one connection, then
+//! with 2 readers through 2 connections (the layout's `connections`); the consumer table with
+//! the default reader, written through 1 and 2 connections. The source table is not analysed,
+//! as right after a bulk load. `SLUICE_BENCH_READERS` (default `1,2,4`) picks the mirror's
+//! reader counts, `SLUICE_BENCH_MIRROR_CONNECTIONS` (default `2`, empty for none) the mirror's
+//! connection counts with 2 readers, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the consumer
+//! table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
 //! default) the consumers' `max_records`.
 
 use std::path::Path;
@@ -306,17 +308,24 @@ async fn run() {
 
     let mut mirrors = Vec::new();
     // Each run its own schema and table, also when a count is repeated to measure it twice.
-    for (run, readers) in env_counts("SLUICE_BENCH_READERS", "1,2,4")
+    let widths = env_counts("SLUICE_BENCH_READERS", "1,2,4")
         .into_iter()
-        .enumerate()
-    {
-        let name = format!("mirror{run}_{readers}");
+        .map(|readers| (readers, 1))
+        .chain(
+            env_counts("SLUICE_BENCH_MIRROR_CONNECTIONS", "2")
+                .into_iter()
+                .map(|connections| (2, connections)),
+        );
+    for (run, (readers, connections)) in widths.enumerate() {
+        let name = format!("mirror{run}_{readers}_{connections}");
         let run = sluice(
             &source,
             &target,
             rows,
             &name,
-            &format!(r#"{{ kind = "schema_mirror", schema = "{name}" }}"#),
+            &format!(
+                r#"{{ kind = "schema_mirror", schema = "{name}", connections = {connections} }}"#
+            ),
             &|_| {
                 probe(
                     &format!("{name}.items"),
@@ -329,7 +338,7 @@ async fn run() {
             readers,
         )
         .await;
-        mirrors.push((readers, run));
+        mirrors.push(((readers, connections), run));
     }
     let mut tables = Vec::new();
     for (run, connections) in env_counts("SLUICE_BENCH_CONNECTIONS", "1,2")
@@ -382,10 +391,10 @@ async fn run() {
             run.stream_bytes as f64 / source_bytes as f64
         )
     };
-    for (readers, run) in &mirrors {
+    for (width, run) in &mirrors {
         println!(
-            "  sluice, schema mirror, {readers} reader{}: {:>6.1} s  {:>9.0} rows/s  = {:.2}x native (goal >= 0.7x); {}",
-            if *readers == 1 { " " } else { "s" },
+            "  sluice, schema mirror, {}: {:>6.1} s  {:>9.0} rows/s  = {:.2}x native (goal >= 0.7x); {}",
+            mirror_width(*width),
             run.seconds,
             per(run.seconds),
             native / run.seconds,
@@ -423,12 +432,9 @@ async fn run() {
         dump_servers,
         dumped,
     );
-    for (readers, run) in &mirrors {
+    for (width, run) in &mirrors {
         line(
-            &format!(
-                "sluice, schema mirror, {readers} reader{}",
-                if *readers == 1 { "" } else { "s" }
-            ),
+            &format!("sluice, schema mirror, {}", mirror_width(*width)),
             Some(run.cpu_seconds),
             run.servers,
             run.seconds,
@@ -445,4 +451,12 @@ async fn run() {
             run.seconds,
         );
     }
+}
+
+/// "2 readers, 1 conn.": a mirror run's backfill readers and write connections.
+fn mirror_width((readers, connections): (usize, usize)) -> String {
+    format!(
+        "{readers} reader{}, {connections} conn.",
+        if readers == 1 { "" } else { "s" }
+    )
 }

@@ -80,6 +80,7 @@ impl Catalog for ServeCatalog {
                 LayoutConfig::SchemaMirror {
                     schema,
                     collections,
+                    ..
                 } => (schema, collections),
             };
             for (sync, source) in syncs {

@@ -332,25 +332,29 @@ impl Server {
             LayoutConfig::SchemaMirror {
                 schema,
                 collections,
-            } => Arc::new(SchemaMirrorTarget::new(
-                target.name.clone(),
-                settings,
-                schema.clone(),
-                target.read_role.clone(),
-                self.stream.clone(),
-                collections
-                    .iter()
-                    .map(|(id, c)| {
-                        (
-                            id.clone(),
-                            JsonCollection {
-                                table: c.table.clone(),
-                                schema: c.json_schema.clone(),
-                            },
-                        )
-                    })
-                    .collect(),
-            )),
+                connections,
+            } => Arc::new(
+                SchemaMirrorTarget::new(
+                    target.name.clone(),
+                    settings,
+                    schema.clone(),
+                    target.read_role.clone(),
+                    self.stream.clone(),
+                    collections
+                        .iter()
+                        .map(|(id, c)| {
+                            (
+                                id.clone(),
+                                JsonCollection {
+                                    table: c.table.clone(),
+                                    schema: c.json_schema.clone(),
+                                },
+                            )
+                        })
+                        .collect(),
+                )
+                .with_connections(connections.unwrap_or(1)),
+            ),
         };
         let runtime = ConsumerRuntime::new(
             consumer.name.clone(),

@@ -578,7 +578,7 @@ async fn a_target_reached_only_through_an_agent_receives_the_consumers_writes() 
 /// record lands, each connection keeps its own checkpoint row, and changing the count in a
 /// running server's config re-plans the checkpoints without losing a change.
 #[tokio::test]
-async fn a_consumer_table_written_through_several_connections_gets_every_record() {
+async fn both_layouts_written_through_several_connections_get_every_record() {
     let env = env().await;
     let with = |connections: usize| {
         config(&env, "").replace(
@@ -586,24 +586,43 @@ async fn a_consumer_table_written_through_several_connections_gets_every_record(
             &format!(
                 r#"layout = {{ kind = "consumer_table", schema = "sluice", table = "records", connections = {connections} }}"#
             ),
+        ) + &format!(
+            "\n[[consumer]]\nname = \"mirror\"\ntarget = \"warehouse\"\nfilter = {{ sync = {{ name = \"app\" }} }}\n\
+             layout = {{ kind = \"schema_mirror\", schema = \"app_mirror\", connections = {connections} }}\n"
         )
     };
     let path = env.dir.path().join("sluice.toml");
     std::fs::write(&path, with(3)).unwrap();
     let (mut child, _api) = serve_ready(&env, &path).await;
     let partitions = async || {
-        target_count(
-            &env,
-            "sluice._sluice_checkpoint",
-            "consumer = 'app-records'",
+        (
+            target_count(
+                &env,
+                "sluice._sluice_checkpoint",
+                "consumer = 'app-records'",
+            )
+            .await,
+            target_count(&env, "app_mirror._sluice_checkpoint", "consumer = 'mirror'").await,
         )
-        .await
     };
+    // The mirror holds what the consumer table holds, as typed rows.
+    let mirrored = async |condition: &str| target_count(&env, "app_mirror.orders", condition).await;
     backfill_then_live_changes(&env).await;
-    assert_eq!(partitions().await, 3, "a checkpoint row per connection");
+    wait_until("the mirror has the same changes", &env, 30, async || {
+        mirrored("true").await == 500
+            && mirrored("id = 7 and qty = 1000").await == 1
+            && mirrored("id = 8").await == 0
+            && mirrored("id = 501").await == 1
+    })
+    .await;
+    assert_eq!(
+        partitions().await,
+        (3, 3),
+        "a checkpoint row per connection"
+    );
 
-    // Down to one connection: the consumer restarts, its checkpoints become one row, and
-    // changes made meanwhile arrive.
+    // Down to one connection: the consumers restart, their checkpoints become one row each,
+    // and changes made meanwhile arrive.
     std::fs::write(&path, with(1)).unwrap();
     env.source
         .execute("postgres", "insert into public.orders values (502, 'after', 2); update public.orders set qty = 2000 where id = 9;")
@@ -622,14 +641,17 @@ async fn a_consumer_table_written_through_several_connections_gets_every_record(
                 )
                 .await
                     == 1
+                && mirrored("id = 502").await == 1
+                && mirrored("id = 9 and qty = 2000").await == 1
         },
     )
     .await;
-    wait_until("one checkpoint row is left", &env, 30, async || {
-        partitions().await == 1
+    wait_until("one checkpoint row each is left", &env, 30, async || {
+        partitions().await == (1, 1)
     })
     .await;
     assert_eq!(target_count(&env, "sluice.records", "true").await, 501);
+    assert_eq!(mirrored("true").await, 501);
     assert!(terminate(&mut child).success());
 }
 

@@ -436,6 +436,11 @@ pub enum LayoutConfig {
     SchemaMirror {
         /// The schema to create and own.
         schema: String,
+        /// Connections that write each batch in parallel (1 to 16; default 1), as for the
+        /// consumer table: a record always goes through the same connection. The tables'
+        /// shapes are changed through the first, before any of them writes.
+        #[serde(default)]
+        connections: Option<usize>,
         /// Collections typed from a JSON Schema (for sources that do not describe their
         /// tables, such as pushed records), by collection id.
         #[serde(default)]

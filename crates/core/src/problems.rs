@@ -9,7 +9,7 @@ use crate::text::suggestion;
 /// The most parallel backfill readers a Postgres source may ask for.
 pub const MAX_BACKFILL_READERS: usize = 16;
 
-/// The most connections a consumer table may be written through.
+/// The most connections a consumer may write its target through.
 pub const MAX_WRITE_CONNECTIONS: usize = 16;
 
 /// A mistake in a config that the parser could not see, with its fix.
@@ -115,6 +115,10 @@ impl Config {
                 ));
             }
             if let crate::LayoutConfig::ConsumerTable {
+                connections: Some(connections),
+                ..
+            }
+            | crate::LayoutConfig::SchemaMirror {
                 connections: Some(connections),
                 ..
             } = &c.layout

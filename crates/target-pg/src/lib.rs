@@ -27,12 +27,14 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoint;
 mod consumer_table;
 mod copy;
 mod mirror;
 
+pub use checkpoint::CHECKPOINT_TABLE;
 pub use consumer_table::{
-    CHECKPOINT_TABLE, COLUMNS, ConsumerTable, ConsumerTableTarget, Finding, Severity, Verification,
+    COLUMNS, ConsumerTable, ConsumerTableTarget, Finding, Severity, Verification,
 };
 pub use mirror::{JsonCollection, SchemaMirrorTarget, default_table_name};
 /// Reaching the server is `sluice-pg`'s; re-exported for the target's callers.

@@ -21,10 +21,8 @@ use sluice_pg::Condition;
 
 use super::ConsumerTable;
 use super::statements::Statements;
+use crate::checkpoint::CHECKPOINT_TABLE;
 use crate::copy::{copy, push_escaped, push_text};
-
-/// The checkpoint table, created by the sync user in the consumer table's schema.
-pub const CHECKPOINT_TABLE: &str = "_sluice_checkpoint";
 
 /// The key a consumer table's checkpoints are stored under (its quoted name), so one
 /// consumer may be pointed at another table and start over there.
@@ -39,64 +37,10 @@ pub(crate) async fn prepare_connection(
     sql: &Statements,
 ) -> Result<(), sqlx::Error> {
     // Two statements in one simple query: one implicit transaction, so the lock covers it.
-    sqlx::raw_sql(AssertSqlSafe(sql.create_checkpoint.clone()))
+    sqlx::raw_sql(AssertSqlSafe(sql.checkpoints.create.clone()))
         .execute(&mut *conn)
         .await?;
     sqlx::query(sql.create_stage).execute(&mut *conn).await?;
-    Ok(())
-}
-
-/// Returns the consumer's checkpoint: the lowest
-/// across its partitions. When the number of partitions changed since the last run, every
-/// partition restarts from that lowest point (re-applying is idempotent; skipping is not).
-pub(crate) async fn prepare_checkpoint(
-    conn: &mut PgConnection,
-    sql: &Statements,
-    consumer: &str,
-    table: &str,
-    partitions: usize,
-) -> Result<Seq, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(sql.read_checkpoints.clone()))
-        .bind(consumer)
-        .bind(table)
-        .fetch_all(&mut *tx)
-        .await?;
-    let lowest = rows.iter().map(|(_, seq)| *seq).min().unwrap_or(0);
-    let mut stored: Vec<i32> = rows.iter().map(|(p, _)| *p).collect();
-    stored.sort_unstable();
-    let expected: Vec<i32> = (0..partitions as i32).collect();
-    if stored != expected {
-        // Two statements: within one, an insert does not see a data-modifying CTE's delete.
-        sqlx::query(AssertSqlSafe(sql.clear_checkpoints.clone()))
-            .bind(consumer)
-            .bind(table)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(AssertSqlSafe(sql.reset_checkpoints.clone()))
-            .bind(consumer)
-            .bind(table)
-            .bind(lowest)
-            .bind(partitions as i32)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(Seq(lowest as u64))
-}
-
-/// Moves every partition of the consumer back to the start of the stream.
-pub(crate) async fn rewind_checkpoint(
-    conn: &mut PgConnection,
-    sql: &Statements,
-    consumer: &str,
-    table: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(AssertSqlSafe(sql.rewind_checkpoints.clone()))
-        .bind(consumer)
-        .bind(table)
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -178,13 +122,11 @@ async fn try_apply(
     } = *write;
     let mut outcome = PartitionOutcome::default();
     let mut tx = conn.begin().await?;
-    let stored: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.lock_checkpoint.clone()))
-        .bind(consumer)
-        .bind(table)
-        .bind(partition as i32)
-        .fetch_optional(&mut *tx)
+    let stored = sql
+        .checkpoints
+        .lock(&mut tx, consumer, table, partition)
         .await?;
-    if stored.is_some_and(|s| s as u64 >= through.0) {
+    if stored.is_some_and(|s| s >= through) {
         tx.rollback().await?;
         return Ok(outcome);
     }
@@ -248,12 +190,8 @@ async fn try_apply(
             .await?
             .rows_affected();
     }
-    sqlx::query(AssertSqlSafe(sql.write_checkpoint.clone()))
-        .bind(consumer)
-        .bind(table)
-        .bind(partition as i32)
-        .bind(through.0 as i64)
-        .execute(&mut *tx)
+    sql.checkpoints
+        .write(&mut tx, consumer, table, partition, through)
         .await?;
     tx.commit().await?;
     outcome.applied = true;

@@ -7,7 +7,6 @@ mod apply;
 mod statements;
 mod target;
 
-pub use apply::CHECKPOINT_TABLE;
 pub use target::ConsumerTableTarget;
 
 use sluice_core::CheckReport;

@@ -1,21 +1,13 @@
 //! The SQL of one consumer table, built once with every identifier quoted.
 
-use sluice_core::sql::qualified;
-
 use super::ConsumerTable;
-use super::apply::CHECKPOINT_TABLE;
+use crate::checkpoint::Checkpoints;
 use crate::copy::probing_key_index;
 
 /// The SQL for one consumer table, built once with every identifier quoted.
 #[derive(Clone, Debug)]
 pub(crate) struct Statements {
-    pub(super) create_checkpoint: String,
-    pub(super) read_checkpoints: String,
-    pub(super) clear_checkpoints: String,
-    pub(super) rewind_checkpoints: String,
-    pub(super) reset_checkpoints: String,
-    pub(super) lock_checkpoint: String,
-    pub(super) write_checkpoint: String,
+    pub(super) checkpoints: Checkpoints,
     pub(super) create_stage: &'static str,
     pub(super) copy_stage: &'static str,
     pub(super) copy_direct: String,
@@ -32,32 +24,8 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) fn new(table: &ConsumerTable) -> Self {
         let target = table.qualified();
-        let checkpoint = qualified(&table.schema, CHECKPOINT_TABLE);
         Self {
-            create_checkpoint: format!(
-                "{lock}; set local client_min_messages = warning; create table if not exists {checkpoint} (\
-                   consumer text not null, tbl text not null, partition int not null, seq bigint not null, \
-                   updated_at timestamptz not null default now(), primary key (consumer, tbl, partition))",
-                lock = sluice_core::sql::schema_ddl_lock(&table.schema)
-            ),
-            read_checkpoints: format!(
-                "select partition, seq from {checkpoint} where consumer = $1 and tbl = $2 for update"
-            ),
-            clear_checkpoints: format!("delete from {checkpoint} where consumer = $1 and tbl = $2"),
-            rewind_checkpoints: format!(
-                "update {checkpoint} set seq = 0, updated_at = now() where consumer = $1 and tbl = $2"
-            ),
-            reset_checkpoints: format!(
-                "insert into {checkpoint} (consumer, tbl, partition, seq) \
-                 select $1, $2, p, $3 from generate_series(0, $4 - 1) p"
-            ),
-            lock_checkpoint: format!(
-                "select seq from {checkpoint} where consumer = $1 and tbl = $2 and partition = $3 for update"
-            ),
-            write_checkpoint: format!(
-                "insert into {checkpoint} (consumer, tbl, partition, seq) values ($1, $2, $3, $4) \
-                 on conflict (consumer, tbl, partition) do update set seq = excluded.seq, updated_at = now()"
-            ),
+            checkpoints: Checkpoints::new(&table.schema),
             create_stage: "create temp table if not exists _sluice_stage (\
                  sequin_id uuid, sync_id uuid, collection_id text, upstream_id text, payload jsonb, \
                  upstream_updated_at timestamptz, inserted_at timestamptz, updated_at timestamptz) \

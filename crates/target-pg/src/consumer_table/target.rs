@@ -1,7 +1,6 @@
 //! [`ConsumerTableTarget`]: the [`Target`] and [`Health`] implementation for the
 //! consumer-table layout.
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -17,11 +16,12 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use super::apply::{
-    CHECKPOINT_TABLE, Encoded, PartitionOutcome, PartitionWrite, apply_partition, encode_partition,
-    prepare_checkpoint, prepare_connection, rewind_checkpoint, table_key,
+    Encoded, PartitionOutcome, PartitionWrite, apply_partition, encode_partition,
+    prepare_connection, table_key,
 };
 use super::statements::Statements;
 use super::{ConsumerTable, Severity, Verification};
+use crate::checkpoint::{Aligned, CHECKPOINT_TABLE, partition_of};
 use crate::copy::NulReplacements;
 use sluice_pg::catalog;
 use sluice_pg::{ConnectionSettings, ssl_mode_name};
@@ -44,8 +44,7 @@ pub struct ConsumerTableTarget {
     all_new: Vec<AtomicBool>,
     health: Mutex<HealthState>,
     sanitized: Mutex<NulReplacements>,
-    /// Consumers whose partition checkpoints were aligned by this process.
-    aligned: Mutex<HashSet<ConsumerId>>,
+    aligned: Aligned,
     /// Create the table (as the sync user) when missing, readable by this role.
     create_for: Option<String>,
 }
@@ -86,7 +85,7 @@ impl ConsumerTableTarget {
                 .collect(),
             health: Mutex::new(HealthState::new(entity)),
             sanitized: Mutex::new(NulReplacements::default()),
-            aligned: Mutex::new(HashSet::new()),
+            aligned: Aligned::default(),
             create_for: None,
             name,
             settings,
@@ -347,32 +346,28 @@ impl Target for ConsumerTableTarget {
         let partitions = self.connections.len();
         let seq = self
             .with_connection(0, async |conn| {
-                prepare_checkpoint(conn, &self.sql, &consumer.0, &self.table_key, partitions).await
+                self.sql
+                    .checkpoints
+                    .prepare(conn, &consumer.0, &self.table_key, partitions)
+                    .await
             })
             .await?;
-        self.aligned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(consumer.clone());
+        self.aligned.insert(consumer);
         Ok(seq)
     }
 
     async fn reset_checkpoint(&self, consumer: &ConsumerId) -> Result<(), Error> {
         self.with_connection(0, async |conn| {
-            rewind_checkpoint(conn, &self.sql, &consumer.0, &self.table_key).await
+            self.sql
+                .checkpoints
+                .rewind(conn, &consumer.0, &self.table_key)
+                .await
         })
         .await
     }
 
     async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {
-        // Partition checkpoints written with another width must be aligned before any
-        // partition skips a batch on the strength of its own row.
-        let aligned = self
-            .aligned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(consumer);
-        if !aligned {
+        if !self.aligned.contains(consumer) {
             self.checkpoint(consumer).await?;
         }
         let encoded = self.encode(batch);
@@ -421,12 +416,7 @@ impl ConsumerTableTarget {
         let n = self.connections.len();
         let mut partitions: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
         for entry in &batch.entries {
-            let p = if n == 1 {
-                0
-            } else {
-                (entry.record.key.row_id().as_u128() % n as u128) as usize
-            };
-            partitions[p].push(entry);
+            partitions[partition_of(&entry.record.key, n)].push(entry);
         }
         let written_at = OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)

@@ -7,10 +7,11 @@ use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::shape::{TableDef, default_table_name};
 use super::{SchemaMirrorTarget, db};
+use crate::checkpoint::CHECKPOINT_TABLE;
 
 impl SchemaMirrorTarget {
     /// The schema (owned by the sync user), read access for the read role (also for tables
-    /// created later), and the checkpoint table.
+    /// created later), and the checkpoint table (`crate::checkpoint`).
     pub(super) async fn prepare(&self, conn: &mut PgConnection) -> Result<(), Error> {
         let s = q(&self.schema);
         let owner = sluice_pg::catalog::schema_owner(conn, &self.schema)
@@ -31,18 +32,21 @@ impl SchemaMirrorTarget {
             ));
         }
         let role = q(&self.read_role);
+        let lock = sluice_core::sql::schema_ddl_lock(&self.schema);
         let sql = format!(
             "{lock};
              set local client_min_messages = warning;
-             create schema if not exists {s};
-             create table if not exists {cp} (consumer text primary key, seq bigint not null);",
-            cp = self.checkpoint_table(),
-            lock = sluice_core::sql::schema_ddl_lock(&self.schema)
+             create schema if not exists {s};"
         );
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut *conn)
             .await
             .map_err(|e| db(&self.name, "creating the schema", e))?;
+        self.migrate_checkpoints(conn).await?;
+        sqlx::raw_sql(AssertSqlSafe(self.checkpoints.create.clone()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db(&self.name, "creating the checkpoint table", e))?;
         let grants = format!(
             "grant usage on schema {s} to {role};
              grant select on all tables in schema {s} to {role};
@@ -68,6 +72,48 @@ impl SchemaMirrorTarget {
                 None,
             );
         }
+        Ok(())
+    }
+
+    /// Gives a checkpoint table made before partitions (`consumer` its primary key, `seq`) the
+    /// shape both layouts share (`crate::checkpoint`): each consumer's row becomes its
+    /// partition 0 under this mirror's key, its seq unchanged. Safe to run twice at once: the
+    /// second waits for the schema's DDL lock and changes nothing that matters.
+    async fn migrate_checkpoints(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        let table = qualified(&self.schema, CHECKPOINT_TABLE);
+        let before: bool = sqlx::query_scalar(
+            "select to_regclass($1) is not null and not exists (select 1 from pg_attribute \
+             where attrelid = to_regclass($1) and attname = 'tbl' and not attisdropped)",
+        )
+        .bind(&table)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| db(&self.name, "reading the checkpoint table", e))?;
+        if !before {
+            return Ok(());
+        }
+        let sql = format!(
+            "{lock};
+             alter table {table}
+               add column if not exists tbl text not null default {key},
+               add column if not exists partition int not null default 0,
+               add column if not exists updated_at timestamptz not null default now(),
+               drop constraint if exists {pkey},
+               add primary key (consumer, tbl, partition);
+             alter table {table} alter column tbl drop default, alter column partition drop default;",
+            lock = sluice_core::sql::schema_ddl_lock(&self.schema),
+            key = quote_literal(&self.checkpoint_key()),
+            pkey = q(&format!("{CHECKPOINT_TABLE}_pkey")),
+        );
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db(&self.name, "giving the checkpoint table its partitions", e))?;
+        tracing::info!(
+            target = %self.name,
+            table = %table,
+            "schema mirror: the checkpoint table now keeps a row per partition (a one-time step)"
+        );
         Ok(())
     }
 

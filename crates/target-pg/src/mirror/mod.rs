@@ -9,24 +9,26 @@
 //! column is converted in place, and if a view the sync user does not own depends on it, the
 //! consumer stops with a message naming the view and the choices.
 //!
-//! Writes: per batch, one transaction holding every table's upserts (`COPY` into a staging
-//! table, then one `insert … on conflict … do update` per table), its deletes, and the
-//! consumer's checkpoint (`<schema>._sluice_checkpoint`).
+//! Writes: per batch and partition (one unless `connections` asks for more:
+//! `crate::checkpoint`), one transaction holding every table's upserts (`COPY` straight in, or
+//! through a staging table and one merge per table), its deletes, and the partition's
+//! checkpoint row (`<schema>._sluice_checkpoint`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use sluice_core::sql::{qualified, quote_ident as q};
+use sluice_core::sql::quote_ident as q;
 use sluice_core::{
     Batch, CheckReport, ConsumerId, EntityKind, EntityRef, Error, Health, HealthReport,
     HealthState, RecordKey, Seq, Status, SyncId, Target,
 };
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use sluice_pg::ConnectionSettings;
 
+use crate::checkpoint::{Aligned, Checkpoints};
 use crate::copy::NulReplacements;
 
 mod ddl;
@@ -45,19 +47,20 @@ pub struct SchemaMirrorTarget {
     read_role: String,
     stream: Arc<dyn sluice_core::RecordStream>,
     json: BTreeMap<String, JsonCollection>,
-    connection: tokio::sync::Mutex<Option<PgConnection>>,
+    /// One connection per partition (see `crate::checkpoint`); the first also makes the
+    /// tables match their collections' shapes.
+    connections: Vec<tokio::sync::Mutex<Option<PgConnection>>>,
+    checkpoints: Checkpoints,
+    aligned: Aligned,
     /// Tables as last made to match, by (sync, collection).
     applied: Mutex<HashMap<(SyncId, String), TableDef>>,
-    /// Tables whose last batch had only new keys (see `write_table`).
-    optimistic: Mutex<HashMap<String, bool>>,
+    /// Tables whose last batch had only new keys, by (partition, table) (see `write_table`).
+    optimistic: Mutex<HashMap<(usize, String), bool>>,
     /// Tables whose key has a unique index, found when the table was last made to match:
     /// their staged merges and deletes probe it (`copy::probing_key_index`).
     key_indexed: Mutex<HashMap<String, bool>>,
-    /// NUL replacements: how many records so far, those of the batch being written, the
-    /// latest record's key.
+    /// NUL replacements: how many records so far, the latest record's key.
     sanitized: Mutex<NulReplacements>,
-    /// Those of the batch being written, counted once it commits.
-    sanitized_in_batch: Mutex<NulReplacements>,
     health: Mutex<HealthState>,
 }
 
@@ -130,6 +133,7 @@ impl SchemaMirrorTarget {
         json: BTreeMap<String, JsonCollection>,
     ) -> Self {
         let name = name.into();
+        let schema = schema.into();
         Self {
             health: Mutex::new(HealthState::new(EntityRef {
                 kind: EntityKind::Target,
@@ -137,17 +141,28 @@ impl SchemaMirrorTarget {
             })),
             name,
             settings,
-            schema: schema.into(),
             read_role: read_role.into(),
             stream,
             json,
-            connection: tokio::sync::Mutex::new(None),
+            connections: vec![tokio::sync::Mutex::new(None)],
+            checkpoints: Checkpoints::new(&schema),
+            aligned: Aligned::default(),
             applied: Mutex::new(HashMap::new()),
             optimistic: Mutex::new(HashMap::new()),
             key_indexed: Mutex::new(HashMap::new()),
             sanitized: Mutex::new(NulReplacements::default()),
-            sanitized_in_batch: Mutex::new(NulReplacements::default()),
+            schema,
         }
+    }
+
+    /// Writes each batch through `connections` connections (at least 1), a partition of the
+    /// records on each, in its own transaction with its own checkpoint row
+    /// (see `crate::checkpoint`). Nothing connects until first use.
+    pub fn with_connections(mut self, connections: usize) -> Self {
+        self.connections = (0..connections.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        self
     }
 
     /// The schema written.
@@ -163,32 +178,15 @@ impl SchemaMirrorTarget {
         )
     }
 
-    fn checkpoint_table(&self) -> String {
-        qualified(&self.schema, crate::CHECKPOINT_TABLE)
+    /// What this mirror's checkpoint rows are kept under: its quoted schema.
+    fn checkpoint_key(&self) -> String {
+        q(&self.schema)
     }
 
-    /// Records of the batch being written whose NULs were replaced; counted once it commits.
-    fn sanitized_in_batch(&self, keys: &[RecordKey]) {
-        self.sanitized_in_batch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add(keys);
-    }
-
-    /// Counts the committed batch's NUL replacements into the `payload` check (or forgets
-    /// them when the batch failed).
-    fn sanitized_batch_done(&self, committed: bool) {
-        let batch = std::mem::take(
-            &mut *self
-                .sanitized_in_batch
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+    /// Counts a committed partition's NUL replacements into the `payload` check.
+    fn sanitized(&self, keys: &[RecordKey]) {
         let mut s = self.sanitized.lock().unwrap_or_else(|e| e.into_inner());
-        if committed && let Some(latest) = batch.latest {
-            s.count += batch.count;
-            s.latest = Some(latest);
-        }
+        s.add(keys);
         let (status, message, fix) = s.check();
         drop(s);
         self.observe("payload", status, message, fix);
@@ -207,9 +205,10 @@ impl SchemaMirrorTarget {
 
     async fn with_connection<T>(
         &self,
+        slot: usize,
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let mut guard = self.connection.lock().await;
+        let mut guard = self.connections[slot].lock().await;
         if guard.is_none() {
             let mut conn = match self.settings.connect().await {
                 Ok(c) => c,
@@ -251,40 +250,34 @@ impl Target for SchemaMirrorTarget {
     }
 
     async fn checkpoint(&self, consumer: &ConsumerId) -> Result<Seq, Error> {
-        let table = self.checkpoint_table();
-        self.with_connection(async |conn| {
-            let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-                "select seq from {table} where consumer = $1"
-            )))
-            .bind(&consumer.0)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
-            Ok(Seq(seq.unwrap_or(0) as u64))
-        })
-        .await
+        let partitions = self.connections.len();
+        let seq = self
+            .with_connection(0, async |conn| {
+                self.checkpoints
+                    .prepare(conn, &consumer.0, &self.checkpoint_key(), partitions)
+                    .await
+                    .map_err(|e| db(&self.name, "reading the checkpoint", e))
+            })
+            .await?;
+        self.aligned.insert(consumer);
+        Ok(seq)
     }
 
     async fn reset_checkpoint(&self, consumer: &ConsumerId) -> Result<(), Error> {
-        let table = self.checkpoint_table();
-        self.with_connection(async |conn| {
-            sqlx::query(AssertSqlSafe(format!(
-                "delete from {table} where consumer = $1"
-            )))
-            .bind(&consumer.0)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| db(&self.name, "resetting the checkpoint", e))?;
-            Ok(())
+        self.with_connection(0, async |conn| {
+            self.checkpoints
+                .rewind(conn, &consumer.0, &self.checkpoint_key())
+                .await
+                .map_err(|e| db(&self.name, "resetting the checkpoint", e))
         })
         .await
     }
 
     async fn apply(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {
-        let result = self
-            .with_connection(async |conn| self.write(conn, consumer, batch).await)
-            .await;
-        self.sanitized_batch_done(result.is_ok());
+        if !self.aligned.contains(consumer) {
+            self.checkpoint(consumer).await?;
+        }
+        let result = self.write(consumer, batch).await;
         match &result {
             Ok(()) => self.observe(
                 "writes",

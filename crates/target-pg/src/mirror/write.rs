@@ -1,26 +1,28 @@
-//! Writing a batch: rows encoded as COPY text, copied in or merged, deletes, the checkpoint.
+//! Writing a batch: rows encoded as COPY text, copied in or merged, deletes, the checkpoint,
+//! a partition of the records per connection.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sluice_core::sql::{qualified, quote_ident as q};
-use sluice_core::{Batch, Change, ConsumerId, Error, Payload, RecordKey, StreamEntry, SyncId};
+use sluice_core::{Batch, Change, ConsumerId, Error, Payload, RecordKey, Seq, StreamEntry, SyncId};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
+use crate::checkpoint::partition_of;
 use crate::copy::{copy, copy_if_all_new, map_in_parallel, probing_key_index, push_text};
 
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
 use super::{SchemaMirrorTarget, db};
 
+/// One partition's share of a batch: per table, its newest version of each key.
+type Share<'a> = Vec<(&'a TableDef, Vec<&'a StreamEntry>)>;
+
 impl SchemaMirrorTarget {
-    pub(super) async fn write(
-        &self,
-        conn: &mut PgConnection,
-        consumer: &ConsumerId,
-        batch: &Batch,
-    ) -> Result<(), Error> {
+    /// Makes every table the batch touches match its collection's shape (on the first
+    /// connection), then writes each partition's share on its own connection, all at once.
+    pub(super) async fn write(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {
         // Group by (sync, collection); the newest version per key wins.
         let mut groups: BTreeMap<(SyncId, String), Vec<&StreamEntry>> = BTreeMap::new();
         for entry in &batch.entries {
@@ -32,9 +34,18 @@ impl SchemaMirrorTarget {
                 .or_default()
                 .push(entry);
         }
-        let mut defs = Vec::new();
-        for ((sync_id, collection), entries) in &groups {
-            let def = self.table_for(conn, *sync_id, collection).await?;
+        let defs = self
+            .with_connection(0, async |conn| {
+                let mut defs = Vec::with_capacity(groups.len());
+                for (sync_id, collection) in groups.keys() {
+                    defs.push(self.table_for(conn, *sync_id, collection).await?);
+                }
+                Ok(defs)
+            })
+            .await?;
+        let n = self.connections.len();
+        let mut shares: Vec<Share<'_>> = vec![Vec::new(); n];
+        for (def, entries) in defs.iter().zip(groups.values()) {
             let mut newest: HashMap<&str, &StreamEntry> = HashMap::new();
             for e in entries {
                 let id = e.record.key.upstream_id.0.as_str();
@@ -45,47 +56,84 @@ impl SchemaMirrorTarget {
                     }
                 }
             }
-            defs.push((def, newest.into_values().collect::<Vec<_>>()));
+            let mut split: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
+            for e in newest.into_values() {
+                split[partition_of(&e.record.key, n)].push(e);
+            }
+            for (share, entries) in shares.iter_mut().zip(split) {
+                if !entries.is_empty() {
+                    share.push((def, entries));
+                }
+            }
         }
+        let work = shares.iter().enumerate().map(|(p, share)| {
+            self.with_connection(p, async move |conn| {
+                self.write_share(conn, consumer, p, share, batch.through)
+                    .await
+            })
+        });
+        let results: Vec<Result<(), Error>> = futures_util::future::join_all(work).await;
+        results.into_iter().collect()
+    }
+
+    /// One partition's share and its checkpoint row, in one transaction; nothing when the
+    /// row is already at or past `through` (a replay). NUL replacements are counted once the
+    /// transaction commits.
+    async fn write_share(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &ConsumerId,
+        partition: usize,
+        share: &Share<'_>,
+        through: Seq,
+    ) -> Result<(), Error> {
         let mut tx = conn
             .begin()
             .await
             .map_err(|e| db(&self.name, "beginning a batch", e))?;
-        let stored: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "select seq from {} where consumer = $1 for update",
-            self.checkpoint_table()
-        )))
-        .bind(&consumer.0)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
-        if stored.is_some_and(|s| s as u64 >= batch.through.0) {
-            return Ok(()); // already applied: idempotent replay
+        let key = self.checkpoint_key();
+        let stored = self
+            .checkpoints
+            .lock(&mut tx, &consumer.0, &key, partition)
+            .await
+            .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
+        if stored.is_some_and(|s| s >= through) {
+            // Already applied: an idempotent replay. Ended now, not when the connection is
+            // next used: the row's lock would hold up the other connections until then.
+            return tx
+                .rollback()
+                .await
+                .map_err(|e| db(&self.name, "ending a replayed batch", e));
         }
-        for (def, entries) in &defs {
-            self.write_table(&mut tx, def, entries).await?;
+        let mut sanitized = Vec::new();
+        for (def, entries) in share {
+            self.write_table(&mut tx, partition, def, entries, &mut sanitized)
+                .await?;
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "insert into {} (consumer, seq) values ($1, $2) on conflict (consumer) do update set seq = excluded.seq",
-            self.checkpoint_table()
-        )))
-        .bind(&consumer.0)
-        .bind(batch.through.0 as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db(&self.name, "storing the checkpoint", e))?;
+        self.checkpoints
+            .write(&mut tx, &consumer.0, &key, partition, through)
+            .await
+            .map_err(|e| db(&self.name, "storing the checkpoint", e))?;
         tx.commit()
             .await
             .map_err(|e| db(&self.name, "committing a batch", e))?;
+        if !sanitized.is_empty() {
+            self.sanitized(&sanitized);
+        }
         Ok(())
     }
 
+    /// Writes one table's share of a batch; records whose NULs were replaced are pushed onto
+    /// `sanitized`.
     pub(super) async fn write_table(
         &self,
         conn: &mut PgConnection,
+        partition: usize,
         def: &TableDef,
         entries: &[&StreamEntry],
+        sanitized: &mut Vec<RecordKey>,
     ) -> Result<(), Error> {
+        let optimistic_key = (partition, def.name.clone());
         let table = qualified(&self.schema, &def.name);
         let (upserts, deletes): (Vec<&StreamEntry>, Vec<&StreamEntry>) =
             entries.iter().partition(|e| !e.record.is_tombstone());
@@ -102,20 +150,20 @@ impl SchemaMirrorTarget {
                 .optimistic
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(&def.name)
+                .get(&optimistic_key)
                 .unwrap_or(&true);
         if optimistic {
-            let (data, sanitized) = encode_rows(def, &upserts)?;
+            let (data, replaced) = encode_rows(def, &upserts)?;
             match copy_if_all_new(conn, &copy_in, &data).await {
                 Ok(Some(_)) => {
-                    self.sanitized_in_batch(&sanitized);
+                    sanitized.extend(replaced);
                     upserts.clear();
                 }
                 Ok(None) => {
                     self.optimistic
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(def.name.clone(), false);
+                        .insert(optimistic_key.clone(), false);
                 }
                 Err(e) => return Err(fail("copying into", e)),
             }
@@ -147,7 +195,7 @@ impl SchemaMirrorTarget {
                 self.optimistic
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(def.name.clone(), true);
+                    .insert(optimistic_key.clone(), true);
             }
             let existing: std::collections::HashSet<String> = existing.into_iter().collect();
             (upserts, fresh) = upserts
@@ -155,11 +203,11 @@ impl SchemaMirrorTarget {
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
         }
         if !fresh.is_empty() {
-            let (data, sanitized) = encode_rows(def, &fresh)?;
+            let (data, replaced) = encode_rows(def, &fresh)?;
             copy(conn, &copy_in, &data)
                 .await
                 .map_err(|e| fail("copying into", e))?;
-            self.sanitized_in_batch(&sanitized);
+            sanitized.extend(replaced);
         }
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
@@ -187,8 +235,8 @@ impl SchemaMirrorTarget {
         .map_err(|e| fail("staging", e))?;
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            let (data, sanitized) = encode_rows(def, &upserts)?;
-            self.sanitized_in_batch(&sanitized);
+            let (data, replaced) = encode_rows(def, &upserts)?;
+            sanitized.extend(replaced);
             copy(
                 conn,
                 &format!(

@@ -1,0 +1,274 @@
+//! The schema mirror written through several connections against a real server: the same
+//! tables as through one, a checkpoint row per partition, a change of width, and a checkpoint
+//! table made before partitions taken over with its position.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use common::{SYNC, connect_admin};
+use secrecy::SecretString;
+use serde_json::json;
+use sluice_core::sql::quote_ident;
+use sluice_core::{
+    Batch, Change, ConsumerId, Health, Provider, Record, RecordKey, Seq, StreamEntry, Target,
+    Version,
+};
+use sluice_localpg::Cluster;
+use sluice_stream::EmbeddedStream;
+use sluice_target_pg::{ConnectionSettings, JsonCollection, SchemaMirrorTarget};
+
+static PG: LazyLock<Cluster> =
+    LazyLock::new(|| Cluster::start_default().expect("start PostgreSQL"));
+
+/// A database whose sync user may connect and create schemas, nothing more.
+struct Mirrored {
+    db: String,
+    settings: ConnectionSettings,
+    _dir: tempfile::TempDir,
+    stream: Arc<EmbeddedStream>,
+}
+
+async fn database(prefix: &str) -> Mirrored {
+    let db = PG.fresh_database(prefix).await.unwrap();
+    let user = format!("{db}_sync");
+    PG.create_role(&user, Some("sync-pw")).await.unwrap();
+    PG.create_role(&format!("{db}_read"), None).await.unwrap();
+    PG.execute(
+        &db,
+        &format!(
+            "grant connect, create on database {} to {};",
+            quote_ident(&db),
+            quote_ident(&user)
+        ),
+    )
+    .await
+    .unwrap();
+    let mut settings =
+        ConnectionSettings::from_url(&PG.url_as(&user, Some("sync-pw"), &db, None)).unwrap();
+    settings.password = Some(SecretString::from("sync-pw".to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    let stream = Arc::new(EmbeddedStream::open(dir.path()).await.unwrap());
+    Mirrored {
+        db,
+        settings,
+        _dir: dir,
+        stream,
+    }
+}
+
+/// A mirror into schema `mirror`, two collections typed from JSON Schemas.
+fn mirror(m: &Mirrored, connections: usize) -> SchemaMirrorTarget {
+    let typed = |properties: serde_json::Value| JsonCollection {
+        table: None,
+        schema: json!({"type": "object", "properties": properties}),
+    };
+    SchemaMirrorTarget::new(
+        "warehouse",
+        m.settings.clone(),
+        "mirror",
+        format!("{}_read", m.db),
+        m.stream.clone(),
+        BTreeMap::from([
+            (
+                "public.orders".to_owned(),
+                typed(json!({"round": {"type": "integer"}, "note": {"type": "string"}})),
+            ),
+            (
+                "public.items".to_owned(),
+                typed(json!({"qty": {"type": "integer"}})),
+            ),
+        ]),
+    )
+    .with_connections(connections)
+}
+
+fn entry(seq: u64, collection: &str, id: &str, change: Change) -> StreamEntry {
+    StreamEntry {
+        seq: Seq(seq),
+        record: Record {
+            key: RecordKey::new(SYNC, collection, id),
+            provider: Provider::Http,
+            version: Version::new(seq, 0),
+            upstream_updated_at: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            change,
+        },
+        payload_text: None,
+    }
+}
+
+/// How many records the target's `payload` check says had NULs replaced.
+async fn nul_replacements(target: &SchemaMirrorTarget) -> u64 {
+    let report = target.health().await;
+    let check = report.checks.iter().find(|c| c.name == "payload");
+    let message = check.map(|c| c.message.as_str()).unwrap_or_default();
+    let count = message.split(' ').next().unwrap_or_default();
+    count.parse().unwrap_or_else(|_| panic!("{report:#?}"))
+}
+
+fn consumer() -> ConsumerId {
+    ConsumerId::from("orders")
+}
+
+/// Every row of both tables, as text, in key order.
+async fn tables(m: &Mirrored) -> Vec<String> {
+    let mut conn = connect_admin(&PG, &m.db).await;
+    sqlx::query_scalar(
+        "select 'orders ' || t::text from mirror.orders t \
+         union all select 'items ' || t::text from mirror.items t order by 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+async fn partitions(m: &Mirrored) -> Vec<(String, i32, i64)> {
+    let mut conn = connect_admin(&PG, &m.db).await;
+    sqlx::query_as(
+        "select tbl, partition, seq from mirror._sluice_checkpoint \
+         where consumer = 'orders' order by partition",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_mirror_written_through_three_connections_matches_one_written_through_one() {
+    let (serial, parallel) = (database("mirror_one").await, database("mirror_three").await);
+    let one = mirror(&serial, 1);
+    let three = mirror(&parallel, 3);
+    let mut seq = 0;
+    for round in 0..4u64 {
+        let mut entries = Vec::new();
+        for i in 0..300u64 {
+            seq += 1;
+            let id = format!("r{:03}", (i * 7 + round * 13) % 400);
+            let (collection, payload) = if i % 3 == 0 {
+                ("public.items", json!({"qty": i}))
+            } else {
+                (
+                    "public.orders",
+                    json!({"round": round, "note": format!("\u{0}{i}"), "extra": [i]}),
+                )
+            };
+            let change = if i % 11 == 0 {
+                Change::Delete
+            } else {
+                Change::upsert(payload).unwrap()
+            };
+            entries.push(entry(seq, collection, &id, change));
+        }
+        let batch = Batch {
+            entries,
+            through: Seq(seq),
+        };
+        one.apply(&consumer(), &batch).await.unwrap();
+        three.apply(&consumer(), &batch).await.unwrap();
+    }
+    let written = tables(&parallel).await;
+    assert!(written.len() > 300, "{}", written.len());
+    assert_eq!(tables(&serial).await, written);
+    assert_eq!(three.checkpoint(&consumer()).await.unwrap(), Seq(seq));
+    let key = "\"mirror\"".to_owned();
+    assert_eq!(
+        partitions(&parallel).await,
+        (0..3)
+            .map(|p| (key.clone(), p, seq as i64))
+            .collect::<Vec<_>>()
+    );
+    // Every partition's NUL replacements were counted, as through one connection.
+    let replaced = nul_replacements(&one).await;
+    assert!(replaced > 0);
+    assert_eq!(nul_replacements(&three).await, replaced);
+
+    // Reopened with two connections and applying straight away: the partitions are first
+    // aligned to the lowest checkpoint, so none skips a batch on the strength of a row
+    // written under the old width.
+    let two = mirror(&parallel, 2);
+    let batch = Batch {
+        entries: vec![entry(
+            seq + 1,
+            "public.orders",
+            "new",
+            Change::upsert(json!({"round": 9})).unwrap(),
+        )],
+        through: Seq(seq + 1),
+    };
+    two.apply(&consumer(), &batch).await.unwrap();
+    assert_eq!(
+        partitions(&parallel).await,
+        vec![
+            (key.clone(), 0, seq as i64 + 1),
+            (key.clone(), 1, seq as i64 + 1)
+        ]
+    );
+    assert!(
+        tables(&parallel)
+            .await
+            .iter()
+            .any(|row| row.starts_with("orders (new,,9,")),
+        "{:?}",
+        tables(&parallel).await.last()
+    );
+    // A batch already applied changes nothing.
+    two.apply(&consumer(), &batch).await.unwrap();
+    assert_eq!(two.checkpoint(&consumer()).await.unwrap(), Seq(seq + 1));
+}
+
+#[tokio::test]
+async fn a_checkpoint_table_from_before_partitions_keeps_its_position() {
+    let m = database("mirror_before").await;
+    // What an earlier sluice made, as the sync user: a row per consumer.
+    let mut conn = m.settings.connect().await.unwrap();
+    sqlx::raw_sql(
+        "create schema mirror;
+         create table mirror._sluice_checkpoint (consumer text primary key, seq bigint not null);
+         insert into mirror._sluice_checkpoint values ('orders', 42), ('other', 7);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+
+    let target = mirror(&m, 2);
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(42));
+    let key = "\"mirror\"".to_owned();
+    assert_eq!(
+        partitions(&m).await,
+        vec![(key.clone(), 0, 42), (key.clone(), 1, 42)]
+    );
+    let other = ConsumerId::from("other");
+    assert_eq!(target.checkpoint(&other).await.unwrap(), Seq(7));
+
+    let batch = Batch {
+        entries: (0..20)
+            .map(|i| {
+                let (collection, payload) = if i % 2 == 0 {
+                    ("public.items", json!({"qty": i}))
+                } else {
+                    ("public.orders", json!({"round": i}))
+                };
+                let change = Change::upsert(payload).unwrap();
+                entry(43 + i, collection, &format!("i{i}"), change)
+            })
+            .collect(),
+        through: Seq(62),
+    };
+    target.apply(&consumer(), &batch).await.unwrap();
+    assert_eq!(tables(&m).await.len(), 20);
+    // A second process opening the file's target finds the table as it left it.
+    let again = mirror(&m, 1);
+    assert_eq!(again.checkpoint(&consumer()).await.unwrap(), Seq(62));
+    assert_eq!(partitions(&m).await, vec![(key, 0, 62)]);
+    let mut admin = connect_admin(&PG, &m.db).await;
+    let primary_key: String = sqlx::query_scalar(
+        "select pg_get_constraintdef(oid) from pg_constraint \
+         where conrelid = 'mirror._sluice_checkpoint'::regclass and contype = 'p'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(primary_key, "PRIMARY KEY (consumer, tbl, partition)");
+}
