@@ -1,6 +1,7 @@
 //! The schema mirror written through several connections against a real server: the same
-//! tables as through one, a checkpoint row per partition, a change of width, and a checkpoint
-//! table made before partitions taken over with its position.
+//! tables as through one, a checkpoint row per partition, a change of width, a partition whose
+//! connection is lost while the others commit, and a checkpoint table made before partitions
+//! taken over with its position.
 
 mod common;
 
@@ -121,6 +122,14 @@ async fn tables(m: &Mirrored) -> Vec<String> {
     .fetch_all(&mut conn)
     .await
     .unwrap()
+}
+
+async fn orders(m: &Mirrored) -> i64 {
+    let mut conn = connect_admin(&PG, &m.db).await;
+    sqlx::query_scalar("select count(*) from mirror.orders")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
 }
 
 async fn partitions(m: &Mirrored) -> Vec<(String, i32, i64)> {
@@ -271,4 +280,59 @@ async fn a_checkpoint_table_from_before_partitions_keeps_its_position() {
     .await
     .unwrap();
     assert_eq!(primary_key, "PRIMARY KEY (consumer, tbl, partition)");
+}
+
+#[tokio::test]
+async fn a_partition_lost_mid_batch_is_replayed_and_nothing_is_lost() {
+    let m = database("mirror_lost").await;
+    let target = mirror(&m, 3);
+    let order = |seq: u64, id: &str| {
+        let change = Change::upsert(json!({"round": seq})).unwrap();
+        entry(seq, "public.orders", id, change)
+    };
+    let first = Batch {
+        entries: vec![order(1, "before")],
+        through: Seq(1),
+    };
+    target.apply(&consumer(), &first).await.unwrap();
+
+    // The server drops one partition's connection while it copies; the others commit.
+    PG.execute(
+        &m.db,
+        "create function public.die() returns trigger language plpgsql as $$
+         begin
+           if new.id = 'poison' then perform pg_terminate_backend(pg_backend_pid()); end if;
+           return new;
+         end $$;
+         create trigger die before insert on mirror.orders for each row execute function public.die();",
+    )
+    .await
+    .unwrap();
+    let mut entries: Vec<_> = (0..300)
+        .map(|i| order(10 + i, &format!("r{i:03}")))
+        .collect();
+    entries.push(order(400, "poison"));
+    let batch = Batch {
+        entries,
+        through: Seq(400),
+    };
+    let err = target.apply(&consumer(), &batch).await.unwrap_err();
+    assert_eq!(err.class(), sluice_core::ErrorClass::Retry, "{err}");
+    let written = orders(&m).await;
+    assert!(
+        written > 1 && written < 301,
+        "the other partitions committed: {written} rows"
+    );
+    assert_eq!(
+        target.checkpoint(&consumer()).await.unwrap(),
+        Seq(1),
+        "the consumer resumes from the lowest partition"
+    );
+
+    PG.execute(&m.db, "drop trigger die on mirror.orders")
+        .await
+        .unwrap();
+    target.apply(&consumer(), &batch).await.unwrap();
+    assert_eq!(orders(&m).await, 302);
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(400));
 }
