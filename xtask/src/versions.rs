@@ -75,6 +75,13 @@ const SUITE: &[Part] = &[
         uses: Uses::Target,
     },
     Part {
+        what: "the schema mirror through several connections, its checkpoints' migration",
+        package: "sluice-target-pg",
+        test: "mirror_partitions",
+        filters: &[],
+        uses: Uses::Target,
+    },
+    Part {
         what: "schema mirror end to end: partitions, added and retyped columns",
         package: "sluice-tests",
         test: "mirror",

@@ -20,8 +20,13 @@ use sluice_localpg::Cluster;
 use sluice_stream::EmbeddedStream;
 use sluice_target_pg::{ConnectionSettings, JsonCollection, SchemaMirrorTarget};
 
-static PG: LazyLock<Cluster> =
-    LazyLock::new(|| Cluster::start_default().expect("start PostgreSQL"));
+/// A target: the cross-version suite runs these on every target version it is given.
+static PG: LazyLock<Cluster> = LazyLock::new(|| {
+    Cluster::options()
+        .target()
+        .start()
+        .expect("start PostgreSQL")
+});
 
 /// A database whose sync user may connect and create schemas, nothing more.
 struct Mirrored {
