@@ -70,6 +70,7 @@ impl std::fmt::Debug for SchemaMirrorTarget {
             .field("name", &self.name)
             .field("settings", &self.settings)
             .field("schema", &self.schema)
+            .field("connections", &self.connections.len())
             .finish_non_exhaustive()
     }
 }
