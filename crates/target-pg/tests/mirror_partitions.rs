@@ -1,7 +1,7 @@
 //! The schema mirror written through several connections against a real server: the same
 //! tables as through one, a checkpoint row per partition, a change of width, a partition whose
 //! connection is lost while the others commit, and a checkpoint table made before partitions
-//! taken over with its position.
+//! taken over with its position (also in an oddly named schema).
 
 mod common;
 
@@ -66,6 +66,10 @@ async fn database(prefix: &str) -> Mirrored {
 
 /// A mirror into schema `mirror`, two collections typed from JSON Schemas.
 fn mirror(m: &Mirrored, connections: usize) -> SchemaMirrorTarget {
+    mirror_into(m, "mirror", connections)
+}
+
+fn mirror_into(m: &Mirrored, schema: &str, connections: usize) -> SchemaMirrorTarget {
     let typed = |properties: serde_json::Value| JsonCollection {
         table: None,
         schema: json!({"type": "object", "properties": properties}),
@@ -73,7 +77,7 @@ fn mirror(m: &Mirrored, connections: usize) -> SchemaMirrorTarget {
     SchemaMirrorTarget::new(
         "warehouse",
         m.settings.clone(),
-        "mirror",
+        schema,
         format!("{}_read", m.db),
         m.stream.clone(),
         BTreeMap::from([
@@ -340,4 +344,49 @@ async fn a_partition_lost_mid_batch_is_replayed_and_nothing_is_lost() {
     target.apply(&consumer(), &batch).await.unwrap();
     assert_eq!(orders(&m).await, 302);
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(400));
+}
+
+#[tokio::test]
+async fn an_oddly_named_schemas_checkpoints_are_migrated_and_written() {
+    let m = database("mirror_odd").await;
+    let schema = "My \"odd\" Schëma";
+    let (s, table) = (
+        quote_ident(schema),
+        format!("{}._sluice_checkpoint", quote_ident(schema)),
+    );
+    let mut conn = m.settings.connect().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create schema {s};
+         create table {table} (consumer text primary key, seq bigint not null);
+         insert into {table} values ('orders', 42);"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let target = mirror_into(&m, schema, 2);
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(42));
+    let batch = Batch {
+        entries: (0..10)
+            .map(|i| {
+                let change = Change::upsert(json!({"qty": i})).unwrap();
+                entry(43 + i, "public.items", &format!("i{i}"), change)
+            })
+            .collect(),
+        through: Seq(52),
+    };
+    target.apply(&consumer(), &batch).await.unwrap();
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select tbl, partition, seq from {table} order by partition"
+    )))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(rows, vec![(s.clone(), 0, 52), (s.clone(), 1, 52)]);
+    let items: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {s}.items"
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(items, 10);
 }
