@@ -203,17 +203,7 @@ async fn a_connection_lost_mid_batch_commits_nothing_and_the_retry_succeeds() {
         .unwrap();
 
     // The server drops the writing connection while the merge is half done.
-    PG.execute(
-        &p.db,
-        "create function sluice.die() returns trigger language plpgsql as $$
-         begin
-           if new.upstream_id = 'poison' then perform pg_terminate_backend(pg_backend_pid()); end if;
-           return new;
-         end $$;
-         create trigger die before insert on sluice.records for each row execute function sluice.die();",
-    )
-    .await
-    .unwrap();
+    common::die_on_poison(&PG, &p.db, "sluice.records", "upstream_id").await;
     let mut entries: Vec<_> = (0..500)
         .map(|i| upsert(10 + i, &format!("r{i:03}"), 2, json!({"i": i})))
         .collect();
@@ -235,9 +225,7 @@ async fn a_connection_lost_mid_batch_commits_nothing_and_the_retry_succeeds() {
         "the checkpoint did not move"
     );
 
-    PG.execute(&p.db, "drop trigger die on sluice.records")
-        .await
-        .unwrap();
+    common::stop_dying(&PG, &p.db, "sluice.records").await;
     target.apply(&consumer(), &batch).await.unwrap();
     assert_eq!(rows(&PG, &p).await.len(), 502);
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(600));

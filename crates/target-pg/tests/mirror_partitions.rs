@@ -306,17 +306,7 @@ async fn a_partition_lost_mid_batch_is_replayed_and_nothing_is_lost() {
     target.apply(&consumer(), &first).await.unwrap();
 
     // The server drops one partition's connection while it copies; the others commit.
-    PG.execute(
-        &m.db,
-        "create function public.die() returns trigger language plpgsql as $$
-         begin
-           if new.id = 'poison' then perform pg_terminate_backend(pg_backend_pid()); end if;
-           return new;
-         end $$;
-         create trigger die before insert on mirror.orders for each row execute function public.die();",
-    )
-    .await
-    .unwrap();
+    common::die_on_poison(&PG, &m.db, "mirror.orders", "id").await;
     let mut entries: Vec<_> = (0..300)
         .map(|i| order(10 + i, &format!("r{i:03}")))
         .collect();
@@ -338,9 +328,7 @@ async fn a_partition_lost_mid_batch_is_replayed_and_nothing_is_lost() {
         "the consumer resumes from the lowest partition"
     );
 
-    PG.execute(&m.db, "drop trigger die on mirror.orders")
-        .await
-        .unwrap();
+    common::stop_dying(&PG, &m.db, "mirror.orders").await;
     target.apply(&consumer(), &batch).await.unwrap();
     assert_eq!(orders(&m).await, 302);
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(400));

@@ -132,3 +132,29 @@ pub fn batch_to(through: u64, entries: Vec<StreamEntry>) -> Batch {
         through: Seq(through),
     }
 }
+
+/// A trigger on `table` that terminates the inserting session when the row's `column` is
+/// `'poison'`: the server drops a writing connection mid-batch. Removed by
+/// [`stop_dying`].
+pub async fn die_on_poison(pg: &Cluster, db: &str, table: &str, column: &str) {
+    pg.execute(
+        db,
+        &format!(
+            "create function public.die() returns trigger language plpgsql as $$
+             begin
+               if new.{column} = 'poison' then perform pg_terminate_backend(pg_backend_pid()); end if;
+               return new;
+             end $$;
+             create trigger die before insert on {table} for each row execute function public.die();"
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// Removes [`die_on_poison`]'s trigger from `table`.
+pub async fn stop_dying(pg: &Cluster, db: &str, table: &str) {
+    pg.execute(db, &format!("drop trigger die on {table}"))
+        .await
+        .unwrap();
+}
