@@ -39,7 +39,9 @@ pub(crate) enum Kind {
 /// Every type of the source database, by OID; reloaded when an unknown OID appears (a new enum).
 #[derive(Default)]
 pub(crate) struct TypeMap {
-    kinds: HashMap<u32, Kind>,
+    /// Looked up for every field of every row: a fast hash, not SipHash (OIDs are not
+    /// attacker-chosen keys).
+    kinds: HashMap<u32, Kind, foldhash::fast::FixedState>,
 }
 
 struct PgType {

@@ -15,8 +15,12 @@ pub(super) const IDLE_READERS: usize = 4;
 const SETTINGS: &str = "pragma page_size = 16384; pragma journal_mode = wal; \
                         pragma synchronous = full; pragma cache_size = -16384;";
 
-/// The writing connection keeps a larger page cache (32 MiB): every write goes through it.
-pub(super) const WRITER_CACHE: &str = "pragma cache_size = -32768;";
+/// The writing connection's own settings. It keeps a larger page cache (32 MiB): every write
+/// goes through it. Its statement journal (the pages a multi-row insert changed, kept until the
+/// statement ends) is held in memory: SQLite otherwise spills it to a temporary file past
+/// 64 KiB (four 16 KiB pages, which one multi-row insert soon changes), and then writes each page
+/// there with a system call.
+pub(super) const WRITER_SETTINGS: &str = "pragma cache_size = -32768; pragma temp_store = memory;";
 
 const HEAD: &str = "select value from meta where key = 'head'";
 

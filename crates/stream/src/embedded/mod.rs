@@ -30,7 +30,7 @@ mod schema;
 mod segment;
 mod write;
 
-use connection::{IDLE_READERS, OrStorage, WRITER_CACHE, blocking, connect, read_head};
+use connection::{IDLE_READERS, OrStorage, WRITER_SETTINGS, blocking, connect, read_head};
 
 use collections::Names;
 pub(crate) use read::Form;
@@ -96,8 +96,8 @@ impl EmbeddedStream {
         })?;
         let path = dir.join(FILE_NAME);
         let (writer, head) = blocking(|| {
-            let mut conn =
-                connect(&path, WRITER_CACHE).or_storage(&format!("opening {}", path.display()))?;
+            let mut conn = connect(&path, WRITER_SETTINGS)
+                .or_storage(&format!("opening {}", path.display()))?;
             schema::prepare(&mut conn)?;
             let head = read_head(&conn)?;
             Ok::<_, Error>((conn, head))

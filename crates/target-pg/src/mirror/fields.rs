@@ -20,17 +20,28 @@ use super::shape::{Kind, TableDef};
 use super::write::{array_literal, unix_seconds, without_nul};
 
 /// Each column's index by name, for one table.
-pub(super) struct Columns<'d>(HashMap<&'d str, usize>);
+pub(super) struct Columns<'d> {
+    /// The names in the table's order.
+    names: Vec<&'d str>,
+    by_name: HashMap<&'d str, usize, foldhash::fast::FixedState>,
+}
 
 impl<'d> Columns<'d> {
     pub(super) fn new(def: &'d TableDef) -> Self {
-        Self(
-            def.columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (c.name.as_str(), i))
-                .collect(),
-        )
+        let names: Vec<&str> = def.columns.iter().map(|c| c.name.as_str()).collect();
+        let by_name = names.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        Self { names, by_name }
+    }
+
+    /// The index of the column named `name`. A payload's fields usually come in the table's
+    /// order (a source writes them in its columns' order, and the mirror's columns follow
+    /// the source's), so the column after the previous field's (`next`) is tried first,
+    /// which costs one comparison instead of a hash.
+    fn find(&self, name: &str, next: usize) -> Option<usize> {
+        match self.names.get(next) {
+            Some(&n) if n == name => Some(next),
+            _ => self.by_name.get(name).copied(),
+        }
     }
 }
 
@@ -78,10 +89,12 @@ impl<'de, 's, 'c> Visitor<'de> for Fill<'s, 'c, 'de> {
         f.write_str("a JSON object")
     }
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        let mut next = 0;
         while let Some(key) = map.next_key::<Text<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
-            if let Some(&at) = self.columns.0.get(key.0.as_ref()) {
+            if let Some(at) = self.columns.find(&key.0, next) {
                 self.slots[at] = Some(value);
+                next = at + 1;
             }
         }
         Ok(())
@@ -113,6 +126,13 @@ pub(super) fn encode_row<'a>(
     Ok(sanitized)
 }
 
+/// The contents of the JSON string `text` (quotes included) when it has no escape: then
+/// they are the string itself. A string with one is left to the parser.
+fn unescaped(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.as_bytes().contains(&b'\\')).then_some(inner)
+}
+
 /// One field as PostgreSQL input text for a column of `kind`, as `write::encode_row` writes
 /// the parsed value.
 fn push_field(
@@ -131,7 +151,10 @@ fn push_field(
             false
         }
         Some(b'"') if kind != Kind::Json => {
-            let Text(s) = serde_json::from_str(text)?;
+            let s = match unescaped(text) {
+                Some(s) => Cow::Borrowed(s),
+                None => serde_json::from_str::<Text>(text)?.0,
+            };
             match unix_seconds(kind, &s) {
                 Some(t) => push_text(out, &t),
                 None => push_text(out, &s),
@@ -253,6 +276,32 @@ mod tests {
             );
             assert_eq!(raw_nul, parsed_nul, "{value}");
         }
+    }
+
+    /// Fields in the table's order, out of it, with unknown keys between them, and a key
+    /// given twice (the last one counts, as when the payload is parsed into a map): each lands
+    /// in its own column.
+    #[test]
+    fn fields_land_in_their_columns_in_any_order() {
+        let def = table();
+        let columns = Columns::new(&def);
+        let row = |text: &str| {
+            let (mut out, mut slots) = (Vec::new(), Vec::new());
+            encode_row(&mut out, &def, &columns, text, &mut slots).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let in_order = row(r#"{"plain":"p","flag":true,"at":null,"doc":null,"list":null,"n":7}"#);
+        assert_eq!(in_order, "p\tt\t\\N\t\\N\t\\N\t7\t\\N\n");
+        for text in [
+            r#"{"n":7,"list":null,"doc":null,"at":null,"flag":true,"plain":"p"}"#,
+            r#"{"x":1,"plain":"p","y":[1],"flag":true,"at":null,"doc":null,"list":null,"n":7}"#,
+            r#"{"plain":"first","flag":true,"at":null,"doc":null,"list":null,"n":7,"plain":"p"}"#,
+            r#"{"flag":true,"plain":"p","n":7}"#,
+        ] {
+            assert_eq!(row(text), in_order, "{text}");
+        }
+        // A string with an escape is unescaped, then written as COPY text.
+        assert!(row(r#"{"plain":"a\"b\tc","n":1}"#).starts_with("a\"b\\tc\t"));
     }
 
     #[test]
