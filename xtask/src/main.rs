@@ -64,6 +64,8 @@ enum BenchKind {
     Target,
     /// Records-stream append and read rates vs plain SQLite inserts (crates/stream/benches/stream.rs).
     Stream,
+    /// What SQLite costs per appended record for candidate layouts of the stream's rows, keys in order and in none (crates/stream/benches/layouts.rs).
+    StreamLayouts,
     /// Stream → consumer table end to end vs the target's apply and raw COPY (crates/consumer/benches/consumer.rs).
     Consumer,
     /// Schema-mirror apply vs raw COPY into the same typed table (crates/target-pg/benches/mirror.rs).
@@ -127,6 +129,7 @@ fn bench(which: BenchKind) -> Result {
     let (package, bench) = match which {
         BenchKind::Target => ("sluice-target-pg", "apply"),
         BenchKind::Stream => ("sluice-stream", "stream"),
+        BenchKind::StreamLayouts => ("sluice-stream", "layouts"),
         BenchKind::Consumer => ("sluice-consumer", "consumer"),
         BenchKind::Replication => ("sluice-source-pg", "replication"),
         BenchKind::Mirror => ("sluice-target-pg", "mirror"),

@@ -220,8 +220,21 @@ async fn run() {
     let rows = env_usize("SLUICE_BENCH_ROWS", 2_000_000) as i64;
     let source = Cluster::options().logical_replication().start().unwrap();
     let target = Cluster::start_default().unwrap();
-    let table = "create table public.items (id bigint primary key, name text not null, note text, \
-                 qty int not null, price numeric(12, 2) not null, created timestamptz not null)";
+    // The key: `bigint` (1, 2, 3…, in order) or `uuid` (an MD5 of the row number: keys in no
+    // order, as UUIDs and most SaaS ids are).
+    let uuid_keys = match std::env::var("SLUICE_BENCH_KEY").as_deref() {
+        Ok("uuid") => true,
+        Ok("bigint") | Err(_) => false,
+        Ok(other) => panic!("SLUICE_BENCH_KEY is bigint or uuid, not {other:?}"),
+    };
+    let (key_type, key_of) = match uuid_keys {
+        true => ("uuid", "md5(i::text)::uuid"),
+        false => ("bigint", "i"),
+    };
+    let table = &format!(
+        "create table public.items (id {key_type} primary key, name text not null, note text, \
+         qty int not null, price numeric(12, 2) not null, created timestamptz not null)"
+    );
     source.create_database("src").await.unwrap();
     source
         .execute(
@@ -229,7 +242,7 @@ async fn run() {
             &format!(
                 "{table};
                  insert into public.items
-                 select i, repeat(md5(i::text), 3), repeat(md5((i * 7)::text), 3), i % 1000,
+                 select {key_of}, repeat(md5(i::text), 3), repeat(md5((i * 7)::text), 3), i % 1000,
                         (i % 100000) / 100.0, '2026-01-01'::timestamptz + i * interval '1 second'
                    from generate_series(1, {rows}) i;
                  create publication native_pub for table public.items;"
@@ -237,6 +250,18 @@ async fn run() {
         )
         .await
         .unwrap();
+    // The keys the wait looks up, as the source prints them.
+    let numbers: Vec<String> = checkpoints(rows).map(|i| i.to_string()).collect();
+    let key_texts: Vec<String> = {
+        let mut conn = source.admin("src").await.unwrap();
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select ({key_of})::text from unnest(array[{}]::bigint[]) as k(i)",
+            numbers.join(", ")
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+    };
     let source_bytes = scalar(
         &source,
         "src",
@@ -251,7 +276,7 @@ async fn run() {
     .await;
     prepare_target(&target).await;
     println!(
-        "initial load: {rows} rows of ~{row_bytes} bytes, source table {:.0} MB on disk",
+        "initial load: {rows} rows of ~{row_bytes} bytes, {key_type} keys, source table {:.0} MB on disk",
         source_bytes as f64 / 1e6
     );
 
@@ -304,8 +329,9 @@ async fn run() {
                 probe(
                     &format!("{name}.items"),
                     "id",
-                    &checkpoints(rows)
-                        .map(|id| id.to_string())
+                    &key_texts
+                        .iter()
+                        .map(|id| format!("'{id}'"))
                         .collect::<Vec<_>>(),
                 )
             },
@@ -329,9 +355,10 @@ async fn run() {
                 r#"{{ kind = "consumer_table", schema = "sluice", table = "{name}", connections = {connections} }}"#
             ),
             &|sync| {
-                let ids: Vec<String> = checkpoints(rows)
+                let ids: Vec<String> = key_texts
+                    .iter()
                     .map(|id| {
-                        let upstream = UpstreamId::from_key(&[&id.to_string()]).0;
+                        let upstream = UpstreamId::from_key(&[id]).0;
                         let key = RecordKey::new(SyncId(sync), "public.items", upstream);
                         format!("'{}'", key.row_id())
                     })
