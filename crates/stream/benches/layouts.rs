@@ -17,7 +17,9 @@
 //! Each layout is written twice: every key new, then every key updated (a newer version).
 //! `SLUICE_BENCH_RECORDS` (default 200,000) and `SLUICE_BENCH_BATCH` (records per append,
 //! default 1000) size the run; `SLUICE_BENCH_PAGE_SIZE` (16384), `SLUICE_BENCH_JOURNAL` (`wal`)
-//! and `SLUICE_BENCH_CACHE_KIB` (32768) change the file's settings from the stream's.
+//! and `SLUICE_BENCH_CACHE_KIB` (32768) change the file's settings from the stream's;
+//! `SLUICE_BENCH_LAYOUT` runs only the layouts whose name holds it (`no order`, say), and
+//! `SLUICE_BENCH_STATEMENT_ROWS` (100) sets the records per insert statement.
 
 use std::hash::BuildHasher;
 use std::time::Instant;
@@ -51,9 +53,6 @@ struct Row {
 
 /// Bytes of other columns per record packed into a segment (the stream's row is about this).
 const PACKED_BYTES: usize = 40;
-
-/// Records per insert statement.
-const STATEMENT_ROWS: usize = 100;
 
 fn key_in_order(i: usize) -> String {
     format!("cus_{i:08}")
@@ -206,6 +205,7 @@ fn measure(layout: &Layout, n: usize, batch: usize) -> rusqlite::Result<[f64; 2]
         let values = vec![one.as_str(); rows].join(",");
         format!("{} values {values} {}", layout.insert, layout.upsert)
     };
+    let statement_rows: usize = env("SLUICE_BENCH_STATEMENT_ROWS", 100).max(1);
     let mut seq = 0i64;
     let mut rates = [0.0; 2];
     for (round, rate) in rates.iter_mut().enumerate() {
@@ -215,11 +215,11 @@ fn measure(layout: &Layout, n: usize, batch: usize) -> rusqlite::Result<[f64; 2]
         for (b, chunk) in texts.chunks(batch).enumerate() {
             let tx = conn.transaction()?;
             let segment = segment(&tx, chunk, layout.packed)?;
-            for (s, rows) in chunk.chunks(STATEMENT_ROWS).enumerate() {
+            for (s, rows) in chunk.chunks(statement_rows).enumerate() {
                 let mut st = tx.prepare_cached(&statement(rows.len()))?;
                 for j in 0..rows.len() {
                     seq += 1;
-                    let slot = s * STATEMENT_ROWS + j;
+                    let slot = s * statement_rows + j;
                     let row = Row {
                         i: b * batch + slot,
                         seq,
@@ -249,7 +249,8 @@ fn main() {
         "{:<46} {:>12} {:>10} {:>12} {:>10}",
         "layout", "new rec/s", "us/rec", "updates/s", "us/rec"
     );
-    for layout in &LAYOUTS {
+    let only: String = env("SLUICE_BENCH_LAYOUT", String::new());
+    for layout in LAYOUTS.iter().filter(|l| l.name.contains(only.as_str())) {
         let [new, updated] = measure(layout, n, batch).expect("SQLite failed");
         println!(
             "{:<46} {new:>12.0} {:>10.2} {updated:>12.0} {:>10.2}",
