@@ -16,10 +16,11 @@
 //!
 //! Each layout is written twice: every key new, then every key updated (a newer version).
 //! `SLUICE_BENCH_RECORDS` (default 200,000) and `SLUICE_BENCH_BATCH` (records per append,
-//! default 1000) size the run; `SLUICE_BENCH_PAGE_SIZE` (16384), `SLUICE_BENCH_JOURNAL` (`wal`)
-//! and `SLUICE_BENCH_CACHE_KIB` (32768) change the file's settings from the stream's;
-//! `SLUICE_BENCH_LAYOUT` runs only the layouts whose name holds it (`no order`, say), and
-//! `SLUICE_BENCH_STATEMENT_ROWS` (100) sets the records per insert statement.
+//! default 1000) size the run; `SLUICE_BENCH_PAGE_SIZE` (16384), `SLUICE_BENCH_JOURNAL` (`wal`),
+//! `SLUICE_BENCH_CACHE_KIB` (32768) and `SLUICE_BENCH_AUTOCHECKPOINT` (1000 pages) change the
+//! file's settings from the stream's; `SLUICE_BENCH_LAYOUT` runs only the layouts whose name
+//! holds it (`no order`, say), and `SLUICE_BENCH_STATEMENT_ROWS` (100) sets the records per
+//! insert statement.
 
 use std::hash::BuildHasher;
 use std::time::Instant;
@@ -174,7 +175,9 @@ fn open(path: &std::path::Path, schema: &str) -> rusqlite::Result<Connection> {
     let cache: u32 = env("SLUICE_BENCH_CACHE_KIB", 32768);
     conn.execute_batch(&format!(
         "pragma page_size = {page}; pragma journal_mode = {journal}; pragma synchronous = full; \
-         pragma temp_store = memory; pragma cache_size = -{cache};"
+         pragma temp_store = memory; pragma cache_size = -{cache}; \
+         pragma wal_autocheckpoint = {};",
+        env("SLUICE_BENCH_AUTOCHECKPOINT", 1000u32)
     ))?;
     conn.execute_batch(schema)?;
     Ok(conn)
