@@ -19,8 +19,9 @@
 //! default 1000) size the run; `SLUICE_BENCH_PAGE_SIZE` (16384), `SLUICE_BENCH_JOURNAL` (`wal`),
 //! `SLUICE_BENCH_CACHE_KIB` (32768) and `SLUICE_BENCH_AUTOCHECKPOINT` (1000 pages) change the
 //! file's settings from the stream's; `SLUICE_BENCH_LAYOUT` runs only the layouts whose name
-//! holds it (`no order`, say), and `SLUICE_BENCH_STATEMENT_ROWS` (100) sets the records per
-//! insert statement.
+//! holds it (`no order`, say), `SLUICE_BENCH_STATEMENT_ROWS` (100) sets the records per
+//! insert statement, and `SLUICE_BENCH_SORTED=1` writes each append's records in key order
+//! (each with the seq of its place in the append).
 
 use std::hash::BuildHasher;
 use std::time::Instant;
@@ -40,6 +41,8 @@ struct Layout {
     packed: bool,
     /// Binds record `i`'s values from parameter `at` on.
     bind: fn(&mut Statement<'_>, usize, Row) -> rusqlite::Result<()>,
+    /// Record `i`'s key, for `SLUICE_BENCH_SORTED`.
+    key: fn(usize) -> String,
 }
 
 /// What a layout binds for one record.
@@ -102,6 +105,7 @@ const LAYOUTS: [Layout; 4] = [
         columns: 10,
         packed: false,
         bind: |st, at, row| bind_row(st, at, row, key_in_order(row.i)),
+        key: key_in_order,
     },
     Layout {
         name: "today's: a row per record, keys in no order",
@@ -111,6 +115,7 @@ const LAYOUTS: [Layout; 4] = [
         columns: 10,
         packed: false,
         bind: |st, at, row| bind_row(st, at, row, key_in_no_order(row.i)),
+        key: key_in_no_order,
     },
     Layout {
         name: "key rows only, keys in order",
@@ -132,6 +137,7 @@ create table t (collection integer not null, upstream_id text not null, seq inte
             st.raw_bind_parameter(at + 3, row.version)?;
             st.raw_bind_parameter(at + 4, 0i64)
         },
+        key: key_in_order,
     },
     Layout {
         name: "hashed key rows, keys in order",
@@ -152,6 +158,7 @@ create table t (h integer primary key, seq integer not null, vmaj integer not nu
             st.raw_bind_parameter(at + 2, row.version)?;
             st.raw_bind_parameter(at + 3, 0i64)
         },
+        key: key_in_order,
     },
 ];
 
@@ -209,6 +216,7 @@ fn measure(layout: &Layout, n: usize, batch: usize) -> rusqlite::Result<[f64; 2]
         format!("{} values {values} {}", layout.insert, layout.upsert)
     };
     let statement_rows: usize = env("SLUICE_BENCH_STATEMENT_ROWS", 100).max(1);
+    let sorted = env("SLUICE_BENCH_SORTED", 0u8) == 1;
     let mut seq = 0i64;
     let mut rates = [0.0; 2];
     for (round, rate) in rates.iter_mut().enumerate() {
@@ -218,14 +226,19 @@ fn measure(layout: &Layout, n: usize, batch: usize) -> rusqlite::Result<[f64; 2]
         for (b, chunk) in texts.chunks(batch).enumerate() {
             let tx = conn.transaction()?;
             let segment = segment(&tx, chunk, layout.packed)?;
-            for (s, rows) in chunk.chunks(statement_rows).enumerate() {
+            // The append's records in the order they are written: as given, or by key (each
+            // keeps the seq of its place in the append).
+            let first = b * batch;
+            let mut order: Vec<usize> = (0..chunk.len()).collect();
+            if sorted {
+                order.sort_by_cached_key(|&slot| (layout.key)(first + slot));
+            }
+            for rows in order.chunks(statement_rows) {
                 let mut st = tx.prepare_cached(&statement(rows.len()))?;
-                for j in 0..rows.len() {
-                    seq += 1;
-                    let slot = s * statement_rows + j;
+                for (j, &slot) in rows.iter().enumerate() {
                     let row = Row {
-                        i: b * batch + slot,
-                        seq,
+                        i: first + slot,
+                        seq: seq + 1 + slot as i64,
                         version,
                         segment,
                         slot: slot as i64,
@@ -234,6 +247,7 @@ fn measure(layout: &Layout, n: usize, batch: usize) -> rusqlite::Result<[f64; 2]
                 }
                 st.raw_execute()?;
             }
+            seq += chunk.len() as i64;
             tx.commit()?;
         }
         *rate = n as f64 / started.elapsed().as_secs_f64();

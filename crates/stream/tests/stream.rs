@@ -86,6 +86,87 @@ async fn an_update_replaces_the_entry_and_moves_it_to_the_end() {
     assert_eq!(read.through, Seq(3));
 }
 
+/// The stream writes an append's records in its key index's order (collection, then id), so
+/// each record must still get the seq of its place in the append, and a key given twice must
+/// still be decided by its versions (a version older than one given earlier in the same append
+/// is skipped: `an_older_version_never_replaces_a_newer_one_tombstones_included`). Read back
+/// from memory and from the file.
+#[tokio::test]
+async fn an_appends_records_keep_their_places_whatever_their_ids_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let other = |id: &str, version: u64| {
+        record(
+            SYNC_A,
+            "public.accounts",
+            id,
+            version,
+            Change::upsert(json!({"id": id})).unwrap(),
+        )
+    };
+    let append = vec![
+        up(SYNC_A, "f3a9", 1),
+        other("zz", 1),
+        up(SYNC_A, "07b2", 1),
+        up(SYNC_A, "c", 2),
+        other("aa", 1),
+        up(SYNC_A, "c", 3),
+        up(SYNC_A, "b", 5),
+        del(SYNC_A, "0", 1),
+        up(SYNC_A, "b", 6),
+        up(SYNC_A, "a", 1),
+    ];
+    let outcome = stream.append(append).await.unwrap();
+    assert_eq!(
+        (outcome.appended, outcome.skipped_stale, outcome.head),
+        (10, 0, Seq(10)),
+        "every record lands (c and b twice, each time newer)"
+    );
+    let expected: Vec<(u64, &str, &str, u64)> = vec![
+        (1, "public.orders", "f3a9", 1),
+        (2, "public.accounts", "zz", 1),
+        (3, "public.orders", "07b2", 1),
+        (5, "public.accounts", "aa", 1),
+        (6, "public.orders", "c", 3),
+        (8, "public.orders", "0", 1),
+        (9, "public.orders", "b", 6),
+        (10, "public.orders", "a", 1),
+    ];
+    let owned = |rows: &[(u64, &str, &str, u64)]| {
+        rows.iter()
+            .map(|&(seq, c, id, v)| (seq, c.to_owned(), id.to_owned(), v))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        read_all(&stream).await,
+        owned(&expected),
+        "read from memory"
+    );
+    drop(stream);
+    let reopened = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert_eq!(
+        read_all(&reopened).await,
+        owned(&expected),
+        "read from the file"
+    );
+}
+
+/// Every entry as (seq, collection, id, version major).
+async fn read_all(stream: &EmbeddedStream) -> Vec<(u64, String, String, u64)> {
+    let read = stream.read_text(&all(), Seq::START, 100).await.unwrap();
+    read.entries
+        .iter()
+        .map(|e| {
+            (
+                e.seq.0,
+                e.record.key.collection_id.0.clone(),
+                e.record.key.upstream_id.0.clone(),
+                e.record.version.major,
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn an_older_version_never_replaces_a_newer_one_tombstones_included() {
     let (_dir, stream) = open().await;

