@@ -232,9 +232,22 @@ async fn the_console_adds_a_target_and_a_consumer_and_shows_health_in_a_browser(
 
     // A stopped target turns its consumers paused, with the reason, on the overview.
     env.target.stop().unwrap();
-    let down = browser
-        .wait_for_text(&format!("{base}/"), "is unavailable", 60)
-        .await;
+    // Each consumer finds the target gone at its own next write or check, so the page can say
+    // "is unavailable" for another consumer first (CI saw that once): wait for this one's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let down = loop {
+        let page = browser
+            .wait_for_text(&format!("{base}/"), "is unavailable", 60)
+            .await;
+        let paused = page
+            .lines()
+            .find(|l| l.starts_with("shop-events"))
+            .is_some_and(|l| l.contains("paused"));
+        if paused || std::time::Instant::now() >= deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let line = down
         .lines()
         .find(|l| l.starts_with("shop-events"))
