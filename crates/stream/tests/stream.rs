@@ -804,3 +804,67 @@ async fn collections_created_by_another_writer_read_back_by_name() {
     assert_eq!(http.entries.len(), 1);
     assert_eq!(http.entries[0].record.key.sync_id, SYNC_B);
 }
+
+/// The WAL is copied back into the file as appends go on (SQLite's automatic checkpoint on the
+/// writing connection): however much is appended, the WAL stays near its checkpoint size, and
+/// every record reads back, before and after reopening.
+#[tokio::test]
+async fn the_wal_is_copied_back_into_the_file_as_appends_go_on() {
+    let (dir, stream) = open().await;
+    // Payloads that LZ4 cannot shrink much: ~40 MB through the WAL, more than twice the
+    // 1,000 pages of 16 KiB at which it is copied back.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = |len: usize| {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'!' + (state % 90) as u8)
+            })
+            .collect::<String>()
+    };
+    let (appends, per_append) = (40u64, 1000u64);
+    for a in 0..appends {
+        let records = (0..per_append)
+            .map(|i| {
+                let id = format!("{:08}", a * per_append + i);
+                let payload = json!({"id": id, "noise": noise(1000)});
+                record(
+                    SYNC_A,
+                    "public.orders",
+                    &id,
+                    1,
+                    Change::upsert(payload).unwrap(),
+                )
+            })
+            .collect();
+        stream.append(records).await.unwrap();
+    }
+    let size = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let (file, wal) = (
+        size(sluice_stream::FILE_NAME),
+        size(&format!("{}-wal", sluice_stream::FILE_NAME)),
+    );
+    assert!(
+        file > 30 << 20,
+        "the records were copied back into the file ({file} bytes)"
+    );
+    assert!(
+        wal < 24 << 20,
+        "the WAL stays near 1,000 pages of 16 KiB, not the {} MB appended ({wal} bytes)",
+        file >> 20
+    );
+    let read = stream
+        .read_text(&all(), Seq(0), (appends * per_append) as usize + 1)
+        .await
+        .unwrap();
+    assert_eq!(read.entries.len() as u64, appends * per_append);
+    drop(stream);
+    let reopened = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert_eq!(reopened.head().await.unwrap(), Seq(appends * per_append));
+}
