@@ -222,14 +222,10 @@ async fn run() {
     let target = Cluster::start_default().unwrap();
     // The key: `bigint` (1, 2, 3…, in order) or `uuid` (an MD5 of the row number: keys in no
     // order, as UUIDs and most SaaS ids are).
-    let uuid_keys = match std::env::var("SLUICE_BENCH_KEY").as_deref() {
-        Ok("uuid") => true,
-        Ok("bigint") | Err(_) => false,
+    let (key_type, key_of) = match std::env::var("SLUICE_BENCH_KEY").as_deref() {
+        Ok("uuid") => ("uuid", "md5(i::text)::uuid"),
+        Ok("bigint") | Err(_) => ("bigint", "i"),
         Ok(other) => panic!("SLUICE_BENCH_KEY is bigint or uuid, not {other:?}"),
-    };
-    let (key_type, key_of) = match uuid_keys {
-        true => ("uuid", "md5(i::text)::uuid"),
-        false => ("bigint", "i"),
     };
     let table = &format!(
         "create table public.items (id {key_type} primary key, name text not null, note text, \

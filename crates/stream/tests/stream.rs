@@ -93,8 +93,7 @@ async fn an_update_replaces_the_entry_and_moves_it_to_the_end() {
 /// from memory and from the file.
 #[tokio::test]
 async fn an_appends_records_keep_their_places_whatever_their_ids_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let (dir, stream) = open().await;
     let other = |id: &str, version: u64| {
         record(
             SYNC_A,
@@ -860,7 +859,7 @@ async fn the_wal_is_copied_back_into_the_file_as_appends_go_on() {
         file >> 20
     );
     let read = stream
-        .read_text(&all(), Seq(0), (appends * per_append) as usize + 1)
+        .read_text(&all(), Seq::START, (appends * per_append) as usize + 1)
         .await
         .unwrap();
     assert_eq!(read.entries.len() as u64, appends * per_append);

@@ -16,21 +16,28 @@ use serde_json::value::RawValue;
 
 use crate::copy::push_text;
 
-use super::shape::{Kind, TableDef};
+use super::shape::{ColumnDef, Kind, TableDef};
 use super::write::{array_literal, unix_seconds, without_nul};
 
 /// Each column's index by name, for one table.
 pub(super) struct Columns<'d> {
-    /// The names in the table's order.
-    names: Vec<&'d str>,
+    /// The table's columns, in its order.
+    def: &'d [ColumnDef],
     by_name: HashMap<&'d str, usize, foldhash::fast::FixedState>,
 }
 
 impl<'d> Columns<'d> {
     pub(super) fn new(def: &'d TableDef) -> Self {
-        let names: Vec<&str> = def.columns.iter().map(|c| c.name.as_str()).collect();
-        let by_name = names.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-        Self { names, by_name }
+        let by_name = def
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect();
+        Self {
+            def: &def.columns,
+            by_name,
+        }
     }
 
     /// The index of the column named `name`. A payload's fields usually come in the table's
@@ -38,8 +45,8 @@ impl<'d> Columns<'d> {
     /// the source's), so the column after the previous field's (`next`) is tried first,
     /// which costs one comparison instead of a hash.
     fn find(&self, name: &str, next: usize) -> Option<usize> {
-        match self.names.get(next) {
-            Some(&n) if n == name => Some(next),
+        match self.def.get(next) {
+            Some(c) if c.name == name => Some(next),
             _ => self.by_name.get(name).copied(),
         }
     }
