@@ -51,6 +51,7 @@ mod target;
 pub mod text;
 mod text_batch;
 mod writer;
+mod xorshift;
 
 pub use alerts_config::{AlertsConfig, EmailConfig, SmtpSecurity, WebhookConfig};
 pub use api_config::{AccountsConfig, AllAccounts, STRIPE_OBJECTS, StripeSourceConfig};
@@ -83,3 +84,4 @@ pub use text_batch::TextBatch;
 pub use writer::{
     Column, Columns, RefusalKind, UpstreamChange, WriteOutcome, WriteRefused, Writer, Written,
 };
+pub use xorshift::Xorshift;

@@ -19,7 +19,8 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
-    seed: u64,
+    /// Jitter: enough randomness for spreading retries, no dependency.
+    random: crate::Xorshift,
 }
 
 impl Backoff {
@@ -33,7 +34,7 @@ impl Backoff {
             base,
             max,
             attempt: 0,
-            seed: seed | 1,
+            random: crate::Xorshift::new(seed | 1),
         }
     }
 
@@ -44,16 +45,12 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        // xorshift64: enough randomness for jitter, no dependency.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
         let half = step / 2;
         let spread = (step - half).as_nanos() as u64;
         let jitter = if spread == 0 {
             0
         } else {
-            self.seed % (spread + 1)
+            self.random.below(spread + 1)
         };
         half + Duration::from_nanos(jitter)
     }

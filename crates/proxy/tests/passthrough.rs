@@ -352,13 +352,8 @@ async fn clients_reach_the_proxy_over_tls_and_plain_text_is_refused() {
 #[tokio::test]
 async fn random_bytes_and_oversized_messages_never_take_the_proxy_down() {
     let s = setup(Cluster::start_default().unwrap()).await;
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut random = sluice_core::Xorshift::new(0x2545_f491_4f6c_dd1d);
+    let mut next = move || random.next_u64();
     // Before login: random packets, and random bytes after a well-formed start.
     for round in 0..300 {
         let mut raw = TcpStream::connect(s.proxy).await.unwrap();

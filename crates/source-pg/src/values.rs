@@ -451,15 +451,13 @@ mod tests {
         .map(str::to_owned)
         .collect();
         texts.extend((0u8..0x80).map(|b| format!("a{}b", b as char)));
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = sluice_core::Xorshift::new(0x9e37_79b9_7f4a_7c15);
         let alphabet: Vec<char> =
             "ab0-1.e+ :\"\\\n\t\r\u{0}\u{1}\u{8}\u{c}\u{1f}é\u{2028}\u{1F600}{},"
                 .chars()
                 .collect();
         for _ in 0..2000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = random.next_u64();
             let len = (state % 12) as usize;
             texts.push(
                 (0..len)

@@ -582,13 +582,8 @@ async fn reads_from_memory_equal_reads_from_the_file() {
         },
     ];
     // A small deterministic generator: the same sequence on every run.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut random = sluice_core::Xorshift::new(0x2545_f491_4f6c_dd1d);
+    let mut next = move |n: u64| random.below(n);
     let mut version = 100u64;
     let mut acked = Seq::START;
     for round in 0..300 {
@@ -812,15 +807,10 @@ async fn the_wal_is_copied_back_into_the_file_as_appends_go_on() {
     let (dir, stream) = open().await;
     // Payloads that LZ4 cannot shrink much: ~40 MB through the WAL, more than twice the
     // 1,000 pages of 16 KiB at which it is copied back.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = sluice_core::Xorshift::new(0x9E37_79B9_7F4A_7C15);
     let mut noise = |len: usize| {
         (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                char::from(b'!' + (state % 90) as u8)
-            })
+            .map(|_| char::from(b'!' + random.below(90) as u8))
             .collect::<String>()
     };
     let (appends, per_append) = (40u64, 1000u64);

@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
 
-use crate::tail::{Tail, TailLimits};
+use crate::tail::{Landed, Tail, TailLimits};
 
 mod collections;
 mod connection;

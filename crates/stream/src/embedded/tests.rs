@@ -226,15 +226,10 @@ async fn churn_keeps_the_segments_bounded() {
     // Rounds of updates to keys picked at random: every append leaves holes in older segments,
     // and a segment whose keys are not all updated again is never emptied by updates alone.
     let mut sizes = Vec::new();
-    let mut random = 0x2545_f491_4f6c_dd1du64;
+    let mut random = sluice_core::Xorshift::new(0x2545_f491_4f6c_dd1d);
     for round in 0..150u64 {
         let batch = (0..100)
-            .map(|_| {
-                random ^= random << 13;
-                random ^= random >> 7;
-                random ^= random << 17;
-                upsert(random % keys, round + 2)
-            })
+            .map(|_| upsert(random.below(keys), round + 2))
             .collect();
         stream.append(batch).await.unwrap();
         if round % 50 == 49 {

@@ -69,8 +69,12 @@ impl EmbeddedStream {
         from: i64,
         next: i64,
         what: &str,
-        landed: Option<Vec<Landed>>,
+        mut landed: Option<Vec<Landed>>,
     ) -> Result<Seq> {
+        // Records as a read of the file gives them, before the tail's lock is taken.
+        for record in landed.iter_mut().flatten().flat_map(|(records, _)| records) {
+            as_stored(record);
+        }
         tx.prepare_cached("update meta set value = ? where key = 'head'")
             .and_then(|mut s| s.execute([next]))
             .or_storage("moving the head")?;
@@ -78,11 +82,7 @@ impl EmbeddedStream {
         tx.commit().or_storage(&format!("committing {what}"))?;
         let head = Seq(next as u64);
         match landed {
-            Some(chunks) if tail.end() == Seq(from as u64) => tail.extend(
-                chunks
-                    .into_iter()
-                    .flat_map(|(records, texts)| records.into_iter().map(as_stored).zip(texts)),
-            ),
+            Some(chunks) if tail.end() == Seq(from as u64) => tail.extend(chunks),
             _ => tail.reset(head),
         }
         drop(tail);
@@ -90,9 +90,6 @@ impl EmbeddedStream {
         Ok(head)
     }
 }
-
-/// A chunk of records that landed in the file as given, with their payloads' text.
-pub(super) type Landed = (Vec<Record>, Vec<Option<PayloadText>>);
 
 /// Starts a write on the writing connection: a transaction that holds the file's write lock
 /// from its start (another process's writer waits, rather than failing mid-way), and the head
@@ -242,12 +239,13 @@ pub(super) fn statement_rows(left: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// The record as a read from the file returns it: its time at nanosecond precision in UTC.
-pub(super) fn as_stored(mut record: Record) -> Record {
-    record.upstream_updated_at =
+/// Makes `record` as a read from the file returns it: its time at nanosecond precision in UTC.
+pub(super) fn as_stored(record: &mut Record) {
+    if let Ok(stored) =
         OffsetDateTime::from_unix_timestamp_nanos(nanos(record.upstream_updated_at) as i128)
-            .unwrap_or(record.upstream_updated_at);
-    record
+    {
+        record.upstream_updated_at = stored;
+    }
 }
 
 pub(super) fn check_version(record: &Record) -> Result<()> {
