@@ -11,6 +11,9 @@
 //! An append's records are kept in the vectors the append wrote them from (a [`Landed`]
 //! chunk), not moved one by one into a queue of their own: moving each 136-byte record once
 //! more was two fifths of what recording an append here cost (`perf` on the initial load).
+//! A chunk's records leave memory together, with its last entry: the tail may hold up to one
+//! append's records (a PostgreSQL source's batch, 10,000 by default) beyond its limits. An
+//! append larger than the tail (a large pushed body) is cut down to what the tail covers.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -146,6 +149,20 @@ impl<S: BuildHasher> Tail<S> {
         }
         while self.len > self.limits.entries || (self.bytes > self.limits.bytes && self.len > 0) {
             self.pop_front();
+        }
+        // An append larger than the tail itself (a large pushed body) gives back the memory of
+        // the records that left at once, rather than when its last one does.
+        if let Some(front) = self.chunks.front_mut()
+            && front.records.len() > self.limits.entries
+            && front.start * 2 >= front.records.len()
+        {
+            let gone = front.start;
+            front.records.drain(..gone);
+            front.texts.drain(..gone);
+            front.hashes.drain(..gone);
+            front.live.drain(..gone);
+            front.first += gone as u64;
+            front.start = 0;
         }
     }
 
@@ -413,6 +430,27 @@ mod tests {
         // Evicted keys are forgotten: a newer version of one is just a new entry.
         extend(&mut tail, [(record("0", 2), None)]);
         assert_eq!(tail.newest.len(), tail.len);
+        // An append larger than the tail keeps only the records the tail covers in memory.
+        extend(
+            &mut tail,
+            (0..100).map(|i| (record(&format!("k{i}"), 1), None)),
+        );
+        assert_eq!(tail.chunks.len(), 1);
+        assert_eq!(tail.chunks[0].records.len(), 3);
+        assert_eq!(
+            ids(&tail
+                .read(&ALL, Seq(104), 10, Seq(107), Form::Parsed)
+                .unwrap()),
+            vec![
+                (105, "k97".into()),
+                (106, "k98".into()),
+                (107, "k99".into())
+            ]
+        );
+        assert!(
+            tail.read(&ALL, Seq(103), 10, Seq(107), Form::Parsed)
+                .is_none()
+        );
     }
 
     /// Every key hashes alike: each new key collides with the last one.
@@ -470,9 +508,10 @@ mod tests {
         );
     }
 
-    /// Appends of many sizes (most larger than the room left) and purged seqs, against a
-    /// plain model of the file: every read the tail answers must equal the model's, whatever
-    /// chunk it starts in or crosses, and the tail keeps within its limits.
+    /// Appends of many sizes (most larger than the room left, some larger than the tail) and
+    /// purged seqs, against a plain model of the file: every read the tail answers must equal
+    /// the model's, whatever chunk it starts in or crosses, and the tail keeps within its
+    /// limits.
     #[test]
     fn chunks_evicted_in_part_read_as_the_file_does() {
         let limits = TailLimits {
@@ -485,7 +524,9 @@ mod tests {
         let mut random = sluice_core::Xorshift::new(0x9e37_79b9_7f4a_7c15);
         let mut next = move |n: u64| random.below(n);
         for round in 0..400 {
-            let keys: Vec<String> = (0..next(12)).map(|_| next(15).to_string()).collect();
+            // Now and then an append larger than the tail.
+            let size = if round % 50 == 49 { 60 } else { next(12) };
+            let keys: Vec<String> = (0..size).map(|_| next(15).to_string()).collect();
             for id in &keys {
                 if let Some(older) = file.iter().rposition(|k| k.as_ref() == Some(id)) {
                     file[older] = None;
