@@ -210,7 +210,7 @@ enum TunnelAction {
 
 /// jemalloc, whose background threads return memory freed after a burst (a large push, a
 /// target outage) to the system within seconds; glibc's malloc kept it (measured in
-/// `cargo xtask bench memory`).
+/// the test `memory_stays_bounded_through_a_push_burst_and_a_target_outage_and_comes_back`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
