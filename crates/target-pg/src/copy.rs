@@ -1,7 +1,8 @@
-//! Writing rows with `COPY`, shared by both layouts: the text format's escaping, `COPY` with
-//! a savepoint for rows assumed new, the plan of a statement that joins staged rows to their
-//! table, encoding on several threads, and the count of records whose NUL characters had to
-//! be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
+//! Writing rows with `COPY`, shared by both layouts: the text format's escaping, `COPY` of rows
+//! sent in pieces as they are encoded (also inside a savepoint, for rows assumed new), the plan
+//! of a statement that joins staged rows to their table, encoding on several threads, and the
+//! count of records whose NUL characters had to be replaced (PostgreSQL cannot store NUL in
+//! text or `jsonb`).
 
 use sluice_core::bytes::ByteSet;
 use sluice_core::{RecordKey, Status};
@@ -19,28 +20,66 @@ pub(crate) async fn copy(
     copy.finish().await
 }
 
-/// Copies `rows` in on the assumption that none of their keys exists yet (the common case
-/// while a table fills): inside a savepoint, so a key that does exist undoes only this COPY.
-/// `Ok(None)` then, and nothing was written. Must run inside a transaction.
-pub(crate) async fn copy_if_all_new(
+/// Why copying rows encoded piece by piece failed.
+pub(crate) enum CopyFailure<E> {
+    /// The server's (or the connection's) error.
+    Server(sqlx::Error),
+    /// A piece could not be encoded; the COPY was aborted.
+    Encoding(E),
+}
+
+/// Copies `pieces` pieces of rows with `statement` (`copy … from stdin`): `encode(i, out)`
+/// writes piece `i`'s COPY text into `out`, and each piece is sent as soon as it is encoded, so
+/// the server parses one piece while the next is encoded. A piece that cannot be encoded
+/// aborts the COPY.
+pub(crate) async fn copy_pieces<E>(
     conn: &mut PgConnection,
     statement: &str,
-    rows: &[u8],
-) -> Result<Option<u64>, sqlx::Error> {
-    sqlx::raw_sql("savepoint sluice_fresh")
-        .execute(&mut *conn)
-        .await?;
-    match copy(conn, statement, rows).await {
+    pieces: usize,
+    mut encode: impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
+) -> Result<u64, CopyFailure<E>> {
+    let mut copy = conn
+        .copy_in_raw(statement)
+        .await
+        .map_err(CopyFailure::Server)?;
+    let mut piece = Vec::new();
+    for i in 0..pieces {
+        piece.clear();
+        if let Err(e) = encode(i, &mut piece) {
+            // The server answers an abort with an error, which is the expected outcome.
+            let _ = copy.abort("sluice: a row could not be encoded").await;
+            return Err(CopyFailure::Encoding(e));
+        }
+        copy.send(piece.as_slice())
+            .await
+            .map_err(CopyFailure::Server)?;
+    }
+    copy.finish().await.map_err(CopyFailure::Server)
+}
+
+/// [`copy_pieces`] on the assumption that none of the rows' keys exists yet (the common case
+/// while a table fills): inside a savepoint, so a key that does exist undoes only this COPY.
+/// `Ok(None)` then, and nothing was written. Must run inside a transaction.
+pub(crate) async fn copy_pieces_if_all_new<E>(
+    conn: &mut PgConnection,
+    statement: &str,
+    pieces: usize,
+    encode: impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
+) -> Result<Option<u64>, CopyFailure<E>> {
+    let run = async |sql: &'static str, conn: &mut PgConnection| {
+        sqlx::raw_sql(sql)
+            .execute(conn)
+            .await
+            .map_err(CopyFailure::Server)
+    };
+    run("savepoint sluice_fresh", conn).await?;
+    match copy_pieces(conn, statement, pieces, encode).await {
         Ok(n) => {
-            sqlx::raw_sql("release savepoint sluice_fresh")
-                .execute(&mut *conn)
-                .await?;
+            run("release savepoint sluice_fresh", conn).await?;
             Ok(Some(n))
         }
-        Err(e) if Condition::of(&e) == Some(Condition::DuplicateKey) => {
-            sqlx::raw_sql("rollback to savepoint sluice_fresh")
-                .execute(&mut *conn)
-                .await?;
+        Err(CopyFailure::Server(e)) if Condition::of(&e) == Some(Condition::DuplicateKey) => {
+            run("rollback to savepoint sluice_fresh", conn).await?;
             Ok(None)
         }
         Err(e) => Err(e),

@@ -1,7 +1,8 @@
 //! The schema mirror written through several connections against a real server: the same
 //! tables as through one, a checkpoint row per partition, a change of width, a partition whose
 //! connection is lost while the others commit, and a checkpoint table made before partitions
-//! taken over with its position (also in an oddly named schema).
+//! taken over with its position (also in an oddly named schema); a batch sent as several COPY
+//! pieces, whole or not at all.
 
 mod common;
 
@@ -13,8 +14,8 @@ use secrecy::SecretString;
 use serde_json::json;
 use sluice_core::sql::quote_ident;
 use sluice_core::{
-    Batch, Change, ConsumerId, Health, Provider, Record, RecordKey, Seq, StreamEntry, Target,
-    Version,
+    Batch, Change, ConsumerId, Health, PayloadText, Provider, Record, RecordKey, Seq, StreamEntry,
+    Target, Version,
 };
 use sluice_localpg::Cluster;
 use sluice_stream::EmbeddedStream;
@@ -150,6 +151,56 @@ async fn partitions(m: &Mirrored) -> Vec<(String, i32, i64)> {
     .fetch_all(&mut conn)
     .await
     .unwrap()
+}
+
+/// Batches are copied in pieces of 1,000 rows, each sent as soon as it is encoded. A batch of
+/// several pieces lands whole, new rows and updates alike; one whose record far into it cannot
+/// be encoded (its stored payload is not a JSON object) fails with that record named and
+/// writes nothing, and the next batch on the same target is written as usual.
+#[tokio::test]
+async fn a_batch_of_several_copy_pieces_lands_whole_or_not_at_all() {
+    let m = database("mirror_pieces").await;
+    let target = mirror(&m, 1);
+    let order = |seq: u64, id: u64, round: u64| {
+        let payload = json!({"round": round, "note": format!("n{id}")});
+        entry(
+            seq,
+            "public.orders",
+            &id.to_string(),
+            Change::upsert(payload).unwrap(),
+        )
+    };
+    let batch = |entries: Vec<StreamEntry>| Batch {
+        through: entries.last().unwrap().seq,
+        entries,
+    };
+    let sum = async || -> (i64, i64) {
+        let mut conn = connect_admin(&PG, &m.db).await;
+        sqlx::query_as("select count(*), coalesce(sum(round), 0)::int8 from mirror.orders")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    };
+    // 2,500 new rows: three pieces, copied straight in.
+    let first = batch((1..=2500).map(|i| order(i, i, 1)).collect());
+    target.apply(&consumer(), &first).await.unwrap();
+    assert_eq!(sum().await, (2500, 2500));
+    // 2,500 more, the 2,200th of which (in the third piece) cannot be encoded.
+    let mut entries: Vec<StreamEntry> = (2501..=5000).map(|i| order(i, i, 1)).collect();
+    entries[2199].payload_text = Some(PayloadText::whole("not a JSON object".into()));
+    let error = target
+        .apply(&consumer(), &batch(entries))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("public.orders/4700"), "{error}");
+    assert_eq!(sum().await, (2500, 2500));
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(2500));
+    // Every key again and as many new: 2,500 updates staged and merged, 2,500 new rows copied,
+    // each in pieces.
+    let third = batch((1..=5000).map(|i| order(5000 + i, i, 2)).collect());
+    target.apply(&consumer(), &third).await.unwrap();
+    assert_eq!(sum().await, (5000, 10_000));
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(10_000));
 }
 
 #[tokio::test]

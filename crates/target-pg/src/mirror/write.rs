@@ -10,7 +10,9 @@ use sluice_core::{Batch, Change, ConsumerId, Error, Payload, RecordKey, Seq, Str
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::checkpoint::partition_of;
-use crate::copy::{copy, copy_if_all_new, map_in_parallel, probing_key_index, push_text};
+use crate::copy::{
+    CopyFailure, copy, copy_pieces, copy_pieces_if_all_new, probing_key_index, push_text,
+};
 
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
@@ -153,19 +155,26 @@ impl SchemaMirrorTarget {
                 .get(&optimistic_key)
                 .unwrap_or(&true);
         if optimistic {
-            let (data, replaced) = encode_rows(def, &upserts)?;
-            match copy_if_all_new(conn, &copy_in, &data).await {
-                Ok(Some(_)) => {
+            let mut replaced = Vec::new();
+            let copied = copy_pieces_if_all_new(
+                conn,
+                &copy_in,
+                pieces(&upserts),
+                encoder(def, &upserts, &mut replaced),
+            )
+            .await
+            .map_err(|e| copy_failure(e, |e| fail("copying into", e)))?;
+            match copied {
+                Some(_) => {
                     sanitized.extend(replaced);
                     upserts.clear();
                 }
-                Ok(None) => {
+                None => {
                     self.optimistic
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(optimistic_key.clone(), false);
                 }
-                Err(e) => return Err(fail("copying into", e)),
             }
         }
         // With a one-column key, rows whose key is not in the table yet are copied straight in;
@@ -203,11 +212,14 @@ impl SchemaMirrorTarget {
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
         }
         if !fresh.is_empty() {
-            let (data, replaced) = encode_rows(def, &fresh)?;
-            copy(conn, &copy_in, &data)
-                .await
-                .map_err(|e| fail("copying into", e))?;
-            sanitized.extend(replaced);
+            copy_pieces(
+                conn,
+                &copy_in,
+                pieces(&fresh),
+                encoder(def, &fresh, sanitized),
+            )
+            .await
+            .map_err(|e| copy_failure(e, |e| fail("copying into", e)))?;
         }
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
@@ -235,18 +247,17 @@ impl SchemaMirrorTarget {
         .map_err(|e| fail("staging", e))?;
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            let (data, replaced) = encode_rows(def, &upserts)?;
-            sanitized.extend(replaced);
-            copy(
+            copy_pieces(
                 conn,
                 &format!(
                     "copy _sluice_mirror_stage ({}) from stdin",
                     columns.join(", ")
                 ),
-                &data,
+                pieces(&upserts),
+                encoder(def, &upserts, sanitized),
             )
             .await
-            .map_err(|e| fail("copying into", e))?;
+            .map_err(|e| copy_failure(e, |e| fail("copying into", e)))?;
             let non_key: Vec<&str> = def
                 .columns
                 .iter()
@@ -343,45 +354,44 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
     }
 }
 
-/// COPY text for `entries`; large batches are encoded on two threads.
-/// Also returns the records whose text had NUL characters replaced (the target's NUL policy).
-fn encode_rows(
-    def: &TableDef,
-    entries: &[&StreamEntry],
-) -> Result<(Vec<u8>, Vec<RecordKey>), Error> {
+/// Rows per piece of a COPY: each piece is sent as soon as it is encoded, so the server parses
+/// one while the next is encoded (before, a batch was encoded whole, on two threads, while the
+/// server waited).
+const PIECE_ROWS: usize = 1000;
+
+/// How many pieces of [`PIECE_ROWS`] `entries` make.
+fn pieces(entries: &[&StreamEntry]) -> usize {
+    entries.len().div_ceil(PIECE_ROWS)
+}
+
+/// Encodes piece `i` of `entries` as COPY text; records whose NUL characters were replaced (the
+/// target's NUL policy) are pushed onto `sanitized`.
+fn encoder<'a>(
+    def: &'a TableDef,
+    entries: &'a [&'a StreamEntry],
+    sanitized: &'a mut Vec<RecordKey>,
+) -> impl FnMut(usize, &mut Vec<u8>) -> Result<(), Error> + 'a {
     let columns = Columns::new(def);
-    let encode = |part: &[&StreamEntry]| {
-        let mut data = Vec::with_capacity(part.len() * 512);
-        let mut sanitized = Vec::new();
-        let mut slots = Vec::new();
-        for e in part {
-            match encode_row(&mut data, def, &columns, e, &mut slots) {
-                Ok(true) => sanitized.push(e.record.key.clone()),
-                Ok(false) => {}
-                Err(error) => return (data, sanitized, Some(error)),
+    let mut slots = Vec::new();
+    move |i, out| {
+        let piece = entries.chunks(PIECE_ROWS).nth(i).unwrap_or_default();
+        out.reserve(piece.len() * 512);
+        for e in piece {
+            if encode_row(out, def, &columns, e, &mut slots)? {
+                sanitized.push(e.record.key.clone());
             }
         }
-        (data, sanitized, None)
-    };
-    let parts: Vec<(Vec<u8>, Vec<RecordKey>, Option<Error>)> = if entries.len() < 1000 {
-        vec![encode(entries)]
-    } else {
-        let halves: Vec<&[&StreamEntry]> = entries.chunks(entries.len().div_ceil(2)).collect();
-        map_in_parallel(&halves, |part| encode(part))
-    };
-    let (mut data, mut sanitized) = (Vec::new(), Vec::new());
-    for (part, keys, error) in parts {
-        if let Some(error) = error {
-            return Err(error);
-        }
-        if data.is_empty() {
-            data = part;
-        } else {
-            data.extend_from_slice(&part);
-        }
-        sanitized.extend(keys);
+        Ok(())
     }
-    Ok((data, sanitized))
+}
+
+/// A COPY's failure as the batch's error: the server's through `server`, an encoding error as
+/// it is.
+fn copy_failure(e: CopyFailure<Error>, server: impl FnOnce(sqlx::Error) -> Error) -> Error {
+    match e {
+        CopyFailure::Server(e) => server(e),
+        CopyFailure::Encoding(e) => e,
+    }
 }
 
 /// One COPY text line for an upsert, in the table's column order: from the payload's stored
