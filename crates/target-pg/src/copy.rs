@@ -28,29 +28,29 @@ pub(crate) enum CopyFailure<E> {
     Encoding(E),
 }
 
-/// Copies `pieces` pieces of rows with `statement` (`copy … from stdin`): `encode(i, out)`
-/// writes piece `i`'s COPY text into `out`, and each piece is sent as soon as it is encoded, so
+/// Copies rows with `statement` (`copy … from stdin`), piece by piece: `encode(piece, out)`
+/// writes a piece's COPY text into `out`, and each piece is sent as soon as it is encoded, so
 /// the server parses one piece while the next is encoded. A piece that cannot be encoded
 /// aborts the COPY.
-pub(crate) async fn copy_pieces<E>(
+pub(crate) async fn copy_pieces<P, E>(
     conn: &mut PgConnection,
     statement: &str,
-    pieces: usize,
-    mut encode: impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
+    pieces: impl IntoIterator<Item = P>,
+    mut encode: impl FnMut(P, &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<u64, CopyFailure<E>> {
     let mut copy = conn
         .copy_in_raw(statement)
         .await
         .map_err(CopyFailure::Server)?;
-    let mut piece = Vec::new();
-    for i in 0..pieces {
-        piece.clear();
-        if let Err(e) = encode(i, &mut piece) {
+    let mut text = Vec::new();
+    for piece in pieces {
+        text.clear();
+        if let Err(e) = encode(piece, &mut text) {
             // The server answers an abort with an error, which is the expected outcome.
             let _ = copy.abort("sluice: a row could not be encoded").await;
             return Err(CopyFailure::Encoding(e));
         }
-        copy.send(piece.as_slice())
+        copy.send(text.as_slice())
             .await
             .map_err(CopyFailure::Server)?;
     }
@@ -60,11 +60,11 @@ pub(crate) async fn copy_pieces<E>(
 /// [`copy_pieces`] on the assumption that none of the rows' keys exists yet (the common case
 /// while a table fills): inside a savepoint, so a key that does exist undoes only this COPY.
 /// `Ok(None)` then, and nothing was written. Must run inside a transaction.
-pub(crate) async fn copy_pieces_if_all_new<E>(
+pub(crate) async fn copy_pieces_if_all_new<P, E>(
     conn: &mut PgConnection,
     statement: &str,
-    pieces: usize,
-    encode: impl FnMut(usize, &mut Vec<u8>) -> Result<(), E>,
+    pieces: impl IntoIterator<Item = P>,
+    encode: impl FnMut(P, &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<Option<u64>, CopyFailure<E>> {
     let run = async |sql: &'static str, conn: &mut PgConnection| {
         sqlx::raw_sql(sql)

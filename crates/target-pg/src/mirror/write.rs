@@ -142,6 +142,11 @@ impl SchemaMirrorTarget {
         let columns: Vec<String> = def.columns.iter().map(|c| q(&c.name)).collect();
         let key: Vec<String> = def.key.iter().map(|k| q(k)).collect();
         let fail = |what: &str, e: sqlx::Error| db(&self.name, &format!("{what} {table}"), e);
+        // A COPY's failure as the batch's error: an encoding error as it is.
+        let copy_failed = |e: CopyFailure<Error>| match e {
+            CopyFailure::Server(e) => fail("copying into", e),
+            CopyFailure::Encoding(e) => e,
+        };
         let copy_in = format!("copy {table} ({}) from stdin", columns.join(", "));
         let mut upserts = upserts;
         // Optimistic first (the common case during a backfill): copy every upsert straight in,
@@ -159,11 +164,11 @@ impl SchemaMirrorTarget {
             let copied = copy_pieces_if_all_new(
                 conn,
                 &copy_in,
-                pieces(&upserts),
-                encoder(def, &upserts, &mut replaced),
+                upserts.chunks(PIECE_ROWS),
+                encoder(def, &mut replaced),
             )
             .await
-            .map_err(|e| copy_failure(e, |e| fail("copying into", e)))?;
+            .map_err(copy_failed)?;
             match copied {
                 Some(_) => {
                     sanitized.extend(replaced);
@@ -215,11 +220,11 @@ impl SchemaMirrorTarget {
             copy_pieces(
                 conn,
                 &copy_in,
-                pieces(&fresh),
-                encoder(def, &fresh, sanitized),
+                fresh.chunks(PIECE_ROWS),
+                encoder(def, sanitized),
             )
             .await
-            .map_err(|e| copy_failure(e, |e| fail("copying into", e)))?;
+            .map_err(copy_failed)?;
         }
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
@@ -253,11 +258,11 @@ impl SchemaMirrorTarget {
                     "copy _sluice_mirror_stage ({}) from stdin",
                     columns.join(", ")
                 ),
-                pieces(&upserts),
-                encoder(def, &upserts, sanitized),
+                upserts.chunks(PIECE_ROWS),
+                encoder(def, sanitized),
             )
             .await
-            .map_err(|e| copy_failure(e, |e| fail("copying into", e)))?;
+            .map_err(copy_failed)?;
             let non_key: Vec<&str> = def
                 .columns
                 .iter()
@@ -359,22 +364,15 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
 /// server waited).
 const PIECE_ROWS: usize = 1000;
 
-/// How many pieces of [`PIECE_ROWS`] `entries` make.
-fn pieces(entries: &[&StreamEntry]) -> usize {
-    entries.len().div_ceil(PIECE_ROWS)
-}
-
-/// Encodes piece `i` of `entries` as COPY text; records whose NUL characters were replaced (the
+/// Encodes a piece of entries as COPY text; records whose NUL characters were replaced (the
 /// target's NUL policy) are pushed onto `sanitized`.
 fn encoder<'a>(
     def: &'a TableDef,
-    entries: &'a [&'a StreamEntry],
     sanitized: &'a mut Vec<RecordKey>,
-) -> impl FnMut(usize, &mut Vec<u8>) -> Result<(), Error> + 'a {
+) -> impl FnMut(&'a [&'a StreamEntry], &mut Vec<u8>) -> Result<(), Error> + 'a {
     let columns = Columns::new(def);
     let mut slots = Vec::new();
-    move |i, out| {
-        let piece = entries.chunks(PIECE_ROWS).nth(i).unwrap_or_default();
+    move |piece, out| {
         out.reserve(piece.len() * 512);
         for e in piece {
             if encode_row(out, def, &columns, e, &mut slots)? {
@@ -382,15 +380,6 @@ fn encoder<'a>(
             }
         }
         Ok(())
-    }
-}
-
-/// A COPY's failure as the batch's error: the server's through `server`, an encoding error as
-/// it is.
-fn copy_failure(e: CopyFailure<Error>, server: impl FnOnce(sqlx::Error) -> Error) -> Error {
-    match e {
-        CopyFailure::Server(e) => server(e),
-        CopyFailure::Encoding(e) => e,
     }
 }
 
