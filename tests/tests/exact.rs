@@ -38,6 +38,18 @@ fn settings(pg: &Cluster, user: &str, password: &str) -> ConnectionSettings {
 }
 
 async fn world(source_sql: &str) -> World {
+    world_with(
+        source_sql,
+        BatchConfig {
+            max_records: 500,
+            max_wait_ms: 10,
+        },
+    )
+    .await
+}
+
+/// [`world`] with the consumers' batches as `batch` says.
+async fn world_with(source_sql: &str, batch: BatchConfig) -> World {
     let source = Cluster::options().source().start().unwrap();
     let target = Cluster::options().target().start().unwrap();
     source.execute("postgres", source_sql).await.unwrap();
@@ -79,10 +91,6 @@ async fn world(source_sql: &str) -> World {
     let filter = RecordFilter::Sync {
         sync_id: SYNC,
         collections: None,
-    };
-    let batch = BatchConfig {
-        max_records: 500,
-        max_wait_ms: 10,
     };
     let table = ConsumerTableTarget::new(
         "warehouse",
@@ -655,6 +663,7 @@ fn random_row(rng: &mut Rng, id: u64) -> String {
 
 #[tokio::test]
 async fn random_rows_of_every_supported_type_round_trip_bit_equal() {
+    const ROWS: u64 = 2500;
     let seed = std::env::var("SLUICE_PROPERTY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -674,11 +683,19 @@ async fn random_rows_of_every_supported_type_round_trip_bit_equal() {
         state: seed,
         numeric_infinity,
     };
-    let rows: Vec<String> = (1..=400).map(|id| random_row(&mut rng, id)).collect();
-    let w = world(&format!(
-        "{TYPES_SQL} insert into public.every_type values {};",
-        rows.join(",\n")
-    ))
+    // More rows than one piece of the mirror's COPY (1,000 rows, sent as each is encoded), in
+    // batches of up to 5,000 (the default): values cross the pieces' boundaries too.
+    let rows: Vec<String> = (1..=ROWS).map(|id| random_row(&mut rng, id)).collect();
+    let w = world_with(
+        &format!(
+            "{TYPES_SQL} insert into public.every_type values {};",
+            rows.join(",\n")
+        ),
+        BatchConfig {
+            max_records: 5000,
+            max_wait_ms: 200,
+        },
+    )
     .await;
     // Whole rows as text: floats print their shortest exact form (so equal text is equal
     // bits), numerics every digit and their scale, JSON as `jsonb` keeps it.
@@ -700,7 +717,7 @@ async fn random_rows_of_every_supported_type_round_trip_bit_equal() {
 
     // Changed live, every row again (the change stream's path).
     let mut updates = Vec::new();
-    for id in 1..=400 {
+    for id in 1..=ROWS {
         let row = random_row(&mut rng, id);
         updates.push(format!(
             "delete from public.every_type where id = {id}; insert into public.every_type values {row};"
