@@ -31,6 +31,12 @@ use streaming::{KeyRereads, Streaming};
 /// Parallel backfill readers when the configuration does not say.
 pub const DEFAULT_BACKFILL_READERS: usize = 1;
 
+/// Most replication messages handed from the reading task to the session at once.
+const READ_BATCH: usize = 256;
+
+/// Most replication messages read ahead of the session.
+const QUEUED: usize = 4096;
+
 /// Tuning for a Postgres source; the defaults suit most databases.
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
@@ -271,28 +277,38 @@ impl PostgresSource {
         repl.start_replication(&inner.spec.slot, &inner.spec.publication, Lsn(0), messages)
             .await?;
         let (mut reader, mut writer) = repl.split();
-        let (tx, mut rx) = mpsc::channel::<Result<Incoming, Error>>(4096);
+        // Messages go to the session in batches: every message one read of the socket
+        // brought, up to `READ_BATCH`. One hand-over (and one turn of the loop below, with
+        // its timers) per batch rather than per change.
+        let (tx, mut rx) = mpsc::channel::<Vec<Result<Incoming, Error>>>(QUEUED / READ_BATCH);
         let reader_task = tokio::spawn(async move {
             loop {
-                let item = match tokio::time::timeout(SILENCE_LIMIT, reader.next()).await {
-                    Err(_) => Err(Error::unavailable(
-                        format!("source: no message for {}s", SILENCE_LIMIT.as_secs()),
-                        "replication silent",
-                    )),
-                    Ok(Ok(None)) => Err(Error::unavailable(
-                        "source: the server ended replication",
-                        "replication ended",
-                    )),
-                    Ok(Ok(Some(Replication::Keepalive { end, reply }))) => {
-                        Ok(Incoming::Keepalive { end, reply })
-                    }
-                    Ok(Ok(Some(Replication::Data { payload }))) => {
-                        pgoutput::decode(payload).map(Incoming::Message)
-                    }
-                    Ok(Err(e)) => Err(e),
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
+                let mut batch = Vec::with_capacity(READ_BATCH);
+                let mut stop = false;
+                while !stop
+                    && (batch.is_empty() || (batch.len() < READ_BATCH && reader.has_message()))
+                {
+                    let item = match tokio::time::timeout(SILENCE_LIMIT, reader.next()).await {
+                        Err(_) => Err(Error::unavailable(
+                            format!("source: no message for {}s", SILENCE_LIMIT.as_secs()),
+                            "replication silent",
+                        )),
+                        Ok(Ok(None)) => Err(Error::unavailable(
+                            "source: the server ended replication",
+                            "replication ended",
+                        )),
+                        Ok(Ok(Some(Replication::Keepalive { end, reply }))) => {
+                            Ok(Incoming::Keepalive { end, reply })
+                        }
+                        Ok(Ok(Some(Replication::Data { payload }))) => {
+                            pgoutput::decode(payload).map(Incoming::Message)
+                        }
+                        Ok(Err(e)) => Err(e),
+                    };
+                    stop = item.is_err();
+                    batch.push(item);
+                }
+                if tx.send(batch).await.is_err() || stop {
                     return;
                 }
             }
@@ -377,53 +393,56 @@ impl PostgresSource {
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     state.flush(&mut writer).await?;
                 }
-                item = rx.recv() => {
-                    let Some(item) = item else {
+                batch = rx.recv() => {
+                    let Some(batch) = batch else {
                         return Err(Error::unavailable("source: replication reader stopped", "reader"));
                     };
-                    match item? {
-                        Incoming::Keepalive { end, reply } => {
-                            inner.watermarks.passed(end);
-                            if state.txn.is_none() && state.pending.is_empty() {
-                                state.committed = Some(state.committed.map_or(end, |c| c.max(end)));
-                            }
-                            if state.heartbeat_at.is_some_and(|h| h <= end) {
-                                state.heartbeat_at = None;
-                                self.status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
-                            }
-                            if reply {
-                                state.flush(&mut writer).await?;
-                                writer.send_status(state.confirmed).await?;
-                            }
-                        }
-                        Incoming::Message(Message::Relation(rel)) => {
-                            if rel.columns.iter().any(|c| types.get(c.type_oid).is_none()) {
-                                types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
-                            }
-                            let table = tables::describe_sent(&mut conn, &rel).await?;
-                            if let Some(t) = table.as_ref().filter(|t| !t.key.is_empty()) {
-                                // Before any change that uses the new shape is appended.
-                                state.flush_records().await?;
-                                self.describe_collection(&mut conn, t).await?;
-                                if let Some(known) = tables.iter_mut().find(|k| k.oid == t.oid) {
-                                    self.reread_if_columns_need_it(known, t).await?;
-                                    *known = t.clone();
+                    let last = batch.len().saturating_sub(1);
+                    for (i, item) in batch.into_iter().enumerate() {
+                        match item? {
+                            Incoming::Keepalive { end, reply } => {
+                                inner.watermarks.passed(end);
+                                if state.txn.is_none() && state.pending.is_empty() {
+                                    state.committed = Some(state.committed.map_or(end, |c| c.max(end)));
+                                }
+                                if state.heartbeat_at.is_some_and(|h| h <= end) {
+                                    state.heartbeat_at = None;
+                                    self.status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
+                                }
+                                if reply {
+                                    state.flush(&mut writer).await?;
+                                    writer.send_status(state.confirmed).await?;
                                 }
                             }
-                            state.relation(rel, table);
+                            Incoming::Message(Message::Relation(rel)) => {
+                                if rel.columns.iter().any(|c| types.get(c.type_oid).is_none()) {
+                                    types = Arc::new(TypeMap::load(&mut conn).await.map_err(db)?);
+                                }
+                                let table = tables::describe_sent(&mut conn, &rel).await?;
+                                if let Some(t) = table.as_ref().filter(|t| !t.key.is_empty()) {
+                                    // Before any change that uses the new shape is appended.
+                                    state.flush_records().await?;
+                                    self.describe_collection(&mut conn, t).await?;
+                                    if let Some(known) = tables.iter_mut().find(|k| k.oid == t.oid) {
+                                        self.reread_if_columns_need_it(known, t).await?;
+                                        *known = t.clone();
+                                    }
+                                }
+                                state.relation(rel, table);
+                            }
+                            Incoming::Message(message) => {
+                                // A committed transaction is appended at once, or with the ones
+                                // queued right behind it (see `Streaming::append_now`).
+                                state.handle(message, &types, &mut writer, i == last && rx.is_empty()).await?;
+                            }
                         }
-                        Incoming::Message(message) => {
-                            // A committed transaction is appended at once, or with the ones
-                            // queued right behind it (see `Streaming::append_now`).
-                            state.handle(message, &types, &mut writer, rx.is_empty()).await?;
+                        if reread.is_none() && !state.rereads.queue.is_empty() {
+                            // The records before (the old key's delete among them) go first.
+                            state.flush_records().await?;
+                            let queued = std::mem::take(&mut state.rereads);
+                            state.reread_running = queued.hold;
+                            reread = Some(self.spawn_reread(types.clone(), queued));
                         }
-                    }
-                    if reread.is_none() && !state.rereads.queue.is_empty() {
-                        // The records before (the old key's delete among them) go first.
-                        state.flush_records().await?;
-                        let queued = std::mem::take(&mut state.rereads);
-                        state.reread_running = queued.hold;
-                        reread = Some(self.spawn_reread(types.clone(), queued));
                     }
                 }
             }
