@@ -243,7 +243,6 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
         deletes,
         ..Encoded::default()
     };
-    let mut json = Vec::with_capacity(2048);
     let out = &mut encoded.rows;
     for (row_id, entry) in upserts {
         let record = &entry.record;
@@ -251,30 +250,32 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
             continue;
         };
         let start = out.len();
-        json.clear();
-        let mut text: &[u8] = match &entry.payload_text {
+        let json: String;
+        let mut text: &str = match &entry.payload_text {
             // As the stream stores it (the payload itself was not parsed).
-            Some(text) => text.as_str().as_bytes(),
-            // Serialising a map of JSON values into memory cannot fail.
+            Some(text) => text.as_str(),
+            // Serialising a map of JSON values cannot fail.
             None => {
-                let _ = serde_json::to_writer(&mut json, payload);
+                json = serde_json::to_string(payload).unwrap_or_default();
                 &json
             }
         };
         let mut changed = false;
-        let cleaned: Vec<u8>;
-        if contains(text, b"\\u0000") {
+        let cleaned: String;
+        // `str::contains` looks at many bytes at a time (comparing every 6-byte window was
+        // 15% of the consumer table's samples in `perf`).
+        if text.contains("\\u0000") {
             let parsed: Payload;
             let payload = match &entry.payload_text {
                 Some(_) => {
-                    parsed = serde_json::from_slice(text).unwrap_or_default();
+                    parsed = serde_json::from_str(text).unwrap_or_default();
                     &parsed
                 }
                 None => payload,
             };
             let clean = strip_nul_payload(payload);
             if &clean != payload {
-                cleaned = serde_json::to_vec(&clean).unwrap_or_default();
+                cleaned = serde_json::to_string(&clean).unwrap_or_default();
                 text = &cleaned;
                 changed = true;
             }
@@ -297,13 +298,18 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
         out.push(b'\t');
         changed |= push_text(out, &record.key.upstream_id.0);
         out.push(b'\t');
-        push_escaped(out, text);
+        push_escaped(out, text.as_bytes());
         out.push(b'\t');
-        let ts = record
+        // Formatted straight into the row (RFC 3339 text never needs COPY escapes).
+        let at = out.len();
+        if record
             .upstream_updated_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|_| "epoch".to_owned());
-        push_raw(out, ts.as_bytes());
+            .format_into(out, &time::format_description::well_known::Rfc3339)
+            .is_err()
+        {
+            out.truncate(at);
+            push_raw(out, b"epoch");
+        }
         for _ in 0..2 {
             out.push(b'\t');
             push_raw(out, written_at.as_bytes());
@@ -315,10 +321,6 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
         }
     }
     encoded
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn push_raw(out: &mut Vec<u8>, bytes: &[u8]) {
