@@ -1,33 +1,40 @@
 //! One read's SQL (a keyset page, or rows by key) and its rows, as the server sent them.
 
+use std::ops::Range;
+
 use sluice_core::Error;
 use sluice_core::sql::{qualified, quote_ident, quote_literal};
-use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::Table;
 
-/// The rows of one read as the server sent them, every column as text, read in place (no
-/// copy of each value before it is written into its payload).
+/// The rows of one read, every column as the server's text: each value decoded and checked
+/// once, when the page is fetched, and kept in one buffer (a value read again, as a key
+/// column is, is not decoded again).
 #[derive(Default)]
 pub(super) struct Page {
-    rows: Vec<PgRow>,
+    /// Every value's text, one after another.
+    text: String,
+    /// Each row's values in column order, as ranges of `text`; `None` for SQL NULL.
+    values: Vec<Option<Range<usize>>>,
+    rows: usize,
+    columns: usize,
     /// The positions of the key's columns.
     key: Vec<usize>,
 }
 
 impl Page {
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows
     }
 
-    /// Column `column` of row `row`; `None` for SQL NULL. Every value was read when the page
-    /// was fetched ([`fetch_rows`]), so none fails here.
+    /// Column `column` of row `row`; `None` for SQL NULL.
     pub fn value(&self, row: usize, column: usize) -> Option<&str> {
-        self.rows[row]
-            .try_get_unchecked::<Option<&str>, _>(column)
-            .ok()
-            .flatten()
+        if column >= self.columns {
+            return None;
+        }
+        let range = self.values.get(row * self.columns + column)?.clone()?;
+        self.text.get(range)
     }
 
     /// Row `row`'s key, a text per key column.
@@ -130,16 +137,34 @@ pub(super) async fn fetch_rows(
     let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
         .fetch_all(&mut *conn)
         .await?;
-    // Every value is read once here, so a page that cannot be read fails as a whole.
+    let columns = table.columns.len();
+    let mut bytes = 0;
     for row in &rows {
-        for i in 0..table.columns.len() {
-            row.try_get_unchecked::<Option<&str>, _>(i)?;
+        for i in 0..columns {
+            bytes += row.try_get_raw(i)?.as_bytes().map_or(0, <[u8]>::len);
         }
     }
-    let key = table
-        .key
-        .iter()
-        .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
-        .collect();
-    Ok(Page { rows, key })
+    let mut page = Page {
+        text: String::with_capacity(bytes),
+        values: Vec::with_capacity(rows.len() * columns),
+        rows: rows.len(),
+        columns,
+        key: table
+            .key
+            .iter()
+            .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
+            .collect(),
+    };
+    // Every value is read here, so a page that cannot be read fails as a whole.
+    for row in &rows {
+        for i in 0..columns {
+            let value = row.try_get_unchecked::<Option<&str>, _>(i)?.map(|value| {
+                let start = page.text.len();
+                page.text.push_str(value);
+                start..page.text.len()
+            });
+            page.values.push(value);
+        }
+    }
+    Ok(page)
 }
