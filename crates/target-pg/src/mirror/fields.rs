@@ -40,10 +40,12 @@ impl<'d> Columns<'d> {
         }
     }
 
-    /// The index of the column named `name`. A payload's fields usually come in the table's
-    /// order (a source writes them in its columns' order, and the mirror's columns follow
-    /// the source's), so the column after the previous field's (`next`) is tried first,
-    /// which costs one comparison instead of a hash.
+    /// The index of the column named `name`. The column after the previous field's (`next`)
+    /// is tried first, which costs one comparison instead of a hash: a payload's fields come
+    /// sorted by name (a map's order), so this finds every field of a table whose columns
+    /// are in that order too, and some fields of others. (Trying the columns in name order
+    /// instead found every field, but this lookup's share of sluice's CPU in the initial
+    /// load only went from 1.6% to 1.1%: the comparisons cost more than the hashes avoided.)
     fn find(&self, name: &str, next: usize) -> Option<usize> {
         match self.def.get(next) {
             Some(c) if c.name == name => Some(next),
