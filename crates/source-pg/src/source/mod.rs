@@ -283,9 +283,9 @@ impl PostgresSource {
         let (tx, mut rx) = mpsc::channel::<Vec<Result<Incoming, Error>>>(QUEUED / READ_BATCH);
         let reader_task = tokio::spawn(async move {
             loop {
-                let mut batch = Vec::with_capacity(READ_BATCH);
-                let mut stop = false;
-                while !stop
+                let mut batch: Vec<Result<Incoming, Error>> = Vec::with_capacity(READ_BATCH);
+                // Until an error, which ends the batch and the task.
+                while batch.last().is_none_or(Result::is_ok)
                     && (batch.is_empty() || (batch.len() < READ_BATCH && reader.has_message()))
                 {
                     let item = match tokio::time::timeout(SILENCE_LIMIT, reader.next()).await {
@@ -305,9 +305,9 @@ impl PostgresSource {
                         }
                         Ok(Err(e)) => Err(e),
                     };
-                    stop = item.is_err();
                     batch.push(item);
                 }
+                let stop = batch.last().is_some_and(Result::is_err);
                 if tx.send(batch).await.is_err() || stop {
                     return;
                 }

@@ -76,15 +76,19 @@ impl ReplicationReader {
         !matches!(self.framed(), Ok(None))
     }
 
-    /// The type byte and whole size of the message at `at`, when all of it is buffered.
-    fn framed(&self) -> Result<Option<(u8, usize)>, Error> {
-        let rest = &self.buf[self.at..];
-        let Some(header) = rest.get(..5) else {
+    /// The type byte and whole size of the message at `at`, once its header is buffered.
+    fn header(&self) -> Result<Option<(u8, usize)>, Error> {
+        let Some(header) = self.buf[self.at..].get(..5) else {
             return Ok(None);
         };
         let len = i32::from_be_bytes(header[1..5].try_into().expect("4 bytes"));
-        let size = 5 + body_len(len)?;
-        Ok((rest.len() >= size).then_some((header[0], size)))
+        Ok(Some((header[0], 5 + body_len(len)?)))
+    }
+
+    /// The type byte and whole size of the message at `at`, when all of it is buffered.
+    fn framed(&self) -> Result<Option<(u8, usize)>, Error> {
+        let whole = |&(_, size): &(u8, usize)| self.buf.len() - self.at >= size;
+        Ok(self.header()?.filter(whole))
     }
 
     /// Reads until the message at `at` is whole; returns its type byte and size.
@@ -97,10 +101,7 @@ impl ReplicationReader {
             // the rest of this message.
             self.buf.drain(..self.at);
             self.at = 0;
-            let needed = match self.buf.get(1..5) {
-                Some(len) => 5 + body_len(i32::from_be_bytes(len.try_into().expect("4 bytes")))?,
-                None => 5,
-            };
+            let needed = self.header()?.map_or(5, |(_, size)| size);
             if self.buf.capacity() > 4 * READ_ROOM && needed <= READ_ROOM {
                 // A large message's room is not kept for the small ones after it.
                 self.buf.shrink_to(READ_ROOM);
