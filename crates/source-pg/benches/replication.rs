@@ -11,8 +11,15 @@
 //!     row's insert (`clock_timestamp()` on the source) to its arrival (`clock_timestamp()`
 //!     default on the target); goals p50 < 10 ms, p99 < 25 ms. Also where that latency goes:
 //!     insert → stream append, and the consumer's batches.
+//! Each path is timed with the source's WAL to itself: sluice's source is stopped while native
+//! runs, and native's subscription disabled while sluice runs (each restarted path first
+//! carries one row end to end). Otherwise the idle path's walsender decodes the same
+//! transaction (and filters it out) on the same two cores: measured, that was 0.25–0.3 of the
+//! ~1.5 source-server CPU-seconds each case reported.
 //! Peak memory is the benchmark process's peak resident set while sluice runs (reset with
 //! `/proc/self/clear_refs` before each sluice case); it includes the workload's connections.
+//! `SLUICE_BENCH_CONNECTIONS` sets the consumer table's connections (default 1, the layout's
+//! default).
 //!
 //! For (a) it also prints the CPU seconds each process spent after the commit (this process,
 //! each cluster's postmaster and children, from `/proc`), and a ceiling: the source's decoding
@@ -139,7 +146,11 @@ async fn latency(conn: &mut PgConnection, table: &str, created: &str) -> (f64, f
 /// p50 and p99, in ms, from each row's insert on the source to the start of the stream append
 /// that holds it (the stream stores when each append began; the source, when each row was
 /// inserted).
-async fn latency_to_stream(setup: &Setup, stream: &EmbeddedStream, from: usize) -> (f64, f64) {
+async fn latency_to_stream(
+    setup: &Setup,
+    stream: &EmbeddedStream,
+    ids: std::ops::RangeInclusive<usize>,
+) -> (f64, f64) {
     let conn = rusqlite::Connection::open_with_flags(
         stream.path(),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -149,18 +160,21 @@ async fn latency_to_stream(setup: &Setup, stream: &EmbeddedStream, from: usize) 
         .prepare(
             "select cast(upstream_id as integer), appended_at_ns / 1e6 \
              from records join collections k on k.id = records.collection \
-             where k.collection_id = 'public.sluice_items' and cast(upstream_id as integer) >= ?",
+             where k.collection_id = 'public.sluice_items' and cast(upstream_id as integer) between ? and ?",
         )
         .unwrap()
-        .query_map([from as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([*ids.start() as i64, *ids.end() as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap()
         .collect::<rusqlite::Result<_>>()
         .unwrap();
     let created: Vec<(i64, f64)> = sqlx::query_as(
         "select id::int8, (extract(epoch from created_at) * 1000)::float8 \
-         from public.sluice_items where id >= $1",
+         from public.sluice_items where id between $1 and $2",
     )
-    .bind(from as i64)
+    .bind(*ids.start() as i64)
+    .bind(*ids.end() as i64)
     .fetch_all(&mut setup.source_conn().await)
     .await
     .unwrap();
@@ -321,11 +335,63 @@ struct Sluice {
     consumer: sluice_consumer::ConsumerHandle,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    source: Arc<PostgresSource>,
+    /// The running source's own switch and task (none while it is stopped).
+    running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Sluice {
+    fn start_source(&mut self) {
+        let (stop, stopped) = watch::channel(false);
+        let source = self.source.clone();
+        let task = tokio::spawn(async move { source.run_until(stopped).await });
+        self.running = Some((stop, task));
+    }
+
+    /// Stops the source, and waits until its slot's walsender has gone.
+    async fn stop_source(&mut self, setup: &Setup) {
+        if let Some((stop, task)) = self.running.take() {
+            stop.send_replace(true);
+            task.await.ok();
+        }
+        slot_idle(setup, "sluice_slot").await;
+    }
+}
+
+/// Waits until no walsender serves `slot` on the source: a slot nobody reads costs the
+/// source nothing (its WAL is kept, not decoded).
+async fn slot_idle(setup: &Setup, slot: &str) {
+    let mut conn = setup.source_conn().await;
+    while sqlx::query_scalar::<_, bool>(
+        "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Turns the native subscription on or off; off, waits until its walsender has gone.
+async fn native_subscription(setup: &Setup, on: bool) {
+    let mut target = setup.target_conn().await;
+    let verb = if on { "enable" } else { "disable" };
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "alter subscription native_sub {verb}"
+    )))
+    .execute(&mut target)
+    .await
+    .unwrap();
+    if !on {
+        slot_idle(setup, "native_sub").await;
+    }
 }
 
 async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
     let stream = Arc::new(EmbeddedStream::open(dir).await.unwrap());
-    let source = PostgresSource::new(
+    let source = Arc::new(PostgresSource::new(
         "bench",
         SYNC,
         settings(&setup.source, "src"),
@@ -339,12 +405,12 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
             create_missing: true,
             ..SourceOptions::default()
         },
-    );
+    ));
     let target = Arc::new(ConsumerTableTarget::new(
         "bench",
         settings(&setup.target, "dst"),
         ConsumerTable::new("public", "sluice_items"),
-        1,
+        env_usize("SLUICE_BENCH_CONNECTIONS", 1),
     ));
     let only = |collection: &str| RecordFilter::Sync {
         sync_id: SYNC,
@@ -380,19 +446,19 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
     let handle = consumer.handle();
     let (stop, stopped) = watch::channel(false);
     let tasks = vec![
-        tokio::spawn({
-            let stopped = stopped.clone();
-            async move { source.run_until(stopped).await }
-        }),
         tokio::spawn(mirror.run(stopped.clone())),
         tokio::spawn(consumer.run(stopped)),
     ];
-    Sluice {
+    let mut sluice = Sluice {
         stream,
         consumer: handle,
         stop,
         tasks,
-    }
+        source,
+        running: None,
+    };
+    sluice.start_source();
+    sluice
 }
 
 async fn run() {
@@ -457,7 +523,7 @@ async fn run() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sluice = start_sluice(&setup, dir.path()).await;
+    let mut sluice = start_sluice(&setup, dir.path()).await;
     // Both paths warmed up: one row each, end to end.
     one_transaction(&setup, "native_items", 0, 1).await;
     one_transaction(&setup, "sluice_items", 0, 1).await;
@@ -475,12 +541,22 @@ async fn run() {
         "baseline, same run and clusters: native logical replication (CREATE SUBSCRIPTION, copy_data = false)\n"
     );
 
+    // Each path is timed with the source's WAL to itself: the other path's walsender would
+    // otherwise decode the same transaction (and filter it out) on the same cores.
+    let settle_id = |k: usize| 10 * n + k;
+    sluice.stop_source(&setup).await;
+
     // (a) one big transaction.
     let committed = one_transaction(&setup, "native_items", 1, n).await;
     let before = cpu(&setup);
     let native_a = n as f64
         / (wait_for(&mut target, "native_items", n, n as i64 + 1).await - committed).as_secs_f64();
     let native_cpu = cpu(&setup) - before;
+    native_subscription(&setup, false).await;
+    sluice.start_source();
+    // One row through, so the restarted source has read past native's transaction.
+    one_transaction(&setup, "sluice_items", settle_id(1), 1).await;
+    wait_for(&mut target, "public.sluice_items", settle_id(1), 2).await;
     reset_peak_memory();
     let head = sluice.stream.head().await.unwrap().0;
     let memory_reads = sluice.stream.reads_from_memory();
@@ -496,7 +572,7 @@ async fn run() {
         })
     };
     let sluice_a = n as f64
-        / (wait_for(&mut target, "public.sluice_items", n, n as i64 + 1).await - committed)
+        / (wait_for(&mut target, "public.sluice_items", n, n as i64 + 2).await - committed)
             .as_secs_f64();
     let sluice_cpu = cpu(&setup) - before;
     let memory_reads = sluice.stream.reads_from_memory() - memory_reads;
@@ -541,6 +617,7 @@ async fn run() {
             sluice_a / native_a,
             mirror_a / native_a
         );
+        sluice.stop_source(&setup).await;
         sluice.stop.send_replace(true);
         for t in sluice.tasks {
             t.await.ok();
@@ -548,17 +625,31 @@ async fn run() {
         return;
     }
 
-    // (b) single-row transactions at a steady rate.
+    // (b) single-row transactions at a steady rate, each path again alone.
     let from = n + 1;
+    sluice.stop_source(&setup).await;
+    native_subscription(&setup, true).await;
+    one_transaction(&setup, "native_items", settle_id(1), 1).await;
+    wait_for(&mut target, "native_items", settle_id(1), n as i64 + 2).await;
     let started = Instant::now();
     steady(&setup, "native_items", from, n, rate).await;
     let native_b = n as f64
-        / (wait_for(&mut target, "native_items", 2 * n, 2 * n as i64 + 1).await - started)
+        / (wait_for(&mut target, "native_items", 2 * n, 2 * n as i64 + 2).await - started)
             .as_secs_f64();
     let (native_p50, native_p99) = latency(
         &mut target,
-        &format!("native_items where id >= {from}"),
+        &format!("native_items where id between {from} and {}", 2 * n),
         "created_at",
+    )
+    .await;
+    native_subscription(&setup, false).await;
+    sluice.start_source();
+    one_transaction(&setup, "sluice_items", settle_id(2), 1).await;
+    wait_for(
+        &mut target,
+        "public.sluice_items",
+        settle_id(2),
+        n as i64 + 3,
     )
     .await;
     reset_peak_memory();
@@ -566,10 +657,10 @@ async fn run() {
     let started = Instant::now();
     steady(&setup, "sluice_items", from, n, rate).await;
     let sluice_b = n as f64
-        / (wait_for(&mut target, "public.sluice_items", 2 * n, 2 * n as i64 + 1).await - started)
+        / (wait_for(&mut target, "public.sluice_items", 2 * n, 2 * n as i64 + 3).await - started)
             .as_secs_f64();
     let memory_b = peak_memory_mb();
-    let (stream_p50, stream_p99) = latency_to_stream(&setup, &sluice.stream, from).await;
+    let (stream_p50, stream_p99) = latency_to_stream(&setup, &sluice.stream, from..=2 * n).await;
     let stats = sluice.consumer.stats();
     let batches_b = stats.batches - stats_before.batches;
     let batch_ms_b =
@@ -577,7 +668,10 @@ async fn run() {
     let batch_rows_b = (stats.applied - stats_before.applied) as f64 / batches_b.max(1) as f64;
     let (sluice_p50, sluice_p99) = latency(
         &mut target,
-        &format!("public.sluice_items where (payload->>'id')::bigint >= {from}"),
+        &format!(
+            "public.sluice_items where (payload->>'id')::bigint between {from} and {}",
+            2 * n
+        ),
         "(payload->>'created_at')::timestamptz",
     )
     .await;
@@ -641,6 +735,7 @@ async fn run() {
     println!(
         "consumer in (b): {batches_b} batches of {batch_rows_b:.1} rows on average, each applied in {batch_ms_b:.2} ms"
     );
+    sluice.stop_source(&setup).await;
     sluice.stop.send_replace(true);
     for t in sluice.tasks {
         t.await.ok();
