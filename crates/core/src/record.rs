@@ -129,16 +129,24 @@ impl RecordKey {
     /// The deterministic row id of this record in a target (the consumer table's
     /// `sequin_id`): a UUIDv5 over the sync id and the length-prefixed collection and
     /// upstream ids, so that no two distinct keys share an encoding.
+    ///
+    /// It is `Uuid::new_v5(ROW_ID_NAMESPACE, name)`, hashed here with the CPU's SHA
+    /// instructions when it has them (uuid's own v5 hashes in software, at about 200 ns a key).
     pub fn row_id(&self) -> Uuid {
+        use sha1::Digest;
         let collection = self.collection_id.0.as_bytes();
         let upstream = self.upstream_id.0.as_bytes();
-        let mut name = Vec::with_capacity(16 + 8 + collection.len() + 8 + upstream.len());
-        name.extend_from_slice(self.sync_id.0.as_bytes());
-        name.extend_from_slice(&(collection.len() as u64).to_be_bytes());
-        name.extend_from_slice(collection);
-        name.extend_from_slice(&(upstream.len() as u64).to_be_bytes());
-        name.extend_from_slice(upstream);
-        Uuid::new_v5(&ROW_ID_NAMESPACE, &name)
+        let mut hash = sha1::Sha1::new();
+        hash.update(ROW_ID_NAMESPACE.as_bytes());
+        hash.update(self.sync_id.0.as_bytes());
+        hash.update((collection.len() as u64).to_be_bytes());
+        hash.update(collection);
+        hash.update((upstream.len() as u64).to_be_bytes());
+        hash.update(upstream);
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_sha1_bytes(bytes).into_uuid()
     }
 }
 
@@ -327,6 +335,35 @@ mod tests {
                 .to_string(),
             "0f0a2e3b-b21c-5db1-b9d7-d5cc3c17326c"
         );
+    }
+
+    /// The row id is uuid's v5 over the length-prefixed name, for keys of every length (one
+    /// SHA-1 block and several, empty parts, multi-byte text).
+    #[test]
+    fn row_id_is_uuid_v5_of_the_length_prefixed_name() {
+        let reference = |key: &RecordKey| {
+            let mut name = Vec::new();
+            name.extend_from_slice(key.sync_id.0.as_bytes());
+            name.extend_from_slice(&(key.collection_id.0.len() as u64).to_be_bytes());
+            name.extend_from_slice(key.collection_id.0.as_bytes());
+            name.extend_from_slice(&(key.upstream_id.0.len() as u64).to_be_bytes());
+            name.extend_from_slice(key.upstream_id.0.as_bytes());
+            Uuid::new_v5(&ROW_ID_NAMESPACE, &name)
+        };
+        for (i, collection) in ["", "c", "public.orders", &"x".repeat(200)]
+            .iter()
+            .enumerate()
+        {
+            for len in 0..150 {
+                let upstream: String = "ké7".chars().cycle().take(len).collect();
+                let key = RecordKey::new(
+                    SyncId(Uuid::from_u128(i as u128 * 977)),
+                    *collection,
+                    upstream,
+                );
+                assert_eq!(key.row_id(), reference(&key), "{key:?}");
+            }
+        }
     }
 
     #[test]
