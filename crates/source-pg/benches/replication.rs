@@ -4,8 +4,8 @@
 //!
 //! (a) `SLUICE_BENCH_ROWS` rows (default 200,000) inserted in one transaction: rows/s from the
 //!     commit until the last row is in the target, once into the consumer table (goal ≥ 0.65×
-//!     native: its ceiling on 2 cores is about 0.95×) and once into the schema mirror (typed
-//!     rows, the same work as native's: goal ≥ 1.0×).
+//!     native; the ceiling it prints below was 1.05–1.09× on 2 cores) and once into the schema
+//!     mirror (typed rows, the same work as native's: goal ≥ 1.0×).
 //! (b) the same number of single-row transactions at `SLUICE_BENCH_RATE` per second
 //!     (default 5,000) into the consumer table: rows/s, and the p50 / p99 latency from each
 //!     row's insert (`clock_timestamp()` on the source) to its arrival (`clock_timestamp()`
