@@ -359,16 +359,18 @@ impl Sluice {
 }
 
 /// Waits until no walsender serves `slot` on the source: a slot nobody reads costs the
-/// source nothing (its WAL is kept, not decoded).
+/// source nothing (its WAL is kept, not decoded). A slot that does not exist is an error, not
+/// an idle slot.
 async fn slot_idle(setup: &Setup, slot: &str) {
     let mut conn = setup.source_conn().await;
     while sqlx::query_scalar::<_, bool>(
-        "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = $1",
+        "select active from pg_replication_slots where slot_name = $1",
     )
     .bind(slot)
-    .fetch_one(&mut conn)
+    .fetch_optional(&mut conn)
     .await
     .unwrap()
+    .unwrap_or_else(|| panic!("no replication slot {slot} on the source"))
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
