@@ -177,14 +177,15 @@ create table public.%T (
     flag boolean, small smallint, big bigint, real_ real, dbl double precision,
     amount numeric(30,10), label text, vc varchar(10), ch char(3), at timestamptz, local timestamp,
     day date, dur interval, doc jsonb, raw json, bin bytea, ints int[], words text[],
-    grid int[][], feeling mood, feelings mood[], uid uuid, addr inet
+    grid int[][], feeling mood, feelings mood[], uid uuid, addr inet, ctl text, empty text
 );";
 
 const TYPED_ROW: &str = "(1, true, -3, 9007199254740993, 1.5, 'NaN', 12345678901234567890.0123456789,
   'quote '' and \"dq\" and ünïcode', 'abc', 'ab', '2024-05-01 12:00:00.5+02', '2024-05-01 12:00:00',
   '2024-05-01', '1 day 02:03:04', '{\"a\": [1, {\"b\": null}], \"t\": \"xy\"}', '{\"k\": 1, \"z\": \"a\\u0000b\"}', '\\x00ff10',
   '{1,NULL,3}', '{\"a b\",\"c,d\",NULL}', '{{1,2},{3,4}}', 'happy', '{sad,ok}',
-  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '10.0.0.1')";
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '10.0.0.1',
+  E'tab\\there\\nnew\\rcr\\\\bs\\bbf\\fff\\x0bvt\\x01one\\\\N', '')";
 
 #[tokio::test]
 async fn backfill_and_stream_map_every_type_identically_and_as_documented() {
@@ -229,7 +230,8 @@ async fn backfill_and_stream_map_every_type_identically_and_as_documented() {
         "doc": {"a": [1, {"b": null}], "t": "xy"}, "raw": {"k": 1, "z": "a\u{0}b"}, "bin": "\\x00ff10",
         "ints": [1, null, 3], "words": ["a b", "c,d", null], "grid": [[1, 2], [3, 4]],
         "feeling": "happy", "feelings": ["sad", "ok"],
-        "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "addr": "10.0.0.1"
+        "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "addr": "10.0.0.1",
+        "ctl": "tab\there\nnew\rcr\\bs\u{8}bf\u{c}ff\u{b}vt\u{1}one\\N", "empty": ""
     });
     assert_eq!(Value::Object(st.clone()), expected);
     // Streamed versions are (commit LSN, index); backfilled ones (LSN before the snapshot, 0).

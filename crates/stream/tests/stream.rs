@@ -672,6 +672,43 @@ async fn reads_from_memory_equal_reads_from_the_file() {
     );
 }
 
+/// While every reader is far behind the head (a consumer working through a backfill reads
+/// the file), appends are not also kept in memory; once a reader comes near the head they
+/// are again. Every read equals the file's throughout.
+#[tokio::test]
+async fn appends_are_kept_in_memory_again_once_a_reader_is_near_the_head() {
+    let (dir, stream) = open().await;
+    let file = EmbeddedStream::open(dir.path()).await.unwrap();
+    let append = async |n: usize| {
+        let batch = (n * 1000..(n + 1) * 1000)
+            .map(|i| up(SYNC_A, &i.to_string(), 1))
+            .collect();
+        stream.append(batch).await.unwrap();
+    };
+    let same_as_file = async |after: Seq| {
+        let read = stream.read(&all(), after, 100).await.unwrap();
+        assert_eq!(read, file.read(&all(), after, 100).await.unwrap());
+    };
+    // 25,000 records, more than memory keeps, and a reader at the start.
+    for n in 0..25 {
+        append(n).await;
+    }
+    same_as_file(Seq::START).await;
+    let from_memory = stream.reads_from_memory();
+    // With that reader far behind, the next appends stop being kept: a reader near the head
+    // is served by the file.
+    for n in 25..45 {
+        append(n).await;
+    }
+    let head = stream.head().await.unwrap();
+    same_as_file(Seq(head.0 - 10)).await;
+    assert_eq!(stream.reads_from_memory(), from_memory);
+    // That reader turned them back on: the next append is read from memory.
+    append(45).await;
+    same_as_file(head).await;
+    assert_eq!(stream.reads_from_memory(), from_memory + 1);
+}
+
 /// Payloads a source wrote as text are stored as that text, byte for byte (never parsed and
 /// written again), under the same version guard, with the source's state in the same
 /// transaction; a parsed read gives their maps.

@@ -32,9 +32,10 @@ impl EmbeddedStream {
         limit: usize,
         form: Form,
     ) -> Result<Option<(Vec<StreamEntry>, Seq)>> {
-        let tail = self.tail();
+        let mut tail = self.tail();
         let head = Seq(self.head_in_file()? as u64);
         let entries = tail.read(filter, after, limit, head, form);
+        tail.note_read(after, head, entries.is_some());
         if entries.is_some() {
             self.tail_reads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

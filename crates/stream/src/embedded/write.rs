@@ -71,6 +71,9 @@ impl EmbeddedStream {
         what: &str,
         mut landed: Option<Vec<Landed>>,
     ) -> Result<Seq> {
+        if !self.tail().holds_appends() {
+            landed = None;
+        }
         // Records as a read of the file gives them, before the tail's lock is taken.
         for record in landed.iter_mut().flatten().flat_map(|(records, _)| records) {
             as_stored(record);

@@ -159,16 +159,25 @@ fn push_field(
             out.extend_from_slice(b"\\N");
             false
         }
-        Some(b'"') if kind != Kind::Json => {
-            let s = match unescaped(text) {
-                Some(s) => Cow::Borrowed(s),
-                None => serde_json::from_str::<Text>(text)?.0,
-            };
-            match unix_seconds(kind, &s) {
+        Some(b'"') if kind != Kind::Json => match unescaped(text) {
+            // JSON escapes the backslash and every control character (NUL, tab, newline and
+            // carriage return among them; serde_json refuses them raw): a string written
+            // without an escape holds none of the bytes COPY escapes, and goes in as it is.
+            Some(s) => match unix_seconds(kind, s) {
                 Some(t) => push_text(out, &t),
-                None => push_text(out, &s),
+                None => {
+                    out.extend_from_slice(s.as_bytes());
+                    false
+                }
+            },
+            None => {
+                let s = serde_json::from_str::<Text>(text)?.0;
+                match unix_seconds(kind, &s) {
+                    Some(t) => push_text(out, &t),
+                    None => push_text(out, &s),
+                }
             }
-        }
+        },
         _ if kind == Kind::Json
             && let Some(replaced) = without_nul(text) =>
         {
@@ -311,6 +320,37 @@ mod tests {
         }
         // A string with an escape is unescaped, then written as COPY text.
         assert!(row(r#"{"plain":"a\"b\tc","n":1}"#).starts_with("a\"b\\tc\t"));
+    }
+
+    /// A string is copied as it is only when JSON escaped everything COPY would: a control
+    /// character written raw inside a string is refused, never passed on.
+    #[test]
+    fn a_raw_control_character_in_a_string_is_an_error() {
+        let def = table();
+        let columns = Columns::new(&def);
+        for text in [
+            "{\"plain\":\"a\tb\"}",
+            "{\"plain\":\"a\nb\"}",
+            "{\"plain\":\"a\rb\"}",
+            "{\"plain\":\"a\u{0}b\"}",
+        ] {
+            let mut slots = Vec::new();
+            let mut out = Vec::new();
+            assert!(
+                encode_row(&mut out, &def, &columns, text, &mut slots).is_err(),
+                "{text:?}"
+            );
+        }
+        // Escaped, the same characters are unescaped and then escaped for COPY.
+        let mut slots = Vec::new();
+        let mut out = Vec::new();
+        let text = r#"{"plain":"a\tb\nc\rd\\e"}"#;
+        encode_row(&mut out, &def, &columns, text, &mut slots).unwrap();
+        assert!(
+            out.starts_with(b"a\\tb\\nc\\rd\\\\e\t"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     #[test]
