@@ -274,8 +274,9 @@ fn cores() -> usize {
 
 /// The fastest any design could land `n` rows in the consumer table here: the source's
 /// decoding (`decoding` CPU seconds, measured on the native path) plus the target's CPU for a
-/// bare `COPY` of the rows sluice wrote (copied out of its table, into an empty copy of it),
-/// with both spread perfectly over every core. Returns (rows/s, the COPY's CPU seconds).
+/// bare `COPY` of the rows sluice wrote (copied out of its table, into an empty copy of it,
+/// in the binary format sluice writes them in), with both spread perfectly over every core.
+/// Returns (rows/s, the COPY's CPU seconds).
 async fn ceiling(setup: &Setup, n: usize, decoding: f64) -> (f64, f64) {
     use futures_util::TryStreamExt;
     let mut conn = setup.target_conn().await;
@@ -286,7 +287,7 @@ async fn ceiling(setup: &Setup, n: usize, decoding: f64) -> (f64, f64) {
     .await
     .unwrap();
     let rows: Vec<u8> = conn
-        .copy_out_raw("copy public.sluice_items to stdout")
+        .copy_out_raw("copy public.sluice_items to stdout with (format binary)")
         .await
         .unwrap()
         .try_fold(Vec::new(), |mut all, chunk| async move {
@@ -297,7 +298,7 @@ async fn ceiling(setup: &Setup, n: usize, decoding: f64) -> (f64, f64) {
         .unwrap();
     let before = cpu(setup);
     let mut copy = conn
-        .copy_in_raw("copy copy_floor from stdin")
+        .copy_in_raw("copy copy_floor from stdin with (format binary)")
         .await
         .unwrap();
     copy.send(rows).await.unwrap();
@@ -607,7 +608,7 @@ async fn run() {
     let (ceiling, copy_cpu) = ceiling(&setup, n, native_cpu.source).await;
     println!(
         "ceiling on this machine for any design that lands these rows in the consumer table: the source's\n\
-         decoding (as native pays it, {:.2}s) plus a bare COPY of the same rows into a copy of the table\n\
+         decoding (as native pays it, {:.2}s) plus a bare binary COPY of the same rows into a copy of the table\n\
          ({copy_cpu:.2}s), spread perfectly over {} cores: {ceiling:.0} rows/s = {:.2}x native",
         native_cpu.source,
         cores(),

@@ -39,7 +39,7 @@ async fn run() {
         bench.pg.binaries().version()
     );
     println!(
-        "baseline: raw COPY of the same rows into a table of the same shape, same batches, same server, same run"
+        "baseline: raw COPY (binary format) of the same rows into a table of the same shape, same batches, same server, same run"
     );
     println!(
         "(after an untimed warm-up of both; case (a) is the best of two alternating runs per side)\n"

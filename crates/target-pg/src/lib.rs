@@ -36,6 +36,8 @@ pub use checkpoint::CHECKPOINT_TABLE;
 pub use consumer_table::{
     COLUMNS, ConsumerTable, ConsumerTableTarget, Finding, Severity, Verification,
 };
+/// `COPY`'s binary format as sluice writes consumer-table rows (for benchmarks' baselines).
+pub use copy::{binary, pg_micros};
 pub use mirror::{JsonCollection, SchemaMirrorTarget, default_table_name};
 /// Reaching the server is `sluice-pg`'s; re-exported for the target's callers.
 pub use sluice_pg::{ConnectError, ConnectionSettings, SettingsError, catalog, ssl_mode_name};

@@ -69,6 +69,70 @@ async fn a_batch_writes_upserts_deletes_and_the_checkpoint_together() {
     );
 }
 
+/// Rows go in `COPY`'s binary format: a record's time lands exactly as PostgreSQL reads its
+/// RFC 3339 text (fractions of a microsecond rounded as the server rounds them, times before
+/// 1970, offsets), and the written time is sluice's clock at the batch.
+#[tokio::test]
+async fn times_land_as_the_server_reads_their_text() {
+    use time::macros::datetime;
+    let p = provision(&PG, "times", "sluice", "records").await;
+    let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
+    let times = [
+        datetime!(2026-12-05 10:00:00 UTC),
+        datetime!(2026-12-05 10:00:00.123456 UTC),
+        datetime!(2026-12-05 10:00:00.123456789 UTC),
+        datetime!(2026-12-05 10:00:00.0000005 UTC),
+        datetime!(2026-12-05 10:00:00.0000015 UTC),
+        datetime!(2026-12-05 10:00:00.0000025 UTC),
+        datetime!(2026-12-05 10:00:00.9999995 UTC),
+        datetime!(2026-12-05 10:00:00.4999994999 +05:30),
+        datetime!(1969-12-31 23:59:59.999999501 UTC),
+        datetime!(1900-02-28 12:34:56.000000499 -08:00),
+        datetime!(0001-01-01 00:00:00.0000005 UTC),
+        datetime!(9999-12-31 23:59:59.9999995 UTC),
+    ];
+    let before = time::OffsetDateTime::now_utc();
+    let entries = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut e = upsert(i as u64 + 1, &i.to_string(), 1, json!({"i": i}));
+            e.record.upstream_updated_at = *t;
+            e
+        })
+        .collect();
+    target
+        .apply(&consumer(), &batch_to(times.len() as u64, entries))
+        .await
+        .unwrap();
+    let after = time::OffsetDateTime::now_utc();
+    let mut conn = common::connect_admin(&PG, &p.db).await;
+    for (i, t) in times.iter().enumerate() {
+        let text = t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let sql = format!(
+            "select upstream_updated_at = $1::timestamptz, upstream_updated_at::text, $1::timestamptz::text \
+             from {} where upstream_id = $2",
+            p.table.qualified()
+        );
+        let (same, stored, parsed): (bool, String, String) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&text)
+                .bind(i.to_string())
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert!(same, "{text}: stored {stored}, the server reads {parsed}");
+    }
+    let written = updated_at(&PG, &p, "0").await;
+    let micro = time::Duration::microseconds(1);
+    assert!(
+        before - micro <= written && written <= after + micro,
+        "{written}"
+    );
+}
+
 #[tokio::test]
 async fn a_repeated_or_older_batch_changes_nothing() {
     let p = provision(&PG, "replay", "sluice", "records").await;

@@ -22,7 +22,7 @@ use sluice_pg::Condition;
 use super::ConsumerTable;
 use super::statements::Statements;
 use crate::checkpoint::CHECKPOINT_TABLE;
-use crate::copy::{copy, push_escaped, push_text};
+use crate::copy::{binary, copy_binary, pg_micros};
 
 /// The key a consumer table's checkpoints are stored under (its quoted name), so one
 /// consumer may be pointed at another table and start over there.
@@ -44,12 +44,13 @@ pub(crate) async fn prepare_connection(
     Ok(())
 }
 
-/// One partition's rows, encoded for `COPY` before its transaction starts.
+/// One partition's rows, encoded for `COPY` (binary format) before its transaction starts.
 #[derive(Debug, Default)]
 pub(crate) struct Encoded {
-    /// Every upsert as one `COPY` text line (eight columns).
+    /// Every upsert as one `COPY` binary row (eight columns), without the format's header and
+    /// trailer.
     rows: Vec<u8>,
-    /// Each upsert's row id and its line's byte range in `rows`.
+    /// Each upsert's row id and its row's byte range in `rows`.
     lines: Vec<(Uuid, Range<usize>)>,
     /// Row ids to delete.
     deletes: Vec<Uuid>,
@@ -136,7 +137,7 @@ async fn try_apply(
         // Straight in, with no savepoint (two round trips fewer, which is most of a small
         // batch's time): a key that exists fails the whole transaction, and
         // `apply_partition` applies the batch again with a lookup.
-        outcome.upserted += copy(&mut tx, &sql.copy_direct, &encoded.rows).await?;
+        outcome.upserted += copy_binary(&mut tx, &sql.copy_direct, &encoded.rows).await?;
     }
     if !encoded.lines.is_empty() && !copied {
         let existing: HashSet<Uuid> = if direct_inserts {
@@ -154,7 +155,7 @@ async fn try_apply(
             all_new.store(existing.is_empty(), Ordering::Relaxed);
         }
         if existing.is_empty() {
-            outcome.upserted += copy(&mut tx, &sql.copy_direct, &encoded.rows).await?;
+            outcome.upserted += copy_binary(&mut tx, &sql.copy_direct, &encoded.rows).await?;
         } else {
             let (mut new_rows, mut changed_rows) = (Vec::new(), Vec::new());
             for (id, range) in &encoded.lines {
@@ -166,9 +167,9 @@ async fn try_apply(
                 into.extend_from_slice(&encoded.rows[range.clone()]);
             }
             if !new_rows.is_empty() {
-                outcome.upserted += copy(&mut tx, &sql.copy_direct, &new_rows).await?;
+                outcome.upserted += copy_binary(&mut tx, &sql.copy_direct, &new_rows).await?;
             }
-            copy(&mut tx, sql.copy_stage, &changed_rows).await?;
+            copy_binary(&mut tx, sql.copy_stage, &changed_rows).await?;
             // MERGE where the server has it and every staged row was seen to exist (faster
             // than INSERT … ON CONFLICT: docs/versions.md); ON CONFLICT when rows may be new,
             // since only it absorbs a concurrent writer's insert.
@@ -226,8 +227,9 @@ fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Upserts<'a>, Vec<Uuid>) {
     (upserts, deletes)
 }
 
-/// Encodes one partition's entries (newest version per key) as `COPY` text lines with all
-/// eight columns; `inserted_at` and `updated_at` are `written_at`, the time sluice wrote the
+/// Encodes one partition's entries (newest version per key) as rows of `COPY`'s binary
+/// format with all eight columns (see [`crate::copy::binary`]); `inserted_at` and `updated_at`
+/// are `written_at` (microseconds since 2000, see [`pg_micros`]), the time sluice wrote the
 /// batch by its own clock (a merge keeps an existing row's `inserted_at`).
 ///
 /// **NUL policy.** PostgreSQL cannot store U+0000 in `text` or `jsonb` (`\u0000` in a JSON
@@ -236,7 +238,7 @@ fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Upserts<'a>, Vec<Uuid>) {
 /// U+FFFD (the replacement character) and writes the record; the keys of records changed this
 /// way are returned so the target reports them in its health (`payload` check). The row id is
 /// computed from the original identity, so two ids differing only by NUL stay distinct rows.
-pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> Encoded {
+pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: i64) -> Encoded {
     let (upserts, deletes) = newest_per_key(entries);
     let mut encoded = Encoded {
         rows: Vec::with_capacity(upserts.len() * 1300),
@@ -280,51 +282,22 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: &str) -> En
                 changed = true;
             }
         }
-        let mut uuid = [0u8; 36];
-        push_raw(out, row_id.hyphenated().encode_lower(&mut uuid).as_bytes());
-        out.push(b'\t');
-        push_raw(
-            out,
-            record
-                .key
-                .sync_id
-                .0
-                .hyphenated()
-                .encode_lower(&mut uuid)
-                .as_bytes(),
-        );
-        out.push(b'\t');
-        changed |= push_text(out, &record.key.collection_id.0);
-        out.push(b'\t');
-        changed |= push_text(out, &record.key.upstream_id.0);
-        out.push(b'\t');
-        push_escaped(out, text.as_bytes());
-        out.push(b'\t');
-        // Formatted straight into the row (RFC 3339 text never needs COPY escapes).
-        let at = out.len();
-        if record
-            .upstream_updated_at
-            .format_into(out, &time::format_description::well_known::Rfc3339)
-            .is_err()
-        {
-            out.truncate(at);
-            push_raw(out, b"epoch");
-        }
+        binary::tuple(out, 8);
+        binary::field(out, row_id.as_bytes());
+        binary::field(out, record.key.sync_id.0.as_bytes());
+        changed |= binary::text(out, &record.key.collection_id.0);
+        changed |= binary::text(out, &record.key.upstream_id.0);
+        binary::jsonb(out, text);
+        binary::field(out, &pg_micros(record.upstream_updated_at).to_be_bytes());
         for _ in 0..2 {
-            out.push(b'\t');
-            push_raw(out, written_at.as_bytes());
+            binary::field(out, &written_at.to_be_bytes());
         }
-        out.push(b'\n');
         encoded.lines.push((row_id, start..out.len()));
         if changed {
             encoded.sanitized.push(record.key.clone());
         }
     }
     encoded
-}
-
-fn push_raw(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(bytes);
 }
 
 fn strip_nul_payload(payload: &Payload) -> Payload {
@@ -418,16 +391,30 @@ mod tests {
         let parsed: Vec<&StreamEntry> = entries.iter().collect();
         let texts: Vec<StreamEntry> = entries.iter().map(as_text).collect();
         let texts: Vec<&StreamEntry> = texts.iter().collect();
-        let a = encode_partition(&parsed, "2026-01-01T00:00:00Z");
-        let b = encode_partition(&texts, "2026-01-01T00:00:00Z");
-        assert_eq!(
-            String::from_utf8(a.rows).unwrap(),
-            String::from_utf8(b.rows).unwrap()
-        );
+        let a = encode_partition(&parsed, 820_454_400_000_000);
+        let b = encode_partition(&texts, 820_454_400_000_000);
+        assert_eq!(a.rows, b.rows);
         assert_eq!(a.lines, b.lines);
         assert_eq!(a.deletes, b.deletes);
         assert_eq!(a.sanitized, b.sanitized);
         assert_eq!(b.sanitized, vec![entries[1].record.key.clone()]);
+    }
+
+    /// The fields of one binary `COPY` row, and what follows it.
+    fn fields(mut row: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+        fn take<'a>(row: &mut &'a [u8], n: usize) -> &'a [u8] {
+            let (head, rest) = row.split_at(n);
+            *row = rest;
+            head
+        }
+        let count = i16::from_be_bytes(take(&mut row, 2).try_into().unwrap());
+        let fields = (0..count)
+            .map(|_| {
+                let len = i32::from_be_bytes(take(&mut row, 4).try_into().unwrap());
+                take(&mut row, len as usize)
+            })
+            .collect();
+        (fields, row)
     }
 
     #[test]
@@ -444,22 +431,42 @@ mod tests {
             1,
             Change::upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })).unwrap(),
         );
-        let encoded = encode_partition(&[&clean, &dirty], "2026-01-01T00:00:00Z");
-        let text = String::from_utf8(encoded.rows.clone()).unwrap();
-        assert!(!text.contains('\0'));
-        assert!(text.contains("bad\u{FFFD}id"));
+        let encoded = encode_partition(&[&clean, &dirty], 7);
+        assert_eq!(encoded.sanitized, vec![dirty.record.key.clone()]);
+        // Each row is addressable on its own: eight fields, nothing after them.
+        let rows: Vec<Vec<&[u8]>> = encoded
+            .lines
+            .iter()
+            .map(|(id, range)| {
+                let (fields, rest) = fields(&encoded.rows[range.clone()]);
+                assert!(rest.is_empty());
+                assert_eq!(fields.len(), 8);
+                assert_eq!(fields[0], id.as_bytes());
+                fields
+            })
+            .collect();
+        let text = |f: &[u8]| String::from_utf8(f.to_vec()).unwrap();
+        let by_id = |id: &str| rows.iter().find(|r| text(r[3]) == id).unwrap();
+        let dirty_row = by_id("bad\u{FFFD}id");
+        // jsonb: version 1, then the JSON text with the NULs replaced.
+        assert_eq!(dirty_row[4][0], 1);
+        let json = text(&dirty_row[4][1..]);
+        assert!(!json.contains('\0') && !json.contains("\\u0000"), "{json}");
         assert!(
-            text.contains("k\u{FFFD}") && text.contains("x\u{FFFD}y"),
-            "{text}"
+            json.contains("k\u{FFFD}") && json.contains("x\u{FFFD}y"),
+            "{json}"
         );
         // A literal backslash-u0000 (escaped in JSON) is ordinary text, not a NUL.
-        assert!(text.contains(r"fine \\\\u0000 literal"), "{text}");
-        assert_eq!(encoded.sanitized, vec![dirty.record.key.clone()]);
-        // Each line is addressable on its own, eight tab-separated columns.
-        for (_, range) in &encoded.lines {
-            let line = &text[range.clone()];
-            assert!(line.ends_with('\n'));
-            assert_eq!(line.matches('\t').count(), 7, "{line}");
-        }
+        let clean_json = text(&by_id("ok")[4][1..]);
+        assert!(clean_json.contains(r"fine \\u0000 literal"), "{clean_json}");
+        // The sync id as 16 bytes, the record's time, and the written time in both of its
+        // columns.
+        assert_eq!(dirty_row[1], Uuid::from_u128(7).as_bytes());
+        assert_eq!(
+            dirty_row[5],
+            pg_micros(time::OffsetDateTime::UNIX_EPOCH).to_be_bytes()
+        );
+        assert_eq!(dirty_row[6], 7i64.to_be_bytes());
+        assert_eq!(dirty_row[7], 7i64.to_be_bytes());
     }
 }

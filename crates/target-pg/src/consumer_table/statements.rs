@@ -30,10 +30,10 @@ impl Statements {
                  sequin_id uuid, sync_id uuid, collection_id text, upstream_id text, payload jsonb, \
                  upstream_updated_at timestamptz, inserted_at timestamptz, updated_at timestamptz) \
                  on commit delete rows",
-            copy_stage: "copy pg_temp._sluice_stage from stdin",
+            copy_stage: "copy pg_temp._sluice_stage from stdin with (format binary)",
             copy_direct: format!(
                 "copy {target} (sequin_id, sync_id, collection_id, upstream_id, payload, \
-                 upstream_updated_at, inserted_at, updated_at) from stdin"
+                 upstream_updated_at, inserted_at, updated_at) from stdin with (format binary)"
             ),
             existing: format!("select sequin_id from {target} where sequin_id = any($1)"),
             merge: format!(

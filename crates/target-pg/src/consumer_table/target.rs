@@ -418,15 +418,11 @@ impl ConsumerTableTarget {
         for entry in &batch.entries {
             partitions[partition_of(&entry.record.key, n)].push(entry);
         }
-        let written_at = OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|_| "now".to_owned());
+        let written_at = crate::copy::pg_micros(OffsetDateTime::now_utc());
         if n == 1 {
-            return vec![encode_partition(&partitions[0], &written_at)];
+            return vec![encode_partition(&partitions[0], written_at)];
         }
-        crate::copy::map_in_parallel(&partitions, |entries| {
-            encode_partition(entries, &written_at)
-        })
+        crate::copy::map_in_parallel(&partitions, |entries| encode_partition(entries, written_at))
     }
 }
 
