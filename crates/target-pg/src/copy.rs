@@ -1,8 +1,8 @@
-//! Writing rows with `COPY`, shared by both layouts: the text format's escaping, `COPY` of rows
-//! sent in pieces as they are encoded (also inside a savepoint, for rows assumed new), the plan
-//! of a statement that joins staged rows to their table, encoding on several threads, and the
-//! count of records whose NUL characters had to be replaced (PostgreSQL cannot store NUL in
-//! text or `jsonb`).
+//! Writing rows with `COPY`, shared by both layouts: the text format's escaping, the binary
+//! format (the consumer table's), `COPY` of rows sent in pieces as they are encoded (also
+//! inside a savepoint, for rows assumed new), the plan of a statement that joins staged rows to
+//! their table, encoding on several threads, and the count of records whose NUL characters had
+//! to be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
 
 use sluice_core::bytes::ByteSet;
 use sluice_core::{RecordKey, Status};
@@ -15,9 +15,7 @@ pub(crate) async fn copy(
     statement: &str,
     rows: &[u8],
 ) -> Result<u64, sqlx::Error> {
-    let mut copy = conn.copy_in_raw(statement).await?;
-    copy.send(rows).await?;
-    copy.finish().await
+    copy_parts(conn, statement, &[rows]).await
 }
 
 /// Copies `rows` of `COPY`'s binary format (see [`binary`]) with `statement`
@@ -27,10 +25,18 @@ pub(crate) async fn copy_binary(
     statement: &str,
     rows: &[u8],
 ) -> Result<u64, sqlx::Error> {
+    copy_parts(conn, statement, &[binary::HEADER, rows, binary::TRAILER]).await
+}
+
+async fn copy_parts(
+    conn: &mut PgConnection,
+    statement: &str,
+    parts: &[&[u8]],
+) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
-    copy.send(binary::HEADER).await?;
-    copy.send(rows).await?;
-    copy.send(binary::TRAILER).await?;
+    for part in parts {
+        copy.send(*part).await?;
+    }
     copy.finish().await
 }
 
