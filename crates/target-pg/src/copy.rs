@@ -62,15 +62,9 @@ pub mod binary {
         out.extend_from_slice(bytes);
     }
 
-    /// A `text` field, NUL replaced (see `push_text`); returns whether anything was replaced.
+    /// A `text` field, NUL replaced; returns whether anything was replaced.
     pub fn text(out: &mut Vec<u8>, text: &str) -> bool {
-        if text.contains('\0') {
-            field(out, text.replace('\0', "\u{FFFD}").as_bytes());
-            true
-        } else {
-            field(out, text.as_bytes());
-            false
-        }
+        super::replacing_nul(text, |bytes| field(out, bytes))
     }
 
     /// A `jsonb` field: format version 1, then the JSON text.
@@ -252,11 +246,17 @@ fn payload_check(count: u64, latest: Option<&RecordKey>) -> (Status, String, Opt
 
 /// Pushes text for COPY, replacing NUL; returns whether anything was replaced.
 pub(crate) fn push_text(out: &mut Vec<u8>, text: &str) -> bool {
+    replacing_nul(text, |bytes| push_escaped(out, bytes))
+}
+
+/// Hands `text` to `push` with each NUL replaced by U+FFFD (PostgreSQL stores no NUL in text);
+/// returns whether anything was replaced.
+fn replacing_nul(text: &str, push: impl FnOnce(&[u8])) -> bool {
     if text.contains('\0') {
-        push_escaped(out, text.replace('\0', "\u{FFFD}").as_bytes());
+        push(text.replace('\0', "\u{FFFD}").as_bytes());
         true
     } else {
-        push_escaped(out, text.as_bytes());
+        push(text.as_bytes());
         false
     }
 }
