@@ -106,12 +106,14 @@ pub(crate) enum CopyFailure<E> {
 }
 
 /// Copies rows with `statement` (`copy … from stdin`), piece by piece: `encode(piece, out)`
-/// writes a piece's COPY text into `out`, and each piece is sent as soon as it is encoded, so
+/// writes a piece's COPY text (or binary rows, between the format's header and trailer, when
+/// `binary`) into `out`, and each piece is sent as soon as it is encoded, so
 /// the server parses one piece while the next is encoded. A piece that cannot be encoded
 /// aborts the COPY.
 pub(crate) async fn copy_pieces<P, E>(
     conn: &mut PgConnection,
     statement: &str,
+    binary: bool,
     pieces: impl IntoIterator<Item = P>,
     mut encode: impl FnMut(P, &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<u64, CopyFailure<E>> {
@@ -119,6 +121,11 @@ pub(crate) async fn copy_pieces<P, E>(
         .copy_in_raw(statement)
         .await
         .map_err(CopyFailure::Server)?;
+    if binary {
+        copy.send(binary::HEADER)
+            .await
+            .map_err(CopyFailure::Server)?;
+    }
     let mut text = Vec::new();
     for piece in pieces {
         text.clear();
@@ -131,6 +138,11 @@ pub(crate) async fn copy_pieces<P, E>(
             .await
             .map_err(CopyFailure::Server)?;
     }
+    if binary {
+        copy.send(binary::TRAILER)
+            .await
+            .map_err(CopyFailure::Server)?;
+    }
     copy.finish().await.map_err(CopyFailure::Server)
 }
 
@@ -140,6 +152,7 @@ pub(crate) async fn copy_pieces<P, E>(
 pub(crate) async fn copy_pieces_if_all_new<P, E>(
     conn: &mut PgConnection,
     statement: &str,
+    binary: bool,
     pieces: impl IntoIterator<Item = P>,
     encode: impl FnMut(P, &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<Option<u64>, CopyFailure<E>> {
@@ -150,7 +163,7 @@ pub(crate) async fn copy_pieces_if_all_new<P, E>(
             .map_err(CopyFailure::Server)
     };
     run("savepoint sluice_fresh", conn).await?;
-    match copy_pieces(conn, statement, pieces, encode).await {
+    match copy_pieces(conn, statement, binary, pieces, encode).await {
         Ok(n) => {
             run("release savepoint sluice_fresh", conn).await?;
             Ok(Some(n))

@@ -2,7 +2,7 @@
 //! tables as through one, a checkpoint row per partition, a change of width, a partition whose
 //! connection is lost while the others commit, and a checkpoint table made before partitions
 //! taken over with its position (also in an oddly named schema); a batch sent as several COPY
-//! pieces, whole or not at all.
+//! pieces, whole or not at all; rows sent in COPY's binary format equal to rows sent as text.
 
 mod common;
 
@@ -428,4 +428,129 @@ async fn an_oddly_named_schemas_checkpoints_are_migrated_and_written() {
     .await
     .unwrap();
     assert_eq!(items, 10);
+}
+
+/// A table whose columns all have a binary form gets its rows in `COPY`'s binary format; the
+/// same records into a table with one more column (`numeric`, always text) land with every
+/// shared column equal, value for value: times in every form (fractions rounded by the
+/// server's rule, offsets, Unix seconds), integers, escapes, NULs, nulls and missing fields.
+/// A batch with a value only the server can read (`"12"` for an integer, a time in words)
+/// goes as text, and lands equal too.
+#[tokio::test]
+async fn rows_in_binary_land_as_rows_in_text() {
+    let m = database("mirror_binary").await;
+    let column = |name: &str, sql_type: &str| sluice_core::ColumnSchema {
+        name: name.into(),
+        sql_type: sql_type.into(),
+        enum_labels: None,
+        unsupported: None,
+    };
+    let mut columns = vec![
+        column("id", "bigint"),
+        column("n", "integer"),
+        column("small", "smallint"),
+        column("s", "text"),
+        column("v", "character varying(40)"),
+        column("b", "boolean"),
+        column("t", "timestamp with time zone"),
+        column("o", "jsonb"),
+    ];
+    for (collection, extra) in [("public.bin_values", false), ("public.txt_values", true)] {
+        if extra {
+            columns.push(column("x", "numeric"));
+        }
+        let schema = sluice_core::CollectionSchema {
+            columns: columns.clone(),
+            key: vec!["id".into()],
+        };
+        sluice_core::RecordStream::set_collection_schema(
+            m.stream.as_ref(),
+            SYNC,
+            &sluice_core::CollectionId(collection.into()),
+            &schema,
+        )
+        .await
+        .unwrap();
+    }
+    let target = SchemaMirrorTarget::new(
+        "warehouse",
+        m.settings.clone(),
+        "mirror",
+        format!("{}_read", m.db),
+        m.stream.clone(),
+        BTreeMap::new(),
+    );
+    let payloads = [
+        json!({"n": 0, "small": -32768, "s": "plain", "v": "v", "b": true,
+               "t": "2024-05-01T10:00:00Z", "o": {"a": 1}}),
+        json!({"n": -1, "small": 32767, "s": "tab\there \"q\" back\\slash é ☃ 𝄞",
+               "v": "nl\nline", "b": false, "t": "2024-05-01 12:00:00.5+02", "o": [1, "x"]}),
+        json!({"n": 2147483647, "s": "nul \u{0} inside", "t": "2024-05-01T12:00:00.1234567-05:30",
+               "o": {"k\u{0}": "v\u{0}"}}),
+        json!({"n": -2147483648, "s": "", "b": null, "t": "2026-12-05T10:00:00.0000005Z", "o": null}),
+        json!({"n": null, "s": null, "t": "2026-12-05T10:00:00.0000015+00:00", "o": "a string"}),
+        json!({"t": "1969-12-31T23:59:59.9999995Z"}),
+        json!({"t": 1_700_000_000, "o": 12.50}),
+        json!({"t": "1700000000", "s": 1.5e300, "o": true}),
+        json!({"t": "2024-02-29T23:59:59.999999999+15:59", "s": {"nested": [null]}}),
+        json!({"t": "0001-01-01T00:00:00.0000005Z", "v": 7}),
+    ];
+    let batch = |collection: &str, first: u64, payloads: &[serde_json::Value]| {
+        let entries: Vec<StreamEntry> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let seq = first + i as u64;
+                let mut p = p.clone();
+                p["id"] = json!(seq % 1000);
+                let mut e = entry(seq, collection, &(seq % 1000).to_string(), Change::Delete);
+                e.record.change = Change::upsert(json!({})).unwrap();
+                e.payload_text = Some(PayloadText::whole(p.to_string()));
+                e
+            })
+            .collect();
+        Batch {
+            through: entries.last().unwrap().seq,
+            entries,
+        }
+    };
+    // Values only the server reads: that batch goes as text.
+    let text_only = [
+        json!({"n": "12", "t": "2024-05-01T10:00:00Z"}),
+        json!({"n": 13, "t": "May 1 2024 10:00:00 UTC"}),
+    ];
+    // One consumer's checkpoint: the second table's batches come later in the stream.
+    for (collection, from) in [("public.bin_values", 1), ("public.txt_values", 1001)] {
+        let first = batch(collection, from, &payloads);
+        target.apply(&consumer(), &first).await.unwrap();
+        let second = batch(collection, from + 100, &text_only);
+        target.apply(&consumer(), &second).await.unwrap();
+    }
+    let mut conn = connect_admin(&PG, &m.db).await;
+    let rows =
+        |table: &str| format!("select id, n, small, s, v, b, t, o::text from mirror.{table}");
+    let differ: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select d::text from (({} except {}) union all ({} except {})) d order by 1",
+        rows("bin_values"),
+        rows("txt_values"),
+        rows("txt_values"),
+        rows("bin_values")
+    )))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "select 'bin', count(*) from mirror.bin_values union all select 'txt', count(*) from mirror.txt_values",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(differ.is_empty(), "{counts:?} {differ:#?}");
+    let count: i64 = sqlx::query_scalar("select count(*) from mirror.bin_values")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, payloads.len() as i64 + text_only.len() as i64);
+    // The record with NULs had them replaced on both paths, and counted.
+    assert_eq!(nul_replacements(&target).await, 2);
 }

@@ -55,7 +55,7 @@ impl<'d> Columns<'d> {
 }
 
 /// Text borrowed from the payload when it has no escapes.
-struct Text<'a>(Cow<'a, str>);
+pub(super) struct Text<'a>(pub(super) Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -110,6 +110,20 @@ impl<'de, 's, 'c> Visitor<'de> for Fill<'s, 'c, 'de> {
     }
 }
 
+/// Each column's field of the payload `text` (a JSON object), in `slots` (one per column,
+/// `None` where the payload has no such field).
+pub(super) fn fill<'a>(
+    columns: &Columns<'_>,
+    text: &'a str,
+    slots: &mut Vec<Option<&'a RawValue>>,
+) -> Result<(), serde_json::Error> {
+    slots.clear();
+    slots.resize(columns.def.len(), None);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    Fill { columns, slots }.deserialize(&mut deserializer)?;
+    deserializer.end()
+}
+
 /// One COPY text line for the payload `text`, in the table's column order (`slots` is scratch
 /// space, one per column). Returns whether a NUL character had to be replaced.
 pub(super) fn encode_row<'a>(
@@ -119,11 +133,7 @@ pub(super) fn encode_row<'a>(
     text: &'a str,
     slots: &mut Vec<Option<&'a RawValue>>,
 ) -> Result<bool, serde_json::Error> {
-    slots.clear();
-    slots.resize(def.columns.len(), None);
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    Fill { columns, slots }.deserialize(&mut deserializer)?;
-    deserializer.end()?;
+    fill(columns, text, slots)?;
     let mut sanitized = false;
     for (i, (column, value)) in def.columns.iter().zip(slots.iter()).enumerate() {
         if i > 0 {
@@ -137,7 +147,7 @@ pub(super) fn encode_row<'a>(
 
 /// The contents of the JSON string `text` (quotes included) when it has no escape: then
 /// they are the string itself. A string with one is left to the parser.
-fn unescaped(text: &str) -> Option<&str> {
+pub(super) fn unescaped(text: &str) -> Option<&str> {
     let inner = text.strip_prefix('"')?.strip_suffix('"')?;
     (!inner.as_bytes().contains(&b'\\')).then_some(inner)
 }

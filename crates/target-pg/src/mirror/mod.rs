@@ -31,6 +31,7 @@ use sluice_pg::ConnectionSettings;
 use crate::checkpoint::{Aligned, Checkpoints};
 use crate::copy::NulReplacements;
 
+mod binary;
 mod ddl;
 mod fields;
 mod shape;

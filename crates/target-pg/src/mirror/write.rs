@@ -14,6 +14,7 @@ use crate::copy::{
     CopyFailure, copy, copy_pieces, copy_pieces_if_all_new, probing_key_index, push_text,
 };
 
+use super::binary::Rows;
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
 use super::{SchemaMirrorTarget, db};
@@ -147,7 +148,14 @@ impl SchemaMirrorTarget {
             CopyFailure::Server(e) => fail("copying into", e),
             CopyFailure::Encoding(e) => e,
         };
-        let copy_in = format!("copy {table} ({}) from stdin", columns.join(", "));
+        // Binary rows when the table's types and every value allow (see `binary.rs`).
+        let binary = Rows::encode(def, &upserts)?;
+        let format = if binary.is_some() {
+            " with (format binary)"
+        } else {
+            ""
+        };
+        let copy_in = format!("copy {table} ({}) from stdin{format}", columns.join(", "));
         let mut upserts = upserts;
         // Optimistic first (the common case during a backfill): copy every upsert straight in,
         // inside a savepoint. A key that already exists aborts that COPY; the table is then
@@ -164,8 +172,9 @@ impl SchemaMirrorTarget {
             let copied = copy_pieces_if_all_new(
                 conn,
                 &copy_in,
+                binary.is_some(),
                 upserts.chunks(PIECE_ROWS),
-                encoder(def, &mut replaced),
+                encoder(def, binary.as_ref(), &mut replaced),
             )
             .await
             .map_err(copy_failed)?;
@@ -220,8 +229,9 @@ impl SchemaMirrorTarget {
             copy_pieces(
                 conn,
                 &copy_in,
+                binary.is_some(),
                 fresh.chunks(PIECE_ROWS),
-                encoder(def, sanitized),
+                encoder(def, binary.as_ref(), sanitized),
             )
             .await
             .map_err(copy_failed)?;
@@ -255,11 +265,12 @@ impl SchemaMirrorTarget {
             copy_pieces(
                 conn,
                 &format!(
-                    "copy _sluice_mirror_stage ({}) from stdin",
+                    "copy _sluice_mirror_stage ({}) from stdin{format}",
                     columns.join(", ")
                 ),
+                binary.is_some(),
                 upserts.chunks(PIECE_ROWS),
-                encoder(def, sanitized),
+                encoder(def, binary.as_ref(), sanitized),
             )
             .await
             .map_err(copy_failed)?;
@@ -364,10 +375,12 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
 /// server waited).
 const PIECE_ROWS: usize = 1000;
 
-/// Encodes a piece of entries as COPY text; records whose NUL characters were replaced (the
+/// Encodes a piece of entries as COPY text, or takes their rows from `binary` (encoded
+/// before the COPY: see `binary.rs`); records whose NUL characters were replaced (the
 /// target's NUL policy) are pushed onto `sanitized`.
 fn encoder<'a>(
     def: &'a TableDef,
+    binary: Option<&'a Rows<'a>>,
     sanitized: &'a mut Vec<RecordKey>,
 ) -> impl FnMut(&'a [&'a StreamEntry], &mut Vec<u8>) -> Result<(), Error> + 'a {
     let columns = Columns::new(def);
@@ -375,7 +388,11 @@ fn encoder<'a>(
     move |piece, out| {
         out.reserve(piece.len() * 512);
         for e in piece {
-            if encode_row(out, def, &columns, e, &mut slots)? {
+            let replaced = match binary {
+                Some(rows) => rows.push(out, e),
+                None => encode_row(out, def, &columns, e, &mut slots)?,
+            };
+            if replaced {
                 sanitized.push(e.record.key.clone());
             }
         }
@@ -500,6 +517,14 @@ fn pg_text(value: &Value, kind: Kind) -> String {
 /// A timestamp column's value given as Unix seconds (`1700000000`, as APIs send `created`),
 /// as PostgreSQL input text in UTC; `None` for anything else (written as is).
 pub(super) fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]+00");
+    unix_time(kind, text)?.format(format).ok()
+}
+
+/// The time a timestamp column's value given as Unix seconds stands for (see
+/// [`unix_seconds`]).
+pub(super) fn unix_time(kind: Kind, text: &str) -> Option<time::OffsetDateTime> {
     if kind != Kind::Timestamp || text.is_empty() || text.len() > 12 {
         return None;
     }
@@ -507,10 +532,7 @@ pub(super) fn unix_seconds(kind: Kind, text: &str) -> Option<String> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let t = time::OffsetDateTime::from_unix_timestamp(text.parse().ok()?).ok()?;
-    let format =
-        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]+00");
-    t.format(format).ok()
+    time::OffsetDateTime::from_unix_timestamp(text.parse().ok()?).ok()
 }
 
 /// `{1,NULL,"a b"}` from a JSON array (nested arrays for more dimensions).

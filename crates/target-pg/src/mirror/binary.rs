@@ -1,0 +1,315 @@
+//! A table's rows in `COPY`'s binary format, when every column is of a type whose binary
+//! form sluice can write exactly as the server would read the text `fields.rs` writes: then
+//! the server parses no number or time and undoes no escapes (a 1,000,000-row table of
+//! `bigint`, `timestamptz` and `text`: 1.43–1.47 s of `COPY` in binary against 2.08–2.19 s as
+//! text, PostgreSQL 15).
+//!
+//! The types: `bigint`, `integer`, `smallint`, `text`, `character varying`, `boolean`,
+//! `timestamp with time zone` and `jsonb`. A value is written in binary only in the forms
+//! whose meaning is beyond doubt (an integer's digits in range, `true`/`false`, a time as
+//! `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])` or as Unix seconds); any other value sends
+//! the whole batch for that table as text instead, where the server reads it (or refuses it)
+//! as it always has. A table with a column of any other type is always written as text.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use serde_json::value::RawValue;
+use sluice_core::{Change, Error, StreamEntry};
+
+use super::fields::{self, Columns, Text};
+use super::shape::{Kind, TableDef};
+use super::write::{unix_time, without_nul};
+use crate::copy::{binary, pg_micros};
+
+/// How one column is written.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Column {
+    Int8,
+    Int4,
+    Int2,
+    Text,
+    Bool,
+    Timestamptz,
+    Jsonb,
+}
+
+fn column(sql_type: &str) -> Option<Column> {
+    Some(match sql_type {
+        "bigint" => Column::Int8,
+        "integer" => Column::Int4,
+        "smallint" => Column::Int2,
+        "text" => Column::Text,
+        t if t.starts_with("character varying") => Column::Text,
+        "boolean" => Column::Bool,
+        "timestamp with time zone" | "timestamptz" => Column::Timestamptz,
+        "jsonb" => Column::Jsonb,
+        _ => return None,
+    })
+}
+
+/// Binary rows of one table's upserts: all of them, each found by its upstream id (one
+/// entry per id: the newest version of each key).
+pub(super) struct Rows<'e> {
+    data: Vec<u8>,
+    /// Each entry's row in `data`, and whether a NUL had to be replaced in it.
+    at: HashMap<&'e str, (Range<usize>, bool)>,
+}
+
+impl<'e> Rows<'e> {
+    /// The rows of `entries` (upserts with their payloads' stored text) in binary, or `None`
+    /// when the table or one of the values must go as text. A payload that is not a JSON
+    /// object is an error, as on the text path.
+    pub(super) fn encode(
+        def: &TableDef,
+        entries: &[&'e StreamEntry],
+    ) -> Result<Option<Self>, Error> {
+        if def.json || entries.is_empty() {
+            return Ok(None);
+        }
+        let Some(plan) = def
+            .columns
+            .iter()
+            .map(|c| column(&c.sql_type))
+            .collect::<Option<Vec<Column>>>()
+        else {
+            return Ok(None);
+        };
+        let columns = Columns::new(def);
+        let mut slots = Vec::new();
+        let mut rows = Rows {
+            data: Vec::with_capacity(entries.len() * 320),
+            at: HashMap::with_capacity(entries.len()),
+        };
+        for entry in entries {
+            let (Change::Upsert { .. }, Some(text)) = (&entry.record.change, &entry.payload_text)
+            else {
+                return Ok(None);
+            };
+            fields::fill(&columns, text.as_str(), &mut slots).map_err(|e| {
+                Error::invalid(format!(
+                    "record {}/{}: its stored payload is not a JSON object ({e})",
+                    entry.record.key.collection_id, entry.record.key.upstream_id
+                ))
+            })?;
+            let start = rows.data.len();
+            binary::tuple(&mut rows.data, plan.len() as i16);
+            let mut replaced = false;
+            for ((&column, def), value) in plan.iter().zip(&def.columns).zip(slots.iter()) {
+                match push(&mut rows.data, column, def.kind, *value) {
+                    Some(r) => replaced |= r,
+                    None => return Ok(None),
+                }
+            }
+            let id = entry.record.key.upstream_id.0.as_str();
+            rows.at.insert(id, (start..rows.data.len(), replaced));
+        }
+        Ok(Some(rows))
+    }
+
+    /// Appends `entry`'s row; returns whether a NUL was replaced in it.
+    pub(super) fn push(&self, out: &mut Vec<u8>, entry: &StreamEntry) -> bool {
+        match self.at.get(entry.record.key.upstream_id.0.as_str()) {
+            Some((range, replaced)) => {
+                out.extend_from_slice(&self.data[range.clone()]);
+                *replaced
+            }
+            None => false,
+        }
+    }
+}
+
+/// One field: `Some(whether a NUL was replaced)`, or `None` when this value must go as text.
+/// Mirrors `fields::push_field` case by case.
+fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&RawValue>) -> Option<bool> {
+    let text = match value.map(RawValue::get) {
+        None | Some("null") => {
+            out.extend_from_slice(&(-1i32).to_be_bytes());
+            return Some(false);
+        }
+        Some(text) => text,
+    };
+    let string = || -> Option<std::borrow::Cow<'_, str>> {
+        match fields::unescaped(text) {
+            Some(s) => Some(s.into()),
+            None => serde_json::from_str::<Text>(text).ok().map(|t| t.0),
+        }
+    };
+    let is_string = text.starts_with('"');
+    match column {
+        Column::Int8 | Column::Int4 | Column::Int2 => {
+            let digits = if is_string { string()? } else { text.into() };
+            integer(out, column, &digits)?;
+            Some(false)
+        }
+        Column::Text if is_string => Some(binary::text(out, &string()?)),
+        Column::Text => Some(binary::text(out, text)),
+        Column::Bool => {
+            let value = match text {
+                "true" => 1,
+                "false" => 0,
+                _ => return None,
+            };
+            binary::field(out, &[value]);
+            Some(false)
+        }
+        Column::Timestamptz => {
+            let value = if is_string { string()? } else { text.into() };
+            let micros = match unix_time(kind, &value) {
+                Some(t) if (1..=9999).contains(&t.year()) => pg_micros(t),
+                Some(_) => return None,
+                None if is_string => iso_micros(&value)?,
+                None => return None,
+            };
+            binary::field(out, &micros.to_be_bytes());
+            Some(false)
+        }
+        Column::Jsonb => match without_nul(text) {
+            Some(replaced) => {
+                binary::jsonb(out, &replaced);
+                Some(true)
+            }
+            None => {
+                binary::jsonb(out, text);
+                Some(false)
+            }
+        },
+    }
+}
+
+/// An integer column's value from its decimal digits (an optional `-`, then digits only),
+/// when it is in the column's range.
+fn integer(out: &mut Vec<u8>, column: Column, digits: &str) -> Option<()> {
+    let body = digits.strip_prefix('-').unwrap_or(digits);
+    if body.is_empty() || !body.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: i64 = digits.parse().ok()?;
+    match column {
+        Column::Int8 => binary::field(out, &n.to_be_bytes()),
+        Column::Int4 => binary::field(out, &i32::try_from(n).ok()?.to_be_bytes()),
+        _ => binary::field(out, &i16::try_from(n).ok()?.to_be_bytes()),
+    }
+    Some(())
+}
+
+/// `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])` as microseconds since 2000-01-01 UTC, the
+/// fraction rounded as the server rounds it ([`pg_micros`]); `None` for any other form, a
+/// year outside 1–9999, a day the month does not have, or an offset beyond ±15:59 (which
+/// the server reads otherwise, or refuses).
+fn iso_micros(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let number = |range: Range<usize>| -> Option<u32> {
+        let part = b.get(range)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+    };
+    let at = |i: usize, c: &[u8]| b.get(i).is_some_and(|x| c.contains(x));
+    if !(at(4, b"-") && at(7, b"-") && at(10, b"T ") && at(13, b":") && at(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if year == 0 || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos = 0;
+    if at(i, b".") {
+        let digits = b[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
+        if !(1..=9).contains(&digits) {
+            return None;
+        }
+        nanos = number(i + 1..i + 1 + digits)? * 10u32.pow(9 - digits as u32);
+        i += 1 + digits;
+    }
+    let offset = match b.get(i..)? {
+        b"Z" => 0,
+        [sign @ (b'+' | b'-'), rest @ ..] => {
+            let (hours, minutes) = match rest.len() {
+                2 => (number(i + 1..i + 3)?, 0),
+                5 if rest[2] == b':' => (number(i + 1..i + 3)?, number(i + 4..i + 6)?),
+                _ => return None,
+            };
+            if hours > 15 || minutes > 59 {
+                return None;
+            }
+            let seconds = i64::from(hours * 3600 + minutes * 60);
+            if *sign == b'-' { -seconds } else { seconds }
+        }
+        _ => return None,
+    };
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year as i32, month, u8::try_from(day).ok()?).ok()?;
+    let time = time::Time::from_hms_nano(hour as u8, minute as u8, second as u8, nanos).ok()?;
+    let local = time::PrimitiveDateTime::new(date, time).assume_utc();
+    Some(pg_micros(local) - offset * 1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_in_the_forms_written_in_binary_and_the_others_not() {
+        use time::macros::datetime;
+        let micros = |t: time::OffsetDateTime| Some(pg_micros(t));
+        assert_eq!(iso_micros("2000-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            iso_micros("2024-05-01 12:00:00.5+02"),
+            micros(datetime!(2024-05-01 10:00:00.5 UTC))
+        );
+        assert_eq!(
+            iso_micros("2024-05-01T12:00:00.1234567-05:30"),
+            micros(datetime!(2024-05-01 17:30:00.1234567 UTC))
+        );
+        assert_eq!(
+            iso_micros("2024-02-29T23:59:59.999999999+00:00"),
+            micros(datetime!(2024-02-29 23:59:59.999999999 UTC))
+        );
+        for other in [
+            "2023-02-29T00:00:00Z",
+            "0000-01-01T00:00:00Z",
+            "2024-05-01T24:00:00Z",
+            "2024-05-01T10:00:60Z",
+            "2024-05-01T10:00:00",
+            "2024-05-01T10:00:00+16:00",
+            "2024-05-01T10:00:00+05:30:15",
+            "2024-05-01T10:00:00.1234567890Z",
+            "2024-05-01T10:00:00.Z",
+            "2024-05-01t10:00:00Z",
+            "12024-05-01T10:00:00Z",
+            "2024-5-01T10:00:00Z",
+            "2024-05-01T10:00:00 UTC",
+            "2024-05-01T10:00:00+0530",
+            "today",
+            "",
+        ] {
+            assert_eq!(iso_micros(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn integers_in_range_and_nothing_else() {
+        let mut out = Vec::new();
+        assert!(integer(&mut out, Column::Int2, "-32768").is_some());
+        assert_eq!(out, [0, 0, 0, 2, 0x80, 0]);
+        for (column, digits) in [
+            (Column::Int2, "32768"),
+            (Column::Int4, "2147483648"),
+            (Column::Int8, "9223372036854775808"),
+            (Column::Int8, "1.0"),
+            (Column::Int8, "1e3"),
+            (Column::Int8, " 1"),
+            (Column::Int8, "+1"),
+            (Column::Int8, "-"),
+            (Column::Int8, ""),
+        ] {
+            assert!(
+                integer(&mut Vec::new(), column, digits).is_none(),
+                "{digits}"
+            );
+        }
+    }
+}
