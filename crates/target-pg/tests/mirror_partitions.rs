@@ -431,7 +431,7 @@ async fn an_oddly_named_schemas_checkpoints_are_migrated_and_written() {
 }
 
 /// A table whose columns all have a binary form gets its rows in `COPY`'s binary format; the
-/// same records into a table with one more column (`numeric`, always text) land with every
+/// same records into a table with one more column (`date`, always text) land with every
 /// shared column equal, value for value: times in every form (fractions rounded by the
 /// server's rule, offsets, Unix seconds), integers, escapes, NULs, nulls and missing fields.
 /// A batch with a value only the server can read (`"12"` for an integer, a time in words)
@@ -454,10 +454,12 @@ async fn rows_in_binary_land_as_rows_in_text() {
         column("b", "boolean"),
         column("t", "timestamp with time zone"),
         column("o", "jsonb"),
+        column("m", "numeric"),
+        column("p", "numeric(12,2)"),
     ];
     for (collection, extra) in [("public.bin_values", false), ("public.txt_values", true)] {
         if extra {
-            columns.push(column("x", "numeric"));
+            columns.push(column("x", "date"));
         }
         let schema = sluice_core::CollectionSchema {
             columns: columns.clone(),
@@ -482,7 +484,12 @@ async fn rows_in_binary_land_as_rows_in_text() {
     );
     let payloads = [
         json!({"n": 0, "small": -32768, "s": "plain", "v": "v", "b": true,
-               "t": "2024-05-01T10:00:00Z", "o": {"a": 1}}),
+               "t": "2024-05-01T10:00:00Z", "o": {"a": 1},
+               "m": "12345678901234567890.0123456789", "p": "9.995"}),
+        json!({"m": 12.50, "p": "-0.005"}),
+        json!({"m": "-0.00", "p": 0}),
+        json!({"m": "0.00012", "p": "1234567890.12"}),
+        json!({"m": "-10000", "p": "007.1"}),
         json!({"n": -1, "small": 32767, "s": "tab\there \"q\" back\\slash é ☃ 𝄞",
                "v": "nl\nline", "b": false, "t": "2024-05-01 12:00:00.5+02", "o": [1, "x"]}),
         json!({"n": 2147483647, "s": "nul \u{0} inside", "t": "2024-05-01T12:00:00.1234567-05:30",
@@ -518,6 +525,7 @@ async fn rows_in_binary_land_as_rows_in_text() {
     let text_only = [
         json!({"n": "12", "t": "2024-05-01T10:00:00Z"}),
         json!({"n": 13, "t": "May 1 2024 10:00:00 UTC"}),
+        json!({"m": "NaN", "p": 1e3}),
     ];
     // One consumer's checkpoint: the second table's batches come later in the stream.
     for (collection, from) in [("public.bin_values", 1), ("public.txt_values", 1001)] {
@@ -527,8 +535,11 @@ async fn rows_in_binary_land_as_rows_in_text() {
         target.apply(&consumer(), &second).await.unwrap();
     }
     let mut conn = connect_admin(&PG, &m.db).await;
-    let rows =
-        |table: &str| format!("select id, n, small, s, v, b, t, o::text from mirror.{table}");
+    let rows = |table: &str| {
+        format!(
+            "select id, n, small, s, v, b, t::text, o::text, m::text, p::text from mirror.{table}"
+        )
+    };
     let differ: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "select d::text from (({} except {}) union all ({} except {})) d order by 1",
         rows("bin_values"),
