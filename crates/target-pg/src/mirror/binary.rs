@@ -51,12 +51,13 @@ fn column(sql_type: &str) -> Option<Column> {
     })
 }
 
-/// Binary rows of one table's upserts: all of them, each found by its upstream id (one
-/// entry per id: the newest version of each key).
+/// Binary rows of one table's upserts, each found by its entry.
 pub(super) struct Rows<'e> {
     data: Vec<u8>,
-    /// Each entry's row in `data`, and whether a NUL had to be replaced in it.
-    at: HashMap<&'e str, (Range<usize>, bool)>,
+    /// Each entry's row in `data` (by the entry's address: the entries are borrowed for
+    /// the whole write), and whether a NUL had to be replaced in it.
+    at: HashMap<usize, (Range<usize>, bool), foldhash::fast::FixedState>,
+    entries: std::marker::PhantomData<&'e StreamEntry>,
 }
 
 impl<'e> Rows<'e> {
@@ -82,7 +83,8 @@ impl<'e> Rows<'e> {
         let mut slots = Vec::new();
         let mut rows = Rows {
             data: Vec::with_capacity(entries.len() * 320),
-            at: HashMap::with_capacity(entries.len()),
+            at: HashMap::with_capacity_and_hasher(entries.len(), Default::default()),
+            entries: std::marker::PhantomData,
         };
         for entry in entries {
             let (Change::Upsert { .. }, Some(text)) = (&entry.record.change, &entry.payload_text)
@@ -104,15 +106,14 @@ impl<'e> Rows<'e> {
                     None => return Ok(None),
                 }
             }
-            let id = entry.record.key.upstream_id.0.as_str();
-            rows.at.insert(id, (start..rows.data.len(), replaced));
+            rows.at.insert(address(entry), (start..rows.data.len(), replaced));
         }
         Ok(Some(rows))
     }
 
     /// Appends `entry`'s row; returns whether a NUL was replaced in it.
     pub(super) fn push(&self, out: &mut Vec<u8>, entry: &StreamEntry) -> bool {
-        match self.at.get(entry.record.key.upstream_id.0.as_str()) {
+        match self.at.get(&address(entry)) {
             Some((range, replaced)) => {
                 out.extend_from_slice(&self.data[range.clone()]);
                 *replaced
@@ -120,6 +121,10 @@ impl<'e> Rows<'e> {
             None => false,
         }
     }
+}
+
+fn address(entry: &StreamEntry) -> usize {
+    std::ptr::from_ref(entry) as usize
 }
 
 /// One field: `Some(whether a NUL was replaced)`, or `None` when this value must go as text.
@@ -215,46 +220,42 @@ fn numeric(out: &mut Vec<u8>, text: &str) -> Option<()> {
     if !digits(whole) || !(fraction.is_empty() || digits(fraction)) || body.ends_with('.') {
         return None;
     }
-    let scale = u16::try_from(fraction.len())
-        .ok()
-        .filter(|s| *s <= 0x3fff)?;
-    // Whole digits padded on the left, fraction digits on the right, to groups of four.
+    let scale = u16::try_from(fraction.len()).ok().filter(|s| *s <= 0x3fff)?;
+    // The digits as one run, the whole part padded on the left and the fraction on the
+    // right to groups of four: group `g` is digits `4g .. 4g + 4` of it.
+    let (whole, fraction) = (whole.as_bytes(), fraction.as_bytes());
     let pad = (4 - whole.len() % 4) % 4;
-    let all: Vec<u8> = std::iter::repeat_n(b'0', pad)
-        .chain(whole.bytes())
-        .chain(fraction.bytes())
-        .chain(std::iter::repeat_n(b'0', (4 - fraction.len() % 4) % 4))
-        .collect();
-    let mut groups: Vec<i16> = all
-        .chunks(4)
-        .map(|g| g.iter().fold(0i16, |n, d| n * 10 + i16::from(d - b'0')))
-        .collect();
-    let mut weight = i64::try_from((pad + whole.len()) / 4).ok()? - 1;
-    let leading = groups.iter().take_while(|g| **g == 0).count();
-    groups.drain(..leading);
-    weight -= leading as i64;
-    while groups.last() == Some(&0) {
-        groups.pop();
-    }
-    if groups.is_empty() {
-        weight = 0;
-    }
-    let weight = i16::try_from(weight).ok()?;
-    let count = i16::try_from(groups.len()).ok()?;
-    let sign: u16 = if negative && !groups.is_empty() {
-        0x4000
-    } else {
-        0
+    let digit = |at: usize| -> i16 {
+        let d = match at.checked_sub(pad) {
+            None => b'0',
+            Some(i) if i < whole.len() => whole[i],
+            Some(i) => *fraction.get(i - whole.len()).unwrap_or(&b'0'),
+        };
+        i16::from(d - b'0')
     };
-    let mut field = Vec::with_capacity(8 + groups.len() * 2);
-    field.extend_from_slice(&count.to_be_bytes());
-    field.extend_from_slice(&weight.to_be_bytes());
-    field.extend_from_slice(&sign.to_be_bytes());
-    field.extend_from_slice(&scale.to_be_bytes());
-    for group in groups {
-        field.extend_from_slice(&group.to_be_bytes());
+    let groups = (pad + whole.len() + fraction.len()).div_ceil(4);
+    let group = |g: usize| (0..4).fold(0i16, |n, i| n * 10 + digit(4 * g + i));
+    let first = (0..groups).find(|&g| group(g) != 0);
+    let (count, weight) = match first {
+        // Zero: no digits, weight 0, positive.
+        None => (0, 0),
+        Some(first) => {
+            let last = (first..groups).rev().find(|&g| group(g) != 0).unwrap_or(first);
+            let weight = i64::try_from((pad + whole.len()) / 4).ok()? - 1 - first as i64;
+            (last + 1 - first, i16::try_from(weight).ok()?)
+        }
+    };
+    let sign: u16 = if negative && count > 0 { 0x4000 } else { 0 };
+    out.extend_from_slice(&(8 + 2 * count as i32).to_be_bytes());
+    out.extend_from_slice(&i16::try_from(count).ok()?.to_be_bytes());
+    out.extend_from_slice(&weight.to_be_bytes());
+    out.extend_from_slice(&sign.to_be_bytes());
+    out.extend_from_slice(&scale.to_be_bytes());
+    if let Some(first) = first {
+        for g in first..first + count {
+            out.extend_from_slice(&group(g).to_be_bytes());
+        }
     }
-    binary::field(out, &field);
     Some(())
 }
 
