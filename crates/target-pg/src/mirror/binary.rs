@@ -106,7 +106,8 @@ impl<'e> Rows<'e> {
                     None => return Ok(None),
                 }
             }
-            rows.at.insert(address(entry), (start..rows.data.len(), replaced));
+            rows.at
+                .insert(address(entry), (start..rows.data.len(), replaced));
         }
         Ok(Some(rows))
     }
@@ -220,7 +221,9 @@ fn numeric(out: &mut Vec<u8>, text: &str) -> Option<()> {
     if !digits(whole) || !(fraction.is_empty() || digits(fraction)) || body.ends_with('.') {
         return None;
     }
-    let scale = u16::try_from(fraction.len()).ok().filter(|s| *s <= 0x3fff)?;
+    let scale = u16::try_from(fraction.len())
+        .ok()
+        .filter(|s| *s <= 0x3fff)?;
     // The digits as one run, the whole part padded on the left and the fraction on the
     // right to groups of four: group `g` is digits `4g .. 4g + 4` of it.
     let (whole, fraction) = (whole.as_bytes(), fraction.as_bytes());
@@ -240,7 +243,10 @@ fn numeric(out: &mut Vec<u8>, text: &str) -> Option<()> {
         // Zero: no digits, weight 0, positive.
         None => (0, 0),
         Some(first) => {
-            let last = (first..groups).rev().find(|&g| group(g) != 0).unwrap_or(first);
+            let last = (first..groups)
+                .rev()
+                .find(|&g| group(g) != 0)
+                .unwrap_or(first);
             let weight = i64::try_from((pad + whole.len()) / 4).ok()? - 1 - first as i64;
             (last + 1 - first, i16::try_from(weight).ok()?)
         }
