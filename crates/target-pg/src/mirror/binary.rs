@@ -379,7 +379,7 @@ mod tests {
             Some(words(&[3, 1, 0x4000, 1, 1234, 5678, 9000]))
         );
         assert_eq!(field("0.00012"), Some(words(&[2, -1, 0, 5, 1, 2000])));
-        assert_eq!(field("10000"), Some(words(&[1, 1, 0, 0, 1])));
+        assert_eq!(field("100000000"), Some(words(&[1, 2, 0, 0, 1])));
         assert_eq!(field("1.50"), Some(words(&[2, 0, 0, 2, 1, 5000])));
         assert_eq!(field("007"), Some(words(&[1, 0, 0, 0, 7])));
         for other in [
@@ -395,7 +395,7 @@ mod tests {
         assert!(integer(&mut out, Column::Int2, "-32768").is_some());
         assert_eq!(out, [0, 0, 0, 2, 0x80, 0]);
         for (column, digits) in [
-            (Column::Int2, "32768"),
+            (Column::Int2, "-32769"),
             (Column::Int4, "2147483648"),
             (Column::Int8, "9223372036854775808"),
             (Column::Int8, "1.0"),
