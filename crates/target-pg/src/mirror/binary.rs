@@ -112,15 +112,17 @@ impl<'e> Rows<'e> {
         Ok(Some(rows))
     }
 
-    /// Appends `entry`'s row; returns whether a NUL was replaced in it.
-    pub(super) fn push(&self, out: &mut Vec<u8>, entry: &StreamEntry) -> bool {
-        match self.at.get(&address(entry)) {
-            Some((range, replaced)) => {
-                out.extend_from_slice(&self.data[range.clone()]);
-                *replaced
-            }
-            None => false,
-        }
+    /// Appends `entry`'s row; returns whether a NUL was replaced in it. An entry that was not
+    /// encoded is an error (the COPY is aborted), never a row left out.
+    pub(super) fn push(&self, out: &mut Vec<u8>, entry: &StreamEntry) -> Result<bool, Error> {
+        let (range, replaced) = self.at.get(&address(entry)).ok_or_else(|| {
+            Error::invalid(format!(
+                "record {}/{}: its row was not encoded (a fault in sluice)",
+                entry.record.key.collection_id, entry.record.key.upstream_id
+            ))
+        })?;
+        out.extend_from_slice(&self.data[range.clone()]);
+        Ok(*replaced)
     }
 }
 
@@ -322,6 +324,57 @@ fn iso_micros(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table of binary types goes binary; a value only the server reads, or a column of
+    /// another type, sends it as text; an entry that was not encoded is an error.
+    #[test]
+    fn rows_are_binary_only_when_every_value_is() {
+        use super::super::shape::ColumnDef;
+        use sluice_core::{PayloadText, Provider, Record, RecordKey, Seq, SyncId, Version};
+        let def = |types: &[(&str, &str)]| TableDef {
+            name: "t".into(),
+            columns: types
+                .iter()
+                .map(|(name, sql_type)| ColumnDef {
+                    name: (*name).into(),
+                    sql_type: (*sql_type).into(),
+                    kind: super::super::shape::kind_of(sql_type),
+                })
+                .collect(),
+            key: vec!["id".into()],
+            json: false,
+            enums: Vec::new(),
+            notices: Vec::new(),
+        };
+        let entry = |id: &str, text: &str| StreamEntry {
+            seq: Seq(1),
+            record: Record {
+                key: RecordKey::new(SyncId(uuid::Uuid::nil()), "public.t", id),
+                provider: Provider::Postgres,
+                version: Version::new(1, 0),
+                upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
+                change: Change::Upsert {
+                    payload: Default::default(),
+                },
+            },
+            payload_text: Some(PayloadText::whole(text.into())),
+        };
+        let typed = def(&[("id", "bigint"), ("at", "timestamp with time zone")]);
+        let (a, b) = (
+            entry("1", r#"{"id":1,"at":"2024-05-01T10:00:00Z"}"#),
+            entry("2", r#"{"id":2,"at":null}"#),
+        );
+        let rows = Rows::encode(&typed, &[&a]).unwrap().expect("binary");
+        let mut out = Vec::new();
+        assert!(!rows.push(&mut out, &a).unwrap(), "no NUL replaced");
+        assert!(rows.push(&mut out, &b).is_err(), "an entry not encoded");
+        let words = entry("3", r#"{"id":3,"at":"May 1 2024"}"#);
+        assert!(Rows::encode(&typed, &[&a, &words]).unwrap().is_none());
+        let other = def(&[("id", "bigint"), ("on", "date")]);
+        assert!(Rows::encode(&other, &[&b]).unwrap().is_none());
+        let corrupt = entry("4", "[]");
+        assert!(Rows::encode(&typed, &[&corrupt]).is_err());
+    }
 
     #[test]
     fn times_in_the_forms_written_in_binary_and_the_others_not() {

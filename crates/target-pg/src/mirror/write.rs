@@ -389,7 +389,7 @@ fn encoder<'a>(
         out.reserve(piece.len() * 512);
         for e in piece {
             let replaced = match binary {
-                Some(rows) => rows.push(out, e),
+                Some(rows) => rows.push(out, e)?,
                 None => encode_row(out, def, &columns, e, &mut slots)?,
             };
             if replaced {
