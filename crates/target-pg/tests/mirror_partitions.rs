@@ -434,8 +434,8 @@ async fn an_oddly_named_schemas_checkpoints_are_migrated_and_written() {
 /// same records into a table with one more column (`date`, always text) land with every
 /// shared column equal, value for value: times in every form (fractions rounded by the
 /// server's rule, offsets, Unix seconds), integers, escapes, NULs, nulls and missing fields.
-/// A batch with a value only the server can read (`"12"` for an integer, a time in words)
-/// goes as text, and lands equal too.
+/// An integer given as a string (`"12"`) goes binary too; a batch with a value only the server
+/// can read (a time in words, `NaN`, an exponent) goes as text, and lands equal too.
 #[tokio::test]
 async fn rows_in_binary_land_as_rows_in_text() {
     let m = database("mirror_binary").await;
@@ -521,7 +521,7 @@ async fn rows_in_binary_land_as_rows_in_text() {
             entries,
         }
     };
-    // Values only the server reads: that batch goes as text.
+    // A time in words, `NaN` and an exponent only the server reads: that batch goes as text.
     let text_only = [
         json!({"n": "12", "t": "2024-05-01T10:00:00Z"}),
         json!({"n": 13, "t": "May 1 2024 10:00:00 UTC"}),

@@ -12,13 +12,14 @@
 //! the whole batch for that table as text instead, where the server reads it (or refuses it)
 //! as it always has. A table with a column of any other type is always written as text.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
 use serde_json::value::RawValue;
 use sluice_core::{Change, Error, StreamEntry};
 
-use super::fields::{self, Columns, Text};
+use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
 use super::write::{unix_time, without_nul};
 use crate::copy::{binary, pg_micros};
@@ -140,26 +141,26 @@ fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&RawValue>)
         }
         Some(text) => text,
     };
-    let string = || -> Option<std::borrow::Cow<'_, str>> {
-        match fields::unescaped(text) {
-            Some(s) => Some(s.into()),
-            None => serde_json::from_str::<Text>(text).ok().map(|t| t.0),
+    let is_string = text.starts_with('"');
+    // A JSON string's value, else the JSON text itself (a number, say), as `push_field` takes
+    // them.
+    let scalar = || -> Option<Cow<'_, str>> {
+        if is_string {
+            fields::string(text).ok()
+        } else {
+            Some(text.into())
         }
     };
-    let is_string = text.starts_with('"');
     match column {
         Column::Int8 | Column::Int4 | Column::Int2 => {
-            let digits = if is_string { string()? } else { text.into() };
-            integer(out, column, &digits)?;
+            integer(out, column, &scalar()?)?;
             Some(false)
         }
         Column::Numeric => {
-            let digits = if is_string { string()? } else { text.into() };
-            numeric(out, &digits)?;
+            numeric(out, &scalar()?)?;
             Some(false)
         }
-        Column::Text if is_string => Some(binary::text(out, &string()?)),
-        Column::Text => Some(binary::text(out, text)),
+        Column::Text => Some(binary::text(out, &scalar()?)),
         Column::Bool => {
             let value = match text {
                 "true" => 1,
@@ -170,7 +171,7 @@ fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&RawValue>)
             Some(false)
         }
         Column::Timestamptz => {
-            let value = if is_string { string()? } else { text.into() };
+            let value = scalar()?;
             let micros = match unix_time(kind, &value) {
                 Some(t) if (1..=9999).contains(&t.year()) => pg_micros(t),
                 Some(_) => return None,

@@ -55,7 +55,7 @@ impl<'d> Columns<'d> {
 }
 
 /// Text borrowed from the payload when it has no escapes.
-pub(super) struct Text<'a>(pub(super) Cow<'a, str>);
+struct Text<'a>(Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -147,9 +147,20 @@ pub(super) fn encode_row<'a>(
 
 /// The contents of the JSON string `text` (quotes included) when it has no escape: then
 /// they are the string itself. A string with one is left to the parser.
-pub(super) fn unescaped(text: &str) -> Option<&str> {
+fn unescaped(text: &str) -> Option<&str> {
     let inner = text.strip_prefix('"')?.strip_suffix('"')?;
     (!inner.as_bytes().contains(&b'\\')).then_some(inner)
+}
+
+/// The value of the JSON string `text` (quotes included): borrowed from the text when it has
+/// no escape, unescaped by the parser otherwise. JSON escapes the backslash and every control
+/// character (NUL, tab, newline and carriage return among them; serde_json refuses them raw),
+/// so a borrowed value holds none of the bytes COPY's text format escapes.
+pub(super) fn string(text: &str) -> Result<Cow<'_, str>, serde_json::Error> {
+    match unescaped(text) {
+        Some(s) => Ok(Cow::Borrowed(s)),
+        None => serde_json::from_str::<Text>(text).map(|t| t.0),
+    }
 }
 
 /// One field as PostgreSQL input text for a column of `kind`, as `write::encode_row` writes
@@ -169,25 +180,18 @@ fn push_field(
             out.extend_from_slice(b"\\N");
             false
         }
-        Some(b'"') if kind != Kind::Json => match unescaped(text) {
-            // JSON escapes the backslash and every control character (NUL, tab, newline and
-            // carriage return among them; serde_json refuses them raw): a string written
-            // without an escape holds none of the bytes COPY escapes, and goes in as it is.
-            Some(s) => match unix_seconds(kind, s) {
-                Some(t) => push_text(out, &t),
-                None => {
+        Some(b'"') if kind != Kind::Json => {
+            let s = string(text)?;
+            match (unix_seconds(kind, &s), s) {
+                (Some(t), _) => push_text(out, &t),
+                // No escape in the JSON, so none needed for COPY: it goes in as it is.
+                (None, Cow::Borrowed(s)) => {
                     out.extend_from_slice(s.as_bytes());
                     false
                 }
-            },
-            None => {
-                let s = serde_json::from_str::<Text>(text)?.0;
-                match unix_seconds(kind, &s) {
-                    Some(t) => push_text(out, &t),
-                    None => push_text(out, &s),
-                }
+                (None, Cow::Owned(s)) => push_text(out, &s),
             }
-        },
+        }
         _ if kind == Kind::Json
             && let Some(replaced) = without_nul(text) =>
         {
