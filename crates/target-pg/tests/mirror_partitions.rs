@@ -455,6 +455,7 @@ async fn rows_in_binary_land_as_rows_in_text() {
         column("t", "timestamp with time zone"),
         column("o", "jsonb"),
         column("m", "numeric"),
+        column("ünï", "text"),
         column("p", "numeric(12,2)"),
     ];
     for (collection, extra) in [("public.bin_values", false), ("public.txt_values", true)] {
@@ -490,6 +491,11 @@ async fn rows_in_binary_land_as_rows_in_text() {
         json!({"m": "-0.00", "p": 0}),
         json!({"m": "0.00012", "p": "1234567890.12"}),
         json!({"m": "-10000", "p": "007.1"}),
+        json!({"m": "1234567890123456789012345678901234567890.1234567890", "ünï": "ünï ☃ 𝄞",
+               "o": {"ключ": "値", "k\u{e9}": 1}}),
+        json!({"m": "-18446744073709551616", "p": "-9999999999.99"}),
+        json!({"m": "340282366920938463463374607431768211456", "s": 0.1}),
+        json!({"m": 0.1, "p": 5e-3}),
         json!({"n": -1, "small": 32767, "s": "tab\there \"q\" back\\slash é ☃ 𝄞",
                "v": "nl\nline", "b": false, "t": "2024-05-01 12:00:00.5+02", "o": [1, "x"]}),
         json!({"n": 2147483647, "s": "nul \u{0} inside", "t": "2024-05-01T12:00:00.1234567-05:30",
@@ -526,6 +532,7 @@ async fn rows_in_binary_land_as_rows_in_text() {
         json!({"n": "12", "t": "2024-05-01T10:00:00Z"}),
         json!({"n": 13, "t": "May 1 2024 10:00:00 UTC"}),
         json!({"m": "NaN", "p": 1e3}),
+        json!({"m": 1.7976931348623157e308, "o": 5e-324}),
     ];
     // One consumer's checkpoint: the second table's batches come later in the stream.
     for (collection, from) in [("public.bin_values", 1), ("public.txt_values", 1001)] {
@@ -537,7 +544,8 @@ async fn rows_in_binary_land_as_rows_in_text() {
     let mut conn = connect_admin(&PG, &m.db).await;
     let rows = |table: &str| {
         format!(
-            "select id, n, small, s, v, b, t::text, o::text, m::text, p::text from mirror.{table}"
+            "select id, n, small, s, v, b, t::text, o::text, m::text, p::text, \"ünï\" \
+             from mirror.{table}"
         )
     };
     let differ: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
