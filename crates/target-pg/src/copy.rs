@@ -1,5 +1,5 @@
 //! Writing rows with `COPY`, shared by both layouts: the text format's escaping, the binary
-//! format (the consumer table's), `COPY` of rows sent in pieces as they are encoded (also
+//! format, `COPY` of rows sent in pieces as they are encoded (also
 //! inside a savepoint, for rows assumed new), the plan of a statement that joins staged rows to
 //! their table, encoding on several threads, and the count of records whose NUL characters had
 //! to be replaced (PostgreSQL cannot store NUL in text or `jsonb`).
@@ -15,28 +15,8 @@ pub(crate) async fn copy(
     statement: &str,
     rows: &[u8],
 ) -> Result<u64, sqlx::Error> {
-    copy_parts(conn, statement, &[rows]).await
-}
-
-/// Copies `rows` of `COPY`'s binary format (see [`binary`]) with `statement`
-/// (`copy … from stdin with (format binary)`): the format's header, the rows, its trailer.
-pub(crate) async fn copy_binary(
-    conn: &mut PgConnection,
-    statement: &str,
-    rows: &[u8],
-) -> Result<u64, sqlx::Error> {
-    copy_parts(conn, statement, &[binary::HEADER, rows, binary::TRAILER]).await
-}
-
-async fn copy_parts(
-    conn: &mut PgConnection,
-    statement: &str,
-    parts: &[&[u8]],
-) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
-    for part in parts {
-        copy.send(*part).await?;
-    }
+    copy.send(rows).await?;
     copy.finish().await
 }
 
@@ -104,6 +84,11 @@ pub(crate) enum CopyFailure<E> {
     /// A piece could not be encoded; the COPY was aborted.
     Encoding(E),
 }
+
+/// Rows per piece of a [`copy_pieces`]: each piece is sent as soon as it is encoded, so the
+/// server stores one while the next is encoded (before, a batch was encoded whole, on two
+/// threads, while the server waited).
+pub(crate) const PIECE_ROWS: usize = 1000;
 
 /// Copies rows with `statement` (`copy … from stdin`), piece by piece: `encode(piece, out)`
 /// writes a piece's COPY text (or binary rows, between the format's header and trailer, when

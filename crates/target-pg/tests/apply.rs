@@ -233,6 +233,50 @@ async fn nul_characters_are_replaced_written_and_reported_in_health() {
     );
 }
 
+/// Rows are encoded and sent a thousand at a time: batches of several pieces land whole,
+/// including one copied straight in (the last batch found no existing key) whose existing key
+/// is met only in its third piece, after two pieces were sent, and the NUL in its last piece
+/// is reported once, from the attempt that committed.
+#[tokio::test]
+async fn batches_of_several_pieces_land_whole_when_a_late_piece_meets_an_existing_key() {
+    let p = provision(&PG, "pieces", "sluice", "records").await;
+    let target = ConsumerTableTarget::new("t", p.settings.clone(), p.table.clone(), 1);
+    let id = |i: u64| format!("r{i:05}");
+    let first: Vec<_> = (1..=2500)
+        .map(|i| upsert(i, &id(i), 1, json!({"i": i, "v": 1})))
+        .collect();
+    target
+        .apply(&consumer(), &batch_to(2500, first))
+        .await
+        .unwrap();
+    // New keys 2501..=4700, then (from the 2,201st row, the third piece) updates of 1..=300,
+    // and a new key with a NUL last.
+    let mut second: Vec<_> = (2501..=4700)
+        .map(|i| upsert(i, &id(i), 1, json!({"i": i, "v": 1})))
+        .collect();
+    second.extend((1..=300).map(|i| upsert(4700 + i, &id(i), 2, json!({"i": i, "v": 2}))));
+    second.push(upsert(5001, "literal", 1, json!({"s": "a\\u0000b"})));
+    second.push(upsert(5002, "nul", 1, json!({"s": "a\u{0}b"})));
+    target
+        .apply(&consumer(), &batch_to(5002, second))
+        .await
+        .unwrap();
+    let rows = rows(&PG, &p).await;
+    assert_eq!(rows.len(), 4702);
+    let by_id: std::collections::HashMap<_, _> = rows.into_iter().collect();
+    for i in 1..=4700u64 {
+        let v = if i <= 300 { 2 } else { 1 };
+        assert_eq!(by_id[&id(i)], json!({"i": i, "v": v}), "row {i}");
+    }
+    // A backslash-u0000 in the text (an escaped backslash in JSON) is no NUL.
+    assert_eq!(by_id["literal"], json!({"s": "a\\u0000b"}));
+    assert_eq!(by_id["nul"], json!({"s": "a\u{FFFD}b"}));
+    let (count, last) = target.sanitized();
+    assert_eq!(count, 1, "counted once, though the batch was encoded twice");
+    assert_eq!(last.unwrap().upstream_id.0, "nul");
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(5002));
+}
+
 #[tokio::test]
 async fn payloads_of_several_megabytes_are_written() {
     let p = provision(&PG, "huge", "sluice", "records").await;

@@ -1,8 +1,10 @@
 //! Batch writes into a consumer table, in one transaction per partition with its checkpoint.
 //!
-//! Rows are encoded for `COPY` before the transaction starts (in parallel threads when there
-//! are several partitions). Inside it, one lookup finds which rows already exist: new rows are
-//! copied straight into the table, existing ones go through a staging table and one merge,
+//! Before the transaction starts, each key's newest version is picked and its row id computed
+//! (in parallel threads when there are several partitions). Rows are encoded for `COPY` as they
+//! are sent, piece by piece, so the server stores one piece while the next is encoded. Inside
+//! the transaction, one lookup finds which rows already exist: new rows are copied straight
+//! into the table, existing ones go through a staging table and one merge,
 //! deletes are one statement. While a partition's batches are all new, the next one is copied
 //! straight in without the lookup; a key that exists then aborts the transaction, and the batch
 //! is applied again with the lookup. If another writer inserts one of the "new" keys first, the
@@ -10,7 +12,7 @@
 //! through the merge, so the fast path never costs correctness.
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
@@ -22,7 +24,7 @@ use sluice_pg::Condition;
 use super::ConsumerTable;
 use super::statements::Statements;
 use crate::checkpoint::CHECKPOINT_TABLE;
-use crate::copy::{binary, copy_binary, pg_micros};
+use crate::copy::{CopyFailure, PIECE_ROWS, binary, copy_pieces, pg_micros};
 
 /// The key a consumer table's checkpoints are stored under (its quoted name), so one
 /// consumer may be pointed at another table and start over there.
@@ -44,18 +46,15 @@ pub(crate) async fn prepare_connection(
     Ok(())
 }
 
-/// One partition's rows, encoded for `COPY` (binary format) before its transaction starts.
+/// One partition's share of a batch, planned before its transaction starts: the newest
+/// version of each key ([`plan_partition`]).
 #[derive(Debug, Default)]
-pub(crate) struct Encoded {
-    /// Every upsert as one `COPY` binary row (eight columns), without the format's header and
-    /// trailer.
-    rows: Vec<u8>,
-    /// Each upsert's row id and its row's byte range in `rows`.
-    lines: Vec<(Uuid, Range<usize>)>,
+pub(crate) struct Planned<'a> {
+    /// The upserts with their row ids, in stream order; encoded as they are copied
+    /// ([`encode_rows`]).
+    upserts: Vec<(Uuid, &'a StreamEntry)>,
     /// Row ids to delete.
     deletes: Vec<Uuid>,
-    /// Records whose text had NUL characters replaced (see [`encode_partition`]).
-    pub sanitized: Vec<RecordKey>,
 }
 
 /// What one partition's transaction did.
@@ -67,6 +66,8 @@ pub(crate) struct PartitionOutcome {
     pub upserted: u64,
     /// Rows deleted.
     pub deleted: u64,
+    /// Records whose text had NUL characters replaced (see [`encode_rows`]).
+    pub sanitized: Vec<RecordKey>,
 }
 
 /// One partition's share of a batch, for one consumer.
@@ -75,7 +76,9 @@ pub(crate) struct PartitionWrite<'a> {
     /// The table's checkpoint key.
     pub table: &'a str,
     pub partition: usize,
-    pub encoded: &'a Encoded,
+    pub planned: &'a Planned<'a>,
+    /// `inserted_at` and `updated_at` of the rows (see [`encode_rows`]).
+    pub written_at: i64,
     pub through: Seq,
     /// Whether this partition's last batch found none of its keys in the table: this one is
     /// then copied straight in, and a key found to exist applies it again with a lookup (see
@@ -117,7 +120,8 @@ async fn try_apply(
         consumer,
         table,
         partition,
-        encoded,
+        planned,
+        written_at,
         through,
         all_new,
     } = *write;
@@ -132,16 +136,21 @@ async fn try_apply(
         return Ok(outcome);
     }
 
-    let copied = direct_inserts && !encoded.lines.is_empty() && all_new.load(Ordering::Relaxed);
+    let upserts = planned.upserts.as_slice();
+    let sanitized = &mut outcome.sanitized;
+    let mut copy = async |tx: &mut PgConnection, statement: &str, rows: &[(Uuid, &StreamEntry)]| {
+        copy_rows(tx, statement, rows, written_at, sanitized).await
+    };
+    let copied = direct_inserts && !upserts.is_empty() && all_new.load(Ordering::Relaxed);
     if copied {
         // Straight in, with no savepoint (two round trips fewer, which is most of a small
         // batch's time): a key that exists fails the whole transaction, and
         // `apply_partition` applies the batch again with a lookup.
-        outcome.upserted += copy_binary(&mut tx, &sql.copy_direct, &encoded.rows).await?;
+        outcome.upserted += copy(&mut tx, &sql.copy_direct, upserts).await?;
     }
-    if !encoded.lines.is_empty() && !copied {
+    if !upserts.is_empty() && !copied {
         let existing: HashSet<Uuid> = if direct_inserts {
-            let ids: Vec<Uuid> = encoded.lines.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<Uuid> = upserts.iter().map(|(id, _)| *id).collect();
             sqlx::query_scalar(AssertSqlSafe(sql.existing.clone()))
                 .bind(ids)
                 .fetch_all(&mut *tx)
@@ -149,27 +158,20 @@ async fn try_apply(
                 .into_iter()
                 .collect()
         } else {
-            encoded.lines.iter().map(|(id, _)| *id).collect()
+            upserts.iter().map(|(id, _)| *id).collect()
         };
         if direct_inserts {
             all_new.store(existing.is_empty(), Ordering::Relaxed);
         }
         if existing.is_empty() {
-            outcome.upserted += copy_binary(&mut tx, &sql.copy_direct, &encoded.rows).await?;
+            outcome.upserted += copy(&mut tx, &sql.copy_direct, upserts).await?;
         } else {
-            let (mut new_rows, mut changed_rows) = (Vec::new(), Vec::new());
-            for (id, range) in &encoded.lines {
-                let into = if existing.contains(id) {
-                    &mut changed_rows
-                } else {
-                    &mut new_rows
-                };
-                into.extend_from_slice(&encoded.rows[range.clone()]);
-            }
+            let (changed_rows, new_rows): (Vec<_>, Vec<_>) =
+                upserts.iter().partition(|(id, _)| existing.contains(id));
             if !new_rows.is_empty() {
-                outcome.upserted += copy_binary(&mut tx, &sql.copy_direct, &new_rows).await?;
+                outcome.upserted += copy(&mut tx, &sql.copy_direct, &new_rows).await?;
             }
-            copy_binary(&mut tx, sql.copy_stage, &changed_rows).await?;
+            copy(&mut tx, sql.copy_stage, &changed_rows).await?;
             // MERGE where the server has it and every staged row was seen to exist (faster
             // than INSERT … ON CONFLICT: docs/versions.md); ON CONFLICT when rows may be new,
             // since only it absorbs a concurrent writer's insert.
@@ -184,9 +186,9 @@ async fn try_apply(
                 .rows_affected();
         }
     }
-    if !encoded.deletes.is_empty() {
+    if !planned.deletes.is_empty() {
         outcome.deleted = sqlx::query(AssertSqlSafe(sql.delete.clone()))
-            .bind(&encoded.deletes)
+            .bind(&planned.deletes)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -199,11 +201,32 @@ async fn try_apply(
     Ok(outcome)
 }
 
-/// Keeps the newest version of each key (ties broken by stream position) and splits the
-/// batch into upserts (with their row ids, computed once: a SHA-1 each) and the row ids to
-/// delete.
-type Upserts<'a> = Vec<(Uuid, &'a StreamEntry)>;
-fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Upserts<'a>, Vec<Uuid>) {
+/// Copies `rows` with `statement` (`COPY`'s binary format), encoding them piece by piece as
+/// they are sent ([`encode_rows`]); the keys of records whose NULs were replaced are pushed
+/// onto `sanitized`.
+async fn copy_rows(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: &[(Uuid, &StreamEntry)],
+    written_at: i64,
+    sanitized: &mut Vec<RecordKey>,
+) -> Result<u64, sqlx::Error> {
+    let encode = |piece: &[(Uuid, &StreamEntry)], out: &mut Vec<u8>| {
+        encode_rows(piece, written_at, out, sanitized);
+        Ok::<(), Infallible>(())
+    };
+    copy_pieces(conn, statement, true, rows.chunks(PIECE_ROWS), encode)
+        .await
+        .map_err(|failure| match failure {
+            CopyFailure::Server(e) => e,
+            CopyFailure::Encoding(never) => match never {},
+        })
+}
+
+/// Plans one partition's entries: keeps the newest version of each key (ties broken by stream
+/// position) and splits them into upserts (with their row ids, computed once: a SHA-1 each)
+/// and the row ids to delete.
+pub(crate) fn plan_partition<'a>(entries: &[&'a StreamEntry]) -> Planned<'a> {
     let mut newest: HashMap<Uuid, &'a StreamEntry> = HashMap::with_capacity(entries.len());
     for entry in entries {
         let id = entry.record.key.row_id();
@@ -224,34 +247,32 @@ fn newest_per_key<'a>(entries: &[&'a StreamEntry]) -> (Upserts<'a>, Vec<Uuid>) {
     }
     // Stream order keeps the merge's row locks in a stable order across partitions.
     upserts.sort_by_key(|(_, e)| e.seq);
-    (upserts, deletes)
+    Planned { upserts, deletes }
 }
 
-/// Encodes one partition's entries (newest version per key) as rows of `COPY`'s binary
-/// format with all eight columns (see [`crate::copy::binary`]); `inserted_at` and `updated_at`
-/// are `written_at` (microseconds since 2000, see [`pg_micros`]), the time sluice wrote the
+/// Appends `upserts` to `out` as rows of `COPY`'s binary format with all eight columns (see
+/// [`crate::copy::binary`]), without the format's header and trailer; `inserted_at` and
+/// `updated_at` are `written_at` (microseconds since 2000, see [`pg_micros`]), the time sluice wrote the
 /// batch by its own clock (a merge keeps an existing row's `inserted_at`).
 ///
 /// **NUL policy.** PostgreSQL cannot store U+0000 in `text` or `jsonb` (`\u0000` in a JSON
 /// string is rejected). Rather than fail the batch or drop the record, sluice replaces each
 /// U+0000 in payload keys, payload string values, `collection_id` and `upstream_id` with
 /// U+FFFD (the replacement character) and writes the record; the keys of records changed this
-/// way are returned so the target reports them in its health (`payload` check). The row id is
-/// computed from the original identity, so two ids differing only by NUL stay distinct rows.
-pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: i64) -> Encoded {
-    let (upserts, deletes) = newest_per_key(entries);
-    let mut encoded = Encoded {
-        rows: Vec::with_capacity(upserts.len() * 1300),
-        deletes,
-        ..Encoded::default()
-    };
-    let out = &mut encoded.rows;
-    for (row_id, entry) in upserts {
+/// way are pushed onto `sanitized` so the target reports them in its health (`payload`
+/// check). The row id is computed from the original identity, so two ids differing only by
+/// NUL stay distinct rows.
+fn encode_rows(
+    upserts: &[(Uuid, &StreamEntry)],
+    written_at: i64,
+    out: &mut Vec<u8>,
+    sanitized: &mut Vec<RecordKey>,
+) {
+    for &(row_id, entry) in upserts {
         let record = &entry.record;
         let Change::Upsert { payload } = &record.change else {
             continue;
         };
-        let start = out.len();
         let json: String;
         let mut text: &str = match &entry.payload_text {
             // As the stream stores it (the payload itself was not parsed).
@@ -292,12 +313,10 @@ pub(crate) fn encode_partition(entries: &[&StreamEntry], written_at: i64) -> Enc
         for _ in 0..2 {
             binary::field(out, &written_at.to_be_bytes());
         }
-        encoded.lines.push((row_id, start..out.len()));
         if changed {
-            encoded.sanitized.push(record.key.clone());
+            sanitized.push(record.key.clone());
         }
     }
-    encoded
 }
 
 fn strip_nul_payload(payload: &Payload) -> Payload {
@@ -343,11 +362,26 @@ mod tests {
         let a0 = entry(2, "a", 3, up(3)); // older version arriving later
         let b1 = entry(3, "b", 1, up(1));
         let b2 = entry(4, "b", 2, Change::Delete);
-        let (upserts, deletes) = newest_per_key(&[&a1, &a0, &b1, &b2]);
+        let Planned { upserts, deletes } = plan_partition(&[&a1, &a0, &b1, &b2]);
         assert_eq!(upserts.len(), 1);
         assert_eq!(upserts[0].1.record.version, Version::new(5, 0));
         assert_eq!(upserts[0].0, upserts[0].1.record.key.row_id());
         assert_eq!(deletes, vec![b2.record.key.row_id()]);
+    }
+
+    /// A partition's rows as `copy_rows` sends them, in two pieces: the rows (without the
+    /// format's header and trailer), the keys whose NULs were replaced, and the plan.
+    fn encode_partition<'a>(
+        entries: &[&'a StreamEntry],
+        written_at: i64,
+    ) -> (Vec<u8>, Vec<RecordKey>, Planned<'a>) {
+        let planned = plan_partition(entries);
+        let (mut rows, mut sanitized) = (Vec::new(), Vec::new());
+        let half = planned.upserts.len() / 2;
+        for piece in [&planned.upserts[..half], &planned.upserts[half..]] {
+            encode_rows(piece, written_at, &mut rows, &mut sanitized);
+        }
+        (rows, sanitized, planned)
     }
 
     /// The entry as `read_text` hands it over: the stored JSON text, the payload unparsed.
@@ -391,13 +425,15 @@ mod tests {
         let parsed: Vec<&StreamEntry> = entries.iter().collect();
         let texts: Vec<StreamEntry> = entries.iter().map(as_text).collect();
         let texts: Vec<&StreamEntry> = texts.iter().collect();
-        let a = encode_partition(&parsed, 820_454_400_000_000);
-        let b = encode_partition(&texts, 820_454_400_000_000);
-        assert_eq!(a.rows, b.rows);
-        assert_eq!(a.lines, b.lines);
+        let (a_rows, a_sanitized, a) = encode_partition(&parsed, 820_454_400_000_000);
+        let (b_rows, b_sanitized, b) = encode_partition(&texts, 820_454_400_000_000);
+        assert_eq!(a_rows, b_rows);
+        let ids = |p: &Planned| p.upserts.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b));
+        assert_eq!(a.upserts.len(), 3);
         assert_eq!(a.deletes, b.deletes);
-        assert_eq!(a.sanitized, b.sanitized);
-        assert_eq!(b.sanitized, vec![entries[1].record.key.clone()]);
+        assert_eq!(a_sanitized, b_sanitized);
+        assert_eq!(b_sanitized, vec![entries[1].record.key.clone()]);
     }
 
     /// The fields of one binary `COPY` row, and what follows it.
@@ -431,20 +467,22 @@ mod tests {
             1,
             Change::upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })).unwrap(),
         );
-        let encoded = encode_partition(&[&clean, &dirty], 7);
-        assert_eq!(encoded.sanitized, vec![dirty.record.key.clone()]);
-        // Each row is addressable on its own: eight fields, nothing after them.
-        let rows: Vec<Vec<&[u8]>> = encoded
-            .lines
+        let (encoded, sanitized, planned) = encode_partition(&[&clean, &dirty], 7);
+        assert_eq!(sanitized, vec![dirty.record.key.clone()]);
+        // One row per upsert, in the plan's order, eight fields each, and nothing after them.
+        let mut rest = encoded.as_slice();
+        let rows: Vec<Vec<&[u8]>> = planned
+            .upserts
             .iter()
-            .map(|(id, range)| {
-                let (fields, rest) = fields(&encoded.rows[range.clone()]);
-                assert!(rest.is_empty());
+            .map(|(id, _)| {
+                let (fields, after) = fields(rest);
+                rest = after;
                 assert_eq!(fields.len(), 8);
                 assert_eq!(fields[0], id.as_bytes());
                 fields
             })
             .collect();
+        assert!(rest.is_empty());
         let text = |f: &[u8]| String::from_utf8(f.to_vec()).unwrap();
         let by_id = |id: &str| rows.iter().find(|r| text(r[3]) == id).unwrap();
         let dirty_row = by_id("bad\u{FFFD}id");

@@ -16,8 +16,8 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use super::apply::{
-    Encoded, PartitionOutcome, PartitionWrite, apply_partition, encode_partition,
-    prepare_connection, table_key,
+    PartitionOutcome, PartitionWrite, Planned, apply_partition, plan_partition, prepare_connection,
+    table_key,
 };
 use super::statements::Statements;
 use super::{ConsumerTable, Severity, Verification};
@@ -370,13 +370,15 @@ impl Target for ConsumerTableTarget {
         if !self.aligned.contains(consumer) {
             self.checkpoint(consumer).await?;
         }
-        let encoded = self.encode(batch);
-        let work = encoded.iter().enumerate().map(|(p, encoded)| {
+        let planned = self.plan(batch);
+        let written_at = crate::copy::pg_micros(OffsetDateTime::now_utc());
+        let work = planned.iter().enumerate().map(|(p, planned)| {
             let write = PartitionWrite {
                 consumer: &consumer.0,
                 table: &self.table_key,
                 partition: p,
-                encoded,
+                planned,
+                written_at,
                 through: batch.through,
                 all_new: &self.all_new[p],
             };
@@ -387,13 +389,13 @@ impl Target for ConsumerTableTarget {
         let results: Vec<Result<PartitionOutcome, Error>> =
             futures_util::future::join_all(work).await;
         let mut first_error = None;
-        for (result, encoded) in results.into_iter().zip(&encoded) {
+        for result in results {
             match result {
                 Ok(outcome) if outcome.applied => {
                     self.sanitized
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .add(&encoded.sanitized);
+                        .add(&outcome.sanitized);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -409,20 +411,19 @@ impl Target for ConsumerTableTarget {
 }
 
 impl ConsumerTableTarget {
-    /// Splits a batch by identity hash and encodes each partition's `COPY` rows: on one thread
-    /// for one partition, on a thread per partition otherwise (encoding JSON is the client's
-    /// main cost, and the partitions' transactions then overlap on the server).
-    fn encode(&self, batch: &Batch) -> Vec<Encoded> {
+    /// Splits a batch by identity hash and plans each partition's rows (the newest version of
+    /// each key, with its row id: a SHA-1 each): on one thread for one partition, on a thread
+    /// per partition otherwise.
+    fn plan<'a>(&self, batch: &'a Batch) -> Vec<Planned<'a>> {
         let n = self.connections.len();
         let mut partitions: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
         for entry in &batch.entries {
             partitions[partition_of(&entry.record.key, n)].push(entry);
         }
-        let written_at = crate::copy::pg_micros(OffsetDateTime::now_utc());
         if n == 1 {
-            return vec![encode_partition(&partitions[0], written_at)];
+            return vec![plan_partition(&partitions[0])];
         }
-        crate::copy::map_in_parallel(&partitions, |entries| encode_partition(entries, written_at))
+        crate::copy::map_in_parallel(&partitions, |entries| plan_partition(entries))
     }
 }
 

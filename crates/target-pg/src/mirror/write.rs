@@ -11,7 +11,8 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::checkpoint::partition_of;
 use crate::copy::{
-    CopyFailure, copy, copy_pieces, copy_pieces_if_all_new, probing_key_index, push_text,
+    CopyFailure, PIECE_ROWS, copy, copy_pieces, copy_pieces_if_all_new, probing_key_index,
+    push_text,
 };
 
 use super::binary::Rows;
@@ -369,11 +370,6 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
         vec![upstream_id.to_owned()]
     }
 }
-
-/// Rows per piece of a COPY: each piece is sent as soon as it is encoded, so the server parses
-/// one while the next is encoded (before, a batch was encoded whole, on two threads, while the
-/// server waited).
-const PIECE_ROWS: usize = 1000;
 
 /// Encodes a piece of entries as COPY text, or takes their rows from `binary` (encoded
 /// before the COPY: see `binary.rs`); records whose NUL characters were replaced (the
