@@ -11,8 +11,11 @@
 //! unique violation aborts the transaction and the partition is retried with every row going
 //! through the merge, so the fast path never costs correctness.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
@@ -227,27 +230,81 @@ async fn copy_rows(
 /// position) and splits them into upserts (with their row ids, computed once: a SHA-1 each)
 /// and the row ids to delete.
 pub(crate) fn plan_partition<'a>(entries: &[&'a StreamEntry]) -> Planned<'a> {
-    let mut newest: HashMap<Uuid, &'a StreamEntry> = HashMap::with_capacity(entries.len());
-    for entry in entries {
-        let id = entry.record.key.row_id();
-        match newest.get(&id) {
-            Some(kept) if (kept.record.version, kept.seq) >= (entry.record.version, entry.seq) => {}
-            _ => {
-                newest.insert(id, entry);
+    let ids: Vec<Uuid> = entries.iter().map(|e| e.record.key.row_id()).collect();
+    // Per row id, the position of the entry kept; `kept` marks those positions.
+    let mut newest: HashMap<Uuid, usize, RowIdHash> =
+        HashMap::with_capacity_and_hasher(entries.len(), RowIdHash::new());
+    let mut kept = vec![false; entries.len()];
+    let newer =
+        |a: &StreamEntry, b: &StreamEntry| (a.record.version, a.seq) > (b.record.version, b.seq);
+    for (at, (id, entry)) in ids.iter().zip(entries).enumerate() {
+        match newest.entry(*id) {
+            Entry::Occupied(mut slot) => {
+                if newer(entry, entries[*slot.get()]) {
+                    kept[*slot.get()] = false;
+                    kept[at] = true;
+                    slot.insert(at);
+                }
+            }
+            Entry::Vacant(slot) => {
+                kept[at] = true;
+                slot.insert(at);
             }
         }
     }
-    let mut upserts = Vec::with_capacity(newest.len());
+    // In stream order (a batch's entries are read in it; sorted here if not), which keeps the
+    // merge's row locks in a stable order across partitions.
+    let mut order: Vec<usize> = (0..entries.len()).filter(|&at| kept[at]).collect();
+    if !order.is_sorted_by_key(|&at| entries[at].seq) {
+        order.sort_by_key(|&at| entries[at].seq);
+    }
+    let mut upserts = Vec::with_capacity(order.len());
     let mut deletes = Vec::new();
-    for (id, entry) in newest {
-        match entry.record.change {
-            Change::Upsert { .. } => upserts.push((id, entry)),
-            Change::Delete => deletes.push(id),
+    for at in order {
+        match entries[at].record.change {
+            Change::Upsert { .. } => upserts.push((ids[at], entries[at])),
+            Change::Delete => deletes.push(ids[at]),
         }
     }
-    // Stream order keeps the merge's row locks in a stable order across partitions.
-    upserts.sort_by_key(|(_, e)| e.seq);
     Planned { upserts, deletes }
+}
+
+/// Hashes row ids with one folded multiply per eight bytes, from a seed drawn per process
+/// (SipHash, the default, was 1% of sluice's CPU in `perf`). Row ids are SHA-1 output, but
+/// whoever chooses upstream ids could search for ids whose low bits collide: the seed keeps
+/// which bits collide unknown.
+#[derive(Clone, Copy)]
+struct RowIdHash(u64);
+
+impl RowIdHash {
+    fn new() -> Self {
+        static SEED: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(0u8));
+        RowIdHash(*SEED)
+    }
+}
+
+impl BuildHasher for RowIdHash {
+    type Hasher = RowIdHasher;
+    fn build_hasher(&self) -> RowIdHasher {
+        RowIdHasher(self.0)
+    }
+}
+
+struct RowIdHasher(u64);
+
+impl Hasher for RowIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            let product = u128::from(self.0 ^ u64::from_le_bytes(word)) * u128::from(K);
+            self.0 = (product as u64) ^ ((product >> 64) as u64);
+        }
+    }
 }
 
 /// Appends `upserts` to `out` as rows of `COPY`'s binary format with all eight columns (see
@@ -337,174 +394,4 @@ fn strip_nul(value: &serde_json::Value) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_core::{Provider, Record, SyncId, Version};
-
-    fn entry(seq: u64, id: &str, version: u64, change: Change) -> StreamEntry {
-        StreamEntry {
-            seq: Seq(seq),
-            record: Record {
-                key: RecordKey::new(SyncId(Uuid::from_u128(7)), "c", id),
-                provider: Provider::Http,
-                version: Version::new(version, 0),
-                upstream_updated_at: time::OffsetDateTime::UNIX_EPOCH,
-                change,
-            },
-            payload_text: None,
-        }
-    }
-
-    #[test]
-    fn duplicate_keys_in_a_batch_keep_the_newest_version() {
-        let up = |v: i64| Change::upsert(serde_json::json!({ "v": v })).unwrap();
-        let a1 = entry(1, "a", 5, up(5));
-        let a0 = entry(2, "a", 3, up(3)); // older version arriving later
-        let b1 = entry(3, "b", 1, up(1));
-        let b2 = entry(4, "b", 2, Change::Delete);
-        let Planned { upserts, deletes } = plan_partition(&[&a1, &a0, &b1, &b2]);
-        assert_eq!(upserts.len(), 1);
-        assert_eq!(upserts[0].1.record.version, Version::new(5, 0));
-        assert_eq!(upserts[0].0, upserts[0].1.record.key.row_id());
-        assert_eq!(deletes, vec![b2.record.key.row_id()]);
-    }
-
-    /// A partition's rows as `copy_rows` sends them, in two pieces: the rows (without the
-    /// format's header and trailer), the keys whose NULs were replaced, and the plan.
-    fn encode_partition<'a>(
-        entries: &[&'a StreamEntry],
-        written_at: i64,
-    ) -> (Vec<u8>, Vec<RecordKey>, Planned<'a>) {
-        let planned = plan_partition(entries);
-        let (mut rows, mut sanitized) = (Vec::new(), Vec::new());
-        let half = planned.upserts.len() / 2;
-        for piece in [&planned.upserts[..half], &planned.upserts[half..]] {
-            encode_rows(piece, written_at, &mut rows, &mut sanitized);
-        }
-        (rows, sanitized, planned)
-    }
-
-    /// The entry as `read_text` hands it over: the stored JSON text, the payload unparsed.
-    fn as_text(entry: &StreamEntry) -> StreamEntry {
-        let mut entry = entry.clone();
-        if let Change::Upsert { payload } = &mut entry.record.change {
-            entry.payload_text = Some(sluice_core::PayloadText::whole(
-                serde_json::to_string(payload).unwrap(),
-            ));
-            *payload = Payload::new();
-        }
-        entry
-    }
-
-    #[test]
-    fn payloads_as_stored_text_encode_exactly_as_parsed_ones_nul_included() {
-        let upsert = |v: serde_json::Value| Change::upsert(v).unwrap();
-        let entries = [
-            entry(
-                1,
-                "a",
-                1,
-                upsert(
-                    serde_json::json!({ "n": 1, "s": "t\tab\n\\", "f": 1.5e300, "o": {"x": [null, true]} }),
-                ),
-            ),
-            entry(
-                2,
-                "b\0",
-                1,
-                upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })),
-            ),
-            entry(
-                3,
-                "c",
-                1,
-                upsert(serde_json::json!({ "s": "fine \\u0000 literal" })),
-            ),
-            entry(4, "d", 1, Change::Delete),
-        ];
-        let parsed: Vec<&StreamEntry> = entries.iter().collect();
-        let texts: Vec<StreamEntry> = entries.iter().map(as_text).collect();
-        let texts: Vec<&StreamEntry> = texts.iter().collect();
-        let (a_rows, a_sanitized, a) = encode_partition(&parsed, 820_454_400_000_000);
-        let (b_rows, b_sanitized, b) = encode_partition(&texts, 820_454_400_000_000);
-        assert_eq!(a_rows, b_rows);
-        let ids = |p: &Planned| p.upserts.iter().map(|(id, _)| *id).collect::<Vec<_>>();
-        assert_eq!(ids(&a), ids(&b));
-        assert_eq!(a.upserts.len(), 3);
-        assert_eq!(a.deletes, b.deletes);
-        assert_eq!(a_sanitized, b_sanitized);
-        assert_eq!(b_sanitized, vec![entries[1].record.key.clone()]);
-    }
-
-    /// The fields of one binary `COPY` row, and what follows it.
-    fn fields(mut row: &[u8]) -> (Vec<&[u8]>, &[u8]) {
-        fn take<'a>(row: &mut &'a [u8], n: usize) -> &'a [u8] {
-            let (head, rest) = row.split_at(n);
-            *row = rest;
-            head
-        }
-        let count = i16::from_be_bytes(take(&mut row, 2).try_into().unwrap());
-        let fields = (0..count)
-            .map(|_| {
-                let len = i32::from_be_bytes(take(&mut row, 4).try_into().unwrap());
-                take(&mut row, len as usize)
-            })
-            .collect();
-        (fields, row)
-    }
-
-    #[test]
-    fn nul_characters_are_replaced_and_reported() {
-        let clean = entry(
-            1,
-            "ok",
-            1,
-            Change::upsert(serde_json::json!({ "s": "fine \\u0000 literal" })).unwrap(),
-        );
-        let dirty = entry(
-            2,
-            "bad\0id",
-            1,
-            Change::upsert(serde_json::json!({ "k\u{0}": ["x\u{0}y"] })).unwrap(),
-        );
-        let (encoded, sanitized, planned) = encode_partition(&[&clean, &dirty], 7);
-        assert_eq!(sanitized, vec![dirty.record.key.clone()]);
-        // One row per upsert, in the plan's order, eight fields each, and nothing after them.
-        let mut rest = encoded.as_slice();
-        let rows: Vec<Vec<&[u8]>> = planned
-            .upserts
-            .iter()
-            .map(|(id, _)| {
-                let (fields, after) = fields(rest);
-                rest = after;
-                assert_eq!(fields.len(), 8);
-                assert_eq!(fields[0], id.as_bytes());
-                fields
-            })
-            .collect();
-        assert!(rest.is_empty());
-        let text = |f: &[u8]| String::from_utf8(f.to_vec()).unwrap();
-        let by_id = |id: &str| rows.iter().find(|r| text(r[3]) == id).unwrap();
-        let dirty_row = by_id("bad\u{FFFD}id");
-        // jsonb: version 1, then the JSON text with the NULs replaced.
-        assert_eq!(dirty_row[4][0], 1);
-        let json = text(&dirty_row[4][1..]);
-        assert!(!json.contains('\0') && !json.contains("\\u0000"), "{json}");
-        assert!(
-            json.contains("k\u{FFFD}") && json.contains("x\u{FFFD}y"),
-            "{json}"
-        );
-        // A literal backslash-u0000 (escaped in JSON) is ordinary text, not a NUL.
-        let clean_json = text(&by_id("ok")[4][1..]);
-        assert!(clean_json.contains(r"fine \\u0000 literal"), "{clean_json}");
-        // The sync id as 16 bytes, the record's time, and the written time in both of its
-        // columns.
-        assert_eq!(dirty_row[1], Uuid::from_u128(7).as_bytes());
-        assert_eq!(
-            dirty_row[5],
-            pg_micros(time::OffsetDateTime::UNIX_EPOCH).to_be_bytes()
-        );
-        assert_eq!(dirty_row[6], 7i64.to_be_bytes());
-        assert_eq!(dirty_row[7], 7i64.to_be_bytes());
-    }
-}
+mod tests;
