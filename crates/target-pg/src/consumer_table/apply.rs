@@ -309,8 +309,8 @@ impl Hasher for RowIdHasher {
 
 /// Appends `upserts` to `out` as rows of `COPY`'s binary format with all eight columns (see
 /// [`crate::copy::binary`]), without the format's header and trailer; `inserted_at` and
-/// `updated_at` are `written_at` (microseconds since 2000, see [`pg_micros`]), the time sluice wrote the
-/// batch by its own clock (a merge keeps an existing row's `inserted_at`).
+/// `updated_at` are `written_at` (microseconds since 2000, see [`pg_micros`]), the time sluice
+/// wrote the batch by its own clock (a merge keeps an existing row's `inserted_at`).
 ///
 /// **NUL policy.** PostgreSQL cannot store U+0000 in `text` or `jsonb` (`\u0000` in a JSON
 /// string is rejected). Rather than fail the batch or drop the record, sluice replaces each
