@@ -131,15 +131,80 @@ pub(crate) async fn copy_pieces<P, E>(
     copy.finish().await.map_err(CopyFailure::Server)
 }
 
-/// [`copy_pieces`] on the assumption that none of the rows' keys exists yet (the common case
-/// while a table fills): inside a savepoint, so a key that does exist undoes only this COPY.
-/// `Ok(None)` then, and nothing was written. Must run inside a transaction.
-pub(crate) async fn copy_pieces_if_all_new<P, E>(
+/// Rows copied piece by piece (see [`copy_pieces`]) in `COPY`'s binary format for as long as
+/// `encode(piece, true, out)` can write each piece in it, then as text. `encode` returns
+/// `Ok(false)`, having written nothing, for a piece that must go as text: the binary `COPY`
+/// then ends, and a second one (`text_statement`) takes that piece and the rest, each encoded
+/// with `encode(piece, false, out)`. With no `binary_statement`, all go as text. The rows land
+/// the same either way; those sent in binary spare the server parsing their values.
+pub(crate) async fn copy_pieces_binary_first<P: Copy, E>(
     conn: &mut PgConnection,
-    statement: &str,
-    binary: bool,
+    binary_statement: Option<&str>,
+    text_statement: &str,
     pieces: impl IntoIterator<Item = P>,
-    encode: impl FnMut(P, &mut Vec<u8>) -> Result<(), E>,
+    mut encode: impl FnMut(P, bool, &mut Vec<u8>) -> Result<bool, E>,
+) -> Result<u64, CopyFailure<E>> {
+    let mut pieces = pieces.into_iter();
+    let mut copied = 0;
+    let mut as_text = None;
+    if let Some(statement) = binary_statement {
+        let Some(first) = pieces.next() else {
+            return Ok(0);
+        };
+        let mut out = Vec::new();
+        if encode(first, true, &mut out).map_err(CopyFailure::Encoding)? {
+            let mut copy = conn
+                .copy_in_raw(statement)
+                .await
+                .map_err(CopyFailure::Server)?;
+            for part in [binary::HEADER, out.as_slice()] {
+                copy.send(part).await.map_err(CopyFailure::Server)?;
+            }
+            for piece in pieces.by_ref() {
+                out.clear();
+                match encode(piece, true, &mut out) {
+                    Ok(true) => {
+                        copy.send(out.as_slice())
+                            .await
+                            .map_err(CopyFailure::Server)?;
+                    }
+                    Ok(false) => {
+                        as_text = Some(piece);
+                        break;
+                    }
+                    Err(e) => {
+                        // The server answers an abort with an error, the expected outcome.
+                        let _ = copy.abort("sluice: a row could not be encoded").await;
+                        return Err(CopyFailure::Encoding(e));
+                    }
+                }
+            }
+            copy.send(binary::TRAILER)
+                .await
+                .map_err(CopyFailure::Server)?;
+            copied += copy.finish().await.map_err(CopyFailure::Server)?;
+            if as_text.is_none() {
+                return Ok(copied);
+            }
+        } else {
+            as_text = Some(first);
+        }
+    }
+    let rest: Vec<P> = as_text.into_iter().chain(pieces).collect();
+    let text = move |piece: P, out: &mut Vec<u8>| encode(piece, false, out).map(|_| ());
+    copied += copy_pieces(conn, text_statement, false, rest, text).await?;
+    Ok(copied)
+}
+
+/// [`copy_pieces_binary_first`] on the assumption that none of the rows' keys exists yet (the
+/// common case while a table fills): inside a savepoint, so a key that does exist undoes only
+/// these rows. `Ok(None)` then, and nothing was written. Must run inside a transaction.
+pub(crate) async fn copy_pieces_if_all_new<P: Copy, E>(
+    conn: &mut PgConnection,
+    binary_statement: Option<&str>,
+    text_statement: &str,
+    pieces: impl IntoIterator<Item = P>,
+    encode: impl FnMut(P, bool, &mut Vec<u8>) -> Result<bool, E>,
 ) -> Result<Option<u64>, CopyFailure<E>> {
     let run = async |sql: &'static str, conn: &mut PgConnection| {
         sqlx::raw_sql(sql)
@@ -148,7 +213,9 @@ pub(crate) async fn copy_pieces_if_all_new<P, E>(
             .map_err(CopyFailure::Server)
     };
     run("savepoint sluice_fresh", conn).await?;
-    match copy_pieces(conn, statement, binary, pieces, encode).await {
+    let copied =
+        copy_pieces_binary_first(conn, binary_statement, text_statement, pieces, encode).await;
+    match copied {
         Ok(n) => {
             run("release savepoint sluice_fresh", conn).await?;
             Ok(Some(n))

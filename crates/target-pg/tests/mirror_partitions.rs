@@ -515,8 +515,8 @@ async fn rows_in_binary_land_as_rows_in_text() {
             .map(|(i, p)| {
                 let seq = first + i as u64;
                 let mut p = p.clone();
-                p["id"] = json!(seq % 1000);
-                let mut e = entry(seq, collection, &(seq % 1000).to_string(), Change::Delete);
+                p["id"] = json!(seq % 10_000);
+                let mut e = entry(seq, collection, &(seq % 10_000).to_string(), Change::Delete);
                 e.record.change = Change::upsert(json!({})).unwrap();
                 e.payload_text = Some(PayloadText::whole(p.to_string()));
                 e
@@ -534,12 +534,19 @@ async fn rows_in_binary_land_as_rows_in_text() {
         json!({"m": "NaN", "p": 1e3}),
         json!({"m": 1.7976931348623157e308, "o": 5e-324}),
     ];
+    // 2,500 rows, three pieces in stream order, a time in words in the third: the first two
+    // go binary, the third as text in a second COPY.
+    let many: Vec<_> = (0..2500)
+        .map(
+            |i| json!({"n": i, "t": if i == 2100 { "May 2 2024" } else { "2024-05-01T10:00:00Z" }}),
+        )
+        .collect();
     // One consumer's checkpoint: the second table's batches come later in the stream.
-    for (collection, from) in [("public.bin_values", 1), ("public.txt_values", 1001)] {
-        let first = batch(collection, from, &payloads);
-        target.apply(&consumer(), &first).await.unwrap();
-        let second = batch(collection, from + 100, &text_only);
-        target.apply(&consumer(), &second).await.unwrap();
+    for (collection, from) in [("public.bin_values", 1), ("public.txt_values", 10_001)] {
+        for (at, payloads) in [(0, &payloads[..]), (100, &text_only), (1000, &many)] {
+            let batch = batch(collection, from + at, payloads);
+            target.apply(&consumer(), &batch).await.unwrap();
+        }
     }
     let mut conn = connect_admin(&PG, &m.db).await;
     let rows = |table: &str| {
@@ -569,7 +576,10 @@ async fn rows_in_binary_land_as_rows_in_text() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(count, payloads.len() as i64 + text_only.len() as i64);
+    assert_eq!(
+        count,
+        (payloads.len() + text_only.len() + many.len()) as i64
+    );
     // The record with NULs had them replaced on both paths, and counted.
     assert_eq!(nul_replacements(&target).await, 2);
 }

@@ -14,8 +14,6 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::hash::{BuildHasher, Hasher, RandomState};
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_core::{Change, Payload, RecordKey, Seq, StreamEntry};
@@ -232,8 +230,9 @@ async fn copy_rows(
 pub(crate) fn plan_partition<'a>(entries: &[&'a StreamEntry]) -> Planned<'a> {
     let ids: Vec<Uuid> = entries.iter().map(|e| e.record.key.row_id()).collect();
     // Per row id, the position of the entry kept; `kept` marks those positions.
-    let mut newest: HashMap<Uuid, usize, RowIdHash> =
-        HashMap::with_capacity_and_hasher(entries.len(), RowIdHash::new());
+    // foldhash, seeded per process: SipHash, the default, was 1% of sluice's CPU in `perf`.
+    let mut newest: HashMap<Uuid, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(entries.len(), Default::default());
     let mut kept = vec![false; entries.len()];
     let newer =
         |a: &StreamEntry, b: &StreamEntry| (a.record.version, a.seq) > (b.record.version, b.seq);
@@ -267,44 +266,6 @@ pub(crate) fn plan_partition<'a>(entries: &[&'a StreamEntry]) -> Planned<'a> {
         }
     }
     Planned { upserts, deletes }
-}
-
-/// Hashes row ids with one folded multiply per eight bytes, from a seed drawn per process
-/// (SipHash, the default, was 1% of sluice's CPU in `perf`). Row ids are SHA-1 output, but
-/// whoever chooses upstream ids could search for ids whose low bits collide: the seed keeps
-/// which bits collide unknown.
-#[derive(Clone, Copy)]
-struct RowIdHash(u64);
-
-impl RowIdHash {
-    fn new() -> Self {
-        static SEED: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(0u8));
-        RowIdHash(*SEED)
-    }
-}
-
-impl BuildHasher for RowIdHash {
-    type Hasher = RowIdHasher;
-    fn build_hasher(&self) -> RowIdHasher {
-        RowIdHasher(self.0)
-    }
-}
-
-struct RowIdHasher(u64);
-
-impl Hasher for RowIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x9E37_79B9_7F4A_7C15;
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            let product = u128::from(self.0 ^ u64::from_le_bytes(word)) * u128::from(K);
-            self.0 = (product as u64) ^ ((product >> 64) as u64);
-        }
-    }
 }
 
 /// Appends `upserts` to `out` as rows of `COPY`'s binary format with all eight columns (see

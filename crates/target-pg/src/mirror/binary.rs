@@ -8,16 +8,17 @@
 //! `boolean`, `timestamp with time zone` and `jsonb`. A value is written in binary only in the
 //! forms whose meaning is beyond doubt (an integer's digits in range, a plain decimal for a
 //! `numeric`, `true`/`false`, a time as
-//! `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])` or as Unix seconds); any other value sends
-//! the whole batch for that table as text instead, where the server reads it (or refuses it)
-//! as it always has. A table with a column of any other type is always written as text.
+//! `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])` or as Unix seconds). Rows are encoded a
+//! piece at a time as they are copied (`copy_pieces_binary_first`): from the first piece
+//! holding any other value, the binary `COPY` ends and that piece and the rest of the batch
+//! go as text in a second one, where the server reads each value (or refuses it) as it always
+//! has. A table with a column of any other type is always written as text.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::ops::Range;
 
 use serde_json::value::RawValue;
-use sluice_core::{Change, Error, StreamEntry};
+use sluice_core::{Change, Error, RecordKey, StreamEntry};
 
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
@@ -52,83 +53,74 @@ fn column(sql_type: &str) -> Option<Column> {
     })
 }
 
-/// Binary rows of one table's upserts, each found by its entry.
-pub(super) struct Rows<'e> {
-    data: Vec<u8>,
-    /// Each entry's row in `data` (by the entry's address: the entries are borrowed for
-    /// the whole write), and whether a NUL had to be replaced in it.
-    at: HashMap<usize, (Range<usize>, bool), foldhash::fast::FixedState>,
-    entries: std::marker::PhantomData<&'e StreamEntry>,
+/// A table's rows in binary, written piece by piece as they are copied: `None` from
+/// [`Binary::new`] when the table always goes as text (a column of another type, or the JSON
+/// form).
+pub(super) struct Binary<'d> {
+    plan: Vec<Column>,
+    def: &'d TableDef,
+    columns: Columns<'d>,
 }
 
-impl<'e> Rows<'e> {
-    /// The rows of `entries` (upserts with their payloads' stored text) in binary, or `None`
-    /// when the table or one of the values must go as text. A payload that is not a JSON
-    /// object is an error, as on the text path.
-    pub(super) fn encode(
-        def: &TableDef,
-        entries: &[&'e StreamEntry],
-    ) -> Result<Option<Self>, Error> {
-        if def.json || entries.is_empty() {
-            return Ok(None);
+impl<'d> Binary<'d> {
+    pub(super) fn new(def: &'d TableDef) -> Option<Self> {
+        if def.json {
+            return None;
         }
-        let Some(plan) = def
+        let plan = def
             .columns
             .iter()
             .map(|c| column(&c.sql_type))
-            .collect::<Option<Vec<Column>>>()
-        else {
-            return Ok(None);
+            .collect::<Option<Vec<Column>>>()?;
+        Some(Binary {
+            plan,
+            def,
+            columns: Columns::new(def),
+        })
+    }
+
+    /// Appends the rows of `entries` (upserts with their payloads' stored text) to `out`, and
+    /// the keys of those whose NULs were replaced to `sanitized`: `Ok(true)`. `Ok(false)` when
+    /// one of the values must go as text, with `out` and `sanitized` as they were. A payload
+    /// that is not a JSON object is an error, as on the text path.
+    pub(super) fn encode(
+        &self,
+        entries: &[&StreamEntry],
+        out: &mut Vec<u8>,
+        sanitized: &mut Vec<RecordKey>,
+    ) -> Result<bool, Error> {
+        let (start, noted) = (out.len(), sanitized.len());
+        let undo = |out: &mut Vec<u8>, sanitized: &mut Vec<RecordKey>| {
+            out.truncate(start);
+            sanitized.truncate(noted);
+            Ok(false)
         };
-        let columns = Columns::new(def);
         let mut slots = Vec::new();
-        let mut rows = Rows {
-            data: Vec::with_capacity(entries.len() * 320),
-            at: HashMap::with_capacity_and_hasher(entries.len(), Default::default()),
-            entries: std::marker::PhantomData,
-        };
         for entry in entries {
             let (Change::Upsert { .. }, Some(text)) = (&entry.record.change, &entry.payload_text)
             else {
-                return Ok(None);
+                return undo(out, sanitized);
             };
-            fields::fill(&columns, text.as_str(), &mut slots).map_err(|e| {
+            fields::fill(&self.columns, text.as_str(), &mut slots).map_err(|e| {
                 Error::invalid(format!(
                     "record {}/{}: its stored payload is not a JSON object ({e})",
                     entry.record.key.collection_id, entry.record.key.upstream_id
                 ))
             })?;
-            let start = rows.data.len();
-            binary::tuple(&mut rows.data, plan.len() as i16);
+            binary::tuple(out, self.plan.len() as i16);
             let mut replaced = false;
-            for ((&column, def), value) in plan.iter().zip(&def.columns).zip(slots.iter()) {
-                match push(&mut rows.data, column, def.kind, *value) {
+            for ((&column, def), value) in self.plan.iter().zip(&self.def.columns).zip(&slots) {
+                match push(out, column, def.kind, *value) {
                     Some(r) => replaced |= r,
-                    None => return Ok(None),
+                    None => return undo(out, sanitized),
                 }
             }
-            rows.at
-                .insert(address(entry), (start..rows.data.len(), replaced));
+            if replaced {
+                sanitized.push(entry.record.key.clone());
+            }
         }
-        Ok(Some(rows))
+        Ok(true)
     }
-
-    /// Appends `entry`'s row; returns whether a NUL was replaced in it. An entry that was not
-    /// encoded is an error (the COPY is aborted), never a row left out.
-    pub(super) fn push(&self, out: &mut Vec<u8>, entry: &StreamEntry) -> Result<bool, Error> {
-        let (range, replaced) = self.at.get(&address(entry)).ok_or_else(|| {
-            Error::invalid(format!(
-                "record {}/{}: its row was not encoded (a fault in sluice)",
-                entry.record.key.collection_id, entry.record.key.upstream_id
-            ))
-        })?;
-        out.extend_from_slice(&self.data[range.clone()]);
-        Ok(*replaced)
-    }
-}
-
-fn address(entry: &StreamEntry) -> usize {
-    std::ptr::from_ref(entry) as usize
 }
 
 /// One field: `Some(whether a NUL was replaced)`, or `None` when this value must go as text.
@@ -326,8 +318,9 @@ fn iso_micros(text: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
-    /// A table of binary types goes binary; a value only the server reads, or a column of
-    /// another type, sends it as text; an entry that was not encoded is an error.
+    /// A table of binary types goes binary; a piece with a value only the server reads goes
+    /// as text, with nothing written; a table with a column of another type always does; a
+    /// payload that is not an object is an error.
     #[test]
     fn rows_are_binary_only_when_every_value_is() {
         use super::super::shape::ColumnDef;
@@ -360,21 +353,41 @@ mod tests {
             },
             payload_text: Some(PayloadText::whole(text.into())),
         };
-        let typed = def(&[("id", "bigint"), ("at", "timestamp with time zone")]);
+        let typed = def(&[
+            ("id", "bigint"),
+            ("s", "text"),
+            ("at", "timestamp with time zone"),
+        ]);
         let (a, b) = (
-            entry("1", r#"{"id":1,"at":"2024-05-01T10:00:00Z"}"#),
-            entry("2", r#"{"id":2,"at":null}"#),
+            entry("1", r#"{"id":1,"s":"x","at":"2024-05-01T10:00:00Z"}"#),
+            entry("2", r#"{"id":2,"s":"a\u0000b","at":null}"#),
         );
-        let rows = Rows::encode(&typed, &[&a]).unwrap().expect("binary");
-        let mut out = Vec::new();
-        assert!(!rows.push(&mut out, &a).unwrap(), "no NUL replaced");
-        assert!(rows.push(&mut out, &b).is_err(), "an entry not encoded");
-        let words = entry("3", r#"{"id":3,"at":"May 1 2024"}"#);
-        assert!(Rows::encode(&typed, &[&a, &words]).unwrap().is_none());
-        let other = def(&[("id", "bigint"), ("on", "date")]);
-        assert!(Rows::encode(&other, &[&b]).unwrap().is_none());
+        let binary = Binary::new(&typed).expect("binary types");
+        let (mut out, mut sanitized) = (Vec::new(), Vec::new());
+        assert!(binary.encode(&[&a, &b], &mut out, &mut sanitized).unwrap());
+        assert!(!out.is_empty());
+        assert_eq!(
+            sanitized,
+            vec![b.record.key.clone()],
+            "the NUL replaced in b"
+        );
+        // A piece with a value only the server reads writes nothing, and notes no NUL.
+        let words = entry("3", r#"{"id":3,"s":"y","at":"May 1 2024"}"#);
+        let before = out.clone();
+        assert!(
+            !binary
+                .encode(&[&b, &words], &mut out, &mut sanitized)
+                .unwrap()
+        );
+        assert_eq!(out, before);
+        assert_eq!(sanitized.len(), 1);
+        assert!(Binary::new(&def(&[("id", "bigint"), ("on", "date")])).is_none());
         let corrupt = entry("4", "[]");
-        assert!(Rows::encode(&typed, &[&corrupt]).is_err());
+        assert!(
+            binary
+                .encode(&[&corrupt], &mut out, &mut sanitized)
+                .is_err()
+        );
     }
 
     #[test]

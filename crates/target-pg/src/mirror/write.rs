@@ -11,11 +11,11 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::checkpoint::partition_of;
 use crate::copy::{
-    CopyFailure, PIECE_ROWS, copy, copy_pieces, copy_pieces_if_all_new, probing_key_index,
-    push_text,
+    CopyFailure, PIECE_ROWS, copy, copy_pieces_binary_first, copy_pieces_if_all_new,
+    probing_key_index, push_text,
 };
 
-use super::binary::Rows;
+use super::binary::Binary;
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
 use super::{SchemaMirrorTarget, db};
@@ -60,8 +60,13 @@ impl SchemaMirrorTarget {
                     }
                 }
             }
+            // In stream order: rows land in the table in the order they were written upstream
+            // (a backfill's in key order, so the key's index grows at its end), and a batch is
+            // copied the same way every time.
+            let mut kept: Vec<&StreamEntry> = newest.into_values().collect();
+            kept.sort_unstable_by_key(|e| e.seq);
             let mut split: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
-            for e in newest.into_values() {
+            for e in kept {
                 split[partition_of(&e.record.key, n)].push(e);
             }
             for (share, entries) in shares.iter_mut().zip(split) {
@@ -149,14 +154,16 @@ impl SchemaMirrorTarget {
             CopyFailure::Server(e) => fail("copying into", e),
             CopyFailure::Encoding(e) => e,
         };
-        // Binary rows when the table's types and every value allow (see `binary.rs`).
-        let binary = Rows::encode(def, &upserts)?;
-        let format = if binary.is_some() {
-            " with (format binary)"
-        } else {
-            ""
+        // Binary rows while the table's types and the values allow, then text (see
+        // `binary.rs`).
+        let binary = Binary::new(def);
+        let in_binary = |copy: &str| {
+            binary
+                .as_ref()
+                .map(|_| format!("{copy} with (format binary)"))
         };
-        let copy_in = format!("copy {table} ({}) from stdin{format}", columns.join(", "));
+        let copy_in = format!("copy {table} ({}) from stdin", columns.join(", "));
+        let copy_in_binary = in_binary(&copy_in);
         let mut upserts = upserts;
         // Optimistic first (the common case during a backfill): copy every upsert straight in,
         // inside a savepoint. A key that already exists aborts that COPY; the table is then
@@ -172,8 +179,8 @@ impl SchemaMirrorTarget {
             let mut replaced = Vec::new();
             let copied = copy_pieces_if_all_new(
                 conn,
+                copy_in_binary.as_deref(),
                 &copy_in,
-                binary.is_some(),
                 upserts.chunks(PIECE_ROWS),
                 encoder(def, binary.as_ref(), &mut replaced),
             )
@@ -227,10 +234,10 @@ impl SchemaMirrorTarget {
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
         }
         if !fresh.is_empty() {
-            copy_pieces(
+            copy_pieces_binary_first(
                 conn,
+                copy_in_binary.as_deref(),
                 &copy_in,
-                binary.is_some(),
                 fresh.chunks(PIECE_ROWS),
                 encoder(def, binary.as_ref(), sanitized),
             )
@@ -263,13 +270,14 @@ impl SchemaMirrorTarget {
         .map_err(|e| fail("staging", e))?;
         // A staging table per target table in one transaction: dropped before the next table.
         if !upserts.is_empty() {
-            copy_pieces(
+            let copy_stage = format!(
+                "copy _sluice_mirror_stage ({}) from stdin",
+                columns.join(", ")
+            );
+            copy_pieces_binary_first(
                 conn,
-                &format!(
-                    "copy _sluice_mirror_stage ({}) from stdin{format}",
-                    columns.join(", ")
-                ),
-                binary.is_some(),
+                in_binary(&copy_stage).as_deref(),
+                &copy_stage,
                 upserts.chunks(PIECE_ROWS),
                 encoder(def, binary.as_ref(), sanitized),
             )
@@ -371,28 +379,31 @@ fn key_parts(def: &TableDef, upstream_id: &str) -> Vec<String> {
     }
 }
 
-/// Encodes a piece of entries as COPY text, or takes their rows from `binary` (encoded
-/// before the COPY: see `binary.rs`); records whose NUL characters were replaced (the
-/// target's NUL policy) are pushed onto `sanitized`.
+/// Encodes a piece of entries for [`copy_pieces_binary_first`]: in binary with `binary`
+/// (`Ok(false)`, having written nothing, when one of the values must go as text), else as
+/// COPY text; records whose NUL characters were replaced (the target's NUL policy) are pushed
+/// onto `sanitized`.
 fn encoder<'a>(
     def: &'a TableDef,
-    binary: Option<&'a Rows<'a>>,
+    binary: Option<&'a Binary<'a>>,
     sanitized: &'a mut Vec<RecordKey>,
-) -> impl FnMut(&'a [&'a StreamEntry], &mut Vec<u8>) -> Result<(), Error> + 'a {
+) -> impl FnMut(&'a [&'a StreamEntry], bool, &mut Vec<u8>) -> Result<bool, Error> + 'a {
     let columns = Columns::new(def);
     let mut slots = Vec::new();
-    move |piece, out| {
+    move |piece, in_binary, out| {
         out.reserve(piece.len() * 512);
-        for e in piece {
-            let replaced = match binary {
-                Some(rows) => rows.push(out, e)?,
-                None => encode_row(out, def, &columns, e, &mut slots)?,
+        if in_binary {
+            return match binary {
+                Some(binary) => binary.encode(piece, out, sanitized),
+                None => Ok(false),
             };
-            if replaced {
+        }
+        for e in piece {
+            if encode_row(out, def, &columns, e, &mut slots)? {
                 sanitized.push(e.record.key.clone());
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
