@@ -22,7 +22,7 @@ use sluice_core::{Change, Error, RecordKey, StreamEntry};
 
 use super::fields::{self, Columns};
 use super::shape::{Kind, TableDef};
-use super::write::{unix_time, without_nul};
+use super::text::{unix_time, without_nul};
 use crate::copy::{binary, pg_micros};
 
 /// How one column is written.

@@ -3,7 +3,7 @@
 //! number, object and array, is used as a slice of the text).
 //!
 //! The stream stores every payload as `serde_json` writes it, so a field's text here is exactly
-//! what the parsed value would print: the output is the same as [`super::write`]'s path from a
+//! what the parsed value would print: the output is the same as [`super::text`]'s path from a
 //! parsed payload (a unit test holds the two equal).
 
 use std::borrow::Cow;
@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use crate::copy::push_text;
 
 use super::shape::{ColumnDef, Kind, TableDef};
-use super::write::{array_literal, unix_seconds, without_nul};
+use super::text::{array_literal, unix_seconds, without_nul};
 
 /// Each column's index by name, for one table.
 pub(super) struct Columns<'d> {
@@ -163,7 +163,7 @@ pub(super) fn string(text: &str) -> Result<Cow<'_, str>, serde_json::Error> {
     }
 }
 
-/// One field as PostgreSQL input text for a column of `kind`, as `write::encode_row` writes
+/// One field as PostgreSQL input text for a column of `kind`, as `text::encode_row` writes
 /// the parsed value.
 fn push_field(
     out: &mut Vec<u8>,
@@ -222,7 +222,7 @@ mod tests {
     };
 
     use super::super::shape::ColumnDef;
-    use super::super::write::tests::encode_parsed_for_test;
+    use super::super::text::tests::encode_parsed_for_test;
     use super::*;
 
     fn table() -> TableDef {

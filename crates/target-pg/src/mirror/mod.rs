@@ -35,6 +35,7 @@ mod binary;
 mod ddl;
 mod fields;
 mod shape;
+mod text;
 mod write;
 
 use shape::TableDef;
