@@ -31,6 +31,7 @@ mod checkpoint;
 mod consumer_table;
 mod copy;
 mod mirror;
+mod newest;
 
 pub use checkpoint::CHECKPOINT_TABLE;
 pub use consumer_table::{

@@ -11,8 +11,7 @@
 //! unique violation aborts the transaction and the partition is retried with every row going
 //! through the merge, so the fast path never costs correctness.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,6 +25,7 @@ use super::ConsumerTable;
 use super::statements::Statements;
 use crate::checkpoint::CHECKPOINT_TABLE;
 use crate::copy::{CopyFailure, PIECE_ROWS, binary, copy_pieces, pg_micros};
+use crate::newest::newest;
 
 /// The key a consumer table's checkpoints are stored under (its quoted name), so one
 /// consumer may be pointed at another table and start over there.
@@ -229,34 +229,13 @@ async fn copy_rows(
 /// and the row ids to delete.
 pub(crate) fn plan_partition<'a>(entries: &[&'a StreamEntry]) -> Planned<'a> {
     let ids: Vec<Uuid> = entries.iter().map(|e| e.record.key.row_id()).collect();
-    // Per row id, the position of the entry kept; `kept` marks those positions.
-    // foldhash, seeded per process: SipHash, the default, was 1% of sluice's CPU in `perf`.
-    let mut newest: HashMap<Uuid, usize, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(entries.len(), Default::default());
-    let mut kept = vec![false; entries.len()];
-    let newer =
-        |a: &StreamEntry, b: &StreamEntry| (a.record.version, a.seq) > (b.record.version, b.seq);
-    for (at, (id, entry)) in ids.iter().zip(entries).enumerate() {
-        match newest.entry(*id) {
-            Entry::Occupied(mut slot) => {
-                if newer(entry, entries[*slot.get()]) {
-                    kept[*slot.get()] = false;
-                    kept[at] = true;
-                    slot.insert(at);
-                }
-            }
-            Entry::Vacant(slot) => {
-                kept[at] = true;
-                slot.insert(at);
-            }
-        }
-    }
-    // In stream order (a batch's entries are read in it; sorted here if not), which keeps the
-    // merge's row locks in a stable order across partitions.
-    let mut order: Vec<usize> = (0..entries.len()).filter(|&at| kept[at]).collect();
-    if !order.is_sorted_by_key(|&at| entries[at].seq) {
-        order.sort_by_key(|&at| entries[at].seq);
-    }
+    // In stream order, which also keeps the merge's row locks in a stable order across
+    // partitions.
+    let order = newest(
+        entries,
+        |at| ids[at],
+        |a, b| (a.record.version, a.seq) > (b.record.version, b.seq),
+    );
     let mut upserts = Vec::with_capacity(order.len());
     let mut deletes = Vec::new();
     for at in order {

@@ -1,7 +1,7 @@
 //! Writing a batch: rows copied in (in binary while they can be, `binary.rs`, else as text,
 //! `text.rs`) or merged, deletes, the checkpoint, a partition of the records per connection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use sluice_core::sql::{qualified, quote_ident as q};
 use sluice_core::{Batch, ConsumerId, Error, RecordKey, Seq, StreamEntry, SyncId};
@@ -12,6 +12,7 @@ use crate::copy::{
     CopyFailure, PIECE_ROWS, copy, copy_pieces_binary_first, copy_pieces_if_all_new,
     probing_key_index, push_text,
 };
+use crate::newest::newest;
 
 use super::binary::Binary;
 use super::shape::TableDef;
@@ -26,13 +27,11 @@ impl SchemaMirrorTarget {
     /// connection), then writes each partition's share on its own connection, all at once.
     pub(super) async fn write(&self, consumer: &ConsumerId, batch: &Batch) -> Result<(), Error> {
         // Group by (sync, collection); the newest version per key wins.
-        let mut groups: BTreeMap<(SyncId, String), Vec<&StreamEntry>> = BTreeMap::new();
+        let mut groups: BTreeMap<(SyncId, &str), Vec<&StreamEntry>> = BTreeMap::new();
         for entry in &batch.entries {
+            let key = &entry.record.key;
             groups
-                .entry((
-                    entry.record.key.sync_id,
-                    entry.record.key.collection_id.0.clone(),
-                ))
+                .entry((key.sync_id, key.collection_id.0.as_str()))
                 .or_default()
                 .push(entry);
         }
@@ -48,23 +47,16 @@ impl SchemaMirrorTarget {
         let n = self.connections.len();
         let mut shares: Vec<Share<'_>> = vec![Vec::new(); n];
         for (def, entries) in defs.iter().zip(groups.values()) {
-            let mut newest: HashMap<&str, &StreamEntry> = HashMap::new();
-            for e in entries {
-                let id = e.record.key.upstream_id.0.as_str();
-                match newest.get(id) {
-                    Some(old) if old.record.version >= e.record.version => {}
-                    _ => {
-                        newest.insert(id, e);
-                    }
-                }
-            }
             // In stream order: rows land in the table in the order they were written upstream
             // (a backfill's in key order, so the key's index grows at its end), and a batch is
-            // copied the same way every time.
-            let mut kept: Vec<&StreamEntry> = newest.into_values().collect();
-            kept.sort_unstable_by_key(|e| e.seq);
+            // copied the same way every time. Of one key's versions, the first of the highest.
+            let kept = newest(
+                entries,
+                |at| entries[at].record.key.upstream_id.0.as_str(),
+                |a, b| a.record.version > b.record.version,
+            );
             let mut split: Vec<Vec<&StreamEntry>> = vec![Vec::new(); n];
-            for e in kept {
+            for e in kept.into_iter().map(|at| entries[at]) {
                 split[partition_of(&e.record.key, n)].push(e);
             }
             for (share, entries) in shares.iter_mut().zip(split) {
