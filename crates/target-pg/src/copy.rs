@@ -95,40 +95,17 @@ pub(crate) const PIECE_ROWS: usize = 1000;
 /// `binary`) into `out`, and each piece is sent as soon as it is encoded, so
 /// the server parses one piece while the next is encoded. A piece that cannot be encoded
 /// aborts the COPY.
-pub(crate) async fn copy_pieces<P, E>(
+pub(crate) async fn copy_pieces<P: Copy, E>(
     conn: &mut PgConnection,
     statement: &str,
     binary: bool,
     pieces: impl IntoIterator<Item = P>,
     mut encode: impl FnMut(P, &mut Vec<u8>) -> Result<(), E>,
 ) -> Result<u64, CopyFailure<E>> {
-    let mut copy = conn
-        .copy_in_raw(statement)
-        .await
-        .map_err(CopyFailure::Server)?;
-    if binary {
-        copy.send(binary::HEADER)
-            .await
-            .map_err(CopyFailure::Server)?;
-    }
-    let mut text = Vec::new();
-    for piece in pieces {
-        text.clear();
-        if let Err(e) = encode(piece, &mut text) {
-            // The server answers an abort with an error, which is the expected outcome.
-            let _ = copy.abort("sluice: a row could not be encoded").await;
-            return Err(CopyFailure::Encoding(e));
-        }
-        copy.send(text.as_slice())
-            .await
-            .map_err(CopyFailure::Server)?;
-    }
-    if binary {
-        copy.send(binary::TRAILER)
-            .await
-            .map_err(CopyFailure::Server)?;
-    }
-    copy.finish().await.map_err(CopyFailure::Server)
+    let mut pieces = pieces.into_iter();
+    let take_all = |piece, out: &mut Vec<u8>| encode(piece, out).map(|()| true);
+    let (copied, _) = copy_until(conn, statement, binary, &mut pieces, take_all).await?;
+    Ok(copied)
 }
 
 /// Rows copied piece by piece (see [`copy_pieces`]) in `COPY`'s binary format for as long as
@@ -145,55 +122,78 @@ pub(crate) async fn copy_pieces_binary_first<P: Copy, E>(
     mut encode: impl FnMut(P, bool, &mut Vec<u8>) -> Result<bool, E>,
 ) -> Result<u64, CopyFailure<E>> {
     let mut pieces = pieces.into_iter();
-    let mut copied = 0;
-    let mut as_text = None;
+    let (mut copied, mut declined) = (0, None);
     if let Some(statement) = binary_statement {
-        let Some(first) = pieces.next() else {
-            return Ok(0);
-        };
-        let mut out = Vec::new();
-        if encode(first, true, &mut out).map_err(CopyFailure::Encoding)? {
-            let mut copy = conn
-                .copy_in_raw(statement)
-                .await
-                .map_err(CopyFailure::Server)?;
-            for part in [binary::HEADER, out.as_slice()] {
-                copy.send(part).await.map_err(CopyFailure::Server)?;
-            }
-            for piece in pieces.by_ref() {
-                out.clear();
-                match encode(piece, true, &mut out) {
-                    Ok(true) => {
-                        copy.send(out.as_slice())
-                            .await
-                            .map_err(CopyFailure::Server)?;
-                    }
-                    Ok(false) => {
-                        as_text = Some(piece);
-                        break;
-                    }
-                    Err(e) => {
-                        // The server answers an abort with an error, the expected outcome.
-                        let _ = copy.abort("sluice: a row could not be encoded").await;
-                        return Err(CopyFailure::Encoding(e));
-                    }
-                }
-            }
-            copy.send(binary::TRAILER)
-                .await
-                .map_err(CopyFailure::Server)?;
-            copied += copy.finish().await.map_err(CopyFailure::Server)?;
-            if as_text.is_none() {
-                return Ok(copied);
-            }
-        } else {
-            as_text = Some(first);
+        let in_binary = |piece, out: &mut Vec<u8>| encode(piece, true, out);
+        (copied, declined) = copy_until(conn, statement, true, &mut pieces, in_binary).await?;
+        if declined.is_none() {
+            return Ok(copied);
         }
     }
-    let rest: Vec<P> = as_text.into_iter().chain(pieces).collect();
-    let text = move |piece: P, out: &mut Vec<u8>| encode(piece, false, out).map(|_| ());
-    copied += copy_pieces(conn, text_statement, false, rest, text).await?;
-    Ok(copied)
+    let mut rest = declined.into_iter().chain(pieces);
+    let as_text = |piece, out: &mut Vec<u8>| encode(piece, false, out).map(|_| true);
+    let (in_text, _) = copy_until(conn, text_statement, false, &mut rest, as_text).await?;
+    Ok(copied + in_text)
+}
+
+/// The one loop of [`copy_pieces`] and [`copy_pieces_binary_first`]: each piece of `pieces`
+/// encoded and sent in turn, until `encode` declines one (`Ok(false)`, having written
+/// nothing). The `COPY` then ends before that piece, which is returned beside the rows copied;
+/// the pieces after it stay in `pieces`. No `COPY` starts when there are no pieces or the first
+/// is declined. A piece that cannot be encoded aborts the `COPY`.
+async fn copy_until<P: Copy, E>(
+    conn: &mut PgConnection,
+    statement: &str,
+    binary: bool,
+    pieces: &mut impl Iterator<Item = P>,
+    mut encode: impl FnMut(P, &mut Vec<u8>) -> Result<bool, E>,
+) -> Result<(u64, Option<P>), CopyFailure<E>> {
+    let mut out = Vec::new();
+    let Some(first) = pieces.next() else {
+        return Ok((0, None));
+    };
+    if !encode(first, &mut out).map_err(CopyFailure::Encoding)? {
+        return Ok((0, Some(first)));
+    }
+    let mut copy = conn
+        .copy_in_raw(statement)
+        .await
+        .map_err(CopyFailure::Server)?;
+    if binary {
+        copy.send(binary::HEADER)
+            .await
+            .map_err(CopyFailure::Server)?;
+    }
+    copy.send(out.as_slice())
+        .await
+        .map_err(CopyFailure::Server)?;
+    let mut declined = None;
+    for piece in pieces.by_ref() {
+        out.clear();
+        match encode(piece, &mut out) {
+            Ok(true) => {
+                copy.send(out.as_slice())
+                    .await
+                    .map_err(CopyFailure::Server)?;
+            }
+            Ok(false) => {
+                declined = Some(piece);
+                break;
+            }
+            Err(e) => {
+                // The server answers an abort with an error, which is the expected outcome.
+                let _ = copy.abort("sluice: a row could not be encoded").await;
+                return Err(CopyFailure::Encoding(e));
+            }
+        }
+    }
+    if binary {
+        copy.send(binary::TRAILER)
+            .await
+            .map_err(CopyFailure::Server)?;
+    }
+    let copied = copy.finish().await.map_err(CopyFailure::Server)?;
+    Ok((copied, declined))
 }
 
 /// [`copy_pieces_binary_first`] on the assumption that none of the rows' keys exists yet (the

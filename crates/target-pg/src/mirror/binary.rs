@@ -101,12 +101,8 @@ impl<'d> Binary<'d> {
             else {
                 return undo(out, sanitized);
             };
-            fields::fill(&self.columns, text.as_str(), &mut slots).map_err(|e| {
-                Error::invalid(format!(
-                    "record {}/{}: its stored payload is not a JSON object ({e})",
-                    entry.record.key.collection_id, entry.record.key.upstream_id
-                ))
-            })?;
+            fields::fill(&self.columns, text.as_str(), &mut slots)
+                .map_err(|e| fields::not_an_object(entry, e))?;
             binary::tuple(out, self.plan.len() as i16);
             let mut replaced = false;
             for ((&column, def), value) in self.plan.iter().zip(&self.def.columns).zip(&slots) {

@@ -13,6 +13,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use sluice_core::{Error, StreamEntry};
 
 use crate::copy::push_text;
 
@@ -122,6 +123,15 @@ pub(super) fn fill<'a>(
     let mut deserializer = serde_json::Deserializer::from_str(text);
     Fill { columns, slots }.deserialize(&mut deserializer)?;
     deserializer.end()
+}
+
+/// The batch's error for a record whose stored payload [`fill`] could not read as a JSON
+/// object (the text and binary paths say the same).
+pub(super) fn not_an_object(entry: &StreamEntry, e: serde_json::Error) -> Error {
+    Error::invalid(format!(
+        "record {}/{}: its stored payload is not a JSON object ({e})",
+        entry.record.key.collection_id, entry.record.key.upstream_id
+    ))
 }
 
 /// One COPY text line for the payload `text`, in the table's column order (`slots` is scratch

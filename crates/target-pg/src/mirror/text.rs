@@ -50,12 +50,7 @@ fn encode_row<'a>(
     entry: &'a StreamEntry,
     slots: &mut Vec<Option<&'a RawValue>>,
 ) -> Result<bool, Error> {
-    let corrupt = |e: serde_json::Error| {
-        Error::invalid(format!(
-            "record {}/{}: its stored payload is not a JSON object ({e})",
-            entry.record.key.collection_id, entry.record.key.upstream_id
-        ))
-    };
+    let corrupt = |e| fields::not_an_object(entry, e);
     match (&entry.record.change, &entry.payload_text) {
         (Change::Delete, _) => Ok(false),
         (_, Some(text)) if !def.json => {
