@@ -314,12 +314,90 @@ async fn backfill_racing_with_updates(readers: usize) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The last pages' progress is counted once their appends return, a moment after the
+    // stream holds them.
+    wait_until("the backfill finishes", 60, async || {
+        running.source.backfill_progress().done
+    })
+    .await;
     let progress = running.source.backfill_progress();
-    assert!(progress.done, "{progress:?}");
     // Rows deleted before the backfill reached them are never read.
     assert!(progress.total_rows >= 90_000, "{progress:?}");
     assert_eq!(progress.collections["public.items"].readers, readers);
     running.stop().await;
+}
+
+/// [`setup`] with `public.items` holding `rows` rows (`n` 0, `body` "row {id}").
+async fn items(prefix: &str, rows: u32) -> Setup {
+    setup(
+        prefix,
+        &format!(
+            "create table public.items (id bigint primary key, n int not null, body text not null);
+             insert into public.items select i, 0, 'row ' || i from generate_series(1, {rows}) i;"
+        ),
+    )
+    .await
+}
+
+/// A backfill reads its next page while the page before it is appended. The stream's write
+/// blocks the thread it runs on (as SQLite's does): while the first page's append is held,
+/// the source sees the second page read (each page ends with its watermark message, counted
+/// through a slot of the test's own), and not the third.
+#[tokio::test]
+async fn a_backfill_reads_its_next_page_while_the_one_before_is_appended() {
+    let s = items("overlap", 500).await;
+    let slot = format!("{}_count", s.db);
+    PG.execute(
+        &s.db,
+        &format!("select pg_create_logical_replication_slot('{slot}', 'test_decoding')"),
+    )
+    .await
+    .unwrap();
+    let watched = Watched::new(s.stream.clone(), |_| None);
+    watched.hold("public.items");
+    let options = SourceOptions {
+        backfill_page: 100,
+        ..options()
+    };
+    let running = start_with(s.settings.clone(), s.spec.clone(), watched.clone(), options);
+    wait_until("the first page's append begins", 60, async || {
+        watched.held_since().is_some()
+    })
+    .await;
+    let mut admin = PG.admin(&s.db).await.unwrap();
+    let watermarks = format!(
+        "select count(*) from pg_logical_slot_peek_changes('{slot}', null, null) \
+         where data like 'message:%sluice_watermark%'"
+    );
+    wait_until(
+        "the next page is read while the first is appended",
+        20,
+        async || {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(watermarks.as_str()))
+                .fetch_one(&mut admin)
+                .await
+                .unwrap()
+                >= 2
+        },
+    )
+    .await;
+    // One page ahead, no more: the next read waits for this append.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pages_read: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(watermarks.as_str()))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(pages_read, 2);
+    assert!(watched.release(), "the append was let go by its time limit");
+    let want = source_rows(&s.db, "public.items").await;
+    wait_until("the stream equals the source", 60, async || {
+        stream_rows(&live(&s.stream, "public.items").await) == want
+    })
+    .await;
+    running.stop().await;
+    PG.execute(&s.db, &format!("select pg_drop_replication_slot('{slot}')"))
+        .await
+        .unwrap();
 }
 
 /// A parallel backfill stopped part-way resumes every range after its last appended page,
@@ -327,12 +405,7 @@ async fn backfill_racing_with_updates(readers: usize) {
 /// analysed: its ranges are planned from its size on disk.
 #[tokio::test]
 async fn a_parallel_backfill_resumes_each_range_where_it_stopped() {
-    let s = setup(
-        "resume",
-        "create table public.items (id bigint primary key, n int not null, body text not null);
-         insert into public.items select i, 0, 'row ' || i from generate_series(1, 30000) i;",
-    )
-    .await;
+    let s = items("resume", 30_000).await;
     let parallel = |readers| SourceOptions {
         backfill_page: 250,
         backfill_readers: readers,
@@ -1064,6 +1137,21 @@ struct Watched {
     /// Appends holding a record of this collection are refused for good (`GiveUp`).
     refuse: std::sync::Mutex<Option<String>>,
     refused: std::sync::atomic::AtomicUsize,
+    /// See [`Watched::hold`].
+    hold: std::sync::Mutex<Hold>,
+    hold_changed: std::sync::Condvar,
+}
+
+/// The first append holding a record of `collection` blocks the thread it runs on until
+/// released (30 s at most), as a write to the stream's file does.
+#[derive(Default)]
+struct Hold {
+    collection: Option<String>,
+    /// When that append began.
+    entered: Option<time::OffsetDateTime>,
+    released: bool,
+    /// It was released by the test, not by the time limit.
+    released_in_time: bool,
 }
 
 impl Watched {
@@ -1078,7 +1166,28 @@ impl Watched {
             forget: Default::default(),
             refuse: Default::default(),
             refused: Default::default(),
+            hold: Default::default(),
+            hold_changed: Default::default(),
         })
+    }
+
+    /// Holds the first append of a record of `collection` (see [`Hold`]).
+    fn hold(&self, collection: &str) {
+        self.hold.lock().unwrap().collection = Some(collection.to_owned());
+    }
+
+    /// When the held append began, once it has.
+    fn held_since(&self) -> Option<time::OffsetDateTime> {
+        self.hold.lock().unwrap().entered
+    }
+
+    /// Lets the held append go on; whether it was still held.
+    fn release(&self) -> bool {
+        let mut hold = self.hold.lock().unwrap();
+        hold.released_in_time = !hold.released;
+        hold.released = true;
+        self.hold_changed.notify_all();
+        hold.released_in_time
     }
 
     /// Refuses, for good, every append holding a record of `collection`.
@@ -1105,6 +1214,18 @@ impl RecordStream for Watched {
         for r in &records {
             if let Some(problem) = (self.check)(r) {
                 self.bad.lock().unwrap().push(problem);
+            }
+        }
+        {
+            let mut hold = self.hold.lock().unwrap();
+            let holds = |c: &String| records.iter().any(|r| r.key.collection_id.0 == *c);
+            if hold.entered.is_none() && hold.collection.as_ref().is_some_and(holds) {
+                hold.entered = Some(time::OffsetDateTime::now_utc());
+                let (mut hold, _) = self
+                    .hold_changed
+                    .wait_timeout_while(hold, Duration::from_secs(30), |h| !h.released)
+                    .unwrap();
+                hold.released = true;
             }
         }
         let refuse = self.refuse.lock().unwrap().clone();

@@ -428,6 +428,8 @@ impl Backfill<'_> {
             .execute(&mut *tx)
             .await
             .map_err(|e| db("beginning a backfill page", e))?;
+        // Held before the snapshot is taken (see `Watermarks::hold`).
+        let mut held = watermarks.hold();
         // txid_current_snapshot() rather than pg_current_snapshot(), which PostgreSQL 12 lacks;
         // both print the same 64-bit `xmin:xmax:xip,…`.
         let snapshot: String =
@@ -435,7 +437,7 @@ impl Backfill<'_> {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| db("reading the snapshot", e))?;
-        let held = watermarks.hold(Snapshot::parse(&snapshot)?);
+        held.taken(Snapshot::parse(&snapshot)?);
         let page = self.read_rows(&mut tx, table, rows).await?;
         tx.commit()
             .await

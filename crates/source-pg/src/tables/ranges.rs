@@ -3,10 +3,11 @@
 //! (its own snapshot and watermark), and one stored state covering every range.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sluice_core::sql::{qualified, quote_ident};
-use sluice_core::{Error, ErrorClass, SourceState};
+use sluice_core::{Error, ErrorClass, SourceState, TextBatch};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::backfill::{Backfill, BackfillState, Rows};
@@ -175,6 +176,15 @@ impl Reading {
     }
 }
 
+/// One page of a range, read and made into records.
+struct PageRead {
+    /// Rows read (some may have raced, see `Backfill::records`).
+    rows: usize,
+    /// The last row's key.
+    last: Option<Vec<String>>,
+    records: TextBatch,
+}
+
 impl Backfill<'_> {
     /// One reader: takes ranges of `table` until none is left, and reads each to its end.
     /// `Some(error)` when a range cannot be read (the table then waits, see `Backfill::run`).
@@ -192,6 +202,9 @@ impl Backfill<'_> {
         Ok(None)
     }
 
+    /// Reads range `index` to its end, page by page: the next page is read (on `conn`) and
+    /// made into records while the one before it is appended, so the source's server, this
+    /// task and the stream's writer work at the same time.
     async fn read_range(
         &self,
         conn: &mut PgConnection,
@@ -199,92 +212,150 @@ impl Backfill<'_> {
         reading: &Reading,
         index: usize,
     ) -> Result<Option<Error>, Error> {
-        let collection = table.collection();
         let (mut after, through) = {
             let inner = reading.inner.lock().await;
             let range = &inner.0.ranges[index];
             (range.after.clone(), range.through.clone())
         };
+        let mut read = self
+            .read_page(conn, table, after.as_deref(), through.as_deref())
+            .await;
         loop {
-            let rows = Rows::After {
-                after: after.as_deref(),
-                through: through.as_deref(),
+            let page = match read {
+                Ok(page) => page,
+                Err(e) => return self.unreadable(table, after.as_deref(), e),
             };
-            let (lsn, rows, raced) = match self.read_consistent(conn, table, rows).await {
-                Ok(read) => read,
-                Err(e) if e.class() == ErrorClass::FixConfiguration => {
-                    // This table alone waits for its fix; the others are read, and its
-                    // changes keep streaming. The next backfill tries it again.
-                    tracing::warn!(collection, error = %e, "backfill: cannot read this table");
-                    return Ok(Some(e));
-                }
-                Err(e) if e.class() == ErrorClass::GiveUp => {
-                    // The server refuses this data: asking again gets the same answer. The
-                    // table stops here, named with the rows it could not read; the rows
-                    // before them are in the stream and its changes keep streaming.
-                    let rows = match &after {
-                        None => "its first rows".to_owned(),
-                        Some(key) => format!(
-                            "the rows after key {}",
-                            upstream_id(&key.iter().map(String::as_str).collect::<Vec<_>>())
-                        ),
-                    };
-                    let stopped = Error::invalid(format!(
-                        "backfill of {collection} stopped at {rows} (a page of up to {} rows): {e}",
-                        self.page
-                    ));
-                    tracing::error!(collection, error = %stopped, "backfill: this table stops; the others continue");
-                    return Ok(Some(stopped));
-                }
-                Err(e) => return Err(e),
-            };
-            let n = rows.len() as u64;
-            let last = rows.last_key();
-            let records = self.records(table, lsn, rows, &raced);
-            // Appends take turns, each storing every range's position as of the pages
-            // appended so far: a restart resumes each range after its last appended page.
-            let mut inner = reading.inner.lock().await;
-            let (state, rows_here) = &mut *inner;
-            *rows_here += n;
-            state.rows += n;
-            let finished = match last {
-                Some(key) if n as usize >= self.page => {
-                    state.ranges[index].after = Some(key.clone());
-                    after = Some(key);
-                    false
-                }
-                _ => {
-                    state.ranges[index].done = true;
-                    true
-                }
-            };
-            if state.ranges.iter().all(|r| r.done) {
-                state.current = None;
-                state.ranges.clear();
-                state.done.insert(collection.clone());
-            }
-            self.stream
-                .append_texts(
-                    records,
-                    Some(SourceState {
-                        owner: self.owner.clone(),
-                        value: serde_json::to_value(&*state).unwrap_or_default(),
-                    }),
-                )
-                .await?;
-            let (rows_here, total, table_done) = (*rows_here, state.rows, state.current.is_none());
-            drop(inner);
-            self.set_progress(|p| {
-                p.rows = rows_here;
-                p.total_rows = total;
-                if let Some(c) = p.collections.get_mut(&collection) {
-                    c.rows = rows_here;
-                    c.done = table_done;
-                }
-            });
-            if finished {
+            // A full page: the range may go on after its last key.
+            let next = page.last.filter(|_| page.rows >= self.page);
+            let append = self.append_page(
+                table,
+                reading,
+                index,
+                page.rows as u64,
+                next.clone(),
+                page.records,
+            );
+            let Some(key) = next.clone() else {
+                append.await?;
                 return Ok(None);
-            }
+            };
+            let (appended, next_read) = tokio::join!(
+                append,
+                self.read_page(conn, table, Some(&key), through.as_deref())
+            );
+            appended?;
+            after = Some(key);
+            read = next_read;
         }
+    }
+
+    /// The page of the range up to `through` after `after`, read consistently with the
+    /// change stream and made into records.
+    async fn read_page(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        after: Option<&[String]>,
+        through: Option<&[String]>,
+    ) -> Result<PageRead, Error> {
+        let (lsn, rows, raced) = self
+            .read_consistent(conn, table, Rows::After { after, through })
+            .await?;
+        Ok(PageRead {
+            rows: rows.len(),
+            last: rows.last_key(),
+            records: self.records(table, lsn, rows, &raced),
+        })
+    }
+
+    /// What a failed page read means: `Ok(Some(error))` when the table waits (a fix, or data
+    /// the server refuses) while the others are read, `Err` when the whole backfill stops.
+    fn unreadable(
+        &self,
+        table: &Table,
+        after: Option<&[String]>,
+        e: Error,
+    ) -> Result<Option<Error>, Error> {
+        let collection = table.collection();
+        match e.class() {
+            ErrorClass::FixConfiguration => {
+                // This table alone waits for its fix; the others are read, and its changes
+                // keep streaming. The next backfill tries it again.
+                tracing::warn!(collection, error = %e, "backfill: cannot read this table");
+                Ok(Some(e))
+            }
+            ErrorClass::GiveUp => {
+                // The server refuses this data: asking again gets the same answer. The table
+                // stops here, named with the rows it could not read; the rows before them are
+                // in the stream and its changes keep streaming.
+                let rows = match after {
+                    None => "its first rows".to_owned(),
+                    Some(key) => format!(
+                        "the rows after key {}",
+                        upstream_id(&key.iter().map(String::as_str).collect::<Vec<_>>())
+                    ),
+                };
+                let stopped = Error::invalid(format!(
+                    "backfill of {collection} stopped at {rows} (a page of up to {} rows): {e}",
+                    self.page
+                ));
+                tracing::error!(collection, error = %stopped, "backfill: this table stops; the others continue");
+                Ok(Some(stopped))
+            }
+            _ => Err(e),
+        }
+    }
+
+    /// Appends one page of range `index` (`n` rows read, made into `records`) with the state
+    /// that resumes after it: after `next`, or with the range done when `next` is `None`.
+    async fn append_page(
+        &self,
+        table: &Table,
+        reading: &Reading,
+        index: usize,
+        n: u64,
+        next: Option<Vec<String>>,
+        records: TextBatch,
+    ) -> Result<(), Error> {
+        // Appends take turns, each storing every range's position as of the pages appended
+        // so far: a restart resumes each range after its last appended page.
+        let mut inner = reading.inner.lock().await;
+        let (state, rows_here) = &mut *inner;
+        *rows_here += n;
+        state.rows += n;
+        match next {
+            Some(key) => state.ranges[index].after = Some(key),
+            None => state.ranges[index].done = true,
+        }
+        let collection = table.collection();
+        if state.ranges.iter().all(|r| r.done) {
+            state.current = None;
+            state.ranges.clear();
+            state.done.insert(collection.clone());
+        }
+        let state_now = SourceState {
+            owner: self.owner.clone(),
+            value: serde_json::to_value(&*state).unwrap_or_default(),
+        };
+        // On a task of its own: the stream's write blocks the task it runs on, and the
+        // caller's reads of the next pages go on meanwhile.
+        let stream = Arc::clone(self.stream);
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            runtime.block_on(stream.append_texts(records, Some(state_now)))
+        })
+        .await
+        .map_err(|e| Error::invalid(format!("backfill: the append failed: {e}")))??;
+        let (rows_here, total, table_done) = (*rows_here, state.rows, state.current.is_none());
+        drop(inner);
+        self.set_progress(|p| {
+            p.rows = rows_here;
+            p.total_rows = total;
+            if let Some(c) = p.collections.get_mut(&collection) {
+                c.rows = rows_here;
+                c.done = table_done;
+            }
+        });
+        Ok(())
     }
 }

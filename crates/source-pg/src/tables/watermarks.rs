@@ -81,8 +81,9 @@ struct WatermarkState {
     /// (xid, collection, upstream id or `*` for a truncate)
     changes: Vec<(u32, String, String)>,
     /// Snapshots of reads still to be reconciled (parallel readers take theirs at different
-    /// times): a change is forgotten only once every one of them can see it.
-    held: Vec<(u64, Snapshot)>,
+    /// times): a change is forgotten only once every one of them can see it. `None`: a read
+    /// whose snapshot is being taken, which keeps every change (see [`Watermarks::hold`]).
+    held: Vec<(u64, Option<Snapshot>)>,
     next_hold: u64,
 }
 
@@ -90,7 +91,19 @@ struct WatermarkState {
 pub(crate) struct Held<'w> {
     watermarks: &'w Watermarks,
     id: u64,
-    snapshot: Snapshot,
+    /// `None` until [`Held::taken`].
+    snapshot: Option<Snapshot>,
+}
+
+impl Held<'_> {
+    /// The read's snapshot, once the server has given it.
+    pub fn taken(&mut self, snapshot: Snapshot) {
+        let mut state = self.watermarks.state();
+        if let Some((_, held)) = state.held.iter_mut().find(|(id, _)| *id == self.id) {
+            *held = Some(snapshot.clone());
+        }
+        self.snapshot = Some(snapshot);
+    }
 }
 
 impl Drop for Held<'_> {
@@ -172,17 +185,20 @@ impl Watermarks {
         }
     }
 
-    /// Holds a read's snapshot until the read is reconciled with [`raced`](Self::raced):
-    /// the changes it may not see are kept for it meanwhile.
-    pub fn hold(&self, snapshot: Snapshot) -> Held<'_> {
+    /// Holds a read from before its snapshot is taken ([`Held::taken`]) until it is
+    /// reconciled with [`raced`](Self::raced): the changes it may not see are kept for it
+    /// meanwhile. Held only once its snapshot was known, another read reconciled in between
+    /// (a parallel reader) could forget a change this snapshot cannot see, and a row that
+    /// change had deleted or updated would come back with the page.
+    pub fn hold(&self) -> Held<'_> {
         let mut state = self.state();
         state.next_hold += 1;
         let id = state.next_hold;
-        state.held.push((id, snapshot.clone()));
+        state.held.push((id, None));
         Held {
             watermarks: self,
             id,
-            snapshot,
+            snapshot: None,
         }
     }
 
@@ -193,10 +209,15 @@ impl Watermarks {
         let WatermarkState {
             changes, held: all, ..
         } = &mut *state;
-        changes.retain(|(xid, _, _)| !all.iter().all(|(_, s)| s.before_horizon(*xid)));
+        changes.retain(|(xid, _, _)| {
+            !all.iter()
+                .all(|(_, s)| s.as_ref().is_some_and(|s| s.before_horizon(*xid)))
+        });
+        // A read without its snapshot (never the case) counts every change as raced.
+        let hides = |xid: u32| held.snapshot.as_ref().is_none_or(|s| s.hides(xid));
         let raced = changes
             .iter()
-            .filter(|(xid, c, _)| c == collection && held.snapshot.hides(*xid))
+            .filter(|(xid, c, _)| c == collection && hides(*xid))
             .map(|(_, _, id)| id.clone())
             .collect();
         drop(state);
@@ -229,10 +250,10 @@ mod watermark_tests {
         w.record(120, "public.t", "3"); // started after
         w.record(120, "public.other", "4");
         let s = Snapshot::parse("100:110:105").unwrap();
-        let raced = w.raced(w.hold(s.clone()), "public.t");
+        let raced = w.raced(held(&w, s.clone()), "public.t");
         assert_eq!(raced, ["2".to_owned(), "3".to_owned()].into());
         w.release();
-        assert!(w.raced(w.hold(s), "public.t").is_empty());
+        assert!(w.raced(held(&w, s), "public.t").is_empty());
     }
 
     /// Parallel readers reconcile in any order: a reader whose snapshot is newer does not
@@ -242,15 +263,39 @@ mod watermark_tests {
         let w = Watermarks::default();
         w.acquire();
         w.record(105, "public.t", "2");
-        let older = w.hold(Snapshot::parse("100:110:105").unwrap());
-        let newer = w.hold(Snapshot::parse("120:130:").unwrap());
+        let older = held(&w, Snapshot::parse("100:110:105").unwrap());
+        let newer = held(&w, Snapshot::parse("120:130:").unwrap());
         assert!(w.raced(newer, "public.t").is_empty());
         assert_eq!(w.raced(older, "public.t"), ["2".to_owned()].into());
         // With no snapshot held any more, the next read's horizon forgets it.
         assert!(
-            w.raced(w.hold(Snapshot::parse("120:130:").unwrap()), "public.t")
+            w.raced(held(&w, Snapshot::parse("120:130:").unwrap()), "public.t")
                 .is_empty()
         );
         assert!(w.state().changes.is_empty());
+    }
+
+    /// A read is held from before the server gives its snapshot: a reader reconciling
+    /// meanwhile, with a newer snapshot, does not forget a change the pending one cannot see.
+    #[test]
+    fn a_read_whose_snapshot_is_being_taken_keeps_every_change() {
+        let w = Watermarks::default();
+        w.acquire();
+        let mut pending = w.hold();
+        // Transaction 105 commits after the pending read's snapshot was taken, and before a
+        // newer reader's.
+        w.record(105, "public.t", "2");
+        assert!(
+            w.raced(held(&w, Snapshot::parse("120:130:").unwrap()), "public.t")
+                .is_empty()
+        );
+        pending.taken(Snapshot::parse("100:110:105").unwrap());
+        assert_eq!(w.raced(pending, "public.t"), ["2".to_owned()].into());
+    }
+
+    fn held(w: &Watermarks, snapshot: Snapshot) -> Held<'_> {
+        let mut held = w.hold();
+        held.taken(snapshot);
+        held
     }
 }
