@@ -235,7 +235,7 @@ impl Backfill<'_> {
                 next.clone(),
                 page.records,
             );
-            let Some(key) = next.clone() else {
+            let Some(key) = next else {
                 append.await?;
                 return Ok(None);
             };

@@ -91,8 +91,6 @@ struct WatermarkState {
 pub(crate) struct Held<'w> {
     watermarks: &'w Watermarks,
     id: u64,
-    /// `None` until [`Held::taken`].
-    snapshot: Option<Snapshot>,
 }
 
 impl Held<'_> {
@@ -100,9 +98,8 @@ impl Held<'_> {
     pub fn taken(&mut self, snapshot: Snapshot) {
         let mut state = self.watermarks.state();
         if let Some((_, held)) = state.held.iter_mut().find(|(id, _)| *id == self.id) {
-            *held = Some(snapshot.clone());
+            *held = Some(snapshot);
         }
-        self.snapshot = Some(snapshot);
     }
 }
 
@@ -187,9 +184,9 @@ impl Watermarks {
 
     /// Holds a read from before its snapshot is taken ([`Held::taken`]) until it is
     /// reconciled with [`raced`](Self::raced): the changes it may not see are kept for it
-    /// meanwhile. Held only once its snapshot was known, another read reconciled in between
-    /// (a parallel reader) could forget a change this snapshot cannot see, and a row that
-    /// change had deleted or updated would come back with the page.
+    /// meanwhile. Were it held only once its snapshot is known, another read reconciled in
+    /// between (a parallel reader) could forget a change this snapshot cannot see, and a row
+    /// that change had deleted or updated would come back with the page.
     pub fn hold(&self) -> Held<'_> {
         let mut state = self.state();
         state.next_hold += 1;
@@ -198,7 +195,6 @@ impl Watermarks {
         Held {
             watermarks: self,
             id,
-            snapshot: None,
         }
     }
 
@@ -214,7 +210,9 @@ impl Watermarks {
                 .all(|(_, s)| s.as_ref().is_some_and(|s| s.before_horizon(*xid)))
         });
         // A read without its snapshot (never the case) counts every change as raced.
-        let hides = |xid: u32| held.snapshot.as_ref().is_none_or(|s| s.hides(xid));
+        let own = all.iter().find(|(id, _)| *id == held.id);
+        let own = own.and_then(|(_, s)| s.as_ref());
+        let hides = |xid: u32| own.is_none_or(|s| s.hides(xid));
         let raced = changes
             .iter()
             .filter(|(xid, c, _)| c == collection && hides(*xid))
