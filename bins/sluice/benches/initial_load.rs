@@ -22,7 +22,9 @@
 //! reader counts, `SLUICE_BENCH_MIRROR_CONNECTIONS` (default `2`, empty for none) the mirror's
 //! connection counts with 2 readers, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the consumer
 //! table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
-//! default) the consumers' `max_records`.
+//! default) the consumers' `max_records`, `SLUICE_BENCH_KEY` (`bigint` or `uuid`) the table's
+//! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed` or `small`) its other columns. The stream's
+//! size is printed with its write-ahead log's share.
 
 use std::path::Path;
 use std::process::Command;
@@ -102,15 +104,15 @@ fn probe(table: &str, key: &str, keys: &[String]) -> String {
     )
 }
 
-fn bytes_under(dir: &Path) -> u64 {
+fn bytes_under(dir: &Path, counted: &dyn Fn(&Path) -> bool) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => bytes_under(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
+                    Ok(m) if m.is_dir() => bytes_under(&e.path(), counted),
+                    Ok(m) if counted(&e.path()) => m.len(),
+                    _ => 0,
                 })
                 .sum()
         })
@@ -157,6 +159,8 @@ struct Run {
     servers: Servers,
     peak_mb: f64,
     stream_bytes: u64,
+    /// Of which SQLite's write-ahead log.
+    wal_bytes: u64,
 }
 
 /// One `sluice serve` run with `layout`.
@@ -209,7 +213,10 @@ batch = {{ max_records = {batch}, max_wait_ms = 50 }}
         cpu_seconds: process_cpu_seconds(&serve.id().to_string()),
         servers: Servers::now(source, target).since(servers),
         peak_mb: peak_rss_mb(serve.id()),
-        stream_bytes: bytes_under(&dir.path().join("data")),
+        stream_bytes: bytes_under(&dir.path().join("data"), &|_| true),
+        wal_bytes: bytes_under(&dir.path().join("data"), &|p| {
+            p.to_string_lossy().ends_with("-wal")
+        }),
     };
     let _ = serve.kill();
     let _ = serve.wait();
@@ -227,10 +234,37 @@ async fn run() {
         Ok("bigint") | Err(_) => ("bigint", "i"),
         Ok(other) => panic!("SLUICE_BENCH_KEY is bigint or uuid, not {other:?}"),
     };
-    let table = &format!(
-        "create table public.items (id {key_type} primary key, name text not null, note text, \
-         qty int not null, price numeric(12, 2) not null, created timestamptz not null)"
-    );
+    // The other columns: `narrow` (five, mostly text: the default) or `mixed` (fifteen of the
+    // types a table holds: integers, numeric, floats, booleans, times, dates, intervals,
+    // uuid, jsonb, arrays, bytea, inet).
+    let (columns, values) = match std::env::var("SLUICE_BENCH_SHAPE").as_deref() {
+        Ok("narrow") | Err(_) => (
+            "name text not null, note text, qty int not null, price numeric(12, 2) not null, \
+             created timestamptz not null",
+            "repeat(md5(i::text), 3), repeat(md5((i * 7)::text), 3), i % 1000, \
+             (i % 100000) / 100.0, '2026-01-01'::timestamptz + i * interval '1 second'",
+        ),
+        Ok("mixed") => (
+            "small smallint, qty int not null, big bigint, price numeric(14, 4), ratio float8, \
+             share real, active boolean, created timestamptz not null, updated timestamp, \
+             day date, took interval, ref uuid, doc jsonb, tags text[], blob bytea, \
+             address inet, name varchar(40)",
+            "(i % 30000)::smallint, i % 1000, i::bigint * 1000003, (i % 1000000) / 7.0, i / 3.0, \
+             (i % 977) / 13.0, i % 3 = 0, '2026-01-01'::timestamptz + i * interval '1 second', \
+             '2026-01-01'::timestamp + i * interval '1 ms', '2000-01-01'::date + i % 9000, \
+             i * interval '1 second', md5((i * 3)::text)::uuid, \
+             jsonb_build_object('n', i, 'kind', 'k' || i % 7, 'ok', i % 2 = 0), \
+             array['a' || i % 10, 'b' || i % 100], decode(md5(i::text), 'hex'), \
+             ('10.' || i % 256 || '.' || (i / 256) % 256 || '.1')::inet, \
+             'name ' || i || ' é ✓'",
+        ),
+        Ok("small") => (
+            "account integer not null, quantity integer not null",
+            "i % 100000, i % 17",
+        ),
+        Ok(other) => panic!("SLUICE_BENCH_SHAPE is narrow, mixed or small, not {other:?}"),
+    };
+    let table = &format!("create table public.items (id {key_type} primary key, {columns})");
     source.create_database("src").await.unwrap();
     source
         .execute(
@@ -238,9 +272,7 @@ async fn run() {
             &format!(
                 "{table};
                  insert into public.items
-                 select {key_of}, repeat(md5(i::text), 3), repeat(md5((i * 7)::text), 3), i % 1000,
-                        (i % 100000) / 100.0, '2026-01-01'::timestamptz + i * interval '1 second'
-                   from generate_series(1, {rows}) i;
+                 select {key_of}, {values} from generate_series(1, {rows}) i;
                  create publication native_pub for table public.items;"
             ),
         )
@@ -391,11 +423,12 @@ async fn run() {
     // sluice's own CPU per row, and the stream's size beside the source table's.
     let costs = |run: &Run| {
         format!(
-            "sluice CPU {:.1} s = {:.1} us/row; peak {:.0} MB (goal < 256); stream {:.0} MB = {:.2}x the source table (goal <= 1.0x)",
+            "sluice CPU {:.1} s = {:.1} us/row; peak {:.0} MB (goal < 256); stream {:.0} MB (WAL {:.0} MB) = {:.2}x the source table (goal <= 1.0x)",
             run.cpu_seconds,
             run.cpu_seconds * 1e6 / rows as f64,
             run.peak_mb,
             run.stream_bytes as f64 / 1e6,
+            run.wal_bytes as f64 / 1e6,
             run.stream_bytes as f64 / source_bytes as f64
         )
     };
