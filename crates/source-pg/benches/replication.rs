@@ -159,7 +159,10 @@ async fn latency_to_stream(
     .unwrap();
     let appended: BTreeMap<i64, f64> = conn
         .prepare(
-            "select cast(upstream_id as integer), appended_at_ns / 1e6 \
+            // A record's append time: its row's, or its segment's where the row holds 0.
+            "select cast(upstream_id as integer), \
+               coalesce(nullif(appended_at_ns, 0), \
+                 (select s.appended_at_ns from segments s where s.id = records.segment)) / 1e6 \
              from records join collections k on k.id = records.collection \
              where k.collection_id = 'public.sluice_items' and cast(upstream_id as integer) between ? and ?",
         )

@@ -604,7 +604,16 @@ async fn reads_from_memory_equal_reads_from_the_file() {
                 } else {
                     Change::upsert(json!({"id": id, "v": v, "text": "é\u{1F600}"})).unwrap()
                 };
-                record(sync, collection, &id, v, change)
+                // Update times shared by a batch's records, and not: the epoch among them.
+                let updated_at = match next(4) {
+                    0 => OffsetDateTime::UNIX_EPOCH,
+                    1 => OffsetDateTime::from_unix_timestamp_nanos(next(1 << 62) as i128).unwrap(),
+                    _ => OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+                };
+                Record {
+                    upstream_updated_at: updated_at,
+                    ..record(sync, collection, &id, v, change)
+                }
             })
             .collect();
         match next(20) {

@@ -35,7 +35,7 @@ use connection::{IDLE_READERS, OrStorage, WRITER_SETTINGS, blocking, connect, re
 use collections::Names;
 pub(crate) use read::Form;
 use read::{decode, filter_sql, nanos, positioned};
-use segment::Segments;
+use segment::{Segments, Times};
 use write::{begin_write, check_version};
 
 /// The stream's file name inside the data directory.
@@ -240,8 +240,11 @@ impl RecordStream for EmbeddedStream {
             "select count(*) from (select 1 from records where seq > ?{} limit ?)",
             filter_sql(filter)
         );
+        // A record's append time, which its segment holds where its row holds 0.
         let oldest = format!(
-            "select appended_at_ns from records where seq > ?{} order by seq limit 1",
+            "select coalesce(nullif(appended_at_ns, 0), \
+               (select s.appended_at_ns from segments s where s.id = records.segment), 0) \
+             from records where seq > ?{} order by seq limit 1",
             filter_sql(filter)
         );
         let (records, oldest) = blocking(|| {

@@ -112,10 +112,12 @@ pub(super) fn decode(
             .ok_or_else(|| bad(what))
     };
     let mut payload_text = None;
+    let mut times = Times::OWN;
     let change = if int(6, "deleted")? != 0 {
         Change::Delete
     } else {
-        let text = segments.payload(int(7, "segment")?, int(8, "slot")?)?;
+        let (text, shared) = segments.payload(int(7, "segment")?, int(8, "slot")?)?;
+        times = shared;
         if form == Form::Text {
             payload_text = Some(text);
             Change::Upsert {
@@ -126,7 +128,7 @@ pub(super) fn decode(
             Change::Upsert { payload }
         }
     };
-    let updated_ns = int(5, "upstream_updated_at")?;
+    let updated_ns = times.updated_at(int(5, "upstream_updated_at")?);
     let collection = names.name(int(1, "collection")?)?;
     Ok(StreamEntry {
         seq: Seq(int(0, "seq")? as u64),

@@ -53,11 +53,14 @@ drop index if exists records_by_provider;
 drop index if exists records_by_sync;
 create index if not exists tombstones on records (seq) where deleted = 1;
 -- A segment's counts and its body are two rows: a count changes with every record replaced,
--- and rewriting a row reads all of it (a body is many overflow pages).
+-- and rewriting a row reads all of it (a body is many overflow pages). A segment's times are
+-- its records' where their own say 0 (see `segment::Times`).
 create table if not exists segments (
     id integer primary key,
     records integer not null,
-    live integer not null
+    live integer not null,
+    appended_at_ns integer,
+    updated_at_ns integer
 );
 create table if not exists segment_bodies (segment integer primary key, body blob not null);
 create index if not exists sparse_segments on segments (id) where live * 2 < records;
@@ -96,6 +99,18 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<()> {
         .or_storage("migrating the records table")?;
     }
     tx.execute_batch(RECORDS).or_storage("creating tables")?;
+    // Segments made before they held times (their records hold their own).
+    let timeless = !tx
+        .prepare("select 1 from pragma_table_info('segments') where name = 'updated_at_ns'")
+        .and_then(|mut s| s.exists([]))
+        .or_storage("reading the file's tables")?;
+    if timeless {
+        tx.execute_batch(
+            "alter table segments add column appended_at_ns integer; \
+             alter table segments add column updated_at_ns integer;",
+        )
+        .or_storage("adding the segments' times")?;
+    }
     if inline {
         migrate(&tx)?;
     }
@@ -149,7 +164,7 @@ fn migrate(tx: &Connection) -> Result<()> {
             break;
         }
         let body = segment::encode(chunk.iter().map(|(seq, text)| (*seq, text.as_str())));
-        let id = segment::insert(tx, &body, chunk.len())?;
+        let id = segment::insert(tx, &body, chunk.len(), Times::OWN)?;
         for (slot, (seq, _)) in chunk.iter().enumerate() {
             place.execute((id, slot as i64, seq)).or_storage(what)?;
         }

@@ -9,6 +9,9 @@
 //! only the live ones when fewer than half are ([`compact`]), so the file stays bounded under
 //! churn.
 //!
+//! A segment also holds the times its records share ([`Times`]): a record's row then holds 0
+//! for them, 16 bytes less per row.
+//!
 //! Body: a format byte ([`LZ4`]), then the LZ4 block (its size first) of
 //! `text · header · u32 LE header length`, where the header is, as LEB128 varints, the slot
 //! count and then each slot's seq (as the step from the previous one) and text length. The
@@ -29,10 +32,57 @@ const COMPACTIONS_PER_WRITE: usize = 4;
 /// The body's format byte: an LZ4 block with its uncompressed size first.
 const LZ4: u8 = 1;
 
-/// A decoded segment: its text, and each slot's seq and range in it.
+/// The times a segment gives those of its records whose row holds 0 for them: the append's
+/// time (every record of an append has it), and its first record's update time (a PostgreSQL
+/// source's records of one page or one transaction all have it). Each row would otherwise
+/// repeat these 16 bytes: a third of a small record's row (`cargo xtask bench initial-load`
+/// with `SLUICE_BENCH_SHAPE=small`). `None` where the rows hold their own: in segments
+/// rewritten by [`compact`] and those written before segments held times.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Times {
+    pub(super) appended_at: Option<i64>,
+    pub(super) updated_at: Option<i64>,
+}
+
+impl Times {
+    /// The rows hold their own times.
+    pub(super) const OWN: Times = Times {
+        appended_at: None,
+        updated_at: None,
+    };
+
+    /// A record's update time, from what its row holds.
+    pub(super) fn updated_at(self, stored: i64) -> i64 {
+        resolve(self.updated_at, stored)
+    }
+
+    /// A record's append time, from what its row holds.
+    pub(super) fn appended_at(self, stored: i64) -> i64 {
+        resolve(self.appended_at, stored)
+    }
+}
+
+fn resolve(shared: Option<i64>, stored: i64) -> i64 {
+    match shared {
+        Some(shared) if stored == 0 => shared,
+        _ => stored,
+    }
+}
+
+/// What a row holds for `own`, given the segment's `shared` time: 0 when they are equal.
+/// A segment shares no time that a record's 0 would be mistaken for ([`store`]).
+fn stored(shared: Option<i64>, own: i64) -> i64 {
+    match shared {
+        Some(shared) if shared == own => 0,
+        _ => own,
+    }
+}
+
+/// A decoded segment: its text, each slot's seq and range in it, and its shared times.
 pub(super) struct Segment {
     text: Arc<String>,
     slots: Vec<(u64, Range<usize>)>,
+    times: Times,
 }
 
 impl Segment {
@@ -101,6 +151,7 @@ pub(super) fn decode(body: &[u8]) -> Result<Segment> {
     Ok(Segment {
         text: Arc::new(text),
         slots,
+        times: Times::OWN,
     })
 }
 
@@ -126,15 +177,28 @@ fn read_varint(input: &mut &[u8]) -> Option<u64> {
 }
 
 /// Where an append's payloads went: each record's `(segment, slot)` (`None` for a tombstone),
-/// and the segments written.
+/// each record's times as its row holds them (`(upstream_updated_at_ns, appended_at_ns)`, 0
+/// where its segment holds them), and the segments written.
 pub(super) struct Stored {
     pub(super) places: Vec<Option<(i64, i64)>>,
+    pub(super) times: Vec<(i64, i64)>,
     pub(super) segments: Vec<i64>,
 }
 
-/// Stores the payloads `texts` of records whose seqs start after `first` as segments.
-pub(super) fn store(tx: &Connection, texts: &[Option<PayloadText>], first: i64) -> Result<Stored> {
+/// Stores the payloads `texts` of `records`, whose seqs start after `first` and which are
+/// appended at `appended_at`, as segments.
+pub(super) fn store(
+    tx: &Connection,
+    records: &[Record],
+    texts: &[Option<PayloadText>],
+    first: i64,
+    appended_at: i64,
+) -> Result<Stored> {
     let mut places = vec![None; texts.len()];
+    let mut times: Vec<(i64, i64)> = records
+        .iter()
+        .map(|r| (nanos(r.upstream_updated_at), appended_at))
+        .collect();
     let mut segments = Vec::new();
     let mut pending: Vec<usize> = Vec::new();
     let mut bytes = 0;
@@ -151,22 +215,42 @@ pub(super) fn store(tx: &Connection, texts: &[Option<PayloadText>], first: i64) 
                 let text = texts[at].as_ref().map_or("", PayloadText::as_str);
                 (first + 1 + at as i64, text)
             });
-            let id = insert(tx, &encode(payloads), pending.len())?;
+            // The first record's update time, unless another's is 0 (which its row could
+            // then not tell from the shared time).
+            let updated = times[pending[0]].0;
+            let shared = Times {
+                appended_at: Some(appended_at),
+                updated_at: (updated == 0 || pending.iter().all(|&at| times[at].0 != 0))
+                    .then_some(updated),
+            };
+            let id = insert(tx, &encode(payloads), pending.len(), shared)?;
             segments.push(id);
             for (slot, &at) in pending.iter().enumerate() {
                 places[at] = Some((id, slot as i64));
+                let (updated, appended) = times[at];
+                times[at] = (
+                    stored(shared.updated_at, updated),
+                    stored(shared.appended_at, appended),
+                );
             }
             pending.clear();
             bytes = 0;
         }
     }
-    Ok(Stored { places, segments })
+    Ok(Stored {
+        places,
+        times,
+        segments,
+    })
 }
 
-pub(super) fn insert(tx: &Connection, body: &[u8], records: usize) -> Result<i64> {
-    tx.prepare_cached("insert into segments (records, live) values (?1, ?1)")
-        .and_then(|mut s| s.execute([records as i64]))
-        .or_storage("storing payloads")?;
+pub(super) fn insert(tx: &Connection, body: &[u8], records: usize, times: Times) -> Result<i64> {
+    tx.prepare_cached(
+        "insert into segments (records, live, appended_at_ns, updated_at_ns) \
+         values (?1, ?1, ?2, ?3)",
+    )
+    .and_then(|mut s| s.execute((records as i64, times.appended_at, times.updated_at)))
+    .or_storage("storing payloads")?;
     let id = tx.last_insert_rowid();
     tx.prepare_cached("insert into segment_bodies (segment, body) values (?, ?)")
         .and_then(|mut s| s.execute((id, body)))
@@ -212,50 +296,76 @@ pub(super) fn drop_unused(tx: &Connection) -> Result<()> {
 /// old segments, named by none any more, go.
 pub(super) fn compact(tx: &Connection) -> Result<()> {
     drop_unused(tx)?;
-    let sparse: Vec<(i64, Vec<u8>)> = tx
+    let sparse: Vec<(i64, Segment)> = tx
         .prepare_cached(
-            "select s.id, b.body from segments s join segment_bodies b on b.segment = s.id \
+            "select s.id, s.appended_at_ns, s.updated_at_ns, b.body \
+             from segments s join segment_bodies b on b.segment = s.id \
              where s.live * 2 < s.records order by s.id limit ?",
         )
         .and_then(|mut s| {
             s.query_map([COMPACTIONS_PER_WRITE as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Vec<u8>>(3)?))
             })?
-            .collect()
+            .collect::<rusqlite::Result<Vec<_>>>()
         })
-        .or_storage("finding sparse payload segments")?;
+        .or_storage("finding sparse payload segments")?
+        .into_iter()
+        .map(|(id, appended_at, updated_at, body)| {
+            let mut segment = decode(&body)?;
+            segment.times = Times {
+                appended_at,
+                updated_at,
+            };
+            Ok((id, segment))
+        })
+        .collect::<Result<_>>()?;
     if sparse.is_empty() {
         return Ok(());
     }
+    // Each live payload with its record's seq and times (the new segment shares none).
     let mut live = Vec::new();
     {
         let mut named = tx
-            .prepare_cached("select segment, slot from records where seq = ?")
+            .prepare_cached(
+                "select segment, slot, upstream_updated_at_ns, appended_at_ns \
+                 from records where seq = ?",
+            )
             .or_storage("compacting payloads")?;
-        for (id, body) in &sparse {
-            let segment = decode(body)?;
+        for (id, segment) in &sparse {
             for (slot, (seq, _)) in segment.slots.iter().enumerate() {
-                let at: Option<(Option<i64>, Option<i64>)> = named
-                    .query_row([*seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                let row: Option<(Option<i64>, Option<i64>, i64, i64)> = named
+                    .query_row([*seq as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
                     .optional()
                     .or_storage("compacting payloads")?;
-                if at == Some((Some(*id), Some(slot as i64))) {
+                let Some((Some(named_segment), Some(named_slot), updated, appended)) = row else {
+                    continue;
+                };
+                if (named_segment, named_slot) == (*id, slot as i64) {
                     let text = segment.payload(slot as i64);
-                    live.push((*seq as i64, text.ok_or_else(|| corrupt_slot(*id))?));
+                    let times = (
+                        segment.times.updated_at(updated),
+                        segment.times.appended_at(appended),
+                    );
+                    live.push((*seq as i64, text.ok_or_else(|| corrupt_slot(*id))?, times));
                 }
             }
         }
     }
-    live.sort_by_key(|(seq, _)| *seq);
+    live.sort_by_key(|(seq, _, _)| *seq);
     for part in live.chunks(SEGMENT_RECORDS) {
-        let body = encode(part.iter().map(|(seq, text)| (*seq, text.as_str())));
-        let id = insert(tx, &body, part.len())?;
+        let body = encode(part.iter().map(|(seq, text, _)| (*seq, text.as_str())));
+        let id = insert(tx, &body, part.len(), Times::OWN)?;
         let mut moved = tx
-            .prepare_cached("update records set segment = ?, slot = ? where seq = ?")
+            .prepare_cached(
+                "update records set segment = ?, slot = ?, upstream_updated_at_ns = ?, \
+                 appended_at_ns = ? where seq = ?",
+            )
             .or_storage("compacting payloads")?;
-        for (slot, (seq, _)) in part.iter().enumerate() {
+        for (slot, (seq, _, (updated, appended))) in part.iter().enumerate() {
             moved
-                .execute((id, slot as i64, seq))
+                .execute((id, slot as i64, updated, appended, seq))
                 .or_storage("compacting payloads")?;
         }
     }
@@ -287,29 +397,37 @@ impl<'c> Segments<'c> {
         }
     }
 
-    /// The payload in `slot` of segment `id`.
-    pub(super) fn payload(&mut self, id: i64, slot: i64) -> Result<PayloadText> {
+    /// The payload in `slot` of segment `id`, and the times the segment shares.
+    pub(super) fn payload(&mut self, id: i64, slot: i64) -> Result<(PayloadText, Times)> {
         let at = match self.cached.iter().position(|(cached, _)| *cached == id) {
             Some(at) => at,
             None => {
-                let body: Vec<u8> = self
+                let (appended_at, updated_at, body): (_, _, Vec<u8>) = self
                     .conn
-                    .prepare_cached("select body from segment_bodies where segment = ?")
-                    .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+                    .prepare_cached(
+                        "select s.appended_at_ns, s.updated_at_ns, b.body \
+                         from segments s join segment_bodies b on b.segment = s.id \
+                         where s.id = ?",
+                    )
+                    .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
                     .optional()
                     .or_storage("reading payloads")?
                     .ok_or_else(|| corrupt_slot(id))?;
+                let mut segment = decode(&body)?;
+                segment.times = Times {
+                    appended_at,
+                    updated_at,
+                };
                 if self.cached.len() >= CACHED_SEGMENTS {
                     self.cached.remove(0);
                 }
-                self.cached.push((id, decode(&body)?));
+                self.cached.push((id, segment));
                 self.cached.len() - 1
             }
         };
-        self.cached[at]
-            .1
-            .payload(slot)
-            .ok_or_else(|| corrupt_slot(id))
+        let segment = &self.cached[at].1;
+        let text = segment.payload(slot).ok_or_else(|| corrupt_slot(id))?;
+        Ok((text, segment.times))
     }
 }
 

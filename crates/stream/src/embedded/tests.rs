@@ -315,6 +315,7 @@ async fn a_file_with_inline_payloads_is_migrated_on_open() {
     for (entry, i) in read.entries.iter().zip(1..) {
         assert_eq!(entry.seq, Seq(i + 100));
         assert_eq!(entry.record.version.major, i);
+        assert_eq!(entry.record.upstream_updated_at.unix_timestamp_nanos(), 5);
         if i % 10 == 0 {
             assert!(entry.record.is_tombstone());
         } else {
@@ -343,4 +344,154 @@ async fn a_file_with_inline_payloads_is_migrated_on_open() {
     // Writes go on after the migrated records.
     let outcome = stream.append(vec![upsert(1, 9)]).await.unwrap();
     assert_eq!(outcome.head, Seq(2601));
+}
+
+/// `record` with its update time `ns` nanoseconds from the epoch.
+fn at(record: Record, ns: i128) -> Record {
+    Record {
+        upstream_updated_at: OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap(),
+        ..record
+    }
+}
+
+/// The one number `sql` gives on the file.
+fn held(stream: &EmbeddedStream, sql: &str) -> i64 {
+    stream
+        .with_reader(|conn| {
+            conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+                .or_storage("checking")
+        })
+        .unwrap()
+}
+
+/// Every record's id, update time and append time as the stream reads them back.
+async fn times(stream: &EmbeddedStream) -> Vec<(String, OffsetDateTime, OffsetDateTime)> {
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    let read = stream.read(&filter, Seq::START, 10_000).await.unwrap();
+    let mut times = Vec::new();
+    for entry in read.entries {
+        let lag = stream.lag(&filter, Seq(entry.seq.0 - 1), 1).await.unwrap();
+        let appended = lag.oldest_appended_at.expect("an append time");
+        let id = entry.record.key.upstream_id.0;
+        times.push((id, entry.record.upstream_updated_at, appended));
+    }
+    times
+}
+
+/// A record's update and append times read back as given wherever they are held: in its
+/// segment (the rows of an append that share them hold 0), in its row (a time of 0 among
+/// others, a tombstone, a segment rewritten by compaction), and in a file written before
+/// segments held times.
+#[tokio::test]
+async fn times_read_back_exactly_wherever_they_are_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let now = 1_700_000_000_000_000_005i128;
+    let appends = [
+        // One update time for every record: their rows hold none.
+        (0..40).map(|i| at(upsert(i, 1), now)).collect::<Vec<_>>(),
+        // The first record's time shared, with a 0 (the epoch) among them: each row holds
+        // its own; a time before the epoch; a tombstone.
+        vec![
+            at(upsert(100, 1), now + 7),
+            at(upsert(101, 1), 0),
+            at(upsert(102, 1), -86_400_000_000_003),
+            at(upsert(103, 1), now + 7),
+            at(record(104, 1, None), now + 9),
+        ],
+        // The epoch first: shared, and told from the others.
+        vec![
+            at(upsert(200, 1), 0),
+            at(upsert(201, 1), now + 11),
+            at(upsert(202, 1), 0),
+        ],
+    ];
+    for records in &appends {
+        stream.append(records.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let given: Vec<(String, OffsetDateTime)> = appends
+        .iter()
+        .flatten()
+        .map(|r| (r.key.upstream_id.0.clone(), r.upstream_updated_at))
+        .collect();
+    let as_given = |read: &[(String, OffsetDateTime, OffsetDateTime)]| {
+        read.iter()
+            .map(|(id, updated, _)| (id.clone(), *updated))
+            .collect::<Vec<_>>()
+    };
+    let before = times(&stream).await;
+    assert_eq!(as_given(&before), given);
+    // Each append's records share its append time, and the appends' times differ.
+    let appended: Vec<OffsetDateTime> = before.iter().map(|(_, _, a)| *a).collect();
+    assert!(appended[..40].iter().all(|a| *a == appended[0]));
+    assert!(appended[40..45].iter().all(|a| *a == appended[40]));
+    assert!(appended[0] < appended[40] && appended[40] < appended[45]);
+    let count = |sql: &str| held(&stream, &format!("select count(*) from {sql}"));
+    assert_eq!(
+        count("records where appended_at_ns = 0"),
+        47,
+        "every upsert's row leaves its append time to its segment; the tombstone's holds it"
+    );
+    assert_eq!(
+        count("records where upstream_updated_at_ns = 0"),
+        43,
+        "the first append's rows leave their update time to the segment (and the epochs are 0)"
+    );
+    assert_eq!(
+        count("segments where updated_at_ns is null"),
+        1,
+        "a 0 among other update times: the segment shares none"
+    );
+    // Reopened, every read comes from the file.
+    drop(stream);
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert_eq!(times(&stream).await, before);
+
+    // 30 of the first append's 40 replaced: its segment is rewritten with the 10 left, which
+    // then hold their own times.
+    let later: Vec<Record> = (0..30).map(|i| at(upsert(i, 2), now + 13)).collect();
+    stream.append(later.clone()).await.unwrap();
+    stream.append(vec![at(upsert(300, 1), now)]).await.unwrap();
+    let compacted = times(&stream).await;
+    assert_eq!(
+        compacted[..10],
+        before[30..40],
+        "the first append's last ten"
+    );
+    assert_eq!(compacted[10..15], before[40..45]);
+    assert_eq!(
+        held(
+            &stream,
+            "select count(*) from records where seq <= 40 and upstream_updated_at_ns = 0"
+        ),
+        0,
+        "the rewritten segment's records hold their own times"
+    );
+
+    // The file as an older sluice left it: every row holds its times, and segments none.
+    drop(stream);
+    {
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        conn.execute_batch(
+            "update records set
+               upstream_updated_at_ns = coalesce((select s.updated_at_ns from segments s
+                 where s.id = records.segment and records.upstream_updated_at_ns = 0),
+                 upstream_updated_at_ns),
+               appended_at_ns = coalesce((select s.appended_at_ns from segments s
+                 where s.id = records.segment and records.appended_at_ns = 0), appended_at_ns);
+             alter table segments drop column appended_at_ns;
+             alter table segments drop column updated_at_ns;",
+        )
+        .unwrap();
+    }
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert_eq!(times(&stream).await, compacted);
+    stream.append(vec![at(upsert(400, 1), now)]).await.unwrap();
+    let last = times(&stream).await;
+    assert_eq!(last[..last.len() - 1], compacted[..]);
+    assert_eq!(
+        last.last().unwrap().1,
+        at(upsert(0, 0), now).upstream_updated_at
+    );
 }

@@ -162,7 +162,7 @@ pub(super) fn insert(
     appended_at: i64,
 ) -> Result<u64> {
     let first = *next;
-    let stored = segment::store(tx, texts, first)?;
+    let stored = segment::store(tx, records, texts, first, appended_at)?;
     let mut order = Vec::with_capacity(records.len());
     for (at, record) in records.iter().enumerate() {
         order.push((ids.of(tx, record)?, at));
@@ -194,7 +194,7 @@ pub(super) fn insert(
                 collection,
                 &records[at],
                 stored.places[at],
-                appended_at,
+                stored.times[at],
             )
             .or_storage("appending")?;
         }
@@ -209,7 +209,8 @@ pub(super) fn insert(
 }
 
 /// Binds one record's 10 values from parameter `at` on; `collection` is its collection's id,
-/// `place` its payload's segment and slot.
+/// `place` its payload's segment and slot, `times` its update and append times as its row
+/// holds them (see `segment::Times`).
 fn bind_record(
     statement: &mut rusqlite::Statement<'_>,
     at: usize,
@@ -217,14 +218,14 @@ fn bind_record(
     collection: i64,
     record: &Record,
     place: Option<(i64, i64)>,
-    appended_at: i64,
+    (updated_at, appended_at): (i64, i64),
 ) -> rusqlite::Result<()> {
     statement.raw_bind_parameter(at, seq)?;
     statement.raw_bind_parameter(at + 1, collection)?;
     statement.raw_bind_parameter(at + 2, record.key.upstream_id.0.as_str())?;
     statement.raw_bind_parameter(at + 3, record.version.major as i64)?;
     statement.raw_bind_parameter(at + 4, record.version.minor as i64)?;
-    statement.raw_bind_parameter(at + 5, nanos(record.upstream_updated_at))?;
+    statement.raw_bind_parameter(at + 5, updated_at)?;
     statement.raw_bind_parameter(at + 6, record.is_tombstone())?;
     statement.raw_bind_parameter(at + 7, place.map(|(segment, _)| segment))?;
     statement.raw_bind_parameter(at + 8, place.map(|(_, slot)| slot))?;
