@@ -69,17 +69,19 @@ fn key_in_no_order(i: usize) -> String {
     )
 }
 
+/// Today's row as the stream writes it for an append whose records share their update time
+/// (a PostgreSQL source's page or transaction): both times 0, held by the segment.
 fn bind_row(st: &mut Statement<'_>, at: usize, row: Row, key: String) -> rusqlite::Result<()> {
     st.raw_bind_parameter(at, row.seq)?;
     st.raw_bind_parameter(at + 1, 1i64)?;
     st.raw_bind_parameter(at + 2, key)?;
     st.raw_bind_parameter(at + 3, row.version)?;
     st.raw_bind_parameter(at + 4, 0i64)?;
-    st.raw_bind_parameter(at + 5, 1_700_000_000_000_000_000i64 + row.i as i64)?;
+    st.raw_bind_parameter(at + 5, 0i64)?;
     st.raw_bind_parameter(at + 6, false)?;
     st.raw_bind_parameter(at + 7, row.segment)?;
     st.raw_bind_parameter(at + 8, row.slot)?;
-    st.raw_bind_parameter(at + 9, 1_700_000_000_000_000_000i64)
+    st.raw_bind_parameter(at + 9, 0i64)
 }
 
 const TODAY_SCHEMA: &str = "
