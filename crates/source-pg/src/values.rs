@@ -17,6 +17,7 @@
 //! | NULL | null |
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use serde_json::Value as Json;
 use sluice_core::bytes::ByteSet;
@@ -171,7 +172,11 @@ pub(crate) fn write_json(kind: &Kind, text: &str, out: &mut String) {
             push_iso_timestamp(text, matches!(kind, Kind::TimestampTz), out);
             out.push('"');
         }
-        _ => out.push_str(&to_json(kind, text).to_string()),
+        // Written straight into `out` (`to_string` would grow a string of its own from
+        // nothing, piece by piece, and copy it): the same `Display` text.
+        _ => {
+            let _ = write!(out, "{}", to_json(kind, text));
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! `binary.rs` while it can, else text), one line per upsert from the payload's stored text
 //! (`fields.rs`) or from the parsed payload, and the PostgreSQL input text of JSON values.
 
+use std::fmt::Write as _;
+
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sluice_core::{Change, Error, Payload, RecordKey, StreamEntry};
@@ -172,22 +174,45 @@ pub(super) fn unix_time(kind: Kind, text: &str) -> Option<time::OffsetDateTime> 
 
 /// `{1,NULL,"a b"}` from a JSON array (nested arrays for more dimensions).
 pub(super) fn array_literal(items: &[Value]) -> String {
-    let parts: Vec<String> = items
-        .iter()
-        .map(|v| match v {
-            Value::Null => "NULL".to_owned(),
-            Value::Array(inner) => array_literal(inner),
-            Value::Bool(b) => if *b { "t" } else { "f" }.to_owned(),
-            Value::Number(n) => n.to_string(),
-            Value::String(s) => quote_element(s),
-            other => quote_element(&other.to_string()),
-        })
-        .collect();
-    format!("{{{}}}", parts.join(","))
+    let mut out = String::new();
+    push_array_literal(&mut out, items);
+    out
 }
 
-fn quote_element(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+/// Writes the array literal straight into `out`: no string per element.
+fn push_array_literal(out: &mut String, items: &[Value]) {
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Value::Null => out.push_str("NULL"),
+            Value::Array(inner) => push_array_literal(out, inner),
+            Value::Bool(b) => out.push(if *b { 't' } else { 'f' }),
+            Value::Number(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Value::String(s) => push_quoted_element(out, s),
+            other => push_quoted_element(out, &other.to_string()),
+        }
+    }
+    out.push('}');
+}
+
+/// `s` in double quotes, its backslashes and double quotes escaped with a backslash.
+fn push_quoted_element(out: &mut String, s: &str) {
+    out.push('"');
+    let mut rest = s;
+    while let Some(at) = rest.find(['\\', '"']) {
+        out.push_str(&rest[..at]);
+        out.push('\\');
+        // The byte found is ASCII: the next character starts right after it.
+        out.push_str(&rest[at..at + 1]);
+        rest = &rest[at + 1..];
+    }
+    out.push_str(rest);
+    out.push('"');
 }
 
 #[cfg(test)]
