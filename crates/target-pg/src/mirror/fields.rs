@@ -24,32 +24,25 @@ use super::text::{array_literal, unix_seconds, without_nul};
 pub(super) struct Columns<'d> {
     /// The table's columns, in its order.
     def: &'d [ColumnDef],
-    by_name: HashMap<&'d str, usize, foldhash::fast::FixedState>,
     /// The columns' indexes in name order (bytewise, as a payload's fields come).
     sorted: Vec<usize>,
-    /// Each column's place in `sorted`.
-    rank: Vec<usize>,
+    /// Each column's index and place in `sorted`, by name.
+    by_name: HashMap<&'d str, (usize, usize), foldhash::fast::FixedState>,
 }
 
 impl<'d> Columns<'d> {
     pub(super) fn new(def: &'d TableDef) -> Self {
-        let by_name = def
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.name.as_str(), i))
-            .collect();
         let mut sorted: Vec<usize> = (0..def.columns.len()).collect();
         sorted.sort_by(|&a, &b| def.columns[a].name.cmp(&def.columns[b].name));
-        let mut rank = vec![0; sorted.len()];
-        for (place, &i) in sorted.iter().enumerate() {
-            rank[i] = place;
-        }
+        let by_name = sorted
+            .iter()
+            .enumerate()
+            .map(|(place, &i)| (def.columns[i].name.as_str(), (i, place)))
+            .collect();
         Self {
             def: &def.columns,
-            by_name,
             sorted,
-            rank,
+            by_name,
         }
     }
 
@@ -67,8 +60,8 @@ impl<'d> Columns<'d> {
             *next += 1;
             return Some(at);
         }
-        let at = self.by_name.get(name).copied()?;
-        *next = self.rank[at] + 1;
+        let (at, place) = self.by_name.get(name).copied()?;
+        *next = place + 1;
         Some(at)
     }
 }
