@@ -23,7 +23,7 @@
 //! connection counts with 2 readers, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the consumer
 //! table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
 //! default) the consumers' `max_records`, `SLUICE_BENCH_KEY` (`bigint` or `uuid`) the table's
-//! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed` or `small`) its other columns. The stream's
+//! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed`, `small` or `wide`: ~8 KB rows) its other columns. The stream's
 //! size is printed with its write-ahead log's share.
 
 use std::path::Path;
@@ -262,7 +262,13 @@ async fn run() {
             "account integer not null, quantity integer not null",
             "i % 100000, i % 17",
         ),
-        Ok(other) => panic!("SLUICE_BENCH_SHAPE is narrow, mixed or small, not {other:?}"),
+        // About 8 KB a row: the server TOASTs it, and a page of rows is megabytes.
+        Ok("wide") => (
+            "title text not null, body text not null",
+            "'item ' || i, (select string_agg(md5((i * 1000 + k)::text), ' ') \
+             from generate_series(1, 240) k)",
+        ),
+        Ok(other) => panic!("SLUICE_BENCH_SHAPE is narrow, mixed, small or wide, not {other:?}"),
     };
     let table = &format!("create table public.items (id {key_type} primary key, {columns})");
     source.create_database("src").await.unwrap();

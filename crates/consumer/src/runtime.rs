@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sluice_core::{
     Backoff, Batch, BatchConfig, ConsumerId, EntityKind, EntityRef, Error, ErrorClass, HealthState,
-    LagThresholds, RecordFilter, RecordStream, Seq, Status, StreamEntry, StreamRead, Target,
-    Transition,
+    LagThresholds, READ_BYTES, RecordFilter, RecordStream, Seq, Status, StreamEntry, StreamRead,
+    Target, Transition,
 };
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -203,6 +203,15 @@ pub struct ConsumerRuntime {
 struct Prefetch {
     after: Seq,
     read: tokio::task::JoinHandle<Result<StreamRead, Error>>,
+}
+
+/// Bytes of payload text `entries` hold, as far as the read handed them over as text.
+fn payload_bytes(entries: &[StreamEntry]) -> usize {
+    entries
+        .iter()
+        .filter_map(|e| e.payload_text.as_ref())
+        .map(|text| text.as_str().len())
+        .sum()
 }
 
 /// While batches keep coming, the stream cursor is acknowledged at most this often (and when
@@ -420,16 +429,22 @@ impl ConsumerRuntime {
         // Not a full batch. Caught up with a source that appends as it commits: apply at once
         // (records that arrive meanwhile make the next batch). While a backlog is building (a
         // source backfilling), wait up to max_wait for a fuller batch.
-        if entries.len() < max && shared.stream.backfilling(&shared.filter) {
+        // Full: `max` records, or the bytes at which the stream ends a read (records of
+        // kilobytes make batches of fewer records; such a batch is full, not one to wait for).
+        let mut bytes = payload_bytes(&entries);
+        let full =
+            |entries: &[StreamEntry], bytes: usize| entries.len() >= max || bytes >= READ_BYTES;
+        if !full(&entries, bytes) && shared.stream.backfilling(&shared.filter) {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.batch.max_wait_ms);
-            while entries.len() < max {
+            while !full(&entries, bytes) {
                 tokio::select! {
                     _ = shared.stream.wait_past(through) => {}
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = shutdown.changed() => break,
                 }
                 let more = shared.read(through, max - entries.len()).await?;
+                bytes += payload_bytes(&more.entries);
                 entries.extend(more.entries);
                 through = more.through;
             }
@@ -437,7 +452,7 @@ impl ConsumerRuntime {
         let count = entries.len();
         // A full batch means more is likely waiting: read it while this one is applied. (Safe
         // under compaction: a record updated meanwhile reappears later in the stream, newer.)
-        if count == max {
+        if full(&entries, bytes) {
             let shared = shared.clone();
             self.prefetch = Some(Prefetch {
                 after: through,

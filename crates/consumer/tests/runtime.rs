@@ -897,3 +897,47 @@ async fn caught_up_applies_at_once_and_only_a_backfill_waits_for_fuller_batches(
     stop.send_replace(true);
     task.await.unwrap();
 }
+
+/// While a source is backfilling, a batch of large records is full once it holds the bytes at
+/// which the stream ends a read (`READ_BYTES`), however few records that is: it is applied at
+/// once, not held for `max_wait_ms` while `max_records` more are read into memory.
+#[tokio::test]
+async fn a_backfill_of_large_records_makes_full_batches_of_megabytes() {
+    let s = setup(&PG, "largerecs").await;
+    let wait = Duration::from_secs(8);
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    // 24 records of about 1 MiB each, in three appends: more than the stream keeps in memory,
+    // so the consumer reads them from the file.
+    let large = |id: usize| {
+        let note = format!("{id:06}").repeat(175_000);
+        Record {
+            change: Change::upsert(json!({"id": id, "note": note})).unwrap(),
+            ..rec(SYNC, Provider::Postgres, id, 1, false)
+        }
+    };
+    for first in [0, 8, 16] {
+        s.stream
+            .append((first..first + 8).map(large).collect())
+            .await
+            .unwrap();
+    }
+    let batch = BatchConfig {
+        max_records: 1000,
+        max_wait_ms: wait.as_millis() as u64,
+    };
+    let started = Instant::now();
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    let (_handle, stop, task) = start_batching(&s, filter, "largerecs", batch);
+    wait_until("every large record is applied", 60, async || {
+        target_rows(&PG, &s).await.len() == 24
+    })
+    .await;
+    assert!(
+        started.elapsed() < wait / 2,
+        "applied after {:?}: a batch of megabytes waited for max_wait {wait:?}",
+        started.elapsed()
+    );
+    assert_eq!(target_rows(&PG, &s).await, stream_rows(&s).await);
+    stop.send_replace(true);
+    task.await.unwrap();
+}

@@ -76,8 +76,8 @@ pub use report::{CheckReport, Finding};
 pub use retry::{Backoff, FIX_CONFIGURATION_FLOOR};
 pub use source::{CollectionInfo, Refused, Source, SourceProgress, Stop};
 pub use stream::{
-    AppendOutcome, CollectionSchema, ColumnSchema, Lag, PayloadText, RecordFilter, RecordStream,
-    Seq, SourceState, StreamEntry, StreamRead,
+    AppendOutcome, CollectionSchema, ColumnSchema, Lag, PayloadText, READ_BYTES, RecordFilter,
+    RecordStream, Seq, SourceState, StreamEntry, StreamRead,
 };
 pub use target::{Batch, Target};
 pub use text_batch::TextBatch;

@@ -15,6 +15,10 @@ use crate::{
     CollectionId, ConsumerId, Provider, Record, RecordKey, Result, SyncId, TextBatch, Version,
 };
 
+/// Bytes of payload text after which a store may end a read before its `limit`
+/// ([`RecordStream::read`]); a reader whose entries hold this many has a full batch.
+pub const READ_BYTES: usize = 8 << 20;
+
 /// A position in the records stream. Positions strictly increase over the whole stream;
 /// [`Seq::START`] is before every entry, so reading after it is the backfill.
 #[derive(
@@ -310,7 +314,9 @@ pub trait RecordStream: Send + Sync {
 
     /// Up to `limit` entries with `seq > after` that pass `filter`, in `seq` order, and how far
     /// the read looked. Reading from [`Seq::START`] is the backfill; continuing from the
-    /// returned `through` is real time. The two are the same call.
+    /// returned `through` is real time. The two are the same call. A store may end a read
+    /// sooner, once its entries' payloads reach [`READ_BYTES`] (`through` is then its last
+    /// entry), so that large records are read a few megabytes at a time.
     async fn read(&self, filter: &RecordFilter, after: Seq, limit: usize) -> Result<StreamRead>;
 
     /// Like [`read`](RecordStream::read), but a store may hand each upsert's payload over as

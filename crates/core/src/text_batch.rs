@@ -90,6 +90,11 @@ impl TextBatch {
         self.records.len()
     }
 
+    /// Bytes of payload text the batch holds.
+    pub fn bytes(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// An empty batch with room for as many records as this one holds and an eighth more
     /// text: for the next batch of a source whose batches are alike, which then grows no
     /// buffer (growing one copies all of its text, into memory never touched before).

@@ -400,6 +400,54 @@ async fn a_backfill_reads_its_next_page_while_the_one_before_is_appended() {
         .unwrap();
 }
 
+/// Rows of kilobytes are read and appended in pieces of megabytes, not of `backfill_page` or
+/// `batch_max` rows: 1,200 rows of 24 KB (stored uncompressed) backfilled with pages of up to
+/// 5,000 rows, then one transaction of 1,000 more. After the first page (whose size comes
+/// from the table's size on disk, at most 1,000 rows), a page holds what 4 MiB of text holds
+/// (`PAGE_BYTES`: 174 rows), and the transaction is appended in pieces of 8 MiB of payloads
+/// (`PENDING_BYTES`: 350 rows). Everything arrives as the source holds it.
+#[tokio::test]
+async fn wide_rows_are_read_and_appended_in_pieces_of_megabytes() {
+    let s = setup(
+        "wide",
+        "create table public.wide (id int primary key, n int not null, body text not null);
+         alter table public.wide alter column body set storage external;
+         insert into public.wide select i, 0, repeat(md5(i::text), 750) from generate_series(1, 1200) i;",
+    )
+    .await;
+    let watched = Watched::new(s.stream.clone(), |_| None);
+    let options = SourceOptions {
+        backfill_page: 5000,
+        backfill_readers: 1,
+        ..options()
+    };
+    let running = start_with(s.settings.clone(), s.spec.clone(), watched.clone(), options);
+    wait_until("the backfill is complete", 120, async || {
+        running.source.backfill_progress().done
+    })
+    .await;
+    let pages = watched.appends();
+    assert!(pages.len() >= 2 && pages[0] <= 1000, "{pages:?}");
+    assert!(pages[1..].iter().all(|&rows| rows <= 175), "{pages:?}");
+    assert_eq!(pages.iter().sum::<usize>(), 1200, "{pages:?}");
+    PG.execute(
+        &s.db,
+        "insert into public.wide select i, 0, repeat(md5(i::text), 750) from generate_series(1201, 2200) i",
+    )
+    .await
+    .unwrap();
+    let want = source_rows(&s.db, "public.wide").await;
+    wait_until("the stream equals the source", 120, async || {
+        stream_rows(&live(&s.stream, "public.wide").await) == want
+    })
+    .await;
+    let pieces = watched.appends()[pages.len()..].to_vec();
+    assert!(pieces.len() >= 3, "{pieces:?}");
+    assert!(pieces.iter().all(|&rows| rows <= 350), "{pieces:?}");
+    assert_eq!(pieces.iter().sum::<usize>(), 1000, "{pieces:?}");
+    running.stop().await;
+}
+
 /// A parallel backfill stopped part-way resumes every range after its last appended page,
 /// even with fewer readers than ranges, and ends equal to the source. The table was never
 /// analysed: its ranges are planned from its size on disk.
@@ -1140,6 +1188,8 @@ struct Watched {
     /// See [`Watched::hold`].
     hold: std::sync::Mutex<Hold>,
     hold_changed: std::sync::Condvar,
+    /// How many records each append held, in order.
+    appends: std::sync::Mutex<Vec<usize>>,
 }
 
 /// The first append holding a record of `collection` blocks the thread it runs on until
@@ -1168,7 +1218,13 @@ impl Watched {
             refused: Default::default(),
             hold: Default::default(),
             hold_changed: Default::default(),
+            appends: Default::default(),
         })
+    }
+
+    /// How many records each append held, in order.
+    fn appends(&self) -> Vec<usize> {
+        self.appends.lock().unwrap().clone()
     }
 
     /// Holds the first append of a record of `collection` (see [`Hold`]).
@@ -1228,6 +1284,7 @@ impl RecordStream for Watched {
                 hold.released = true;
             }
         }
+        self.appends.lock().unwrap().push(records.len());
         let refuse = self.refuse.lock().unwrap().clone();
         if let Some(collection) = refuse
             && records.iter().any(|r| r.key.collection_id.0 == collection)

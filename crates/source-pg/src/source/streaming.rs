@@ -41,6 +41,10 @@ pub(super) struct Txn {
     pub(super) before: Lsn,
 }
 
+/// Bytes of payload text that make an append whatever the records' count (see
+/// [`Streaming::pending_full`]).
+pub(super) const PENDING_BYTES: usize = 8 << 20;
+
 /// The state of one streaming session.
 pub(super) struct Streaming<'a> {
     pub(super) source: &'a PostgresSource,
@@ -101,6 +105,14 @@ impl Streaming<'_> {
                 .is_some_and(|since| since.elapsed() >= self.last_append)
     }
 
+    /// Whether what is pending makes a whole append: `batch_max` records, or
+    /// [`PENDING_BYTES`] of payloads (a transaction of wide rows is appended in pieces of
+    /// megabytes, not of `batch_max` rows).
+    fn pending_full(&self) -> bool {
+        self.pending.len() >= self.source.inner.options.batch_max
+            || self.pending.bytes() >= PENDING_BYTES
+    }
+
     /// Queues `record` (a tombstone, or an upsert with its payload map).
     pub(super) fn push(&mut self, record: Record) {
         self.queueing(&record.key);
@@ -134,7 +146,6 @@ impl Streaming<'_> {
         writer: &mut StatusWriter,
         queue_empty: bool,
     ) -> Result<(), Error> {
-        let batch_max = self.source.inner.options.batch_max;
         match message {
             Message::Begin {
                 final_lsn,
@@ -158,7 +169,7 @@ impl Streaming<'_> {
                 self.committed = Some(end_lsn);
                 self.source
                     .status(|s| s.last_activity = Some(OffsetDateTime::now_utc()));
-                if self.pending.len() >= batch_max || self.append_now(queue_empty) {
+                if self.pending_full() || self.append_now(queue_empty) {
                     self.flush(writer).await?;
                 }
             }
@@ -197,7 +208,7 @@ impl Streaming<'_> {
             }
             Message::Relation(_) | Message::Ignored => {}
         }
-        if self.pending.len() >= batch_max {
+        if self.pending_full() {
             // A large transaction: append its changes so far; the slot is confirmed only at
             // its commit, so a crash replays it whole and the stream skips what it holds.
             self.flush_records().await?;

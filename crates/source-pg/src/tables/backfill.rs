@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use super::page::{Page, fetch_rows, keys_sql, page_sql};
-use super::ranges::{KeyRange, Reading, split};
+use super::ranges::{KeyRange, Reading, first_limit, split};
 use super::watermarks::{Snapshot, Watermarks};
 use super::{Table, by_name, db, payload_room, upstream_id, write_payload};
 use crate::values::TypeMap;
@@ -173,11 +173,12 @@ pub(crate) struct Backfill<'a> {
 /// Which rows of a table one consistent read takes.
 #[derive(Clone, Copy)]
 pub(super) enum Rows<'k> {
-    /// The next keyset page after `after` (from the first row when `None`), up to and
-    /// including `through` (to the last row when `None`).
+    /// The next keyset page of up to `limit` rows after `after` (from the first row when
+    /// `None`), up to and including `through` (to the last row when `None`).
     After {
         after: Option<&'k [String]>,
         through: Option<&'k [String]>,
+        limit: usize,
     },
     /// The rows with exactly these keys (those that still exist).
     Keys(&'k [Vec<String>]),
@@ -255,12 +256,13 @@ impl Backfill<'_> {
                 readers,
                 "backfill: reading"
             );
+            let first = first_limit(&mut conns[0], table, self.page).await;
             let reading = Reading::new(state);
             let unreadable = futures_util::future::try_join_all(
                 conns
                     .iter_mut()
                     .take(readers)
-                    .map(|conn| self.read_ranges(conn, table, &reading)),
+                    .map(|conn| self.read_ranges(conn, table, &reading, first)),
             )
             .await?
             .into_iter()
@@ -330,7 +332,11 @@ impl Backfill<'_> {
         rows: Rows<'_>,
     ) -> Result<Page, Error> {
         let sql = match rows {
-            Rows::After { after, through } => page_sql(table, after, through, self.page)?,
+            Rows::After {
+                after,
+                through,
+                limit,
+            } => page_sql(table, after, through, limit)?,
             Rows::Keys([]) => return Ok(Page::default()),
             Rows::Keys(keys) => keys_sql(table, keys)?,
         };

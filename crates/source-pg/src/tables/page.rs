@@ -28,6 +28,11 @@ impl Page {
         self.rows
     }
 
+    /// Bytes of the values' text.
+    pub fn bytes(&self) -> usize {
+        self.text.len()
+    }
+
     /// Column `column` of row `row`; `None` for SQL NULL.
     pub fn value(&self, row: usize, column: usize) -> Option<&str> {
         if column >= self.columns {

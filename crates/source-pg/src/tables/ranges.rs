@@ -176,26 +176,76 @@ impl Reading {
     }
 }
 
+/// Bytes of the server's text a backfill page is sized to hold, once a page of the table has
+/// shown how large its rows are: a page of `backfill_page` rows of a few hundred bytes is well
+/// under it, while rows of kilobytes are read in fewer rows a page, so that a reader's two pages
+/// in flight (one read while the one before is appended) stay megabytes whatever the rows.
+pub(crate) const PAGE_BYTES: usize = 4 << 20;
+
+/// Most rows of a reader's first page of a table, before a page has shown its rows' size (a
+/// table of fewer rows is still read in one page).
+pub(crate) const FIRST_PAGE_ROWS: usize = 1000;
+
+/// Rows of each reader's first page of `table`: as many as [`PAGE_BYTES`] holds at the
+/// table's bytes on disk per row (TOAST may compress wide values, so the rows read can be
+/// larger, and the pages after adapt to them), at most [`FIRST_PAGE_ROWS`] and `page`, and
+/// [`FIRST_PAGE_ROWS`] when the size cannot be had.
+pub(crate) async fn first_limit(conn: &mut PgConnection, table: &Table, page: usize) -> usize {
+    let rows = planned_rows(conn, table).await.max(table.estimate);
+    let bytes: i64 = sqlx::query_scalar("select pg_total_relation_size($1::int8::oid)")
+        .bind(i64::from(table.oid))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap_or(0);
+    let fit = match (rows, u64::try_from(bytes).unwrap_or(0)) {
+        (0, _) | (_, 0) => FIRST_PAGE_ROWS,
+        (rows, bytes) => {
+            usize::try_from(PAGE_BYTES as u64 / (bytes / rows).max(1)).unwrap_or(FIRST_PAGE_ROWS)
+        }
+    };
+    fit.min(FIRST_PAGE_ROWS).min(page).max(1)
+}
+
+/// The rows the page after one of `rows` rows and `bytes` bytes of text asks for: as many as
+/// [`PAGE_BYTES`] holds at its rows' size, at least one, at most four times as many as it
+/// asked for (`limit`: a page that found few rows says little) and at most `page`.
+pub(crate) fn next_limit(page: usize, limit: usize, rows: usize, bytes: usize) -> usize {
+    let fit = match rows {
+        0 => page,
+        _ => PAGE_BYTES / bytes.div_ceil(rows).max(1),
+    };
+    fit.min(limit.saturating_mul(4)).min(page).max(1)
+}
+
 /// One page of a range, read and made into records.
 struct PageRead {
     /// Rows read (some may have raced, see `Backfill::records`).
     rows: usize,
+    /// Bytes of the rows' text as the server sent it.
+    bytes: usize,
     /// The last row's key.
     last: Option<Vec<String>>,
     records: TextBatch,
 }
 
 impl Backfill<'_> {
-    /// One reader: takes ranges of `table` until none is left, and reads each to its end.
-    /// `Some(error)` when a range cannot be read (the table then waits, see `Backfill::run`).
+    /// One reader: takes ranges of `table` until none is left, and reads each to its end, the
+    /// first page in `first` rows. `Some(error)` when a range cannot be read (the table then waits, see `Backfill::run`).
     pub(super) async fn read_ranges(
         &self,
         conn: &mut PgConnection,
         table: &Table,
         reading: &Reading,
+        first: usize,
     ) -> Result<Option<Error>, Error> {
+        // Rows per page: `first` (see `first_limit`), then learnt from the pages read (see
+        // `next_limit`).
+        let mut limit = first;
         while let Some(index) = reading.next() {
-            if let Some(unreadable) = self.read_range(conn, table, reading, index).await? {
+            if let Some(unreadable) = self
+                .read_range(conn, table, reading, index, &mut limit)
+                .await?
+            {
                 return Ok(Some(unreadable));
             }
         }
@@ -204,13 +254,15 @@ impl Backfill<'_> {
 
     /// Reads range `index` to its end, page by page: the next page is read (on `conn`) and
     /// made into records while the one before it is appended, so the source's server, this
-    /// task and the stream's writer work at the same time.
+    /// task and the stream's writer work at the same time. `limit` is the rows the next page
+    /// asks for, sized by each page read.
     async fn read_range(
         &self,
         conn: &mut PgConnection,
         table: &Table,
         reading: &Reading,
         index: usize,
+        limit: &mut usize,
     ) -> Result<Option<Error>, Error> {
         let (mut after, through) = {
             let inner = reading.inner.lock().await;
@@ -218,15 +270,16 @@ impl Backfill<'_> {
             (range.after.clone(), range.through.clone())
         };
         let mut read = self
-            .read_page(conn, table, after.as_deref(), through.as_deref())
+            .read_page(conn, table, after.as_deref(), through.as_deref(), *limit)
             .await;
         loop {
             let page = match read {
                 Ok(page) => page,
-                Err(e) => return self.unreadable(table, after.as_deref(), e),
+                Err(e) => return self.unreadable(table, after.as_deref(), *limit, e),
             };
             // A full page: the range may go on after its last key.
-            let next = page.last.filter(|_| page.rows >= self.page);
+            let next = page.last.filter(|_| page.rows >= *limit);
+            *limit = next_limit(self.page, *limit, page.rows, page.bytes);
             let append = self.append_page(
                 table,
                 reading,
@@ -241,7 +294,7 @@ impl Backfill<'_> {
             };
             let (appended, next_read) = tokio::join!(
                 append,
-                self.read_page(conn, table, Some(&key), through.as_deref())
+                self.read_page(conn, table, Some(&key), through.as_deref(), *limit)
             );
             appended?;
             after = Some(key);
@@ -249,20 +302,25 @@ impl Backfill<'_> {
         }
     }
 
-    /// The page of the range up to `through` after `after`, read consistently with the
-    /// change stream and made into records.
+    /// The page of up to `limit` rows of the range up to `through` after `after`, read
+    /// consistently with the change stream and made into records.
     async fn read_page(
         &self,
         conn: &mut PgConnection,
         table: &Table,
         after: Option<&[String]>,
         through: Option<&[String]>,
+        limit: usize,
     ) -> Result<PageRead, Error> {
-        let (lsn, rows, raced) = self
-            .read_consistent(conn, table, Rows::After { after, through })
-            .await?;
+        let rows = Rows::After {
+            after,
+            through,
+            limit,
+        };
+        let (lsn, rows, raced) = self.read_consistent(conn, table, rows).await?;
         Ok(PageRead {
             rows: rows.len(),
+            bytes: rows.bytes(),
             last: rows.last_key(),
             records: self.records(table, lsn, rows, &raced),
         })
@@ -274,6 +332,7 @@ impl Backfill<'_> {
         &self,
         table: &Table,
         after: Option<&[String]>,
+        limit: usize,
         e: Error,
     ) -> Result<Option<Error>, Error> {
         let collection = table.collection();
@@ -296,8 +355,7 @@ impl Backfill<'_> {
                     ),
                 };
                 let stopped = Error::invalid(format!(
-                    "backfill of {collection} stopped at {rows} (a page of up to {} rows): {e}",
-                    self.page
+                    "backfill of {collection} stopped at {rows} (a page of up to {limit} rows): {e}"
                 ));
                 tracing::error!(collection, error = %stopped, "backfill: this table stops; the others continue");
                 Ok(Some(stopped))
@@ -357,5 +415,29 @@ impl Backfill<'_> {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_hold_megabytes_whatever_the_rows() {
+        // Rows of ~250 bytes: four times the first page, then `backfill_page`.
+        assert_eq!(next_limit(5000, 1000, 1000, 250_000), 4000);
+        assert_eq!(next_limit(5000, 4000, 4000, 1_000_000), 5000);
+        // Rows of 8 KB: what 4 MiB holds, from a first page of any size.
+        assert_eq!(next_limit(5000, 1000, 1000, 8_192_000), 512);
+        assert_eq!(next_limit(5000, 512, 512, 512 * 8192), 512);
+        // A row larger than a page's bytes: one row a page, never none.
+        assert_eq!(next_limit(5000, 1000, 3, 3 * (PAGE_BYTES + 1)), 1);
+        assert_eq!(next_limit(0, 1000, 10, 100), 1);
+        // A page that found no row, or rows of no text, says nothing of their size.
+        assert_eq!(next_limit(5000, 1000, 0, 0), 4000);
+        assert_eq!(next_limit(5000, 1000, 10, 0), 4000);
+        // A small `backfill_page` stays as it is.
+        assert_eq!(next_limit(7, 7, 7, 70), 7);
+        assert_eq!(next_limit(usize::MAX, usize::MAX, 1, 1), PAGE_BYTES);
     }
 }

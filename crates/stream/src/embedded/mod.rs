@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use sluice_core::{
     AppendOutcome, Change, CollectionId, CollectionSchema, ConsumerId, Error, Lag, PayloadText,
-    Provider, Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState, StreamEntry,
-    StreamRead, SyncId, TextBatch, UpstreamId, Version,
+    Provider, READ_BYTES, Record, RecordFilter, RecordKey, RecordStream, Result, Seq, SourceState,
+    StreamEntry, StreamRead, SyncId, TextBatch, UpstreamId, Version,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
@@ -140,7 +140,7 @@ impl EmbeddedStream {
                 let mut names = Names::new(&self.collections, conn);
                 let mut entries = Vec::new();
                 while let Some(row) = rows.next().or_storage("reading")? {
-                    entries.push(decode(row, Form::Parsed, &mut segments, &mut names)?);
+                    entries.push(decode(row, Form::Parsed, &mut segments, &mut names)?.0);
                 }
                 Ok(entries)
             })
@@ -292,6 +292,7 @@ impl RecordStream for EmbeddedStream {
                     .or_storage(what)?
                     .map(|row| decode(row, Form::Parsed, &mut segments, &mut names))
                     .transpose()
+                    .map(|entry| entry.map(|(entry, _)| entry))
             })
         })
     }

@@ -43,7 +43,11 @@ impl EmbeddedStream {
         Ok(entries.map(|e| (e, head)))
     }
 
-    /// The entries from the file and the head they go to.
+    /// The entries from the file and the head they go to; when their payloads reach
+    /// [`READ_BYTES`] before `limit`, the read stops there and goes to its last entry: records
+    /// of kilobytes are read a few megabytes at a time, so a consumer's batches (the one it
+    /// writes and the one it reads ahead) stay megabytes whatever the records (`limit` records
+    /// of a few hundred bytes are well under it).
     fn read_file(
         &self,
         filter: &RecordFilter,
@@ -65,14 +69,23 @@ impl EmbeddedStream {
             let mut segments = Segments::new(&tx);
             let mut names = Names::new(&self.collections, &tx);
             let mut entries = Vec::with_capacity(limit.min(4096));
+            let (mut bytes, mut through) = (0, head as u64);
             while let Some(row) = rows.next().or_storage("reading")? {
-                entries.push(decode(row, form, &mut segments, &mut names)?);
+                let (entry, size) = decode(row, form, &mut segments, &mut names)?;
+                bytes += size;
+                if bytes >= READ_BYTES {
+                    // The read looked this far: the next one goes on from here.
+                    through = entry.seq.0;
+                    entries.push(entry);
+                    break;
+                }
+                entries.push(entry);
             }
             drop((segments, names));
             drop(rows);
             drop(statement);
             tx.commit().or_storage("ending a read")?;
-            Ok((entries, Seq(head as u64)))
+            Ok((entries, Seq(through)))
         })
     }
 
@@ -96,13 +109,13 @@ pub(crate) enum Form {
 }
 
 /// One row of a `select {COLUMNS}`, by position (no name lookups), with its collection from
-/// `names` and its payload from `segments`.
+/// `names` and its payload from `segments`, and its payload's bytes as stored.
 pub(super) fn decode(
     row: &rusqlite::Row<'_>,
     form: Form,
     segments: &mut Segments<'_>,
     names: &mut Names<'_>,
-) -> Result<StreamEntry> {
+) -> Result<(StreamEntry, usize)> {
     let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
     let int = |at: usize, what: &str| row.get::<_, i64>(at).map_err(|_| bad(what));
     let text = |at: usize, what: &str| {
@@ -113,11 +126,13 @@ pub(super) fn decode(
     };
     let mut payload_text = None;
     let mut times = Times::OWN;
+    let mut size = 0;
     let change = if int(6, "deleted")? != 0 {
         Change::Delete
     } else {
         let (text, shared) = segments.payload(int(7, "segment")?, int(8, "slot")?)?;
         times = shared;
+        size = text.as_str().len();
         if form == Form::Text {
             payload_text = Some(text);
             Change::Upsert {
@@ -130,7 +145,7 @@ pub(super) fn decode(
     };
     let updated_ns = times.updated_at(int(5, "upstream_updated_at")?);
     let collection = names.name(int(1, "collection")?)?;
-    Ok(StreamEntry {
+    let entry = StreamEntry {
         seq: Seq(int(0, "seq")? as u64),
         record: Record {
             key: RecordKey {
@@ -148,7 +163,8 @@ pub(super) fn decode(
             change,
         },
         payload_text,
-    })
+    };
+    Ok((entry, size))
 }
 
 /// The `and …` clause for a filter, with its parameters appended by [`bind_filter`]: the

@@ -495,3 +495,65 @@ async fn times_read_back_exactly_wherever_they_are_held() {
         at(upsert(0, 0), now).upstream_updated_at
     );
 }
+
+/// A read from the file stops once its payloads reach `READ_BYTES`, whatever its limit: it
+/// goes to its last entry, the next read goes on from there, and every record is read once, in
+/// order. Reads of small records still stop at the limit.
+#[tokio::test]
+async fn reads_of_large_payloads_stop_at_read_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    // 40 payloads of about 1 MiB, then 10 small ones.
+    let large = |id: u64| {
+        let body = format!("{id:07}").repeat(150_000);
+        record(id, 1, Some(serde_json::json!({"id": id, "body": body})))
+    };
+    for first in (0..40).step_by(5) {
+        stream
+            .append((first..first + 5).map(large).collect())
+            .await
+            .unwrap();
+    }
+    stream
+        .append((40..50).map(|id| upsert(id, 1)).collect())
+        .await
+        .unwrap();
+    // A new handle on the file: its tail holds nothing, so every read is from the file.
+    drop(stream);
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    let (mut after, mut ids, mut reads) = (Seq::START, Vec::new(), Vec::new());
+    loop {
+        let read = stream.read_text(&filter, after, 1000).await.unwrap();
+        let Some(last) = read.entries.last() else {
+            break;
+        };
+        let sizes: Vec<usize> = read
+            .entries
+            .iter()
+            .map(|e| e.payload_text.as_ref().unwrap().as_str().len())
+            .collect();
+        let bytes: usize = sizes.iter().sum();
+        assert!(bytes - sizes[sizes.len() - 1] < READ_BYTES, "{sizes:?}");
+        if bytes >= READ_BYTES {
+            assert_eq!(
+                read.through, last.seq,
+                "a read cut short goes to its last entry"
+            );
+        }
+        ids.extend(
+            read.entries
+                .iter()
+                .map(|e| e.record.key.upstream_id.0.clone()),
+        );
+        reads.push(read.entries.len());
+        after = read.through;
+    }
+    let want: Vec<String> = (0..50).map(|id| id.to_string()).collect();
+    assert_eq!(ids, want);
+    // 8 MiB is eight of these payloads and a little: five reads of 8, then the small ones.
+    assert_eq!(reads, [8, 8, 8, 8, 8, 10]);
+    let small = stream.read_text(&filter, Seq(40), 3).await.unwrap();
+    assert_eq!(small.entries.len(), 3);
+    assert_eq!(small.through, Seq(43));
+}
