@@ -7,7 +7,7 @@ use std::time::Duration;
 use sluice_core::{
     Backoff, Batch, BatchConfig, ConsumerId, EntityKind, EntityRef, Error, ErrorClass, HealthState,
     LagThresholds, READ_BYTES, RecordFilter, RecordStream, Seq, Status, StreamEntry, StreamRead,
-    Target, Transition,
+    Target, Transition, payload_bytes,
 };
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -203,15 +203,6 @@ pub struct ConsumerRuntime {
 struct Prefetch {
     after: Seq,
     read: tokio::task::JoinHandle<Result<StreamRead, Error>>,
-}
-
-/// Bytes of payload text `entries` hold, as far as the read handed them over as text.
-fn payload_bytes(entries: &[StreamEntry]) -> usize {
-    entries
-        .iter()
-        .filter_map(|e| e.payload_text.as_ref())
-        .map(|text| text.as_str().len())
-        .sum()
 }
 
 /// While batches keep coming, the stream cursor is acknowledged at most this often (and when
@@ -426,11 +417,10 @@ impl ConsumerRuntime {
             }
             return Ok(through);
         }
-        // Not a full batch. Caught up with a source that appends as it commits: apply at once
-        // (records that arrive meanwhile make the next batch). While a backlog is building (a
-        // source backfilling), wait up to max_wait for a fuller batch.
         // Full: `max` records, or the bytes at which the stream ends a read (records of
-        // kilobytes make batches of fewer records; such a batch is full, not one to wait for).
+        // kilobytes make fewer to a batch). Not full, and caught up with a source that appends
+        // as it commits: apply at once (what arrives meanwhile makes the next batch); while a
+        // backlog is building (a source backfilling), wait up to max_wait for a fuller batch.
         let mut bytes = payload_bytes(&entries);
         let full =
             |entries: &[StreamEntry], bytes: usize| entries.len() >= max || bytes >= READ_BYTES;

@@ -77,7 +77,7 @@ pub use retry::{Backoff, FIX_CONFIGURATION_FLOOR};
 pub use source::{CollectionInfo, Refused, Source, SourceProgress, Stop};
 pub use stream::{
     AppendOutcome, CollectionSchema, ColumnSchema, Lag, PayloadText, READ_BYTES, RecordFilter,
-    RecordStream, Seq, SourceState, StreamEntry, StreamRead,
+    RecordStream, Seq, SourceState, StreamEntry, StreamRead, payload_bytes,
 };
 pub use target::{Batch, Target};
 pub use text_batch::TextBatch;

@@ -19,6 +19,16 @@ use crate::{
 /// ([`RecordStream::read`]); a reader whose entries hold this many has a full batch.
 pub const READ_BYTES: usize = 8 << 20;
 
+/// Bytes of payload text `entries` hold, as far as the read handed them over as text
+/// ([`StreamEntry::payload_text`]).
+pub fn payload_bytes(entries: &[StreamEntry]) -> usize {
+    entries
+        .iter()
+        .filter_map(|e| e.payload_text.as_ref())
+        .map(|text| text.as_str().len())
+        .sum()
+}
+
 /// A position in the records stream. Positions strictly increase over the whole stream;
 /// [`Seq::START`] is before every entry, so reading after it is the backfill.
 #[derive(

@@ -405,7 +405,8 @@ async fn a_backfill_reads_its_next_page_while_the_one_before_is_appended() {
 /// 5,000 rows, then one transaction of 1,000 more. After the first page (whose size comes
 /// from the table's size on disk, at most 1,000 rows), a page holds what 4 MiB of text holds
 /// (`PAGE_BYTES`: 174 rows), and the transaction is appended in pieces of 8 MiB of payloads
-/// (`PENDING_BYTES`: 350 rows). Everything arrives as the source holds it.
+/// (`PENDING_BYTES`: 350 rows); rows read again by key (an update that left their TOAST
+/// values out) are read in chunks of 4 MiB as well. Everything arrives as the source holds it.
 #[tokio::test]
 async fn wide_rows_are_read_and_appended_in_pieces_of_megabytes() {
     let s = setup(
@@ -415,7 +416,12 @@ async fn wide_rows_are_read_and_appended_in_pieces_of_megabytes() {
          insert into public.wide select i, 0, repeat(md5(i::text), 750) from generate_series(1, 1200) i;",
     )
     .await;
-    let watched = Watched::new(s.stream.clone(), |_| None);
+    // Every record written holds a body of 24,000 characters.
+    let watched = Watched::new(s.stream.clone(), |r| {
+        let body = r.change.payload()?.get("body");
+        (body.and_then(|b| b.as_str()).map(str::len) != Some(24_000))
+            .then(|| format!("{} written without its body", r.key.upstream_id.0))
+    });
     let options = SourceOptions {
         backfill_page: 5000,
         backfill_readers: 1,
@@ -436,15 +442,38 @@ async fn wide_rows_are_read_and_appended_in_pieces_of_megabytes() {
     )
     .await
     .unwrap();
-    let want = source_rows(&s.db, "public.wide").await;
-    wait_until("the stream equals the source", 120, async || {
-        stream_rows(&live(&s.stream, "public.wide").await) == want
-    })
-    .await;
+    let equal_to_the_source = async || {
+        let want = source_rows(&s.db, "public.wide").await;
+        wait_until("the stream equals the source", 120, async || {
+            stream_rows(&live(&s.stream, "public.wide").await) == want
+        })
+        .await;
+    };
+    equal_to_the_source().await;
     let pieces = watched.appends()[pages.len()..].to_vec();
     assert!(pieces.len() >= 3, "{pieces:?}");
     assert!(pieces.iter().all(|&rows| rows <= 350), "{pieces:?}");
     assert_eq!(pieces.iter().sum::<usize>(), 1000, "{pieces:?}");
+    // Every row's body left out of an update (TOAST), with no earlier version in the stream to
+    // take it from: the 2,200 rows are read again by key, in chunks of megabytes too.
+    let before = watched.appends().len();
+    watched
+        .forget
+        .lock()
+        .unwrap()
+        .extend((1..=2200).map(|id: u32| id.to_string()));
+    PG.execute(&s.db, "update public.wide set n = 1")
+        .await
+        .unwrap();
+    equal_to_the_source().await;
+    // The first chunk of each reread is sized from the table's bytes on disk per row, which
+    // the update's dead row versions halve (about 350 rows); the chunks after it, 174 rows.
+    let chunks = watched.appends()[before..].to_vec();
+    assert!(chunks.len() >= 8, "{chunks:?}");
+    assert!(chunks.iter().all(|&rows| rows <= 400), "{chunks:?}");
+    assert_eq!(chunks.iter().sum::<usize>(), 2200, "{chunks:?}");
+    watched.forget.lock().unwrap().clear();
+    assert_eq!(watched.bad(), Vec::<String>::new());
     running.stop().await;
 }
 

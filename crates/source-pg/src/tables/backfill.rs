@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use super::page::{Page, fetch_rows, keys_sql, page_sql};
-use super::ranges::{KeyRange, Reading, first_limit, split};
+use super::ranges::{KeyRange, Reading, first_limit, next_limit, split};
 use super::watermarks::{Snapshot, Watermarks};
 use super::{Table, by_name, db, payload_room, upstream_id, write_payload};
 use crate::values::TypeMap;
@@ -297,6 +297,9 @@ impl Backfill<'_> {
     /// Reads the rows of `table` with these keys again, consistently with the change stream
     /// (the same reconciliation as a backfill page), and appends them. Keys whose row is gone
     /// append nothing: the change stream carries their delete. Returns the rows appended.
+    ///
+    /// The keys are read in chunks sized like backfill pages ([`first_limit`], then
+    /// [`next_limit`]): the rows read again are rows with TOAST values, kilobytes each or more.
     pub async fn reread_keys(
         &self,
         conn: &mut PgConnection,
@@ -304,8 +307,13 @@ impl Backfill<'_> {
         keys: &[Vec<String>],
     ) -> Result<usize, Error> {
         let mut appended = 0;
-        for chunk in keys.chunks(self.page.max(1)) {
+        let mut limit = first_limit(conn, table, self.page).await;
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let chunk;
+            (chunk, rest) = rest.split_at(limit.min(rest.len()));
             let (lsn, rows, raced) = self.read_consistent(conn, table, Rows::Keys(chunk)).await?;
+            limit = next_limit(self.page, limit, rows.len(), rows.bytes());
             let records = self.records(table, lsn, rows, &raced);
             appended += records.len();
             self.stream.append_texts(records, None).await?;
