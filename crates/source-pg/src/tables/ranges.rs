@@ -208,13 +208,14 @@ pub(crate) async fn first_limit(conn: &mut PgConnection, table: &Table, page: us
 
 /// The rows the page after one of `rows` rows and `bytes` bytes of text asks for: as many as
 /// [`PAGE_BYTES`] holds at its rows' size, at least one, at most four times as many as it
-/// asked for (`limit`: a page that found few rows says little) and at most `page`.
+/// asked for (`limit`: a page that found few rows says little) and at most `page`; as many as
+/// it asked for when it found none (that says nothing of their size).
 pub(crate) fn next_limit(page: usize, limit: usize, rows: usize, bytes: usize) -> usize {
     let fit = match rows {
-        0 => page,
-        _ => PAGE_BYTES / bytes.div_ceil(rows).max(1),
+        0 => limit,
+        _ => (PAGE_BYTES / bytes.div_ceil(rows).max(1)).min(limit.saturating_mul(4)),
     };
-    fit.min(limit.saturating_mul(4)).min(page).max(1)
+    fit.min(page).max(1)
 }
 
 /// One page of a range, read and made into records.
@@ -230,7 +231,8 @@ struct PageRead {
 
 impl Backfill<'_> {
     /// One reader: takes ranges of `table` until none is left, and reads each to its end, the
-    /// first page in `first` rows. `Some(error)` when a range cannot be read (the table then waits, see `Backfill::run`).
+    /// first page in `first` rows. `Some(error)` when a range cannot be read (the table then
+    /// waits, see `Backfill::run`).
     pub(super) async fn read_ranges(
         &self,
         conn: &mut PgConnection,
@@ -433,8 +435,8 @@ mod tests {
         // A row larger than a page's bytes: one row a page, never none.
         assert_eq!(next_limit(5000, 1000, 3, 3 * (PAGE_BYTES + 1)), 1);
         assert_eq!(next_limit(0, 1000, 10, 100), 1);
-        // A page that found no row, or rows of no text, says nothing of their size.
-        assert_eq!(next_limit(5000, 1000, 0, 0), 4000);
+        // A page that found no row says nothing of their size; rows of no text are small.
+        assert_eq!(next_limit(5000, 174, 0, 0), 174);
         assert_eq!(next_limit(5000, 1000, 10, 0), 4000);
         // A small `backfill_page` stays as it is.
         assert_eq!(next_limit(7, 7, 7, 70), 7);
