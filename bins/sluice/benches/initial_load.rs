@@ -23,8 +23,8 @@
 //! connection counts with 2 readers, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the consumer
 //! table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
 //! default) the consumers' `max_records`, `SLUICE_BENCH_KEY` (`bigint` or `uuid`) the table's
-//! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed`, `small` or `wide`: ~8 KB rows) its other columns. The stream's
-//! size is printed with its write-ahead log's share.
+//! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed`, `small` or `wide`: ~8 KB rows) its other
+//! columns. The stream's size is printed with its write-ahead log's share.
 
 use std::path::Path;
 use std::process::Command;

@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use super::page::{Page, fetch_rows, keys_sql, page_sql};
-use super::ranges::{KeyRange, Reading, first_limit, next_limit, split};
+use super::ranges::{KeyRange, Reading, first_limit, next_limit, planned_rows, split};
 use super::watermarks::{Snapshot, Watermarks};
 use super::{Table, by_name, db, payload_room, upstream_id, write_payload};
 use crate::values::TypeMap;
@@ -221,13 +221,14 @@ impl Backfill<'_> {
                 }
                 _ => None,
             };
+            let rows = planned_rows(&mut conns[0], table).await;
             let ranges = match resumed {
                 Some(ranges) => ranges,
                 None => {
                     state.done.remove(&collection);
                     state.generation = *generation;
                     let readers = conns.len();
-                    split(&mut conns[0], table, readers, self.page).await
+                    split(&mut conns[0], table, readers, self.page, rows).await
                 }
             };
             state.current = Some((collection.clone(), Vec::new()));
@@ -256,7 +257,7 @@ impl Backfill<'_> {
                 readers,
                 "backfill: reading"
             );
-            let first = first_limit(&mut conns[0], table, self.page).await;
+            let first = first_limit(&mut conns[0], table, self.page, rows).await;
             let reading = Reading::new(state);
             let unreadable = futures_util::future::try_join_all(
                 conns
@@ -307,7 +308,8 @@ impl Backfill<'_> {
         keys: &[Vec<String>],
     ) -> Result<usize, Error> {
         let mut appended = 0;
-        let mut limit = first_limit(conn, table, self.page).await;
+        let rows = planned_rows(conn, table).await;
+        let mut limit = first_limit(conn, table, self.page, rows).await;
         let mut rest = keys;
         while !rest.is_empty() {
             let chunk;

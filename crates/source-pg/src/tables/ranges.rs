@@ -48,19 +48,20 @@ const SAMPLE_AT_LEAST_PER_READER: usize = 50;
 /// (`TABLESAMPLE SYSTEM`, ordered like the pages are; at least
 /// [`SAMPLE_AT_LEAST_PER_READER`] keys per reader unless the table has fewer rows, so a table
 /// of more rows than that gets one range per reader). One range, the whole table, when one
-/// reader is asked for, when the planner expects fewer rows than a page per reader, or when
-/// the sample cannot be taken (a reason is logged).
+/// reader is asked for, when the planner expects fewer rows than a page per reader
+/// (`estimate`, from [`planned_rows`]), or when the sample cannot be taken (a reason is
+/// logged).
 pub(crate) async fn split(
     conn: &mut PgConnection,
     table: &Table,
     readers: usize,
     page: usize,
+    estimate: u64,
 ) -> Vec<KeyRange> {
     let whole = vec![KeyRange::default()];
     if readers < 2 {
         return whole;
     }
-    let estimate = planned_rows(conn, table).await.max(table.estimate);
     if estimate < (readers * page.max(1)) as u64 {
         return whole;
     }
@@ -128,9 +129,9 @@ async fn sample_keys(
 }
 
 /// The planner's estimate of the table's rows: from its statistics, or, for a table never
-/// analysed (`reltuples` unknown), from its size on disk, as the planner extrapolates it.
-/// 0 when it cannot be had.
-async fn planned_rows(conn: &mut PgConnection, table: &Table) -> u64 {
+/// analysed (`reltuples` unknown), from its size on disk, as the planner extrapolates it; at
+/// least `table.estimate`, which is 0 when neither can be had.
+pub(crate) async fn planned_rows(conn: &mut PgConnection, table: &Table) -> u64 {
     let sql = format!(
         "explain (format json) select 1 from {}",
         qualified(&table.schema, &table.name)
@@ -143,6 +144,7 @@ async fn planned_rows(conn: &mut PgConnection, table: &Table) -> u64 {
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|plan| plan[0]["Plan"]["Plan Rows"].as_f64())
         .map_or(0, |rows| rows as u64)
+        .max(table.estimate)
 }
 
 /// The state shared by one table's readers: the stored backfill state (every range's
@@ -186,12 +188,16 @@ pub(crate) const PAGE_BYTES: usize = 4 << 20;
 /// table of fewer rows is still read in one page).
 pub(crate) const FIRST_PAGE_ROWS: usize = 1000;
 
-/// Rows of each reader's first page of `table`: as many as [`PAGE_BYTES`] holds at the
-/// table's bytes on disk per row (TOAST may compress wide values, so the rows read can be
-/// larger, and the pages after adapt to them), at most [`FIRST_PAGE_ROWS`] and `page`, and
-/// [`FIRST_PAGE_ROWS`] when the size cannot be had.
-pub(crate) async fn first_limit(conn: &mut PgConnection, table: &Table, page: usize) -> usize {
-    let rows = planned_rows(conn, table).await.max(table.estimate);
+/// Rows of each reader's first page of `table`, of about `rows` rows (from [`planned_rows`]):
+/// as many as [`PAGE_BYTES`] holds at the table's bytes on disk per row (TOAST may compress
+/// wide values, so the rows read can be larger, and the pages after adapt to them), at most
+/// [`FIRST_PAGE_ROWS`] and `page`, and [`FIRST_PAGE_ROWS`] when the size cannot be had.
+pub(crate) async fn first_limit(
+    conn: &mut PgConnection,
+    table: &Table,
+    page: usize,
+    rows: u64,
+) -> usize {
     let bytes: i64 = sqlx::query_scalar("select pg_total_relation_size($1::int8::oid)")
         .bind(i64::from(table.oid))
         .fetch_one(&mut *conn)

@@ -292,7 +292,7 @@ impl RecordStream for EmbeddedStream {
                     .or_storage(what)?
                     .map(|row| decode(row, Form::Parsed, &mut segments, &mut names))
                     .transpose()
-                    .map(|entry| entry.map(|(entry, _)| entry))
+                    .map(|found| found.map(|(entry, _)| entry))
             })
         })
     }
