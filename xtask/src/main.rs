@@ -64,7 +64,7 @@ enum BenchKind {
     Target,
     /// Records-stream append and read rates vs plain SQLite inserts (crates/stream/benches/stream.rs).
     Stream,
-    /// What SQLite costs per appended record for candidate layouts of the stream's rows, keys in order and in none (crates/stream/benches/layouts.rs).
+    /// What SQLite costs per appended, updated and read record for candidate layouts of the stream's rows, keys in order and in none (crates/stream/benches/layouts.rs).
     StreamLayouts,
     /// Stream → consumer table end to end vs the target's apply and raw COPY (crates/consumer/benches/consumer.rs).
     Consumer,
