@@ -168,16 +168,26 @@ impl RecordFilter {
 
     /// True when a record from `provider` with `key` passes the filter.
     pub fn matches(&self, provider: Provider, key: &RecordKey) -> bool {
+        self.matches_collection(provider, key.sync_id, &key.collection_id)
+    }
+
+    /// Whether records of `collection_id` in `sync_id`, from `provider`, pass.
+    pub fn matches_collection(
+        &self,
+        provider: Provider,
+        sync_id: SyncId,
+        collection_id: &CollectionId,
+    ) -> bool {
         match self {
             RecordFilter::Provider(p) => *p == provider,
             RecordFilter::Sync {
-                sync_id,
+                sync_id: wanted,
                 collections,
             } => {
-                key.sync_id == *sync_id
+                sync_id == *wanted
                     && collections
                         .as_ref()
-                        .is_none_or(|c| c.contains(&key.collection_id))
+                        .is_none_or(|c| c.contains(collection_id))
             }
         }
     }

@@ -886,7 +886,7 @@ async fn the_wal_is_copied_back_into_the_file_as_appends_go_on() {
         size(&format!("{}-wal", sluice_stream::FILE_NAME)),
     );
     assert!(
-        file > 30 << 20,
+        file > 26 << 20,
         "the records were copied back into the file ({file} bytes)"
     );
     assert!(

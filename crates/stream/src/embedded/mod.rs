@@ -4,7 +4,7 @@
 //! runtime is told with `block_in_place`, so its other tasks move to another thread while
 //! SQLite reads or syncs the file). SQL here is static text exercised by this crate's tests.
 
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,26 +25,25 @@ use crate::tail::{Landed, Tail, TailLimits};
 
 mod collections;
 mod connection;
+mod packed;
 mod read;
 mod schema;
 mod segment;
+mod walk;
 mod write;
 
 use connection::{IDLE_READERS, OrStorage, WRITER_SETTINGS, blocking, connect, read_head};
 
 use collections::Names;
 pub(crate) use read::Form;
-use read::{decode, filter_sql, nanos, positioned};
-use segment::{Segments, Times};
+use read::nanos;
+use segment::Times;
 use write::{begin_write, check_version};
 
 /// The stream's file name inside the data directory.
 pub const FILE_NAME: &str = "stream.sqlite3";
 
-const COLUMNS: &str = "seq, collection, upstream_id, version_major, version_minor, \
-                       upstream_updated_at_ns, deleted, segment, slot";
-
-/// Rows per multi-row insert, largest first (10 parameters each; SQLite allows 32,766 per
+/// Rows per multi-row insert, largest first (7 parameters each; SQLite allows 32,766 per
 /// statement): see [`write::statement_rows`].
 const STATEMENT_ROWS: [usize; 5] = [500, 100, 20, 5, 1];
 
@@ -128,19 +127,26 @@ impl EmbeddedStream {
 
     /// Every live (non-tombstone) record, ordered by key: for comparing with a target.
     pub async fn live_records(&self) -> Result<Vec<StreamEntry>> {
-        let sql = format!(
-            "select {COLUMNS} from records join collections k on k.id = records.collection \
-             where deleted = 0 order by k.sync_id, k.collection_id, upstream_id"
-        );
         blocking(|| {
             self.with_reader(|conn| {
-                let mut statement = conn.prepare(&sql).or_storage("reading")?;
-                let mut rows = statement.query([]).or_storage("reading")?;
-                let mut segments = Segments::new(conn);
+                let what = "reading";
+                let mut statement = conn
+                    .prepare(
+                        "select keys.seq, keys.segment from keys \
+                         join collections k on k.id = keys.collection \
+                         where deleted = 0 order by k.sync_id, k.collection_id, upstream_id",
+                    )
+                    .or_storage(what)?;
+                let mut rows = statement.query([]).or_storage(what)?;
+                let mut segments = packed::Cache::new(conn);
                 let mut names = Names::new(&self.collections, conn);
                 let mut entries = Vec::new();
-                while let Some(row) = rows.next().or_storage("reading")? {
-                    entries.push(decode(row, Form::Parsed, &mut segments, &mut names)?.0);
+                while let Some(row) = rows.next().or_storage(what)? {
+                    let (seq, segment) = (
+                        row.get::<_, i64>(0).or_storage(what)?,
+                        row.get::<_, i64>(1).or_storage(what)?,
+                    );
+                    entries.push(packed::entry_at(&mut segments, &mut names, segment, seq)?);
                 }
                 Ok(entries)
             })
@@ -151,7 +157,7 @@ impl EmbeddedStream {
     pub async fn tombstones(&self) -> Result<u64> {
         blocking(|| {
             self.with_reader(|conn| {
-                conn.query_row("select count(*) from records where deleted = 1", [], |r| {
+                conn.query_row("select count(*) from keys where deleted = 1", [], |r| {
                     r.get::<_, i64>(0)
                 })
                 .or_storage("counting tombstones")
@@ -236,44 +242,28 @@ impl RecordStream for EmbeddedStream {
     }
 
     async fn lag(&self, filter: &RecordFilter, after: Seq, cap: u64) -> Result<Lag> {
-        let count = format!(
-            "select count(*) from (select 1 from records where seq > ?{} limit ?)",
-            filter_sql(filter)
-        );
-        // A record's append time, which its segment holds where its row holds 0.
-        let oldest = format!(
-            "select coalesce(nullif(appended_at_ns, 0), \
-               (select s.appended_at_ns from segments s where s.id = records.segment), 0) \
-             from records where seq > ?{} order by seq limit 1",
-            filter_sql(filter)
-        );
         let (records, oldest) = blocking(|| {
             self.with_reader(|conn| {
-                let lag = "measuring lag";
-                let mut count =
-                    positioned(conn, &count, after, filter, Some(cap)).or_storage(lag)?;
-                let records: i64 = match count.raw_query().next().or_storage(lag)? {
-                    Some(row) => row.get(0).or_storage(lag)?,
-                    None => 0,
-                };
-                let mut oldest = positioned(conn, &oldest, after, filter, None).or_storage(lag)?;
-                let oldest: Option<i64> = match oldest.raw_query().next().or_storage(lag)? {
-                    Some(row) => Some(row.get(0).or_storage(lag)?),
-                    None => None,
-                };
-                Ok((records, oldest))
+                let tx = conn.transaction().or_storage("measuring lag")?;
+                let mut names = Names::new(&self.collections, &tx);
+                let wanted = Self::wanted(&tx, &mut names, filter)?;
+                drop(names);
+                let counted =
+                    walk::count(&tx, after, cap, |collection| wanted.contains(&collection))?;
+                tx.commit().or_storage("measuring lag")?;
+                Ok(counted)
             })
         })?;
+        let records = records.min(cap);
         let oldest_appended_at =
             oldest.and_then(|ns| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok());
         Ok(Lag {
-            records: records as u64,
+            records,
             oldest_appended_at,
         })
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<StreamEntry>> {
-        let sql = format!("select {COLUMNS} from records where collection = ? and upstream_id = ?");
         blocking(|| {
             self.with_reader(|conn| {
                 let what = "reading a record";
@@ -282,17 +272,23 @@ impl RecordStream for EmbeddedStream {
                 let Some(collection) = found else {
                     return Ok(None);
                 };
-                let mut statement = conn.prepare_cached(&sql).or_storage(what)?;
-                let mut rows = statement
-                    .query((collection, key.upstream_id.0.as_str()))
+                let place: Option<(i64, i64)> = conn
+                    .prepare_cached(
+                        "select seq, segment from keys where collection = ? and upstream_id = ?",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row((collection, key.upstream_id.0.as_str()), |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                    })
+                    .optional()
                     .or_storage(what)?;
-                let mut segments = Segments::new(conn);
+                let Some((seq, segment)) = place else {
+                    return Ok(None);
+                };
+                let mut segments = packed::Cache::new(conn);
                 let mut names = Names::new(&self.collections, conn);
-                rows.next()
-                    .or_storage(what)?
-                    .map(|row| decode(row, Form::Parsed, &mut segments, &mut names))
-                    .transpose()
-                    .map(|found| found.map(|(entry, _)| entry))
+                packed::entry_at(&mut segments, &mut names, segment, seq).map(Some)
             })
         })
     }
@@ -378,38 +374,56 @@ impl RecordStream for EmbeddedStream {
         self.with_writer(|conn| {
             let (tx, head) = begin_write(conn, "a truncate")?;
             let found = collections::find(&self.collections, &tx, sync_id, &collection.0)?;
-            let Some(collection) = found else {
+            let Some(id) = found else {
                 return Ok(0); // never written to: nothing to tombstone
             };
-            // One statement: every live record of the collection gets a tombstone with the
-            // next seq, where its stored version is older (the same guard as `append`).
-            let done = tx
-                .prepare_cached(
-                    "insert into records (seq, collection, upstream_id, version_major, \
-                       version_minor, upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) \
-                     select ?1 + row_number() over (order by seq), collection, upstream_id, \
-                       ?3, ?4, ?5, 1, null, null, ?6 \
-                     from records where collection = ?2 and deleted = 0 \
-                       and (version_major < ?3 or (version_major = ?3 and version_minor < ?4)) \
-                     on conflict (collection, upstream_id) do update set \
-                       seq = excluded.seq, version_major = excluded.version_major, \
-                       version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
-                       deleted = 1, segment = null, slot = null, appended_at_ns = excluded.appended_at_ns",
-                )
-                .and_then(|mut s| {
-                    s.execute((
-                        head,
-                        collection,
-                        version.major as i64,
-                        version.minor as i64,
-                        nanos(at),
-                        nanos(OffsetDateTime::now_utc()),
-                    ))
-                })
-                .or_storage("tombstoning a collection")?;
-            segment::drop_unused(&tx)?;
-            self.finish_write(tx, head, head + done as i64, "a truncate", None)?;
-            Ok(done as u64)
+            let provider = Names::new(&self.collections, &tx).name(id)?.provider;
+            let appended_at = nanos(OffsetDateTime::now_utc());
+            let mut ids = collections::Ids::new(&self.collections);
+            let (mut next, mut done, mut last) = (head, 0, None::<String>);
+            // Every live record of the collection whose stored version is older gets a
+            // tombstone with the next seq (the same guard as `append`), a chunk of keys at a
+            // time.
+            loop {
+                let keys: Vec<String> = tx
+                    .prepare_cached(
+                        "select upstream_id from keys where collection = ?1 and deleted = 0 \
+                           and (version_major < ?2 or (version_major = ?2 and version_minor < ?3)) \
+                           and (?4 is null or upstream_id > ?4) \
+                         order by upstream_id limit 5000",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(
+                            (
+                                id,
+                                version.major as i64,
+                                version.minor as i64,
+                                last.as_deref(),
+                            ),
+                            |r| r.get(0),
+                        )?
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                    })
+                    .or_storage("tombstoning a collection")?;
+                let Some(end) = keys.last() else { break };
+                last = Some(end.clone());
+                let records: Vec<Record> = keys
+                    .into_iter()
+                    .map(|upstream_id| Record {
+                        key: RecordKey::new(sync_id, collection.0.as_str(), upstream_id),
+                        provider,
+                        version,
+                        upstream_updated_at: at,
+                        change: Change::Delete,
+                    })
+                    .collect();
+                let texts = vec![None; records.len()];
+                done += write::insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
+            }
+            packed::drop_unused(&tx)?;
+            self.finish_write(tx, head, next, "a truncate", None)?;
+            ids.commit();
+            Ok(done)
         })
         .await
     }
@@ -485,9 +499,9 @@ impl RecordStream for EmbeddedStream {
             // needs.
             let purged = tx
                 .prepare_cached(
-                    "delete from records where deleted = 1 and seq <= ? and not exists (
+                    "delete from keys where deleted = 1 and seq <= ? and not exists (
                          select 1 from cursors c, collections k
-                         where k.id = records.collection and records.seq > c.seq
+                         where k.id = keys.collection and keys.seq > c.seq
                            and (c.provider is null or c.provider = k.provider)
                            and (c.sync_id is null or c.sync_id = k.sync_id)
                            and (c.collections is null or k.collection_id in (select value from json_each(c.collections))))
@@ -498,6 +512,7 @@ impl RecordStream for EmbeddedStream {
                         .collect::<rusqlite::Result<Vec<i64>>>()
                 })
                 .or_storage("purging tombstones")?;
+            packed::drop_unused(&tx)?;
             let mut tail = self.tail();
             tx.commit().or_storage("committing an acknowledgement")?;
             tail.remove(purged.into_iter().map(|s| s as u64));
@@ -534,5 +549,9 @@ impl RecordStream for EmbeddedStream {
     }
 }
 
+#[cfg(test)]
+mod migration_tests;
+#[cfg(test)]
+mod read_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,8 @@
 //! Reading: from the in-memory tail when it covers the position, else from the file, with
 //! payloads parsed or as stored text; rows decoded by position.
 
+use std::collections::HashSet;
+
 use super::*;
 
 impl EmbeddedStream {
@@ -55,38 +57,65 @@ impl EmbeddedStream {
         limit: usize,
         form: Form,
     ) -> Result<(Vec<StreamEntry>, Seq)> {
-        let sql = format!(
-            "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
-            filter_sql(filter)
-        );
         self.with_reader(|conn| {
             let tx = conn.transaction().or_storage("beginning a read")?;
             // Head first, in the same snapshot: nothing appended after it can be missed.
             let head = read_head(&tx)?;
-            let mut statement =
-                positioned(&tx, &sql, after, filter, Some(limit as u64)).or_storage("reading")?;
-            let mut rows = statement.raw_query();
-            let mut segments = Segments::new(&tx);
             let mut names = Names::new(&self.collections, &tx);
+            let wanted = Self::wanted(&tx, &mut names, filter)?;
             let mut entries = Vec::with_capacity(limit.min(4096));
             let (mut bytes, mut through) = (0, head as u64);
-            while let Some(row) = rows.next().or_storage("reading")? {
-                let (entry, size) = decode(row, form, &mut segments, &mut names)?;
-                bytes += size;
-                if bytes >= READ_BYTES {
-                    // The read looked this far: the next one goes on from here.
-                    through = entry.seq.0;
+            walk::walk(
+                &tx,
+                after,
+                |collection| wanted.contains(&collection),
+                |packed, slot| {
+                    let (entry, size) = packed.entry(slot, form, &mut names)?;
                     entries.push(entry);
-                    break;
-                }
-                entries.push(entry);
-            }
-            drop((segments, names));
-            drop(rows);
-            drop(statement);
+                    bytes += size;
+                    if bytes >= READ_BYTES {
+                        // The read looked this far: the next one goes on from here.
+                        through = slot.seq;
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    Ok(if entries.len() >= limit {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    })
+                },
+            )?;
+            drop(names);
             tx.commit().or_storage("ending a read")?;
             Ok((entries, Seq(through)))
         })
+    }
+
+    /// The ids of the collections whose records pass `filter`, as the file holds them.
+    pub(super) fn wanted(
+        conn: &Connection,
+        names: &mut Names<'_>,
+        filter: &RecordFilter,
+    ) -> Result<HashSet<i64>> {
+        let ids: Vec<i64> = conn
+            .prepare_cached("select id from collections")
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .or_storage("reading collections")?;
+        let mut wanted = HashSet::with_capacity(ids.len());
+        for id in ids {
+            let collection = names.name(id)?;
+            if filter.matches_collection(
+                collection.provider,
+                collection.sync_id,
+                &collection.collection_id,
+            ) {
+                wanted.insert(id);
+            }
+        }
+        Ok(wanted)
     }
 
     /// The head as the file says now (another process may have moved it).
@@ -106,132 +135,4 @@ pub(super) fn nanos(t: OffsetDateTime) -> i64 {
 pub(crate) enum Form {
     Parsed,
     Text,
-}
-
-/// One row of a `select {COLUMNS}`, by position (no name lookups), with its collection from
-/// `names` and its payload from `segments`, and its payload's bytes as stored.
-pub(super) fn decode(
-    row: &rusqlite::Row<'_>,
-    form: Form,
-    segments: &mut Segments<'_>,
-    names: &mut Names<'_>,
-) -> Result<(StreamEntry, usize)> {
-    let bad = |what: &str| Error::invalid(format!("records stream: corrupt row ({what})"));
-    let int = |at: usize, what: &str| row.get::<_, i64>(at).map_err(|_| bad(what));
-    let text = |at: usize, what: &str| {
-        row.get_ref(at)
-            .ok()
-            .and_then(|v| v.as_str().ok())
-            .ok_or_else(|| bad(what))
-    };
-    let mut payload_text = None;
-    let mut times = Times::OWN;
-    let mut size = 0;
-    let change = if int(6, "deleted")? != 0 {
-        Change::Delete
-    } else {
-        let (text, shared) = segments.payload(int(7, "segment")?, int(8, "slot")?)?;
-        times = shared;
-        size = text.as_str().len();
-        if form == Form::Text {
-            payload_text = Some(text);
-            Change::Upsert {
-                payload: Default::default(),
-            }
-        } else {
-            let payload = serde_json::from_str(text.as_str()).map_err(|_| bad("payload"))?;
-            Change::Upsert { payload }
-        }
-    };
-    let updated_ns = times.updated_at(int(5, "upstream_updated_at")?);
-    let collection = names.name(int(1, "collection")?)?;
-    let entry = StreamEntry {
-        seq: Seq(int(0, "seq")? as u64),
-        record: Record {
-            key: RecordKey {
-                sync_id: collection.sync_id,
-                collection_id: collection.collection_id.clone(),
-                upstream_id: UpstreamId(text(2, "upstream_id")?.to_owned()),
-            },
-            provider: collection.provider,
-            version: Version::new(
-                int(3, "version_major")? as u64,
-                int(4, "version_minor")? as u64,
-            ),
-            upstream_updated_at: OffsetDateTime::from_unix_timestamp_nanos(updated_ns as i128)
-                .map_err(|_| bad("upstream_updated_at"))?,
-            change,
-        },
-        payload_text,
-    };
-    Ok((entry, size))
-}
-
-/// The `and …` clause for a filter, with its parameters appended by [`bind_filter`]: the
-/// collection ids it matches, found once per statement. The unary `+` keeps SQLite from
-/// answering by the key index (every record of a sync, then sorted): reads walk the table by
-/// seq from the reader's position, which stops at the limit.
-pub(super) fn filter_sql(filter: &RecordFilter) -> &'static str {
-    match filter {
-        RecordFilter::Provider(_) => {
-            " and +collection in (select id from collections where provider = ?)"
-        }
-        RecordFilter::Sync {
-            collections: None, ..
-        } => " and +collection in (select id from collections where sync_id = ?)",
-        RecordFilter::Sync {
-            collections: Some(_),
-            ..
-        } => {
-            " and +collection in (select id from collections where sync_id = ? \
-               and collection_id in (select value from json_each(?)))"
-        }
-    }
-}
-
-/// `sql` (`… seq > ?{filter_sql} … [limit ?]`) prepared with its position, filter and limit
-/// bound.
-pub(super) fn positioned<'c>(
-    conn: &'c Connection,
-    sql: &str,
-    after: Seq,
-    filter: &RecordFilter,
-    limit: Option<u64>,
-) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
-    let mut statement = conn.prepare_cached(sql)?;
-    statement.raw_bind_parameter(1, after.0 as i64)?;
-    let next = bind_filter(&mut statement, 2, filter)?;
-    if let Some(limit) = limit {
-        statement.raw_bind_parameter(next, limit as i64)?;
-    }
-    Ok(statement)
-}
-
-/// Binds a filter's parameters (see [`filter_sql`]) from parameter `at` on; returns the next
-/// parameter's index.
-pub(super) fn bind_filter(
-    statement: &mut rusqlite::Statement<'_>,
-    at: usize,
-    filter: &RecordFilter,
-) -> rusqlite::Result<usize> {
-    match filter {
-        RecordFilter::Provider(p) => {
-            statement.raw_bind_parameter(at, p.as_str())?;
-            Ok(at + 1)
-        }
-        RecordFilter::Sync {
-            sync_id,
-            collections,
-        } => {
-            statement.raw_bind_parameter(at, sync_id.0.as_bytes().as_slice())?;
-            match collections {
-                None => Ok(at + 1),
-                Some(c) => {
-                    let list = serde_json::to_string(c).unwrap_or_else(|_| "[]".into());
-                    statement.raw_bind_parameter(at + 1, list)?;
-                    Ok(at + 2)
-                }
-            }
-        }
-    }
 }

@@ -29,29 +29,21 @@ create table if not exists collections (
 );
 ";
 
-/// The records, one row each (its collection by id: `collections.rs`; its payload in a
-/// segment: `segment.rs`), and the segments with
-/// the triggers that keep each one's count of records naming it (a segment named by none is
-/// deleted at the end of the write: `segment::drop_unused`).
-const RECORDS: &str = "
-create table if not exists records (
-    seq integer primary key,
+/// The records: a row per key (its collection by id: `collections.rs`) naming its newest
+/// seq and segment, and the segments holding every record (`packed.rs`), with the seqs of
+/// records no longer live and the triggers that keep them and each segment's live count.
+const KEYS: &str = "
+create table if not exists keys (
     collection integer not null,
     upstream_id text not null,
+    seq integer not null,
     version_major integer not null,
     version_minor integer not null,
-    upstream_updated_at_ns integer not null,
     deleted integer not null,
-    segment integer,
-    slot integer,
-    appended_at_ns integer not null,
-    unique (collection, upstream_id)
-);
--- Reads by provider or sync scan by seq from the reader's position: an index per filter cost
--- every append two more b-tree inserts (dropped from files made before).
-drop index if exists records_by_provider;
-drop index if exists records_by_sync;
-create index if not exists tombstones on records (seq) where deleted = 1;
+    segment integer not null,
+    primary key (collection, upstream_id)
+) without rowid;
+create index if not exists tombstones on keys (seq) where deleted = 1;
 -- A segment's counts and its body are two rows: a count changes with every record replaced,
 -- and rewriting a row reads all of it (a body is many overflow pages). A segment's times are
 -- its records' where their own say 0 (see `segment::Times`).
@@ -60,123 +52,277 @@ create table if not exists segments (
     records integer not null,
     live integer not null,
     appended_at_ns integer,
-    updated_at_ns integer
+    updated_at_ns integer,
+    first_seq integer not null,
+    last_seq integer not null,
+    -- The collection of every entry, when they share one (null when they do not).
+    collection integer
 );
-create table if not exists segment_bodies (segment integer primary key, body blob not null);
+create index if not exists segments_by_last on segments (last_seq);
 create index if not exists sparse_segments on segments (id) where live * 2 < records;
-create trigger if not exists payload_replaced after update of segment, slot on records
-when old.segment is not null
- and (new.segment is null or new.segment != old.segment or new.slot != old.slot)
+create table if not exists segment_bodies (segment integer primary key, body blob not null);
+create table if not exists dead (seq integer primary key);
+create trigger if not exists key_replaced after update of seq on keys
 begin
     update segments set live = live - 1 where id = old.segment;
+    insert into dead (seq) values (old.seq);
 end;
-create trigger if not exists payload_deleted after delete on records
-when old.segment is not null
+create trigger if not exists key_deleted after delete on keys
 begin
     update segments set live = live - 1 where id = old.segment;
+    insert into dead (seq) values (old.seq);
 end;
 ";
 
 /// Records per step of the migration.
 const MIGRATION_CHUNK: usize = 1000;
 
-/// Creates the tables a new file needs, and moves the payloads of a file written before
-/// segments (a `payload` column in `records`) into segments, in one transaction: a crash
-/// half-way leaves the file as it was. Nothing else about a record changes, its seq included.
+/// The layouts of files written before this one.
+enum Older {
+    /// A row per record with its payload inline and its collection by name.
+    Inline,
+    /// A row per record naming its payload's segment and slot.
+    Segments,
+}
+
+/// Creates the tables a new file needs, and moves the records of a file written before into
+/// them, in one transaction: a crash half-way leaves the file as it was. Nothing about a
+/// record changes, its seq included.
 pub(super) fn prepare(conn: &mut Connection) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .or_storage("opening the file")?;
     tx.execute_batch(SCHEMA).or_storage("creating tables")?;
-    let inline = tx
-        .prepare("select 1 from pragma_table_info('records') where name = 'payload'")
+    let column = |table: &str, column: &str| {
+        tx.prepare(&format!(
+            "select 1 from pragma_table_info('{table}') where name = '{column}'"
+        ))
         .and_then(|mut s| s.exists([]))
-        .or_storage("reading the file's tables")?;
-    if inline {
+        .or_storage("reading the file's tables")
+    };
+    let older = if column("records", "payload")? {
         tx.execute_batch(
             "alter table records rename to records_inline; drop index if exists tombstones;",
         )
         .or_storage("migrating the records table")?;
-    }
-    tx.execute_batch(RECORDS).or_storage("creating tables")?;
-    // Segments made before they held times (their records hold their own).
-    let timeless = !tx
-        .prepare("select 1 from pragma_table_info('segments') where name = 'updated_at_ns'")
-        .and_then(|mut s| s.exists([]))
-        .or_storage("reading the file's tables")?;
-    if timeless {
+        Some(Older::Inline)
+    } else if column("records", "seq")? {
+        if !column("segments", "updated_at_ns")? {
+            // Segments made before they held times (their records hold their own).
+            tx.execute_batch(
+                "alter table segments add column appended_at_ns integer; \
+                 alter table segments add column updated_at_ns integer;",
+            )
+            .or_storage("adding the segments' times")?;
+        }
         tx.execute_batch(
-            "alter table segments add column appended_at_ns integer; \
-             alter table segments add column updated_at_ns integer;",
+            "drop trigger if exists payload_replaced; drop trigger if exists payload_deleted; \
+             drop index if exists tombstones; drop index if exists sparse_segments; \
+             drop index if exists records_by_provider; drop index if exists records_by_sync; \
+             alter table records rename to records_by_seq; \
+             alter table segments rename to segments_by_slot; \
+             alter table segment_bodies rename to segment_bodies_by_slot;",
         )
-        .or_storage("adding the segments' times")?;
-    }
-    if inline {
-        migrate(&tx)?;
+        .or_storage("migrating the records table")?;
+        Some(Older::Segments)
+    } else {
+        None
+    };
+    tx.execute_batch(KEYS).or_storage("creating tables")?;
+    match older {
+        Some(Older::Inline) => migrate_inline(&tx)?,
+        Some(Older::Segments) => migrate_segments(&tx)?,
+        None => {}
     }
     tx.commit().or_storage("committing the file's tables")
 }
 
-/// Copies `records_inline` (the old table) into `records`: collections named by id, payloads
-/// into segments.
-fn migrate(tx: &Connection) -> Result<()> {
-    let what = "migrating the records table to payload segments";
+/// One record of an older file, as the migration moves it.
+struct Moved {
+    seq: i64,
+    collection: i64,
+    key: String,
+    version: Version,
+    deleted: bool,
+    updated_at: i64,
+    appended_at: i64,
+    text: Option<String>,
+}
+
+/// Writes `moved` (in seq order) into segments and key rows.
+fn store(tx: &Connection, moved: &[Moved]) -> Result<()> {
+    let entries: Vec<packed::Entry<'_>> = moved
+        .iter()
+        .map(|m| packed::Entry {
+            seq: m.seq,
+            collection: m.collection,
+            key: &m.key,
+            version: m.version,
+            deleted: m.deleted,
+            updated_at: m.updated_at,
+            appended_at: m.appended_at,
+            text: m.text.as_deref().unwrap_or(""),
+        })
+        .collect();
+    let places = packed::write(tx, &entries)?;
+    let mut key = tx
+        .prepare_cached(
+            "insert into keys (collection, upstream_id, seq, version_major, version_minor, \
+             deleted, segment) values (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .or_storage(MIGRATING)?;
+    for (entry, segment) in entries.iter().zip(places) {
+        key.execute((
+            entry.collection,
+            entry.key,
+            entry.seq,
+            entry.version.major as i64,
+            entry.version.minor as i64,
+            entry.deleted,
+            segment,
+        ))
+        .or_storage(MIGRATING)?;
+    }
+    Ok(())
+}
+
+const MIGRATING: &str = "moving the stream's records into packed segments";
+
+/// Moves every row `rows` gives (in seq order), [`MIGRATION_CHUNK`] at a time; how many.
+fn move_all(tx: &Connection, mut rows: impl FnMut() -> Result<Option<Moved>>) -> Result<usize> {
+    let mut chunk = Vec::with_capacity(MIGRATION_CHUNK);
+    let mut moved = 0;
+    loop {
+        let row = rows()?;
+        let done = row.is_none();
+        chunk.extend(row);
+        if chunk.len() >= MIGRATION_CHUNK || (done && !chunk.is_empty()) {
+            store(tx, &chunk)?;
+            moved += chunk.len();
+            chunk.clear();
+        }
+        if done {
+            return Ok(moved);
+        }
+    }
+}
+
+/// Moves `records_inline` (payloads inline, collections by name) into the file's tables.
+fn migrate_inline(tx: &Connection) -> Result<()> {
     tx.execute(
         "insert into collections (provider, sync_id, collection_id) \
          select max(provider), sync_id, collection_id from records_inline group by sync_id, collection_id",
         [],
     )
-    .or_storage(what)?;
-    let moved = tx
-        .execute(
-            "insert into records (seq, collection, upstream_id, version_major, version_minor, \
-               upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) \
-             select r.seq, k.id, r.upstream_id, r.version_major, r.version_minor, \
-               r.upstream_updated_at_ns, r.deleted, null, null, r.appended_at_ns \
+    .or_storage(MIGRATING)?;
+    let mut statement = tx
+        .prepare(
+            "select r.seq, k.id, r.upstream_id, r.version_major, r.version_minor, \
+               r.upstream_updated_at_ns, r.deleted, r.appended_at_ns, r.payload \
              from records_inline r join collections k \
-               on k.sync_id = r.sync_id and k.collection_id = r.collection_id",
-            [],
+               on k.sync_id = r.sync_id and k.collection_id = r.collection_id order by r.seq",
         )
-        .or_storage(what)?;
-    let mut payloads = tx
-        .prepare("select seq, payload from records_inline where payload is not null order by seq")
-        .or_storage(what)?;
-    let mut rows = payloads.query([]).or_storage(what)?;
-    let mut place = tx
-        .prepare("update records set segment = ?, slot = ? where seq = ?")
-        .or_storage(what)?;
-    let mut chunk: Vec<(i64, String)> = Vec::with_capacity(MIGRATION_CHUNK);
-    let mut done = false;
-    while !done {
-        chunk.clear();
-        while chunk.len() < MIGRATION_CHUNK {
-            match rows.next().or_storage(what)? {
-                Some(row) => {
-                    chunk.push((row.get(0).or_storage(what)?, row.get(1).or_storage(what)?))
-                }
-                None => {
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if chunk.is_empty() {
-            break;
-        }
-        let body = segment::encode(chunk.iter().map(|(seq, text)| (*seq, text.as_str())));
-        let id = segment::insert(tx, &body, chunk.len(), Times::OWN)?;
-        for (slot, (seq, _)) in chunk.iter().enumerate() {
-            place.execute((id, slot as i64, seq)).or_storage(what)?;
-        }
-    }
+        .or_storage(MIGRATING)?;
+    let mut rows = statement.query([]).or_storage(MIGRATING)?;
+    let moved = move_all(tx, || {
+        let Some(row) = rows.next().or_storage(MIGRATING)? else {
+            return Ok(None);
+        };
+        let get = |at: usize| row.get::<_, i64>(at).or_storage(MIGRATING);
+        Ok(Some(Moved {
+            seq: get(0)?,
+            collection: get(1)?,
+            key: row.get(2).or_storage(MIGRATING)?,
+            version: Version::new(get(3)? as u64, get(4)? as u64),
+            updated_at: get(5)?,
+            deleted: get(6)? != 0,
+            appended_at: get(7)?,
+            text: row.get(8).or_storage(MIGRATING)?,
+        }))
+    })?;
     drop(rows);
-    drop(payloads);
-    drop(place);
+    drop(statement);
     tx.execute_batch("drop table records_inline")
-        .or_storage(what)?;
+        .or_storage(MIGRATING)?;
     tracing::info!(
         records = moved,
-        "records stream: moved the stream's payloads into compressed segments (a one-time step)"
+        "records stream: moved the stream's records into packed segments (a one-time step)"
+    );
+    Ok(())
+}
+
+/// Moves `records_by_seq` (a row per record naming its payload's segment and slot) into the
+/// file's tables.
+fn migrate_segments(tx: &Connection) -> Result<()> {
+    let mut statement = tx
+        .prepare(
+            "select seq, collection, upstream_id, version_major, version_minor, \
+               upstream_updated_at_ns, deleted, appended_at_ns, segment, slot \
+             from records_by_seq order by seq",
+        )
+        .or_storage(MIGRATING)?;
+    let mut rows = statement.query([]).or_storage(MIGRATING)?;
+    let mut bodies = tx
+        .prepare(
+            "select s.appended_at_ns, s.updated_at_ns, b.body from segments_by_slot s \
+             join segment_bodies_by_slot b on b.segment = s.id where s.id = ?",
+        )
+        .or_storage(MIGRATING)?;
+    let mut cached: Option<(i64, segment::Segment)> = None;
+    let moved = move_all(tx, || {
+        let Some(row) = rows.next().or_storage(MIGRATING)? else {
+            return Ok(None);
+        };
+        let get = |at: usize| row.get::<_, i64>(at).or_storage(MIGRATING);
+        let place: (Option<i64>, Option<i64>) = (
+            row.get(8).or_storage(MIGRATING)?,
+            row.get(9).or_storage(MIGRATING)?,
+        );
+        let (mut updated_at, mut appended_at) = (get(5)?, get(7)?);
+        let mut text = None;
+        if let (Some(id), Some(slot)) = place {
+            if cached.as_ref().is_none_or(|(cached, _)| *cached != id) {
+                let (appended, updated, body): (Option<i64>, Option<i64>, Vec<u8>) = bodies
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .or_storage(MIGRATING)?;
+                let mut decoded = segment::decode(&body)?;
+                decoded.times = Times {
+                    appended_at: appended,
+                    updated_at: updated,
+                };
+                cached = Some((id, decoded));
+            }
+            let (_, decoded) = cached.as_ref().expect("a segment was just decoded");
+            let payload = decoded.payload(slot).ok_or_else(|| {
+                Error::invalid(format!(
+                    "records stream: payload segment {id} lacks a slot a record names"
+                ))
+            })?;
+            text = Some(payload.as_str().to_owned());
+            updated_at = decoded.times.updated_at(updated_at);
+            appended_at = decoded.times.appended_at(appended_at);
+        }
+        Ok(Some(Moved {
+            seq: get(0)?,
+            collection: get(1)?,
+            key: row.get(2).or_storage(MIGRATING)?,
+            version: Version::new(get(3)? as u64, get(4)? as u64),
+            deleted: get(6)? != 0,
+            updated_at,
+            appended_at,
+            text,
+        }))
+    })?;
+    drop(rows);
+    drop(statement);
+    drop(bodies);
+    tx.execute_batch(
+        "drop table records_by_seq; drop table segments_by_slot; drop table segment_bodies_by_slot;",
+    )
+    .or_storage(MIGRATING)?;
+    tracing::info!(
+        records = moved,
+        "records stream: moved the stream's records into packed segments (a one-time step)"
     );
     Ok(())
 }

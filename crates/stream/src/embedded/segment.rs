@@ -1,21 +1,10 @@
-//! Payload segments: the payload texts of one append (up to [`SEGMENT_RECORDS`] of them, or
-//! [`SEGMENT_BYTES`] of text), compressed together with LZ4 and stored as one row of
-//! `segments`. A record names its payload by segment and slot.
+//! Payload segments as files written before packed segments hold them (`packed.rs`), read
+//! only to move such a file's records on opening it (`schema.rs`); and what both formats
+//! share: the LZ4 body, varints, segment sizes and the times a segment holds for its records.
 //!
-//! Compressing an append's payloads together finds what they repeat (JSON keys, shared
-//! values) where one payload alone would not; the key index and the per-record columns stay
-//! small rows in `records`. A segment counts the records still naming one of its payloads
-//! (`live`, kept by triggers in the schema): it is deleted when none do, and rewritten with
-//! only the live ones when fewer than half are ([`compact`]), so the file stays bounded under
-//! churn.
-//!
-//! A segment also holds the times its records share ([`Times`]): a record's row then holds 0
-//! for them, 16 bytes less per row.
-//!
-//! Body: a format byte ([`LZ4`]), then the LZ4 block (its size first) of
+//! Such a body: a format byte ([`LZ4`]), then the LZ4 block (its size first) of
 //! `text · header · u32 LE header length`, where the header is, as LEB128 varints, the slot
-//! count and then each slot's seq (as the step from the previous one) and text length. The
-//! text comes first so that decoding keeps it as it is decompressed, without a copy.
+//! count and then each slot's seq (as the step from the previous one) and text length.
 
 use super::*;
 
@@ -26,11 +15,8 @@ pub(super) const SEGMENT_RECORDS: usize = 1000;
 /// decompresses at most about this much).
 pub(super) const SEGMENT_BYTES: usize = 1 << 20;
 
-/// Sparse segments rewritten per write at most (see [`compact`]).
-const COMPACTIONS_PER_WRITE: usize = 4;
-
 /// The body's format byte: an LZ4 block with its uncompressed size first.
-const LZ4: u8 = 1;
+pub(super) const LZ4: u8 = 1;
 
 /// The times a segment gives those of its records whose row holds 0 for them: the append's
 /// time (every record of an append has it), and its first record's update time (a PostgreSQL
@@ -71,7 +57,7 @@ fn resolve(shared: Option<i64>, stored: i64) -> i64 {
 
 /// What a row holds for `own`, given the segment's `shared` time: 0 when they are equal.
 /// A segment shares no time that a record's 0 would be mistaken for ([`store`]).
-fn stored(shared: Option<i64>, own: i64) -> i64 {
+pub(super) fn stored(shared: Option<i64>, own: i64) -> i64 {
     match shared {
         Some(shared) if shared == own => 0,
         _ => own,
@@ -82,7 +68,7 @@ fn stored(shared: Option<i64>, own: i64) -> i64 {
 pub(super) struct Segment {
     text: Arc<String>,
     slots: Vec<(u64, Range<usize>)>,
-    times: Times,
+    pub(super) times: Times,
 }
 
 impl Segment {
@@ -94,6 +80,7 @@ impl Segment {
 }
 
 /// Encodes payloads (each with the seq of the record naming it) as a segment body.
+#[cfg(test)]
 pub(super) fn encode<'a>(payloads: impl ExactSizeIterator<Item = (i64, &'a str)>) -> Vec<u8> {
     let mut raw = Vec::with_capacity(payloads.len() * 300);
     let mut header = Vec::with_capacity(payloads.len() * 4 + 4);
@@ -105,42 +92,24 @@ pub(super) fn encode<'a>(payloads: impl ExactSizeIterator<Item = (i64, &'a str)>
         varint(&mut header, text.len() as u64);
         previous = seq as u64;
     }
-    let header_len = header.len() as u32;
-    raw.extend_from_slice(&header);
-    raw.extend_from_slice(&header_len.to_le_bytes());
-    let mut body = Vec::with_capacity(raw.len() / 2 + 16);
-    body.push(LZ4);
-    body.extend_from_slice(&lz4_flex::block::compress_prepend_size(&raw));
-    body
+    seal(raw, &header)
 }
 
 /// Decodes a segment body; a body that does not decode is reported as a corrupt file.
 pub(super) fn decode(body: &[u8]) -> Result<Segment> {
-    let corrupt = || Error::invalid("records stream: corrupt payload segment");
-    let (&format, compressed) = body.split_first().ok_or_else(corrupt)?;
-    if format != LZ4 {
-        return Err(corrupt());
-    }
-    let mut raw = lz4_flex::block::decompress_size_prepended(compressed).map_err(|_| corrupt())?;
-    let len_at = raw.len().checked_sub(4).ok_or_else(corrupt)?;
-    let header_len = u32::from_le_bytes(raw[len_at..].try_into().map_err(|_| corrupt())?);
-    let text_len = len_at
-        .checked_sub(header_len as usize)
-        .ok_or_else(corrupt)?;
-    let mut header = &raw[text_len..len_at];
+    let (text, header) = open(body)?;
+    let mut header = &header[..];
     let count = read_varint(&mut header).ok_or_else(corrupt)?;
     let mut slots = Vec::with_capacity((count as usize).min(SEGMENT_RECORDS * 4));
     let (mut seq, mut start) = (0u64, 0usize);
     for _ in 0..count {
         seq = seq.wrapping_add(read_varint(&mut header).ok_or_else(corrupt)?);
         let len = read_varint(&mut header).ok_or_else(corrupt)? as usize;
-        let end = start.checked_add(len).filter(|&e| e <= text_len);
+        let end = start.checked_add(len).filter(|&e| e <= text.len());
         let end = end.ok_or_else(corrupt)?;
         slots.push((seq, start..end));
         start = end;
     }
-    raw.truncate(text_len);
-    let text = String::from_utf8(raw).map_err(|_| corrupt())?;
     // Every slot must start and end on a character boundary for `PayloadText::new`.
     if slots
         .iter()
@@ -155,7 +124,40 @@ pub(super) fn decode(body: &[u8]) -> Result<Segment> {
     })
 }
 
-fn varint(out: &mut Vec<u8>, mut value: u64) {
+pub(super) fn corrupt() -> Error {
+    Error::invalid("records stream: corrupt payload segment")
+}
+
+/// A body of either format: `raw` (the text, then the header, then the header's length)
+/// compressed, after the format byte.
+pub(super) fn seal(mut raw: Vec<u8>, header: &[u8]) -> Vec<u8> {
+    raw.extend_from_slice(header);
+    raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    let mut body = Vec::with_capacity(raw.len() / 2 + 16);
+    body.push(LZ4);
+    body.extend_from_slice(&lz4_flex::block::compress_prepend_size(&raw));
+    body
+}
+
+/// A body's text (checked to be UTF-8) and header, as [`seal`] put them.
+pub(super) fn open(body: &[u8]) -> Result<(String, Vec<u8>)> {
+    let (&format, compressed) = body.split_first().ok_or_else(corrupt)?;
+    if format != LZ4 {
+        return Err(corrupt());
+    }
+    let mut raw = lz4_flex::block::decompress_size_prepended(compressed).map_err(|_| corrupt())?;
+    let len_at = raw.len().checked_sub(4).ok_or_else(corrupt)?;
+    let header_len = u32::from_le_bytes(raw[len_at..].try_into().map_err(|_| corrupt())?);
+    let text_len = len_at
+        .checked_sub(header_len as usize)
+        .ok_or_else(corrupt)?;
+    let header = raw[text_len..len_at].to_vec();
+    raw.truncate(text_len);
+    let text = String::from_utf8(raw).map_err(|_| corrupt())?;
+    Ok((text, header))
+}
+
+pub(super) fn varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -163,7 +165,7 @@ fn varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
-fn read_varint(input: &mut &[u8]) -> Option<u64> {
+pub(super) fn read_varint(input: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
         let (&byte, rest) = input.split_first()?;
@@ -174,261 +176,6 @@ fn read_varint(input: &mut &[u8]) -> Option<u64> {
         }
     }
     None
-}
-
-/// Where an append's payloads went: each record's `(segment, slot)` (`None` for a tombstone),
-/// each record's times as its row holds them (`(upstream_updated_at_ns, appended_at_ns)`, 0
-/// where its segment holds them), and the segments written.
-pub(super) struct Stored {
-    pub(super) places: Vec<Option<(i64, i64)>>,
-    pub(super) times: Vec<(i64, i64)>,
-    pub(super) segments: Vec<i64>,
-}
-
-/// Stores the payloads `texts` of `records`, whose seqs start after `first` and which are
-/// appended at `appended_at`, as segments.
-pub(super) fn store(
-    tx: &Connection,
-    records: &[Record],
-    texts: &[Option<PayloadText>],
-    first: i64,
-    appended_at: i64,
-) -> Result<Stored> {
-    let mut places = vec![None; texts.len()];
-    let mut times: Vec<(i64, i64)> = records
-        .iter()
-        .map(|r| (nanos(r.upstream_updated_at), appended_at))
-        .collect();
-    let mut segments = Vec::new();
-    let mut pending: Vec<usize> = Vec::new();
-    let mut bytes = 0;
-    for (at, text) in texts.iter().enumerate() {
-        if let Some(text) = text {
-            pending.push(at);
-            bytes += text.len();
-        }
-        let last = at + 1 == texts.len();
-        if !pending.is_empty()
-            && (last || pending.len() >= SEGMENT_RECORDS || bytes >= SEGMENT_BYTES)
-        {
-            let payloads = pending.iter().map(|&at| {
-                let text = texts[at].as_ref().map_or("", PayloadText::as_str);
-                (first + 1 + at as i64, text)
-            });
-            // The first record's update time, unless another's is 0 (which its row could
-            // then not tell from the shared time).
-            let updated = times[pending[0]].0;
-            let shared = Times {
-                appended_at: Some(appended_at),
-                updated_at: (updated == 0 || pending.iter().all(|&at| times[at].0 != 0))
-                    .then_some(updated),
-            };
-            let id = insert(tx, &encode(payloads), pending.len(), shared)?;
-            segments.push(id);
-            for (slot, &at) in pending.iter().enumerate() {
-                places[at] = Some((id, slot as i64));
-                let (updated, appended) = times[at];
-                times[at] = (
-                    stored(shared.updated_at, updated),
-                    stored(shared.appended_at, appended),
-                );
-            }
-            pending.clear();
-            bytes = 0;
-        }
-    }
-    Ok(Stored {
-        places,
-        times,
-        segments,
-    })
-}
-
-pub(super) fn insert(tx: &Connection, body: &[u8], records: usize, times: Times) -> Result<i64> {
-    tx.prepare_cached(
-        "insert into segments (records, live, appended_at_ns, updated_at_ns) \
-         values (?1, ?1, ?2, ?3)",
-    )
-    .and_then(|mut s| s.execute((records as i64, times.appended_at, times.updated_at)))
-    .or_storage("storing payloads")?;
-    let id = tx.last_insert_rowid();
-    tx.prepare_cached("insert into segment_bodies (segment, body) values (?, ?)")
-        .and_then(|mut s| s.execute((id, body)))
-        .or_storage("storing payloads")?;
-    Ok(id)
-}
-
-/// Sets the live count of `segments`, written at seqs `first + 1 ..= last`, from the records
-/// that name them: after an append some of whose records were stale (never stored), so their
-/// payloads are not live. A segment left with none is deleted.
-pub(super) fn recount(tx: &Connection, segments: &[i64], first: i64, last: i64) -> Result<()> {
-    let mut count = tx
-        .prepare_cached(
-            "update segments set live = (select count(*) from records \
-               where seq > ?1 and seq <= ?2 and segment = ?3) where id = ?3",
-        )
-        .or_storage("counting live payloads")?;
-    for id in segments {
-        count
-            .execute((first, last, id))
-            .or_storage("counting live payloads")?;
-    }
-    drop_unused(tx)
-}
-
-/// Deletes the segments no record names (found through the sparse segments' index).
-pub(super) fn drop_unused(tx: &Connection) -> Result<()> {
-    tx.prepare_cached(
-        "delete from segment_bodies where segment in \
-           (select id from segments where live * 2 < records and live <= 0)",
-    )
-    .and_then(|mut s| s.execute([]))
-    .or_storage("dropping unused payloads")?;
-    tx.prepare_cached("delete from segments where live * 2 < records and live <= 0")
-        .and_then(|mut s| s.execute([]))
-        .or_storage("dropping unused payloads")?;
-    Ok(())
-}
-
-/// Deletes the segments no record names any more, then rewrites up to
-/// [`COMPACTIONS_PER_WRITE`] segments fewer than half of whose payloads are still named by a
-/// record: their live payloads move to one new segment (the records keep their seqs), and the
-/// old segments, named by none any more, go.
-pub(super) fn compact(tx: &Connection) -> Result<()> {
-    drop_unused(tx)?;
-    let sparse: Vec<(i64, Segment)> = tx
-        .prepare_cached(
-            "select s.id, s.appended_at_ns, s.updated_at_ns, b.body \
-             from segments s join segment_bodies b on b.segment = s.id \
-             where s.live * 2 < s.records order by s.id limit ?",
-        )
-        .and_then(|mut s| {
-            s.query_map([COMPACTIONS_PER_WRITE as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Vec<u8>>(3)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .or_storage("finding sparse payload segments")?
-        .into_iter()
-        .map(|(id, appended_at, updated_at, body)| {
-            let mut segment = decode(&body)?;
-            segment.times = Times {
-                appended_at,
-                updated_at,
-            };
-            Ok((id, segment))
-        })
-        .collect::<Result<_>>()?;
-    if sparse.is_empty() {
-        return Ok(());
-    }
-    // Each live payload with its record's seq and times (the new segment shares none).
-    let mut live = Vec::new();
-    {
-        let mut named = tx
-            .prepare_cached(
-                "select segment, slot, upstream_updated_at_ns, appended_at_ns \
-                 from records where seq = ?",
-            )
-            .or_storage("compacting payloads")?;
-        for (id, segment) in &sparse {
-            for (slot, (seq, _)) in segment.slots.iter().enumerate() {
-                let row: Option<(Option<i64>, Option<i64>, i64, i64)> = named
-                    .query_row([*seq as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
-                    .optional()
-                    .or_storage("compacting payloads")?;
-                let Some((Some(named_segment), Some(named_slot), updated, appended)) = row else {
-                    continue;
-                };
-                if (named_segment, named_slot) == (*id, slot as i64) {
-                    let text = segment.payload(slot as i64);
-                    let times = (
-                        segment.times.updated_at(updated),
-                        segment.times.appended_at(appended),
-                    );
-                    live.push((*seq as i64, text.ok_or_else(|| corrupt_slot(*id))?, times));
-                }
-            }
-        }
-    }
-    live.sort_by_key(|(seq, _, _)| *seq);
-    for part in live.chunks(SEGMENT_RECORDS) {
-        let body = encode(part.iter().map(|(seq, text, _)| (*seq, text.as_str())));
-        let id = insert(tx, &body, part.len(), Times::OWN)?;
-        let mut moved = tx
-            .prepare_cached(
-                "update records set segment = ?, slot = ?, upstream_updated_at_ns = ?, \
-                 appended_at_ns = ? where seq = ?",
-            )
-            .or_storage("compacting payloads")?;
-        for (slot, (seq, _, (updated, appended))) in part.iter().enumerate() {
-            moved
-                .execute((id, slot as i64, updated, appended, seq))
-                .or_storage("compacting payloads")?;
-        }
-    }
-    // Every sparse segment's live payloads moved: none names it any more.
-    drop_unused(tx)
-}
-
-fn corrupt_slot(segment: i64) -> Error {
-    Error::invalid(format!(
-        "records stream: payload segment {segment} lacks a slot a record names"
-    ))
-}
-
-/// Decoded segments for one read, so that a run of records from the same append decompresses
-/// their segment once.
-pub(super) struct Segments<'c> {
-    conn: &'c Connection,
-    cached: Vec<(i64, Segment)>,
-}
-
-/// Decoded segments kept by one read.
-const CACHED_SEGMENTS: usize = 4;
-
-impl<'c> Segments<'c> {
-    pub(super) fn new(conn: &'c Connection) -> Self {
-        Self {
-            conn,
-            cached: Vec::new(),
-        }
-    }
-
-    /// The payload in `slot` of segment `id`, and the times the segment shares.
-    pub(super) fn payload(&mut self, id: i64, slot: i64) -> Result<(PayloadText, Times)> {
-        let at = match self.cached.iter().position(|(cached, _)| *cached == id) {
-            Some(at) => at,
-            None => {
-                let (appended_at, updated_at, body): (_, _, Vec<u8>) = self
-                    .conn
-                    .prepare_cached(
-                        "select s.appended_at_ns, s.updated_at_ns, b.body \
-                         from segments s join segment_bodies b on b.segment = s.id \
-                         where s.id = ?",
-                    )
-                    .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
-                    .optional()
-                    .or_storage("reading payloads")?
-                    .ok_or_else(|| corrupt_slot(id))?;
-                let mut segment = decode(&body)?;
-                segment.times = Times {
-                    appended_at,
-                    updated_at,
-                };
-                if self.cached.len() >= CACHED_SEGMENTS {
-                    self.cached.remove(0);
-                }
-                self.cached.push((id, segment));
-                self.cached.len() - 1
-            }
-        };
-        let segment = &self.cached[at].1;
-        let text = segment.payload(slot).ok_or_else(|| corrupt_slot(id))?;
-        Ok((text, segment.times))
-    }
 }
 
 #[cfg(test)]

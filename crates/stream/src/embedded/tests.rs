@@ -2,7 +2,6 @@
 
 use super::*;
 use rusqlite::types::Value;
-use std::collections::BTreeSet;
 
 /// A new file gets 16 KiB pages and the WAL journal, and every connection syncs fully.
 #[tokio::test]
@@ -28,59 +27,34 @@ async fn a_new_file_has_the_streams_settings() {
     );
 }
 
-/// Every filtered read walks the table by seq: never every record of a sync by the key
-/// index followed by a sort.
+/// Reads find the segments after their position through the index of segments' last seqs,
+/// never by scanning or sorting every segment.
 #[tokio::test]
-async fn filtered_reads_walk_by_seq() {
+async fn reads_find_their_segments_by_seq() {
     let dir = tempfile::tempdir().unwrap();
     let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-    let sync_id = SyncId(Uuid::from_u128(1));
-    let filters = [
-        RecordFilter::Provider(Provider::Postgres),
-        RecordFilter::Sync {
-            sync_id,
-            collections: None,
-        },
-        RecordFilter::Sync {
-            sync_id,
-            collections: Some(BTreeSet::from([CollectionId("public.t".into())])),
-        },
-    ];
-    for filter in &filters {
-        for sql in [
-            format!(
-                "select {COLUMNS} from records where seq > ?{} order by seq limit ?",
-                filter_sql(filter)
-            ),
-            format!(
-                "select count(*) from (select 1 from records where seq > ?{} limit ?)",
-                filter_sql(filter)
-            ),
-        ] {
-            let plan = stream
-                .with_reader(|conn| {
-                    let explain = format!("explain query plan {sql}");
-                    let mut statement = positioned(conn, &explain, Seq(0), filter, Some(10))
-                        .or_storage("explaining")?;
-                    let mut rows = statement.raw_query();
-                    let mut plan = Vec::new();
-                    while let Some(row) = rows.next().or_storage("explaining")? {
-                        plan.push(row.get::<_, String>(3).or_storage("explaining")?);
-                    }
-                    Ok(plan)
-                })
-                .unwrap();
-            assert!(
-                plan.iter()
-                    .any(|p| p.contains("INTEGER PRIMARY KEY (rowid>?)"))
-                    && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
-                "{sql}: {plan:?}"
-            );
-        }
-    }
+    let plan = stream
+        .with_reader(|conn| {
+            let mut statement = conn
+                .prepare(&format!("explain query plan {}", walk::WALK))
+                .or_storage("explaining")?;
+            let mut rows = statement.query([0]).or_storage("explaining")?;
+            let mut plan = Vec::new();
+            while let Some(row) = rows.next().or_storage("explaining")? {
+                plan.push(row.get::<_, String>(3).or_storage("explaining")?);
+            }
+            Ok(plan)
+        })
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|p| p.contains("USING INDEX segments_by_last (last_seq>?)"))
+            && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
 }
 
-fn record(id: u64, version: u64, payload: Option<serde_json::Value>) -> Record {
+pub(super) fn record(id: u64, version: u64, payload: Option<serde_json::Value>) -> Record {
     Record {
         key: RecordKey::new(SyncId(Uuid::from_u128(7)), "public.t", id.to_string()),
         provider: Provider::Postgres,
@@ -93,7 +67,7 @@ fn record(id: u64, version: u64, payload: Option<serde_json::Value>) -> Record {
     }
 }
 
-fn upsert(id: u64, version: u64) -> Record {
+pub(super) fn upsert(id: u64, version: u64) -> Record {
     let text = format!("{id}-{version}-").repeat(20);
     record(
         id,
@@ -102,30 +76,50 @@ fn upsert(id: u64, version: u64) -> Record {
     )
 }
 
-/// Every segment's live count, beside the records that name it; and every record's payload
-/// slot, which must exist.
-fn segment_accounts(stream: &EmbeddedStream) -> (Vec<(i64, i64, i64, i64)>, i64) {
+/// Every segment's entry count and live count, beside the keys that name it; and the keys
+/// naming a segment that is not there (with its body). Every segment's dead seqs must account
+/// for the entries that are not live.
+pub(super) fn segment_accounts(stream: &EmbeddedStream) -> (Vec<(i64, i64, i64, i64)>, i64) {
     stream
         .with_reader(|conn| {
             let mut s = conn
                 .prepare(
                     "select s.id, s.records, s.live, \
-                       (select count(*) from records r where r.segment = s.id) from segments s",
+                       (select count(*) from keys k where k.segment = s.id), \
+                       (select count(*) from dead d where d.seq between s.first_seq and s.last_seq) \
+                     from segments s",
                 )
                 .or_storage("checking")?;
-            let rows = s
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            let rows: Vec<(i64, i64, i64, i64, i64)> = s
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
                 .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
                 .or_storage("checking")?;
-            let orphans = conn
+            for (id, records, live, _, dead) in &rows {
+                assert_eq!(records - live, *dead, "segment {id}'s dead seqs");
+            }
+            let strays: i64 = conn
                 .query_row(
-                    "select count(*) from records where deleted = 0 and \
-                       (segment is null or segment not in (select id from segments) \
-                        or segment not in (select segment from segment_bodies))",
+                    "select count(*) from dead where not exists (select 1 from segments s \
+                       where dead.seq between s.first_seq and s.last_seq)",
                     [],
                     |r| r.get(0),
                 )
                 .or_storage("checking")?;
+            assert_eq!(strays, 0, "dead seqs of no segment");
+            let orphans = conn
+                .query_row(
+                    "select count(*) from keys where segment not in (select id from segments) \
+                        or segment not in (select segment from segment_bodies)",
+                    [],
+                    |r| r.get(0),
+                )
+                .or_storage("checking")?;
+            let rows = rows
+                .into_iter()
+                .map(|(id, records, live, named, _)| (id, records, live, named))
+                .collect();
             Ok((rows, orphans))
         })
         .unwrap()
@@ -227,10 +221,14 @@ async fn churn_keeps_the_segments_bounded() {
     // and a segment whose keys are not all updated again is never emptied by updates alone.
     let mut sizes = Vec::new();
     let mut random = sluice_core::Xorshift::new(0x2545_f491_4f6c_dd1d);
+    let mut newest: Vec<u64> = vec![1; keys as usize];
     for round in 0..150u64 {
-        let batch = (0..100)
+        let batch: Vec<Record> = (0..100)
             .map(|_| upsert(random.below(keys), round + 2))
             .collect();
+        for r in &batch {
+            newest[r.key.upstream_id.0.parse::<usize>().unwrap()] = r.version.major;
+        }
         stream.append(batch).await.unwrap();
         if round % 50 == 49 {
             sizes.push(used_pages(&stream));
@@ -254,96 +252,97 @@ async fn churn_keeps_the_segments_bounded() {
         sizes[2] <= sizes[0] * 5 / 4,
         "the pages in use grew: {sizes:?}"
     );
+    // Read back from the file (a new handle, nothing in memory) through segments rewritten
+    // alone: every key once, at its newest version, in seq order.
+    drop(stream);
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    let read = read_all(&stream, &filter, Seq::START, 300).await;
+    assert!(read.windows(2).all(|w| w[0].seq < w[1].seq));
+    let mut versions: Vec<(usize, u64)> = read
+        .iter()
+        .map(|e| {
+            (
+                e.record.key.upstream_id.0.parse().unwrap(),
+                e.record.version.major,
+            )
+        })
+        .collect();
+    versions.sort_unstable();
+    let want: Vec<(usize, u64)> = newest.into_iter().enumerate().collect();
+    assert_eq!(versions, want);
+    for entry in &read {
+        let (id, version) = (&entry.record.key.upstream_id.0, entry.record.version.major);
+        let text = format!("{id}-{version}-").repeat(20);
+        assert_eq!(entry.record.change.payload().unwrap()["text"], text);
+    }
 }
 
-/// A file written before payload segments (payloads inline in `records`) is moved to segments
-/// when opened: every record reads back as it was, seqs, tombstones and cursors included.
-#[tokio::test]
-async fn a_file_with_inline_payloads_is_migrated_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(FILE_NAME);
-    let sync = Uuid::from_u128(7);
-    {
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "pragma journal_mode = wal;
-             create table records (seq integer primary key, provider text not null, sync_id blob not null,
-               collection_id text not null, upstream_id text not null, version_major integer not null,
-               version_minor integer not null, upstream_updated_at_ns integer not null,
-               deleted integer not null, payload text, appended_at_ns integer not null,
-               unique (sync_id, collection_id, upstream_id));
-             create index tombstones on records (seq) where deleted = 1;
-             create table cursors (consumer text primary key, provider text, sync_id blob,
-               collections text, seq integer not null);
-             create table meta (key text primary key, value integer not null);
-             create table source_state (owner text primary key, value text not null);
-             insert into meta values ('head', 2600);
-             insert into cursors values ('c', 'postgres', null, null, 3);",
-        )
-        .unwrap();
-        let mut insert = conn
-            .prepare(
-                "insert into records values (?, 'postgres', ?, 'public.t', ?, ?, 0, 5, ?, ?, 9)",
-            )
-            .unwrap();
-        for i in 1..=2500i64 {
-            let deleted = i % 10 == 0;
-            let payload = (!deleted).then(|| format!("{{\"id\":{i},\"s\":\"é\\u0000{i}\"}}"));
-            insert
-                .execute((
-                    i + 100,
-                    sync.as_bytes().as_slice(),
-                    i.to_string(),
-                    i,
-                    deleted,
-                    payload,
-                ))
-                .unwrap();
+/// Every entry after `after` passing `filter`, read `limit` at a time.
+pub(super) async fn read_all(
+    stream: &EmbeddedStream,
+    filter: &RecordFilter,
+    mut after: Seq,
+    limit: usize,
+) -> Vec<StreamEntry> {
+    let mut read = Vec::new();
+    loop {
+        let got = stream.read(filter, after, limit).await.unwrap();
+        if got.entries.is_empty() {
+            return read;
         }
+        after = got.through;
+        read.extend(got.entries);
     }
+}
+
+/// A truncate of a collection of more keys than one step of it takes: every key gets its
+/// tombstone once, and none of the other collection's records does.
+#[tokio::test]
+async fn a_truncate_of_many_keys_tombstones_each_once() {
+    let dir = tempfile::tempdir().unwrap();
     let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-    let read = stream
-        .read_text(
-            &RecordFilter::Provider(Provider::Postgres),
-            Seq::START,
-            10_000,
+    let other = |id: u64| Record {
+        key: RecordKey::new(SyncId(Uuid::from_u128(7)), "public.other", id.to_string()),
+        ..upsert(id, 1)
+    };
+    for first in (0..12_001u64).step_by(4000) {
+        let batch = (first..(first + 4000).min(12_001))
+            .map(|i| upsert(i, 1))
+            .collect();
+        stream.append(batch).await.unwrap();
+    }
+    stream.append((0..10).map(other).collect()).await.unwrap();
+    // An empty id sorts first: it is tombstoned too.
+    stream
+        .append(vec![Record {
+            key: RecordKey::new(SyncId(Uuid::from_u128(7)), "public.t", ""),
+            ..upsert(0, 1)
+        }])
+        .await
+        .unwrap();
+    let done = stream
+        .tombstone_collection(
+            SyncId(Uuid::from_u128(7)),
+            &CollectionId("public.t".into()),
+            Version::new(5, 0),
+            OffsetDateTime::now_utc(),
         )
         .await
         .unwrap();
-    assert_eq!(read.entries.len(), 2500);
-    assert_eq!(read.through, Seq(2600));
-    for (entry, i) in read.entries.iter().zip(1..) {
-        assert_eq!(entry.seq, Seq(i + 100));
-        assert_eq!(entry.record.version.major, i);
-        assert_eq!(entry.record.upstream_updated_at.unix_timestamp_nanos(), 5);
-        if i % 10 == 0 {
-            assert!(entry.record.is_tombstone());
-        } else {
-            let text = entry.payload_text.as_ref().unwrap().as_str();
-            assert_eq!(text, format!("{{\"id\":{i},\"s\":\"é\\u0000{i}\"}}"));
-        }
-    }
-    assert_eq!(stream.tombstones().await.unwrap(), 250);
-    let (segments, orphans) = segment_accounts(&stream);
-    assert_eq!((segments.len(), orphans), (3, 0));
-    let leftovers = stream
-        .with_reader(|conn| {
-            conn.query_row(
-                "select count(*) from sqlite_master where name = 'records_inline' \
-                   or (name = 'tombstones' and tbl_name = 'records')",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .or_storage("checking")
-        })
-        .unwrap();
-    assert_eq!(
-        leftovers, 1,
-        "the old table is gone and the tombstone index is back"
+    assert_eq!(done, 12_002);
+    assert_eq!(stream.tombstones().await.unwrap(), 12_002);
+    let live = stream.live_records().await.unwrap();
+    assert_eq!(live.len(), 10);
+    assert!(
+        live.iter()
+            .all(|e| e.record.key.collection_id.0 == "public.other")
     );
-    // Writes go on after the migrated records.
-    let outcome = stream.append(vec![upsert(1, 9)]).await.unwrap();
-    assert_eq!(outcome.head, Seq(2601));
+    let (segments, orphans) = segment_accounts(&stream);
+    assert_eq!(orphans, 0);
+    for (id, _, live, named) in &segments {
+        assert_eq!(live, named, "segment {id}");
+    }
 }
 
 /// `record` with its update time `ns` nanoseconds from the epoch.
@@ -355,7 +354,7 @@ fn at(record: Record, ns: i128) -> Record {
 }
 
 /// The one number `sql` gives on the file.
-fn held(stream: &EmbeddedStream, sql: &str) -> i64 {
+pub(super) fn held(stream: &EmbeddedStream, sql: &str) -> i64 {
     stream
         .with_reader(|conn| {
             conn.query_row(sql, [], |r| r.get::<_, i64>(0))
@@ -379,9 +378,8 @@ async fn times(stream: &EmbeddedStream) -> Vec<(String, OffsetDateTime, OffsetDa
 }
 
 /// A record's update and append times read back as given wherever they are held: in its
-/// segment (the rows of an append that share them hold 0), in its row (a time of 0 among
-/// others, a tombstone, a segment rewritten by compaction), and in a file written before
-/// segments held times.
+/// segment's row (the entries of an append that share them hold 0), in its entry (a time of 0
+/// among others, a time before the epoch), and in a segment rewritten by compaction.
 #[tokio::test]
 async fn times_read_back_exactly_wherever_they_are_held() {
     let dir = tempfile::tempdir().unwrap();
@@ -428,15 +426,24 @@ async fn times_read_back_exactly_wherever_they_are_held() {
     assert!(appended[40..45].iter().all(|a| *a == appended[40]));
     assert!(appended[0] < appended[40] && appended[40] < appended[45]);
     let count = |sql: &str| held(&stream, &format!("select count(*) from {sql}"));
+    let stored = stream
+        .with_reader(|conn| packed::stored_times(conn))
+        .unwrap();
     assert_eq!(
-        count("records where appended_at_ns = 0"),
-        47,
-        "every upsert's row leaves its append time to its segment; the tombstone's holds it"
+        stored
+            .iter()
+            .filter(|(_, _, appended)| *appended == 0)
+            .count(),
+        48,
+        "every entry leaves its append time to its segment"
     );
     assert_eq!(
-        count("records where upstream_updated_at_ns = 0"),
+        stored
+            .iter()
+            .filter(|(_, updated, _)| *updated == 0)
+            .count(),
         43,
-        "the first append's rows leave their update time to the segment (and the epochs are 0)"
+        "the first append's entries leave their update time to the segment (and the epochs are 0)"
     );
     assert_eq!(
         count("segments where updated_at_ns is null"),
@@ -460,100 +467,4 @@ async fn times_read_back_exactly_wherever_they_are_held() {
         "the first append's last ten"
     );
     assert_eq!(compacted[10..15], before[40..45]);
-    assert_eq!(
-        held(
-            &stream,
-            "select count(*) from records where seq <= 40 and upstream_updated_at_ns = 0"
-        ),
-        0,
-        "the rewritten segment's records hold their own times"
-    );
-
-    // The file as an older sluice left it: every row holds its times, and segments none.
-    drop(stream);
-    {
-        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
-        conn.execute_batch(
-            "update records set
-               upstream_updated_at_ns = coalesce((select s.updated_at_ns from segments s
-                 where s.id = records.segment and records.upstream_updated_at_ns = 0),
-                 upstream_updated_at_ns),
-               appended_at_ns = coalesce((select s.appended_at_ns from segments s
-                 where s.id = records.segment and records.appended_at_ns = 0), appended_at_ns);
-             alter table segments drop column appended_at_ns;
-             alter table segments drop column updated_at_ns;",
-        )
-        .unwrap();
-    }
-    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-    assert_eq!(times(&stream).await, compacted);
-    stream.append(vec![at(upsert(400, 1), now)]).await.unwrap();
-    let last = times(&stream).await;
-    assert_eq!(last[..last.len() - 1], compacted[..]);
-    assert_eq!(
-        last.last().unwrap().1,
-        at(upsert(0, 0), now).upstream_updated_at
-    );
-}
-
-/// A read from the file stops once its payloads reach `READ_BYTES`, whatever its limit: it
-/// goes to its last entry, the next read goes on from there, and every record is read once, in
-/// order. Reads of small records still stop at the limit.
-#[tokio::test]
-async fn reads_of_large_payloads_stop_at_read_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-    // 40 payloads of about 1 MiB, then 10 small ones.
-    let large = |id: u64| {
-        let body = format!("{id:07}").repeat(150_000);
-        record(id, 1, Some(serde_json::json!({"id": id, "body": body})))
-    };
-    for first in (0..40).step_by(5) {
-        stream
-            .append((first..first + 5).map(large).collect())
-            .await
-            .unwrap();
-    }
-    stream
-        .append((40..50).map(|id| upsert(id, 1)).collect())
-        .await
-        .unwrap();
-    // A new handle on the file: its tail holds nothing, so every read is from the file.
-    drop(stream);
-    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
-    let filter = RecordFilter::Provider(Provider::Postgres);
-    let (mut after, mut ids, mut reads) = (Seq::START, Vec::new(), Vec::new());
-    loop {
-        let read = stream.read_text(&filter, after, 1000).await.unwrap();
-        let Some(last) = read.entries.last() else {
-            break;
-        };
-        let sizes: Vec<usize> = read
-            .entries
-            .iter()
-            .map(|e| e.payload_text.as_ref().unwrap().as_str().len())
-            .collect();
-        let bytes: usize = sizes.iter().sum();
-        assert!(bytes - sizes[sizes.len() - 1] < READ_BYTES, "{sizes:?}");
-        if bytes >= READ_BYTES {
-            assert_eq!(
-                read.through, last.seq,
-                "a read cut short goes to its last entry"
-            );
-        }
-        ids.extend(
-            read.entries
-                .iter()
-                .map(|e| e.record.key.upstream_id.0.clone()),
-        );
-        reads.push(read.entries.len());
-        after = read.through;
-    }
-    let want: Vec<String> = (0..50).map(|id| id.to_string()).collect();
-    assert_eq!(ids, want);
-    // 8 MiB is eight of these payloads and a little: five reads of 8, then the small ones.
-    assert_eq!(reads, [8, 8, 8, 8, 8, 10]);
-    let small = stream.read_text(&filter, Seq(40), 3).await.unwrap();
-    assert_eq!(small.entries.len(), 3);
-    assert_eq!(small.through, Seq(43));
 }

@@ -39,7 +39,7 @@ impl EmbeddedStream {
                     _ => landed = None,
                 }
             }
-            segment::compact(&tx)?;
+            packed::compact(&tx)?;
             if let Some(state) = state {
                 tx.prepare_cached(
                     "insert into source_state (owner, value) values (?, ?) \
@@ -121,38 +121,37 @@ pub(super) fn insert_sql(rows: usize) -> &'static str {
 fn upsert(rows: usize) -> String {
     let mut sql = String::with_capacity(600 + rows * 26);
     sql.push_str(
-        "insert into records (seq, collection, upstream_id, version_major, version_minor, \
-         upstream_updated_at_ns, deleted, segment, slot, appended_at_ns) values ",
+        "insert into keys (collection, upstream_id, seq, version_major, version_minor, \
+         deleted, segment) values ",
     );
     for i in 0..rows {
         sql.push_str(if i == 0 {
-            "(?,?,?,?,?,?,?,?,?,?)"
+            "(?,?,?,?,?,?,?)"
         } else {
-            ",(?,?,?,?,?,?,?,?,?,?)"
+            ",(?,?,?,?,?,?,?)"
         });
     }
     sql.push_str(
         " on conflict (collection, upstream_id) do update set \
            seq = excluded.seq, version_major = excluded.version_major, \
-           version_minor = excluded.version_minor, upstream_updated_at_ns = excluded.upstream_updated_at_ns, \
-           deleted = excluded.deleted, segment = excluded.segment, slot = excluded.slot, appended_at_ns = excluded.appended_at_ns \
-         where excluded.version_major > records.version_major \
-            or (excluded.version_major = records.version_major and excluded.version_minor > records.version_minor)",
+           version_minor = excluded.version_minor, deleted = excluded.deleted, segment = excluded.segment \
+         where excluded.version_major > keys.version_major \
+            or (excluded.version_major = keys.version_major and excluded.version_minor > keys.version_minor)",
     );
     sql
 }
 
-/// Inserts `records` (with their payloads' `texts`, stored in segments first) at the seqs
-/// after `next`, under the version guard, advancing `next`; returns how many landed (the
-/// others were stale).
+/// Inserts `records` (with their payloads' `texts`) at the seqs after `next`, under the
+/// version guard, advancing `next`; returns how many landed (the others were stale, and their
+/// entries are dead from the start).
 ///
-/// Each record keeps the seq of its place in `records`, but they are written in the key
-/// index's order (collection, then id; a stable sort, so a key given twice is still written in
-/// the order given and the version guard decides as before). Ids that come in no order (UUIDs,
-/// most SaaS ids) then change each index page once per statement rather than again and again:
-/// `cargo xtask bench stream-layouts` measured 21% less per new record and 18% less per update
-/// for such ids (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in appends of 5,000), and no change
-/// for ids in order.
+/// The records go into packed segments in seq order (`packed.rs`); their keys' rows are
+/// written in the key's order (collection, then id; a stable sort, so a key given twice is
+/// still written in the order given and the version guard decides as before). Ids that come
+/// in no order (UUIDs, most SaaS ids) then change each index page once per statement rather
+/// than again and again: `cargo xtask bench stream-layouts` measured 21% less per new record
+/// and 18% less per update for such ids (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in
+/// appends of 5,000), and no change for ids in order.
 pub(super) fn insert(
     tx: &Connection,
     ids: &mut Ids<'_>,
@@ -162,19 +161,23 @@ pub(super) fn insert(
     appended_at: i64,
 ) -> Result<u64> {
     let first = *next;
-    let stored = segment::store(tx, records, texts, first, appended_at)?;
-    let mut order = Vec::with_capacity(records.len());
+    let mut entries = Vec::with_capacity(records.len());
     for (at, record) in records.iter().enumerate() {
-        order.push((ids.of(tx, record)?, at));
+        entries.push(packed::Entry {
+            seq: first + 1 + at as i64,
+            collection: ids.of(tx, record)?,
+            key: record.key.upstream_id.0.as_str(),
+            version: record.version,
+            deleted: record.is_tombstone(),
+            updated_at: nanos(record.upstream_updated_at),
+            appended_at,
+            text: texts[at].as_ref().map_or("", PayloadText::as_str),
+        });
     }
-    order.sort_by(|(a_collection, a), (b_collection, b)| {
-        a_collection.cmp(b_collection).then_with(|| {
-            records[*a]
-                .key
-                .upstream_id
-                .0
-                .cmp(&records[*b].key.upstream_id.0)
-        })
+    let places = packed::write(tx, &entries)?;
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| {
+        (entries[a].collection, entries[a].key).cmp(&(entries[b].collection, entries[b].key))
     });
     let mut appended = 0;
     let mut rest = order.as_slice();
@@ -186,50 +189,71 @@ pub(super) fn insert(
             .prepare_cached(insert_sql(rows))
             .or_storage("appending")?;
         // Everything bound is borrowed from `records`: no per-record copies.
-        for (row, &(collection, at)) in chunk.iter().enumerate() {
-            bind_record(
+        for (row, &at) in chunk.iter().enumerate() {
+            bind_key(
                 &mut statement,
-                1 + row * 10,
-                first + 1 + at as i64,
-                collection,
-                &records[at],
-                stored.places[at],
-                stored.times[at],
+                1 + row * KEY_COLUMNS,
+                &entries[at],
+                places[at],
             )
             .or_storage("appending")?;
         }
         appended += statement.raw_execute().or_storage("appending")? as u64;
     }
     *next = first + records.len() as i64;
-    if (appended as usize) < texts.len() {
-        // Stale records were not stored; neither are their payloads live.
-        segment::recount(tx, &stored.segments, first, *next)?;
+    if (appended as usize) < entries.len() {
+        kill_stale(tx, &entries, &places)?;
     }
     Ok(appended)
 }
 
-/// Binds one record's 10 values from parameter `at` on; `collection` is its collection's id,
-/// `place` its payload's segment and slot, `times` its update and append times as its row
-/// holds them (see `segment::Times`).
-fn bind_record(
+/// Marks dead the entries of an append the version guard skipped (their key's row names
+/// another seq, and no later record of the append replaced them), and drops the segments
+/// left with no live entry. Only after an append with stale records: the upsert's count of the
+/// rows it wrote says whether there were any, so other appends ask nothing more.
+fn kill_stale(tx: &Connection, entries: &[packed::Entry<'_>], places: &[i64]) -> Result<()> {
+    let what = "appending";
+    let mut current = tx
+        .prepare_cached("select seq from keys where collection = ? and upstream_id = ?")
+        .or_storage(what)?;
+    let mut replaced = tx
+        .prepare_cached("select 1 from dead where seq = ?")
+        .or_storage(what)?;
+    let mut stale = Vec::new();
+    for (entry, &segment) in entries.iter().zip(places) {
+        let seq: Option<i64> = current
+            .query_row((entry.collection, entry.key), |r| r.get(0))
+            .optional()
+            .or_storage(what)?;
+        if seq != Some(entry.seq) && !replaced.exists([entry.seq]).or_storage(what)? {
+            stale.push((segment, entry.seq));
+        }
+    }
+    stale.sort_unstable();
+    for group in stale.chunk_by(|a, b| a.0 == b.0) {
+        let seqs: Vec<i64> = group.iter().map(|(_, seq)| *seq).collect();
+        packed::kill(tx, group[0].0, &seqs)?;
+    }
+    packed::drop_unused(tx)
+}
+
+/// Values bound per key row.
+const KEY_COLUMNS: usize = 7;
+
+/// Binds one key row's values from parameter `at` on.
+fn bind_key(
     statement: &mut rusqlite::Statement<'_>,
     at: usize,
-    seq: i64,
-    collection: i64,
-    record: &Record,
-    place: Option<(i64, i64)>,
-    (updated_at, appended_at): (i64, i64),
+    entry: &packed::Entry<'_>,
+    segment: i64,
 ) -> rusqlite::Result<()> {
-    statement.raw_bind_parameter(at, seq)?;
-    statement.raw_bind_parameter(at + 1, collection)?;
-    statement.raw_bind_parameter(at + 2, record.key.upstream_id.0.as_str())?;
-    statement.raw_bind_parameter(at + 3, record.version.major as i64)?;
-    statement.raw_bind_parameter(at + 4, record.version.minor as i64)?;
-    statement.raw_bind_parameter(at + 5, updated_at)?;
-    statement.raw_bind_parameter(at + 6, record.is_tombstone())?;
-    statement.raw_bind_parameter(at + 7, place.map(|(segment, _)| segment))?;
-    statement.raw_bind_parameter(at + 8, place.map(|(_, slot)| slot))?;
-    statement.raw_bind_parameter(at + 9, appended_at)
+    statement.raw_bind_parameter(at, entry.collection)?;
+    statement.raw_bind_parameter(at + 1, entry.key)?;
+    statement.raw_bind_parameter(at + 2, entry.seq)?;
+    statement.raw_bind_parameter(at + 3, entry.version.major as i64)?;
+    statement.raw_bind_parameter(at + 4, entry.version.minor as i64)?;
+    statement.raw_bind_parameter(at + 5, entry.deleted)?;
+    statement.raw_bind_parameter(at + 6, segment)
 }
 
 /// How many of `left` records the next insert statement takes: one of a few sizes, so every
