@@ -152,27 +152,18 @@ async fn latency_to_stream(
     stream: &EmbeddedStream,
     ids: std::ops::RangeInclusive<usize>,
 ) -> (f64, f64) {
-    let conn = rusqlite::Connection::open_with_flags(
-        stream.path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let appended: BTreeMap<i64, f64> = conn
-        .prepare(
-            // A record's append time: its row's, or its segment's where the row holds 0.
-            "select cast(upstream_id as integer), \
-               coalesce(nullif(appended_at_ns, 0), \
-                 (select s.appended_at_ns from segments s where s.id = records.segment)) / 1e6 \
-             from records join collections k on k.id = records.collection \
-             where k.collection_id = 'public.sluice_items' and cast(upstream_id as integer) between ? and ?",
-        )
+    let appended: BTreeMap<i64, f64> = stream
+        .append_times()
+        .await
         .unwrap()
-        .query_map([*ids.start() as i64, *ids.end() as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+        .into_iter()
+        .filter(|(key, _)| key.collection_id.0 == "public.sluice_items")
+        .filter_map(|(key, at)| {
+            let id: i64 = key.upstream_id.0.parse().ok()?;
+            let ms = at.unix_timestamp_nanos() as f64 / 1e6;
+            ids.contains(&(id as usize)).then_some((id, ms))
         })
-        .unwrap()
-        .collect::<rusqlite::Result<_>>()
-        .unwrap();
+        .collect();
     let created: Vec<(i64, f64)> = sqlx::query_as(
         "select id::int8, (extract(epoch from created_at) * 1000)::float8 \
          from public.sluice_items where id between $1 and $2",

@@ -153,6 +153,34 @@ impl EmbeddedStream {
         })
     }
 
+    /// Every live record's key and the time its append began, in seq order: for measuring how
+    /// long records take to reach the stream (the replication benchmark).
+    pub async fn append_times(&self) -> Result<Vec<(RecordKey, OffsetDateTime)>> {
+        blocking(|| {
+            self.with_reader(|conn| {
+                let tx = conn.transaction().or_storage("reading")?;
+                let mut names = Names::new(&self.collections, &tx);
+                let mut times = Vec::new();
+                walk::walk(
+                    &tx,
+                    Seq::START,
+                    |_| true,
+                    |packed, slot| {
+                        let (entry, _) = packed.entry(slot, Form::Text, &mut names)?;
+                        let ns = packed.appended_at(slot) as i128;
+                        let at = OffsetDateTime::from_unix_timestamp_nanos(ns)
+                            .map_err(|_| Error::invalid("records stream: corrupt append time"))?;
+                        times.push((entry.record.key, at));
+                        Ok(ControlFlow::Continue(()))
+                    },
+                )?;
+                drop(names);
+                tx.commit().or_storage("reading")?;
+                Ok(times)
+            })
+        })
+    }
+
     /// How many tombstones the stream holds (for tests and status).
     pub async fn tombstones(&self) -> Result<u64> {
         blocking(|| {

@@ -420,6 +420,16 @@ async fn times_read_back_exactly_wherever_they_are_held() {
     };
     let before = times(&stream).await;
     assert_eq!(as_given(&before), given);
+    let append_times: Vec<(String, OffsetDateTime)> = stream
+        .append_times()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(key, at)| (key.upstream_id.0, at))
+        .collect();
+    let appended_as_read: Vec<(String, OffsetDateTime)> =
+        before.iter().map(|(id, _, at)| (id.clone(), *at)).collect();
+    assert_eq!(append_times, appended_as_read);
     // Each append's records share its append time, and the appends' times differ.
     let appended: Vec<OffsetDateTime> = before.iter().map(|(_, _, a)| *a).collect();
     assert!(appended[..40].iter().all(|a| *a == appended[0]));
