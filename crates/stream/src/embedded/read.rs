@@ -1,5 +1,5 @@
-//! Reading: from the in-memory tail when it covers the position, else from the file, with
-//! payloads parsed or as stored text; rows decoded by position.
+//! Reading: from the in-memory tail when it covers the position, else from the file's
+//! segments (`walk.rs`), with payloads parsed or as stored text.
 
 use std::collections::HashSet;
 

@@ -285,12 +285,11 @@ fn migrate_segments(tx: &Connection) -> Result<()> {
                 let (appended, updated, body): (Option<i64>, Option<i64>, Vec<u8>) = bodies
                     .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .or_storage(MIGRATING)?;
-                let mut decoded = segment::decode(&body)?;
-                decoded.times = Times {
+                let times = Times {
                     appended_at: appended,
                     updated_at: updated,
                 };
-                cached = Some((id, decoded));
+                cached = Some((id, segment::decode(&body, times)?));
             }
             let (_, decoded) = cached.as_ref().expect("a segment was just decoded");
             let payload = decoded.payload(slot).ok_or_else(|| {

@@ -18,12 +18,12 @@ pub(super) const SEGMENT_BYTES: usize = 1 << 20;
 /// The body's format byte: an LZ4 block with its uncompressed size first.
 pub(super) const LZ4: u8 = 1;
 
-/// The times a segment gives those of its records whose row holds 0 for them: the append's
+/// The times a segment's row gives those of its records that hold 0 for them: the append's
 /// time (every record of an append has it), and its first record's update time (a PostgreSQL
-/// source's records of one page or one transaction all have it). Each row would otherwise
-/// repeat these 16 bytes: a third of a small record's row (`cargo xtask bench initial-load`
-/// with `SLUICE_BENCH_SHAPE=small`). `None` where the rows hold their own: in segments
-/// rewritten by [`compact`] and those written before segments held times.
+/// source's records of one page or one transaction all have it), so that each record need not
+/// repeat them. `None` where the records hold their own: when one's time is 0 among others
+/// (it could not be told from the shared time), and in segments written before segments held
+/// times.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Times {
     pub(super) appended_at: Option<i64>,
@@ -31,12 +31,6 @@ pub(super) struct Times {
 }
 
 impl Times {
-    /// The rows hold their own times.
-    pub(super) const OWN: Times = Times {
-        appended_at: None,
-        updated_at: None,
-    };
-
     /// A record's update time, from what its row holds.
     pub(super) fn updated_at(self, stored: i64) -> i64 {
         resolve(self.updated_at, stored)
@@ -56,7 +50,7 @@ fn resolve(shared: Option<i64>, stored: i64) -> i64 {
 }
 
 /// What a row holds for `own`, given the segment's `shared` time: 0 when they are equal.
-/// A segment shares no time that a record's 0 would be mistaken for ([`store`]).
+/// A segment shares no time that a record's 0 would be mistaken for (`packed::write_one`).
 pub(super) fn stored(shared: Option<i64>, own: i64) -> i64 {
     match shared {
         Some(shared) if shared == own => 0,
@@ -95,8 +89,9 @@ pub(super) fn encode<'a>(payloads: impl ExactSizeIterator<Item = (i64, &'a str)>
     seal(raw, &header)
 }
 
-/// Decodes a segment body; a body that does not decode is reported as a corrupt file.
-pub(super) fn decode(body: &[u8]) -> Result<Segment> {
+/// Decodes a segment body (whose row holds `times`); a body that does not decode is reported
+/// as a corrupt file.
+pub(super) fn decode(body: &[u8], times: Times) -> Result<Segment> {
     let (text, header) = open(body)?;
     let mut header = &header[..];
     let count = read_varint(&mut header).ok_or_else(corrupt)?;
@@ -120,7 +115,7 @@ pub(super) fn decode(body: &[u8]) -> Result<Segment> {
     Ok(Segment {
         text: Arc::new(text),
         slots,
-        times: Times::OWN,
+        times,
     })
 }
 
@@ -182,6 +177,11 @@ pub(super) fn read_varint(input: &mut &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
+    const OWN: Times = Times {
+        appended_at: None,
+        updated_at: None,
+    };
+
     #[test]
     fn a_segment_decodes_to_the_payloads_it_was_given() {
         let texts = ["{\"a\":1}", "", "{\"é\":\"\\u0000 ☃\"}", &"x".repeat(5000)];
@@ -191,7 +191,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, t)| (i as i64 * 300 + 7, *t)),
         );
-        let segment = decode(&body).unwrap();
+        let segment = decode(&body, OWN).unwrap();
         for (slot, text) in texts.iter().enumerate() {
             assert_eq!(segment.payload(slot as i64).unwrap().as_str(), *text);
             assert_eq!(segment.slots[slot].0, slot as u64 * 300 + 7);
@@ -209,7 +209,7 @@ mod tests {
             body[..body.len() - 1].to_vec(),
             [&body[..2], &[0xff; 8][..]].concat(),
         ] {
-            let error = decode(&damaged).err().expect("a damaged body decoded");
+            let error = decode(&damaged, OWN).err().expect("a damaged body decoded");
             assert!(error.to_string().contains("corrupt"), "{error}");
         }
     }
