@@ -2,8 +2,9 @@
 //! records, beside a baseline measured in the same run: plain multi-row `INSERT`s of the same
 //! rows into a SQLite table with no key, no upsert and no indexes, through rusqlite with cached
 //! statements, in a file with the same settings (16 KiB pages, WAL, synchronous = FULL).
-//! Records' ids come in order (`cus_00000001`, …), then, into a stream of their own, in no order
-//! (as UUIDs and most SaaS ids are).
+//! Records' ids come in order (`cus_00000001`, …, or `1`, `2`, … with `SLUICE_BENCH_IDS=numbers`,
+//! as a table's serial key), then, into a stream of their own, in no order (as UUIDs and most
+//! SaaS ids are).
 
 use std::time::Instant;
 
@@ -16,7 +17,18 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 fn record(i: usize, version: u64) -> Record {
-    record_with_id(i, version, format!("cus_{i:08}"))
+    let id = match numbered() {
+        true => (i + 1).to_string(),
+        false => format!("cus_{i:08}"),
+    };
+    record_with_id(i, version, id)
+}
+
+/// `SLUICE_BENCH_IDS=numbers`: ids in order are `1`, `2`, … (a table's serial key, as the
+/// PostgreSQL source writes it) rather than `cus_00000001`, … (which sort as text in the order
+/// they come).
+fn numbered() -> bool {
+    std::env::var("SLUICE_BENCH_IDS").is_ok_and(|v| v == "numbers")
 }
 
 /// Record `i` with an id in no order (a hash of `i`), as UUIDs and most SaaS ids are.

@@ -25,6 +25,7 @@ use crate::tail::{Landed, Tail, TailLimits};
 
 mod collections;
 mod connection;
+mod ids;
 mod packed;
 mod read;
 mod schema;
@@ -33,6 +34,7 @@ mod walk;
 mod write;
 
 use connection::{IDLE_READERS, OrStorage, WRITER_SETTINGS, blocking, connect, read_head};
+use ids::{ReadId, StoredId};
 
 use collections::Names;
 pub(crate) use read::Form;
@@ -147,6 +149,14 @@ impl EmbeddedStream {
                         row.get::<_, i64>(1).or_storage(what)?,
                     );
                     entries.push(packed::entry_at(&mut segments, &mut names, segment, seq)?);
+                }
+                // The file orders a collection's integer ids before its other ids (`ids.rs`);
+                // within each collection, the ids' text order is the one promised.
+                for run in entries.chunk_by_mut(|a, b| {
+                    (a.record.key.sync_id, &a.record.key.collection_id)
+                        == (b.record.key.sync_id, &b.record.key.collection_id)
+                }) {
+                    run.sort_by(|a, b| a.record.key.upstream_id.0.cmp(&b.record.key.upstream_id.0));
                 }
                 Ok(entries)
             })
@@ -305,7 +315,7 @@ impl RecordStream for EmbeddedStream {
                         "select seq, segment from keys where collection = ? and upstream_id = ?",
                     )
                     .and_then(|mut s| {
-                        s.query_row((collection, key.upstream_id.0.as_str()), |r| {
+                        s.query_row((collection, StoredId::of(&key.upstream_id.0)), |r| {
                             Ok((r.get(0)?, r.get(1)?))
                         })
                     })
@@ -426,9 +436,9 @@ impl RecordStream for EmbeddedStream {
                                 id,
                                 version.major as i64,
                                 version.minor as i64,
-                                last.as_deref(),
+                                last.as_deref().map(StoredId::of),
                             ),
-                            |r| r.get(0),
+                            |r| r.get::<_, ReadId>(0).map(|id| id.0),
                         )?
                         .collect::<rusqlite::Result<Vec<String>>>()
                     })
@@ -577,6 +587,8 @@ impl RecordStream for EmbeddedStream {
     }
 }
 
+#[cfg(test)]
+mod ids_tests;
 #[cfg(test)]
 mod migration_tests;
 #[cfg(test)]

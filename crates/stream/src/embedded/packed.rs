@@ -389,7 +389,7 @@ pub(super) fn compact(tx: &Connection) -> Result<()> {
                 )
                 .or_storage(what)?;
             for entry in &entries {
-                name.execute((moved, entry.collection, entry.key))
+                name.execute((moved, entry.collection, StoredId::of(entry.key)))
                     .or_storage(what)?;
             }
         }

@@ -35,7 +35,10 @@ create table if not exists collections (
 const KEYS: &str = "
 create table if not exists keys (
     collection integer not null,
-    upstream_id text not null,
+    -- No declared type: an id is held as an integer or as text (see `ids.rs`), as bound. A file
+    -- made before declares `text`, which turns an integer bound to it into its text: the same
+    -- rows and answers, in text order.
+    upstream_id not null,
     seq integer not null,
     version_major integer not null,
     version_minor integer not null,
@@ -174,7 +177,7 @@ fn store(tx: &Connection, moved: &[Moved]) -> Result<()> {
     for (entry, segment) in entries.iter().zip(places) {
         key.execute((
             entry.collection,
-            entry.key,
+            StoredId::of(entry.key),
             entry.seq,
             entry.version.major as i64,
             entry.version.minor as i64,

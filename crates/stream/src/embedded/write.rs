@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 use rusqlite::Transaction;
 
 use super::collections::Ids;
+use super::ids::StoredId;
 use super::*;
 
 impl EmbeddedStream {
@@ -146,12 +147,13 @@ fn upsert(rows: usize) -> String {
 /// entries are dead from the start).
 ///
 /// The records go into packed segments in seq order (`packed.rs`); their keys' rows are
-/// written in the key's order (collection, then id; a stable sort, so a key given twice is
-/// still written in the order given and the version guard decides as before). Ids that come
-/// in no order (UUIDs, most SaaS ids) then change each index page once per statement rather
-/// than again and again: `cargo xtask bench stream-layouts` measured 21% less per new record
-/// and 18% less per update for such ids (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in
-/// appends of 5,000), and no change for ids in order.
+/// written in the file's order of keys (collection, then id as `ids.rs` holds it; a stable
+/// sort, so a key given twice is still written in the order given and the version guard
+/// decides as before). Ids that come in no order (UUIDs, most SaaS ids) then change each index
+/// page once per statement rather than again and again: `cargo xtask bench stream-layouts`
+/// measured 21% less per new record and 18% less per update for such ids
+/// (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in appends of 5,000), and no change for ids in
+/// order.
 pub(super) fn insert(
     tx: &Connection,
     ids: &mut Ids<'_>,
@@ -175,10 +177,12 @@ pub(super) fn insert(
         });
     }
     let places = packed::write(tx, &entries)?;
+    let stored: Vec<(i64, StoredId<'_>)> = entries
+        .iter()
+        .map(|e| (e.collection, StoredId::of(e.key)))
+        .collect();
     let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by(|&a, &b| {
-        (entries[a].collection, entries[a].key).cmp(&(entries[b].collection, entries[b].key))
-    });
+    order.sort_by(|&a, &b| stored[a].cmp(&stored[b]));
     let mut appended = 0;
     let mut rest = order.as_slice();
     while !rest.is_empty() {
@@ -194,6 +198,7 @@ pub(super) fn insert(
                 &mut statement,
                 1 + row * KEY_COLUMNS,
                 &entries[at],
+                stored[at].1,
                 places[at],
             )
             .or_storage("appending")?;
@@ -222,7 +227,7 @@ fn kill_stale(tx: &Connection, entries: &[packed::Entry<'_>], places: &[i64]) ->
     let mut stale = Vec::new();
     for (entry, &segment) in entries.iter().zip(places) {
         let seq: Option<i64> = current
-            .query_row((entry.collection, entry.key), |r| r.get(0))
+            .query_row((entry.collection, StoredId::of(entry.key)), |r| r.get(0))
             .optional()
             .or_storage(what)?;
         if seq != Some(entry.seq) && !replaced.exists([entry.seq]).or_storage(what)? {
@@ -245,10 +250,11 @@ fn bind_key(
     statement: &mut rusqlite::Statement<'_>,
     at: usize,
     entry: &packed::Entry<'_>,
+    id: StoredId<'_>,
     segment: i64,
 ) -> rusqlite::Result<()> {
     statement.raw_bind_parameter(at, entry.collection)?;
-    statement.raw_bind_parameter(at + 1, entry.key)?;
+    statement.raw_bind_parameter(at + 1, id)?;
     statement.raw_bind_parameter(at + 2, entry.seq)?;
     statement.raw_bind_parameter(at + 3, entry.version.major as i64)?;
     statement.raw_bind_parameter(at + 4, entry.version.minor as i64)?;
