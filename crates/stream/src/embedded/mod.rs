@@ -136,7 +136,8 @@ impl EmbeddedStream {
                     .prepare(
                         "select keys.seq, keys.segment from keys \
                          join collections k on k.id = keys.collection \
-                         where deleted = 0 order by k.sync_id, k.collection_id, upstream_id",
+                         where deleted = 0 \
+                         order by k.sync_id, k.collection_id, cast(upstream_id as text)",
                     )
                     .or_storage(what)?;
                 let mut rows = statement.query([]).or_storage(what)?;
@@ -149,14 +150,6 @@ impl EmbeddedStream {
                         row.get::<_, i64>(1).or_storage(what)?,
                     );
                     entries.push(packed::entry_at(&mut segments, &mut names, segment, seq)?);
-                }
-                // The file orders a collection's integer ids before its other ids (`ids.rs`);
-                // within each collection, the ids' text order is the one promised.
-                for run in entries.chunk_by_mut(|a, b| {
-                    (a.record.key.sync_id, &a.record.key.collection_id)
-                        == (b.record.key.sync_id, &b.record.key.collection_id)
-                }) {
-                    run.sort_by(|a, b| a.record.key.upstream_id.0.cmp(&b.record.key.upstream_id.0));
                 }
                 Ok(entries)
             })
