@@ -23,9 +23,6 @@ pub(crate) struct Relation {
     /// `schema.name`, the id of the collection its rows become (made once, not per change).
     pub collection: String,
     pub columns: Vec<Column>,
-    /// The columns' indices in the order a payload's keys are written in
-    /// ([`crate::tables::by_name`]), sorted once rather than for every change.
-    pub by_name: Vec<usize>,
 }
 
 impl Relation {
@@ -33,7 +30,6 @@ impl Relation {
         Self {
             id,
             collection: format!("{schema}.{name}"),
-            by_name: crate::tables::by_name(columns.iter().map(|c| c.name.as_str())),
             schema,
             name,
             columns,
@@ -372,7 +368,6 @@ mod tests {
             ),
             ("my schema", "we\"ird", "my schema.we\"ird")
         );
-        assert_eq!(rel.by_name, [1, 0], "body before id");
         assert_eq!(rel.columns[1].type_oid, 25);
 
         let mut u = change(b'U', 16384, b'N', 3);

@@ -4,8 +4,7 @@
 use sluice_core::{Error, RecordKey, SyncId};
 
 use crate::pgoutput::{Relation, Tuple, Value};
-use crate::tables;
-use crate::values::TypeMap;
+use crate::tables::{self, PayloadFields};
 
 /// What one insert, update or delete becomes.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,16 +30,16 @@ pub(crate) enum Decoded {
     },
 }
 
-/// Decodes a change of `relation` whose key columns are `key` (primary key, else replica
-/// identity index, in key order): `new` is absent for a delete, `old` is the old key (or the
+/// Decodes a change of `relation`, whose payloads `fields` writes and whose key columns are
+/// `key` (primary key, else replica identity index, in key order): `new` is absent for a delete, `old` is the old key (or the
 /// old row with `REPLICA IDENTITY FULL`) when pgoutput sent one. A delete without its key is
 /// an error: PostgreSQL refuses deletes on published tables that have no replica identity,
 /// so it means the stream cannot be read as it is.
 pub(crate) fn decode(
     sync_id: SyncId,
     relation: &Relation,
+    fields: &PayloadFields,
     key: &[String],
-    types: &TypeMap,
     old: Option<&Tuple>,
     new: Option<&Tuple>,
 ) -> Result<Decoded, Error> {
@@ -90,16 +89,11 @@ pub(crate) fn decode(
                 Value::Unchanged => (0, 0),
             }),
     ));
-    tables::write_payload(
-        types,
-        &relation.by_name,
-        |i| {
-            let c = relation.columns.get(i)?;
-            match new.get(i)? {
-                Value::Null => Some((c.name.as_str(), c.type_oid, None)),
-                Value::Text(t) => Some((c.name.as_str(), c.type_oid, Some(t))),
-                Value::Unchanged => None,
-            }
+    fields.write(
+        |i| match new.get(i)? {
+            Value::Null => Some(None),
+            Value::Text(t) => Some(Some(t)),
+            Value::Unchanged => None,
         },
         &mut payload,
     );
@@ -124,6 +118,7 @@ pub(crate) fn decode(
 mod tests {
     use super::*;
     use crate::pgoutput::Column;
+    use crate::values::TypeMap;
     use serde_json::json;
     use uuid::Uuid;
 
@@ -147,6 +142,16 @@ mod tests {
         )
     }
 
+    fn fields(relation: &Relation) -> PayloadFields {
+        PayloadFields::new(
+            &TypeMap::builtin(),
+            relation
+                .columns
+                .iter()
+                .map(|c| (c.name.as_str(), c.type_oid)),
+        )
+    }
+
     fn text(s: &str) -> Value<'_> {
         Value::Text(s)
     }
@@ -163,8 +168,8 @@ mod tests {
         decode(
             SYNC,
             &orders(),
+            &fields(&orders()),
             &["id".into()],
-            &TypeMap::builtin(),
             old,
             new,
         )
@@ -238,8 +243,8 @@ mod tests {
         let refused = decode(
             SYNC,
             &orders(),
+            &fields(&orders()),
             &["id".into()],
-            &TypeMap::builtin(),
             None,
             None,
         );
@@ -250,8 +255,8 @@ mod tests {
         let unkeyed = decode(
             SYNC,
             &orders(),
+            &fields(&orders()),
             &[],
-            &TypeMap::builtin(),
             None,
             Some(&no_key),
         )
@@ -265,8 +270,8 @@ mod tests {
         let Decoded::Upsert { key: k, .. } = decode(
             SYNC,
             &orders(),
+            &fields(&orders()),
             &["id".into(), "total".into()],
-            &TypeMap::builtin(),
             None,
             Some(&row),
         )

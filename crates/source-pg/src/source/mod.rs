@@ -428,12 +428,12 @@ impl PostgresSource {
                                         *known = t.clone();
                                     }
                                 }
-                                state.relation(rel, table);
+                                state.relation(rel, table, &types);
                             }
                             Incoming::Message(message) => {
                                 // A committed transaction is appended at once, or with the ones
                                 // queued right behind it (see `Streaming::append_now`).
-                                state.handle(message, &types, &mut writer, i == last && rx.is_empty()).await?;
+                                state.handle(message, &mut writer, i == last && rx.is_empty()).await?;
                             }
                         }
                         if reread.is_none() && !state.rereads.queue.is_empty() {

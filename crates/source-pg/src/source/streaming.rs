@@ -15,7 +15,7 @@ use super::PostgresSource;
 use super::decode::{Decoded, decode};
 use super::reads::WatermarkUse;
 use crate::pgoutput::{Message, Relation, Tuple};
-use crate::tables::Table;
+use crate::tables::{PayloadFields, Table};
 use crate::values::TypeMap;
 use crate::wire::{Lsn, StatusWriter};
 
@@ -45,10 +45,20 @@ pub(super) struct Txn {
 /// [`Streaming::pending_full`]).
 pub(super) const PENDING_BYTES: usize = 8 << 20;
 
+/// A relation as the session knows it.
+pub(super) struct Known {
+    pub(super) relation: Relation,
+    /// The table it is, as described when its relation message came (`None`: dropped since,
+    /// and not known before).
+    pub(super) table: Option<Arc<Table>>,
+    /// How its rows' payloads are written, made once from its columns' types.
+    pub(super) fields: PayloadFields,
+}
+
 /// The state of one streaming session.
 pub(super) struct Streaming<'a> {
     pub(super) source: &'a PostgresSource,
-    pub(super) relations: HashMap<u32, (Arc<Relation>, Option<Arc<Table>>)>,
+    pub(super) relations: HashMap<u32, Known>,
     pub(super) tables: HashMap<u32, Table>,
     pub(super) pending: TextBatch,
     pub(super) pending_since: Option<Instant>,
@@ -68,13 +78,23 @@ pub(super) struct Streaming<'a> {
 }
 
 impl Streaming<'_> {
-    pub(super) fn relation(&mut self, rel: Relation, table: Option<Table>) {
+    pub(super) fn relation(&mut self, rel: Relation, table: Option<Table>, types: &TypeMap) {
         let table = table.or_else(|| self.tables.get(&rel.id).cloned());
         if let Some(t) = &table {
             self.tables.insert(rel.id, t.clone());
         }
-        self.relations
-            .insert(rel.id, (Arc::new(rel), table.map(Arc::new)));
+        let fields = PayloadFields::new(
+            types,
+            rel.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+        );
+        self.relations.insert(
+            rel.id,
+            Known {
+                relation: rel,
+                table: table.map(Arc::new),
+                fields,
+            },
+        );
     }
 
     /// Appends what is pending, then confirms the last complete transaction to the server.
@@ -142,7 +162,6 @@ impl Streaming<'_> {
     pub(super) async fn handle(
         &mut self,
         message: Message,
-        types: &TypeMap,
         writer: &mut StatusWriter,
         queue_empty: bool,
     ) -> Result<(), Error> {
@@ -174,22 +193,22 @@ impl Streaming<'_> {
                 }
             }
             Message::Insert { relation, new } => {
-                self.change(relation, None, Some(new), types).await?;
+                self.change(relation, None, Some(new)).await?;
             }
             Message::Update { relation, old, new } => {
-                self.change(relation, old, Some(new), types).await?;
+                self.change(relation, old, Some(new)).await?;
             }
             Message::Delete { relation, old } => {
-                self.change(relation, Some(old), None, types).await?;
+                self.change(relation, Some(old), None).await?;
             }
             Message::Truncate { relations } => {
                 // Everything before the truncate goes first, so the tombstones follow it.
                 self.flush_records().await?;
                 for id in relations {
-                    let Some((rel, _)) = self.relations.get(&id) else {
+                    let Some(known) = self.relations.get(&id) else {
                         continue;
                     };
-                    let collection = CollectionId(rel.collection.clone());
+                    let collection = CollectionId(known.relation.collection.clone());
                     let (version, at) = self.next_version()?;
                     if let Some(txn) = &self.txn {
                         self.source
@@ -247,20 +266,19 @@ impl Streaming<'_> {
         relation: u32,
         old: Option<Tuple>,
         new: Option<Tuple>,
-        types: &TypeMap,
     ) -> Result<(), Error> {
-        let Some((rel, table)) = self.relations.get(&relation) else {
+        let Some(known) = self.relations.get(&relation) else {
             return Err(Error::invalid(format!(
                 "pgoutput: a change for relation {relation} before its description"
             )));
         };
-        let table = table.clone();
+        let table = known.table.clone();
         let key = table.as_ref().map(|t| t.key.as_slice()).unwrap_or_default();
         let decoded = decode(
             self.source.inner.sync_id,
-            rel,
+            &known.relation,
+            &known.fields,
             key,
-            types,
             old.as_ref(),
             new.as_ref(),
         )?;

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use super::page::{Page, fetch_rows, keys_sql, page_sql};
 use super::ranges::{KeyRange, Reading, first_limit, next_limit, planned_rows, split};
 use super::watermarks::{Snapshot, Watermarks};
-use super::{Table, by_name, db, payload_room, upstream_id, write_payload};
+use super::{PayloadFields, Table, db, payload_room, upstream_id};
 use crate::values::TypeMap;
 use crate::wire::Lsn;
 
@@ -383,7 +383,10 @@ impl Backfill<'_> {
     ) -> TextBatch {
         let collection = table.collection();
         let everything_raced = raced.contains("*");
-        let order = by_name(table.columns.iter().map(|c| c.name.as_str()));
+        let fields = PayloadFields::new(
+            self.types,
+            table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+        );
         let room = match rows.len() {
             0 => 0,
             _ => payload_room(
@@ -411,17 +414,7 @@ impl Backfill<'_> {
                     payload: Default::default(),
                 },
             };
-            batch.push_text(record, |out| {
-                write_payload(
-                    self.types,
-                    &order,
-                    |i| {
-                        let column = table.columns.get(i)?;
-                        Some((column.name.as_str(), column.type_oid, rows.value(r, i)))
-                    },
-                    out,
-                )
-            });
+            batch.push_text(record, |out| fields.write(|i| Some(rows.value(r, i)), out));
         }
         batch
     }

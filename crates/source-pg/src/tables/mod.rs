@@ -223,47 +223,80 @@ pub(crate) fn upstream_id(key: &[&str]) -> String {
     sluice_core::UpstreamId::from_key(key).0
 }
 
-/// The indices of `names` in the order a payload's keys are in (sorted, as a [`sluice_core::Payload`]
-/// map holds them), so that [`write_payload`] writes the bytes serialising that map would.
-pub(crate) fn by_name<'a>(names: impl Iterator<Item = &'a str>) -> Vec<usize> {
-    let names: Vec<&str> = names.collect();
-    let mut order: Vec<usize> = (0..names.len()).collect();
-    order.sort_by_key(|&i| names[i]);
-    order
-}
-
 /// Room to reserve for a row's payload text, from each column's name and text lengths, with
 /// quotes and separators (a guess; the buffer grows if it is short).
 pub(crate) fn payload_room(lengths: impl Iterator<Item = (usize, usize)>) -> usize {
     64 + lengths.map(|(name, text)| name + text + 8).sum::<usize>()
 }
 
-/// Appends a row's payload to `out` as JSON text: for each index in `order` (see [`by_name`]),
-/// `column(i)`'s name, type and text (`None`: NULL), or `None` to leave column `i` out. The
-/// same bytes as serialising the row's map of
-/// [`crate::values::to_json`] values, with no map and no value
-/// per field.
-pub(crate) fn write_payload<'a>(
-    types: &TypeMap,
-    order: &[usize],
-    column: impl Fn(usize) -> Option<(&'a str, u32, Option<&'a str>)>,
-    out: &mut String,
-) {
-    out.push('{');
-    let mut first = true;
-    for (name, oid, text) in order.iter().filter_map(|&i| column(i)) {
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        json_string(name, out);
-        out.push(':');
-        match text {
-            None => out.push_str("null"),
-            Some(t) => write_json(types.get(oid).unwrap_or(&Kind::Text), t, out),
-        }
+/// A table's columns as its rows' payloads are written: in the payload's key order (sorted as
+/// a [`sluice_core::Payload`] map holds them: by bytes, not characters), each with its key already in JSON (`"name":`) and its type's [`Kind`]. Made
+/// once for a table or a relation, so that a row's payload costs no escaping of names and no
+/// type look-ups.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct PayloadFields {
+    fields: Vec<Field>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Field {
+    /// The column's index in the row.
+    column: usize,
+    /// `"name":`, escaped.
+    key: Box<str>,
+    kind: Kind,
+}
+
+impl PayloadFields {
+    /// The fields of `columns` (name and type OID, in the row's column order); a type `types`
+    /// does not know is written as text.
+    pub(crate) fn new<'a>(types: &TypeMap, columns: impl Iterator<Item = (&'a str, u32)>) -> Self {
+        let columns: Vec<(&str, u32)> = columns.collect();
+        let mut order: Vec<usize> = (0..columns.len()).collect();
+        order.sort_by_key(|&i| columns[i].0);
+        let fields = order
+            .into_iter()
+            .map(|column| {
+                let (name, oid) = columns[column];
+                let mut key = String::with_capacity(name.len() + 3);
+                json_string(name, &mut key);
+                key.push(':');
+                Field {
+                    column,
+                    key: key.into(),
+                    kind: types.get(oid).cloned().unwrap_or(Kind::Text),
+                }
+            })
+            .collect();
+        Self { fields }
     }
-    out.push('}');
+
+    /// Appends a row's payload to `out` as JSON text: `value(i)` is column `i`'s text
+    /// (`Some(None)`: NULL), or `None` to leave the column out. The same bytes as serialising
+    /// the row's map of [`crate::values::to_json`] values, with no map and no value per field.
+    pub(crate) fn write<'a>(
+        &self,
+        value: impl Fn(usize) -> Option<Option<&'a str>>,
+        out: &mut String,
+    ) {
+        out.push('{');
+        let mut first = true;
+        for field in &self.fields {
+            let Some(text) = value(field.column) else {
+                continue;
+            };
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&field.key);
+            match text {
+                None => out.push_str("null"),
+                Some(t) => write_json(&field.kind, t, out),
+            }
+        }
+        out.push('}');
+    }
 }
 
 /// The table's shape for layouts that mirror it: each column's type as SQL (built-in types as
@@ -336,11 +369,12 @@ mod tests {
     use sluice_core::Payload;
 
     /// A row written as text is the serialised map of its values: keys sorted as the map
-    /// sorts them (bytes, not characters), names that need escaping, NULLs, columns left out.
+    /// sorts them (bytes, not characters), names that need escaping, NULLs, columns left out,
+    /// a type the map does not know written as text.
     #[test]
     fn a_written_payload_is_the_serialised_map_of_its_values() {
         let types = TypeMap::builtin();
-        let columns: [(&str, u32, Option<&str>); 8] = [
+        let columns: [(&str, u32, Option<&str>); 10] = [
             ("zeta", 20, Some("-12")),
             ("Alpha", 1700, Some("1.50")),
             ("é", 25, Some("x\"y")),
@@ -349,13 +383,13 @@ mod tests {
             ("note", 25, None),
             ("gone", 25, Some("left out")),
             ("j", 3802, Some(r#"{"b": 1, "a": [true]}"#)),
+            ("unknown", 4_000_000_000, Some("12")),
+            ("\u{0}\u{1f}\\", 1016, Some("{1,NULL,-3}")),
         ];
-        let order = by_name(columns.iter().map(|c| c.0));
+        let fields = PayloadFields::new(&types, columns.iter().map(|c| (c.0, c.1)));
         let mut written = String::new();
-        write_payload(
-            &types,
-            &order,
-            |i| Some(columns[i]).filter(|c| c.0 != "gone"),
+        fields.write(
+            |i| Some(columns[i]).filter(|c| c.0 != "gone").map(|c| c.2),
             &mut written,
         );
         let map: Payload = columns
@@ -369,9 +403,13 @@ mod tests {
             })
             .collect();
         assert_eq!(written, serde_json::to_string(&map).unwrap());
+        assert!(written.contains(r#""unknown":"12""#), "{written}");
         let mut empty = String::new();
-        write_payload(&types, &[], |_| None, &mut empty);
+        PayloadFields::new(&types, std::iter::empty()).write(|_| None, &mut empty);
         assert_eq!(empty, "{}");
+        let mut none = String::new();
+        fields.write(|_| None, &mut none);
+        assert_eq!(none, "{}", "every column left out");
     }
 
     /// The room reserved for a row holds it when its values need no escaping, long column
@@ -389,14 +427,9 @@ mod tests {
                 )
             })
             .collect();
-        let order = by_name(columns.iter().map(|c| c.0.as_str()));
+        let fields = PayloadFields::new(&types, columns.iter().map(|c| (c.0.as_str(), c.1)));
         let mut written = String::new();
-        write_payload(
-            &types,
-            &order,
-            |i| columns.get(i).map(|c| (c.0.as_str(), c.1, c.2)),
-            &mut written,
-        );
+        fields.write(|i| columns.get(i).map(|c| c.2), &mut written);
         let room = payload_room(columns.iter().map(|c| (c.0.len(), 4)));
         assert!(written.len() <= room, "{} > {room}", written.len());
     }
