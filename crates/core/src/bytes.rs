@@ -11,6 +11,13 @@ pub struct ByteSet {
     others: [u8; 2],
 }
 
+/// The bytes a JSON string escapes: control characters, `"` and `\\`. A string holding none
+/// of them is its own JSON text between quotes.
+pub static JSON_ESCAPED: ByteSet = ByteSet::new(&[
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    26, 27, 28, 29, 30, 31, b'"', b'\\',
+]);
+
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 

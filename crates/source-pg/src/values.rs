@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use serde_json::Value as Json;
-use sluice_core::bytes::ByteSet;
+use sluice_core::bytes::JSON_ESCAPED;
 use sqlx::PgConnection;
 
 /// How a type's text becomes JSON.
@@ -191,12 +191,6 @@ fn plain_decimal(text: &str) -> bool {
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     all_digits(int) && (int == "0" || !int.starts_with('0')) && frac.is_none_or(all_digits)
 }
-
-/// The bytes a JSON string escapes: control characters, `"` and `\\`.
-static JSON_ESCAPED: ByteSet = ByteSet::new(&[
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-    26, 27, 28, 29, 30, 31, b'"', b'\\',
-]);
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it: `"` and `\\`, control
 /// characters as `\n`, `\t`, `\r`, `\b`, `\f`, else `\u00XX`, everything else as it is.

@@ -17,7 +17,6 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use serde_json::value::RawValue;
 use sluice_core::{Change, Error, RecordKey, StreamEntry};
 
 use super::fields::{self, Columns};
@@ -121,8 +120,8 @@ impl<'d> Binary<'d> {
 
 /// One field: `Some(whether a NUL was replaced)`, or `None` when this value must go as text.
 /// Mirrors `fields::push_field` case by case.
-fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&RawValue>) -> Option<bool> {
-    let text = match value.map(RawValue::get) {
+fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&str>) -> Option<bool> {
+    let text = match value {
         None | Some("null") => {
             out.extend_from_slice(&(-1i32).to_be_bytes());
             return Some(false);

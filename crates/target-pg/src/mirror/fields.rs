@@ -1,6 +1,7 @@
 //! A payload's fields read straight from the JSON text the stream stores into COPY text: no
 //! `serde_json::Value` per row, no allocation per field (a string without escapes, and every
-//! number, object and array, is used as a slice of the text).
+//! number, object and array, is used as a slice of the text). The fields of a payload in the
+//! stream's usual form are found by [`super::scan`]; serde_json reads any other.
 //!
 //! The stream stores every payload as `serde_json` writes it, so a field's text here is exactly
 //! what the parsed value would print: the output is the same as [`super::text`]'s path from a
@@ -94,7 +95,7 @@ impl<'de> Deserialize<'de> for Text<'de> {
 /// Puts each field of a payload object into its column's slot.
 struct Fill<'s, 'c, 'a> {
     columns: &'c Columns<'c>,
-    slots: &'s mut [Option<&'a RawValue>],
+    slots: &'s mut [Option<&'a str>],
 }
 
 impl<'de, 's, 'c> DeserializeSeed<'de> for Fill<'s, 'c, 'de> {
@@ -114,22 +115,32 @@ impl<'de, 's, 'c> Visitor<'de> for Fill<'s, 'c, 'de> {
         while let Some(key) = map.next_key::<Text<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
             if let Some(at) = self.columns.find(&key.0, &mut next) {
-                self.slots[at] = Some(value);
+                self.slots[at] = Some(value.get());
             }
         }
         Ok(())
     }
 }
 
-/// Each column's field of the payload `text` (a JSON object), in `slots` (one per column,
-/// `None` where the payload has no such field).
+/// Each column's field of the payload `text` (a JSON object), in `slots` as the field's JSON
+/// text (one per column, `None` where the payload has no such field).
 pub(super) fn fill<'a>(
     columns: &Columns<'_>,
     text: &'a str,
-    slots: &mut Vec<Option<&'a RawValue>>,
+    slots: &mut Vec<Option<&'a str>>,
 ) -> Result<(), serde_json::Error> {
     slots.clear();
     slots.resize(columns.def.len(), None);
+    let mut next = 0;
+    if super::scan::members(text, |key, value| {
+        if let Some(at) = columns.find(key, &mut next) {
+            slots[at] = Some(value);
+        }
+    }) {
+        return Ok(());
+    }
+    // Not the usual form. The members the scan found before it stopped are the ones
+    // serde_json finds first, so the slots they filled are filled again the same.
     let mut deserializer = serde_json::Deserializer::from_str(text);
     Fill { columns, slots }.deserialize(&mut deserializer)?;
     deserializer.end()
@@ -151,7 +162,7 @@ pub(super) fn encode_row<'a>(
     def: &TableDef,
     columns: &Columns<'_>,
     text: &'a str,
-    slots: &mut Vec<Option<&'a RawValue>>,
+    slots: &mut Vec<Option<&'a str>>,
 ) -> Result<bool, serde_json::Error> {
     fill(columns, text, slots)?;
     let mut sanitized = false;
@@ -188,13 +199,12 @@ pub(super) fn string(text: &str) -> Result<Cow<'_, str>, serde_json::Error> {
 fn push_field(
     out: &mut Vec<u8>,
     kind: Kind,
-    value: Option<&RawValue>,
+    value: Option<&str>,
 ) -> Result<bool, serde_json::Error> {
-    let Some(value) = value else {
+    let Some(text) = value else {
         out.extend_from_slice(b"\\N");
         return Ok(false);
     };
-    let text = value.get();
     Ok(match text.as_bytes().first() {
         Some(b'n') => {
             out.extend_from_slice(b"\\N");

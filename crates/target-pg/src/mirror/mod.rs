@@ -34,6 +34,7 @@ use crate::copy::NulReplacements;
 mod binary;
 mod ddl;
 mod fields;
+mod scan;
 mod shape;
 mod text;
 mod write;

@@ -5,7 +5,6 @@
 use std::fmt::Write as _;
 
 use serde_json::Value;
-use serde_json::value::RawValue;
 use sluice_core::{Change, Error, Payload, RecordKey, StreamEntry};
 
 use crate::copy::push_text;
@@ -50,7 +49,7 @@ fn encode_row<'a>(
     def: &TableDef,
     columns: &Columns<'_>,
     entry: &'a StreamEntry,
-    slots: &mut Vec<Option<&'a RawValue>>,
+    slots: &mut Vec<Option<&'a str>>,
 ) -> Result<bool, Error> {
     let corrupt = |e| fields::not_an_object(entry, e);
     match (&entry.record.change, &entry.payload_text) {
