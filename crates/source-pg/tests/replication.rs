@@ -38,7 +38,11 @@ struct Setup {
 /// A fresh database with a replication role, `schema_sql` run as the superuser, and a
 /// publication for all tables.
 async fn setup(prefix: &str, schema_sql: &str) -> Setup {
-    let db = PG.fresh_database(prefix).await.unwrap();
+    setup_in(PG.fresh_database(prefix).await.unwrap(), schema_sql).await
+}
+
+/// [`setup`] in the database `db`, already created.
+async fn setup_in(db: String, schema_sql: &str) -> Setup {
     let user = format!("{db}_repl");
     PG.execute(
         &db,
@@ -1757,6 +1761,62 @@ async fn a_table_whose_rows_the_server_refuses_stops_alone_and_is_not_read_again
             .any(|c| c.name == "replication" && c.status == Status::Healthy),
         "{report:?}"
     );
+    running.stop().await;
+}
+
+/// A database whose encoding is `SQL_ASCII` stores any bytes. A value that is not UTF-8 is
+/// refused and never written as anything else: a lone byte 0xff, and a character split across
+/// two columns (the first two bytes of `€` ending one value, its last byte beginning the next),
+/// which together are UTF-8 though neither value is. The server refuses both when it converts
+/// them for sluice's UTF-8 connection (a page read checks its text as UTF-8 too, each value's
+/// ends included, should any reach it). Each such table stops, named with the reason; the
+/// other table is read.
+#[tokio::test]
+async fn values_that_are_not_utf8_are_refused_and_never_written() {
+    PG.execute(
+        "postgres",
+        "create database not_utf8 encoding 'SQL_ASCII' locale 'C' template template0",
+    )
+    .await
+    .unwrap();
+    let s = setup_in(
+        "not_utf8".into(),
+        r"create table public.fine (id int primary key, v text);
+          insert into public.fine select g, 'v' || g from generate_series(1, 20) g;
+          create table public.lone (id int primary key, v text);
+          insert into public.lone values (1, 'ok'), (2, E'a\xffb'), (3, 'ok');
+          create table public.split (id int primary key, a text, b text);
+          insert into public.split values (1, 'ok', 'ok'), (2, E'x\xe2\x82', E'\xac'), (3, 'ok', 'ok');",
+    )
+    .await;
+    let running = start(&s, options());
+    for table in ["public.lone", "public.split"] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !running.source.health().await.checks.iter().any(|c| {
+            c.status == Status::Error
+                && c.message.contains(table)
+                && c.message.contains("stopped at")
+                && c.message.contains("invalid byte sequence for encoding")
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "{table} is not reported: {:?}",
+                running.source.health().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    wait_until("the other table is read", 30, async || {
+        live(&s.stream, "public.fine").await.len() == 20
+    })
+    .await;
+    for table in ["public.lone", "public.split"] {
+        let written = live(&s.stream, table).await;
+        assert!(
+            written.is_empty(),
+            "{table}'s page was written: {written:?}"
+        );
+    }
     running.stop().await;
 }
 

@@ -149,9 +149,24 @@ pub(super) async fn fetch_rows(
             bytes += row.try_get_raw(i)?.as_bytes().map_or(0, <[u8]>::len);
         }
     }
-    let mut page = Page {
-        text: String::with_capacity(bytes),
-        values: Vec::with_capacity(rows.len() * columns),
+    // Every value is read here, so a page that cannot be read fails as a whole. Its bytes are
+    // checked as UTF-8 once, all together (see `checked_text`).
+    let mut text = Vec::with_capacity(bytes);
+    let mut values = Vec::with_capacity(rows.len() * columns);
+    for row in &rows {
+        for i in 0..columns {
+            let value = row.try_get_raw(i)?;
+            values.push(value.as_bytes().ok().map(|value| {
+                let start = text.len();
+                text.extend_from_slice(value);
+                start..text.len()
+            }));
+        }
+    }
+    let text = checked_text(text, &values, columns)?;
+    Ok(Page {
+        text,
+        values,
         rows: rows.len(),
         columns,
         key: table
@@ -159,17 +174,91 @@ pub(super) async fn fetch_rows(
             .iter()
             .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
             .collect(),
-    };
-    // Every value is read here, so a page that cannot be read fails as a whole.
-    for row in &rows {
-        for i in 0..columns {
-            let value = row.try_get_unchecked::<Option<&str>, _>(i)?.map(|value| {
-                let start = page.text.len();
-                page.text.push_str(value);
-                start..page.text.len()
-            });
-            page.values.push(value);
+    })
+}
+
+/// A page's bytes as text, when every value in it is UTF-8 (a database whose encoding is
+/// `SQL_ASCII` stores any bytes; the server checks them when it converts them for a UTF-8
+/// connection, and this checks again). Values that are not UTF-8 each can still make UTF-8
+/// together (a character's first bytes ending one, its last beginning the next), so each
+/// value's ends are checked as well; else the first such value's error, as decoding it as
+/// text says it.
+fn checked_text(
+    text: Vec<u8>,
+    values: &[Option<Range<usize>>],
+    columns: usize,
+) -> Result<String, sqlx::Error> {
+    let text = match String::from_utf8(text) {
+        Ok(text)
+            if values.iter().flatten().all(|value| {
+                text.is_char_boundary(value.start) && text.is_char_boundary(value.end)
+            }) =>
+        {
+            return Ok(text);
         }
+        Ok(text) => text.into_bytes(),
+        Err(e) => e.into_bytes(),
+    };
+    let first = values.iter().enumerate().find_map(|(n, value)| {
+        let bytes = text.get(value.clone()?)?;
+        std::str::from_utf8(bytes).err().map(|e| (n % columns, e))
+    });
+    Err(match first {
+        Some((column, e)) => sqlx::Error::ColumnDecode {
+            index: format!("{column:?}"),
+            source: Box::new(e),
+        },
+        None => sqlx::Error::Decode("a page of rows that is not UTF-8".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values laid end to end, as `fetch_rows` lays them, with their ranges.
+    fn laid(values: &[Option<&[u8]>]) -> (Vec<u8>, Vec<Option<Range<usize>>>) {
+        let mut text = Vec::new();
+        let ranges = values
+            .iter()
+            .map(|value| {
+                value.map(|v| {
+                    let start = text.len();
+                    text.extend_from_slice(v);
+                    start..text.len()
+                })
+            })
+            .collect();
+        (text, ranges)
     }
-    Ok(page)
+
+    /// A page of UTF-8 values is its text; a value that is not UTF-8 is refused, named by its
+    /// column, even when it and the next make UTF-8 together.
+    #[test]
+    fn a_page_is_text_only_when_each_value_is() {
+        let (text, ranges) = laid(&[Some(b"1"), Some("é ☃ 𝄞".as_bytes()), None]);
+        assert_eq!(checked_text(text, &ranges, 3).unwrap(), "1é ☃ 𝄞");
+        // `€` is e2 82 ac: its first two bytes end column 1, its last begins column 2.
+        let split: [Option<&[u8]>; 6] = [
+            Some(b"1"),
+            Some(b"ok"),
+            Some(b"ok"),
+            Some(b"2"),
+            Some(b"x\xe2\x82"),
+            Some(b"\xac"),
+        ];
+        let (text, ranges) = laid(&split);
+        assert!(std::str::from_utf8(&text).is_ok(), "UTF-8 as a whole");
+        let refused = checked_text(text, &ranges, 3).unwrap_err();
+        assert!(
+            matches!(&refused, sqlx::Error::ColumnDecode { index, .. } if index == "1"),
+            "{refused:?}"
+        );
+        let (text, ranges) = laid(&[Some(b"1"), None, Some(b"a\xffb")]);
+        let refused = checked_text(text, &ranges, 3).unwrap_err();
+        assert!(
+            matches!(&refused, sqlx::Error::ColumnDecode { index, .. } if index == "2"),
+            "{refused:?}"
+        );
+    }
 }
