@@ -147,7 +147,14 @@ fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&str>) -> O
             numeric(out, &scalar()?)?;
             Some(false)
         }
-        Column::Text => Some(binary::text(out, &scalar()?)),
+        Column::Text => match scalar()? {
+            // A JSON string read without unescaping holds no NUL (see `fields::string`).
+            Cow::Borrowed(s) if is_string => {
+                binary::field(out, s.as_bytes());
+                Some(false)
+            }
+            s => Some(binary::text(out, &s)),
+        },
         Column::Bool => {
             let value = match text {
                 "true" => 1,
