@@ -1791,20 +1791,15 @@ async fn values_that_are_not_utf8_are_refused_and_never_written() {
     .await;
     let running = start(&s, options());
     for table in ["public.lone", "public.split"] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !running.source.health().await.checks.iter().any(|c| {
-            c.status == Status::Error
-                && c.message.contains(table)
-                && c.message.contains("stopped at")
-                && c.message.contains("invalid byte sequence for encoding")
-        }) {
-            assert!(
-                Instant::now() < deadline,
-                "{table} is not reported: {:?}",
-                running.source.health().await
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(&format!("{table} is reported"), 60, async || {
+            running.source.health().await.checks.iter().any(|c| {
+                c.status == Status::Error
+                    && c.message.contains(table)
+                    && c.message.contains("stopped at")
+                    && c.message.contains("invalid byte sequence for encoding")
+            })
+        })
+        .await;
     }
     wait_until("the other table is read", 30, async || {
         live(&s.stream, "public.fine").await.len() == 20
