@@ -31,10 +31,10 @@ pub(crate) enum Decoded {
 }
 
 /// Decodes a change of `relation`, whose payloads `fields` writes and whose key columns are
-/// `key` (primary key, else replica identity index, in key order): `new` is absent for a delete, `old` is the old key (or the
-/// old row with `REPLICA IDENTITY FULL`) when pgoutput sent one. A delete without its key is
-/// an error: PostgreSQL refuses deletes on published tables that have no replica identity,
-/// so it means the stream cannot be read as it is.
+/// `key` (primary key, else replica identity index, in key order): `new` is absent for a
+/// delete, `old` is the old key (or the old row with `REPLICA IDENTITY FULL`) when pgoutput
+/// sent one. A delete without its key is an error: PostgreSQL refuses deletes on published
+/// tables that have no replica identity, so it means the stream cannot be read as it is.
 pub(crate) fn decode(
     sync_id: SyncId,
     relation: &Relation,

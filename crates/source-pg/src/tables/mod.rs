@@ -230,10 +230,10 @@ pub(crate) fn payload_room(lengths: impl Iterator<Item = (usize, usize)>) -> usi
 }
 
 /// A table's columns as its rows' payloads are written: in the payload's key order (sorted as
-/// a [`sluice_core::Payload`] map holds them: by bytes, not characters), each with its key already in JSON (`"name":`) and its type's [`Kind`]. Made
-/// once for a table or a relation, so that a row's payload costs no escaping of names and no
-/// type look-ups.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// a [`sluice_core::Payload`] map holds them: by bytes, not characters), each with its key
+/// already in JSON (`"name":`) and its type's [`Kind`]. Made once for a table or a relation,
+/// so that a row's payload costs no escaping of names and no type look-ups.
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct PayloadFields {
     fields: Vec<Field>,
 }
