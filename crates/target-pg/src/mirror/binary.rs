@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use sluice_core::{Change, Error, RecordKey, StreamEntry};
 
-use super::fields::{self, Columns};
+use super::fields::{self, Columns, Escapes};
 use super::shape::{Kind, TableDef};
 use super::text::{unix_time, without_nul};
 use crate::copy::{binary, pg_micros};
@@ -100,12 +100,12 @@ impl<'d> Binary<'d> {
             else {
                 return undo(out, sanitized);
             };
-            fields::fill(&self.columns, text.as_str(), &mut slots)
+            let escapes = fields::fill(&self.columns, text.as_str(), &mut slots)
                 .map_err(|e| fields::not_an_object(entry, e))?;
             binary::tuple(out, self.plan.len() as i16);
             let mut replaced = false;
             for ((&column, def), value) in self.plan.iter().zip(&self.def.columns).zip(&slots) {
-                match push(out, column, def.kind, *value) {
+                match push(out, column, def.kind, *value, escapes) {
                     Some(r) => replaced |= r,
                     None => return undo(out, sanitized),
                 }
@@ -120,7 +120,13 @@ impl<'d> Binary<'d> {
 
 /// One field: `Some(whether a NUL was replaced)`, or `None` when this value must go as text.
 /// Mirrors `fields::push_field` case by case.
-fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&str>) -> Option<bool> {
+fn push(
+    out: &mut Vec<u8>,
+    column: Column,
+    kind: Kind,
+    value: Option<&str>,
+    escapes: Escapes,
+) -> Option<bool> {
     let text = match value {
         None | Some("null") => {
             out.extend_from_slice(&(-1i32).to_be_bytes());
@@ -133,7 +139,7 @@ fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&str>) -> O
     // them.
     let scalar = || -> Option<Cow<'_, str>> {
         if is_string {
-            fields::string(text).ok()
+            fields::string(text, escapes).ok()
         } else {
             Some(text.into())
         }
@@ -175,7 +181,11 @@ fn push(out: &mut Vec<u8>, column: Column, kind: Kind, value: Option<&str>) -> O
             binary::field(out, &micros.to_be_bytes());
             Some(false)
         }
-        Column::Jsonb => match without_nul(text) {
+        // A NUL in JSON text is written `\u0000`, a backslash.
+        Column::Jsonb => match (escapes == Escapes::Maybe)
+            .then(|| without_nul(text))
+            .flatten()
+        {
             Some(replaced) => {
                 binary::jsonb(out, &replaced);
                 Some(true)

@@ -122,13 +122,24 @@ impl<'de, 's, 'c> Visitor<'de> for Fill<'s, 'c, 'de> {
     }
 }
 
+/// Whether the JSON strings of a payload's fields may hold escapes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Escapes {
+    /// None does: the scan read the payload, and it takes no text with a backslash. Each
+    /// string's contents are then its value.
+    None,
+    /// One may: serde_json read the payload.
+    Maybe,
+}
+
 /// Each column's field of the payload `text` (a JSON object), in `slots` as the field's JSON
-/// text (one per column, `None` where the payload has no such field).
+/// text (one per column, `None` where the payload has no such field), and whether those texts
+/// may hold escapes.
 pub(super) fn fill<'a>(
     columns: &Columns<'_>,
     text: &'a str,
     slots: &mut Vec<Option<&'a str>>,
-) -> Result<(), serde_json::Error> {
+) -> Result<Escapes, serde_json::Error> {
     slots.clear();
     slots.resize(columns.def.len(), None);
     let mut next = 0;
@@ -137,13 +148,14 @@ pub(super) fn fill<'a>(
             slots[at] = Some(value);
         }
     }) {
-        return Ok(());
+        return Ok(Escapes::None);
     }
     // Not the usual form. The members the scan found before it stopped are the ones
     // serde_json finds first, so the slots they filled are filled again the same.
     let mut deserializer = serde_json::Deserializer::from_str(text);
     Fill { columns, slots }.deserialize(&mut deserializer)?;
-    deserializer.end()
+    deserializer.end()?;
+    Ok(Escapes::Maybe)
 }
 
 /// The batch's error for a record whose stored payload [`fill`] could not read as a JSON
@@ -164,13 +176,13 @@ pub(super) fn encode_row<'a>(
     text: &'a str,
     slots: &mut Vec<Option<&'a str>>,
 ) -> Result<bool, serde_json::Error> {
-    fill(columns, text, slots)?;
+    let escapes = fill(columns, text, slots)?;
     let mut sanitized = false;
     for (i, (column, value)) in def.columns.iter().zip(slots.iter()).enumerate() {
         if i > 0 {
             out.push(b'\t');
         }
-        sanitized |= push_field(out, column.kind, *value)?;
+        sanitized |= push_field(out, column.kind, *value, escapes)?;
     }
     out.push(b'\n');
     Ok(sanitized)
@@ -178,17 +190,17 @@ pub(super) fn encode_row<'a>(
 
 /// The contents of the JSON string `text` (quotes included) when it has no escape: then
 /// they are the string itself. A string with one is left to the parser.
-fn unescaped(text: &str) -> Option<&str> {
+fn unescaped(text: &str, escapes: Escapes) -> Option<&str> {
     let inner = text.strip_prefix('"')?.strip_suffix('"')?;
-    (!inner.as_bytes().contains(&b'\\')).then_some(inner)
+    (escapes == Escapes::None || !inner.as_bytes().contains(&b'\\')).then_some(inner)
 }
 
 /// The value of the JSON string `text` (quotes included): borrowed from the text when it has
 /// no escape, unescaped by the parser otherwise. JSON escapes the backslash and every control
 /// character (NUL, tab, newline and carriage return among them; serde_json refuses them raw),
 /// so a borrowed value holds none of the bytes COPY's text format escapes.
-pub(super) fn string(text: &str) -> Result<Cow<'_, str>, serde_json::Error> {
-    match unescaped(text) {
+pub(super) fn string(text: &str, escapes: Escapes) -> Result<Cow<'_, str>, serde_json::Error> {
+    match unescaped(text, escapes) {
         Some(s) => Ok(Cow::Borrowed(s)),
         None => serde_json::from_str::<Text>(text).map(|t| t.0),
     }
@@ -200,6 +212,7 @@ fn push_field(
     out: &mut Vec<u8>,
     kind: Kind,
     value: Option<&str>,
+    escapes: Escapes,
 ) -> Result<bool, serde_json::Error> {
     let Some(text) = value else {
         out.extend_from_slice(b"\\N");
@@ -211,7 +224,7 @@ fn push_field(
             false
         }
         Some(b'"') if kind != Kind::Json => {
-            let s = string(text)?;
+            let s = string(text, escapes)?;
             match (unix_seconds(kind, &s), s) {
                 (Some(t), _) => push_text(out, &t),
                 // No escape in the JSON, so none needed for COPY: it goes in as it is.
@@ -222,7 +235,9 @@ fn push_field(
                 (None, Cow::Owned(s)) => push_text(out, &s),
             }
         }
+        // A NUL in JSON text is written `\u0000`, a backslash.
         _ if kind == Kind::Json
+            && escapes == Escapes::Maybe
             && let Some(replaced) = without_nul(text) =>
         {
             push_text(out, &replaced);
@@ -368,6 +383,21 @@ mod tests {
         }
         // A string with an escape is unescaped, then written as COPY text.
         assert!(row(r#"{"plain":"a\"b\tc","n":1}"#).starts_with("a\"b\\tc\t"));
+        // Only a payload the scan read is said to hold no escape: one with a backslash
+        // anywhere, or in another form, is read by serde_json.
+        let mut slots = Vec::new();
+        for (text, escapes) in [
+            (r#"{"plain":"p","n":7}"#, Escapes::None),
+            (r#"{"plain":"a\"b","n":7}"#, Escapes::Maybe),
+            (r#"{"plain":"p","doc":{"k":"\u0000"}}"#, Escapes::Maybe),
+            (r#"{"plain":"p", "n":7}"#, Escapes::Maybe),
+            (r#"{"plain":"p","n":7.0e}"#, Escapes::Maybe),
+        ] {
+            let read = fill(&columns, text, &mut slots);
+            assert_eq!(read.ok(), (!text.ends_with("e}")).then_some(escapes), "{text}");
+        }
+        // Strings after the point where the scan gave up are unescaped all the same.
+        assert!(row(r#"{"n":7, "plain":"x\u0041"}"#).starts_with("xA\t"));
     }
 
     /// A string is copied as it is only when JSON escaped everything COPY would: a control
