@@ -394,7 +394,11 @@ mod tests {
             (r#"{"plain":"p","n":7.0e}"#, Escapes::Maybe),
         ] {
             let read = fill(&columns, text, &mut slots);
-            assert_eq!(read.ok(), (!text.ends_with("e}")).then_some(escapes), "{text}");
+            assert_eq!(
+                read.ok(),
+                (!text.ends_with("e}")).then_some(escapes),
+                "{text}"
+            );
         }
         // Strings after the point where the scan gave up are unescaped all the same.
         assert!(row(r#"{"n":7, "plain":"x\u0041"}"#).starts_with("xA\t"));

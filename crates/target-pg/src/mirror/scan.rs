@@ -1,6 +1,6 @@
 //! A payload's members found in one pass over its text, for the form the stream holds nearly
 //! every payload in: serde_json's compact text (no whitespace) with no escape in any string.
-//! Strings are skipped eight bytes at a time ([`JSON_ESCAPED`]), with no key or value built.
+//! Strings are skipped sixteen bytes at a time ([`JSON_ESCAPED`]), with no key or value built.
 //!
 //! Anything else (whitespace, an escape, nesting deeper than [`MAX_DEPTH`], text that is not
 //! JSON at all) is not this form: [`members`] says so, and the caller reads the payload with
