@@ -25,7 +25,7 @@ pub fn payload_bytes(entries: &[StreamEntry]) -> usize {
     entries
         .iter()
         .filter_map(|e| e.payload_text.as_ref())
-        .map(|text| text.as_str().len())
+        .map(PayloadText::len)
         .sum()
 }
 

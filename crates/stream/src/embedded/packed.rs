@@ -99,7 +99,7 @@ impl Packed {
             Change::Delete
         } else {
             let text = self.payload(slot).ok_or_else(corrupt)?;
-            size = text.as_str().len();
+            size = text.len();
             if form == Form::Text {
                 payload_text = Some(text);
                 Change::Upsert {
