@@ -86,9 +86,8 @@ impl ByteSet {
             return None;
         }
         // The last block's worth of bytes: those before the tail hold no member.
-        let start = rest.len() - BLOCK;
-        let (last, _) = rest.get(start..)?.as_chunks::<BLOCK>();
-        self.first_in(last.first()?).map(|i| from + start + i)
+        let last = rest.last_chunk::<BLOCK>()?;
+        self.first_in(last).map(|i| from + rest.len() - BLOCK + i)
     }
 
     /// The position of the first member in `block`.

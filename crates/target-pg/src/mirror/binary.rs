@@ -21,7 +21,7 @@ use sluice_core::{Change, Error, RecordKey, StreamEntry};
 
 use super::fields::{self, Columns, Escapes};
 use super::shape::{Kind, TableDef};
-use super::text::{unix_time, without_nul};
+use super::text::unix_time;
 use crate::copy::{binary, pg_micros};
 
 /// How one column is written.
@@ -181,11 +181,7 @@ fn push(
             binary::field(out, &micros.to_be_bytes());
             Some(false)
         }
-        // A NUL in JSON text is written `\u0000`, a backslash.
-        Column::Jsonb => match (escapes == Escapes::Maybe)
-            .then(|| without_nul(text))
-            .flatten()
-        {
+        Column::Jsonb => match fields::json_without_nul(text, escapes) {
             Some(replaced) => {
                 binary::jsonb(out, &replaced);
                 Some(true)

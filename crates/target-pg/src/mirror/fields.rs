@@ -206,6 +206,15 @@ pub(super) fn string(text: &str, escapes: Escapes) -> Result<Cow<'_, str>, serde
     }
 }
 
+/// A JSON field's text with each `\u0000` replaced, when it has one. A payload the scan read
+/// has none: JSON writes a NUL as `\u0000`, and the scan takes no text with a backslash.
+pub(super) fn json_without_nul(text: &str, escapes: Escapes) -> Option<String> {
+    match escapes {
+        Escapes::None => None,
+        Escapes::Maybe => without_nul(text),
+    }
+}
+
 /// One field as PostgreSQL input text for a column of `kind`, as `text::encode_row` writes
 /// the parsed value.
 fn push_field(
@@ -235,10 +244,8 @@ fn push_field(
                 (None, Cow::Owned(s)) => push_text(out, &s),
             }
         }
-        // A NUL in JSON text is written `\u0000`, a backslash.
         _ if kind == Kind::Json
-            && escapes == Escapes::Maybe
-            && let Some(replaced) = without_nul(text) =>
+            && let Some(replaced) = json_without_nul(text, escapes) =>
         {
             push_text(out, &replaced);
             true
