@@ -307,7 +307,9 @@ impl<S: BuildHasher> Tail<S> {
         }
         let from = after.0 + 1;
         let at = self.chunks.partition_point(|c| c.end() <= from);
-        let mut entries = Vec::new();
+        // At most every entry the tail holds after `after`: the list never grows.
+        let held = (self.end().0 + 1).saturating_sub(from);
+        let mut entries = Vec::with_capacity((held as usize).min(limit));
         for chunk in self.chunks.range(at..) {
             let skip = from.saturating_sub(chunk.first) as usize;
             for i in skip..chunk.records.len() {

@@ -341,17 +341,17 @@ impl Backfill<'_> {
         table: &Table,
         rows: Rows<'_>,
     ) -> Result<Page, Error> {
-        let sql = match rows {
+        let (sql, most) = match rows {
             Rows::After {
                 after,
                 through,
                 limit,
-            } => page_sql(table, after, through, limit)?,
+            } => (page_sql(table, after, through, limit)?, limit),
             Rows::Keys([]) => return Ok(Page::default()),
-            Rows::Keys(keys) => keys_sql(table, keys)?,
+            Rows::Keys(keys) => (keys_sql(table, keys)?, keys.len()),
         };
         let what = format!("source: reading {}", table.collection());
-        fetch_rows(conn, table, &sql).await.map_err(|e| {
+        fetch_rows(conn, table, &sql, most).await.map_err(|e| {
             sluice_pg::classify(e, &what, |condition, _| {
                 // This table alone waits for its grant (see `Backfill::run`).
                 (condition == sluice_pg::Condition::InsufficientPrivilege).then(|| {

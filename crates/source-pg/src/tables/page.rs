@@ -2,11 +2,13 @@
 
 use std::ops::Range;
 
+use futures_util::TryStreamExt;
 use sluice_core::Error;
 use sluice_core::sql::{qualified, quote_ident, quote_literal};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::Table;
+use super::ranges::PAGE_BYTES;
 
 /// The rows of one read, every column as the server's text: each value decoded and checked
 /// once, when the page is fetched, and kept in one buffer (a value read again, as a key
@@ -133,27 +135,27 @@ fn key_literals(table: &Table, key: &[String]) -> Result<String, Error> {
 }
 
 /// Runs `sql` as a simple query, so every value arrives as its type's output text: exactly
-/// what pgoutput sends for the same value.
+/// what pgoutput sends for the same value. `rows` is how many rows the query returns at most
+/// (the page's limit, or the keys asked for), to size the page's list of values.
+///
+/// Each row's values are laid into the page as the row arrives, and the row is then dropped:
+/// no list of the server's rows is collected first (whose growth copied every row, and which
+/// was walked twice, once to size the text), and the page's text is one buffer, sized once
+/// its first row has arrived.
 pub(super) async fn fetch_rows(
     conn: &mut PgConnection,
     table: &Table,
     sql: &str,
+    rows: usize,
 ) -> Result<Page, sqlx::Error> {
-    let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-        .fetch_all(&mut *conn)
-        .await?;
     let columns = table.columns.len();
-    let mut bytes = 0;
-    for row in &rows {
-        for i in 0..columns {
-            bytes += row.try_get_raw(i)?.as_bytes().map_or(0, <[u8]>::len);
-        }
-    }
+    let mut text = Vec::new();
+    let mut values = Vec::with_capacity(rows.min(MAX_ROWS_SIZED) * columns);
+    let mut stream = sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).fetch(&mut *conn);
+    let mut count = 0;
     // Every value is read here, so a page that cannot be read fails as a whole. Its bytes are
     // checked as UTF-8 once, all together (see `checked_text`).
-    let mut text = Vec::with_capacity(bytes);
-    let mut values = Vec::with_capacity(rows.len() * columns);
-    for row in &rows {
+    while let Some(row) = stream.try_next().await? {
         for i in 0..columns {
             let value = row.try_get_raw(i)?;
             values.push(value.as_bytes().ok().map(|value| {
@@ -162,12 +164,21 @@ pub(super) async fn fetch_rows(
                 start..text.len()
             }));
         }
+        count += 1;
+        if count == 1 {
+            // Room for the page at the first row's size and a quarter more, up to twice what
+            // a page is sized for ([`PAGE_BYTES`]): the text then seldom grows (and so is
+            // seldom copied) as its rows arrive.
+            let page = text.len().saturating_mul(rows.saturating_add(rows / 4));
+            text.reserve(page.min(2 * PAGE_BYTES));
+        }
     }
+    drop(stream);
     let text = checked_text(text, &values, columns)?;
     Ok(Page {
         text,
         values,
-        rows: rows.len(),
+        rows: count,
         columns,
         key: table
             .key
@@ -176,6 +187,10 @@ pub(super) async fn fetch_rows(
             .collect(),
     })
 }
+
+/// Rows a page's list of values is sized for at most before its first row arrives (a larger
+/// page's list grows as its rows arrive).
+const MAX_ROWS_SIZED: usize = 100_000;
 
 /// A page's bytes as text, when every value in it is UTF-8 (a database whose encoding is
 /// `SQL_ASCII` stores any bytes; the server checks them when it converts them for a UTF-8
@@ -230,6 +245,60 @@ mod tests {
             })
             .collect();
         (text, ranges)
+    }
+
+    /// A page read row by row holds what the server sent, value for value: NULLs, empty
+    /// strings, multibyte text, rows much larger than the first (the text grows past the room
+    /// the first row suggested), a first row much larger than the rest (the room is capped),
+    /// and no rows at all.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_page_holds_every_value_the_server_sent() {
+        let pg = sluice_localpg::Cluster::options().start().unwrap();
+        let mut conn = pg.admin("postgres").await.unwrap();
+        sqlx::raw_sql(
+            "create table t (id int primary key, a text, b int, c text);
+             insert into t select i,
+                 case when i % 7 = 0 then null when i % 5 = 0 then '' else repeat('é☃', i) end,
+                 i * 3,
+                 case when i = 1 then repeat('x', 3000000) else 'c' || i end
+             from generate_series(1, 1500) i;",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let table = super::super::describe(&mut conn, None, "public", "t")
+            .await
+            .unwrap()
+            .unwrap();
+        let after = |id: &str| Some(vec![id.to_owned()]);
+        for (after, limit, rows) in [
+            (None, 1500, 1500),
+            (after("1"), 600, 600),
+            (after("1500"), 10, 0),
+        ] {
+            let sql = page_sql(&table, after.as_deref(), None, limit).unwrap();
+            let page = fetch_rows(&mut conn, &table, &sql, limit).await.unwrap();
+            let sent = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!((page.len(), sent.len()), (rows, rows), "{sql}");
+            for (r, row) in sent.iter().enumerate() {
+                for c in 0..table.columns.len() {
+                    let value = row.try_get_raw(c).unwrap();
+                    let want = value
+                        .as_bytes()
+                        .ok()
+                        .map(|b| std::str::from_utf8(b).unwrap());
+                    assert_eq!(page.value(r, c), want, "row {r}, column {c}");
+                }
+            }
+            let text: usize = (0..rows * 4)
+                .filter_map(|v| page.value(v / 4, v % 4))
+                .map(str::len)
+                .sum();
+            assert_eq!(page.bytes(), text);
+        }
     }
 
     /// A page of UTF-8 values is its text; a value that is not UTF-8 is refused, named by its

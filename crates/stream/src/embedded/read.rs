@@ -5,6 +5,10 @@ use std::collections::HashSet;
 
 use super::*;
 
+/// Entries a read from the file is sized for at most before it reads them (a larger read's
+/// list grows as it goes; reads end at [`READ_BYTES`] of payloads anyway).
+const ENTRIES_SIZED: usize = 16_384;
+
 impl EmbeddedStream {
     /// A read, with payloads in `form`: from the tail when it covers the position, else from
     /// the file.
@@ -63,7 +67,11 @@ impl EmbeddedStream {
             let head = read_head(&tx)?;
             let mut names = Names::new(&self.collections, &tx);
             let wanted = Self::wanted(&tx, &mut names, filter)?;
-            let mut entries = Vec::with_capacity(limit.min(4096));
+            // Sized for every seq up to the head, so that a consumer's batch is not moved
+            // again as the list grows (5,000 records of ~200 bytes each, when it was sized for
+            // 4,096), up to [`ENTRIES_SIZED`].
+            let up_to_head = (head as u64).saturating_sub(after.0) as usize;
+            let mut entries = Vec::with_capacity(limit.min(up_to_head).min(ENTRIES_SIZED));
             let (mut bytes, mut through) = (0, head as u64);
             walk::walk(
                 &tx,

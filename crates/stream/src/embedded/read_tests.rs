@@ -142,3 +142,33 @@ async fn lag_counts_what_a_read_would_return() {
         }
     }
 }
+
+/// A read's list of entries is sized before it is filled, for the entries up to the head or
+/// the limit, whichever is fewer (a list that grew as a consumer's batch of 5,000 was read
+/// moved every entry read so far once more): from the tail and from the file alike.
+#[tokio::test]
+async fn a_reads_list_is_sized_before_it_is_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    stream
+        .append((0..6000).map(|id| upsert(id, 1)).collect())
+        .await
+        .unwrap();
+    let filter = RecordFilter::Provider(Provider::Postgres);
+    for from_memory in [true, false] {
+        let stream = match from_memory {
+            true => &stream,
+            // A new handle on the file: its tail holds nothing.
+            false => &EmbeddedStream::open(dir.path()).await.unwrap(),
+        };
+        let first = stream.read_text(&filter, Seq::START, 5000).await.unwrap();
+        let rest = stream
+            .read_text(&filter, first.through, 5000)
+            .await
+            .unwrap();
+        let sizes = |read: &StreamRead| (read.entries.len(), read.entries.capacity());
+        assert_eq!(sizes(&first), (5000, 5000), "from memory: {from_memory}");
+        assert_eq!(sizes(&rest), (1000, 1000), "from memory: {from_memory}");
+        assert_eq!(stream.reads_from_memory(), if from_memory { 2 } else { 0 });
+    }
+}
