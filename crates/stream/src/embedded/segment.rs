@@ -258,13 +258,8 @@ mod tests {
                 decode(&sealed, OWN).unwrap().payload(0).unwrap().as_str(),
                 text
             );
-            let mut raw = text.as_bytes().to_vec();
-            let mut header = Vec::new();
-            varint(&mut header, 1);
-            varint(&mut header, 7);
-            varint(&mut header, text.len() as u64);
-            raw.extend_from_slice(&header);
-            raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
+            // The same bytes as `seal` laid them out, compressed as files written before hold them.
+            let raw = decompress(&sealed[1..]).unwrap();
             let before = [&[LZ4][..], &lz4_flex::block::compress_prepend_size(&raw)].concat();
             assert_eq!(
                 decode(&before, OWN).unwrap().payload(0).unwrap().as_str(),
