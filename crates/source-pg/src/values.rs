@@ -182,14 +182,19 @@ pub(crate) fn write_json(kind: &Kind, text: &str, out: &mut String) {
 
 /// True when `text` is `-?(0|[1-9][0-9]*)(\.[0-9]+)?`: a JSON number that serde_json keeps
 /// digit for digit (an exponent it writes in its own form, so those take the long way).
+/// Byte by byte, in one pass (a search for the point first was 0.7% of sluice's CPU in the
+/// initial load, `perf`).
 fn plain_decimal(text: &str) -> bool {
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    let (int, frac) = match digits.split_once('.') {
-        Some((int, frac)) => (int, Some(frac)),
-        None => (digits, None),
-    };
-    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    all_digits(int) && (int == "0" || !int.starts_with('0')) && frac.is_none_or(all_digits)
+    let bytes = text.as_bytes();
+    let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
+    let int = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    let all_digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    (int == 1 || (int > 1 && digits[0] != b'0'))
+        && match &digits[int..] {
+            [] => true,
+            [b'.', frac @ ..] => all_digits(frac),
+            _ => false,
+        }
 }
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it: `"` and `\\`, control
