@@ -65,9 +65,11 @@ pub fn pg_micros(t: time::OffsetDateTime) -> i64 {
     if !(0..=9999).contains(&t.year()) {
         return -UNIX_TO_2000 * 1_000_000;
     }
-    let nanos = t.unix_timestamp_nanos();
-    let seconds = nanos.div_euclid(1_000_000_000) as i64;
-    let fraction = nanos.rem_euclid(1_000_000_000) as u32;
+    // The whole seconds and the nanoseconds past them (never negative): what dividing
+    // `unix_timestamp_nanos()` by 10^9 (floored) gives, without its 128-bit division (0.4% of
+    // sluice's CPU in the initial load, `perf`).
+    let seconds = t.unix_timestamp();
+    let fraction = t.nanosecond();
     let micros = if fraction.is_multiple_of(1000) {
         i64::from(fraction / 1000)
     } else {
@@ -373,6 +375,39 @@ mod tests {
             datetime!(-9999-01-01 0:00 UTC),
         ] {
             assert_eq!(pg_micros(outside), -946_684_800_000_000);
+        }
+        // Seconds and their fraction as the nanoseconds since 1970 floor-divided by 10^9 say
+        // them, at any time of years 1–9999, in any offset, before 1970 and after.
+        let mut random = sluice_core::Xorshift::new(0x9e37_79b9_7f4a_7c15);
+        let (first, last) = (
+            datetime!(0001-01-01 0:00 UTC).unix_timestamp_nanos(),
+            datetime!(9999-12-31 12:00 UTC).unix_timestamp_nanos(),
+        );
+        for _ in 0..20_000 {
+            let nanos = first
+                + (u128::from(random.next_u64()) << 32 | u128::from(random.next_u64())) as i128
+                    % (last - first);
+            let offset = (random.next_u64() % (2 * 50_000)) as i32 - 50_000;
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+                .unwrap()
+                .to_offset(time::UtcOffset::from_whole_seconds(offset).unwrap());
+            let (seconds, fraction) = (
+                nanos.div_euclid(1_000_000_000) as i64,
+                nanos.rem_euclid(1_000_000_000) as u32,
+            );
+            let micros = if fraction.is_multiple_of(1000) {
+                i64::from(fraction / 1000)
+            } else {
+                let fraction: f64 = format!("0.{fraction:09}").parse().unwrap();
+                (fraction * 1e6).round_ties_even() as i64
+            };
+            if (0..=9999).contains(&t.year()) {
+                assert_eq!(
+                    pg_micros(t),
+                    (seconds - 946_684_800) * 1_000_000 + micros,
+                    "{t}"
+                );
+            }
         }
     }
 
