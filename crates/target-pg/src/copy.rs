@@ -6,7 +6,6 @@
 
 use sluice_core::bytes::ByteSet;
 use sluice_core::{RecordKey, Status};
-use sluice_pg::Condition;
 use sqlx::PgConnection;
 
 /// Copies `rows` (COPY text format) with `statement` (`copy … from stdin`).
@@ -196,38 +195,6 @@ async fn copy_until<P: Copy, E>(
     }
     let copied = copy.finish().await.map_err(CopyFailure::Server)?;
     Ok((copied, declined))
-}
-
-/// [`copy_pieces_binary_first`] on the assumption that none of the rows' keys exists yet (the
-/// common case while a table fills): inside a savepoint, so a key that does exist undoes only
-/// these rows. `Ok(None)` then, and nothing was written. Must run inside a transaction.
-pub(crate) async fn copy_pieces_if_all_new<P: Copy, E>(
-    conn: &mut PgConnection,
-    binary_statement: Option<&str>,
-    text_statement: &str,
-    pieces: impl IntoIterator<Item = P>,
-    encode: impl FnMut(P, bool, &mut Vec<u8>) -> Result<bool, E>,
-) -> Result<Option<u64>, CopyFailure<E>> {
-    let run = async |sql: &'static str, conn: &mut PgConnection| {
-        sqlx::raw_sql(sql)
-            .execute(conn)
-            .await
-            .map_err(CopyFailure::Server)
-    };
-    run("savepoint sluice_fresh", conn).await?;
-    let copied =
-        copy_pieces_binary_first(conn, binary_statement, text_statement, pieces, encode).await;
-    match copied {
-        Ok(n) => {
-            run("release savepoint sluice_fresh", conn).await?;
-            Ok(Some(n))
-        }
-        Err(CopyFailure::Server(e)) if Condition::of(&e) == Some(Condition::DuplicateKey) => {
-            run("rollback to savepoint sluice_fresh", conn).await?;
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// `statement`, a join of a staging table with its target on the target's key, run so that it

@@ -2,7 +2,8 @@
 //! tables as through one, a checkpoint row per partition, a change of width, a partition whose
 //! connection is lost while the others commit, and a checkpoint table made before partitions
 //! taken over with its position (also in an oddly named schema); a batch sent as several COPY
-//! pieces, whole or not at all; rows sent in COPY's binary format equal to rows sent as text.
+//! pieces, whole or not at all; a batch copied straight in that meets existing keys, written
+//! again whole and once; rows sent in COPY's binary format equal to rows sent as text.
 
 mod common;
 
@@ -201,6 +202,68 @@ async fn a_batch_of_several_copy_pieces_lands_whole_or_not_at_all() {
     target.apply(&consumer(), &third).await.unwrap();
     assert_eq!(sum().await, (5000, 10_000));
     assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(10_000));
+}
+
+/// A table whose last batch found none of its keys is copied straight in, with no savepoint: a
+/// key that exists aborts the whole transaction, which is written again with that table's keys
+/// looked up. A batch of two tables whose second meets existing keys, after the first's rows
+/// and one of its own new rows (with a NUL) were sent, lands whole and once: every row at its
+/// newest version, the NUL counted once, the checkpoint at the batch's end. The next batches
+/// (new keys only) land as well, through the lookup and then straight in again.
+#[tokio::test]
+async fn a_batch_meeting_existing_keys_in_its_second_table_lands_whole_and_once() {
+    let m = database("mirror_again").await;
+    let target = mirror(&m, 1);
+    let order = |seq: u64, id: u64, round: u64, note: &str| {
+        let payload = json!({"round": round, "note": note});
+        entry(
+            seq,
+            "public.orders",
+            &id.to_string(),
+            Change::upsert(payload).unwrap(),
+        )
+    };
+    let item = |seq: u64, id: u64, qty: u64| {
+        let change = Change::upsert(json!({"qty": qty})).unwrap();
+        entry(seq, "public.items", &id.to_string(), change)
+    };
+    let batch = |entries: Vec<StreamEntry>| Batch {
+        through: entries.last().unwrap().seq,
+        entries,
+    };
+    let mut first: Vec<_> = (1..=10).map(|i| order(i, i, 1, "a")).collect();
+    first.extend((1..=10).map(|i| item(10 + i, i, 1)));
+    target.apply(&consumer(), &batch(first)).await.unwrap();
+    // Items first (tables are written in name order): 11..=15 new. Then orders: 16 new, with a
+    // NUL, then 6..=10, which exist.
+    let mut second: Vec<_> = (11..=15).map(|i| item(20 + i, i, 2)).collect();
+    second.push(order(36, 16, 1, "x\u{0}y"));
+    second.extend((6..=10).map(|i| order(30 + i + 7, i, 2, "b")));
+    target.apply(&consumer(), &batch(second)).await.unwrap();
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(47));
+    assert_eq!(nul_replacements(&target).await, 1);
+    let third: Vec<_> = (17..=20).map(|i| order(50 + i, i, 3, "c")).collect();
+    target.apply(&consumer(), &batch(third)).await.unwrap();
+    let fourth: Vec<_> = (21..=22).map(|i| order(70 + i, i, 4, "d")).collect();
+    target.apply(&consumer(), &batch(fourth)).await.unwrap();
+    // Rows as text: the key, the columns by name, then the columns the types did not name.
+    let mut want: Vec<String> = (1..=15)
+        .map(|i| format!("items ({i},{},{{}})", if i > 10 { 2 } else { 1 }))
+        .collect();
+    want.extend((1..=10).chain(16..=22).map(|i| {
+        let (round, note) = match i {
+            6..=10 => (2, "b"),
+            16 => (1, "x\u{FFFD}y"),
+            17..=20 => (3, "c"),
+            21..=22 => (4, "d"),
+            _ => (1, "a"),
+        };
+        format!("orders ({i},{note},{round},{{}})")
+    }));
+    want.sort();
+    assert_eq!(tables(&m).await, want);
+    assert_eq!(target.checkpoint(&consumer()).await.unwrap(), Seq(92));
+    assert_eq!(nul_replacements(&target).await, 1);
 }
 
 #[tokio::test]

@@ -1,16 +1,16 @@
 //! Writing a batch: rows copied in (in binary while they can be, `binary.rs`, else as text,
 //! `text.rs`) or merged, deletes, the checkpoint, a partition of the records per connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use sluice_core::sql::{qualified, quote_ident as q};
 use sluice_core::{Batch, ConsumerId, Error, RecordKey, Seq, StreamEntry, SyncId};
+use sluice_pg::Condition;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::checkpoint::partition_of;
 use crate::copy::{
-    CopyFailure, PIECE_ROWS, copy, copy_pieces_binary_first, copy_pieces_if_all_new,
-    probing_key_index, push_text,
+    CopyFailure, PIECE_ROWS, copy, copy_pieces_binary_first, probing_key_index, push_text,
 };
 use crate::newest::newest;
 
@@ -78,6 +78,12 @@ impl SchemaMirrorTarget {
     /// One partition's share and its checkpoint row, in one transaction; nothing when the
     /// row is already at or past `through` (a replay). NUL replacements are counted once the
     /// transaction commits.
+    ///
+    /// A table whose last batch found none of its keys is copied straight in, with no
+    /// savepoint (two round trips fewer a batch, as in the consumer table): a key that exists
+    /// aborts the transaction, which is rolled back and written again with that table looking
+    /// its keys up ([`Written::MetExistingKey`]). Each such attempt takes one more table off
+    /// the straight path, so a share is written at most once more than it has tables.
     async fn write_share(
         &self,
         conn: &mut PgConnection,
@@ -86,43 +92,56 @@ impl SchemaMirrorTarget {
         share: &Share<'_>,
         through: Seq,
     ) -> Result<(), Error> {
-        let mut tx = conn
-            .begin()
-            .await
-            .map_err(|e| db(&self.name, "beginning a batch", e))?;
-        let key = self.checkpoint_key();
-        let stored = self
-            .checkpoints
-            .lock(&mut tx, &consumer.0, &key, partition)
-            .await
-            .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
-        if stored.is_some_and(|s| s >= through) {
-            // Already applied: an idempotent replay. Ended now, not when the connection is
-            // next used: the row's lock would hold up the other connections until then.
-            return tx
-                .rollback()
+        let mut looked_up: HashSet<&str> = HashSet::new();
+        'attempt: loop {
+            let mut tx = conn
+                .begin()
                 .await
-                .map_err(|e| db(&self.name, "ending a replayed batch", e));
+                .map_err(|e| db(&self.name, "beginning a batch", e))?;
+            let key = self.checkpoint_key();
+            let stored = self
+                .checkpoints
+                .lock(&mut tx, &consumer.0, &key, partition)
+                .await
+                .map_err(|e| db(&self.name, "reading the checkpoint", e))?;
+            if stored.is_some_and(|s| s >= through) {
+                // Already applied: an idempotent replay. Ended now, not when the connection
+                // is next used: the row's lock would hold up the other connections until then.
+                return tx
+                    .rollback()
+                    .await
+                    .map_err(|e| db(&self.name, "ending a replayed batch", e));
+            }
+            let mut sanitized = Vec::new();
+            for (def, entries) in share {
+                let straight = !looked_up.contains(def.name.as_str());
+                let written = self
+                    .write_table(&mut tx, partition, def, entries, straight, &mut sanitized)
+                    .await?;
+                if written == Written::MetExistingKey {
+                    tx.rollback()
+                        .await
+                        .map_err(|e| db(&self.name, "ending a batch to write it again", e))?;
+                    looked_up.insert(def.name.as_str());
+                    continue 'attempt;
+                }
+            }
+            self.checkpoints
+                .write(&mut tx, &consumer.0, &key, partition, through)
+                .await
+                .map_err(|e| db(&self.name, "storing the checkpoint", e))?;
+            tx.commit()
+                .await
+                .map_err(|e| db(&self.name, "committing a batch", e))?;
+            if !sanitized.is_empty() {
+                self.sanitized(&sanitized);
+            }
+            return Ok(());
         }
-        let mut sanitized = Vec::new();
-        for (def, entries) in share {
-            self.write_table(&mut tx, partition, def, entries, &mut sanitized)
-                .await?;
-        }
-        self.checkpoints
-            .write(&mut tx, &consumer.0, &key, partition, through)
-            .await
-            .map_err(|e| db(&self.name, "storing the checkpoint", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| db(&self.name, "committing a batch", e))?;
-        if !sanitized.is_empty() {
-            self.sanitized(&sanitized);
-        }
-        Ok(())
     }
 
-    /// Writes one table's share of a batch; records whose NULs were replaced are pushed onto
+    /// Writes one table's share of a batch, straight in when `straight` allows and its last
+    /// batch found none of its keys; records whose NULs were replaced are pushed onto
     /// `sanitized`.
     pub(super) async fn write_table(
         &self,
@@ -130,8 +149,9 @@ impl SchemaMirrorTarget {
         partition: usize,
         def: &TableDef,
         entries: &[&StreamEntry],
+        straight: bool,
         sanitized: &mut Vec<RecordKey>,
-    ) -> Result<(), Error> {
+    ) -> Result<Written, Error> {
         let optimistic_key = (partition, def.name.clone());
         let table = qualified(&self.schema, &def.name);
         let (upserts, deletes): (Vec<&StreamEntry>, Vec<&StreamEntry>) =
@@ -155,10 +175,11 @@ impl SchemaMirrorTarget {
         let copy_in = format!("copy {table} ({}) from stdin", columns.join(", "));
         let copy_in_binary = in_binary(&copy_in);
         let mut upserts = upserts;
-        // Optimistic first (the common case during a backfill): copy every upsert straight in,
-        // inside a savepoint. A key that already exists aborts that COPY; the table is then
+        // Optimistic first (the common case during a backfill): copy every upsert straight in.
+        // A key that already exists aborts the COPY and the transaction; the table is then
         // marked, and batches for it take the lookup path until one finds no existing key.
-        let optimistic = !upserts.is_empty()
+        let optimistic = straight
+            && !upserts.is_empty()
             && *self
                 .optimistic
                 .lock()
@@ -166,27 +187,26 @@ impl SchemaMirrorTarget {
                 .get(&optimistic_key)
                 .unwrap_or(&true);
         if optimistic {
-            let mut replaced = Vec::new();
-            let copied = copy_pieces_if_all_new(
+            let copied = copy_pieces_binary_first(
                 conn,
                 copy_in_binary.as_deref(),
                 &copy_in,
                 upserts.chunks(PIECE_ROWS),
-                encoder(def, binary.as_ref(), &mut replaced),
+                encoder(def, binary.as_ref(), sanitized),
             )
-            .await
-            .map_err(copy_failed)?;
+            .await;
             match copied {
-                Some(_) => {
-                    sanitized.extend(replaced);
-                    upserts.clear();
-                }
-                None => {
+                Ok(_) => upserts.clear(),
+                Err(CopyFailure::Server(e))
+                    if Condition::of(&e) == Some(Condition::DuplicateKey) =>
+                {
                     self.optimistic
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(optimistic_key.clone(), false);
+                    return Ok(Written::MetExistingKey);
                 }
+                Err(e) => return Err(copy_failed(e)),
             }
         }
         // With a one-column key, rows whose key is not in the table yet are copied straight in;
@@ -218,7 +238,7 @@ impl SchemaMirrorTarget {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(optimistic_key.clone(), true);
             }
-            let existing: std::collections::HashSet<String> = existing.into_iter().collect();
+            let existing: HashSet<String> = existing.into_iter().collect();
             (upserts, fresh) = upserts
                 .into_iter()
                 .partition(|e| existing.contains(&e.record.key.upstream_id.0));
@@ -235,7 +255,7 @@ impl SchemaMirrorTarget {
             .map_err(copy_failed)?;
         }
         if upserts.is_empty() && deletes.is_empty() {
-            return Ok(());
+            return Ok(Written::All);
         }
         let joined = |statement: String| {
             let indexed = self
@@ -355,8 +375,18 @@ impl SchemaMirrorTarget {
             .execute(&mut *conn)
             .await
             .map_err(|e| fail("staging", e))?;
-        Ok(())
+        Ok(Written::All)
     }
+}
+
+/// How a table's share of a batch went.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Written {
+    /// Every row is written.
+    All,
+    /// Copied straight in, it met a key that exists: the transaction is aborted, and the
+    /// share must be written again with this table's keys looked up.
+    MetExistingKey,
 }
 
 /// A composite key's parts (a JSON array of text), or the single key.
