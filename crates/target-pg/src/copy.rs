@@ -67,15 +67,17 @@ pub fn pg_micros(t: time::OffsetDateTime) -> i64 {
     // The whole seconds and the nanoseconds past them (never negative): what dividing
     // `unix_timestamp_nanos()` by 10^9 (floored) gives, without its 128-bit division (0.4% of
     // sluice's CPU in the initial load, `perf`).
-    let seconds = t.unix_timestamp();
-    let fraction = t.nanosecond();
-    let micros = if fraction.is_multiple_of(1000) {
-        i64::from(fraction / 1000)
+    (t.unix_timestamp() - UNIX_TO_2000) * 1_000_000 + rounded_micros(t.nanosecond())
+}
+
+/// `nanos` (below 10^9) as whole microseconds, rounded as [`pg_micros`] says.
+fn rounded_micros(nanos: u32) -> i64 {
+    if nanos.is_multiple_of(1000) {
+        i64::from(nanos / 1000)
     } else {
-        let fraction: f64 = format!("0.{fraction:09}").parse().unwrap_or(0.0);
+        let fraction: f64 = format!("0.{nanos:09}").parse().unwrap_or(0.0);
         (fraction * 1e6).round_ties_even() as i64
-    };
-    (seconds - UNIX_TO_2000) * 1_000_000 + micros
+    }
 }
 
 /// Why copying rows encoded piece by piece failed.
@@ -362,12 +364,7 @@ mod tests {
                 nanos.div_euclid(1_000_000_000) as i64,
                 nanos.rem_euclid(1_000_000_000) as u32,
             );
-            let micros = if fraction.is_multiple_of(1000) {
-                i64::from(fraction / 1000)
-            } else {
-                let fraction: f64 = format!("0.{fraction:09}").parse().unwrap();
-                (fraction * 1e6).round_ties_even() as i64
-            };
+            let micros = rounded_micros(fraction);
             if (0..=9999).contains(&t.year()) {
                 assert_eq!(
                     pg_micros(t),

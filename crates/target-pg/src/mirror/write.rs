@@ -92,13 +92,13 @@ impl SchemaMirrorTarget {
         share: &Share<'_>,
         through: Seq,
     ) -> Result<(), Error> {
+        let key = self.checkpoint_key();
         let mut looked_up: HashSet<&str> = HashSet::new();
         'attempt: loop {
             let mut tx = conn
                 .begin()
                 .await
                 .map_err(|e| db(&self.name, "beginning a batch", e))?;
-            let key = self.checkpoint_key();
             let stored = self
                 .checkpoints
                 .lock(&mut tx, &consumer.0, &key, partition)
