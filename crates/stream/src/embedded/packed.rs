@@ -186,7 +186,6 @@ fn write_one(tx: &Connection, entries: &[Entry<'_>]) -> Result<i64> {
             stored(times.appended_at, entry.appended_at) as u64,
         );
     }
-    let body = seal(raw, &header);
     let what = "storing records";
     let collection = entries[0].collection;
     let shared = entries.iter().all(|e| e.collection == collection);
@@ -206,9 +205,11 @@ fn write_one(tx: &Connection, entries: &[Entry<'_>]) -> Result<i64> {
     })
     .or_storage(what)?;
     let id = tx.last_insert_rowid();
-    tx.prepare_cached("insert into segment_bodies (segment, body) values (?, ?)")
-        .and_then(|mut s| s.execute((id, body)))
-        .or_storage(what)?;
+    seal(raw, &header, |body| {
+        tx.prepare_cached("insert into segment_bodies (segment, body) values (?, ?)")
+            .and_then(|mut s| s.execute((id, body)))
+    })
+    .or_storage(what)?;
     Ok(id)
 }
 

@@ -86,7 +86,7 @@ pub(super) fn encode<'a>(payloads: impl ExactSizeIterator<Item = (i64, &'a str)>
         varint(&mut header, text.len() as u64);
         previous = seq as u64;
     }
-    seal(raw, &header)
+    seal(raw, &header, <[u8]>::to_vec)
 }
 
 /// Decodes a segment body (whose row holds `times`); a body that does not decode is reported
@@ -130,25 +130,54 @@ pub(super) fn corrupt() -> Error {
 const ACCELERATION: i32 = 8;
 
 /// A body of either format: `raw` (the text, then the header, then the header's length)
-/// compressed, after the format byte. The block is LZ4's own C compressor's output, its size
-/// first as `lz4_flex` writes it (any LZ4 decoder reads it, and [`open`] reads blocks of
-/// either). Input the C compressor does not take (about 2 GB or more) is compressed by
-/// `lz4_flex`.
-pub(super) fn seal(mut raw: Vec<u8>, header: &[u8]) -> Vec<u8> {
+/// compressed, after the format byte, lent to `with_body` (which stores a copy). The block is
+/// LZ4's own C compressor's output, its size first as `lz4_flex` writes it (any LZ4 decoder
+/// reads it, and [`open`] reads blocks of either). Input the C compressor does not take (about
+/// 2 GB or more) is compressed by `lz4_flex`.
+///
+/// The C compressor writes only into bytes already set, so a buffer made for each segment was
+/// zeroed first, all of its bound (about 300 KB a segment of the initial load's rows: 63 M of
+/// the 3,900 M instructions of 200,000 rows, `callgrind`). The thread keeps its buffer
+/// ([`BODY`]) instead, and zeroes only what it adds to it.
+pub(super) fn seal<R>(mut raw: Vec<u8>, header: &[u8], with_body: impl FnOnce(&[u8]) -> R) -> R {
     raw.extend_from_slice(header);
     raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    let mode = Some(lz4::block::CompressionMode::FAST(ACCELERATION));
-    if let Ok(bound) = lz4::block::compress_bound(raw.len()) {
-        let mut body = vec![0; 1 + 4 + bound];
-        body[0] = LZ4;
-        if let Ok(written) = lz4::block::compress_to_buffer(&raw, mode, true, &mut body[1..]) {
-            body.truncate(1 + written);
-            return body;
-        }
+    let Ok(bound) = lz4::block::compress_bound(raw.len()) else {
+        return with_body(&flex_body(&raw));
+    };
+    let size = 1 + 4 + bound;
+    let kept = size <= KEPT_BODY;
+    // Taken, not borrowed: a seal within `with_body` would find an empty buffer, not a panic.
+    let mut body = if kept { BODY.take() } else { Vec::new() };
+    if body.len() < size {
+        body.resize(size, 0);
     }
+    body[0] = LZ4;
+    let mode = Some(lz4::block::CompressionMode::FAST(ACCELERATION));
+    let sealed = match lz4::block::compress_to_buffer(&raw, mode, true, &mut body[1..size]) {
+        Ok(written) => with_body(&body[..1 + written]),
+        Err(_) => with_body(&flex_body(&raw)),
+    };
+    if kept {
+        BODY.set(body);
+    }
+    sealed
+}
+
+thread_local! {
+    /// The buffer [`seal`] compresses into on this thread.
+    static BODY: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A body larger than this (a segment of a few very large records) is compressed into a buffer
+/// of its own, so that no thread keeps more than this.
+const KEPT_BODY: usize = 2 * SEGMENT_BYTES;
+
+/// `raw` compressed by `lz4_flex`, after the format byte.
+fn flex_body(raw: &[u8]) -> Vec<u8> {
     let mut body = Vec::with_capacity(raw.len() / 2 + 16);
     body.push(LZ4);
-    body.extend_from_slice(&lz4_flex::block::compress_prepend_size(&raw));
+    body.extend_from_slice(&lz4_flex::block::compress_prepend_size(raw));
     body
 }
 
@@ -268,6 +297,45 @@ mod tests {
                     before.len()
                 );
             }
+        }
+    }
+
+    /// The buffer a thread keeps between seals carries nothing of one body into the next: a
+    /// small body sealed after a large one is, byte for byte, the body a new thread seals. The
+    /// thread keeps one buffer, the size of the largest body it sealed, never above
+    /// [`KEPT_BODY`].
+    #[test]
+    fn a_thread_seals_into_one_buffer_and_carries_nothing_over() {
+        let mut random = sluice_core::Xorshift::new(7);
+        let mut noise = |len: usize| -> String {
+            (0..len)
+                .map(|_| char::from(b'!' + random.below(90) as u8))
+                .collect()
+        };
+        let (large, small, huge) = (noise(300_000), "{\"a\":1}".to_owned(), noise(3 << 20));
+        let alone = {
+            let small = small.clone();
+            std::thread::spawn(move || encode([(9, small.as_str())].into_iter()))
+                .join()
+                .unwrap()
+        };
+        let first = encode([(1, large.as_str())].into_iter());
+        let kept = BODY.take();
+        assert!(
+            kept.len() > large.len() && kept.len() <= KEPT_BODY,
+            "{}",
+            kept.len()
+        );
+        BODY.set(kept);
+        let after = encode([(9, small.as_str())].into_iter());
+        assert_eq!(after, alone);
+        let beyond = encode([(3, huge.as_str())].into_iter());
+        assert!(BODY.take().len() <= KEPT_BODY);
+        for (body, text) in [(&first, &large), (&after, &small), (&beyond, &huge)] {
+            assert_eq!(
+                decode(body, OWN).unwrap().payload(0).unwrap().as_str(),
+                text
+            );
         }
     }
 
