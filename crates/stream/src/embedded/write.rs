@@ -274,7 +274,13 @@ pub(super) fn statement_rows(left: usize) -> usize {
 }
 
 /// Makes `record` as a read from the file returns it: its time at nanosecond precision in UTC.
+/// A time in UTC within the years a count of nanoseconds in an `i64` spans is that already,
+/// and is left as it is (the round trip cost 61 instructions a record, `callgrind`).
 pub(super) fn as_stored(record: &mut Record) {
+    let t = record.upstream_updated_at;
+    if t.offset().is_utc() && (1678..=2261).contains(&t.year()) {
+        return;
+    }
     if let Ok(stored) =
         OffsetDateTime::from_unix_timestamp_nanos(nanos(record.upstream_updated_at) as i128)
     {
@@ -291,4 +297,34 @@ pub(super) fn check_version(record: &Record) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    /// What `as_stored` makes of a time is what the file gives back for it: the time through
+    /// its nanoseconds since 1970 in UTC. Times it leaves alone (UTC, 1678–2261) and times it
+    /// converts (other offsets, and years whose nanoseconds an `i64` does not hold) alike.
+    #[test]
+    fn a_time_is_made_what_a_read_of_the_file_gives() {
+        for t in [
+            datetime!(2026-12-06 15:30:00.123456789 UTC),
+            datetime!(1678-01-01 00:00:00 UTC),
+            datetime!(2261-12-31 23:59:59.999999999 UTC),
+            datetime!(2026-12-06 16:30:00.5 +01:00),
+            datetime!(1970-01-01 00:00:00 -00:30),
+            datetime!(1677-06-01 00:00:00 UTC),
+            datetime!(2262-06-01 00:00:00 UTC),
+            datetime!(9999-12-31 23:59:59 +14:00),
+        ] {
+            let mut record = super::super::tests::record(1, 1, None);
+            record.upstream_updated_at = t;
+            as_stored(&mut record);
+            let read = OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos(t))).unwrap();
+            assert_eq!(record.upstream_updated_at, read, "{t}");
+            assert!(record.upstream_updated_at.offset().is_utc(), "{t}");
+        }
+    }
 }
