@@ -246,7 +246,7 @@ fn iso_timestamp(text: &str, zoned: bool) -> String {
 /// Appends [`iso_timestamp`]'s text to `out`: the date and time joined by `T`, an offset of
 /// hours only completed with minutes; `infinity`, `-infinity` and BC dates as they are.
 fn push_iso_timestamp(text: &str, zoned: bool, out: &mut String) {
-    match text.split_once(' ') {
+    match sluice_core::bytes::split_once_byte(text, b' ') {
         Some((date, rest)) if !rest.ends_with("BC") => {
             out.push_str(date);
             out.push('T');

@@ -219,7 +219,7 @@ fn numeric(out: &mut Vec<u8>, text: &str) -> Option<()> {
         Some(rest) => (true, rest),
         None => (false, text),
     };
-    let (whole, fraction) = body.split_once('.').unwrap_or((body, ""));
+    let (whole, fraction) = sluice_core::bytes::split_once_byte(body, b'.').unwrap_or((body, ""));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(whole) || !(fraction.is_empty() || digits(fraction)) || body.ends_with('.') {
         return None;
