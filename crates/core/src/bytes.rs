@@ -226,8 +226,8 @@ mod tests {
         }
     }
 
-    /// Split around an ASCII byte, a text parts as `split_once` makes them, wherever the byte
-    /// is (or is not) and whatever is around it.
+    /// Split around an ASCII byte, a text's parts are those `split_once` gives, wherever the
+    /// byte is (or is not) and whatever characters are around it.
     #[test]
     fn split_once_byte_agrees_with_split_once() {
         let mut random = crate::Xorshift::new(0x51ce_d0ff_00d5_ba11);
