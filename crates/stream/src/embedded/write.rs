@@ -281,9 +281,7 @@ pub(super) fn as_stored(record: &mut Record) {
     if t.offset().is_utc() && (1678..=2261).contains(&t.year()) {
         return;
     }
-    if let Ok(stored) =
-        OffsetDateTime::from_unix_timestamp_nanos(nanos(record.upstream_updated_at) as i128)
-    {
+    if let Ok(stored) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos(t))) {
         record.upstream_updated_at = stored;
     }
 }
@@ -301,6 +299,7 @@ pub(super) fn check_version(record: &Record) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::record;
     use super::*;
     use time::macros::datetime;
 
@@ -319,7 +318,7 @@ mod tests {
             datetime!(2262-06-01 00:00:00 UTC),
             datetime!(9999-12-31 23:59:59 +14:00),
         ] {
-            let mut record = super::super::tests::record(1, 1, None);
+            let mut record = record(1, 1, None);
             record.upstream_updated_at = t;
             as_stored(&mut record);
             let read = OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos(t))).unwrap();
