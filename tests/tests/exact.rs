@@ -684,7 +684,7 @@ async fn random_rows_of_every_supported_type_round_trip_bit_equal() {
         numeric_infinity,
     };
     // More rows than one piece of the mirror's COPY (1,000 rows, sent as each is encoded), in
-    // batches of up to 5,000 (the default): values cross the pieces' boundaries too.
+    // batches of up to 5,000: values cross the pieces' boundaries too.
     let rows: Vec<String> = (1..=ROWS).map(|id| random_row(&mut rng, id)).collect();
     let w = world_with(
         &format!(

@@ -21,7 +21,7 @@
 //! as right after a bulk load. `SLUICE_BENCH_READERS` (default `1,2,4`) picks the mirror's
 //! reader counts, `SLUICE_BENCH_MIRROR_CONNECTIONS` (default `2`, empty for none) the mirror's
 //! connection counts with 2 readers, `SLUICE_BENCH_CONNECTIONS` (default `1,2`) the consumer
-//! table's connection counts, `SLUICE_BENCH_BATCH` (default 5000, the consumers'
+//! table's connection counts, `SLUICE_BENCH_BATCH` (default 20,000, the consumers'
 //! default) the consumers' `max_records`, `SLUICE_BENCH_KEY` (`bigint` or `uuid`) the table's
 //! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed`, `small` or `wide`: ~8 KB rows) its other
 //! columns. The stream's size is printed with its write-ahead log's share.
@@ -198,7 +198,10 @@ batch = {{ max_records = {batch}, max_wait_ms = 50 }}
         head = config_head(dir.path(), target),
         sport = source.port(),
         id = id,
-        batch = env_usize("SLUICE_BENCH_BATCH", 5000),
+        batch = env_usize(
+            "SLUICE_BENCH_BATCH",
+            sluice_core::BatchConfig::default().max_records,
+        ),
     );
     let servers = Servers::now(source, target);
     let started = Instant::now();

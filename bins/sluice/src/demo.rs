@@ -363,7 +363,7 @@ name = "demo"
 target = "demo-target"
 filter = {{ sync = {{ name = "demo-source" }} }}
 layout = {{ kind = "consumer_table", schema = "sluice", table = "records" }}
-batch = {{ max_records = 5000, max_wait_ms = 20 }}
+batch = {{ max_records = 20000, max_wait_ms = 20 }}
 "#,
         data = dir.join("data").display(),
         token = token.display(),

@@ -463,8 +463,11 @@ pub struct JsonCollectionConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// At most this many records per batch (default 5000). A batch and the next one, read
-    /// while it is written, are in memory together: lower it for records of hundreds of KB.
+    /// At most this many records per batch (default 20,000). Only a backlog fills a batch (a
+    /// backfill, a consumer catching up): each batch costs the target a transaction and
+    /// round trips, so larger ones load faster. A batch and the next one, read while it is
+    /// written, are in memory together, and a read stops at 8 MiB of payloads however many
+    /// records that is.
     pub max_records: usize,
     /// While a source this consumer reads is backfilling, a batch that is not full waits at
     /// most this long after its first record for more (default 50 ms). A consumer that has
@@ -475,7 +478,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_records: 5000,
+            max_records: 20_000,
             max_wait_ms: 50,
         }
     }

@@ -35,7 +35,13 @@ fn example_config_parses_with_defaults() {
     assert_eq!(target.connection.port, 5432);
     assert_eq!(target.connection.ssl.mode, SslMode::VerifyFull);
     assert_eq!(target.read_role, "sluice_read");
-    assert_eq!(config.consumers[0].batch, BatchConfig::default());
+    // Batches of up to 20,000 records: the initial load's batches cost it round trips and
+    // commits (docs/records-stream-and-consumers.md).
+    let batch = BatchConfig {
+        max_records: 20_000,
+        max_wait_ms: 50,
+    };
+    assert_eq!(config.consumers[0].batch, batch);
     let SourceConfig::Postgres {
         publication,
         slot,
