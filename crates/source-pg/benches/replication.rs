@@ -20,7 +20,8 @@
 //! Peak memory is the benchmark process's peak resident set while sluice runs (reset with
 //! `/proc/self/clear_refs` before each sluice case); it includes the workload's connections.
 //! `SLUICE_BENCH_CONNECTIONS` sets the consumer table's connections (default 1, the layout's
-//! default).
+//! default), `SLUICE_BENCH_BATCH` the consumers' `max_records` (default 20,000, the consumers'
+//! default; 10,000 before it was).
 //!
 //! For (a) it also prints the CPU seconds each process spent after the commit (this process,
 //! each cluster's postmaster and children, from `/proc`), and a ceiling: the source's decoding
@@ -415,7 +416,7 @@ async fn start_sluice(setup: &Setup, dir: &std::path::Path) -> Sluice {
         collections: Some(BTreeSet::from([CollectionId(collection.to_owned())])),
     };
     let batch = BatchConfig {
-        max_records: 10_000,
+        max_records: env_usize("SLUICE_BENCH_BATCH", BatchConfig::default().max_records),
         max_wait_ms: 10,
     };
     let consumer = ConsumerRuntime::new(
