@@ -25,6 +25,11 @@
 //! default) the consumers' `max_records`, `SLUICE_BENCH_KEY` (`bigint` or `uuid`) the table's
 //! key and `SLUICE_BENCH_SHAPE` (`narrow`, `mixed`, `small` or `wide`: ~8 KB rows) its other
 //! columns. The stream's size is printed with its write-ahead log's share.
+//!
+//! The test kit's servers run with `fsync = off`, so native's sync writes nothing durably,
+//! while sluice's stream syncs every append to disk (SQLite's `synchronous = full`): the
+//! default comparison charges durability to sluice alone. `SLUICE_BENCH_DURABLE=1` turns
+//! `fsync` and `full_page_writes` on in both servers, as a production server has them.
 
 use std::path::Path;
 use std::process::Command;
@@ -228,8 +233,19 @@ batch = {{ max_records = {batch}, max_wait_ms = 50 }}
 
 async fn run() {
     let rows = env_usize("SLUICE_BENCH_ROWS", 2_000_000) as i64;
-    let source = Cluster::options().logical_replication().start().unwrap();
-    let target = Cluster::start_default().unwrap();
+    // The test kit's servers skip `fsync` (throwaway clusters); `SLUICE_BENCH_DURABLE=1` turns
+    // it back on in both, so that native pays for a durable write as sluice's stream does.
+    let durable = std::env::var("SLUICE_BENCH_DURABLE").is_ok_and(|v| v == "1");
+    let servers = |options: sluice_localpg::ClusterOptions| match durable {
+        true => options
+            .setting("fsync", "on")
+            .setting("full_page_writes", "on"),
+        false => options,
+    };
+    let source = servers(Cluster::options().logical_replication())
+        .start()
+        .unwrap();
+    let target = servers(Cluster::options()).start().unwrap();
     // The key: `bigint` (1, 2, 3…, in order) or `uuid` (an MD5 of the row number: keys in no
     // order, as UUIDs and most SaaS ids are).
     let (key_type, key_of) = match std::env::var("SLUICE_BENCH_KEY").as_deref() {
@@ -313,8 +329,9 @@ async fn run() {
     .await;
     prepare_target(&target).await;
     println!(
-        "initial load: {rows} rows of ~{row_bytes} bytes, {key_type} keys, source table {:.0} MB on disk",
-        source_bytes as f64 / 1e6
+        "initial load: {rows} rows of ~{row_bytes} bytes, {key_type} keys, source table {:.0} MB on disk, servers with fsync {}",
+        source_bytes as f64 / 1e6,
+        if durable { "on" } else { "off" }
     );
 
     // Native logical replication's initial sync, here and again after sluice's runs.
