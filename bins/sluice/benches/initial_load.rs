@@ -236,11 +236,14 @@ async fn run() {
     // The test kit's servers skip `fsync` (throwaway clusters); `SLUICE_BENCH_DURABLE=1` turns
     // it back on in both, so that native pays for a durable write as sluice's stream does.
     let durable = std::env::var("SLUICE_BENCH_DURABLE").is_ok_and(|v| v == "1");
-    let servers = |options: sluice_localpg::ClusterOptions| match durable {
-        true => options
-            .setting("fsync", "on")
-            .setting("full_page_writes", "on"),
-        false => options,
+    let servers = |options: sluice_localpg::ClusterOptions| {
+        if durable {
+            options
+                .setting("fsync", "on")
+                .setting("full_page_writes", "on")
+        } else {
+            options
+        }
     };
     let source = servers(Cluster::options().logical_replication())
         .start()

@@ -20,8 +20,8 @@
 //! Peak memory is the benchmark process's peak resident set while sluice runs (reset with
 //! `/proc/self/clear_refs` before each sluice case); it includes the workload's connections.
 //! `SLUICE_BENCH_CONNECTIONS` sets the consumer table's connections (default 1, the layout's
-//! default), `SLUICE_BENCH_BATCH` the consumers' `max_records` (default 20,000, the consumers'
-//! default; 10,000 before it was).
+//! default), `SLUICE_BENCH_BATCH` the consumer's `max_records` (default: the consumers' own,
+//! 20,000; runs before 2026-12-06, 18:00 used 10,000).
 //!
 //! For (a) it also prints the CPU seconds each process spent after the commit (this process,
 //! each cluster's postmaster and children, from `/proc`), and a ceiling: the source's decoding
