@@ -38,6 +38,7 @@
 mod alerts;
 mod handle;
 mod histogram;
+mod lag;
 mod runtime;
 
 pub use alerts::{AlertSink, LogSink};

@@ -43,7 +43,10 @@ pub(crate) struct Shared {
     pub(crate) batch_seconds: Histogram,
     /// From a change upstream (`upstream_updated_at`) to its commit in the target.
     pub(crate) latency: Histogram,
+    /// The consumer has reached the head since its source's backfills began (see `lag.rs`).
     pub(crate) caught_up: AtomicBool,
+    /// Backfills begun (`RecordStream::backfills_begun`) when it last reached the head.
+    pub(crate) head_backfills: AtomicU64,
     pub(crate) last_write: Mutex<Option<OffsetDateTime>>,
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) health: Mutex<HealthState>,
@@ -113,76 +116,6 @@ impl Shared {
             ),
         }
     }
-
-    /// The consumer has applied everything the stream holds for it. Its first backfill ends
-    /// here, unless a source it reads is still backfilling: more of that initial state is on
-    /// its way, and a backlog of it is not lag.
-    pub(crate) fn reached_head(&self) {
-        if !self.caught_up.load(Ordering::Acquire) && !self.stream.backfilling(&self.filter) {
-            self.caught_up.store(true, Ordering::Release);
-        }
-    }
-
-    pub(crate) async fn lag_check(&self) {
-        if self.stream.backfilling(&self.filter) {
-            // A backfill that began after this consumer reached the head (it found the stream
-            // empty before its source started, or a table is being read again): its backlog is
-            // initial state as well, not lag.
-            self.caught_up.store(false, Ordering::Release);
-        }
-        let cursor = Seq(self.cursor.load(Ordering::Acquire));
-        if !self.caught_up.load(Ordering::Acquire) {
-            // The first backfill is `initializing` whatever the count: estimate it from the
-            // head instead of counting every pending record.
-            if let Ok(head) = self.stream.head().await {
-                let left = head.0.saturating_sub(cursor.0);
-                if left == 0 {
-                    // At the head already (the source's backfill may have ended since).
-                    self.reached_head();
-                }
-                if !self.caught_up.load(Ordering::Acquire) {
-                    self.observe(
-                        "lag",
-                        Status::Initializing,
-                        format!("backfilling: at most {left} record(s) to go"),
-                        None,
-                    );
-                    return;
-                }
-            } else {
-                return;
-            }
-        }
-        let cap = self.lag.error_records.max(self.lag.warn_records) + 1;
-        let lag = match self.stream.lag(&self.filter, cursor, cap).await {
-            Ok(lag) => lag,
-            Err(e) => {
-                self.observe(
-                    "lag",
-                    Status::Warning,
-                    format!("cannot measure lag: {e}"),
-                    None,
-                );
-                return;
-            }
-        };
-        let seconds = lag
-            .oldest_appended_at
-            .map(|t| (OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64)
-            .unwrap_or(0);
-        let message = format!("{} record(s), {seconds} s behind the stream", lag.records);
-        let status = if lag.records >= self.lag.error_records || seconds >= self.lag.error_seconds {
-            Status::Error
-        } else if lag.records >= self.lag.warn_records || seconds >= self.lag.warn_seconds {
-            Status::Warning
-        } else {
-            Status::Healthy
-        };
-        let fix = (status >= Status::Warning).then(|| {
-            format!("check target {:?}'s health and write speed; a consumer that falls behind catches up once the target keeps pace", self.target_name)
-        });
-        self.observe("lag", status, message, fix);
-    }
 }
 
 /// Runs one consumer: create it, keep a [`ConsumerHandle`], then `run` it on a task.
@@ -242,6 +175,7 @@ impl ConsumerRuntime {
             batch_seconds: Histogram::default(),
             latency: Histogram::default(),
             caught_up: AtomicBool::new(false),
+            head_backfills: AtomicU64::new(0),
             last_write: Mutex::new(None),
             last_error: Mutex::new(None),
             health: Mutex::new(HealthState::new(entity)),
@@ -389,6 +323,7 @@ impl ConsumerRuntime {
     ) -> Result<Seq, Error> {
         let shared = self.shared.clone();
         let max = self.batch.max_records.max(1);
+        let begun = shared.backfills_begun();
         let read = match self.prefetch.take() {
             Some(prefetch) if prefetch.after == cursor => prefetch
                 .read
@@ -408,7 +343,7 @@ impl ConsumerRuntime {
                 self.last_ack = Some(tokio::time::Instant::now());
                 self.unacknowledged = false;
             }
-            shared.reached_head();
+            shared.reached_head(begun);
             self.maybe_check_lag(true).await;
             tokio::select! {
                 _ = shared.stream.wait_past(through) => {}
@@ -424,7 +359,11 @@ impl ConsumerRuntime {
         let mut bytes = payload_bytes(&entries);
         let full =
             |entries: &[StreamEntry], bytes: usize| entries.len() >= max || bytes >= READ_BYTES;
-        if !full(&entries, bytes) && shared.stream.backfilling(&shared.filter) {
+        // Whether the batch ends at the head: not when it waited for more (records may have
+        // come after its last read), nor when it is full.
+        let mut at_head = !full(&entries, bytes);
+        if at_head && shared.stream.backfilling(&shared.filter) {
+            at_head = false;
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.batch.max_wait_ms);
             while !full(&entries, bytes) {
@@ -498,8 +437,8 @@ impl ConsumerRuntime {
             format!("wrote {count} record(s) to target {:?}", shared.target_name),
             None,
         );
-        if count < max {
-            shared.reached_head();
+        if at_head {
+            shared.reached_head(begun);
         }
         self.maybe_check_lag(false).await;
         Ok(through)

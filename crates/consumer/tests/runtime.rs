@@ -700,12 +700,37 @@ async fn backfill_pages(s: &Setup) {
 /// on the way went to `warning` or `error`.
 async fn end_backfill_without_alerts(s: &Setup, handle: &ConsumerHandle, alerts: &Collect) {
     s.stream.set_backfilling(SYNC, Provider::Postgres, false);
+    healthy_without_alerts(s, handle, alerts).await;
+}
+
+/// The consumer catches up and turns healthy, and no transition on the way went to `warning`
+/// or `error`.
+async fn healthy_without_alerts(s: &Setup, handle: &ConsumerHandle, alerts: &Collect) {
     wait_until("caught up", 60, async || caught_up(handle, s).await).await;
     wait_until("healthy", 20, async || {
         handle.health().await.status == Status::Healthy
     })
     .await;
     alerts.assert_no_warning_or_error();
+}
+
+/// `runtime` running, once it is healthy at the head of an empty stream (caught up, with no
+/// backfill announced).
+async fn running_at_the_head(
+    runtime: ConsumerRuntime,
+) -> (
+    ConsumerHandle,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let handle = runtime.handle();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runtime.run(stopped));
+    wait_until("healthy on an empty stream", 20, async || {
+        handle.health().await.status == Status::Healthy
+    })
+    .await;
+    (handle, stop, task)
 }
 
 #[tokio::test]
@@ -746,15 +771,8 @@ async fn lag_does_not_alert_while_the_source_is_still_backfilling() {
 async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_alert() {
     let s = setup(&PG, "lateload").await;
     let alerts = Arc::new(Collect::default());
-    let runtime = alerting_consumer(&s, "lateload", &alerts);
-    let handle = runtime.handle();
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(runtime.run(stopped));
-    // At the head of an empty stream, with no backfill announced: caught up.
-    wait_until("healthy on an empty stream", 20, async || {
-        handle.health().await.status == Status::Healthy
-    })
-    .await;
+    let (handle, stop, task) =
+        running_at_the_head(alerting_consumer(&s, "lateload", &alerts)).await;
     s.stream.set_backfilling(SYNC, Provider::Postgres, true);
     backfill_pages(&s).await;
     wait_until("initializing again", 20, async || {
@@ -766,6 +784,118 @@ async fn a_backfill_that_starts_after_the_consumer_reached_the_head_does_not_ale
     })
     .await;
     end_backfill_without_alerts(&s, &handle, &alerts).await;
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+/// The lag check as a health request runs it.
+async fn lag(handle: &ConsumerHandle) -> sluice_core::Check {
+    let health = handle.health().await;
+    health.checks.into_iter().find(|c| c.name == "lag").unwrap()
+}
+
+/// A backfill can go by without the consumer seeing it run: begun and ended while the
+/// consumer was paused. Its records are still initial state: `initializing`, with no warning,
+/// until the consumer has reached the head after it; then falling behind is lag again.
+#[tokio::test]
+async fn a_backfill_that_went_by_while_paused_is_not_lag() {
+    let s = setup(&PG, "unseen").await;
+    let alerts = Arc::new(Collect::default());
+    let (handle, stop, task) = running_at_the_head(alerting_consumer(&s, "unseen", &alerts)).await;
+    handle.pause("holding back".into()).await.unwrap();
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    fill(&s, 0..2000).await;
+    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
+    let check = lag(&handle).await;
+    assert_eq!(check.status, Status::Initializing, "{check:?}");
+    handle.resume().await.unwrap();
+    healthy_without_alerts(&s, &handle, &alerts).await;
+    handle.pause("holding back".into()).await.unwrap();
+    fill(&s, 100_000..100_500).await;
+    let check = lag(&handle).await;
+    assert_eq!(check.status, Status::Warning, "{check:?}");
+    stop.send_replace(true);
+    task.await.unwrap();
+}
+
+/// A target whose writes each wait for a permit, counting the writes begun.
+struct Gated {
+    inner: ConsumerTableTarget,
+    permits: tokio::sync::Semaphore,
+    begun: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Health for Gated {
+    async fn health(&self) -> sluice_core::HealthReport {
+        self.inner.health().await
+    }
+}
+
+#[async_trait::async_trait]
+impl sluice_core::Target for Gated {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn checkpoint(&self, consumer: &ConsumerId) -> sluice_core::Result<sluice_core::Seq> {
+        self.inner.checkpoint(consumer).await
+    }
+    async fn reset_checkpoint(&self, consumer: &ConsumerId) -> sluice_core::Result<()> {
+        self.inner.reset_checkpoint(consumer).await
+    }
+    async fn apply(
+        &self,
+        consumer: &ConsumerId,
+        batch: &sluice_core::Batch,
+    ) -> sluice_core::Result<()> {
+        self.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.permits.acquire().await.unwrap().forget();
+        self.inner.apply(consumer, batch).await
+    }
+}
+
+/// A batch that waited for more of a backfill, and so ended without knowing whether it
+/// reached the head, does not count as reaching it: when the backfill ends while that batch
+/// is written, the rest of the backfill is still initial state, not lag.
+#[tokio::test]
+async fn a_batch_that_waited_for_a_backfill_does_not_end_it() {
+    let s = setup(&PG, "waited").await;
+    let alerts = Arc::new(Collect::default());
+    let target = Arc::new(Gated {
+        inner: ConsumerTableTarget::new("warehouse", s.settings.clone(), s.table.clone(), 1),
+        permits: tokio::sync::Semaphore::new(0),
+        begun: Default::default(),
+    });
+    let runtime = ConsumerRuntime::new(
+        ConsumerId::from("waited"),
+        RecordFilter::Provider(Provider::Postgres),
+        s.stream.clone(),
+        target.clone(),
+        BatchConfig {
+            max_records: 20_000,
+            max_wait_ms: 20,
+        },
+        LagThresholds {
+            warn_records: 200,
+            ..LagThresholds::default()
+        },
+    )
+    .with_alert_sink(alerts.clone());
+    let (handle, stop, task) = running_at_the_head(runtime).await;
+    // A first page, which the consumer takes, waits on for more, then writes: held there.
+    s.stream.set_backfilling(SYNC, Provider::Postgres, true);
+    fill(&s, 0..1000).await;
+    let begun = async |n: usize| target.begun.load(std::sync::atomic::Ordering::SeqCst) >= n;
+    wait_until("the first batch written", 20, async || begun(1).await).await;
+    // The rest of the backfill, and its end, while that batch is written.
+    fill(&s, 1000..3000).await;
+    s.stream.set_backfilling(SYNC, Provider::Postgres, false);
+    target.permits.add_permits(1);
+    wait_until("the second batch written", 20, async || begun(2).await).await;
+    let check = lag(&handle).await;
+    assert_eq!(check.status, Status::Initializing, "{check:?}");
+    target.permits.add_permits(1000);
+    healthy_without_alerts(&s, &handle, &alerts).await;
     stop.send_replace(true);
     task.await.unwrap();
 }

@@ -391,6 +391,14 @@ pub trait RecordStream: Send + Sync {
         let _ = filter;
         false
     }
+
+    /// How many backfills of syncs whose records pass `filter` have begun since the stream
+    /// was opened. A consumer that last reached the head before the latest of them still has
+    /// that backfill's records to come: initial state, not lag, however the two were timed.
+    fn backfills_begun(&self, filter: &RecordFilter) -> u64 {
+        let _ = filter;
+        0
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::tail::{Landed, Tail, TailLimits};
 
+mod backfills;
 mod collections;
 mod connection;
 mod ids;
@@ -68,8 +69,8 @@ pub struct EmbeddedStream {
     tail: std::sync::Mutex<Tail>,
     /// Reads answered from the tail (see [`EmbeddedStream::reads_from_memory`]).
     tail_reads: std::sync::atomic::AtomicU64,
-    /// Syncs whose source is backfilling (see `RecordStream::set_backfilling`).
-    backfilling: std::sync::Mutex<std::collections::HashMap<SyncId, Provider>>,
+    /// Syncs whose source is backfilling, and backfills begun (`backfills.rs`).
+    backfills: backfills::Backfills,
     /// The collection ids known to be in the file.
     collections: collections::Shared,
 }
@@ -111,7 +112,7 @@ impl EmbeddedStream {
             head: watch::channel(head).0,
             tail: std::sync::Mutex::new(Tail::new(head, TailLimits::default())),
             tail_reads: std::sync::atomic::AtomicU64::new(0),
-            backfilling: Default::default(),
+            backfills: Default::default(),
             collections: Default::default(),
         })
     }
@@ -553,20 +554,15 @@ impl RecordStream for EmbeddedStream {
     }
 
     fn set_backfilling(&self, sync_id: SyncId, provider: Provider, backfilling: bool) {
-        let mut syncs = self.backfilling.lock().unwrap_or_else(|e| e.into_inner());
-        if backfilling {
-            syncs.insert(sync_id, provider);
-        } else {
-            syncs.remove(&sync_id);
-        }
+        self.backfills.set(sync_id, provider, backfilling);
     }
 
     fn backfilling(&self, filter: &RecordFilter) -> bool {
-        self.backfilling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|(sync, provider)| filter.covers(*provider, *sync))
+        self.backfills.running(filter)
+    }
+
+    fn backfills_begun(&self, filter: &RecordFilter) -> u64 {
+        self.backfills.begun(filter)
     }
 
     async fn forget(&self, consumer: &ConsumerId) -> Result<()> {
