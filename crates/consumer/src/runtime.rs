@@ -135,6 +135,8 @@ pub struct ConsumerRuntime {
 /// A read of `seq > after` running on its own task.
 struct Prefetch {
     after: Seq,
+    /// Backfills begun when the read started.
+    begun: u64,
     read: tokio::task::JoinHandle<Result<StreamRead, Error>>,
 }
 
@@ -323,13 +325,19 @@ impl ConsumerRuntime {
     ) -> Result<Seq, Error> {
         let shared = self.shared.clone();
         let max = self.batch.max_records.max(1);
-        let begun = shared.backfills_begun();
-        let read = match self.prefetch.take() {
-            Some(prefetch) if prefetch.after == cursor => prefetch
-                .read
-                .await
-                .map_err(|e| Error::invalid(format!("the read-ahead task failed: {e}")))??,
-            _ => shared.read(cursor, max).await?,
+        // Backfills begun before the read (see `lag.rs`).
+        let (read, begun) = match self.prefetch.take() {
+            Some(prefetch) if prefetch.after == cursor => (
+                prefetch
+                    .read
+                    .await
+                    .map_err(|e| Error::invalid(format!("the read-ahead task failed: {e}")))??,
+                prefetch.begun,
+            ),
+            _ => {
+                let begun = shared.backfills_begun();
+                (shared.read(cursor, max).await?, begun)
+            }
         };
         let (mut entries, mut through) = (read.entries, read.through);
         if entries.is_empty() {
@@ -385,6 +393,7 @@ impl ConsumerRuntime {
             let shared = shared.clone();
             self.prefetch = Some(Prefetch {
                 after: through,
+                begun: shared.backfills_begun(),
                 read: tokio::spawn(async move { shared.read(through, max).await }),
             });
         }
