@@ -23,24 +23,23 @@ impl Shared {
     pub(crate) fn reached_head(&self, begun: u64) {
         if !self.stream.backfilling(&self.filter) {
             // The largest count wins: a health request may have seen a newer one first.
-            self.head_backfills.fetch_max(begun, Ordering::AcqRel);
-            self.caught_up.store(true, Ordering::Release);
+            self.reached_head_at.fetch_max(begun + 1, Ordering::AcqRel);
         }
+    }
+
+    /// Caught up, with `begun` backfills begun: no backfill running, and none begun since the
+    /// consumer last reached the head (it may have found the stream empty before its source
+    /// started, a table may be read again, or a whole backfill may have gone by while it was
+    /// paused or writing). Until then its backlog is initial state, not lag.
+    fn caught_up(&self, begun: u64) -> bool {
+        self.reached_head_at.load(Ordering::Acquire) > begun
+            && !self.stream.backfilling(&self.filter)
     }
 
     pub(crate) async fn lag_check(&self) {
         let begun = self.backfills_begun();
-        if self.stream.backfilling(&self.filter)
-            || begun > self.head_backfills.load(Ordering::Acquire)
-        {
-            // A backfill running, or begun since this consumer last reached the head (it found
-            // the stream empty before its source started, a table is being read again, or the
-            // whole backfill went by while it was paused or writing): its backlog is initial
-            // state as well, not lag.
-            self.caught_up.store(false, Ordering::Release);
-        }
         let cursor = Seq(self.cursor.load(Ordering::Acquire));
-        if !self.caught_up.load(Ordering::Acquire) {
+        if !self.caught_up(begun) {
             // A backfill is `initializing` whatever the count: estimate it from the head
             // instead of counting every pending record.
             let Ok(head) = self.stream.head().await else {
@@ -51,7 +50,7 @@ impl Shared {
                 // At the head already (the source's backfill may have ended since).
                 self.reached_head(begun);
             }
-            if !self.caught_up.load(Ordering::Acquire) {
+            if !self.caught_up(begun) {
                 self.observe(
                     "lag",
                     Status::Initializing,

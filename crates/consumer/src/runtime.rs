@@ -43,10 +43,9 @@ pub(crate) struct Shared {
     pub(crate) batch_seconds: Histogram,
     /// From a change upstream (`upstream_updated_at`) to its commit in the target.
     pub(crate) latency: Histogram,
-    /// The consumer has reached the head since its source's backfills began (see `lag.rs`).
-    pub(crate) caught_up: AtomicBool,
-    /// Backfills begun (`RecordStream::backfills_begun`) when it last reached the head.
-    pub(crate) head_backfills: AtomicU64,
+    /// When the consumer last reached the head: 1 + the backfills begun before the read that
+    /// found it (`RecordStream::backfills_begun`); 0 until it has (see `lag.rs`).
+    pub(crate) reached_head_at: AtomicU64,
     pub(crate) last_write: Mutex<Option<OffsetDateTime>>,
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) health: Mutex<HealthState>,
@@ -176,8 +175,7 @@ impl ConsumerRuntime {
             batch_micros: AtomicU64::new(0),
             batch_seconds: Histogram::default(),
             latency: Histogram::default(),
-            caught_up: AtomicBool::new(false),
-            head_backfills: AtomicU64::new(0),
+            reached_head_at: AtomicU64::new(0),
             last_write: Mutex::new(None),
             last_error: Mutex::new(None),
             health: Mutex::new(HealthState::new(entity)),
@@ -277,7 +275,7 @@ impl ConsumerRuntime {
                     Ok(()) => {
                         cursor = Seq::START;
                         shared.cursor.store(0, Ordering::Release);
-                        shared.caught_up.store(false, Ordering::Release);
+                        shared.reached_head_at.store(0, Ordering::Release);
                     }
                     Err(e) => {
                         shared.restart.store(true, Ordering::Release);
@@ -367,11 +365,11 @@ impl ConsumerRuntime {
         let mut bytes = payload_bytes(&entries);
         let full =
             |entries: &[StreamEntry], bytes: usize| entries.len() >= max || bytes >= READ_BYTES;
-        // Whether the batch ends at the head: not when it waited for more (records may have
-        // come after its last read), nor when it is full.
-        let mut at_head = !full(&entries, bytes);
-        if at_head && shared.stream.backfilling(&shared.filter) {
-            at_head = false;
+        let waits = !full(&entries, bytes) && shared.stream.backfilling(&shared.filter);
+        // The batch ends at the head when its read came back short and it did not wait for more
+        // (records may have come after its last read).
+        let at_head = !full(&entries, bytes) && !waits;
+        if waits {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.batch.max_wait_ms);
             while !full(&entries, bytes) {

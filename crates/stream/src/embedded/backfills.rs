@@ -2,7 +2,7 @@
 //! `RecordStream::set_backfilling`). Held in memory: a source says it again when it starts.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use sluice_core::{Provider, RecordFilter, SyncId};
 
@@ -20,7 +20,7 @@ struct Backfill {
 impl Backfills {
     /// A backfill of `sync_id` began (counted once however often it is said) or ended.
     pub(super) fn set(&self, sync_id: SyncId, provider: Provider, running: bool) {
-        let mut syncs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut syncs = self.syncs();
         let sync = syncs.entry(sync_id).or_insert(Backfill {
             provider,
             running: false,
@@ -35,22 +35,22 @@ impl Backfills {
 
     /// True while a sync whose records pass `filter` is backfilling.
     pub(super) fn running(&self, filter: &RecordFilter) -> bool {
-        self.covered(filter, |b| b.running as u64) > 0
+        self.syncs()
+            .iter()
+            .any(|(id, b)| b.running && filter.covers(b.provider, *id))
     }
 
     /// Backfills begun by the syncs whose records pass `filter`.
     pub(super) fn begun(&self, filter: &RecordFilter) -> u64 {
-        self.covered(filter, |b| b.begun)
-    }
-
-    /// The sum of `count` over the syncs whose records pass `filter`.
-    fn covered(&self, filter: &RecordFilter, count: impl Fn(&Backfill) -> u64) -> u64 {
-        let syncs = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        syncs
+        self.syncs()
             .iter()
             .filter(|(id, b)| filter.covers(b.provider, **id))
-            .map(|(_, b)| count(b))
+            .map(|(_, b)| b.begun)
             .sum()
+    }
+
+    fn syncs(&self) -> MutexGuard<'_, HashMap<SyncId, Backfill>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
