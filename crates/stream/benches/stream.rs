@@ -285,6 +285,7 @@ fn plain_inserts(records: &[Record], batch: usize, texts: Option<&[String]>) -> 
             let mut at = 1;
             for r in rows {
                 seq += 1;
+                // Seqs count the rows from 1: row `seq`'s text is `texts[seq - 1]`.
                 let payload = match texts {
                     Some(texts) => std::borrow::Cow::Borrowed(texts[seq as usize - 1].as_str()),
                     None => serde_json::to_string(r.change.payload().unwrap())
