@@ -395,6 +395,50 @@ async fn serve_without_an_api_token_says_how_to_set_one() {
     assert!(err.contains("SLUICE_API_TOKEN"), "{err}");
 }
 
+/// A data directory whose records stream a newer sluice wrote (a newer file format) is refused
+/// before anything runs, with the fix, and the file keeps its format.
+#[tokio::test]
+async fn serve_refuses_a_stream_written_by_a_newer_sluice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    drop(sluice_stream::EmbeddedStream::open(&data).await.unwrap());
+    let file = data.join(sluice_stream::FILE_NAME);
+    let format = |set: Option<i64>| -> i64 {
+        let conn = rusqlite::Connection::open(&file).unwrap();
+        if let Some(value) = set {
+            conn.execute("update meta set value = ? where key = 'format'", [value])
+                .unwrap();
+        }
+        conn.query_row("select value from meta where key = 'format'", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let newer = format(None) + 1;
+    format(Some(newer));
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, format!("data_dir = \"{}\"\n", data.display())).unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("SLUICE_API_TOKEN", "a-token-for-this-test")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("sluice serve should refuse the file and exit, not run")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("written by a newer sluice"), "{err}");
+    assert!(err.contains(&format!("file format {newer}")), "{err}");
+    assert!(
+        err.contains("fix: run the sluice version that wrote it"),
+        "{err}"
+    );
+    assert_eq!(format(None), newer);
+}
+
 /// On a machine without server binaries of its own the demo runs the pinned npm release
 /// (`SLUICE_PG_FROM=npm` makes this machine one), and says which server it runs.
 #[tokio::test]

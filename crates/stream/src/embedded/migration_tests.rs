@@ -1,8 +1,9 @@
 //! Files written by an older sluice, opened by this one: their records move to packed
-//! segments, every one as it was.
+//! segments, every one as it was. And a file written by a newer sluice, which this one refuses.
 
 use super::tests::{held, segment_accounts, upsert};
 use super::*;
+use sluice_core::ErrorClass;
 
 /// A file written before payload segments (payloads inline in `records`) is moved to segments
 /// when opened: every record reads back as it was, seqs, tombstones and cursors included.
@@ -94,9 +95,81 @@ async fn a_file_with_inline_payloads_is_migrated_on_open() {
         leftovers, 1,
         "the old table is gone and the tombstone index is back"
     );
+    let format = "select value from meta where key = 'format'";
+    assert_eq!(
+        held(&stream, format),
+        schema::FORMAT,
+        "the file now says its format"
+    );
     // Writes go on after the migrated records.
     let outcome = stream.append(vec![upsert(1, 9)]).await.unwrap();
     assert_eq!(outcome.head, Seq(2601));
+}
+
+/// A file in a newer format than this sluice's is refused with its fix, and left as it was:
+/// its format, its tables and its records. Once it says a format this sluice knows, it opens
+/// and reads as before.
+#[tokio::test]
+async fn a_file_from_a_newer_sluice_is_refused_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+        stream
+            .append(vec![upsert(1, 1), upsert(2, 1)])
+            .await
+            .unwrap();
+    }
+    let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+    let format = || -> i64 {
+        conn.query_row("select value from meta where key = 'format'", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let tables = || -> Vec<String> {
+        conn.prepare("select type || ' ' || name from sqlite_master order by 1")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    assert_eq!(format(), schema::FORMAT);
+    let newer = schema::FORMAT + 1;
+    conn.execute("update meta set value = ? where key = 'format'", [newer])
+        .unwrap();
+    let before = tables();
+
+    let error = EmbeddedStream::open(dir.path()).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::FixConfiguration);
+    let problem = error.problem();
+    assert!(
+        problem.contains("written by a newer sluice")
+            && problem.contains(&format!("file format {newer}"))
+            && problem.contains(FILE_NAME),
+        "{problem}"
+    );
+    assert!(
+        error
+            .fix()
+            .is_some_and(|fix| fix.contains("the sluice version that wrote it")),
+        "{error}"
+    );
+    assert_eq!(format(), newer, "the refused file keeps its format");
+    assert_eq!(tables(), before);
+
+    conn.execute(
+        "update meta set value = ? where key = 'format'",
+        [schema::FORMAT],
+    )
+    .unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    let read = stream
+        .read(&RecordFilter::Provider(Provider::Postgres), Seq::START, 10)
+        .await
+        .unwrap();
+    assert_eq!(read.entries.len(), 2);
+    assert_eq!(read.through, Seq(2));
 }
 
 /// The tables of a file written with a row per record (before packed segments), as that

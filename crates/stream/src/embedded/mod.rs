@@ -100,7 +100,7 @@ impl EmbeddedStream {
         let (writer, head) = blocking(|| {
             let mut conn = connect(&path, WRITER_SETTINGS)
                 .or_storage(&format!("opening {}", path.display()))?;
-            schema::prepare(&mut conn)?;
+            schema::prepare(&mut conn, &path)?;
             let head = read_head(&conn)?;
             Ok::<_, Error>((conn, head))
         })?;

@@ -88,14 +88,39 @@ enum Older {
     Segments,
 }
 
+/// The file's format, kept in `meta` under `format`. It is raised with any change that a
+/// sluice which knows only an older format would misread or miswrite; such a sluice then
+/// refuses the file instead (a sluice from before the format was kept does not look).
+/// 1: a row per key and packed segments, their counts kept by triggers (2026-12-06).
+pub(super) const FORMAT: i64 = 1;
+
 /// Creates the tables a new file needs, and moves the records of a file written before into
 /// them, in one transaction: a crash half-way leaves the file as it was. Nothing about a
-/// record changes, its seq included.
-pub(super) fn prepare(conn: &mut Connection) -> Result<()> {
+/// record changes, its seq included. A file in a newer [`FORMAT`] than this sluice's is
+/// refused, and left as it was.
+pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .or_storage("opening the file")?;
     tx.execute_batch(SCHEMA).or_storage("creating tables")?;
+    let format: Option<i64> = tx
+        .query_row("select value from meta where key = 'format'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .or_storage("reading the file's format")?;
+    if let Some(format) = format.filter(|&f| f > FORMAT) {
+        // Dropping the transaction rolls back the tables made above: nothing is changed.
+        return Err(Error::configuration(
+            format!(
+                "the records stream {} was written by a newer sluice (file format {format}; \
+                 this sluice knows formats up to {FORMAT})",
+                path.display()
+            ),
+            "run the sluice version that wrote it, or a newer one: an older sluice would \
+             misread the file",
+        ));
+    }
     let column = |table: &str, column: &str| {
         tx.prepare(&format!(
             "select 1 from pragma_table_info('{table}') where name = '{column}'"
@@ -137,6 +162,12 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<()> {
         Some(Older::Segments) => migrate_segments(&tx)?,
         None => {}
     }
+    tx.execute(
+        "insert into meta (key, value) values ('format', ?) \
+         on conflict (key) do update set value = excluded.value",
+        [FORMAT],
+    )
+    .or_storage("storing the file's format")?;
     tx.commit().or_storage("committing the file's tables")
 }
 
