@@ -403,7 +403,7 @@ async fn serve_refuses_a_stream_written_by_a_newer_sluice() {
     let data = dir.path().join("d");
     drop(sluice_stream::EmbeddedStream::open(&data).await.unwrap());
     let file = data.join(sluice_stream::FILE_NAME);
-    let format = |set: Option<i64>| -> i64 {
+    let file_format = |set: Option<i64>| -> i64 {
         let conn = rusqlite::Connection::open(&file).unwrap();
         if let Some(value) = set {
             conn.execute("update meta set value = ? where key = 'format'", [value])
@@ -414,8 +414,8 @@ async fn serve_refuses_a_stream_written_by_a_newer_sluice() {
         })
         .unwrap()
     };
-    let newer = format(None) + 1;
-    format(Some(newer));
+    let newer = file_format(None) + 1;
+    file_format(Some(newer));
     let path = dir.path().join("sluice.toml");
     std::fs::write(&path, format!("data_dir = \"{}\"\n", data.display())).unwrap();
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -436,7 +436,7 @@ async fn serve_refuses_a_stream_written_by_a_newer_sluice() {
         err.contains("fix: run the sluice version that wrote it"),
         "{err}"
     );
-    assert_eq!(format(None), newer);
+    assert_eq!(file_format(None), newer);
 }
 
 /// On a machine without server binaries of its own the demo runs the pinned npm release

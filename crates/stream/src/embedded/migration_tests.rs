@@ -120,7 +120,7 @@ async fn a_file_from_a_newer_sluice_is_refused_and_left_as_it_was() {
             .unwrap();
     }
     let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
-    let format = || -> i64 {
+    let file_format = || -> i64 {
         conn.query_row("select value from meta where key = 'format'", [], |r| {
             r.get(0)
         })
@@ -134,7 +134,7 @@ async fn a_file_from_a_newer_sluice_is_refused_and_left_as_it_was() {
             .collect::<rusqlite::Result<_>>()
             .unwrap()
     };
-    assert_eq!(format(), schema::FORMAT);
+    assert_eq!(file_format(), schema::FORMAT);
     let newer = schema::FORMAT + 1;
     conn.execute("update meta set value = ? where key = 'format'", [newer])
         .unwrap();
@@ -155,7 +155,7 @@ async fn a_file_from_a_newer_sluice_is_refused_and_left_as_it_was() {
             .is_some_and(|fix| fix.contains("the sluice version that wrote it")),
         "{error}"
     );
-    assert_eq!(format(), newer, "the refused file keeps its format");
+    assert_eq!(file_format(), newer, "the refused file keeps its format");
     assert_eq!(tables(), before);
 
     conn.execute(

@@ -90,7 +90,8 @@ enum Older {
 
 /// The file's format, kept in `meta` under `format`. It is raised with any change that a
 /// sluice which knows only an older format would misread or miswrite; such a sluice then
-/// refuses the file instead (a sluice from before the format was kept does not look).
+/// refuses the file instead (a sluice from before the format was kept does not look). `meta`
+/// and its `format` row keep their shape in every format, so that any sluice can read them.
 /// 1: a row per key and packed segments, their counts kept by triggers (2026-12-06).
 pub(super) const FORMAT: i64 = 1;
 
