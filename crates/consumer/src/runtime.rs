@@ -365,10 +365,11 @@ impl ConsumerRuntime {
         let mut bytes = payload_bytes(&entries);
         let full =
             |entries: &[StreamEntry], bytes: usize| entries.len() >= max || bytes >= READ_BYTES;
-        let waits = !full(&entries, bytes) && shared.stream.backfilling(&shared.filter);
+        let short = !full(&entries, bytes);
+        let waits = short && shared.stream.backfilling(&shared.filter);
         // The batch ends at the head when its read came back short and it did not wait for more
         // (records may have come after its last read).
-        let at_head = !full(&entries, bytes) && !waits;
+        let at_head = short && !waits;
         if waits {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.batch.max_wait_ms);

@@ -1406,6 +1406,9 @@ impl RecordStream for Watched {
     fn backfilling(&self, filter: &sluice_core::RecordFilter) -> bool {
         self.inner.backfilling(filter)
     }
+    fn backfills_begun(&self, filter: &sluice_core::RecordFilter) -> u64 {
+        self.inner.backfills_begun(filter)
+    }
 }
 
 /// 3,200 bytes that PostgreSQL stores out of line (the column is `storage external`).
