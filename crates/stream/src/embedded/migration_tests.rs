@@ -1,5 +1,7 @@
 //! Files written by an older sluice, opened by this one: their records move to packed
-//! segments, every one as it was. And a file written by a newer sluice, which this one refuses.
+//! segments, every one as it was, and format 1's trigger is replaced. And a file written by a
+//! newer sluice, which this one refuses; and one this sluice wrote, which a sluice from before
+//! formats cannot miscount.
 
 use super::tests::{held, segment_accounts, upsert};
 use super::*;
@@ -170,6 +172,117 @@ async fn a_file_from_a_newer_sluice_is_refused_and_left_as_it_was() {
         .unwrap();
     assert_eq!(read.entries.len(), 2);
     assert_eq!(read.through, Seq(2));
+}
+
+/// The `key_replaced` trigger as format 1 made it: each replaced row counted a row at a time.
+const FORMAT_1_TRIGGER: &str = "create trigger key_replaced after update of seq on keys
+    begin
+        update segments set live = live - 1 where id = old.segment;
+        insert into dead (seq) values (old.seq);
+    end";
+
+/// A file in format 1 (the trigger counting each replaced row itself) gets the trigger that
+/// reports replaced rows to the writer, and format 2, when opened; updates, a key given twice
+/// in one append and stale records then keep every segment's count and dead seqs exact.
+#[tokio::test]
+async fn a_format_1_file_gets_the_reporting_trigger_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+        stream
+            .append((1..=40).map(|id| upsert(id, 1)).collect())
+            .await
+            .unwrap();
+    }
+    let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+    conn.execute_batch(&format!(
+        "drop trigger key_replaced; {FORMAT_1_TRIGGER};
+         update meta set value = 1 where key = 'format';"
+    ))
+    .unwrap();
+    let trigger = || -> String {
+        conn.query_row(
+            "select sql from sqlite_master where type = 'trigger' and name = 'key_replaced'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert!(trigger().contains("update segments"));
+
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    assert!(
+        trigger().contains(connection::KEY_REPLACED),
+        "{}",
+        trigger()
+    );
+    assert_eq!(
+        held(&stream, "select value from meta where key = 'format'"),
+        2
+    );
+    let outcome = stream
+        .append(vec![
+            upsert(3, 2),
+            upsert(4, 2),
+            upsert(4, 3),
+            upsert(5, 1),
+            upsert(41, 1),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((outcome.appended, outcome.skipped_stale), (4, 1));
+    let (segments, orphans) = segment_accounts(&stream);
+    assert_eq!(orphans, 0);
+    let live: i64 = segments.iter().map(|(_, _, live, _)| live).sum();
+    assert_eq!(live, 41);
+    for (id, records, live, named) in &segments {
+        assert_eq!(live, named, "segment {id} of {records}");
+    }
+    assert_eq!(held(&stream, "select count(*) from dead"), 4);
+}
+
+/// A sluice from before formats were kept, writing a file in format 2 (it does not look at the
+/// format, and has no `sluice_key_replaced`): its upsert of a key the file holds fails, and
+/// leaves the file as it was, rather than replacing a key row without counting it. This
+/// sluice's appends then go on, counted.
+#[tokio::test]
+async fn a_sluice_from_before_formats_cannot_replace_a_key_uncounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(dir.path()).await.unwrap();
+    stream
+        .append((1..=3).map(|id| upsert(id, 1)).collect())
+        .await
+        .unwrap();
+    let before = held(&stream, "select seq from keys where upstream_id = 2");
+
+    let older = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+    let error = older
+        .execute(
+            "insert into keys (collection, upstream_id, seq, version_major, version_minor, \
+               deleted, segment) values (1, 2, 99, 5, 0, 0, 1) \
+             on conflict (collection, upstream_id) do update set seq = excluded.seq, \
+               version_major = excluded.version_major, segment = excluded.segment",
+            [],
+        )
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("no such function: sluice_key_replaced"),
+        "{error}"
+    );
+    assert_eq!(
+        held(&stream, "select seq from keys where upstream_id = 2"),
+        before
+    );
+
+    stream.append(vec![upsert(2, 2)]).await.unwrap();
+    let (segments, orphans) = segment_accounts(&stream);
+    assert_eq!(orphans, 0);
+    for (id, records, live, named) in &segments {
+        assert_eq!(live, named, "segment {id} of {records}");
+    }
+    assert_eq!(held(&stream, "select count(*) from dead"), 1);
 }
 
 /// The tables of a file written with a row per record (before packed segments), as that

@@ -34,7 +34,9 @@ mod segment;
 mod walk;
 mod write;
 
-use connection::{IDLE_READERS, OrStorage, WRITER_SETTINGS, blocking, connect, read_head};
+use connection::{
+    IDLE_READERS, OrStorage, Replaced, WRITER_SETTINGS, blocking, connect, read_head,
+};
 use ids::{ReadId, StoredId};
 
 use collections::Names;
@@ -73,6 +75,8 @@ pub struct EmbeddedStream {
     backfills: backfills::Backfills,
     /// The collection ids known to be in the file.
     collections: collections::Shared,
+    /// The key rows the writing connection's upserts replaced (see [`Replaced`]).
+    replaced: Replaced,
 }
 
 /// How often a waiting reader checks for appends made by another process.
@@ -97,8 +101,12 @@ impl EmbeddedStream {
             )
         })?;
         let path = dir.join(FILE_NAME);
+        let replaced = Replaced::default();
         let (writer, head) = blocking(|| {
             let mut conn = connect(&path, WRITER_SETTINGS)
+                .or_storage(&format!("opening {}", path.display()))?;
+            replaced
+                .register(&conn)
                 .or_storage(&format!("opening {}", path.display()))?;
             schema::prepare(&mut conn, &path)?;
             let head = read_head(&conn)?;
@@ -114,6 +122,7 @@ impl EmbeddedStream {
             tail_reads: std::sync::atomic::AtomicU64::new(0),
             backfills: Default::default(),
             collections: Default::default(),
+            replaced,
         })
     }
 
@@ -450,7 +459,7 @@ impl RecordStream for EmbeddedStream {
                     })
                     .collect();
                 let texts = vec![None; records.len()];
-                done += write::insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
+                done += self.insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
             }
             packed::drop_unused(&tx)?;
             self.finish_write(tx, head, next, "a truncate", None)?;

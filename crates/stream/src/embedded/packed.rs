@@ -22,7 +22,9 @@
 use super::segment::{
     SEGMENT_BYTES, SEGMENT_RECORDS, Times, corrupt, open, read_varint, seal, stored, varint,
 };
+use super::write::{by_size, sized, statement_rows};
 use super::*;
+use std::sync::LazyLock;
 
 /// Sparse segments rewritten per write at most (see [`compact`]).
 const COMPACTIONS_PER_WRITE: usize = 4;
@@ -293,19 +295,44 @@ pub(super) fn dead_in(conn: &Connection, first: i64, last: i64) -> Result<Vec<i6
         .or_storage("reading records")
 }
 
-/// Marks `seqs` of `segment` dead: records that were never live (stale when appended).
-pub(super) fn kill(tx: &Connection, segment: i64, seqs: &[i64]) -> Result<()> {
+/// Marks the entries `dead` names, as (segment, seq), no longer live: their seqs into `dead`
+/// ([`STATEMENT_ROWS`] at a time), and one lowered count for each segment they are in.
+pub(super) fn kill_all(tx: &Connection, dead: &mut [(i64, i64)]) -> Result<()> {
     let what = "storing records";
-    let mut dead = tx
-        .prepare_cached("insert into dead (seq) values (?)")
-        .or_storage(what)?;
-    for seq in seqs {
-        dead.execute([seq]).or_storage(what)?;
+    dead.sort_unstable_by_key(|&(_, seq)| seq);
+    let mut rest = &*dead;
+    while !rest.is_empty() {
+        let rows = statement_rows(rest.len());
+        let (chunk, after) = rest.split_at(rows);
+        rest = after;
+        let mut statement = tx.prepare_cached(dead_sql(rows)).or_storage(what)?;
+        for (i, (_, seq)) in chunk.iter().enumerate() {
+            statement.raw_bind_parameter(1 + i, seq).or_storage(what)?;
+        }
+        statement.raw_execute().or_storage(what)?;
     }
-    tx.prepare_cached("update segments set live = live - ? where id = ?")
-        .and_then(|mut s| s.execute((seqs.len() as i64, segment)))
+    dead.sort_unstable();
+    let mut live = tx
+        .prepare_cached("update segments set live = live - ? where id = ?")
         .or_storage(what)?;
+    for group in dead.chunk_by(|a, b| a.0 == b.0) {
+        live.execute((group.len() as i64, group[0].0))
+            .or_storage(what)?;
+    }
     Ok(())
+}
+
+/// The insert of `rows` dead seqs (one of [`STATEMENT_ROWS`]), built once.
+fn dead_sql(rows: usize) -> &'static str {
+    static TEXTS: LazyLock<Vec<String>> = LazyLock::new(|| {
+        by_size(|rows| {
+            format!(
+                "insert into dead (seq) values {}",
+                vec!["(?)"; rows].join(",")
+            )
+        })
+    });
+    sized(&TEXTS, rows)
 }
 
 /// Deletes the segments with no live entry, and their dead seqs (found through the sparse

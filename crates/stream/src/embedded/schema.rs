@@ -31,7 +31,8 @@ create table if not exists collections (
 
 /// The records: a row per key (its collection by id: `collections.rs`) naming its newest
 /// seq and segment, and the segments holding every record (`packed.rs`), with the seqs of
-/// records no longer live and the triggers that keep them and each segment's live count.
+/// records no longer live and the triggers through which they and each segment's live count
+/// are kept.
 const KEYS: &str = "
 create table if not exists keys (
     collection integer not null,
@@ -65,10 +66,11 @@ create index if not exists segments_by_last on segments (last_seq);
 create index if not exists sparse_segments on segments (id) where live * 2 < records;
 create table if not exists segment_bodies (segment integer primary key, body blob not null);
 create table if not exists dead (seq integer primary key);
+-- A key row replaced is reported to the writing connection, which marks its entry dead with
+-- the others of the append at once (`connection::Replaced`); a row deleted is marked here.
 create trigger if not exists key_replaced after update of seq on keys
 begin
-    update segments set live = live - 1 where id = old.segment;
-    insert into dead (seq) values (old.seq);
+    select sluice_key_replaced(old.segment, old.seq);
 end;
 create trigger if not exists key_deleted after delete on keys
 begin
@@ -93,7 +95,12 @@ enum Older {
 /// refuses the file instead (a sluice from before the format was kept does not look). `meta`
 /// and its `format` row keep their shape in every format, so that any sluice can read them.
 /// 1: a row per key and packed segments, their counts kept by triggers (2026-12-06).
-pub(super) const FORMAT: i64 = 1;
+/// 2: the `key_replaced` trigger reports each replaced row to the writing connection, which
+/// keeps the counts for it once per append (2026-12-06, later). A sluice that knows only
+/// format 1 refuses the file; one from before formats were kept can read it, and its first
+/// upsert of a key already held fails ("no such function: sluice_key_replaced"), so that
+/// nothing is miscounted.
+pub(super) const FORMAT: i64 = 2;
 
 /// Creates the tables a new file needs, and moves the records of a file written before into
 /// them, in one transaction: a crash half-way leaves the file as it was. Nothing about a
@@ -157,6 +164,11 @@ pub(super) fn prepare(conn: &mut Connection, path: &Path) -> Result<()> {
     } else {
         None
     };
+    if format.is_none_or(|f| f < 2) {
+        // The trigger as format 1 made it, if the file has it: `KEYS` makes it anew.
+        tx.execute_batch("drop trigger if exists key_replaced")
+            .or_storage("replacing a trigger")?;
+    }
     tx.execute_batch(KEYS).or_storage("creating tables")?;
     match older {
         Some(Older::Inline) => migrate_inline(&tx)?,

@@ -29,7 +29,7 @@ impl EmbeddedStream {
                 for record in &records {
                     check_version(record)?;
                 }
-                let n = insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
+                let n = self.insert(&tx, &mut ids, &records, &texts, &mut next, appended_at)?;
                 appended += n;
                 total += records.len();
                 match &mut landed {
@@ -113,10 +113,20 @@ pub(super) fn begin_write<'c>(
 /// guard: a conflicting key is replaced only by a strictly newer version, and the replacement
 /// moves to the end of the stream with a new seq.
 pub(super) fn insert_sql(rows: usize) -> &'static str {
-    static TEXTS: LazyLock<Vec<String>> =
-        LazyLock::new(|| STATEMENT_ROWS.iter().map(|&rows| upsert(rows)).collect());
+    static TEXTS: LazyLock<Vec<String>> = LazyLock::new(|| by_size(upsert));
+    sized(&TEXTS, rows)
+}
+
+/// `build(rows)` for each of [`STATEMENT_ROWS`], in its order: a statement's texts, built once
+/// (in a `LazyLock`) and picked by [`sized`].
+pub(super) fn by_size(build: fn(usize) -> String) -> Vec<String> {
+    STATEMENT_ROWS.iter().map(|&rows| build(rows)).collect()
+}
+
+/// The text for `rows` rows (one of [`STATEMENT_ROWS`]) among `texts`, made by [`by_size`].
+pub(super) fn sized(texts: &[String], rows: usize) -> &str {
     let at = STATEMENT_ROWS.iter().position(|&r| r == rows);
-    &TEXTS[at.unwrap_or(STATEMENT_ROWS.len() - 1)]
+    &texts[at.unwrap_or(STATEMENT_ROWS.len() - 1)]
 }
 
 fn upsert(rows: usize) -> String {
@@ -142,74 +152,82 @@ fn upsert(rows: usize) -> String {
     sql
 }
 
-/// Inserts `records` (with their payloads' `texts`) at the seqs after `next`, under the
-/// version guard, advancing `next`; returns how many landed (the others were stale, and their
-/// entries are dead from the start).
-///
-/// The records go into packed segments in seq order (`packed.rs`); their keys' rows are
-/// written in the file's order of keys (collection, then id as `ids.rs` holds it; a stable
-/// sort, so a key given twice is still written in the order given and the version guard
-/// decides as before). Ids that come in no order (UUIDs, most SaaS ids) then change each index
-/// page once per statement rather than again and again: `cargo xtask bench stream-layouts`
-/// measured 21% less per new record and 18% less per update for such ids
-/// (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in appends of 5,000), and no change for ids in
-/// order.
-pub(super) fn insert(
-    tx: &Connection,
-    ids: &mut Ids<'_>,
-    records: &[Record],
-    texts: &[Option<PayloadText>],
-    next: &mut i64,
-    appended_at: i64,
-) -> Result<u64> {
-    let first = *next;
-    let mut entries = Vec::with_capacity(records.len());
-    for (at, record) in records.iter().enumerate() {
-        entries.push(packed::Entry {
-            seq: first + 1 + at as i64,
-            collection: ids.of(tx, record)?,
-            key: record.key.upstream_id.0.as_str(),
-            version: record.version,
-            deleted: record.is_tombstone(),
-            updated_at: nanos(record.upstream_updated_at),
-            appended_at,
-            text: texts[at].as_ref().map_or("", PayloadText::as_str),
-        });
-    }
-    let places = packed::write(tx, &entries)?;
-    let stored: Vec<(i64, StoredId<'_>)> = entries
-        .iter()
-        .map(|e| (e.collection, StoredId::of(e.key)))
-        .collect();
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by(|&a, &b| stored[a].cmp(&stored[b]));
-    let mut appended = 0;
-    let mut rest = order.as_slice();
-    while !rest.is_empty() {
-        let rows = statement_rows(rest.len());
-        let (chunk, after) = rest.split_at(rows);
-        rest = after;
-        let mut statement = tx
-            .prepare_cached(insert_sql(rows))
-            .or_storage("appending")?;
-        // Everything bound is borrowed from `records`: no per-record copies.
-        for (row, &at) in chunk.iter().enumerate() {
-            bind_key(
-                &mut statement,
-                1 + row * KEY_COLUMNS,
-                &entries[at],
-                stored[at].1,
-                places[at],
-            )
-            .or_storage("appending")?;
+impl EmbeddedStream {
+    /// Inserts `records` (with their payloads' `texts`) at the seqs after `next`, under the
+    /// version guard, advancing `next`; returns how many landed (the others were stale, and their
+    /// entries are dead from the start).
+    ///
+    /// The records go into packed segments in seq order (`packed.rs`); their keys' rows are
+    /// written in the file's order of keys (collection, then id as `ids.rs` holds it; a stable
+    /// sort, so a key given twice is still written in the order given and the version guard
+    /// decides as before). Ids that come in no order (UUIDs, most SaaS ids) then change each index
+    /// page once per statement rather than again and again: `cargo xtask bench stream-layouts`
+    /// measured 21% less per new record and 18% less per update for such ids
+    /// (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in appends of 5,000), and no change for ids in
+    /// order.
+    pub(super) fn insert(
+        &self,
+        tx: &Connection,
+        ids: &mut Ids<'_>,
+        records: &[Record],
+        texts: &[Option<PayloadText>],
+        next: &mut i64,
+        appended_at: i64,
+    ) -> Result<u64> {
+        let first = *next;
+        let mut entries = Vec::with_capacity(records.len());
+        for (at, record) in records.iter().enumerate() {
+            entries.push(packed::Entry {
+                seq: first + 1 + at as i64,
+                collection: ids.of(tx, record)?,
+                key: record.key.upstream_id.0.as_str(),
+                version: record.version,
+                deleted: record.is_tombstone(),
+                updated_at: nanos(record.upstream_updated_at),
+                appended_at,
+                text: texts[at].as_ref().map_or("", PayloadText::as_str),
+            });
         }
-        appended += statement.raw_execute().or_storage("appending")? as u64;
+        let places = packed::write(tx, &entries)?;
+        // Left by an append that failed half-way (its transaction rolled back): none of it stands.
+        self.replaced.take();
+        let stored: Vec<(i64, StoredId<'_>)> = entries
+            .iter()
+            .map(|e| (e.collection, StoredId::of(e.key)))
+            .collect();
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by(|&a, &b| stored[a].cmp(&stored[b]));
+        let mut appended = 0;
+        let mut rest = order.as_slice();
+        while !rest.is_empty() {
+            let rows = statement_rows(rest.len());
+            let (chunk, after) = rest.split_at(rows);
+            rest = after;
+            let mut statement = tx
+                .prepare_cached(insert_sql(rows))
+                .or_storage("appending")?;
+            // Everything bound is borrowed from `records`: no per-record copies.
+            for (row, &at) in chunk.iter().enumerate() {
+                bind_key(
+                    &mut statement,
+                    1 + row * KEY_COLUMNS,
+                    &entries[at],
+                    stored[at].1,
+                    places[at],
+                )
+                .or_storage("appending")?;
+            }
+            appended += statement.raw_execute().or_storage("appending")? as u64;
+        }
+        *next = first + records.len() as i64;
+        // Before the stale ones are looked for: a record a later one of the append replaced is
+        // not stale.
+        packed::kill_all(tx, &mut self.replaced.take())?;
+        if (appended as usize) < entries.len() {
+            kill_stale(tx, &entries, &places)?;
+        }
+        Ok(appended)
     }
-    *next = first + records.len() as i64;
-    if (appended as usize) < entries.len() {
-        kill_stale(tx, &entries, &places)?;
-    }
-    Ok(appended)
 }
 
 /// Marks dead the entries of an append the version guard skipped (their key's row names
@@ -234,11 +252,7 @@ fn kill_stale(tx: &Connection, entries: &[packed::Entry<'_>], places: &[i64]) ->
             stale.push((segment, entry.seq));
         }
     }
-    stale.sort_unstable();
-    for group in stale.chunk_by(|a, b| a.0 == b.0) {
-        let seqs: Vec<i64> = group.iter().map(|(_, seq)| *seq).collect();
-        packed::kill(tx, group[0].0, &seqs)?;
-    }
+    packed::kill_all(tx, &mut stale)?;
     packed::drop_unused(tx)
 }
 
