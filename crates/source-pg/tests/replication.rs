@@ -1634,6 +1634,51 @@ async fn a_table_that_cannot_be_read_fails_alone_and_is_read_once_granted() {
     running.stop().await;
 }
 
+/// Before the source has connected, a slot it will create itself (`create_missing = true`) is
+/// not an error: health says it is being set up, and offers no fix (the demo's first status
+/// line once alerted "slot … does not exist: set create_missing = true", which it was). Without
+/// `create_missing` the missing slot is an error with its fix.
+#[tokio::test]
+async fn a_slot_the_source_will_create_is_initializing_not_an_error() {
+    let s = setup(
+        "slot_to_come",
+        "create table public.t (id int primary key);",
+    )
+    .await;
+    for create_missing in [true, false] {
+        let source = PostgresSource::new(
+            "app",
+            SYNC,
+            s.settings.clone(),
+            s.spec.clone(),
+            s.stream.clone(),
+            SourceOptions {
+                create_missing,
+                ..options()
+            },
+        );
+        let report = source.health().await;
+        let slot = report.checks.iter().find(|c| c.name == "slot").unwrap();
+        if create_missing {
+            assert_eq!(slot.status, Status::Initializing, "{report:#?}");
+            assert!(slot.message.contains("is created when the source connects"));
+            assert_eq!(slot.fix, None);
+        } else {
+            assert_eq!(slot.status, Status::Error, "{report:#?}");
+            assert!(slot.message.contains("does not exist"), "{}", slot.message);
+            assert!(
+                slot.fix
+                    .as_deref()
+                    .is_some_and(|f| f.contains("create_missing = true"))
+            );
+        }
+    }
+    // Once it runs, the slot it made is healthy.
+    let running = start(&s, options());
+    check_becomes_healthy(&running.source, "slot").await;
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn health_names_wal_level_when_that_is_why_there_is_no_slot() {
     // A server left at wal_level = replica: the slot can never be made, so the cause to fix

@@ -100,6 +100,20 @@ impl Health for PostgresSource {
                     now,
                 );
             }
+            // Not made yet: the source makes it when it connects. (Once it has streamed, a
+            // slot gone is an error whatever `create_missing` says: changes were lost.)
+            Ok(None) if inner.options.create_missing && last_activity.is_none() && !streaming => {
+                health.observe(
+                    "slot",
+                    Status::Initializing,
+                    format!(
+                        "slot {} is created when the source connects (create_missing = true)",
+                        inner.spec.slot
+                    ),
+                    None,
+                    now,
+                );
+            }
             Ok(None) => {
                 health.observe(
                     "slot",
