@@ -164,7 +164,8 @@ impl EmbeddedStream {
     /// page once per statement rather than again and again: `cargo xtask bench stream-layouts`
     /// measured 21% less per new record and 18% less per update for such ids
     /// (`SLUICE_BENCH_SORTED=1`, 1,000,000 records in appends of 5,000), and no change for ids in
-    /// order.
+    /// order. The entries of the key rows they replace are marked dead once for all, as the
+    /// file's trigger reports them (`connection::Replaced`).
     pub(super) fn insert(
         &self,
         tx: &Connection,
@@ -220,8 +221,9 @@ impl EmbeddedStream {
             appended += statement.raw_execute().or_storage("appending")? as u64;
         }
         *next = first + records.len() as i64;
-        // Before the stale ones are looked for: a record a later one of the append replaced is
-        // not stale.
+        // The entries of the key rows replaced, reported by the file's trigger, marked dead
+        // first: a record that a later one of this append replaced is then found in `dead`,
+        // and not taken for stale.
         packed::kill_all(tx, &mut self.replaced.take())?;
         if (appended as usize) < entries.len() {
             kill_stale(tx, &entries, &places)?;
