@@ -299,7 +299,8 @@ pub(super) fn dead_in(conn: &Connection, first: i64, last: i64) -> Result<Vec<i6
 /// ([`STATEMENT_ROWS`] at a time), and one lowered count for each segment they are in.
 pub(super) fn kill_all(tx: &Connection, dead: &mut [(i64, i64)]) -> Result<()> {
     let what = "storing records";
-    dead.sort_unstable_by_key(|&(_, seq)| seq);
+    // By segment, then seq: each segment's seqs together, in order.
+    dead.sort_unstable();
     let mut rest = &*dead;
     while !rest.is_empty() {
         let rows = statement_rows(rest.len());
@@ -311,7 +312,6 @@ pub(super) fn kill_all(tx: &Connection, dead: &mut [(i64, i64)]) -> Result<()> {
         }
         statement.raw_execute().or_storage(what)?;
     }
-    dead.sort_unstable();
     let mut live = tx
         .prepare_cached("update segments set live = live - ? where id = ?")
         .or_storage(what)?;

@@ -125,6 +125,17 @@ pub(super) fn segment_accounts(stream: &EmbeddedStream) -> (Vec<(i64, i64, i64, 
         .unwrap()
 }
 
+/// [`segment_accounts`], checked: no key names a missing segment, and every segment's live
+/// count is the number of keys naming it.
+pub(super) fn exact_counts(stream: &EmbeddedStream) -> Vec<(i64, i64, i64, i64)> {
+    let (segments, orphans) = segment_accounts(stream);
+    assert_eq!(orphans, 0);
+    for (id, records, live, named) in &segments {
+        assert_eq!(live, named, "segment {id} of {records}");
+    }
+    segments
+}
+
 /// Appends of new records, updates, a key twice in one batch, stale versions, tombstones, a
 /// truncate and a purge: every segment's count of live payloads equals the records naming
 /// it, none is kept with no record naming it, and every live record's payload reads back.
@@ -338,11 +349,7 @@ async fn a_truncate_of_many_keys_tombstones_each_once() {
         live.iter()
             .all(|e| e.record.key.collection_id.0 == "public.other")
     );
-    let (segments, orphans) = segment_accounts(&stream);
-    assert_eq!(orphans, 0);
-    for (id, _, live, named) in &segments {
-        assert_eq!(live, named, "segment {id}");
-    }
+    exact_counts(&stream);
 }
 
 /// `record` with its update time `ns` nanoseconds from the epoch.
