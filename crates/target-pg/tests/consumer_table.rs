@@ -183,3 +183,71 @@ async fn consumers_started_together_in_one_new_schema_all_come_up_healthy() {
         }
     }
 }
+
+/// A table the target will create on its first write (`create_if_missing`, as `sluice serve`
+/// sets it up) is initializing until then, not an error whose fix is the `create table` sluice
+/// is about to run: the demo alerted it at start when health looked before the first batch.
+/// Once made, a table gone is an error again (the rows written went with it); without
+/// `create_if_missing` a missing table is an error from the start.
+#[tokio::test]
+async fn a_table_the_target_will_create_is_initializing_not_an_error() {
+    use sluice_core::{ConsumerId, Status, Target};
+    let p = provision(&PG, "later", "sluice", "records").await;
+    PG.execute(&p.db, "create role later_read").await.ok();
+    let table = ConsumerTable::new("sluice", "later");
+    let check = |report: &sluice_core::HealthReport| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == "table")
+            .cloned()
+            .unwrap_or_else(|| panic!("no table check: {report:#?}"))
+    };
+
+    let plain = ConsumerTableTarget::new("plain", p.settings.clone(), table.clone(), 1);
+    let report = plain.check().await;
+    assert_eq!(check(&report).status, Status::Error, "{report:#?}");
+    assert_eq!(check(&report).fix.as_deref(), Some(table.ddl().as_str()));
+
+    let target = ConsumerTableTarget::new("t", p.settings.clone(), table.clone(), 1)
+        .create_if_missing("later_read");
+    let report = target.check().await;
+    let before = check(&report);
+    assert_eq!(before.status, Status::Initializing, "{report:#?}");
+    assert_eq!(
+        before.message,
+        "\"sluice\".\"later\" is created when the consumer first writes"
+    );
+    assert_eq!(before.fix, None);
+    assert_eq!(report.status, Status::Initializing, "{report:#?}");
+
+    target.checkpoint(&ConsumerId::from("c")).await.unwrap();
+    let report = target.check().await;
+    assert_eq!(report.status, Status::Healthy, "{report:#?}");
+
+    PG.execute(&p.db, "drop table sluice.later").await.unwrap();
+    let report = target.check().await;
+    assert_eq!(check(&report).status, Status::Error, "{report:#?}");
+    assert_eq!(report.status, Status::Error, "{report:#?}");
+
+    // A schema the sync user may use but not create in: the first write could not make the
+    // table, so its absence is an error now.
+    PG.execute(
+        &p.db,
+        &format!(
+            "create schema usage_only; grant usage on schema usage_only to \"{}\"",
+            p.user
+        ),
+    )
+    .await
+    .unwrap();
+    let cannot = ConsumerTableTarget::new(
+        "cannot",
+        p.settings.clone(),
+        ConsumerTable::new("usage_only", "later"),
+        1,
+    )
+    .create_if_missing("later_read");
+    let report = cannot.check().await;
+    assert_eq!(check(&report).status, Status::Error, "{report:#?}");
+}

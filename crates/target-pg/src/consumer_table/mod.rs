@@ -70,6 +70,8 @@ pub struct Finding {
 pub struct Verification {
     /// Every finding, errors first.
     pub findings: Vec<Finding>,
+    /// The table does not exist (its one finding then says so, with the `create table`).
+    pub missing: bool,
 }
 
 impl Verification {
@@ -227,6 +229,7 @@ impl ConsumerTable {
         .await?
         else {
             v.push(Severity::Error, format!("table {name} does not exist"), self.ddl());
+            v.missing = true;
             return Ok(v);
         };
         if table.kind != "r" && table.kind != "p" {

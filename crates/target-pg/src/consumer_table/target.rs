@@ -2,7 +2,7 @@
 //! consumer-table layout.
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -47,6 +47,8 @@ pub struct ConsumerTableTarget {
     aligned: Aligned,
     /// Create the table (as the sync user) when missing, readable by this role.
     create_for: Option<String>,
+    /// A connection has made sure the table exists (with `create_for`).
+    created: AtomicBool,
 }
 
 impl std::fmt::Debug for ConsumerTableTarget {
@@ -87,6 +89,7 @@ impl ConsumerTableTarget {
             sanitized: Mutex::new(NulReplacements::default()),
             aligned: Aligned::default(),
             create_for: None,
+            created: AtomicBool::new(false),
             name,
             settings,
             table,
@@ -138,6 +141,7 @@ impl ConsumerTableTarget {
                     .create_if_missing(&mut conn, read_role)
                     .await
                     .map_err(|e| write_error(&self.name, &self.table, &self.settings.user, e))?;
+                self.created.store(true, Ordering::Relaxed);
             }
             prepare_connection(&mut conn, &self.sql)
                 .await
@@ -266,6 +270,7 @@ impl ConsumerTableTarget {
         )
         .fetch_optional(&mut *conn)
         .await?;
+        let may_create = privileges.as_ref().is_some_and(|p| p.usage && p.create);
         out.push(match privileges {
             None => (
                 "privileges",
@@ -286,6 +291,24 @@ impl ConsumerTableTarget {
         });
 
         let verification = self.table.verify(conn).await?;
+        // Not made yet: the first write makes it. (Once a connection has made it, a table
+        // gone is an error: the rows written so far went with it.)
+        if verification.missing
+            && self.create_for.is_some()
+            && may_create
+            && !self.created.load(Ordering::Relaxed)
+        {
+            out.push((
+                "table",
+                Status::Initializing,
+                format!(
+                    "{} is created when the consumer first writes",
+                    self.table.qualified()
+                ),
+                None,
+            ));
+            return Ok(out);
+        }
         let worst = verification.findings.first().map(|f| f.severity);
         let summary = |sev: Severity| -> (String, Option<String>) {
             let found: Vec<_> = verification.of(sev).collect();
