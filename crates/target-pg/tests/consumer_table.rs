@@ -235,8 +235,8 @@ async fn a_table_the_target_will_create_is_initializing_not_an_error() {
     PG.execute(
         &p.db,
         &format!(
-            "create schema usage_only; grant usage on schema usage_only to \"{}\"",
-            p.user
+            "create schema usage_only; grant usage on schema usage_only to {}",
+            sluice_core::sql::quote_ident(&p.user)
         ),
     )
     .await

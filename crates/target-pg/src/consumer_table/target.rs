@@ -293,22 +293,10 @@ impl ConsumerTableTarget {
         let verification = self.table.verify(conn).await?;
         // Not made yet: the first write makes it. (Once a connection has made it, a table
         // gone is an error: the rows written so far went with it.)
-        if verification.missing
+        let to_be_created = verification.missing
             && self.create_for.is_some()
             && may_create
-            && !self.created.load(Ordering::Relaxed)
-        {
-            out.push((
-                "table",
-                Status::Initializing,
-                format!(
-                    "{} is created when the consumer first writes",
-                    self.table.qualified()
-                ),
-                None,
-            ));
-            return Ok(out);
-        }
+            && !self.created.load(Ordering::Relaxed);
         let worst = verification.findings.first().map(|f| f.severity);
         let summary = |sev: Severity| -> (String, Option<String>) {
             let found: Vec<_> = verification.of(sev).collect();
@@ -328,6 +316,15 @@ impl ConsumerTableTarget {
             )
         };
         out.push(match worst {
+            _ if to_be_created => (
+                "table",
+                Status::Initializing,
+                format!(
+                    "{} is created when the consumer first writes",
+                    self.table.qualified()
+                ),
+                None,
+            ),
             None => (
                 "table",
                 Status::Healthy,
